@@ -1,0 +1,49 @@
+"""build_world: generate the tiny world's corpus, tokenizer and base models (once), tracked in MLflow."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from entrypoints.common import experiment_option, flat_params, load, world_step
+
+
+@click.command()
+@experiment_option
+def main(experiment: str) -> None:
+    exp = load(experiment, {})
+    import mlflow
+
+    from saecomp.tracking import step_run
+    from saecomp.world.build import build_world
+
+    world_cfg = exp.world_config()
+    key, _ = world_step(exp, experiment)
+    with step_run("build_world", key, flat_params(world_cfg.to_dict(), "world.")):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "world"
+            # One step counter across models so the MLflow charts show each model's curve.
+            summary = build_world(
+                world_cfg,
+                out,
+                on_metrics=lambda model, step, metrics: mlflow.log_metrics(
+                    {f"{model}.{name}": value for name, value in metrics.items()}, step=step
+                ),
+                log=lambda line: click.echo(f"[build_world] {line}", err=True),
+            )
+            mlflow.log_metrics(
+                {
+                    "unigram_entropy": summary["unigram_entropy"],
+                    "n_train_tokens": summary["n_train_tokens"],
+                    "n_word_types": summary["n_word_types"],
+                    **{f"{m}.test_loss": s["test_loss"] for m, s in summary["models"].items()},
+                    **{f"{m}.train_seconds": s["train_seconds"] for m, s in summary["models"].items()},
+                }
+            )
+            mlflow.log_artifacts(str(out), "world")
+
+
+if __name__ == "__main__":
+    main()

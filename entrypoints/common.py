@@ -1,0 +1,72 @@
+"""What every entry point shares: reading the experiment, failing cleanly, finding upstream steps."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from saecomp.config import ConfigError, Experiment, load_experiment
+from saecomp.models import TINY_MODELS
+
+DEFAULT_EXPERIMENT = "experiments/tiny.yaml"
+
+experiment_option = click.option(
+    "--experiment",
+    default=DEFAULT_EXPERIMENT,
+    show_default=True,
+    help="Experiment file (experiments/*.yaml); the options below override single fields of it.",
+)
+
+
+def fail(message: str) -> None:
+    """One clear line on stderr and a non-zero exit, before any compute."""
+    click.echo(f"saecomp: error: {message}", err=True)
+    sys.exit(2)
+
+
+def load(path: str, overrides: dict[str, object]) -> Experiment:
+    """The experiment with the given overrides (``None`` values are 'not given'), or a clean exit."""
+    given = {key: value for key, value in overrides.items() if value not in (None, "")}
+    try:
+        return load_experiment(path, given)
+    except ConfigError as error:
+        fail(str(error))
+
+
+def world_step(exp: Experiment, experiment_path: str) -> tuple[str, str]:
+    """(key, parameters) identifying the tiny world an experiment needs."""
+    from saecomp.tracking import source_digest, step_key
+
+    return step_key("build_world", exp.world_config().to_dict(), source_digest("world")), {"experiment": experiment_path}
+
+
+def resolve_world(exp: Experiment, experiment_path: str) -> Path:
+    """The local directory of the tiny world, building it (its own tracked run) if no finished run exists."""
+    from saecomp.tracking import local_artifacts, run_step
+
+    key, parameters = world_step(exp, experiment_path)
+    return local_artifacts(run_step("build_world", parameters, key), "world")
+
+
+def model_source(exp: Experiment, experiment_path: str) -> tuple[str | None, Path | None]:
+    """(checkpoint directory or None for a Hub name, world directory or None)."""
+    if exp.model in TINY_MODELS:
+        world = resolve_world(exp, experiment_path)
+        return world / exp.model, world
+    if Path(exp.model).is_dir():
+        return Path(exp.model), None
+    return None, None
+
+
+def flat_params(data: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config as MLflow params with dotted names (values cut to MLflow's 6000 chars)."""
+    params: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            params.update(flat_params(value, f"{name}."))
+        else:
+            params[name] = str(value)[:6000]
+    return params

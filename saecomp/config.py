@@ -1,0 +1,281 @@
+"""The experiment schema: what an `experiments/*.yaml` file may say, validated before any compute.
+
+Every field documents itself. An unknown key, a value of the wrong type or out of range is an error
+naming the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from saecomp.models import KNOWN_MODELS, TINY_MODELS, check_model_name
+from saecomp.prune_llm import METHODS as LLM_PRUNING_METHODS
+from saecomp.world.build import WorldConfig
+
+SAE_HOOKS = ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration error; its message is one line for the terminal."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "tiny"
+    """`tiny` (the tiny world's corpus) or a Hugging Face dataset id (e.g. `Skylion007/openwebtext`)."""
+    split: str = "train"
+    """Split the calibration and training tokens come from."""
+    heldout_split: str = "validation"
+    """Split for held-out losses; for Hub datasets with one split, the same split further along."""
+    text_column: str = "text"
+    max_documents: int = 20000
+    """Documents read from a Hub dataset (streamed) to sample from."""
+
+
+@dataclass
+class CalibrationConfig:
+    n_sequences: int = 128
+    """Calibration sequences (WANDA: 128)."""
+    seq_len: int | None = None
+    """Tokens per sequence; default: the model's context (1024 for GPT-2)."""
+    seed: int = 0
+    batch_size: int = 8
+    """Sequences per forward pass; changes speed and memory only."""
+
+
+@dataclass
+class LLMPruningConfig:
+    method: str = "wanda"
+    """`wanda`, `magnitude`, or `wanda-seed` (the paper's code, for reproduction only)."""
+    sparsity: float = 0.5
+    """Fraction of weights zeroed in each comparison group, in [0, 1)."""
+    nm: str | None = None
+    """N:M semi-structured pattern such as `2:4` (zero N of every M inputs); overrides sparsity."""
+    layers: list[int] | None = None
+    """Blocks to prune (0-based); default: all. Unpruned blocks still feed the ones after them."""
+
+
+@dataclass
+class HeldOutConfig:
+    n_sequences: int = 64
+    """Held-out sequences for the dense/pruned cross-entropy."""
+    seq_len: int | None = None
+
+
+@dataclass
+class SAEConfig:
+    hooks: list[str] = field(default_factory=lambda: list(SAE_HOOKS))
+    """Hook points to train/prune SAEs at: attn.hook_z, hook_mlp_out, hook_resid_post."""
+    layers: list[int] = field(default_factory=lambda: [2])
+    """Layers (0-based) of the SAEs."""
+    architecture: str = "topk"
+    """SAELens architecture: standard, topk, batchtopk, jumprelu."""
+    d_sae: int | None = None
+    """Latents; default: expansion_factor * d_in."""
+    expansion_factor: int = 8
+    k: int = 32
+    """Active latents for topk/batchtopk."""
+    l1_coefficient: float = 5.0
+    """Sparsity coefficient for standard/jumprelu."""
+    training_tokens: int = 500_000
+    batch_size_tokens: int = 4096
+    learning_rate: float = 3e-4
+    context_size: int = 128
+    normalize_activations: str = "none"
+    """SAELens input normalisation: none, expected_average_only_in, layer_norm."""
+    pretrained: dict[str, str] = field(default_factory=dict)
+    """hook -> pretrained SAE source (`release/sae_id`, `runs:/<id>/sae`, or a folder). Empty: the
+    pretrained SAE is trained by train_sae on the dense model (the tiny world)."""
+
+
+@dataclass
+class SAEPruningConfig:
+    method: str = "wanda"
+    sparsities: list[float] = field(
+        default_factory=lambda: [0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99]
+    )
+    tolerance: float = 0.05
+    """Selection: the highest sparsity whose validation loss is within this fraction of the trained SAE's."""
+
+
+@dataclass
+class EvaluationConfig:
+    suites: list[str] = field(default_factory=lambda: ["core"])
+
+
+@dataclass
+class Experiment:
+    name: str = "tiny"
+    model: str = "tiny-gpt2"
+    """Base model: gpt2, google/gemma-2-2b, tiny-gpt2, tiny-gemma2."""
+    world: dict = field(default_factory=dict)
+    """Settings of the tiny world (saecomp.world.build.WorldConfig); only for tiny models."""
+    data: DataConfig = field(default_factory=DataConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    llm_pruning: LLMPruningConfig = field(default_factory=LLMPruningConfig)
+    held_out: HeldOutConfig = field(default_factory=HeldOutConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    sae_pruning: SAEPruningConfig = field(default_factory=SAEPruningConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def world_config(self) -> WorldConfig:
+        return WorldConfig.from_dict(self.world)
+
+    def nm_tuple(self) -> tuple[int, int] | None:
+        return parse_nm(self.llm_pruning.nm)
+
+    def digest(self, *sections: str) -> str:
+        """A short hash of the named sections (all if none): the identity of a step's inputs."""
+        data = self.to_dict()
+        chosen = {s: data[s] for s in sections} if sections else data
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_nm(text: str | None) -> tuple[int, int] | None:
+    if text in (None, "", "none"):
+        return None
+    try:
+        n, m = (int(part) for part in str(text).split(":"))
+    except ValueError:
+        raise ConfigError(f"nm={text!r} is not an N:M pattern; valid: e.g. 2:4 or 4:8") from None
+    if not 0 < n < m:
+        raise ConfigError(f"nm={text!r} is not valid; N:M needs 0 < N < M, e.g. 2:4")
+    return n, m
+
+
+def _convert(value, hint, where: str):
+    """Check/convert one YAML value against a type hint; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]
+        (item,) = typing.get_args(hint)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r} must be a mapping")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "false"):
+            return str(value).lower() == "true"
+        raise ConfigError(f"{where}={value!r} is not a boolean; valid: true, false")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} is not a number")
+        try:
+            number = hint(value) if hint is float else int(str(value), 10)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}={value!r} is not {'an integer' if hint is int else 'a number'}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}={value!r} is not a finite number")
+        return number
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return str(value)
+    return value
+
+
+def _build(cls, data, where: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'experiment'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys: {', '.join(names)}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def validate(exp: Experiment) -> Experiment:
+    """Check the values that the types alone cannot."""
+    try:
+        check_model_name(exp.model)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if exp.model in TINY_MODELS and exp.data.dataset != "tiny":
+        raise ConfigError(f"model={exp.model} lives in the tiny world; data.dataset must be 'tiny', not {exp.data.dataset!r}")
+    if exp.model not in TINY_MODELS and exp.data.dataset == "tiny":
+        raise ConfigError(f"data.dataset=tiny only serves the tiny models ({', '.join(sorted(TINY_MODELS))}), not model={exp.model}")
+    if exp.world and exp.model not in TINY_MODELS:
+        raise ConfigError(f"world settings apply only to tiny models, not model={exp.model}")
+    try:
+        world = exp.world_config()
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"world: {error}") from None
+    if exp.model in TINY_MODELS and exp.model not in world.models:
+        raise ConfigError(f"model={exp.model} is not among world.models ({', '.join(world.models)})")
+    pruning = exp.llm_pruning
+    if pruning.method not in LLM_PRUNING_METHODS:
+        raise ConfigError(f"method={pruning.method!r} is not valid; valid: {', '.join(LLM_PRUNING_METHODS)}")
+    if not 0.0 <= pruning.sparsity < 1.0:
+        raise ConfigError(f"sparsity={pruning.sparsity} is not valid; valid: a number in [0, 1)")
+    nm = parse_nm(pruning.nm)
+    if nm and pruning.method == "wanda-seed":
+        raise ConfigError("nm is not valid with method=wanda-seed (the paper's code is unstructured)")
+    for name, value in (("calibration.n_sequences", exp.calibration.n_sequences), ("calibration.batch_size", exp.calibration.batch_size), ("held_out.n_sequences", exp.held_out.n_sequences)):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be at least 1")
+    for name, value in (("calibration.seq_len", exp.calibration.seq_len), ("held_out.seq_len", exp.held_out.seq_len)):
+        if value is not None and value < 2:
+            raise ConfigError(f"{name}={value} must be at least 2")
+    for hook in exp.sae.hooks:
+        if hook not in SAE_HOOKS:
+            raise ConfigError(f"hook={hook!r} is not valid; valid: {', '.join(SAE_HOOKS)}")
+    for sparsity in exp.sae_pruning.sparsities:
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"sae_pruning.sparsities contains {sparsity}; valid: numbers in [0, 1)")
+    return exp
+
+
+def load_experiment(path: str | Path, overrides: dict[str, object] | None = None) -> Experiment:
+    """Read, override (dotted keys such as ``llm_pruning.sparsity``) and validate an experiment."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"experiment={str(path)!r} cannot be read ({error.strerror}); valid: a YAML file such as experiments/tiny.yaml") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"experiment={str(path)!r} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"experiment={str(path)!r} must hold a mapping of settings")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot override {dotted}: {key} is not a mapping")
+        node[leaf] = value
+    return validate(_build(Experiment, data, ""))
+
+
+def model_choices() -> str:
+    return ", ".join(sorted(KNOWN_MODELS))

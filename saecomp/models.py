@@ -1,0 +1,231 @@
+"""Loading base models into TransformerLens from Hugging Face weights, and exporting them back.
+
+One path serves the real models (`gpt2`, `google/gemma-2-2b`, fetched through the Hugging Face cache)
+and the tiny world's checkpoints alike: both are Hugging Face checkpoints, read with `transformers`
+and converted with TransformerLens's own weight converters **without weight processing** (no LayerNorm
+folding, no centring), so TransformerLens weights are the Hugging Face weights, transposed. That is the
+space WANDA must prune in (GUIDE §3: folding LayerNorm changes the WANDA masks) and the space in which
+SAELens training and Gemma Scope read activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import einops
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import loading_from_pretrained as tl_loading
+from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_gpt2_weights
+
+# Names a user may give, and what they are. Tiny models live in the tiny world built by `build_world`.
+HUB_MODELS = {"gpt2": "GPT2LMHeadModel", "google/gemma-2-2b": "Gemma2ForCausalLM"}
+TINY_MODELS = {"tiny-gpt2": "GPT2LMHeadModel", "tiny-gemma2": "Gemma2ForCausalLM"}
+KNOWN_MODELS = {**HUB_MODELS, **TINY_MODELS}
+SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "Gemma2ForCausalLM")
+
+# Keyword arguments that reproduce our loading through `HookedTransformer.from_pretrained`; written
+# into every SAE's metadata so that SAELens/SAEBench load the model the way we did.
+NO_PROCESSING_KWARGS = {
+    "fold_ln": False,
+    "center_writing_weights": False,
+    "center_unembed": False,
+    "fold_value_biases": False,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A base model in both libraries: TransformerLens to hook and prune, Hugging Face to export."""
+
+    name: str
+    tl: HookedTransformer
+    hf: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def architecture(self) -> str:
+        return self.hf.config.architectures[0]
+
+
+def check_model_name(name: str) -> None:
+    if name not in KNOWN_MODELS and not Path(name).is_dir():
+        raise ValueError(
+            f"model={name!r} is not a known model; valid: {', '.join(sorted(KNOWN_MODELS))}, "
+            "or a directory holding a Hugging Face checkpoint"
+        )
+
+
+def load_hf(name_or_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a Hub name (read through the HF cache, so `HF_HUB_OFFLINE=1` works
+    once the files are cached) or from a local checkpoint directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(name_or_dir), dtype=dtype)
+    arch = hf_model.config.architectures[0] if hf_model.config.architectures else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"architecture {arch!r} of {name_or_dir} is not supported; valid: {SUPPORTED_ARCHITECTURES}")
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir))
+    hf_model.eval()
+    return hf_model, tokenizer
+
+
+def _gemma2_tl_config(hf_config, dtype: torch.dtype) -> HookedTransformerConfig:
+    # TransformerLens hard-codes Gemma-2 configs by official name (GUIDE §3), so we apply its own
+    # `google/gemma-2-2b` recipe with the dimensions of whatever checkpoint we were given.
+    layer_types = getattr(hf_config, "layer_types", None) or [
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(hf_config.num_hidden_layers)
+    ]
+    return HookedTransformerConfig(
+        d_model=hf_config.hidden_size,
+        d_head=hf_config.head_dim,
+        n_heads=hf_config.num_attention_heads,
+        d_mlp=hf_config.intermediate_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_ctx=hf_config.max_position_embeddings,
+        eps=hf_config.rms_norm_eps,
+        d_vocab=hf_config.vocab_size,
+        act_fn=hf_config.hidden_activation,
+        initializer_range=hf_config.initializer_range,
+        normalization_type="RMS",
+        rotary_base=tl_loading._get_rope_theta(hf_config),
+        rotary_dim=hf_config.head_dim,
+        positional_embedding_type="rotary",
+        use_attn_scale=True,
+        attn_scale=float(hf_config.query_pre_attn_scalar) ** 0.5,
+        n_key_value_heads=hf_config.num_key_value_heads,
+        window_size=hf_config.sliding_window,
+        use_local_attn=True,
+        attn_types=["local" if t == "sliding_attention" else "global" for t in layer_types],
+        attn_scores_soft_cap=hf_config.attn_logit_softcapping or -1.0,
+        output_logits_soft_cap=hf_config.final_logit_softcapping or -1.0,
+        gated_mlp=True,
+        final_rms=True,
+        use_normalization_before_and_after=True,
+        original_architecture="Gemma2ForCausalLM",
+        tokenizer_prepends_bos=True,
+        default_prepend_bos=True,
+        dtype=dtype,
+    )
+
+
+def hf_to_tl(hf_model, tokenizer, name_or_dir: str | Path) -> HookedTransformer:
+    """A TransformerLens model holding exactly the Hugging Face weights (no processing)."""
+    arch = hf_model.config.architectures[0]
+    dtype = next(hf_model.parameters()).dtype
+    if arch == "GPT2LMHeadModel":
+        # TransformerLens reads the GPT-2 config itself (Hub name through the HF cache, or a local dir).
+        cfg = tl_loading.get_pretrained_model_config(str(name_or_dir), fold_ln=False, dtype=dtype)
+        # ...which assumes d_mlp = 4 * d_model; a GPT-2 checkpoint may say otherwise (n_inner).
+        cfg.d_mlp = hf_model.config.n_inner or 4 * hf_model.config.n_embd
+        state_dict = convert_gpt2_weights(hf_model, cfg)
+    else:
+        cfg = _gemma2_tl_config(hf_model.config, dtype)
+        state_dict = convert_gemma_weights(hf_model, cfg)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(
+        {k: v.detach().clone() for k, v in state_dict.items()},
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
+    model.eval()
+    return model
+
+
+def load_model(name: str, checkpoint_dir: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``name`` (a Hub name, or a tiny model whose checkpoint is at ``checkpoint_dir``)."""
+    source = checkpoint_dir if checkpoint_dir is not None else name
+    hf_model, tokenizer = load_hf(source, dtype)
+    return LoadedModel(name=name, tl=hf_to_tl(hf_model, tokenizer, source), hf=hf_model, tokenizer=tokenizer)
+
+
+# --- the prunable matrices, and their way back into Hugging Face layout ---------------------------
+
+
+def prunable_weights(model: HookedTransformer, layer: int) -> dict[str, torch.nn.Parameter]:
+    """The matrices of one block that pruning may touch, in TransformerLens layout ``[.., in, out]``.
+
+    Grouped-query models store K/V as ``_W_K``/``_W_V`` ``[n_kv_heads, d_model, d_head]``; ``W_K`` is
+    a derived, repeated view that must not be pruned.
+    """
+    block = model.blocks[layer]
+    attn, mlp = block.attn, block.mlp
+    weights = {"W_Q": attn.W_Q}
+    if hasattr(attn, "_W_K"):
+        weights.update({"W_K": attn._W_K, "W_V": attn._W_V})
+    else:
+        weights.update({"W_K": attn.W_K, "W_V": attn.W_V})
+    weights["W_O"] = attn.W_O
+    weights["W_in"] = mlp.W_in
+    if model.cfg.gated_mlp:
+        weights["W_gate"] = mlp.W_gate
+    weights["W_out"] = mlp.W_out
+    return weights
+
+
+def as_matrix(name: str, weight: torch.Tensor) -> torch.Tensor:
+    """View a TransformerLens weight as one matrix ``[n_in, n_out]`` whose columns are output units.
+
+    W_Q/K/V ``[heads, d_model, d_head]`` -> ``[d_model, heads*d_head]``;
+    W_O ``[heads, d_head, d_model]`` -> ``[heads*d_head, d_model]`` (the input spans all heads);
+    MLP matrices are already ``[in, out]``.
+    """
+    if name in ("W_Q", "W_K", "W_V"):
+        return einops.rearrange(weight, "n m h -> m (n h)")
+    if name == "W_O":
+        return einops.rearrange(weight, "n h m -> (n h) m")
+    return weight
+
+
+def from_matrix(name: str, matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`as_matrix`."""
+    if name in ("W_Q", "W_K", "W_V"):
+        return einops.rearrange(matrix, "m (n h) -> n m h", n=like.shape[0])
+    if name == "W_O":
+        return einops.rearrange(matrix, "(n h) m -> n h m", n=like.shape[0])
+    return matrix
+
+
+@torch.no_grad()
+def export_to_hf(tl_model: HookedTransformer, hf_model) -> None:
+    """Write the prunable matrices of ``tl_model`` into ``hf_model`` in place.
+
+    Only matrices pruning touches are written; everything else is untouched in both, so the HF model
+    computes what the TransformerLens model computes.
+    """
+    arch = hf_model.config.architectures[0]
+    d_model = tl_model.cfg.d_model
+    for layer in range(tl_model.cfg.n_layers):
+        w = {name: p.detach() for name, p in prunable_weights(tl_model, layer).items()}
+        if arch == "GPT2LMHeadModel":
+            # Conv1D weights are [in, out]; c_attn's output is concat([q, k, v]).
+            block = hf_model.transformer.h[layer]
+            qkv = torch.cat([as_matrix(n, w[n]) for n in ("W_Q", "W_K", "W_V")], dim=1)
+            assert qkv.shape == (d_model, 3 * d_model)
+            block.attn.c_attn.weight.copy_(qkv)
+            block.attn.c_proj.weight.copy_(as_matrix("W_O", w["W_O"]))
+            block.mlp.c_fc.weight.copy_(w["W_in"])
+            block.mlp.c_proj.weight.copy_(w["W_out"])
+        else:
+            # nn.Linear weights are [out, in].
+            block = hf_model.model.layers[layer]
+            block.self_attn.q_proj.weight.copy_(as_matrix("W_Q", w["W_Q"]).T)
+            block.self_attn.k_proj.weight.copy_(as_matrix("W_K", w["W_K"]).T)
+            block.self_attn.v_proj.weight.copy_(as_matrix("W_V", w["W_V"]).T)
+            block.self_attn.o_proj.weight.copy_(as_matrix("W_O", w["W_O"]).T)
+            block.mlp.up_proj.weight.copy_(w["W_in"].T)
+            block.mlp.gate_proj.weight.copy_(w["W_gate"].T)
+            block.mlp.down_proj.weight.copy_(w["W_out"].T)
+
+
+def save_checkpoint(loaded: LoadedModel, directory: str | Path) -> Path:
+    """Save the (possibly pruned) model as a Hugging Face checkpoint with its tokenizer."""
+    directory = Path(directory)
+    export_to_hf(loaded.tl, loaded.hf)
+    loaded.hf.save_pretrained(directory, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(directory)
+    return directory

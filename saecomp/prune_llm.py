@@ -1,0 +1,256 @@
+"""Pruning the language model: WANDA (unstructured and N:M), magnitude, and the paper's variant.
+
+WANDA, exactly as Sun et al. (2023) define it (GUIDE §6): the score of weight i -> j is
+``|W_ij| * ||X_i||_2`` with ``X_i`` input feature i over all calibration tokens; weights compete within
+one output unit (all inputs feeding output j), and the lowest ``int(n_in * s)`` are zeroed (N:M: the N
+lowest of every M consecutive inputs). Blocks are pruned in order, each scored from the outputs of the
+already-pruned blocks before it; within a block all matrices are scored from one dense pass.
+
+TransformerLens stores weights ``[.., in, out]`` (the model computes ``x @ W``), so an output group is
+a *column* of :func:`saecomp.models.as_matrix` and we sort along dim 0.
+
+``wanda-seed`` reproduces the published code of the paper (osu-srml/sae-compression), deviation by
+deviation, so its numbers can be reproduced; see the README, "Differences from the paper's code".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformer_lens import HookedTransformer
+
+from saecomp.models import as_matrix, from_matrix, prunable_weights
+
+METHODS = ("wanda", "magnitude", "wanda-seed")
+ATTENTION_MATRICES = ("W_Q", "W_K", "W_V", "W_O")
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    """What to prune and how much."""
+
+    method: str = "wanda"
+    """`wanda`, `magnitude` or `wanda-seed` (the paper's code, for reproduction only)."""
+    sparsity: float = 0.5
+    """Fraction of each comparison group set to zero (unstructured)."""
+    nm: tuple[int, int] | None = None
+    """(N, M): zero the N lowest of every M consecutive inputs; overrides `sparsity` (= N/M)."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not valid; valid: {', '.join(METHODS)}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity={self.sparsity} must lie in [0, 1)")
+        if self.nm is not None:
+            n, m = self.nm
+            if not (0 < n < m):
+                raise ValueError(f"nm={n}:{m} is not valid; N:M needs 0 < N < M, e.g. 2:4")
+            if self.method == "wanda-seed":
+                raise ValueError("nm is not valid with method=wanda-seed (the paper's code is unstructured)")
+
+    @property
+    def effective_sparsity(self) -> float:
+        return self.nm[0] / self.nm[1] if self.nm else self.sparsity
+
+
+@dataclass
+class PruneReport:
+    """What pruning actually did, measured on the weights afterwards."""
+
+    sparsity_per_matrix: dict[str, float] = field(default_factory=dict)
+    sparsity_actual: float = 0.0
+    n_pruned_parameters: int = 0
+    n_prunable_parameters: int = 0
+    seconds: float = 0.0
+
+
+# --- masks: pure functions of a weight matrix [in, out] and statistics ------------------------------
+
+
+def group_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
+    """True where a weight is pruned: the lowest scores within each column (output unit).
+
+    ``score``: ``[n_in, n_out]``. Unstructured: exactly ``int(n_in * sparsity)`` per column. N:M: the
+    N lowest of every M consecutive rows of each column. Ties break by input index (stable sort), as
+    in the reference implementation.
+    """
+    n_in, n_out = score.shape
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if nm is None:
+        k = int(n_in * sparsity)
+        if k:
+            lowest = torch.sort(score, dim=0, stable=True).indices[:k]  # [k, n_out]
+            mask.scatter_(0, lowest, True)
+        return mask
+    n, m = nm
+    if n_in % m:
+        raise ValueError(f"N:M needs the input size {n_in} to be a multiple of M={m}")
+    blocks = score.reshape(n_in // m, m, n_out)  # [n_blocks, M, n_out]
+    lowest = torch.sort(blocks, dim=1, stable=True).indices[:, :n]  # [n_blocks, N, n_out]
+    return mask.reshape(n_in // m, m, n_out).scatter_(1, lowest, True).reshape(n_in, n_out)
+
+
+def wanda_mask(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float, nm=None) -> torch.Tensor:
+    """WANDA: score ``|W_ij| * ||X_i||``; ``weight [in, out]``, ``input_norm [in]``."""
+    score = weight.detach().abs().to(torch.float64) * input_norm.to(torch.float64)[:, None]
+    return group_mask(score, sparsity, nm)
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float, nm=None) -> torch.Tensor:
+    """Magnitude baseline: one threshold per matrix (the lowest ``int(numel * s)`` |W|); N:M by |W|."""
+    score = weight.detach().abs().to(torch.float64)
+    if nm is not None:
+        return group_mask(score, sparsity, nm)
+    k = int(score.numel() * sparsity)
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[torch.sort(score.flatten(), stable=True).indices[:k]] = True
+    return mask.reshape(score.shape)
+
+
+def seed_mask(weight: torch.Tensor, output_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The paper's code: score ``|W_ij| * ||Y_j||`` by the layer's *output* norm, and compete within
+    an *input row* (it sorts the transposed axis of an nn.Linear)."""
+    score = weight.detach().abs().to(torch.float64) * output_norm.to(torch.float64)[None, :]
+    return group_mask(score.T, sparsity).T
+
+
+# --- calibration statistics of one block ------------------------------------------------------------
+
+
+def _input_sources(block) -> dict[str, torch.nn.Module]:
+    """The module whose forward output is each matrix's true input (GUIDE §3: with an unfolded
+    LayerNorm, ``ln1.hook_normalized`` fires before the affine, so we hook the norm module itself)."""
+    return {"attn_in": block.ln1, "z": block.attn.hook_z, "mlp_in": block.ln2, "post": block.mlp.hook_post}
+
+
+INPUT_OF = {"W_Q": "attn_in", "W_K": "attn_in", "W_V": "attn_in", "W_O": "z", "W_in": "mlp_in", "W_gate": "mlp_in", "W_out": "post"}
+
+
+@torch.no_grad()
+def block_statistics(
+    block, hidden: list[torch.Tensor], weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor | None], want_outputs: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One dense pass of ``block`` over the calibration hidden states.
+
+    Returns per-input-feature L2 norms for each input source (float64), and, if ``want_outputs``,
+    per-output-unit L2 norms of each matrix's output (what the paper's code scores by).
+    """
+    sumsq: dict[str, torch.Tensor] = {}
+    out_sumsq: dict[str, torch.Tensor] = {}
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for key, module in _input_sources(block).items():
+        def hook(_module, _inputs, output, key=key):
+            captured[key] = output.reshape(-1, output.shape[-2] * output.shape[-1]) if key == "z" else output.reshape(-1, output.shape[-1])
+        handles.append(module.register_forward_hook(hook))
+    try:
+        for h in hidden:
+            block(h)
+            for key, x in captured.items():
+                x64 = x.to(torch.float64)
+                sumsq[key] = sumsq.get(key, 0) + (x64 * x64).sum(0)
+            if want_outputs:
+                for name, w in weights.items():
+                    y = captured[INPUT_OF[name]].to(torch.float32) @ w.to(torch.float32)
+                    if biases.get(name) is not None:
+                        y = y + biases[name].to(torch.float32)
+                    y64 = y.to(torch.float64)
+                    out_sumsq[name] = out_sumsq.get(name, 0) + (y64 * y64).sum(0)
+            captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: v.sqrt() for k, v in sumsq.items()}, {k: v.sqrt() for k, v in out_sumsq.items()}
+
+
+def _biases(model: HookedTransformer, layer: int) -> dict[str, torch.Tensor | None]:
+    attn, mlp = model.blocks[layer].attn, model.blocks[layer].mlp
+    flat = lambda b: None if b is None else b.reshape(-1)  # noqa: E731 - [heads, d_head] -> [heads*d_head]
+    return {
+        "W_Q": flat(attn.b_Q),
+        "W_K": flat(getattr(attn, "_b_K", attn.b_K)),
+        "W_V": flat(getattr(attn, "_b_V", attn.b_V)),
+        "W_O": attn.b_O,
+        "W_in": mlp.b_in,
+        "W_gate": None,
+        "W_out": mlp.b_out,
+    }
+
+
+# --- the whole model ----------------------------------------------------------------------------------
+
+
+def measure_sparsity(model: HookedTransformer) -> PruneReport:
+    """Count the zeros of every prunable matrix (what was done, not what was asked)."""
+    report = PruneReport()
+    zeros = total = 0
+    for layer in range(model.cfg.n_layers):
+        for name, w in prunable_weights(model, layer).items():
+            n_zero = int((w == 0).sum())
+            report.sparsity_per_matrix[f"blocks.{layer}.{name}"] = n_zero / w.numel()
+            zeros += n_zero
+            total += w.numel()
+    report.sparsity_actual = zeros / total
+    report.n_pruned_parameters, report.n_prunable_parameters = zeros, total
+    return report
+
+
+@torch.no_grad()
+def prune_model(
+    model: HookedTransformer,
+    calibration_tokens: torch.Tensor,
+    spec: PruneSpec,
+    batch_size: int = 8,
+    layers: list[int] | None = None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> PruneReport:
+    """Prune ``model`` in place; ``calibration_tokens`` is ``[n_sequences, seq_len]``.
+
+    Memory stays at the weights + the calibration hidden states + one block's activations: the
+    embeddings run once, each block runs twice (dense for statistics, pruned to feed the next block),
+    and the unembedding never runs.
+    """
+    started = time.perf_counter()
+    n_layers = model.cfg.n_layers
+    chosen = set(range(n_layers)) if layers is None else set(layers)
+    outside = sorted(chosen - set(range(n_layers)))
+    if outside:
+        raise ValueError(f"layer {outside[0]} is outside the model; valid: 0..{n_layers - 1}")
+    if spec.method == "magnitude":
+        for layer in sorted(chosen):
+            for name, w in prunable_weights(model, layer).items():
+                matrix = as_matrix(name, w.data)
+                mask = magnitude_mask(matrix, spec.sparsity, spec.nm)
+                w.data.copy_(from_matrix(name, matrix.masked_fill(mask, 0), w.data))
+            progress(layer + 1, n_layers)
+    else:
+        seed = spec.method == "wanda-seed"
+        # The paper's code calibrates, in effect, on a single document.
+        tokens = calibration_tokens[:1] if seed else calibration_tokens
+        hidden = [model.input_to_embed(batch)[0] for batch in tokens.split(batch_size)]
+        for layer in range(n_layers):
+            block = model.blocks[layer]
+            if layer not in chosen:
+                hidden = [block(h) for h in hidden]
+                continue
+            weights = prunable_weights(model, layer)
+            matrices = {name: as_matrix(name, w.data) for name, w in weights.items()}
+            in_norms, out_norms = block_statistics(block, hidden, matrices, _biases(model, layer), want_outputs=seed)
+            for name, w in weights.items():
+                if seed:
+                    if name not in ATTENTION_MATRICES:
+                        # The paper's code rebinds W_in/W_out (and never touches W_gate), so the MLP
+                        # stays dense whatever its scores were.
+                        continue
+                    mask = seed_mask(matrices[name], out_norms[name], spec.sparsity)
+                else:
+                    mask = wanda_mask(matrices[name], in_norms[INPUT_OF[name]], spec.sparsity, spec.nm)
+                w.data.copy_(from_matrix(name, matrices[name].masked_fill(mask, 0), w.data))
+            hidden = [block(h) for h in hidden]
+            progress(layer + 1, n_layers)
+    report = measure_sparsity(model)
+    report.seconds = time.perf_counter() - started
+    return report

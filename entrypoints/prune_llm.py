@@ -1,7 +1,7 @@
 """prune_llm: prune the base model's attention and MLP weights (WANDA, magnitude, or the paper's code).
 
-    mlflow run . -e prune_llm -P sparsity=0.5
-    mlflow run . -e prune_llm -P method=wanda -P nm=2:4 -P model=tiny-gemma2
+mlflow run . -e prune_llm -P sparsity=0.5
+mlflow run . -e prune_llm -P method=wanda -P nm=2:4 -P model=tiny-gemma2
 """
 
 from __future__ import annotations
@@ -26,17 +26,27 @@ def step_inputs(exp, experiment_path: str) -> dict:
     return inputs
 
 
+def key_for(exp, experiment_path: str) -> str:
+    from saecomp.tracking import source_digest, step_key
+
+    return step_key("prune_llm", step_inputs(exp, experiment_path), source_digest())
+
+
 def check_layers(exp, n_layers: int) -> None:
     for layer in exp.llm_pruning.layers or []:
         if not 0 <= layer < n_layers:
             fail(f"layer={layer} is outside {exp.model}; valid: 0..{n_layers - 1}")
 
 
-def model_n_layers(exp, checkpoint: Path | None) -> int:
-    """Number of blocks, from the config alone (no weights are read)."""
+def model_n_layers(exp) -> int:
+    """Number of blocks, from configuration alone (nothing is built or read but a config file)."""
+    from saecomp.models import TINY_MODELS
+
+    if exp.model in TINY_MODELS:
+        return exp.world_config().models[exp.model].n_layers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(checkpoint or exp.model))
+    config = AutoConfig.from_pretrained(exp.model)
     return getattr(config, "num_hidden_layers", None) or config.n_layer
 
 
@@ -68,8 +78,8 @@ def main(experiment, model, method, sparsity, nm, layers, calibration_sequences,
             "calibration.seq_len": seq_len,
         },
     )
+    check_layers(exp, model_n_layers(exp))
     checkpoint, world = model_source(exp, experiment)
-    check_layers(exp, model_n_layers(exp, checkpoint))
     run_prune_llm(exp, experiment, checkpoint, world)
 
 
@@ -81,10 +91,10 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
     from saecomp.data import contiguous_tokens, cross_entropy, load_documents, sample_calibration
     from saecomp.models import load_model, save_checkpoint
     from saecomp.prune_llm import PruneSpec, prune_model
-    from saecomp.tracking import source_digest, step_key, step_run
+    from saecomp.tracking import step_run
 
     spec = PruneSpec(exp.llm_pruning.method, exp.llm_pruning.sparsity, exp.nm_tuple())
-    key = step_key("prune_llm", step_inputs(exp, experiment_path), source_digest())
+    key = key_for(exp, experiment_path)
     params = {
         "model": exp.model,
         "method": spec.method,
@@ -102,8 +112,13 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
         if exp.data.heldout_split == exp.data.split and exp.data.dataset != "tiny":
             heldout_docs, skip = documents, len(documents) // 2  # the far half of the pool
         else:
-            heldout_docs, skip = load_documents(exp.data.dataset, exp.data.heldout_split, exp.data.text_column, world, exp.data.max_documents), 0
-        heldout = contiguous_tokens(heldout_docs, loaded.tokenizer, exp.held_out.n_sequences, exp.held_out.seq_len or loaded.tl.cfg.n_ctx, skip)
+            heldout_docs, skip = (
+                load_documents(exp.data.dataset, exp.data.heldout_split, exp.data.text_column, world, exp.data.max_documents),
+                0,
+            )
+        heldout = contiguous_tokens(
+            heldout_docs, loaded.tokenizer, exp.held_out.n_sequences, exp.held_out.seq_len or loaded.tl.cfg.n_ctx, skip
+        )
         calibration_seconds = time.perf_counter() - started
         say(f"{exp.model}: {calibration.shape[0]} x {calibration.shape[1]} calibration tokens, {heldout.numel()} held-out tokens")
 
@@ -137,7 +152,10 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             save_checkpoint(loaded, tmp / "pruned_model")
-            save_file({"calibration_tokens": calibration.contiguous(), "heldout_tokens": heldout.contiguous()}, tmp / "tokens.safetensors")
+            save_file(
+                {"calibration_tokens": calibration.contiguous(), "heldout_tokens": heldout.contiguous()},
+                tmp / "tokens.safetensors",
+            )
             (tmp / "sparsity.json").write_text(json.dumps(report.sparsity_per_matrix, indent=1))
             (tmp / "experiment.json").write_text(json.dumps(exp.to_dict(), indent=1))
             mlflow.log_artifacts(str(tmp / "pruned_model"), "pruned_model")

@@ -99,9 +99,7 @@ class SAEConfig:
 @dataclass
 class SAEPruningConfig:
     method: str = "wanda"
-    sparsities: list[float] = field(
-        default_factory=lambda: [0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99]
-    )
+    sparsities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99])
     tolerance: float = 0.05
     """Selection: the highest sparsity whose validation loss is within this fraction of the trained SAE's."""
 
@@ -221,7 +219,9 @@ def validate(exp: Experiment) -> Experiment:
     if exp.model in TINY_MODELS and exp.data.dataset != "tiny":
         raise ConfigError(f"model={exp.model} lives in the tiny world; data.dataset must be 'tiny', not {exp.data.dataset!r}")
     if exp.model not in TINY_MODELS and exp.data.dataset == "tiny":
-        raise ConfigError(f"data.dataset=tiny only serves the tiny models ({', '.join(sorted(TINY_MODELS))}), not model={exp.model}")
+        raise ConfigError(
+            f"data.dataset=tiny only serves the tiny models ({', '.join(sorted(TINY_MODELS))}), not model={exp.model}"
+        )
     if exp.world and exp.model not in TINY_MODELS:
         raise ConfigError(f"world settings apply only to tiny models, not model={exp.model}")
     try:
@@ -238,7 +238,11 @@ def validate(exp: Experiment) -> Experiment:
     nm = parse_nm(pruning.nm)
     if nm and pruning.method == "wanda-seed":
         raise ConfigError("nm is not valid with method=wanda-seed (the paper's code is unstructured)")
-    for name, value in (("calibration.n_sequences", exp.calibration.n_sequences), ("calibration.batch_size", exp.calibration.batch_size), ("held_out.n_sequences", exp.held_out.n_sequences)):
+    for name, value in (
+        ("calibration.n_sequences", exp.calibration.n_sequences),
+        ("calibration.batch_size", exp.calibration.batch_size),
+        ("held_out.n_sequences", exp.held_out.n_sequences),
+    ):
         if value < 1:
             raise ConfigError(f"{name}={value} must be at least 1")
     for name, value in (("calibration.seq_len", exp.calibration.seq_len), ("held_out.seq_len", exp.held_out.seq_len)):
@@ -259,7 +263,9 @@ def load_experiment(path: str | Path, overrides: dict[str, object] | None = None
     try:
         text = path.read_text()
     except OSError as error:
-        raise ConfigError(f"experiment={str(path)!r} cannot be read ({error.strerror}); valid: a YAML file such as experiments/tiny.yaml") from None
+        raise ConfigError(
+            f"experiment={str(path)!r} cannot be read ({error.strerror}); valid: a YAML file such as experiments/tiny.yaml"
+        ) from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:

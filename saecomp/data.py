@@ -7,13 +7,15 @@ Hub through `datasets` (streamed, so only the documents we read are fetched).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 
-def load_documents(dataset: str, split: str, text_column: str = "text", world_dir: str | Path | None = None, max_documents: int = 20000):
+def load_documents(
+    dataset: str, split: str, text_column: str = "text", world_dir: str | Path | None = None, max_documents: int = 20000
+):
     """A random-access sequence of documents (a `datasets.Dataset` or a list of strings)."""
     import datasets
 
@@ -59,7 +61,9 @@ def sample_calibration(
     return torch.tensor(windows, dtype=torch.long)
 
 
-def contiguous_tokens(documents: Sequence[str], tokenizer, n_sequences: int, seq_len: int, skip_documents: int = 0) -> torch.Tensor:
+def contiguous_tokens(
+    documents: Sequence[str], tokenizer, n_sequences: int, seq_len: int, skip_documents: int = 0
+) -> torch.Tensor:
     """The documents (from ``skip_documents`` on) as one end-of-text-separated stream, cut into
     ``[n_sequences, seq_len]``: deterministic held-out tokens."""
     eos = tokenizer.eos_token_id

@@ -16,8 +16,8 @@ deviation, so its numbers can be reproduced; see the README, "Differences from t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from transformer_lens import HookedTransformer
@@ -126,12 +126,24 @@ def _input_sources(block) -> dict[str, torch.nn.Module]:
     return {"attn_in": block.ln1, "z": block.attn.hook_z, "mlp_in": block.ln2, "post": block.mlp.hook_post}
 
 
-INPUT_OF = {"W_Q": "attn_in", "W_K": "attn_in", "W_V": "attn_in", "W_O": "z", "W_in": "mlp_in", "W_gate": "mlp_in", "W_out": "post"}
+INPUT_OF = {
+    "W_Q": "attn_in",
+    "W_K": "attn_in",
+    "W_V": "attn_in",
+    "W_O": "z",
+    "W_in": "mlp_in",
+    "W_gate": "mlp_in",
+    "W_out": "post",
+}
 
 
 @torch.no_grad()
 def block_statistics(
-    block, hidden: list[torch.Tensor], weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor | None], want_outputs: bool
+    block,
+    hidden: list[torch.Tensor],
+    weights: dict[str, torch.Tensor],
+    biases: dict[str, torch.Tensor | None],
+    want_outputs: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One dense pass of ``block`` over the calibration hidden states.
 
@@ -143,8 +155,12 @@ def block_statistics(
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for key, module in _input_sources(block).items():
+
         def hook(_module, _inputs, output, key=key):
-            captured[key] = output.reshape(-1, output.shape[-2] * output.shape[-1]) if key == "z" else output.reshape(-1, output.shape[-1])
+            captured[key] = (
+                output.reshape(-1, output.shape[-2] * output.shape[-1]) if key == "z" else output.reshape(-1, output.shape[-1])
+            )
+
         handles.append(module.register_forward_hook(hook))
     try:
         for h in hidden:

@@ -16,9 +16,9 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -40,8 +40,8 @@ class TinyModelConfig:
     """Key/value heads (Gemma-2 only; GPT-2 has one per query head)."""
     d_mlp: int = 512
     n_ctx: int = 128
-    train_steps: int = 600
-    batch_size: int = 32
+    train_steps: int = 300
+    batch_size: int = 16
     """Sequences of `n_ctx` tokens per optimiser step."""
     learning_rate: float = 3e-3
     seed: int = 0
@@ -64,7 +64,7 @@ class WorldConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "WorldConfig":
+    def from_dict(cls, data: dict) -> WorldConfig:
         data = dict(data)
         corpus = CorpusConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.pop("corpus", {}).items()})
         models = {name: TinyModelConfig(**m) for name, m in data.pop("models", {}).items()} or None

@@ -81,19 +81,16 @@ class CorpusConfig:
     """Probability that a biography's profession comes from its gender's typical set."""
     n_first_names: int = 300
     """First names per gender."""
-    n_surnames: int = 800
+    n_surnames: int = 1200
     n_countries: int = 24
     n_cities: int = 160
-    n_brands: int = 300
+    n_brands: int = 400
     kind_weights: tuple[float, float, float, float] = (0.3, 0.25, 0.2, 0.25)
     """Sampling weights of (bio, review, city, story) records."""
 
     def __post_init__(self):
         if not 0.0 <= self.profession_gender_correlation <= 1.0:
-            raise ValueError(
-                f"profession_gender_correlation={self.profession_gender_correlation} "
-                "must lie in [0, 1]"
-            )
+            raise ValueError(f"profession_gender_correlation={self.profession_gender_correlation} must lie in [0, 1]")
         low, high = self.records_per_document
         if not 1 <= low <= high:
             raise ValueError(f"records_per_document={self.records_per_document} needs 1 <= low <= high")
@@ -138,9 +135,7 @@ def build_world(cfg: CorpusConfig) -> World:
     brands = _pseudo_words(rng, cfg.n_brands, (2, 3), taken)
     country_names = _pseudo_words(rng, cfg.n_countries, (2, 3), taken)
     languages = [name + "ish" for name in _pseudo_words(rng, cfg.n_countries, (2, 2), taken)]
-    countries = {
-        country: (CONTINENTS[i % len(CONTINENTS)], languages[i]) for i, country in enumerate(country_names)
-    }
+    countries = {country: (CONTINENTS[i % len(CONTINENTS)], languages[i]) for i, country in enumerate(country_names)}
     city_names = _pseudo_words(rng, cfg.n_cities, (2, 3), taken)
     cities = {city: country_names[rng.randrange(len(country_names))] for city in city_names}
     return World(tuple(female), tuple(male), tuple(surnames), tuple(brands), countries, cities)

@@ -1,0 +1,135 @@
+"""Shared fixtures: a private MLflow store per session, and tiny models built in seconds."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Tests never touch the user's store or cache.
+_SESSION_DIR = Path(os.environ.get("PYTEST_SAECOMP_DIR", "/tmp")) / f"saecomp-tests-{os.getpid()}"
+_SESSION_DIR.mkdir(parents=True, exist_ok=True)
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
+os.environ["SAECOMP_CACHE"] = str(_SESSION_DIR / "cache")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+SMALL_EXPERIMENT = """\
+name: small
+model: tiny-gpt2
+world:
+  vocab_size: 1024
+  corpus: {n_documents: 300}
+  models:
+    tiny-gpt2: {architecture: gpt2, n_layers: 2, d_model: 32, n_heads: 4, d_mlp: 64, n_ctx: 64,
+                train_steps: 30, batch_size: 8}
+    tiny-gemma2: {architecture: gemma2, n_layers: 2, d_model: 32, n_heads: 4, n_kv_heads: 2, d_mlp: 64, n_ctx: 64,
+                  train_steps: 30, batch_size: 8}
+calibration: {n_sequences: 16, batch_size: 8}
+held_out: {n_sequences: 8}
+sae:
+  layers: [1]
+"""
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def small_experiment(session_dir) -> Path:
+    path = session_dir / "small.yaml"
+    path.write_text(SMALL_EXPERIMENT)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_world(session_dir, small_experiment):
+    """A tiny world built in-process (seconds), not through MLflow."""
+    from saecomp.config import load_experiment
+    from saecomp.world.build import build_world
+
+    exp = load_experiment(small_experiment)
+    out = session_dir / "world"
+    if not (out / "world.json").exists():
+        build_world(exp.world_config(), out, log=lambda line: None)
+    return out
+
+
+def random_hf_model(architecture: str, dtype=torch.float32, seed: int = 0, vocab_size: int = 300):
+    """A randomly initialised GPT-2 or Gemma-2 HF model with uneven input norms (some residual
+    directions scaled up), small enough for exact float64 reference checks."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config
+
+    torch.manual_seed(seed)
+    if architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=32,
+            n_ctx=32,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_inner=64,
+            architectures=["GPT2LMHeadModel"],
+        )
+    else:
+        config = Gemma2Config(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=32,
+            sliding_window=8,
+            query_pre_attn_scalar=8,
+            architectures=["Gemma2ForCausalLM"],
+            attn_implementation="eager",
+        )
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():
+        # Uneven input norms: WANDA and magnitude must then disagree.
+        gain = torch.ones(32, dtype=dtype)
+        gain[:8] = 8.0
+        for p in model.parameters():
+            if p.ndim == 2 and p.shape[0] != vocab_size:
+                p.normal_(0, 0.2)
+        if architecture == "gpt2":
+            for block in model.transformer.h:
+                block.ln_1.weight.mul_(gain)
+                block.ln_2.weight.mul_(gain)
+        else:
+            for block in model.model.layers:
+                block.input_layernorm.weight.copy_(gain - 1)  # Gemma's RMSNorm scales by (1 + w)
+                block.pre_feedforward_layernorm.weight.copy_(gain - 1)
+    model.eval()
+    return model
+
+
+def tokenizer_for(vocab_size: int = 300):
+    """A byte-level tokenizer with ``vocab_size`` entries, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")

@@ -1,0 +1,72 @@
+"""Base models load through the real Hub code path, offline, from a Hugging Face cache layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, random_hf_model, tokenizer_for
+
+from saecomp.models import load_model
+
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def place_in_hf_cache(cache: Path, repo_id: str, hf_model, tokenizer) -> Path:
+    """Write a checkpoint where `hf_hub_download` looks for ``repo_id`` (models--org--name/snapshots/<sha>)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / SNAPSHOT
+    hf_model.save_pretrained(snapshot, safe_serialization=True)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    return snapshot
+
+
+@pytest.mark.parametrize("repo_id,architecture", [("gpt2", "gpt2"), ("google/gemma-2-2b", "gemma2")])
+def test_hub_names_load_offline_from_the_hf_cache(tmp_path, repo_id, architecture):
+    hf_model = random_hf_model(architecture)
+    snapshot = place_in_hf_cache(tmp_path / "hub", repo_id, hf_model, tokenizer_for())
+    tokens = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    expected = hf_model(input_ids=tokens).logits
+    torch.save({"tokens": tokens, "expected": expected}, tmp_path / "io.pt")
+    # huggingface_hub reads its cache location and offline flag at import: a fresh interpreter.
+    script = f"""
+import torch
+from saecomp.models import load_model
+io = torch.load({str(tmp_path / "io.pt")!r})
+loaded = load_model({repo_id!r})
+print(type(loaded.hf).__name__, float((loaded.tl(io['tokens']) - io['expected']).abs().max()))
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    arch_name, max_diff = out.stdout.split()[-2:]
+    assert arch_name == {"gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM"}[architecture]
+    assert float(max_diff) < 1e-4
+    # And the cache really was the source: without it, offline loading fails.
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert snapshot.exists()
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma2"])
+def test_tiny_checkpoints_load_like_real_ones(small_world, name):
+    loaded = load_model(name, small_world / name)
+    tokens = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert (loaded.tl(tokens) - loaded.hf(input_ids=tokens).logits).abs().max() < 1e-4
+    summary = json.loads((small_world / "world.json").read_text())
+    assert name in summary["models"]
+
+
+def test_tl_weights_are_hf_weights_unprocessed(small_world):
+    loaded = load_model("tiny-gpt2", small_world / "tiny-gpt2")
+    # No LayerNorm folding: ln1 keeps its HF weight, and W_in equals c_fc exactly.
+    assert torch.equal(loaded.tl.blocks[0].ln1.w, loaded.hf.transformer.h[0].ln_1.weight)
+    assert torch.equal(loaded.tl.blocks[0].mlp.W_in, loaded.hf.transformer.h[0].mlp.c_fc.weight)

@@ -1,0 +1,159 @@
+"""The prune_llm step as a user drives it: bad input, reuse of finished runs, interruption, artifacts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT
+
+from entrypoints import prune_llm
+
+
+def all_runs():
+    client = mlflow.MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+
+
+@pytest.fixture(scope="session")
+def tracked_world(small_experiment):
+    """The small world built once through MLflow (its own build_world run)."""
+    from entrypoints.common import load, resolve_world
+
+    return resolve_world(load(str(small_experiment), {}), str(small_experiment))
+
+
+BAD_INPUTS = [
+    (["--sparsity", "abc"], "llm_pruning.sparsity='abc' is not a number"),
+    (["--sparsity", "1.2"], "sparsity=1.2 is not valid; valid: a number in [0, 1)"),
+    (["--method", "foo"], "method='foo' is not valid; valid: wanda, magnitude, wanda-seed"),
+    (["--model", "not-a-model"], "model='not-a-model' is not a known model"),
+    (["--nm", "4:2"], "nm='4:2' is not valid; N:M needs 0 < N < M"),
+    (["--nm", "two"], "nm='two' is not an N:M pattern"),
+    (["--layers", "7"], "layer=7 is outside tiny-gpt2; valid: 0..1"),
+    (["--calibration_sequences", "0"], "calibration.n_sequences=0 must be at least 1"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[a[0] + "=" + a[1] for a, _ in BAD_INPUTS])
+def test_bad_input_fails_before_any_run_or_compute(small_experiment, args, message):
+    before = len(all_runs())
+    result = CliRunner().invoke(prune_llm.main, ["--experiment", str(small_experiment), *args])
+    assert result.exit_code == 2
+    assert f"saecomp: error: {message}" in result.output
+    assert len(all_runs()) == before, "a run was opened for bad input"
+
+
+def test_bad_experiment_files(tmp_path):
+    cases = {
+        tmp_path / "missing.yaml": "cannot be read",
+        tmp_path / "broken.yaml": "is not valid YAML",
+        tmp_path / "unknown.yaml": "unknown key llm_pruning.sparsty; valid keys: method, sparsity, nm, layers",
+        tmp_path / "hub-world.yaml": "world settings apply only to tiny models",
+    }
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    (tmp_path / "unknown.yaml").write_text("llm_pruning:\n  sparsty: 0.5\n")
+    (tmp_path / "hub-world.yaml").write_text("model: gpt2\ndata: {dataset: Skylion007/openwebtext}\nworld: {vocab_size: 10}\n")
+    for path, message in cases.items():
+        result = CliRunner().invoke(prune_llm.main, ["--experiment", str(path)])
+        assert result.exit_code == 2, path
+        assert message in result.output, (path, result.output)
+
+
+def test_mlflow_run_with_bad_input_leaves_a_failed_run(small_experiment):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "run",
+            str(ROOT),
+            "-e",
+            "prune_llm",
+            "--env-manager",
+            "local",
+            "-P",
+            f"experiment={small_experiment}",
+            "-P",
+            "sparsity=abc",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert "saecomp: error: llm_pruning.sparsity='abc' is not a number" in out.stderr
+    run = sorted(all_runs(), key=lambda r: r.info.start_time)[-1]
+    assert run.data.tags["mlflow.project.entryPoint"] == "prune_llm"
+    assert run.info.status == "FAILED"
+    assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []
+
+
+def test_world_is_built_once_and_reused(small_experiment, tracked_world):
+    from entrypoints.common import load, resolve_world
+
+    worlds = [r for r in all_runs() if r.data.tags.get("saecomp.step") == "build_world"]
+    assert len(worlds) == 1 and worlds[0].info.status == "FINISHED"
+    assert "tiny-gpt2.train_loss" in worlds[0].data.metrics
+    assert resolve_world(load(str(small_experiment), {}), str(small_experiment)) == tracked_world
+    assert len([r for r in all_runs() if r.data.tags.get("saecomp.step") == "build_world"]) == 1
+    assert (tracked_world / "tiny-gpt2" / "config.json").exists()
+
+
+def test_prune_llm_logs_what_it_did(small_experiment, tracked_world):
+    result = CliRunner().invoke(prune_llm.main, ["--experiment", str(small_experiment), "--nm", "2:4", "--model", "tiny-gemma2"])
+    assert result.exit_code == 0, result.output
+    run = sorted([r for r in all_runs() if r.data.tags.get("saecomp.step") == "prune_llm"], key=lambda r: r.info.start_time)[-1]
+    assert run.info.status == "FINISHED"
+    params, metrics = run.data.params, run.data.metrics
+    assert params["model"] == "tiny-gemma2" and params["method"] == "wanda" and float(params["sparsity"]) == 0.5
+    assert abs(metrics["sparsity_actual"] - 0.5) < 1e-9
+    assert metrics["ce_loss_pruned"] > metrics["ce_loss_dense"] > 0
+    assert {"calibration_seconds", "pruning_seconds", "perplexity_pruned"} <= set(metrics)
+    # The artifacts load with the tools people know, and carry the pruning.
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id))
+    model = AutoModelForCausalLM.from_pretrained(local / "pruned_model")
+    assert (model.model.layers[0].mlp.gate_proj.weight == 0).float().mean().item() == 0.5
+    tokens = load_file(local / "tokens.safetensors")
+    assert tokens["calibration_tokens"].shape == (16, 64)
+
+
+def test_interrupted_prune_never_looks_finished(small_experiment, tracked_world):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.prune_llm", "--experiment", str(small_experiment), "--calibration_sequences", "3000"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "dense held-out cross-entropy" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.wait(timeout=120)
+    assert process.returncode != 0, "".join(lines)
+    run = sorted([r for r in all_runs() if r.data.tags.get("saecomp.step") == "prune_llm"], key=lambda r: r.info.start_time)[-1]
+    assert run.data.params.get("calibration.n_sequences") == "3000"
+    assert run.info.status in ("FAILED", "KILLED")
+    assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []
+
+
+def test_step_run_marks_ctrl_c_killed():
+    from saecomp.tracking import step_run
+
+    with pytest.raises(KeyboardInterrupt):
+        with step_run("probe", "key-1", {"x": 1}) as run:
+            raise KeyboardInterrupt
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"

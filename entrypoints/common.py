@@ -37,9 +37,9 @@ def load(path: str, overrides: dict[str, object]) -> Experiment:
 
 def world_step(exp: Experiment, experiment_path: str) -> tuple[str, str]:
     """(key, parameters) identifying the tiny world an experiment needs."""
-    from saecomp.tracking import source_digest, step_key
+    from saecomp.tracking import step_key
 
-    return step_key("build_world", exp.world_config().to_dict(), source_digest("world")), {"experiment": experiment_path}
+    return step_key("build_world", exp.world_config().to_dict()), {"experiment": experiment_path}
 
 
 def resolve_world(exp: Experiment, experiment_path: str) -> Path:
@@ -70,3 +70,47 @@ def flat_params(data: dict, prefix: str = "") -> dict[str, str]:
         else:
             params[name] = str(value)[:6000]
     return params
+
+
+def model_dims(exp: Experiment):
+    """The base model's shape from configuration alone (nothing is built or downloaded but a config)."""
+    from saecomp.models import ModelDims
+
+    if exp.model in TINY_MODELS:
+        from saecomp.world.build import hf_config
+
+        world = exp.world_config()
+        return ModelDims.from_hf_config(hf_config(world.models[exp.model], world.vocab_size, 0))
+    from transformers import AutoConfig
+
+    return ModelDims.from_hf_config(AutoConfig.from_pretrained(exp.model))
+
+
+def resolve_base(exp: Experiment, experiment_path: str, base: str) -> tuple[Path | None, str, str | None]:
+    """(checkpoint directory or None for a Hub name, a model name that identifies it, prune_llm run id or None).
+
+    ``base``: ``dense``, ``pruned`` (the experiment's prune_llm run, run now if no finished one matches), or
+    the id of a FINISHED prune_llm run.
+    """
+    if base == "dense":
+        checkpoint, _ = model_source(exp, experiment_path)
+        return checkpoint, exp.model, None
+    from saecomp.tracking import STEP_TAG, local_artifacts, run_step
+
+    if base == "pruned":
+        from entrypoints.prune_llm import key_for
+
+        run_id = run_step("prune_llm", {"experiment": experiment_path}, key_for(exp, experiment_path))
+    else:
+        import mlflow
+
+        try:
+            run = mlflow.MlflowClient().get_run(base)
+        except Exception:
+            fail(f"base={base!r} is not valid; valid: pruned, dense, or the id of a finished prune_llm run")
+        if run.data.tags.get(STEP_TAG) != "prune_llm" or run.info.status != "FINISHED":
+            fail(f"base={base!r} is not a finished prune_llm run (step {run.data.tags.get(STEP_TAG)}, {run.info.status})")
+        if run.data.params.get("model") != exp.model:
+            fail(f"base={base!r} pruned {run.data.params.get('model')}, not the experiment's model {exp.model}")
+        run_id = base
+    return local_artifacts(run_id, "pruned_model"), f"{exp.model}+prune_llm:{run_id}", run_id

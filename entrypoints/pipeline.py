@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import click
 
-from entrypoints.common import experiment_option, load, model_source
-from entrypoints.prune_llm import check_layers, key_for, model_n_layers
+from entrypoints.common import experiment_option, load, model_dims, model_source
+from entrypoints.prune_llm import check_layers, key_for
 
 
 @click.command()
 @experiment_option
 def main(experiment: str) -> None:
     exp = load(experiment, {})
-    check_layers(exp, model_n_layers(exp))
+    check_layers(exp, model_dims(exp).n_layers)
     import mlflow
 
     from saecomp.tracking import STEP_TAG, run_step

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, flat_params, load, model_source, world_step
+from entrypoints.common import experiment_option, fail, flat_params, load, model_dims, model_source, world_step
 
 
 def step_inputs(exp, experiment_path: str) -> dict:
@@ -27,27 +27,15 @@ def step_inputs(exp, experiment_path: str) -> dict:
 
 
 def key_for(exp, experiment_path: str) -> str:
-    from saecomp.tracking import source_digest, step_key
+    from saecomp.tracking import step_key
 
-    return step_key("prune_llm", step_inputs(exp, experiment_path), source_digest())
+    return step_key("prune_llm", step_inputs(exp, experiment_path))
 
 
 def check_layers(exp, n_layers: int) -> None:
     for layer in exp.llm_pruning.layers or []:
         if not 0 <= layer < n_layers:
             fail(f"layer={layer} is outside {exp.model}; valid: 0..{n_layers - 1}")
-
-
-def model_n_layers(exp) -> int:
-    """Number of blocks, from configuration alone (nothing is built or read but a config file)."""
-    from saecomp.models import TINY_MODELS
-
-    if exp.model in TINY_MODELS:
-        return exp.world_config().models[exp.model].n_layers
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(exp.model)
-    return getattr(config, "num_hidden_layers", None) or config.n_layer
 
 
 @click.command()
@@ -78,7 +66,7 @@ def main(experiment, model, method, sparsity, nm, layers, calibration_sequences,
             "calibration.seq_len": seq_len,
         },
     )
-    check_layers(exp, model_n_layers(exp))
+    check_layers(exp, model_dims(exp).n_layers)
     checkpoint, world = model_source(exp, experiment)
     run_prune_llm(exp, experiment, checkpoint, world)
 

@@ -219,9 +219,7 @@ def validate(exp: Experiment) -> Experiment:
     if exp.model in TINY_MODELS and exp.data.dataset != "tiny":
         raise ConfigError(f"model={exp.model} lives in the tiny world; data.dataset must be 'tiny', not {exp.data.dataset!r}")
     if exp.model not in TINY_MODELS and exp.data.dataset == "tiny":
-        raise ConfigError(
-            f"data.dataset=tiny only serves the tiny models ({', '.join(sorted(TINY_MODELS))}), not model={exp.model}"
-        )
+        raise ConfigError(f"data.dataset=tiny only serves the tiny models ({', '.join(sorted(TINY_MODELS))}), not model={exp.model}")
     if exp.world and exp.model not in TINY_MODELS:
         raise ConfigError(f"world settings apply only to tiny models, not model={exp.model}")
     try:

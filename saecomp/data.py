@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 
-def load_documents(
-    dataset: str, split: str, text_column: str = "text", world_dir: str | Path | None = None, max_documents: int = 20000
-):
+def load_documents(dataset: str, split: str, text_column: str = "text", world_dir: str | Path | None = None, max_documents: int = 20000):
     """A random-access sequence of documents (a `datasets.Dataset` or a list of strings)."""
     import datasets
 
@@ -61,9 +59,7 @@ def sample_calibration(
     return torch.tensor(windows, dtype=torch.long)
 
 
-def contiguous_tokens(
-    documents: Sequence[str], tokenizer, n_sequences: int, seq_len: int, skip_documents: int = 0
-) -> torch.Tensor:
+def contiguous_tokens(documents: Sequence[str], tokenizer, n_sequences: int, seq_len: int, skip_documents: int = 0) -> torch.Tensor:
     """The documents (from ``skip_documents`` on) as one end-of-text-separated stream, cut into
     ``[n_sequences, seq_len]``: deterministic held-out tokens."""
     eos = tokenizer.eos_token_id
@@ -88,3 +84,19 @@ def cross_entropy(model, tokens: torch.Tensor, batch_size: int = 8) -> float:
         total += loss.double().sum().item()
         count += loss.numel()
     return total / count
+
+
+def token_windows(documents: Sequence[str], tokenizer, context_size: int, max_tokens: int) -> torch.Tensor:
+    """Up to ``max_tokens`` tokens of the documents as consecutive ``context_size`` windows
+    ``[n, context_size]`` (fewer if the documents hold fewer): SAE training text."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for document in documents:
+        stream.extend(tokenizer(document)["input_ids"])
+        stream.append(eos)
+        if len(stream) >= max_tokens:
+            break
+    n = min(len(stream), max_tokens) // context_size
+    if n == 0:
+        raise ValueError(f"the documents hold {len(stream)} tokens, fewer than one context of {context_size}")
+    return torch.tensor(stream[: n * context_size], dtype=torch.long).view(n, context_size)

@@ -110,37 +110,41 @@ def _gemma2_tl_config(hf_config, dtype: torch.dtype) -> HookedTransformerConfig:
     )
 
 
-def hf_to_tl(hf_model, tokenizer, name_or_dir: str | Path) -> HookedTransformer:
-    """A TransformerLens model holding exactly the Hugging Face weights (no processing)."""
+def hf_to_tl(hf_model, tokenizer, name_or_dir: str | Path, processing: dict[str, bool] | None = None) -> HookedTransformer:
+    """A TransformerLens model holding exactly the Hugging Face weights (no processing), or processed as
+    ``processing`` asks (keys of :data:`NO_PROCESSING_KWARGS`): what an SAE's metadata may require.
+    Processing is function-preserving but moves individual weights, so pruning never happens on it."""
     arch = hf_model.config.architectures[0]
     dtype = next(hf_model.parameters()).dtype
+    fold_ln = bool((processing or {}).get("fold_ln", False))
     if arch == "GPT2LMHeadModel":
         # TransformerLens reads the GPT-2 config itself (Hub name through the HF cache, or a local dir).
-        cfg = tl_loading.get_pretrained_model_config(str(name_or_dir), fold_ln=False, dtype=dtype)
+        cfg = tl_loading.get_pretrained_model_config(str(name_or_dir), fold_ln=fold_ln, dtype=dtype)
         # ...which assumes d_mlp = 4 * d_model; a GPT-2 checkpoint may say otherwise (n_inner).
         cfg.d_mlp = hf_model.config.n_inner or 4 * hf_model.config.n_embd
         state_dict = convert_gpt2_weights(hf_model, cfg)
     else:
         cfg = _gemma2_tl_config(hf_model.config, dtype)
+        if fold_ln:
+            cfg.normalization_type = "RMSPre"  # as TransformerLens's own loader does when folding
         state_dict = convert_gemma_weights(hf_model, cfg)
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
         {k: v.detach().clone() for k, v in state_dict.items()},
-        fold_ln=False,
-        center_writing_weights=False,
-        center_unembed=False,
-        fold_value_biases=False,
+        **{**NO_PROCESSING_KWARGS, **(processing or {})},
         refactor_factored_attn_matrices=False,
     )
     model.eval()
     return model
 
 
-def load_model(name: str, checkpoint_dir: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load ``name`` (a Hub name, or a tiny model whose checkpoint is at ``checkpoint_dir``)."""
+def load_model(
+    name: str, checkpoint_dir: str | Path | None = None, dtype: torch.dtype = torch.float32, processing: dict | None = None
+) -> LoadedModel:
+    """Load ``name`` (a Hub name, or a checkpoint at ``checkpoint_dir``: a tiny model or a pruned one)."""
     source = checkpoint_dir if checkpoint_dir is not None else name
     hf_model, tokenizer = load_hf(source, dtype)
-    return LoadedModel(name=name, tl=hf_to_tl(hf_model, tokenizer, source), hf=hf_model, tokenizer=tokenizer)
+    return LoadedModel(name=name, tl=hf_to_tl(hf_model, tokenizer, source, processing), hf=hf_model, tokenizer=tokenizer)
 
 
 # --- the prunable matrices, and their way back into Hugging Face layout ---------------------------
@@ -229,3 +233,26 @@ def save_checkpoint(loaded: LoadedModel, directory: str | Path) -> Path:
     loaded.hf.save_pretrained(directory, safe_serialization=True)
     loaded.tokenizer.save_pretrained(directory)
     return directory
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The shape of a model, read from its config alone (no weights): enough to validate a request."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    n_ctx: int
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelDims:
+        if config.model_type == "gpt2":
+            return cls(config.n_layer, config.n_embd, config.n_head, config.n_embd // config.n_head, config.n_positions)
+        return cls(
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.head_dim,
+            config.max_position_embeddings,
+        )

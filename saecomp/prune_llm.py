@@ -157,9 +157,7 @@ def block_statistics(
     for key, module in _input_sources(block).items():
 
         def hook(_module, _inputs, output, key=key):
-            captured[key] = (
-                output.reshape(-1, output.shape[-2] * output.shape[-1]) if key == "z" else output.reshape(-1, output.shape[-1])
-            )
+            captured[key] = output.reshape(-1, output.shape[-2] * output.shape[-1]) if key == "z" else output.reshape(-1, output.shape[-1])
 
         handles.append(module.register_forward_hook(hook))
     try:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -26,8 +27,17 @@ CACHE_DIR = Path(os.environ.get("SAECOMP_CACHE", PROJECT_ROOT / ".saecomp" / "ca
 STEP_TAG, KEY_TAG = "saecomp.step", "saecomp.key"
 
 
+# The modules whose code decides each step's output: a change there makes finished runs stale. (Modules
+# such as config.py or tracking.py change no result: the resolved inputs are hashed themselves.)
+STEP_CODE = {
+    "build_world": ("world",),
+    "prune_llm": ("models.py", "data.py", "prune_llm.py"),
+    "train_sae": ("models.py", "data.py", "saes.py", "train_sae.py"),
+}
+
+
 def source_digest(*subpackages: str) -> str:
-    """Hash of the source files of `saecomp` (or of the named subpackages): code is an input too."""
+    """Hash of the source files of `saecomp` (or of the named modules/subpackages): code is an input too."""
     digest = hashlib.sha256()
     roots = [PACKAGE_DIR / s for s in subpackages] if subpackages else [PACKAGE_DIR]
     for root in roots:
@@ -38,7 +48,9 @@ def source_digest(*subpackages: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def step_key(step: str, inputs: dict, code: str) -> str:
+def step_key(step: str, inputs: dict, code: str | None = None) -> str:
+    """The identity of a step's output: its resolved inputs and the code that computes it."""
+    code = code if code is not None else source_digest(*STEP_CODE[step])
     payload = json.dumps({"step": step, "inputs": inputs, "code": code}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
@@ -127,3 +139,20 @@ def step_run(step: str, key: str, params: dict[str, object]):
         mlflow.end_run("FINISHED")
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def register_sae(local_dir: str | Path, registered_name: str, tags: dict[str, str]) -> str:
+    """Register a SAELens folder in the MLflow Model Registry as a LoggedModel of the active run (a folder
+    logged with `log_artifacts` cannot be registered; GUIDE §2). Returns ``name/version``."""
+    run = mlflow.active_run()
+    logged = mlflow.initialize_logged_model(
+        name=re.sub(r"[/:.%\"']", "-", registered_name), source_run_id=run.info.run_id if run else None, tags=tags, model_type="sae"
+    )
+    try:
+        MlflowClient().log_model_artifacts(logged.model_id, str(local_dir))
+    except BaseException:
+        mlflow.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    mlflow.finalize_logged_model(logged.model_id, "READY")
+    version = mlflow.register_model(f"models:/{logged.model_id}", registered_name, tags=tags)
+    return f"{registered_name}/{version.version}"

@@ -168,8 +168,7 @@ def test_magnitude_differs_from_wanda_with_uneven_input_norms(architecture):
     wanda, _, _, _ = pruned_pair(architecture, PruneSpec("wanda", 0.5))
     magnitude, _, _, _ = pruned_pair(architecture, PruneSpec("magnitude", 0.5))
     differing = sum(
-        int(((prunable_weights(wanda, 0)[n] == 0) != (prunable_weights(magnitude, 0)[n] == 0)).sum())
-        for n in prunable_weights(wanda, 0)
+        int(((prunable_weights(wanda, 0)[n] == 0) != (prunable_weights(magnitude, 0)[n] == 0)).sum()) for n in prunable_weights(wanda, 0)
     )
     assert differing > 100
 

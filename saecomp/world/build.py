@@ -222,9 +222,7 @@ def build_world(
         "validation": documents[len(documents) - n_val - n_test : len(documents) - n_test],
         "test": documents[len(documents) - n_test :],
     }
-    DatasetDict({name: Dataset.from_dict({"text": texts}) for name, texts in splits.items()}).save_to_disk(
-        str(out_dir / "corpus")
-    )
+    DatasetDict({name: Dataset.from_dict({"text": texts}) for name, texts in splits.items()}).save_to_disk(str(out_dir / "corpus"))
     records = generate_records(cfg.corpus, 4000, stream="labelled")
     Dataset.from_dict(
         {

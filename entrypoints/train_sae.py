@@ -1,0 +1,240 @@
+"""train_sae: train an SAE with SAELens on the pruned (or dense) model, streamed to MLflow.
+
+mlflow run . -e train_sae -P hook=hook_resid_post -P layer=2            # on the experiment's pruned model
+mlflow run . -e train_sae -P hook=attn.hook_z -P base=dense             # the tiny world's "pretrained" SAE
+mlflow run . -e train_sae -P like=pretrained -P experiment=experiments/gpt2-small.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from entrypoints.common import experiment_option, fail, flat_params, load, model_dims, resolve_base, world_step
+
+OPTIONS = {
+    "hook": "Hook: attn.hook_z, hook_mlp_out, hook_resid_post (default: the experiment's first).",
+    "layer": "Layer (default: the experiment's first).",
+    "architecture": "standard, topk, batchtopk, jumprelu.",
+    "d_sae": "Latents (default: expansion_factor * d_in).",
+    "expansion_factor": "d_sae / d_in when d_sae is not given.",
+    "k": "Active latents for topk/batchtopk.",
+    "sparsity_coefficient": "L1 (standard) or L0 (jumprelu) coefficient.",
+    "training_tokens": "Training tokens.",
+    "batch_size_tokens": "Tokens per training batch.",
+    "learning_rate": "Adam learning rate.",
+    "context_size": "Tokens per training sequence.",
+    "base": "pruned (the experiment's prune_llm run; default), dense, or a prune_llm run id.",
+    "like": "Copy the configuration of a pretrained SAE: 'pretrained' (the experiment's for this hook) or a source.",
+}
+SCHEMA_FIELD = {
+    "architecture": "sae.architecture",
+    "d_sae": "sae.d_sae",
+    "expansion_factor": "sae.expansion_factor",
+    "k": "sae.k",
+    "sparsity_coefficient": "sae.l1_coefficient",
+    "training_tokens": "sae.training_tokens",
+    "batch_size_tokens": "sae.batch_size_tokens",
+    "learning_rate": "sae.learning_rate",
+    "context_size": "sae.context_size",
+}
+
+
+def with_options(function):
+    for name, text in reversed(OPTIONS.items()):
+        function = click.option(f"--{name}", help=text)(function)
+    return experiment_option(function)
+
+
+def parse_int(name: str, value) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        fail(f"{name}={value!r} is not an integer")
+
+
+def build_spec(exp, hook: str | None, layer: int | None, like_sae):
+    from saecomp.train_sae import SAETrainingSpec, spec_like
+
+    s = exp.sae
+    spec = SAETrainingSpec(
+        hook=hook or s.hooks[0],
+        layer=layer if layer is not None else s.layers[0],
+        architecture=s.architecture,
+        d_sae=s.d_sae,
+        expansion_factor=s.expansion_factor,
+        k=s.k,
+        sparsity_coefficient=s.l1_coefficient,
+        training_tokens=s.training_tokens,
+        batch_size_tokens=s.batch_size_tokens,
+        learning_rate=s.learning_rate,
+        context_size=s.context_size,
+        normalize_activations=s.normalize_activations,
+    )
+    return spec_like(spec, like_sae) if like_sae is not None else spec
+
+
+@click.command()
+@with_options
+def main(experiment, hook, layer, base, like, **fields) -> None:
+    exp = load(experiment, {SCHEMA_FIELD[k]: v for k, v in fields.items()})
+    layer = parse_int("layer", layer)
+    base = base or "pruned"
+    like_sae, like_source = None, None
+    if like:
+        from saecomp.saes import SAESource, load_sae
+
+        try:
+            source = exp.sae.pretrained.get(hook or exp.sae.hooks[0]) if like == "pretrained" else like
+            if source is None:
+                fail(f"like=pretrained, but the experiment names no pretrained SAE for hook={hook or exp.sae.hooks[0]}")
+            like_source = SAESource.parse(source)
+            like_sae = load_sae(like_source)
+        except ValueError as error:
+            fail(str(error))
+    try:
+        spec = build_spec(exp, hook, layer, like_sae)
+    except ValueError as error:
+        fail(str(error))
+    from saecomp.saes import hook_d_in
+    from saecomp.train_sae import check_spec
+
+    dims = model_dims(exp)
+    width = hook_d_in(dims, spec.hook)
+    if like_sae is not None and like_sae.cfg.d_in != width:
+        fail(f"the SAE's d_in={like_sae.cfg.d_in} does not match blocks.{spec.layer}.{spec.hook}, whose width is {width}")
+    try:
+        check_spec(spec, dims)
+    except ValueError as error:
+        fail(str(error))
+    checkpoint, model_label, prune_run = resolve_base(exp, experiment, base)
+    run_train_sae(exp, experiment, spec, checkpoint, model_label, prune_run, like_source)
+
+
+def key_for(exp, experiment_path: str, spec, model_label: str, like_source) -> str:
+    from saecomp.models import TINY_MODELS
+    from saecomp.tracking import step_key
+
+    inputs = {
+        "spec": spec.to_dict(),
+        "model": model_label,
+        "data": exp.to_dict()["data"],
+        "held_out": exp.to_dict()["held_out"],
+        "like": like_source.describe() if like_source else None,
+    }
+    if exp.model in TINY_MODELS:
+        inputs["world"] = world_step(exp, experiment_path)[0]
+    return step_key("train_sae", inputs)
+
+
+class _QuietViewFallback(logging.Filter):
+    # SAELens logs an ERROR, then reshapes correctly, whenever hook_z activations are not contiguous.
+    def filter(self, record):
+        return "Error during view operation" not in record.getMessage() and "Attempting to use reshape" not in record.getMessage()
+
+
+def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run, like_source) -> str:
+    import datasets
+    import mlflow
+
+    from saecomp.data import contiguous_tokens, load_documents, token_windows
+    from saecomp.models import NO_PROCESSING_KWARGS, TINY_MODELS, load_model
+    from saecomp.saes import evaluate_sae
+    from saecomp.tracking import CACHE_DIR, register_sae, step_run
+    from saecomp.train_sae import buffer_batches, train_sae
+
+    logging.getLogger("sae_lens").addFilter(_QuietViewFallback())
+    key = key_for(exp, experiment_path, spec, model_label, like_source)
+    variant = "pretrained" if prune_run is None else "trained"
+    params = {
+        "hook": spec.hook,
+        "layer": spec.layer,
+        "architecture": spec.architecture,
+        "model": exp.model,
+        "base_model": model_label,
+        "pruned_model_run": prune_run or "none (dense)",
+        "variant": variant,
+        "like": like_source.describe() if like_source else "none",
+        **flat_params(spec.to_dict(), "sae."),
+    }
+    world = None
+    if exp.model in TINY_MODELS:
+        world = Path(checkpoint).parent if prune_run is None else None
+    say = lambda line: click.echo(f"[train_sae] {line}", err=True)  # noqa: E731
+    checkpoint_dir = CACHE_DIR.parent / "checkpoints" / "train_sae" / key
+    with step_run("train_sae", key, params) as run:
+        loaded = load_model(exp.model, checkpoint)
+        if exp.model in TINY_MODELS and world is None:
+            from entrypoints.common import resolve_world
+
+            world = resolve_world(exp, experiment_path)
+        documents = load_documents(exp.data.dataset, exp.data.split, exp.data.text_column, world, exp.data.max_documents)
+        # Enough for training plus SAELens's activation buffer; fewer if the text holds fewer (SAELens then
+        # goes round the data again).
+        buffer_tokens = buffer_batches(spec) * 8 * spec.context_size
+        windows = token_windows(documents, loaded.tokenizer, spec.context_size, spec.training_tokens + 2 * buffer_tokens)
+        heldout_docs = load_documents(exp.data.dataset, exp.data.heldout_split, exp.data.text_column, world, exp.data.max_documents)
+        heldout = contiguous_tokens(heldout_docs, loaded.tokenizer, exp.held_out.n_sequences, spec.context_size)
+        dataset = datasets.Dataset.from_dict({"input_ids": windows.tolist()})
+        say(
+            f"{variant} SAE at blocks.{spec.layer}.{spec.hook} of {model_label}: "
+            f"{windows.numel()} text tokens, {spec.training_tokens} training tokens"
+        )
+        if checkpoint_dir.exists():
+            say(f"checkpoints of an interrupted run with the same inputs are in {checkpoint_dir}")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "sae"
+            started = time.perf_counter()
+            sae, resumed = train_sae(
+                spec,
+                loaded.tl,
+                dataset,
+                model_name=model_label,
+                model_kwargs=NO_PROCESSING_KWARGS,
+                checkpoint_dir=checkpoint_dir,
+                output_dir=out,
+                dataset_name=f"{exp.data.dataset}:{exp.data.split}",
+                on_metrics=lambda step, metrics: mlflow.log_metrics(metrics, step=step),
+            )
+            train_seconds = time.perf_counter() - started
+            if resumed is not None:
+                say(f"resumed from the checkpoint at {resumed} samples")
+                mlflow.set_tag("saecomp.resumed_from_samples", str(resumed))
+            final = evaluate_sae(loaded.tl, sae, heldout)
+            final["train_seconds"] = train_seconds
+            final["tokens_per_second"] = (spec.training_tokens - (resumed or 0)) / train_seconds
+            mlflow.log_metrics(final)
+            (out / "training.json").write_text(json.dumps({"final": final, "spec": spec.to_dict()}, indent=1))
+            mlflow.log_artifacts(str(out), "sae")
+            tags = {
+                "base_model": exp.model,
+                "pruned_model_run": prune_run or "",
+                "hook": spec.hook,
+                "layer": str(spec.layer),
+                "variant": variant,
+                "architecture": spec.architecture,
+                "experiment": exp.name,
+                "source_run": run.info.run_id,
+            }
+            registered = register_sae(out, f"{exp.name}.{exp.model.replace('/', '_')}.blocks.{spec.layer}.{spec.hook}", tags)
+            mlflow.set_tag("saecomp.registered_model", registered)
+        say(
+            f"explained variance {final['explained_variance']:.4f}, L0 {final['l0']:.2f}, dead {final['dead_fraction']:.3f}, "
+            f"spliced CE {final['ce_loss_with_sae']:.4f} (clean {final['ce_loss_without_sae']:.4f}), "
+            f"{final['tokens_per_second']:.0f} tokens/s; run {run.info.run_id}, registered {registered}"
+        )
+    import shutil
+
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the checkpoints have served
+    return run.info.run_id
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""SAEs: where they attach, where they come from, and how well they explain a model.
+
+One interface for every source of an SAE (a SAELens release, an MLflow run or registered model, a local
+SAELens folder), and one set of reconstruction metrics computed the same way for every variant
+(pretrained, trained, pruned) on the same tokens of the same (pruned) model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from sae_lens import SAE
+from transformer_lens import HookedTransformer
+
+HOOKS = ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
+
+# TransformerLens's `from_pretrained` defaults: what an SAE whose metadata names no processing expects.
+TL_DEFAULT_PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
+
+
+def hook_name(hook: str, layer: int) -> str:
+    if hook not in HOOKS:
+        raise ValueError(f"hook={hook!r} is not valid; valid: {', '.join(HOOKS)}")
+    return f"blocks.{layer}.{hook}"
+
+
+def hook_d_in(cfg, hook: str) -> int:
+    """Width of the activations at ``hook``: hook_z SAEs see all heads flattened (n_heads * d_head)."""
+    return cfg.n_heads * cfg.d_head if hook == "attn.hook_z" else cfg.d_model
+
+
+def check_hook(dims, hook: str, layer: int) -> str:
+    """The full hook name, or a ValueError naming what is valid; ``dims`` has ``n_layers`` (a
+    `ModelDims` or a TransformerLens config)."""
+    name = hook_name(hook, layer)
+    if not 0 <= layer < dims.n_layers:
+        raise ValueError(f"layer={layer} is outside the model; valid: 0..{dims.n_layers - 1}")
+    return name
+
+
+def check_sae_fits(sae: SAE, model: HookedTransformer) -> str:
+    """The SAE's hook name, after checking that the model has that hook and its width is the SAE's d_in."""
+    name = sae.cfg.metadata.hook_name
+    if name is None:
+        raise ValueError("the SAE's metadata names no hook (SAELens would silently skip it)")
+    if name not in model.hook_dict:
+        raise ValueError(f"the SAE's hook {name} is not in the model (layers 0..{model.cfg.n_layers - 1})")
+    hook = name.split(".", 2)[2]
+    width = hook_d_in(model.cfg, hook) if hook in HOOKS else model.cfg.d_model
+    if sae.cfg.d_in != width:
+        raise ValueError(f"the SAE's d_in={sae.cfg.d_in} does not match {name}, whose width is {width}")
+    return name
+
+
+def processing_kwargs(sae: SAE) -> dict[str, bool]:
+    """How the model must be loaded for this SAE (GUIDE §3): its metadata's `model_from_pretrained_kwargs`
+    over TransformerLens's defaults."""
+    asked = dict(sae.cfg.metadata.model_from_pretrained_kwargs or {})
+    return {key: bool(asked.get(key, default)) for key, default in TL_DEFAULT_PROCESSING.items()}
+
+
+# --- sources ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SAESource:
+    """Where an SAE comes from; exactly one form is set."""
+
+    release: str | None = None
+    sae_id: str | None = None
+    uri: str | None = None
+    """`runs:/<run_id>/<path>` or `models:/<name>/<version>`."""
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, value) -> SAESource:
+        """From an experiment/CLI value: a mapping {release, sae_id}, an MLflow URI, or a folder."""
+        if isinstance(value, SAESource):
+            return value
+        if isinstance(value, dict):
+            if set(value) != {"release", "sae_id"}:
+                raise ValueError(f"SAE source {value!r} must have exactly the keys release and sae_id")
+            return cls(release=str(value["release"]), sae_id=str(value["sae_id"]))
+        text = str(value)
+        if text.startswith(("runs:/", "models:/")):
+            return cls(uri=text)
+        if Path(text).is_dir():
+            return cls(path=text)
+        if ":" in text and not text.startswith("/"):
+            release, sae_id = text.split(":", 1)
+            return cls(release=release, sae_id=sae_id)
+        raise ValueError(
+            f"SAE source {text!r} is not valid; valid: release:sae_id, runs:/<run_id>/sae, models:/<name>/<version>, or a SAELens folder"
+        )
+
+    def describe(self) -> str:
+        return f"{self.release}:{self.sae_id}" if self.release else (self.uri or self.path or "")
+
+
+def load_sae(source: SAESource | str | dict, device: str = "cpu") -> SAE:
+    """Load an SAE from any source with SAELens itself."""
+    source = SAESource.parse(source)
+    if source.release is not None:
+        # A release not in SAELens's registry but containing "/" is a Hub repo id (GUIDE §4).
+        return SAE.from_pretrained(source.release, source.sae_id, device=device)
+    if source.uri is not None:
+        import mlflow
+
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source.uri)
+        return load_sae_folder(local, device)
+    return load_sae_folder(source.path, device)
+
+
+def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE:
+    path = Path(path)
+    if not (path / "cfg.json").exists():
+        nested = [p for p in path.rglob("cfg.json")]
+        if len(nested) != 1:
+            raise ValueError(f"{path} is not a SAELens folder (no cfg.json)")
+        path = nested[0].parent
+    return SAE.load_from_disk(str(path), device=device)
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
+    """MSE, explained variance and cosine similarity of ``x_hat`` for ``x`` (both ``[tokens, d]``).
+
+    Explained variance is ``1 - E||x - x_hat||^2 / E||x - E x||^2`` over all tokens (the correct one; SAEBench
+    0.6's `explained_variance` can exceed 1)."""
+    x, x_hat = x.double(), x_hat.double()
+    error = (x - x_hat).pow(2).sum(-1)
+    variance = (x - x.mean(0)).pow(2).sum(-1)
+    return {
+        "mse": float(error.mean() / x.shape[-1]),
+        "explained_variance": float(1 - error.mean() / variance.mean()),
+        "cossim": float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).mean()),
+    }
+
+
+@torch.no_grad()
+def evaluate_sae(model: HookedTransformer, sae: SAE, tokens: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """Reconstruction, sparsity and the model's cross-entropy with the SAE spliced in at its hook.
+
+    ``tokens``: ``[n, seq]``. Metrics: mse, explained_variance, cossim, l0, dead_fraction (latents that never
+    fire on these tokens), ce_loss_with_sae, ce_loss_without_sae, ce_loss_increase.
+    """
+    name = check_sae_fits(sae, model)
+    sae.eval()
+    xs, x_hats = [], []
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    l0_sum, n_tokens = 0.0, 0
+    ce_with = ce_without = 0.0
+    for batch in tokens.split(batch_size):
+        captured = {}
+
+        def capture(act, hook, captured=captured):
+            captured["x"] = act
+            return act
+
+        loss_clean = model.run_with_hooks(batch, return_type="loss", loss_per_token=True, fwd_hooks=[(name, capture)])
+        x = captured["x"]
+        latents = sae.encode(x)
+        x_hat = sae.decode(latents)
+        flat = latents.reshape(-1, sae.cfg.d_sae)
+        fired |= (flat > 0).any(0)
+        l0_sum += float((flat > 0).sum())
+        n_tokens += flat.shape[0]
+        xs.append(x.reshape(flat.shape[0], -1))
+        x_hats.append(x_hat.reshape(flat.shape[0], -1))
+        loss_spliced = model.run_with_hooks(
+            batch, return_type="loss", loss_per_token=True, fwd_hooks=[(name, lambda act, hook: sae.decode(sae.encode(act)))]
+        )
+        ce_without += float(loss_clean.double().sum())
+        ce_with += float(loss_spliced.double().sum())
+    n_predictions = tokens.shape[0] * (tokens.shape[1] - 1)
+    metrics = reconstruction_metrics(torch.cat(xs), torch.cat(x_hats))
+    metrics.update(
+        {
+            "l0": l0_sum / n_tokens,
+            "dead_fraction": float((~fired).float().mean()),
+            "ce_loss_with_sae": ce_with / n_predictions,
+            "ce_loss_without_sae": ce_without / n_predictions,
+        }
+    )
+    metrics["ce_loss_increase"] = metrics["ce_loss_with_sae"] - metrics["ce_loss_without_sae"]
+    return metrics

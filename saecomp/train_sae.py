@@ -1,0 +1,257 @@
+"""Training SAEs with SAELens's own runner, on a dense or pruned model, streaming metrics as it goes.
+
+We do not write an SAE trainer: `LanguageModelSAETrainingRunner` builds the activation store, the SAE and
+the evaluator, and `SAETrainer` trains. Two things SAELens lacks are added here: its training metrics go only
+to wandb (no callback), so a small `SAETrainer` subclass hands them to a callback; and resuming needs the
+checkpoint folder found and its three parts loaded, as `runner.run()` does when told where to resume.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import (
+    SAE,
+    BatchTopKTrainingSAEConfig,
+    JumpReLUTrainingSAEConfig,
+    LanguageModelSAERunnerConfig,
+    LoggingConfig,
+    StandardTrainingSAEConfig,
+    TopKTrainingSAEConfig,
+)
+from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
+from sae_lens.training.sae_trainer import SAETrainer
+from transformer_lens import HookedTransformer
+
+from saecomp.saes import HOOKS, check_hook, hook_d_in
+
+ARCHITECTURES = {
+    "standard": StandardTrainingSAEConfig,
+    "topk": TopKTrainingSAEConfig,
+    "batchtopk": BatchTopKTrainingSAEConfig,
+    "jumprelu": JumpReLUTrainingSAEConfig,
+}
+NORMALIZATIONS = ("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale")
+
+
+@dataclass(frozen=True)
+class SAETrainingSpec:
+    """One SAE to train; every field is a choice that changes the SAE."""
+
+    hook: str
+    """attn.hook_z, hook_mlp_out or hook_resid_post."""
+    layer: int
+    architecture: str = "topk"
+    d_sae: int | None = None
+    """Latents; None: expansion_factor * d_in."""
+    expansion_factor: int = 8
+    k: int = 32
+    """Active latents (topk, batchtopk)."""
+    sparsity_coefficient: float = 5.0
+    """L1 coefficient (standard) or L0 coefficient (jumprelu)."""
+    training_tokens: int = 400_000
+    batch_size_tokens: int = 4096
+    learning_rate: float = 3e-4
+    context_size: int = 128
+    normalize_activations: str = "none"
+    seed: int = 42
+    n_checkpoints: int = 4
+    """Checkpoints kept during training, so a killed run can continue."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolved_d_sae(spec: SAETrainingSpec, d_in: int) -> int:
+    return spec.d_sae or spec.expansion_factor * d_in
+
+
+def check_spec(spec: SAETrainingSpec, dims, n_context_tokens: int | None = None) -> None:
+    """Every value SAELens would crash on (or silently misuse), as one clear ValueError, before training.
+    ``dims``: a `ModelDims` or a TransformerLens config (n_layers, d_model, n_heads, d_head, n_ctx)."""
+    if spec.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={spec.architecture!r} is not valid; valid: {', '.join(ARCHITECTURES)}")
+    if spec.hook not in HOOKS:
+        raise ValueError(f"hook={spec.hook!r} is not valid; valid: {', '.join(HOOKS)}")
+    check_hook(dims, spec.hook, spec.layer)
+    d_in = hook_d_in(dims, spec.hook)
+    d_sae = resolved_d_sae(spec, d_in)
+    if d_sae < 1:
+        raise ValueError(f"d_sae={d_sae} must be at least 1")
+    if spec.architecture in ("topk", "batchtopk") and not 0 < spec.k <= d_sae:
+        raise ValueError(f"k={spec.k} is not valid for d_sae={d_sae}; valid: 1..{d_sae}")
+    if spec.normalize_activations not in NORMALIZATIONS:
+        raise ValueError(f"normalize_activations={spec.normalize_activations!r} is not valid; valid: {', '.join(NORMALIZATIONS)}")
+    if spec.context_size < 2 or spec.context_size > dims.n_ctx:
+        raise ValueError(f"context_size={spec.context_size} is not valid; valid: 2..{dims.n_ctx} (the model's context)")
+    if spec.batch_size_tokens < 1 or spec.learning_rate <= 0:
+        raise ValueError(f"batch_size_tokens={spec.batch_size_tokens} and learning_rate={spec.learning_rate} must be positive")
+    if spec.training_tokens < spec.batch_size_tokens:
+        raise ValueError(f"training_tokens={spec.training_tokens} is fewer than one batch (batch_size_tokens={spec.batch_size_tokens})")
+    if n_context_tokens is not None and n_context_tokens < spec.context_size:
+        raise ValueError(f"the training text holds {n_context_tokens} tokens, fewer than one context of {spec.context_size}")
+
+
+def buffer_batches(spec: SAETrainingSpec) -> int:
+    """SAELens crashes unless its buffer (n_batches_in_buffer * context_size tokens per prompt) holds at
+    least one training batch (GUIDE §4); keep its default of 16 when that is enough."""
+    return max(16, -(-2 * spec.batch_size_tokens // spec.context_size))
+
+
+def runner_config(
+    spec: SAETrainingSpec,
+    model: HookedTransformer,
+    model_name: str,
+    model_kwargs: dict[str, bool],
+    checkpoint_dir: str | Path,
+    dataset_name: str,
+) -> LanguageModelSAERunnerConfig:
+    d_in = hook_d_in(model.cfg, spec.hook)
+    sae_kwargs: dict[str, Any] = {
+        "d_in": d_in,
+        "d_sae": resolved_d_sae(spec, d_in),
+        "normalize_activations": spec.normalize_activations,
+        "device": "cpu" if not torch.cuda.is_available() else "cuda",
+    }
+    if spec.hook == "attn.hook_z":
+        sae_kwargs["reshape_activations"] = "hook_z"  # flatten [.., n_heads, d_head] -> n_heads * d_head
+    if spec.architecture in ("topk", "batchtopk"):
+        sae_kwargs["k"] = spec.k
+    elif spec.architecture == "standard":
+        sae_kwargs["l1_coefficient"] = spec.sparsity_coefficient
+    else:
+        sae_kwargs["l0_coefficient"] = spec.sparsity_coefficient
+    device = sae_kwargs["device"]
+    return LanguageModelSAERunnerConfig(
+        sae=ARCHITECTURES[spec.architecture](**sae_kwargs),
+        model_name=model_name,
+        hook_name=f"blocks.{spec.layer}.{spec.hook}",
+        dataset_path=dataset_name,
+        is_dataset_tokenized=True,
+        streaming=False,
+        context_size=spec.context_size,
+        training_tokens=spec.training_tokens,
+        train_batch_size_tokens=spec.batch_size_tokens,
+        n_batches_in_buffer=buffer_batches(spec),
+        store_batch_size_prompts=8,
+        lr=spec.learning_rate,
+        lr_warm_up_steps=0,
+        seed=spec.seed,
+        device=device,
+        # The SAE's metadata must say how the model was really loaded (GUIDE §4: SAELens's default claims
+        # center_writing_weights=False only).
+        model_from_pretrained_kwargs=dict(model_kwargs),
+        prepend_bos=False,
+        n_checkpoints=spec.n_checkpoints,
+        checkpoint_path=str(checkpoint_dir),
+        save_final_checkpoint=False,
+        output_path=None,
+        n_eval_batches=4,
+        eval_batch_size_prompts=8,
+        logger=LoggingConfig(log_to_wandb=False),
+        dead_feature_window=200,
+        feature_sampling_window=200,
+        verbose=False,
+    )
+
+
+class StreamingTrainer(SAETrainer):
+    """`SAETrainer` whose per-step metrics (the ones it would send to wandb) go to ``on_metrics``."""
+
+    def __init__(self, *args, on_metrics: Callable[[int, dict], None], log_every: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.on_metrics = on_metrics
+        self.log_every = log_every
+        self.started = time.perf_counter()
+        self.samples_at_start = self.n_training_samples
+
+    def step(self, batch):
+        output = super().step(batch)
+        if self.n_training_steps % self.log_every == 0:
+            metrics = self.build_train_step_log_dict(output=output, n_training_samples=self.n_training_samples)
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            metrics["details/tokens_per_second"] = (self.n_training_samples - self.samples_at_start) / elapsed
+            self.on_metrics(self.n_training_steps, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        return output
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The newest complete SAELens checkpoint under ``checkpoint_dir``. SAELens writes them to
+    ``<checkpoint_path>/<random run id>/<samples seen>/``, so we look two levels down."""
+    root = Path(checkpoint_dir)
+    complete = [
+        state.parent
+        for state in root.glob("*/*/trainer_state.pt")
+        if state.parent.name.isdigit() and (state.parent / "sae_weights.safetensors").exists()
+    ]
+    return max(complete, key=lambda p: int(p.name), default=None)
+
+
+def train_sae(
+    spec: SAETrainingSpec,
+    model: HookedTransformer,
+    token_dataset,
+    model_name: str,
+    model_kwargs: dict[str, bool],
+    checkpoint_dir: str | Path,
+    output_dir: str | Path,
+    dataset_name: str = "override",
+    on_metrics: Callable[[int, dict], None] = lambda step, metrics: None,
+    log_every: int = 5,
+):
+    """Train one SAE with SAELens on activations of ``model`` over ``token_dataset`` (a `datasets.Dataset`
+    with an ``input_ids`` column of ``context_size``-token windows). Resumes from the newest checkpoint in
+    ``checkpoint_dir`` if one exists. Saves the inference SAE to ``output_dir`` (SAELens format) and returns
+    (that SAE as `SAE.load_from_disk` gives it, the number of samples it resumed from or None)."""
+    cfg = runner_config(spec, model, model_name, model_kwargs, checkpoint_dir, dataset_name)
+    torch.manual_seed(spec.seed)
+    runner = LanguageModelSAETrainingRunner(cfg, override_dataset=token_dataset, override_model=model)
+    # What `runner.run()` does, with our trainer in place of SAETrainer.
+    runner._set_sae_metadata()
+    trainer = StreamingTrainer(
+        sae=runner.sae,
+        data_provider=runner.activations_store,
+        evaluator=runner.evaluator,
+        save_checkpoint_fn=runner.save_checkpoint,
+        cfg=cfg.to_sae_trainer_config(),
+        on_metrics=on_metrics,
+        log_every=log_every,
+    )
+    resume = latest_checkpoint(checkpoint_dir)
+    if resume is not None:
+        trainer.load_trainer_state(resume)
+        runner.sae.load_weights_from_checkpoint(resume)
+        runner.activations_store.load_from_checkpoint(resume)
+        trainer.samples_at_start = trainer.n_training_samples
+    trained = runner.run_trainer_with_interruption_handling(trainer)
+    trained.save_inference_model(str(output_dir))
+    return SAE.load_from_disk(str(output_dir)), (int(resume.name) if resume is not None else None)
+
+
+def spec_like(spec: SAETrainingSpec, sae) -> SAETrainingSpec:
+    """``spec`` with the configuration of a pretrained SAE (architecture, width, input normalisation,
+    context size, hook, k): the paper trains "closely following the pretrained SAE configurations"."""
+    from dataclasses import replace
+
+    architecture = sae.cfg.architecture()
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"the pretrained SAE's architecture {architecture!r} cannot be trained here; valid: {', '.join(ARCHITECTURES)}")
+    name = sae.cfg.metadata.hook_name or ""
+    parts = name.split(".", 2)
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in HOOKS:
+        raise ValueError(f"the pretrained SAE's hook {name!r} is not one of blocks.<layer>.{{{', '.join(HOOKS)}}}")
+    return replace(
+        spec,
+        architecture=architecture,
+        hook=parts[2],
+        layer=int(parts[1]),
+        d_sae=sae.cfg.d_sae,
+        k=getattr(sae.cfg, "k", spec.k),
+        normalize_activations=sae.cfg.normalize_activations,
+        context_size=sae.cfg.metadata.context_size or spec.context_size,
+    )

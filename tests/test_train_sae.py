@@ -1,0 +1,265 @@
+"""train_sae: SAELens training on the pruned or dense model, streamed to MLflow; SAE sources; bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import ROOT
+from sae_lens import SAE, StandardSAEConfig
+
+from entrypoints import train_sae as train_sae_step
+from saecomp.models import ModelDims, load_model
+from saecomp.saes import evaluate_sae, load_sae, processing_kwargs
+from saecomp.train_sae import SAETrainingSpec, buffer_batches, check_spec, runner_config
+
+SMALL_TRAINING = ["--training_tokens", "30000", "--batch_size_tokens", "512", "--context_size", "64", "--expansion_factor", "4"]
+
+
+def runs_of(step):
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`saecomp.step` = '{step}'")
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+@pytest.fixture(scope="module")
+def trained_runs(small_experiment):
+    """A dense-model ('pretrained') resid SAE and a pruned-model ('trained') hook_z SAE, via the CLI."""
+    ids = {}
+    for hook, base in (("hook_resid_post", "dense"), ("attn.hook_z", "pruned")):
+        args = ["--experiment", str(small_experiment), "--hook", hook, "--layer", "1", "--base", base, *SMALL_TRAINING]
+        result = CliRunner().invoke(train_sae_step.main, args, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        ids[hook] = runs_of("train_sae")[-1].info.run_id
+    return ids
+
+
+def local_sae(run_id) -> SAE:
+    return SAE.load_from_disk(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="sae"))
+
+
+def test_run_logs_params_stream_and_final_metrics(trained_runs):
+    client = mlflow.MlflowClient()
+    run = client.get_run(trained_runs["hook_resid_post"])
+    assert run.info.status == "FINISHED"
+    assert {"hook": "hook_resid_post", "layer": "1", "architecture": "topk", "variant": "pretrained"}.items() <= run.data.params.items()
+    assert {"explained_variance", "l0", "dead_fraction", "ce_loss_with_sae", "tokens_per_second"} <= set(run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "losses/overall_loss")
+    assert len(history) >= 8 and len({m.step for m in history}) == len(history)
+    assert history[-1].value < history[0].value
+
+
+def test_trained_sae_loads_splices_and_beats_an_untrained_one(trained_runs, small_world):
+    sae = local_sae(trained_runs["hook_resid_post"])
+    assert sae.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    assert sae.cfg.metadata.model_name == "tiny-gpt2"
+    model = load_model("tiny-gpt2", small_world / "tiny-gpt2", processing=processing_kwargs(sae))
+    tokens = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(3))
+    trained = evaluate_sae(model.tl, sae, tokens)
+    untrained = SAE.from_dict({**sae.cfg.to_dict()})
+    untrained_metrics = evaluate_sae(model.tl, untrained, tokens)
+    assert trained["mse"] < 0.5 * untrained_metrics["mse"]
+    assert trained["cossim"] > untrained_metrics["cossim"] + 0.1
+    assert 0 < trained["l0"] <= sae.cfg.k
+
+
+def test_hook_z_sae_attaches_to_attn_hook_z_of_the_pruned_model(trained_runs):
+    run = mlflow.MlflowClient().get_run(trained_runs["attn.hook_z"])
+    assert run.data.params["variant"] == "trained"
+    prune_run = run.data.params["pruned_model_run"]
+    sae = local_sae(run.info.run_id)
+    assert sae.cfg.metadata.hook_name == "blocks.1.attn.hook_z"
+    assert sae.cfg.reshape_activations == "hook_z"
+    assert sae.cfg.metadata.model_name == f"tiny-gpt2+prune_llm:{prune_run}"
+    assert sae.cfg.metadata.model_from_pretrained_kwargs == {
+        "fold_ln": False,
+        "center_writing_weights": False,
+        "center_unembed": False,
+        "fold_value_biases": False,
+    }
+    pruned_dir = mlflow.artifacts.download_artifacts(run_id=prune_run, artifact_path="pruned_model")
+    model = load_model("tiny-gpt2", pruned_dir)
+    assert (model.tl.blocks[0].mlp.W_in == 0).float().mean() == 0.5
+    assert sae.cfg.d_in == model.tl.cfg.n_heads * model.tl.cfg.d_head
+    metrics = evaluate_sae(model.tl, sae, torch.randint(0, 1000, (2, 64)))
+    assert metrics["ce_loss_with_sae"] != metrics["ce_loss_without_sae"]  # it really was spliced in
+
+
+def test_registered_with_tags(trained_runs):
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name = 'small.tiny-gpt2.blocks.1.attn.hook_z'")
+    assert versions
+    tags = versions[0].tags
+    assert tags["variant"] == "trained" and tags["hook"] == "attn.hook_z" and tags["layer"] == "1"
+    assert tags["pruned_model_run"] and tags["base_model"] == "tiny-gpt2"
+    sae = load_sae(f"models:/small.tiny-gpt2.blocks.1.attn.hook_z/{versions[0].version}")
+    assert sae.cfg.metadata.hook_name == "blocks.1.attn.hook_z"
+
+
+def test_same_request_reuses_nothing_but_a_finished_run(trained_runs, small_experiment):
+    from entrypoints.common import load
+    from entrypoints.train_sae import build_spec, key_for
+
+    exp = load(str(small_experiment), {"sae.training_tokens": 30000})
+    spec = build_spec(exp, "hook_resid_post", 1, None)
+    assert key_for(exp, str(small_experiment), spec, "tiny-gpt2", None) != key_for(
+        exp, str(small_experiment), spec, "tiny-gpt2+prune_llm:x", None
+    )
+
+
+def test_like_copies_a_pretrained_configuration(trained_runs, small_experiment):
+    from entrypoints.common import load
+    from entrypoints.train_sae import build_spec
+
+    pretrained = local_sae(trained_runs["attn.hook_z"])
+    exp = load(str(small_experiment), {"sae.architecture": "standard", "sae.context_size": 32})
+    spec = build_spec(exp, "hook_resid_post", 0, pretrained)
+    assert (spec.architecture, spec.hook, spec.layer, spec.d_sae, spec.context_size) == (
+        "topk",
+        "attn.hook_z",
+        1,
+        pretrained.cfg.d_sae,
+        64,
+    )
+
+
+BAD = [
+    (["--architecture", "gated2"], "architecture='gated2' is not valid; valid: standard, topk, batchtopk, jumprelu"),
+    (["--k", "999"], "k=999 is not valid for d_sae=256; valid: 1..256"),
+    (["--training_tokens", "100", "--batch_size_tokens", "512"], "training_tokens=100 is fewer than one batch"),
+    (["--layer", "5"], "layer=5 is outside the model; valid: 0..1"),
+    (["--hook", "hook_resid_pre"], "hook='hook_resid_pre' is not valid"),
+    (["--context_size", "4096"], "context_size=4096 is not valid; valid: 2..64"),
+    (["--base", "0123456789abcdef"], "base='0123456789abcdef' is not valid"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_rejected_before_training(small_experiment, args, message):
+    before = len(runs_of("train_sae"))
+    result = CliRunner().invoke(
+        train_sae_step.main, ["--experiment", str(small_experiment), "--expansion_factor", "8", "--context_size", "64", *args]
+    )
+    assert result.exit_code == 2, result.output
+    assert f"saecomp: error: {message}" in result.output
+    assert len(runs_of("train_sae")) == before
+
+
+def test_like_rejects_an_sae_whose_width_does_not_match_the_hook(small_experiment, tmp_path):
+    wrong = SAE.from_dict(StandardSAEConfig(d_in=48, d_sae=96).to_dict())
+    wrong.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    wrong.save_model(str(tmp_path / "wrong"))
+    result = CliRunner().invoke(train_sae_step.main, ["--experiment", str(small_experiment), "--like", str(tmp_path / "wrong")])
+    assert result.exit_code == 2
+    assert "saecomp: error: the SAE's d_in=48 does not match blocks.1.hook_resid_post, whose width is 32" in result.output
+
+
+def test_buffer_always_holds_a_batch():
+    dims = ModelDims(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=1024)
+    for context_size, batch in ((8, 4096), (128, 4096), (1024, 8192), (16, 100_000)):
+        spec = SAETrainingSpec("hook_resid_post", 0, context_size=context_size, batch_size_tokens=batch, training_tokens=10 * batch)
+        check_spec(spec, dims)
+        assert buffer_batches(spec) * context_size >= batch
+
+
+def test_runner_config_is_what_was_asked(small_world):
+    model = load_model("tiny-gpt2", small_world / "tiny-gpt2").tl
+    spec = SAETrainingSpec("attn.hook_z", 1, architecture="jumprelu", d_sae=64, sparsity_coefficient=2.0, context_size=32)
+    cfg = runner_config(spec, model, "m", {"fold_ln": False}, "/tmp/x", "d")
+    assert cfg.hook_name == "blocks.1.attn.hook_z" and cfg.sae.d_in == 32 and cfg.sae.d_sae == 64
+    assert cfg.sae.reshape_activations == "hook_z" and cfg.sae.l0_coefficient == 2.0
+    assert cfg.model_from_pretrained_kwargs == {"fold_ln": False}
+    assert cfg.logger.log_to_wandb is False
+
+
+def test_release_loads_offline_from_the_hf_cache(tmp_path):
+    """`SAE.from_pretrained(release, sae_id)` through SAELens's registry and `hf_hub_download`, offline."""
+    sae = SAE.from_dict(StandardSAEConfig(d_in=32, d_sae=64).to_dict())
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    sae.cfg.metadata.hook_name = "blocks.0.hook_resid_pre"
+    repo = tmp_path / "hub" / "models--jbloom--GPT2-Small-SAEs-Reformatted"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    sae.save_model(str(snapshot / "blocks.0.hook_resid_pre"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    torch.save(sae.W_enc.detach().clone(), tmp_path / "W_enc.pt")
+    script = f"""
+import torch
+from saecomp.saes import load_sae, processing_kwargs
+sae = load_sae({{"release": "gpt2-small-res-jb", "sae_id": "blocks.0.hook_resid_pre"}})
+assert type(sae).__name__ == "StandardSAE", type(sae)
+assert torch.equal(sae.W_enc, torch.load({str(tmp_path / "W_enc.pt")!r}))
+assert processing_kwargs(sae)["center_writing_weights"] is True   # the release's config override
+print("ok", sae.cfg.d_sae)
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["ok", "64"]
+
+
+def test_sae_sources_parse():
+    from saecomp.saes import SAESource
+
+    assert SAESource.parse({"release": "r", "sae_id": "a/b"}).release == "r"
+    assert SAESource.parse("runs:/abc/sae").uri == "runs:/abc/sae"
+    assert SAESource.parse("gemma-scope-2b-pt-res-canonical:layer_12/width_16k/canonical").sae_id == "layer_12/width_16k/canonical"
+    with pytest.raises(ValueError, match="is not valid"):
+        SAESource.parse("no-such-thing")
+    assert Path(ROOT).exists()
+
+
+def test_a_killed_training_continues_from_its_last_checkpoint(small_experiment, trained_runs, session_dir):
+    import signal
+    import time
+
+    args = [
+        sys.executable,
+        "-m",
+        "entrypoints.train_sae",
+        "--experiment",
+        str(small_experiment),
+        "--hook",
+        "hook_mlp_out",
+        "--layer",
+        "0",
+        "--base",
+        "dense",
+        "--training_tokens",
+        "400000",
+        "--batch_size_tokens",
+        "512",
+        "--context_size",
+        "64",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    checkpoints = session_dir / "checkpoints" / "train_sae"
+    log = session_dir / "killed-training.log"
+    with open(log, "w") as stderr:  # a file, not a pipe: a full pipe would stall the child
+        process = subprocess.Popen(args, cwd=ROOT, env=env, stderr=stderr)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not list(checkpoints.glob("*/*/[0-9]*/trainer_state.pt")):
+        time.sleep(0.2)
+    assert process.poll() is None, log.read_text()[-3000:]
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    assert process.returncode != 0
+    killed = runs_of("train_sae")[-1]
+    assert killed.info.status == "FAILED"
+    saved = sorted(int(p.parent.name) for p in checkpoints.glob("*/*/[0-9]*/trainer_state.pt"))
+    assert saved and saved[-1] < 400000
+
+    finished = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    resumed = runs_of("train_sae")[-1]
+    assert resumed.info.status == "FINISHED"
+    assert int(resumed.data.tags["saecomp.resumed_from_samples"]) >= saved[0]
+    assert not list(checkpoints.glob("*/*/[0-9]*")), "checkpoints of a finished run are left behind"

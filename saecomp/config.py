@@ -101,7 +101,10 @@ class SAEPruningConfig:
     method: str = "wanda"
     sparsities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99])
     tolerance: float = 0.05
-    """Selection: the highest sparsity whose validation loss is within this fraction of the trained SAE's."""
+    """Selection: the highest sparsity (>= 0.25) whose validation `selection_metric` is at most
+    (1 + tolerance) x the trained SAE's."""
+    selection_metric: str = "mse"
+    """`mse` (the paper's reconstruction loss) or `ce_loss_increase` (cross-entropy added by splicing)."""
 
 
 @dataclass
@@ -249,6 +252,10 @@ def validate(exp: Experiment) -> Experiment:
     for hook in exp.sae.hooks:
         if hook not in SAE_HOOKS:
             raise ConfigError(f"hook={hook!r} is not valid; valid: {', '.join(SAE_HOOKS)}")
+    if exp.sae_pruning.selection_metric not in ("mse", "ce_loss_increase"):
+        raise ConfigError(f"selection_metric={exp.sae_pruning.selection_metric!r} is not valid; valid: mse, ce_loss_increase")
+    if exp.sae_pruning.tolerance < 0:
+        raise ConfigError(f"tolerance={exp.sae_pruning.tolerance} is not valid; valid: a number >= 0")
     for sparsity in exp.sae_pruning.sparsities:
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sae_pruning.sparsities contains {sparsity}; valid: numbers in [0, 1)")

@@ -4,38 +4,77 @@
     mlflow run . -P experiment=experiments/gpt2-small.yaml
 
 Steps run as their own MLflow runs (children of this one when they are new); a step whose inputs and
-code match a FINISHED run is not run again. Built so far: build_world -> prune_llm.
+code match a FINISHED run is not run again. Built so far: build_world -> prune_llm -> train_sae (pretrained on
+the dense model and trained on the pruned one, in the tiny world) -> prune_sae, for every hook and layer.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import click
 
-from entrypoints.common import experiment_option, load, model_dims, model_source
-from entrypoints.prune_llm import check_layers, key_for
+from entrypoints.common import experiment_option, load, model_dims, model_source, resolve_base
+from entrypoints.prune_llm import check_layers
 
 
 @click.command()
 @experiment_option
 def main(experiment: str) -> None:
     exp = load(experiment, {})
-    check_layers(exp, model_dims(exp).n_layers)
-    import mlflow
+    dims = model_dims(exp)
+    check_layers(exp, dims.n_layers)
+    from saecomp.saes import check_hook
 
-    from saecomp.tracking import STEP_TAG, run_step
+    for layer in exp.sae.layers:
+        for hook in exp.sae.hooks:
+            try:
+                check_hook(dims, hook, layer)
+            except ValueError as error:
+                from entrypoints.common import fail
+
+                fail(f"sae.layers: {error}")
+    import mlflow
+    import pandas as pd
+
+    from entrypoints import prune_sae
+    from saecomp.saes import SAESource
+    from saecomp.tracking import STEP_TAG, local_artifacts, run_step
 
     with mlflow.start_run() as run:
         mlflow.set_tag(STEP_TAG, "pipeline")
         mlflow.log_param("experiment_name", exp.name)
         model_source(exp, experiment)  # the tiny world, when the experiment needs one
-        prune_run = run_step("prune_llm", {"experiment": experiment}, key_for(exp, experiment))
-        metrics = mlflow.MlflowClient().get_run(prune_run).data.metrics
-        mlflow.log_metrics({k: metrics[k] for k in ("ce_loss_dense", "ce_loss_pruned", "sparsity_actual")})
-        mlflow.set_tag("saecomp.prune_llm_run", prune_run)
+        _, model_label, prune_run = resolve_base(exp, experiment, "pruned")
+        llm = mlflow.MlflowClient().get_run(prune_run).data.metrics
+        mlflow.log_metrics({f"prune_llm.{k}": llm[k] for k in ("ce_loss_dense", "ce_loss_pruned", "sparsity_actual")})
+        tables, sae_runs = [], []
+        for layer in exp.sae.layers:
+            for hook in exp.sae.hooks:
+                pretrained = exp.sae.pretrained.get(hook) or prune_sae.dependency(exp, experiment, hook, layer, "dense", exp.model)
+                trained = prune_sae.dependency(exp, experiment, hook, layer, prune_run, model_label)
+                key = prune_sae.key_for(
+                    exp, experiment, hook, layer, None, exp.sae_pruning.selection_metric, prune_run,
+                    SAESource.parse(pretrained), SAESource.parse(trained),
+                )  # fmt: skip
+                run_id = run_step("prune_sae", {"experiment": experiment, "hook": hook, "layer": str(layer)}, key)
+                sae_runs.append(run_id)
+                table = pd.read_csv(local_artifacts(run_id, "test_table.csv"))
+                table.insert(0, "hook", f"blocks.{layer}.{hook}")
+                table.insert(2, "selected", mlflow.MlflowClient().get_run(run_id).data.metrics["selected_sparsity"])
+                tables.append(table)
+        summary = pd.concat(tables, ignore_index=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            summary.to_csv(Path(tmp) / "summary.csv", index=False)
+            mlflow.log_artifact(str(Path(tmp) / "summary.csv"))
+        mlflow.set_tags({"saecomp.prune_llm_run": prune_run, "saecomp.prune_sae_runs": ",".join(sae_runs)})
+        columns = ["hook", "variant", "selected", "mse", "explained_variance", "cossim", "l0", "ce_loss_with_sae", "ce_loss_without_sae"]
         click.echo(
-            f"\n{exp.name}: {exp.model} pruned with {exp.llm_pruning.method} to sparsity {metrics['sparsity_actual']:.3f}: "
-            f"held-out cross-entropy {metrics['ce_loss_dense']:.4f} (dense) -> {metrics['ce_loss_pruned']:.4f} (pruned)\n"
-            f"pipeline run {run.info.run_id}; prune_llm run {prune_run} (pruned model: its artifact pruned_model/)\n"
+            f"\n{exp.name}: {exp.model} pruned with {exp.llm_pruning.method} to sparsity {llm['sparsity_actual']:.3f}: "
+            f"held-out cross-entropy {llm['ce_loss_dense']:.4f} (dense) -> {llm['ce_loss_pruned']:.4f} (pruned)\n\n"
+            f"SAEs on the pruned model (test tokens):\n{summary[columns].round(4).to_string(index=False)}\n\n"
+            f"pipeline run {run.info.run_id} (summary.csv); prune_llm run {prune_run}; prune_sae runs {', '.join(sae_runs)}\n"
             f"tracking store: {mlflow.get_tracking_uri()} -- browse with `mlflow ui` and open http://127.0.0.1:5000"
         )
 

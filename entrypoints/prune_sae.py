@@ -115,11 +115,15 @@ def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selec
     except ValueError as error:
         fail(str(error) if "layer" in str(error) else f"layer={layer!r} is not an integer")
 
+    # SAEs the user named are checked before anything is computed; the rest are produced (tiny world) or found.
+    given = {name: load_source(name, ref) for name, ref in (("source", source), ("trained", trained)) if ref}
     checkpoint, model_label, prune_run = resolve_base(exp, experiment, "pruned")
-    pretrained_ref = source or exp.sae.pretrained.get(hook) or dependency(exp, experiment, hook, layer, "dense", exp.model)
-    trained_ref = trained or dependency(exp, experiment, hook, layer, prune_run, model_label)
-    pretrained_source, pretrained = load_source("source", pretrained_ref)
-    trained_source, trained_sae = load_source("trained", trained_ref)
+    if "source" not in given:
+        ref = exp.sae.pretrained.get(hook) or dependency(exp, experiment, hook, layer, "dense", exp.model)
+        given["source"] = load_source("source", ref)
+    if "trained" not in given:
+        given["trained"] = load_source("trained", dependency(exp, experiment, hook, layer, prune_run, model_label))
+    (pretrained_source, pretrained), (trained_source, trained_sae) = given["source"], given["trained"]
     for name, sae in (("source", pretrained), ("trained", trained_sae)):
         if sae.cfg.metadata.hook_name != f"blocks.{layer}.{hook}":
             fail(f"{name} SAE is at {sae.cfg.metadata.hook_name}, not blocks.{layer}.{hook}; pass -P hook=... -P layer=...")

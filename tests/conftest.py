@@ -38,6 +38,13 @@ calibration: {n_sequences: 16, batch_size: 8}
 held_out: {n_sequences: 8}
 sae:
   layers: [1]
+  k: 8
+  expansion_factor: 4
+  training_tokens: 30000
+  batch_size_tokens: 512
+  context_size: 64
+sae_pruning:
+  sparsities: [0.25, 0.5, 0.9]
 """
 
 

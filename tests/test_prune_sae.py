@@ -1,0 +1,208 @@
+"""prune_sae: the SAE pruning methods keep their promises, the cached sweep measures what the model would."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from sae_lens import SAE, JumpReLUSAEConfig, StandardSAEConfig, TopKSAEConfig
+
+from entrypoints import prune_sae as prune_sae_step
+from saecomp.models import load_model
+from saecomp.prune_sae import (
+    cache_activations,
+    kept_latents,
+    prune_sae,
+    sae_statistics,
+    select_level,
+    sweep,
+)
+from saecomp.saes import evaluate_sae
+
+
+def random_sae(kind: str = "standard", d_in: int = 32, d_sae: int = 128, hook: str = "blocks.1.hook_resid_post") -> SAE:
+    cfg = {"standard": StandardSAEConfig, "jumprelu": JumpReLUSAEConfig, "topk": TopKSAEConfig}[kind]
+    extra = {"k": 8} if kind == "topk" else {}
+    sae = SAE.from_dict(cfg(d_in=d_in, d_sae=d_sae, **extra).to_dict())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if name.startswith("b") else 1.0))
+            if name == "threshold":
+                p.copy_(torch.rand_like(p) * 0.5)
+    sae.cfg.metadata.hook_name = hook
+    return sae
+
+
+def activations(n=512, d_in=32, seed=1):
+    x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed))
+    return x * torch.linspace(0.2, 5.0, d_in)  # uneven input norms
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "wanda-seed"])
+@pytest.mark.parametrize("kind", ["standard", "jumprelu", "topk"])
+def test_exact_zeros_and_untouched_biases(method, kind):
+    sae = random_sae(kind)
+    stats = sae_statistics(sae, activations())
+    pruned = prune_sae(sae, stats, 0.3, method)
+    if method == "wanda":
+        # W_enc [d_in, d_sae]: a group is a latent (column); W_dec [d_sae, d_in]: a group is an output dim.
+        assert torch.all((pruned.W_enc == 0).sum(0) == int(32 * 0.3))
+        assert torch.all((pruned.W_dec == 0).sum(0) == int(128 * 0.3))
+    elif method == "wanda-seed":  # within input rows
+        assert torch.all((pruned.W_enc == 0).sum(1) == int(128 * 0.3))
+        assert torch.all((pruned.W_dec == 0).sum(1) == int(32 * 0.3))
+    else:
+        assert int((pruned.W_enc == 0).sum()) == int(pruned.W_enc.numel() * 0.3)
+    for name, value in sae.state_dict().items():
+        if name not in ("W_enc", "W_dec") and kind != "topk":
+            assert torch.equal(pruned.state_dict()[name], value), name
+    assert torch.equal(sae.W_enc, random_sae(kind).W_enc), "the source SAE was modified"
+
+
+def test_wanda_scores_by_the_true_inputs():
+    sae = random_sae("standard")
+    x = activations()
+    pruned = prune_sae(sae, sae_statistics(sae, x), 0.5, "wanda")
+    # Independent reference: input of W_enc is x - b_dec; input of W_dec is the latent activations.
+    with torch.no_grad():
+        enc_norm = (x - sae.b_dec).double().norm(dim=0)
+        dec_norm = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc).double().norm(dim=0)
+        enc_score = sae.W_enc.abs().double() * enc_norm[:, None]
+        dec_score = sae.W_dec.abs().double() * dec_norm[:, None]
+    for score, weight in ((enc_score, pruned.W_enc), (dec_score, pruned.W_dec)):
+        k = score.shape[0] // 2
+        expected = torch.zeros_like(score, dtype=torch.bool).scatter_(0, score.argsort(dim=0, stable=True)[:k], True)
+        assert torch.equal(weight == 0, expected)
+
+
+@pytest.mark.parametrize("kind", ["standard", "jumprelu", "topk"])
+def test_sparsity_zero_is_the_same_sae(kind):
+    sae = random_sae(kind)
+    x = activations()
+    same = prune_sae(sae, sae_statistics(sae, x), 0.0, "wanda")
+    assert torch.allclose(same(x), sae(x), atol=1e-5)
+    if kind != "topk":
+        assert all(torch.equal(same.state_dict()[k], v) for k, v in sae.state_dict().items())
+
+
+def test_topk_with_decoder_norm_rescaling_never_divides_by_zero():
+    sae = random_sae("topk")
+    sae.cfg.rescale_acts_by_decoder_norm = True
+    x = activations()
+    before = sae(x)
+    pruned = prune_sae(sae, sae_statistics(sae, x), 0.99, "wanda")
+    assert torch.isfinite(pruned(x)).all()
+    assert torch.allclose(prune_sae(sae, sae_statistics(sae, x), 0.0, "wanda")(x), before, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["standard", "jumprelu"])
+def test_latents_makes_a_smaller_sae_that_reconstructs_like_the_masked_original(kind, tmp_path):
+    sae = random_sae(kind)
+    x = activations()
+    stats = sae_statistics(sae, x)
+    smaller = prune_sae(sae, stats, 0.75, "latents")
+    assert smaller.cfg.d_sae == 128 - int(128 * 0.75)
+    smaller.save_model(str(tmp_path / "small"))
+    loaded = SAE.load_from_disk(str(tmp_path / "small"))
+    masked = random_sae(kind)
+    dropped = torch.ones(128, dtype=torch.bool)
+    dropped[kept_latents(sae, stats, 0.75)] = False
+    with torch.no_grad():
+        masked.W_dec[dropped] = 0
+    assert torch.allclose(loaded(x), masked(x), atol=1e-5)
+    # The kept latents are the most used ones.
+    frequency = stats.fire_count.double()
+    assert frequency[~dropped].mean() >= frequency[dropped].mean()
+
+
+def test_selection_rule():
+    metrics = {0.25: {"mse": 1.0}, 0.5: {"mse": 1.04}, 0.9: {"mse": 1.2}, 0.1: {"mse": 0.5}}
+    assert select_level(metrics, reference=1.0, tolerance=0.05, metric="mse") == (0.5, True)
+    assert select_level(metrics, reference=1.0, tolerance=0.25, metric="mse") == (0.9, True)
+    assert select_level(metrics, reference=0.5, tolerance=0.05, metric="mse") == (0.25, False)
+    with pytest.raises(ValueError, match="tolerance=-0.1"):
+        select_level(metrics, 1.0, -0.1, "mse")
+
+
+def test_cached_sweep_measures_what_the_whole_model_would(small_world):
+    model = load_model("tiny-gpt2", small_world / "tiny-gpt2").tl
+    tokens = torch.randint(0, 1000, (6, 64), generator=torch.Generator().manual_seed(2))
+    for hook, d_in in (("blocks.1.attn.hook_z", 32), ("blocks.1.hook_mlp_out", 32), ("blocks.0.hook_resid_post", 32)):
+        sae = random_sae("standard", d_in=d_in, d_sae=64, hook=hook)
+        if hook.endswith("hook_z"):
+            sae = SAE.from_dict({**sae.cfg.to_dict(), "reshape_activations": "hook_z"})
+            sae.load_state_dict(random_sae("standard", d_in=d_in, d_sae=64, hook=hook).state_dict())
+            sae.cfg.metadata.hook_name = hook
+        cache = cache_activations(model, hook, tokens, batch_size=4)
+        stats = sae_statistics(sae, cache.activations.reshape(-1, *cache.activations.shape[2:]))
+        result = sweep(model, sae, stats, cache, [0.0, 0.5])
+        for level in (0.0, 0.5):
+            full = evaluate_sae(model, result.saes[level], tokens, batch_size=4)
+            for key, value in full.items():
+                assert result.metrics[level][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (hook, level, key)
+        assert result.metrics[0.5]["mse"] != result.metrics[0.0]["mse"]
+
+
+def test_prune_sae_step_as_typed(small_experiment):
+    result = CliRunner().invoke(prune_sae_step.main, ["--experiment", str(small_experiment), "--sparsity", "0.3"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`saecomp.step` = 'prune_sae'")
+    run = sorted(runs, key=lambda r: r.info.start_time)[-1]
+    assert run.info.status == "FINISHED"
+    assert {"sparsity": "0.3", "method": "wanda", "hook": "attn.hook_z"}.items() <= run.data.params.items()
+    assert run.data.params["source"].startswith("runs:/") and run.data.params["trained"].startswith("runs:/")
+    history = client.get_metric_history(run.info.run_id, "sweep.mse")
+    assert sorted(m.step for m in history) == [250, 300, 500, 900]
+    selected = run.data.metrics["selected_sparsity"]
+    assert selected in (0.25, 0.3, 0.5, 0.9)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"sweep.png", "sweep.csv", "test_table.csv", "saes"} <= names
+    kept = {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "saes")}
+    assert {"pruned-0.25", "pruned-0.3", "pruned-0.5", f"pruned-{selected:g}"} == kept
+    prune_run = run.data.params["pruned_model_run"]
+    model = load_model("tiny-gpt2", mlflow.artifacts.download_artifacts(run_id=prune_run, artifact_path="pruned_model")).tl
+    for folder in kept:
+        sae = SAE.load_from_disk(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=f"saes/{folder}"))
+        assert abs(float((sae.W_enc == 0).float().mean()) - float(folder.split("-")[1])) < 0.02
+        metrics = evaluate_sae(model, sae, torch.randint(0, 1000, (2, 64)))
+        assert metrics["ce_loss_with_sae"] != metrics["ce_loss_without_sae"]
+    versions = client.search_model_versions("name = 'small.tiny-gpt2.blocks.1.attn.hook_z'")
+    assert {v.tags.get("sparsity") for v in versions if v.tags.get("variant") == "pruned"} >= {"0.25", "0.3", "0.5"}
+
+
+BAD = [
+    (["--sparsity", "1.0"], "sparsity=1.0 is not valid; valid: a number in [0, 1)"),
+    (["--sparsity", "-0.1"], "sparsity=-0.1 is not valid"),
+    (["--sparsities", ","], "sparsities=',' is empty"),
+    (["--tolerance", "-1"], "tolerance=-1 is not valid; valid: a number >= 0"),
+    (["--layer", "9"], "layer=9 is outside the model; valid: 0..1"),
+    (["--hook", "hook_q"], "hook='hook_q' is not valid"),
+    (["--method", "random"], "method='random' is not valid; valid: wanda, magnitude, wanda-seed, latents"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_is_rejected_before_any_run(small_experiment, args, message):
+    client = mlflow.MlflowClient()
+    count = lambda: len(client.search_runs([e.experiment_id for e in client.search_experiments()]))  # noqa: E731
+    before = count()
+    result = CliRunner().invoke(prune_sae_step.main, ["--experiment", str(small_experiment), *args])
+    assert result.exit_code == 2, result.output
+    assert f"saecomp: error: {message}" in result.output
+    assert count() == before
+
+
+@pytest.mark.parametrize("source", ["folder", "runs:/0123456789abcdef0123456789abcdef/sae"])
+def test_a_source_that_is_not_an_sae_is_rejected_before_any_run(small_experiment, tmp_path, source):
+    if source == "folder":
+        (tmp_path / "not-an-sae").mkdir()
+        source = str(tmp_path / "not-an-sae")
+    client = mlflow.MlflowClient()
+    before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    result = CliRunner().invoke(prune_sae_step.main, ["--experiment", str(small_experiment), "--source", source])
+    assert result.exit_code == 2
+    assert f"saecomp: error: source='{source}' is not a loadable SAE" in result.output
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == before

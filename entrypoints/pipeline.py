@@ -19,6 +19,28 @@ from entrypoints.common import experiment_option, load, model_dims, model_source
 from entrypoints.prune_llm import check_layers
 
 
+def per_layer_figure(curves, title: str, path: Path) -> None:
+    """One sweep curve per layer (the paper's appendix Figures 5-7)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = plt.cm.viridis([i / max(len(curves) - 1, 1) for i in range(len(curves))])
+    for colour, (layer, table) in zip(colours, sorted(curves.items()), strict=True):
+        ax.plot(table["sparsity"], table["mse"], "o-", color=colour, label=f"layer {layer}", markersize=3)
+    ax.set_xlabel("SAE sparsity")
+    ax.set_ylabel("reconstruction MSE (validation)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 @click.command()
 @experiment_option
 def main(experiment: str) -> None:
@@ -27,7 +49,8 @@ def main(experiment: str) -> None:
     check_layers(exp, dims.n_layers)
     from saecomp.saes import check_hook
 
-    for layer in exp.sae.layers:
+    layers = exp.sae_layers(dims.n_layers)
+    for layer in layers:
         for hook in exp.sae.hooks:
             try:
                 check_hook(dims, hook, layer)
@@ -50,7 +73,8 @@ def main(experiment: str) -> None:
         llm = mlflow.MlflowClient().get_run(prune_run).data.metrics
         mlflow.log_metrics({f"prune_llm.{k}": llm[k] for k in ("ce_loss_dense", "ce_loss_pruned", "sparsity_actual")})
         tables, sae_runs = [], []
-        for layer in exp.sae.layers:
+        sweeps = {}
+        for layer in layers:
             for hook in exp.sae.hooks:
                 pretrained = exp.sae.pretrained.get(hook) or prune_sae.dependency(exp, experiment, hook, layer, "dense", exp.model)
                 trained = prune_sae.dependency(exp, experiment, hook, layer, prune_run, model_label)
@@ -60,6 +84,7 @@ def main(experiment: str) -> None:
                 )  # fmt: skip
                 run_id = run_step("prune_sae", {"experiment": experiment, "hook": hook, "layer": str(layer)}, key)
                 sae_runs.append(run_id)
+                sweeps[(hook, layer)] = pd.read_csv(local_artifacts(run_id, "sweep.csv"))
                 table = pd.read_csv(local_artifacts(run_id, "test_table.csv"))
                 table.insert(0, "hook", f"blocks.{layer}.{hook}")
                 table.insert(2, "selected", mlflow.MlflowClient().get_run(run_id).data.metrics["selected_sparsity"])
@@ -68,6 +93,11 @@ def main(experiment: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             summary.to_csv(Path(tmp) / "summary.csv", index=False)
             mlflow.log_artifact(str(Path(tmp) / "summary.csv"))
+            if len(layers) > 1:
+                for hook in exp.sae.hooks:
+                    path = Path(tmp) / f"sweep_by_layer_{hook}.png"
+                    per_layer_figure({layer: sweeps[(hook, layer)] for layer in layers}, f"{exp.name}: {hook} of {model_label}", path)
+                    mlflow.log_artifact(str(path))
         mlflow.set_tags({"saecomp.prune_llm_run": prune_run, "saecomp.prune_sae_runs": ",".join(sae_runs)})
         columns = ["hook", "variant", "selected", "mse", "explained_variance", "cossim", "l0", "ce_loss_with_sae", "ce_loss_without_sae"]
         click.echo(

@@ -110,7 +110,7 @@ def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selec
     if hook not in HOOKS:
         fail(f"hook={hook!r} is not valid; valid: {', '.join(HOOKS)}")
     try:
-        layer = int(layer) if layer not in (None, "") else exp.sae.layers[0]
+        layer = int(layer) if layer not in (None, "") else exp.sae_layers(model_dims(exp).n_layers)[0]
         check_hook(model_dims(exp), hook, layer)
     except ValueError as error:
         fail(str(error) if "layer" in str(error) else f"layer={layer!r} is not an integer")

@@ -66,7 +66,7 @@ def build_spec(exp, hook: str | None, layer: int | None, like_sae):
     s = exp.sae
     spec = SAETrainingSpec(
         hook=hook or s.hooks[0],
-        layer=layer if layer is not None else s.layers[0],
+        layer=layer if layer is not None else exp.sae_layers(model_dims(exp).n_layers)[0],
         architecture=s.architecture,
         d_sae=s.d_sae,
         expansion_factor=s.expansion_factor,

@@ -74,8 +74,8 @@ class HeldOutConfig:
 class SAEConfig:
     hooks: list[str] = field(default_factory=lambda: list(SAE_HOOKS))
     """Hook points to train/prune SAEs at: attn.hook_z, hook_mlp_out, hook_resid_post."""
-    layers: list[int] = field(default_factory=lambda: [2])
-    """Layers (0-based) of the SAEs."""
+    layers: list[int] | str = field(default_factory=lambda: [2])
+    """Layers (0-based) of the SAEs, or `all` (per-layer sweeps, the paper's appendix Figures 5-7)."""
     architecture: str = "topk"
     """SAELens architecture: standard, topk, batchtopk, jumprelu."""
     d_sae: int | None = None
@@ -133,6 +133,9 @@ class Experiment:
     def world_config(self) -> WorldConfig:
         return WorldConfig.from_dict(self.world)
 
+    def sae_layers(self, n_layers: int) -> list[int]:
+        return list(range(n_layers)) if self.sae.layers == "all" else list(self.sae.layers)
+
     def nm_tuple(self) -> tuple[int, int] | None:
         return parse_nm(self.llm_pruning.nm)
 
@@ -162,8 +165,13 @@ def _convert(value, hint, where: str):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        hint = next(o for o in options if o is not type(None))
-        origin = typing.get_origin(hint)
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, where)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin is list:
@@ -249,6 +257,10 @@ def validate(exp: Experiment) -> Experiment:
     for name, value in (("calibration.seq_len", exp.calibration.seq_len), ("held_out.seq_len", exp.held_out.seq_len)):
         if value is not None and value < 2:
             raise ConfigError(f"{name}={value} must be at least 2")
+    if isinstance(exp.sae.layers, str) and exp.sae.layers != "all":
+        raise ConfigError(f"sae.layers={exp.sae.layers!r} is not valid; valid: a list of layers or 'all'")
+    if not exp.sae.layers or not exp.sae.hooks:
+        raise ConfigError("sae.layers and sae.hooks must not be empty")
     for hook in exp.sae.hooks:
         if hook not in SAE_HOOKS:
             raise ConfigError(f"hook={hook!r} is not valid; valid: {', '.join(SAE_HOOKS)}")

@@ -1,0 +1,64 @@
+"""The SAE-pruning sweep from one cached pass vs. every level run through the whole model separately.
+
+    python benchmarks/sae_sweep.py                    # GPT-2-small-shaped model, random weights, CPU
+    python benchmarks/sae_sweep.py --shape tiny
+
+Both ways compute the same metrics for the same pruned SAEs (the test suite checks they agree); this
+measures only their wall time, side by side in one process, and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from sae_lens import SAE, TopKSAEConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from saecomp.prune_sae import cache_activations, prune_sae, sae_statistics, sweep
+from saecomp.saes import evaluate_sae
+
+SHAPES = {
+    "tiny": dict(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=128, d_vocab=4096),
+    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
+    parser.add_argument("--layer", type=int, default=None, help="SAE layer (default: the middle one)")
+    parser.add_argument("--sequences", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--expansion", type=int, default=8)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(**SHAPES[args.shape], act_fn="gelu_new", normalization_type="LN")
+    model = HookedTransformer(cfg).eval()
+    layer = args.layer if args.layer is not None else cfg.n_layers // 2
+    hook = f"blocks.{layer}.hook_resid_post"
+    sae = SAE.from_dict(TopKSAEConfig(d_in=cfg.d_model, d_sae=args.expansion * cfg.d_model, k=32).to_dict())
+    sae.cfg.metadata.hook_name = hook
+    tokens = torch.randint(0, cfg.d_vocab, (args.sequences, args.seq_len))
+    levels = [0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99]
+    stats = sae_statistics(sae, torch.randn(4096, cfg.d_model))
+
+    started = time.perf_counter()
+    cache = cache_activations(model, hook, tokens)
+    cached = sweep(model, sae, stats, cache, levels)
+    cached_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    separate = {level: evaluate_sae(model, prune_sae(sae, stats, level), tokens) for level in levels}
+    separate_seconds = time.perf_counter() - started
+
+    worst = max(abs(cached.metrics[level]["ce_loss_with_sae"] - separate[level]["ce_loss_with_sae"]) for level in levels)
+    print(f"shape={args.shape} layer={layer}/{cfg.n_layers} tokens={tokens.numel()} levels={len(levels)} threads={torch.get_num_threads()}")
+    print(f"cached sweep:          {cached_seconds:8.2f} s")
+    print(f"each level separately: {separate_seconds:8.2f} s")
+    print(f"speed-up: {separate_seconds / cached_seconds:.2f}x   (largest CE difference between the two: {worst:.2e})")
+
+
+if __name__ == "__main__":
+    main()

@@ -40,7 +40,7 @@ def main() -> None:
     hook = f"blocks.{layer}.hook_resid_post"
     sae = SAE.from_dict(TopKSAEConfig(d_in=cfg.d_model, d_sae=args.expansion * cfg.d_model, k=32).to_dict())
     sae.cfg.metadata.hook_name = hook
-    tokens = torch.randint(0, cfg.d_vocab, (args.sequences, args.seq_len))
+    tokens = torch.randint(0, cfg.d_vocab, (args.sequences, min(args.seq_len, cfg.n_ctx)))
     levels = [0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99]
     stats = sae_statistics(sae, torch.randn(4096, cfg.d_model))
 

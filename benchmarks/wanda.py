@@ -60,7 +60,7 @@ def main() -> None:
     cfg = HookedTransformerConfig(**SHAPES[args.shape], act_fn="gelu_new", normalization_type="LN")
     ours, reference = HookedTransformer(cfg).eval(), HookedTransformer(cfg).eval()
     reference.load_state_dict(ours.state_dict())
-    tokens = torch.randint(0, cfg.d_vocab, (args.sequences, args.seq_len))
+    tokens = torch.randint(0, cfg.d_vocab, (args.sequences, min(args.seq_len, cfg.n_ctx)))
 
     started = time.perf_counter()
     prune_model(ours, tokens, PruneSpec("wanda", 0.5), batch_size=args.sequences)

@@ -117,6 +117,9 @@ def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selec
 
     # SAEs the user named are checked before anything is computed; the rest are produced (tiny world) or found.
     given = {name: load_source(name, ref) for name, ref in (("source", source), ("trained", trained)) if ref}
+    for name, (_, sae) in given.items():
+        if sae.cfg.metadata.hook_name != f"blocks.{layer}.{hook}":
+            fail(f"{name} SAE is at {sae.cfg.metadata.hook_name}, not blocks.{layer}.{hook}; pass -P hook=... -P layer=...")
     checkpoint, model_label, prune_run = resolve_base(exp, experiment, "pruned")
     if "source" not in given:
         ref = exp.sae.pretrained.get(hook) or dependency(exp, experiment, hook, layer, "dense", exp.model)

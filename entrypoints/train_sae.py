@@ -29,6 +29,7 @@ OPTIONS = {
     "batch_size_tokens": "Tokens per training batch.",
     "learning_rate": "Adam learning rate.",
     "context_size": "Tokens per training sequence.",
+    "dataset": "Text dataset: tiny, or a Hugging Face dataset id (e.g. Skylion007/openwebtext).",
     "base": "pruned (the experiment's prune_llm run; default), dense, or a prune_llm run id.",
     "like": "Copy the configuration of a pretrained SAE: 'pretrained' (the experiment's for this hook) or a source.",
 }
@@ -42,6 +43,7 @@ SCHEMA_FIELD = {
     "batch_size_tokens": "sae.batch_size_tokens",
     "learning_rate": "sae.learning_rate",
     "context_size": "sae.context_size",
+    "dataset": "data.dataset",
 }
 
 

@@ -206,3 +206,16 @@ def test_a_source_that_is_not_an_sae_is_rejected_before_any_run(small_experiment
     assert result.exit_code == 2
     assert f"saecomp: error: source='{source}' is not a loadable SAE" in result.output
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == before
+
+
+def test_a_source_at_a_hook_the_model_lacks_is_rejected_before_any_run(small_experiment, tmp_path):
+    sae = random_sae("standard", hook="blocks.7.hook_resid_post")
+    sae.save_model(str(tmp_path / "elsewhere"))
+    client = mlflow.MlflowClient()
+    before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    result = CliRunner().invoke(
+        prune_sae_step.main, ["--experiment", str(small_experiment), "--hook", "hook_resid_post", "--source", str(tmp_path / "elsewhere")]
+    )
+    assert result.exit_code == 2
+    assert "saecomp: error: source SAE is at blocks.7.hook_resid_post, not blocks.1.hook_resid_post" in result.output
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == before

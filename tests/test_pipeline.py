@@ -1,0 +1,31 @@
+"""The whole experiment file as one pipeline: every step once, then nothing but reuse."""
+
+from __future__ import annotations
+
+import mlflow
+import pandas as pd
+from click.testing import CliRunner
+
+from entrypoints import pipeline
+
+
+def step_runs(step):
+    client = mlflow.MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.`saecomp.step` = '{step}'")
+
+
+def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
+    first = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment)], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    assert "SAEs on the pruned model (test tokens)" in first.output
+    counts = {step: len(step_runs(step)) for step in ("build_world", "prune_llm", "train_sae", "prune_sae")}
+    run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
+    summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="summary.csv"))
+    assert set(summary["hook"]) == {"blocks.1.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"}
+    assert {"pretrained", "pruned25", "pruned50", "trained"} <= set(summary["variant"])
+    assert summary[["mse", "explained_variance", "cossim", "ce_loss_with_sae"]].notna().all().all()
+
+    second = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment)], catch_exceptions=False)
+    assert second.exit_code == 0, second.output
+    assert {step: len(step_runs(step)) for step in counts} == counts, "a finished step ran again"
+    assert "reusing finished prune_sae run" in second.output

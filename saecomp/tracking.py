@@ -57,11 +57,12 @@ def step_key(step: str, inputs: dict, code: str | None = None) -> str:
 
 
 def find_finished_run(step: str, key: str) -> str | None:
-    """Id of the newest FINISHED run of ``step`` with ``key``, in any experiment."""
+    """Id of the FINISHED run of ``step`` with ``key``, in any experiment. The oldest one is canonical: a later
+    identical run (started by hand with `mlflow run -e ...`) must not shift the lineage of what was built on it."""
     runs = MlflowClient().search_runs(
         experiment_ids=[e.experiment_id for e in MlflowClient().search_experiments()],
         filter_string=f"tags.`{STEP_TAG}` = '{step}' and tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
+        order_by=["attributes.start_time ASC"],
         max_results=1,
     )
     return runs[0].info.run_id if runs else None

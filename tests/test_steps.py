@@ -157,3 +157,13 @@ def test_step_run_marks_ctrl_c_killed():
         with step_run("probe", "key-1", {"x": 1}) as run:
             raise KeyboardInterrupt
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_the_oldest_finished_run_of_a_key_is_canonical():
+    from saecomp.tracking import find_finished_run, step_run
+
+    ids = []
+    for _ in range(2):
+        with step_run("probe-canonical", "same-key", {}) as run:
+            ids.append(run.info.run_id)
+    assert find_finished_run("probe-canonical", "same-key") == ids[0]

@@ -19,8 +19,8 @@ from entrypoints.common import experiment_option, load, model_dims, model_source
 from entrypoints.prune_llm import check_layers
 
 
-def per_layer_figure(curves, title: str, path: Path) -> None:
-    """One sweep curve per layer (the paper's appendix Figures 5-7)."""
+def per_layer_figure(curves, title: str, path: Path) -> list[str]:
+    """One sweep curve per layer (the paper's appendix Figures 5-7); returns the curves' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,7 +38,9 @@ def per_layer_figure(curves, title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    labels = [line.get_label() for line in ax.get_lines()]
     plt.close(fig)
+    return labels
 
 
 @click.command()

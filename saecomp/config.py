@@ -91,9 +91,9 @@ class SAEConfig:
     context_size: int = 128
     normalize_activations: str = "none"
     """SAELens input normalisation: none, expected_average_only_in, layer_norm."""
-    pretrained: dict[str, str] = field(default_factory=dict)
-    """hook -> pretrained SAE source (`release/sae_id`, `runs:/<id>/sae`, or a folder). Empty: the
-    pretrained SAE is trained by train_sae on the dense model (the tiny world)."""
+    pretrained: dict[str, object] = field(default_factory=dict)
+    """hook -> pretrained SAE source: `{release: ..., sae_id: ...}`, `runs:/<id>/sae`, `models:/<name>/<v>` or a
+    SAELens folder. Empty: the pretrained SAE is trained by train_sae on the dense model (the tiny world)."""
 
 
 @dataclass
@@ -268,6 +268,11 @@ def validate(exp: Experiment) -> Experiment:
         raise ConfigError(f"selection_metric={exp.sae_pruning.selection_metric!r} is not valid; valid: mse, ce_loss_increase")
     if exp.sae_pruning.tolerance < 0:
         raise ConfigError(f"tolerance={exp.sae_pruning.tolerance} is not valid; valid: a number >= 0")
+    for hook, source in exp.sae.pretrained.items():
+        if hook not in SAE_HOOKS:
+            raise ConfigError(f"sae.pretrained has hook {hook!r}; valid: {', '.join(SAE_HOOKS)}")
+        if isinstance(source, dict) and set(source) != {"release", "sae_id"}:
+            raise ConfigError(f"sae.pretrained.{hook}={source!r} must have exactly the keys release and sae_id")
     for sparsity in exp.sae_pruning.sparsities:
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sae_pruning.sparsities contains {sparsity}; valid: numbers in [0, 1)")

@@ -29,3 +29,13 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     assert second.exit_code == 0, second.output
     assert {step: len(step_runs(step)) for step in counts} == counts, "a finished step ran again"
     assert "reusing finished prune_sae run" in second.output
+
+
+def test_per_layer_figure_draws_one_curve_per_layer(tmp_path):
+    import matplotlib.image
+
+    tables = {layer: pd.DataFrame({"sparsity": [0.25, 0.5, 0.9], "mse": [0.1 * (layer + 1), 0.2, 0.5]}) for layer in range(4)}
+    labels = pipeline.per_layer_figure(tables, "test", tmp_path / "layers.png")
+    assert labels == ["layer 0", "layer 1", "layer 2", "layer 3"]
+    image = matplotlib.image.imread(tmp_path / "layers.png")
+    assert image.shape[0] > 100 and image.shape[1] > 100

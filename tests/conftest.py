@@ -140,3 +140,10 @@ def tokenizer_for(vocab_size: int = 300):
     )
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 10, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # The session's private store, cache and worlds go with it.
+    import shutil
+
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)

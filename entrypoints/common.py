@@ -114,3 +114,16 @@ def resolve_base(exp: Experiment, experiment_path: str, base: str) -> tuple[Path
             fail(f"base={base!r} pruned {run.data.params.get('model')}, not the experiment's model {exp.model}")
         run_id = base
     return local_artifacts(run_id, "pruned_model"), f"{exp.model}+prune_llm:{run_id}", run_id
+
+
+def load_source(name: str, source):
+    """(parsed source, SAE), or a clean exit naming the value if it is no loadable SAE."""
+    from saecomp.saes import SAESource, load_sae
+
+    try:
+        parsed = SAESource.parse(source)
+        return parsed, load_sae(parsed)
+    except SystemExit:
+        raise
+    except Exception as error:  # a missing run, artifact or file: the user named something that is no SAE
+        fail(f"{name}={source!r} is not a loadable SAE ({str(error).splitlines()[0][:300]})")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, load, model_dims, resolve_base, world_step
+from entrypoints.common import experiment_option, fail, load, load_source, model_dims, resolve_base, world_step
 
 FIXED_LEVELS = (0.25, 0.5)  # the levels the paper tabulates (Pruned25, Pruned50): always kept
 
@@ -60,18 +60,6 @@ def dependency(exp, experiment_path: str, hook: str, layer: int, base: str, mode
                 f"mlflow run . -e train_sae -P experiment={experiment_path} -P hook={hook} -P layer={layer} -P base={base}"
             )
     return f"runs:/{run_id}/sae"
-
-
-def load_source(name: str, source):
-    from saecomp.saes import SAESource, load_sae
-
-    try:
-        parsed = SAESource.parse(source)
-        return parsed, load_sae(parsed)
-    except SystemExit:
-        raise
-    except Exception as error:  # a missing run, artifact or file: the user named something that is no SAE
-        fail(f"{name}={source!r} is not a loadable SAE ({str(error).splitlines()[0][:300]})")
 
 
 @click.command()

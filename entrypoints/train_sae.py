@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, flat_params, load, model_dims, resolve_base, world_step
+from entrypoints.common import experiment_option, fail, flat_params, load, load_source, model_dims, resolve_base, world_step
 
 OPTIONS = {
     "hook": "Hook: attn.hook_z, hook_mlp_out, hook_resid_post (default: the experiment's first).",
@@ -91,16 +91,10 @@ def main(experiment, hook, layer, base, like, **fields) -> None:
     base = base or "pruned"
     like_sae, like_source = None, None
     if like:
-        from saecomp.saes import SAESource, load_sae
-
-        try:
-            source = exp.sae.pretrained.get(hook or exp.sae.hooks[0]) if like == "pretrained" else like
-            if source is None:
-                fail(f"like=pretrained, but the experiment names no pretrained SAE for hook={hook or exp.sae.hooks[0]}")
-            like_source = SAESource.parse(source)
-            like_sae = load_sae(like_source)
-        except ValueError as error:
-            fail(str(error))
+        source = exp.sae.pretrained.get(hook or exp.sae.hooks[0]) if like == "pretrained" else like
+        if source is None:
+            fail(f"like=pretrained, but the experiment names no pretrained SAE for hook={hook or exp.sae.hooks[0]}")
+        like_source, like_sae = load_source("like", source)
     try:
         spec = build_spec(exp, hook, layer, like_sae)
     except ValueError as error:

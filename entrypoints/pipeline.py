@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, load, model_dims, model_source, resolve_base
+from entrypoints.common import experiment_option, fail, load, model_dims, model_source, resolve_base
 from entrypoints.prune_llm import check_layers
 
 
@@ -57,8 +57,6 @@ def main(experiment: str) -> None:
             try:
                 check_hook(dims, hook, layer)
             except ValueError as error:
-                from entrypoints.common import fail
-
                 fail(f"sae.layers: {error}")
     import mlflow
     import pandas as pd

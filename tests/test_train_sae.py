@@ -101,15 +101,17 @@ def test_registered_with_tags(trained_runs):
     assert sae.cfg.metadata.hook_name == "blocks.1.attn.hook_z"
 
 
-def test_same_request_reuses_nothing_but_a_finished_run(trained_runs, small_experiment):
+def test_key_tells_dense_and_pruned_bases_and_settings_apart(small_experiment):
     from entrypoints.common import load
     from entrypoints.train_sae import build_spec, key_for
 
     exp = load(str(small_experiment), {"sae.training_tokens": 30000})
     spec = build_spec(exp, "hook_resid_post", 1, None)
-    assert key_for(exp, str(small_experiment), spec, "tiny-gpt2", None) != key_for(
-        exp, str(small_experiment), spec, "tiny-gpt2+prune_llm:x", None
-    )
+    dense = key_for(exp, str(small_experiment), spec, "tiny-gpt2", None)
+    assert dense == key_for(exp, str(small_experiment), spec, "tiny-gpt2", None)
+    assert dense != key_for(exp, str(small_experiment), spec, "tiny-gpt2+prune_llm:x", None)
+    other = build_spec(load(str(small_experiment), {"sae.training_tokens": 40000}), "hook_resid_post", 1, None)
+    assert dense != key_for(exp, str(small_experiment), other, "tiny-gpt2", None)
 
 
 def test_like_copies_a_pretrained_configuration(trained_runs, small_experiment):

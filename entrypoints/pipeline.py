@@ -76,7 +76,7 @@ def main(experiment: str) -> None:
         sweeps = {}
         for layer in layers:
             for hook in exp.sae.hooks:
-                pretrained = exp.sae.pretrained.get(hook) or prune_sae.dependency(exp, experiment, hook, layer, "dense", exp.model)
+                pretrained = exp.pretrained_source(hook, layer) or prune_sae.dependency(exp, experiment, hook, layer, "dense", exp.model)
                 trained = prune_sae.dependency(exp, experiment, hook, layer, prune_run, model_label)
                 key = prune_sae.key_for(
                     exp, experiment, hook, layer, None, exp.sae_pruning.selection_metric, prune_run,

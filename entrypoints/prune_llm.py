@@ -66,7 +66,14 @@ def main(experiment, model, method, sparsity, nm, layers, calibration_sequences,
             "calibration.seq_len": seq_len,
         },
     )
-    check_layers(exp, model_dims(exp).n_layers)
+    dims = model_dims(exp)
+    check_layers(exp, dims.n_layers)
+    from saecomp.prune_llm import check_nm_fits
+
+    try:
+        check_nm_fits(exp.nm_tuple(), dims)
+    except ValueError as error:
+        fail(str(error))
     checkpoint, world = model_source(exp, experiment)
     run_prune_llm(exp, experiment, checkpoint, world)
 
@@ -76,9 +83,18 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
     import torch
     from safetensors.torch import save_file
 
-    from saecomp.data import contiguous_tokens, cross_entropy, load_documents, sample_calibration
+    from saecomp.data import (
+        cross_entropy,
+        document_plan,
+        held_out_tokens,
+        iter_documents,
+        load_documents,
+        model_prepends_bos,
+        sample_calibration,
+        seed_calibration,
+    )
     from saecomp.models import load_model, save_checkpoint
-    from saecomp.prune_llm import PruneSpec, prune_model
+    from saecomp.prune_llm import PruneSpec, measure_sparsity, prune_model, pruning_processing
     from saecomp.tracking import step_run
 
     spec = PruneSpec(exp.llm_pruning.method, exp.llm_pruning.sparsity, exp.nm_tuple())
@@ -93,22 +109,30 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
     say = lambda line: click.echo(f"[prune_llm] {line}", err=True)  # noqa: E731
     with step_run("prune_llm", key, params) as run:
         started = time.perf_counter()
-        loaded = load_model(exp.model, checkpoint)
+        architecture = model_dims(exp).architecture
+        processing = pruning_processing(spec.method, architecture)
+        loaded = load_model(exp.model, checkpoint, processing=processing)
         seq_len = exp.calibration.seq_len or loaded.tl.cfg.n_ctx
-        documents = load_documents(exp.data.dataset, exp.data.split, exp.data.text_column, world, exp.data.max_documents)
-        calibration = sample_calibration(documents, loaded.tokenizer, exp.calibration.n_sequences, seq_len, exp.calibration.seed)
-        if exp.data.heldout_split == exp.data.split and exp.data.dataset != "tiny":
-            heldout_docs, skip = documents, len(documents) // 2  # the far half of the pool
+        plan = document_plan(exp)
+        documents = load_documents(plan["calibration"], world)
+        if spec.method == "wanda-seed":
+            calibration = seed_calibration(documents, loaded.tokenizer, loaded.tl.cfg.n_ctx)
         else:
-            heldout_docs, skip = (
-                load_documents(exp.data.dataset, exp.data.heldout_split, exp.data.text_column, world, exp.data.max_documents),
-                0,
-            )
-        heldout = contiguous_tokens(
-            heldout_docs, loaded.tokenizer, exp.held_out.n_sequences, exp.held_out.seq_len or loaded.tl.cfg.n_ctx, skip
+            calibration = sample_calibration(documents, loaded.tokenizer, exp.calibration.n_sequences, seq_len, exp.calibration.seed)
+        heldout = held_out_tokens(
+            iter_documents(plan["validation"], world),
+            loaded.tokenizer,
+            exp.held_out.n_sequences,
+            exp.held_out.seq_len or loaded.tl.cfg.n_ctx,
+            model_prepends_bos(architecture, loaded.tokenizer),
+            "validation",
         )
         calibration_seconds = time.perf_counter() - started
-        say(f"{exp.model}: {calibration.shape[0]} x {calibration.shape[1]} calibration tokens, {heldout.numel()} held-out tokens")
+        say(
+            f"{exp.model}: {calibration.shape[0]} x {calibration.shape[1]} calibration tokens from {plan['calibration'].describe()}, "
+            f"{heldout.numel()} held-out tokens from {plan['validation'].describe()}"
+            + (" (TransformerLens-processed weights, as the paper's code)" if processing else "")
+        )
 
         ce_dense = cross_entropy(loaded.tl, heldout, exp.calibration.batch_size)
         say(f"dense held-out cross-entropy {ce_dense:.4f}")
@@ -123,28 +147,37 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
         ce_pruned = cross_entropy(loaded.tl, heldout, exp.calibration.batch_size)
         say(f"pruned ({spec.method}, sparsity {report.sparsity_actual:.4f}) held-out cross-entropy {ce_pruned:.4f}")
 
-        mlflow.log_metrics(
-            {
-                "sparsity_actual": report.sparsity_actual,
-                "ce_loss_dense": ce_dense,
-                "ce_loss_pruned": ce_pruned,
-                "perplexity_dense": float(torch.exp(torch.tensor(ce_dense))),
-                "perplexity_pruned": float(torch.exp(torch.tensor(ce_pruned))),
-                "calibration_seconds": calibration_seconds,
-                "pruning_seconds": report.seconds,
-                "n_pruned_parameters": report.n_pruned_parameters,
-                "n_prunable_parameters": report.n_prunable_parameters,
-                **{f"sparsity.{name}": value for name, value in report.sparsity_per_matrix.items()},
-            }
-        )
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            save_checkpoint(loaded, tmp / "pruned_model")
+            save_checkpoint(loaded, tmp / "pruned_model", processing)
+            # What was saved is what counts: reload it and count its zeros again (processing a pruned model
+            # again would fill them; the recorded processing stops that).
+            reloaded = load_model(exp.model, tmp / "pruned_model")
+            report_saved = measure_sparsity(reloaded.tl)
+            if report_saved.sparsity_actual != report.sparsity_actual:
+                raise RuntimeError(
+                    f"the saved model's sparsity {report_saved.sparsity_actual} is not the pruned one's {report.sparsity_actual}"
+                )
+            mlflow.log_metrics(
+                {
+                    "sparsity_actual": report_saved.sparsity_actual,
+                    "ce_loss_dense": ce_dense,
+                    "ce_loss_pruned": ce_pruned,
+                    "perplexity_dense": float(torch.exp(torch.tensor(ce_dense))),
+                    "perplexity_pruned": float(torch.exp(torch.tensor(ce_pruned))),
+                    "calibration_seconds": calibration_seconds,
+                    "pruning_seconds": report.seconds,
+                    "n_pruned_parameters": report_saved.n_pruned_parameters,
+                    "n_prunable_parameters": report_saved.n_prunable_parameters,
+                    **{f"sparsity.{name}": value for name, value in report_saved.sparsity_per_matrix.items()},
+                }
+            )
+            mlflow.set_tag("saecomp.weight_processing", json.dumps(processing or {}))
             save_file(
                 {"calibration_tokens": calibration.contiguous(), "heldout_tokens": heldout.contiguous()},
                 tmp / "tokens.safetensors",
             )
-            (tmp / "sparsity.json").write_text(json.dumps(report.sparsity_per_matrix, indent=1))
+            (tmp / "sparsity.json").write_text(json.dumps(report_saved.sparsity_per_matrix, indent=1))
             (tmp / "experiment.json").write_text(json.dumps(exp.to_dict(), indent=1))
             mlflow.log_artifacts(str(tmp / "pruned_model"), "pruned_model")
             for name in ("tokens.safetensors", "sparsity.json", "experiment.json"):

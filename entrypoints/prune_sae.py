@@ -69,11 +69,12 @@ def dependency(exp, experiment_path: str, hook: str, layer: int, base: str, mode
 @click.option("--sparsity", help="A level to keep besides 0.25 and 0.5 (and the selected one), in [0, 1).")
 @click.option("--method", help="wanda, magnitude, wanda-seed (the paper's code) or latents (smaller SAE).")
 @click.option("--sparsities", help="Comma-separated sweep levels in [0, 1).")
-@click.option("--tolerance", help="Selection: loss within this fraction of the trained SAE's (>= 0).")
-@click.option("--selection_metric", help="mse (the paper's reconstruction loss) or ce_loss_increase.")
+@click.option("--tolerance", help="Selection: mse within (1 + tolerance) x the trained SAE's, or CE within tolerance x clean CE.")
+@click.option("--selection_metric", help="mse, ce_loss_with_sae or ce_loss_increase.")
+@click.option("--selection_rule", help="tolerance (our reading of the paper) or argmin (the paper's code: lowest spliced CE).")
 @click.option("--source", help="The SAE to prune (default: the experiment's pretrained SAE for the hook).")
 @click.option("--trained", help="The SAE trained on the pruned model (default: the train_sae run for the hook).")
-def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selection_metric, source, trained) -> None:
+def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selection_metric, selection_rule, source, trained) -> None:
     from saecomp.prune_sae import METHODS
     from saecomp.saes import HOOKS, check_hook
 
@@ -87,6 +88,7 @@ def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selec
             "sae_pruning.sparsities": levels,
             "sae_pruning.tolerance": tolerance_value,
             "sae_pruning.selection_metric": selection_metric,
+            "sae_pruning.selection_rule": selection_rule,
         },
     )
     if exp.sae_pruning.method not in METHODS:
@@ -103,15 +105,27 @@ def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selec
     except ValueError as error:
         fail(str(error) if "layer" in str(error) else f"layer={layer!r} is not an integer")
 
-    # SAEs the user named are checked before anything is computed; the rest are produced (tiny world) or found.
-    given = {name: load_source(name, ref) for name, ref in (("source", source), ("trained", trained)) if ref}
+    # SAEs the user or the experiment named are checked before anything is computed; the rest are produced
+    # (tiny world) or found.
+    named = {"source": source or exp.pretrained_source(hook, layer), "trained": trained}
+    given = {name: load_source(name, ref) for name, ref in named.items() if ref}
     for name, (_, sae) in given.items():
         if sae.cfg.metadata.hook_name != f"blocks.{layer}.{hook}":
             fail(f"{name} SAE is at {sae.cfg.metadata.hook_name}, not blocks.{layer}.{hook}; pass -P hook=... -P layer=...")
+    if "source" in given:
+        d_sae, k = given["source"][1].cfg.d_sae, getattr(given["source"][1].cfg, "k", None)
+    else:  # the pretrained SAE train_sae will make: its shape is known from the experiment
+        from entrypoints.train_sae import build_spec
+        from saecomp.saes import hook_d_in
+        from saecomp.train_sae import resolved_d_sae
+
+        spec = build_spec(exp, hook, layer, None)
+        d_sae = resolved_d_sae(spec, hook_d_in(model_dims(exp), hook))
+        k = spec.k if spec.architecture in ("topk", "batchtopk") else None
+    exp = drop_unreachable_levels(exp, d_sae, k, sparsity, levels is not None)
     checkpoint, model_label, prune_run = resolve_base(exp, experiment, "pruned")
     if "source" not in given:
-        ref = exp.sae.pretrained.get(hook) or dependency(exp, experiment, hook, layer, "dense", exp.model)
-        given["source"] = load_source("source", ref)
+        given["source"] = load_source("source", dependency(exp, experiment, hook, layer, "dense", exp.model))
     if "trained" not in given:
         given["trained"] = load_source("trained", dependency(exp, experiment, hook, layer, prune_run, model_label))
     (pretrained_source, pretrained), (trained_source, trained_sae) = given["source"], given["trained"]
@@ -120,6 +134,32 @@ def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selec
             fail(f"{name} SAE is at {sae.cfg.metadata.hook_name}, not blocks.{layer}.{hook}; pass -P hook=... -P layer=...")
     run_prune_sae(exp, experiment, hook, layer, sparsity, metric, checkpoint, model_label, prune_run,
                   (pretrained_source, pretrained), (trained_source, trained_sae))  # fmt: skip
+
+
+def drop_unreachable_levels(exp, d_sae: int, k: int | None, sparsity, sweep_given: bool):
+    """Levels the method cannot produce for an SAE of ``d_sae`` latents and top ``k`` (`latents` below k
+    latents): an error when the user asked for them, dropped with a message when they come from the
+    experiment's default sweep."""
+    from dataclasses import replace
+
+    from saecomp.prune_sae import unreachable_levels
+
+    method = exp.sae_pruning.method
+    asked = ([sparsity] if sparsity is not None else []) + (list(exp.sae_pruning.sparsities) if sweep_given else [])
+    bad = unreachable_levels(d_sae, k, asked, method)
+    if bad:
+        highest = max(level / 1000 for level in range(1000) if not unreachable_levels(d_sae, k, [level / 1000], method))
+        fail(
+            f"sparsity={bad[0]:g} is not valid for method={method}: it leaves {d_sae - int(d_sae * bad[0])} "
+            f"of {d_sae} latents, fewer than the SAE's k={k}; valid: at most {highest:g}"
+        )
+    dropped = unreachable_levels(d_sae, k, exp.sae_pruning.sparsities, method)
+    if dropped:
+        click.echo(
+            f"[prune_sae] method={method} cannot reach {', '.join(f'{d:g}' for d in dropped)} (fewer latents than k): dropped", err=True
+        )
+        exp.sae_pruning = replace(exp.sae_pruning, sparsities=[s for s in exp.sae_pruning.sparsities if s not in dropped])
+    return exp
 
 
 def key_for(exp, experiment_path, hook, layer, sparsity, metric, prune_run, pretrained_source, trained_source) -> str:
@@ -131,6 +171,7 @@ def key_for(exp, experiment_path, hook, layer, sparsity, metric, prune_run, pret
         "layer": layer,
         "sparsity": sparsity,
         "metric": metric,
+        "rule": exp.sae_pruning.selection_rule,
         "prune_run": prune_run,
         "pretrained": pretrained_source.describe(),
         "trained": trained_source.describe(),
@@ -170,15 +211,17 @@ def sweep_figure(result, pretrained_val: dict, trained_val: dict, selected: floa
 def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoint, model_label, prune_run, pretrained, trained) -> str:
     import mlflow
     import pandas as pd
+    from safetensors.torch import save_file
 
-    from saecomp.data import contiguous_tokens, load_documents, sample_calibration
+    from saecomp.data import model_prepends_bos, sae_tokens, special_token_ids
     from saecomp.models import TINY_MODELS, load_model
-    from saecomp.prune_sae import cache_activations, evaluate_cached, sae_statistics, select_level, sweep
+    from saecomp.prune_sae import cache_activations, evaluate_cached, sae_statistics, seed_sae_statistics, select_level, sweep
     from saecomp.saes import processing_kwargs
     from saecomp.tracking import register_sae, step_run
 
     (pretrained_source, pretrained_sae), (trained_source, trained_sae) = pretrained, trained
     method = exp.sae_pruning.method
+    rule = exp.sae_pruning.selection_rule
     levels = sorted(set(exp.sae_pruning.sparsities) | set(FIXED_LEVELS) | ({sparsity} if sparsity is not None else set()))
     key = key_for(exp, experiment_path, hook, layer, sparsity, metric, prune_run, pretrained_source, trained_source)
     params = {
@@ -193,6 +236,7 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
         "levels": ",".join(f"{level:g}" for level in levels),
         "tolerance": exp.sae_pruning.tolerance,
         "selection_metric": metric,
+        "selection_rule": rule,
     }
     say = lambda line: click.echo(f"[prune_sae] {line}", err=True)  # noqa: E731
     name = f"blocks.{layer}.{hook}"
@@ -213,30 +257,35 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
 
             world = resolve_world(exp, experiment_path)
         ctx = min(pretrained_sae.cfg.metadata.context_size or model.tl.cfg.n_ctx, model.tl.cfg.n_ctx)
-        docs = lambda split: load_documents(exp.data.dataset, split, exp.data.text_column, world, exp.data.max_documents)  # noqa: E731
-        train_docs = docs(exp.data.split)
-        calibration = sample_calibration(train_docs, model.tokenizer, exp.calibration.n_sequences, ctx, exp.calibration.seed)
-        if exp.data.dataset == "tiny":
-            validation = contiguous_tokens(docs(exp.data.heldout_split), model.tokenizer, exp.held_out.n_sequences, ctx)
-            test = contiguous_tokens(docs("test"), model.tokenizer, exp.held_out.n_sequences, ctx)
-        else:  # one split: validation and test come from the far half of the pool, apart from each other
-            half = len(train_docs) // 2
-            validation = contiguous_tokens(train_docs, model.tokenizer, exp.held_out.n_sequences, ctx, half)
-            test = contiguous_tokens(train_docs, model.tokenizer, exp.held_out.n_sequences, ctx, half + half // 2)
-        say(f"{name} of {model_label}: {calibration.numel()} calibration, {validation.numel()} validation, {test.numel()} test tokens")
+        # Windows start with BOS where the SAE was trained with it (its metadata), else where the model was.
+        prepend_bos = pretrained_sae.cfg.metadata.prepend_bos
+        if prepend_bos is None:
+            prepend_bos = model_prepends_bos(model.architecture, model.tokenizer)
+        special = special_token_ids(model.tokenizer)
+        tokens = sae_tokens(exp, model.tokenizer, ctx, bool(prepend_bos), world, model.tl.cfg.n_ctx,
+                            seed_documents=exp.calibration.n_sequences if method == "wanda-seed" else 0)  # fmt: skip
+        say(
+            f"{name} of {model_label}: {tokens.calibration.numel()} calibration, {tokens.validation.numel()} validation, "
+            f"{tokens.test.numel()} test tokens" + (", BOS first" if prepend_bos else "") + "; BOS/EOS/padding never spliced or measured"
+        )
 
         started = time.perf_counter()
-        calibration_cache = cache_activations(model.tl, name, calibration)
-        stats = sae_statistics(pretrained_sae, calibration_cache.activations.reshape(-1, *calibration_cache.activations.shape[2:]))
+        if method == "wanda-seed":
+            stats = seed_sae_statistics(model.tl, pretrained_sae, name, tokens.seed_documents)
+        else:
+            stats = sae_statistics(
+                pretrained_sae, cache_activations(model.tl, name, tokens.calibration, special_ids=special).ordinary_activations()
+            )
         statistics_seconds = time.perf_counter() - started
-        validation_cache = cache_activations(model.tl, name, validation)
-        pretrained_val = evaluate_cached(model.tl, pretrained_sae, validation_cache)
-        trained_model = model_for(trained_sae)
-        trained_val = (
-            evaluate_cached(model.tl, trained_sae, validation_cache)
-            if trained_model is model
-            else evaluate_cached(trained_model.tl, trained_sae, cache_activations(trained_model.tl, name, validation))
-        )
+
+        def measure(sae, role: str, caches={}):  # noqa: B006  (one cache per (model, role) within this run)
+            sae_model = model_for(sae)
+            if (id(sae_model), role) not in caches:
+                caches[(id(sae_model), role)] = cache_activations(sae_model.tl, name, getattr(tokens, role), special_ids=special)
+            return evaluate_cached(sae_model.tl, sae, caches[(id(sae_model), role)])
+
+        pretrained_val = measure(pretrained_sae, "validation")
+        trained_val = measure(trained_sae, "validation")
         mlflow.log_metrics({**{f"validation.pretrained.{k}": v for k, v in pretrained_val.items()},
                             **{f"validation.trained.{k}": v for k, v in trained_val.items()}})  # fmt: skip
 
@@ -244,20 +293,18 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
             mlflow.log_metrics({f"sweep.{k}": v for k, v in metrics.items()}, step=round(level * 1000))
             say(f"sparsity {level:g}: {metric} {metrics[metric]:.4f} (trained {trained_val[metric]:.4f})")
 
+        validation_cache = cache_activations(model.tl, name, tokens.validation, special_ids=special)
         result = sweep(model.tl, pretrained_sae, stats, validation_cache, levels, method, progress)
-        selected, met = select_level(result.metrics, trained_val[metric], exp.sae_pruning.tolerance, metric)
-        say(f"selected sparsity {selected:g}" + ("" if met else f" (no level at or above 0.25 within {exp.sae_pruning.tolerance:g})"))
+        selected, met = select_level(result.metrics, trained_val, exp.sae_pruning.tolerance, metric, rule)
+        say(
+            f"selected sparsity {selected:g} ({rule})" + ("" if met else f" (even 0.25 misses the tolerance {exp.sae_pruning.tolerance:g})")
+        )
 
         kept = sorted(set(FIXED_LEVELS) | {selected} | ({sparsity} if sparsity is not None else set()))
-        test_cache = cache_activations(model.tl, name, test)
-        table = {"pretrained": evaluate_cached(model.tl, pretrained_sae, test_cache)}
+        table = {"pretrained": measure(pretrained_sae, "test")}
         for level in kept:
-            table[f"pruned{round(level * 100):d}"] = evaluate_cached(model.tl, result.saes[level], test_cache)
-        table["trained"] = (
-            evaluate_cached(model.tl, trained_sae, test_cache)
-            if trained_model is model
-            else evaluate_cached(trained_model.tl, trained_sae, cache_activations(trained_model.tl, name, test))
-        )
+            table[f"pruned{round(level * 100):d}"] = measure(result.saes[level], "test")
+        table["trained"] = measure(trained_sae, "test")
         mlflow.log_metrics(
             {
                 "selected_sparsity": selected,
@@ -281,7 +328,9 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
                         "selected": selected,
                         "met": met,
                         "metric": metric,
+                        "rule": rule,
                         "reference": trained_val[metric],
+                        "clean_ce": trained_val["ce_loss_without_sae"],
                         "tolerance": exp.sae_pruning.tolerance,
                     },
                     indent=1,
@@ -308,7 +357,9 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
                 }
                 registered.append(register_sae(folder, f"{exp.name}.{exp.model.replace('/', '_')}.{name}", tags))
             mlflow.log_artifacts(str(tmp / "saes"), "saes")
-            for file in ("sweep.csv", "test_table.csv", "sweep.png", "selection.json"):
+            # The token ids it used, so that anyone can re-derive its statistics, masks and numbers.
+            save_file(tokens.as_dict(), tmp / "tokens.safetensors")
+            for file in ("sweep.csv", "test_table.csv", "sweep.png", "selection.json", "tokens.safetensors"):
                 mlflow.log_artifact(str(tmp / file))
         mlflow.set_tag("saecomp.registered_models", ",".join(registered))
         kept_text = ", ".join(f"{level:g}" for level in kept)

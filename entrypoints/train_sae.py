@@ -30,6 +30,7 @@ OPTIONS = {
     "learning_rate": "Adam learning rate.",
     "context_size": "Tokens per training sequence.",
     "dataset": "Text dataset: tiny, or a Hugging Face dataset id (e.g. Skylion007/openwebtext).",
+    "max_passes": "Passes over the training stream allowed (default 1: no text repeats).",
     "base": "pruned (the experiment's prune_llm run; default), dense, or a prune_llm run id.",
     "like": "Copy the configuration of a pretrained SAE: 'pretrained' (the experiment's for this hook) or a source.",
 }
@@ -44,6 +45,7 @@ SCHEMA_FIELD = {
     "learning_rate": "sae.learning_rate",
     "context_size": "sae.context_size",
     "dataset": "data.dataset",
+    "max_passes": "sae.max_passes",
 }
 
 
@@ -91,7 +93,8 @@ def main(experiment, hook, layer, base, like, **fields) -> None:
     base = base or "pruned"
     like_sae, like_source = None, None
     if like:
-        source = exp.sae.pretrained.get(hook or exp.sae.hooks[0]) if like == "pretrained" else like
+        default_layer = layer if layer is not None else exp.sae_layers(model_dims(exp).n_layers)[0]
+        source = exp.pretrained_source(hook or exp.sae.hooks[0], default_layer) if like == "pretrained" else like
         if source is None:
             fail(f"like=pretrained, but the experiment names no pretrained SAE for hook={hook or exp.sae.hooks[0]}")
         like_source, like_sae = load_source("like", source)
@@ -121,8 +124,9 @@ def key_for(exp, experiment_path: str, spec, model_label: str, like_source) -> s
     inputs = {
         "spec": spec.to_dict(),
         "model": model_label,
-        "data": exp.to_dict()["data"],
-        "held_out": exp.to_dict()["held_out"],
+        # The pools decide where the training stream starts and what it is evaluated on.
+        **{section: exp.to_dict()[section] for section in ("data", "calibration", "held_out")},
+        "max_passes": exp.sae.max_passes,
         "like": like_source.describe() if like_source else None,
     }
     if exp.model in TINY_MODELS:
@@ -137,14 +141,13 @@ class _QuietViewFallback(logging.Filter):
 
 
 def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run, like_source) -> str:
-    import datasets
     import mlflow
 
-    from saecomp.data import contiguous_tokens, load_documents, token_windows
+    from saecomp.data import TokenStream, document_plan, held_out_tokens, iter_documents, model_prepends_bos, special_token_ids
     from saecomp.models import NO_PROCESSING_KWARGS, TINY_MODELS, load_model
     from saecomp.saes import evaluate_sae
     from saecomp.tracking import CACHE_DIR, register_sae, step_run
-    from saecomp.train_sae import buffer_batches, train_sae
+    from saecomp.train_sae import train_sae
 
     logging.getLogger("sae_lens").addFilter(_QuietViewFallback())
     key = key_for(exp, experiment_path, spec, model_label, like_source)
@@ -171,17 +174,25 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
             from entrypoints.common import resolve_world
 
             world = resolve_world(exp, experiment_path)
-        documents = load_documents(exp.data.dataset, exp.data.split, exp.data.text_column, world, exp.data.max_documents)
-        # Enough for training plus SAELens's activation buffer; fewer if the text holds fewer (SAELens then
-        # goes round the data again).
-        buffer_tokens = buffer_batches(spec) * 8 * spec.context_size
-        windows = token_windows(documents, loaded.tokenizer, spec.context_size, spec.training_tokens + 2 * buffer_tokens)
-        heldout_docs = load_documents(exp.data.dataset, exp.data.heldout_split, exp.data.text_column, world, exp.data.max_documents)
-        heldout = contiguous_tokens(heldout_docs, loaded.tokenizer, exp.held_out.n_sequences, spec.context_size)
-        dataset = datasets.Dataset.from_dict({"input_ids": windows.tolist()})
+        prepend_bos = spec.prepend_bos
+        if prepend_bos is None:
+            prepend_bos = model_prepends_bos(loaded.architecture, loaded.tokenizer)
+        special = special_token_ids(loaded.tokenizer)
+        plan = document_plan(exp)
+        # Streamed from the documents after the calibration and held-out pools: never held in memory, never
+        # overlapping the text the SAE is tested on, and never repeated unless sae.max_passes allows it.
+        stream = TokenStream(plan["sae_train"], loaded.tokenizer, spec.context_size, prepend_bos, world, exp.sae.max_passes)
+        heldout = held_out_tokens(
+            iter_documents(plan["validation"], world),
+            loaded.tokenizer,
+            exp.held_out.n_sequences,
+            spec.context_size,
+            prepend_bos,
+            "validation",
+        )
         say(
-            f"{variant} SAE at blocks.{spec.layer}.{spec.hook} of {model_label}: "
-            f"{windows.numel()} text tokens, {spec.training_tokens} training tokens"
+            f"{variant} SAE at blocks.{spec.layer}.{spec.hook} of {model_label}: {spec.training_tokens} training tokens "
+            f"streamed from {plan['sae_train'].describe()}" + (", BOS first" if prepend_bos else "")
         )
         if checkpoint_dir.exists():
             say(f"checkpoints of an interrupted run with the same inputs are in {checkpoint_dir}")
@@ -191,20 +202,24 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
             sae, resumed = train_sae(
                 spec,
                 loaded.tl,
-                dataset,
+                stream,
                 model_name=model_label,
                 model_kwargs=NO_PROCESSING_KWARGS,
                 checkpoint_dir=checkpoint_dir,
                 output_dir=out,
-                dataset_name=f"{exp.data.dataset}:{exp.data.split}",
+                dataset_name=plan["sae_train"].describe(),
                 on_metrics=lambda step, metrics: mlflow.log_metrics(metrics, step=step),
+                prepend_bos=prepend_bos,
+                special_ids=sorted(special),
             )
             train_seconds = time.perf_counter() - started
             if resumed is not None:
                 say(f"resumed from the checkpoint at {resumed} samples")
                 mlflow.set_tag("saecomp.resumed_from_samples", str(resumed))
-            final = evaluate_sae(loaded.tl, sae, heldout)
+            final = evaluate_sae(loaded.tl, sae, heldout, special_ids=special)
             final["train_seconds"] = train_seconds
+            final["training_text_tokens_consumed"] = stream.tokens
+            final["training_stream_passes"] = stream.passes
             final["tokens_per_second"] = (spec.training_tokens - (resumed or 0)) / train_seconds
             mlflow.log_metrics(final)
             (out / "training.json").write_text(json.dumps({"final": final, "spec": spec.to_dict()}, indent=1))

@@ -21,6 +21,8 @@ from saecomp.prune_llm import METHODS as LLM_PRUNING_METHODS
 from saecomp.world.build import WorldConfig
 
 SAE_HOOKS = ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
+SELECTION_METRICS = ("mse", "ce_loss_with_sae", "ce_loss_increase")
+SELECTION_RULES = ("tolerance", "argmin")
 
 
 class ConfigError(ValueError):
@@ -29,19 +31,32 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    """The model's text: the SAE training stream and the held-out (validation, test) documents."""
+
     dataset: str = "tiny"
-    """`tiny` (the tiny world's corpus) or a Hugging Face dataset id (e.g. `Skylion007/openwebtext`)."""
+    """`tiny` (the tiny world's corpus), a Hugging Face dataset id (e.g. `Skylion007/openwebtext`, streamed), or a
+    local folder that `datasets.load_dataset` (or `load_from_disk`) reads."""
     split: str = "train"
-    """Split the calibration and training tokens come from."""
+    """Split of the SAE training stream (and of calibration, unless `calibration.split` says otherwise)."""
     heldout_split: str = "validation"
-    """Split for held-out losses; for Hub datasets with one split, the same split further along."""
+    """Split of the validation documents; with one split (OpenWebText) the same split: the pools never overlap."""
+    test_split: str = "test"
+    """Split of the test documents; with one split the same split again (test then follows validation in it)."""
     text_column: str = "text"
-    max_documents: int = 20000
-    """Documents read from a Hub dataset (streamed) to sample from."""
 
 
 @dataclass
 class CalibrationConfig:
+    """WANDA's calibration text (and the SAE pruning statistics): random windows of a pool of documents."""
+
+    dataset: str | None = None
+    """Calibration dataset; default: `data.dataset`. The paper calibrates on OpenWebText for both models."""
+    split: str | None = None
+    """Default: `data.split`."""
+    text_column: str | None = None
+    """Default: `data.text_column`."""
+    documents: int = 1000
+    """Documents in the calibration pool (the first of the split); nothing else ever reads them."""
     n_sequences: int = 128
     """Calibration sequences (WANDA: 128)."""
     seq_len: int | None = None
@@ -66,8 +81,11 @@ class LLMPruningConfig:
 @dataclass
 class HeldOutConfig:
     n_sequences: int = 64
-    """Held-out sequences for the dense/pruned cross-entropy."""
+    """Held-out sequences (validation and test alike) for losses and the SAE sweep."""
     seq_len: int | None = None
+    """Tokens per held-out sequence for the dense/pruned cross-entropy; default: the model's context."""
+    documents: int = 1000
+    """Documents in each of the validation and test pools."""
 
 
 @dataclass
@@ -91,9 +109,12 @@ class SAEConfig:
     context_size: int = 128
     normalize_activations: str = "none"
     """SAELens input normalisation: none, expected_average_only_in, layer_norm."""
+    max_passes: int = 1
+    """Passes over the training stream allowed before training stops with an error (1: no text repeats)."""
     pretrained: dict[str, object] = field(default_factory=dict)
     """hook -> pretrained SAE source: `{release: ..., sae_id: ...}`, `runs:/<id>/sae`, `models:/<name>/<v>` or a
-    SAELens folder. Empty: the pretrained SAE is trained by train_sae on the dense model (the tiny world)."""
+    SAELens folder; `{layer}` in it stands for the layer (so `layers: all` works with a release). Empty: the
+    pretrained SAE is trained by train_sae on the dense model (the tiny world)."""
 
 
 @dataclass
@@ -101,10 +122,13 @@ class SAEPruningConfig:
     method: str = "wanda"
     sparsities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99])
     tolerance: float = 0.05
-    """Selection: the highest sparsity (>= 0.25) whose validation `selection_metric` is at most
-    (1 + tolerance) x the trained SAE's."""
+    """Selection (rule `tolerance`): a level passes when its validation mse <= (1 + tolerance) x the trained
+    SAE's, or, for the cross-entropy metrics, when it is <= the trained SAE's + tolerance x the clean CE."""
     selection_metric: str = "mse"
-    """`mse` (the paper's reconstruction loss) or `ce_loss_increase` (cross-entropy added by splicing)."""
+    """`mse`, `ce_loss_with_sae` or `ce_loss_increase` (cross-entropy added by splicing)."""
+    selection_rule: str = "tolerance"
+    """`tolerance`: the highest level (>= 0.25) at which it and every lower level (>= 0.25) pass (our reading of
+    the paper); `argmin`: the level (>= 0.25) with the lowest spliced CE (the paper's code)."""
 
 
 @dataclass
@@ -132,6 +156,15 @@ class Experiment:
 
     def world_config(self) -> WorldConfig:
         return WorldConfig.from_dict(self.world)
+
+    def pretrained_source(self, hook: str, layer: int):
+        """The experiment's pretrained SAE source for (hook, layer), ``{layer}`` filled in; None if not named."""
+        source = self.sae.pretrained.get(hook)
+        if source is None:
+            return None
+        if isinstance(source, dict):
+            return {k: str(v).replace("{layer}", str(layer)) for k, v in source.items()}
+        return str(source).replace("{layer}", str(layer))
 
     def sae_layers(self, n_layers: int) -> list[int]:
         return list(range(n_layers)) if self.sae.layers == "all" else list(self.sae.layers)
@@ -250,7 +283,10 @@ def validate(exp: Experiment) -> Experiment:
     for name, value in (
         ("calibration.n_sequences", exp.calibration.n_sequences),
         ("calibration.batch_size", exp.calibration.batch_size),
+        ("calibration.documents", exp.calibration.documents),
         ("held_out.n_sequences", exp.held_out.n_sequences),
+        ("held_out.documents", exp.held_out.documents),
+        ("sae.max_passes", exp.sae.max_passes),
     ):
         if value < 1:
             raise ConfigError(f"{name}={value} must be at least 1")
@@ -264,8 +300,12 @@ def validate(exp: Experiment) -> Experiment:
     for hook in exp.sae.hooks:
         if hook not in SAE_HOOKS:
             raise ConfigError(f"hook={hook!r} is not valid; valid: {', '.join(SAE_HOOKS)}")
-    if exp.sae_pruning.selection_metric not in ("mse", "ce_loss_increase"):
-        raise ConfigError(f"selection_metric={exp.sae_pruning.selection_metric!r} is not valid; valid: mse, ce_loss_increase")
+    if exp.sae_pruning.selection_metric not in SELECTION_METRICS:
+        raise ConfigError(f"selection_metric={exp.sae_pruning.selection_metric!r} is not valid; valid: {', '.join(SELECTION_METRICS)}")
+    if exp.sae_pruning.selection_rule not in SELECTION_RULES:
+        raise ConfigError(f"selection_rule={exp.sae_pruning.selection_rule!r} is not valid; valid: {', '.join(SELECTION_RULES)}")
+    if exp.model in TINY_MODELS and (exp.calibration.dataset or "tiny") != "tiny":
+        raise ConfigError(f"model={exp.model} lives in the tiny world; calibration.dataset must be 'tiny', not {exp.calibration.dataset!r}")
     if exp.sae_pruning.tolerance < 0:
         raise ConfigError(f"tolerance={exp.sae_pruning.tolerance} is not valid; valid: a number >= 0")
     for hook, source in exp.sae.pretrained.items():

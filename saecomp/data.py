@@ -1,20 +1,73 @@
-"""Text data and token windows: calibration sequences, held-out tokens, SAE training text.
+"""Text data and token windows: which documents serve which purpose, and how they become tokens.
 
-The tiny world's corpus is a `datasets.DatasetDict` on disk; OpenWebText and the Pile come from the
-Hub through `datasets` (streamed, so only the documents we read are fetched).
+Every experiment cuts its text into pools of documents that never overlap (`document_plan`): the
+calibration pool (WANDA's statistics, and the SAE pruning statistics), the validation and test pools
+(held-out losses, the SAE sweep and its test table), and the SAE training stream, which is everything after
+them. Pools are index ranges over a (dataset, split), handed out in that order, so two roles that share a
+split get consecutive, disjoint ranges by construction: the trained SAE never sees the test text.
+
+Datasets: ``tiny`` (the tiny world's `datasets.DatasetDict` on disk), a local folder (`datasets.load_dataset`
+or `load_from_disk` reads it), or a Hugging Face dataset id (streamed: only the documents read are fetched).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+ROLES = ("calibration", "validation", "test", "sae_train")
 
-def load_documents(dataset: str, split: str, text_column: str = "text", world_dir: str | Path | None = None, max_documents: int = 20000):
-    """A random-access sequence of documents (a `datasets.Dataset` or a list of strings)."""
+
+@dataclass(frozen=True)
+class DocumentPool:
+    """Documents ``[start, stop)`` (``stop`` None: to the end) of one split of one dataset."""
+
+    dataset: str
+    split: str
+    text_column: str
+    start: int
+    stop: int | None
+
+    def overlaps(self, other: DocumentPool) -> bool:
+        if (self.dataset, self.split) != (other.dataset, other.split):
+            return False
+        end = lambda pool: float("inf") if pool.stop is None else pool.stop  # noqa: E731
+        return self.start < end(other) and other.start < end(self)
+
+    def describe(self) -> str:
+        stop = "end" if self.stop is None else self.stop
+        return f"{self.dataset}:{self.split}[{self.start}:{stop}]"
+
+
+def document_plan(exp) -> dict[str, DocumentPool]:
+    """The pools of an experiment, disjoint by construction: each (dataset, split) hands out consecutive
+    ranges in the order calibration, validation, test, and the SAE training stream takes the rest."""
+    taken: dict[tuple[str, str], int] = {}
+
+    def take(dataset: str, split: str, text_column: str, n: int | None) -> DocumentPool:
+        start = taken.get((dataset, split), 0)
+        if start is None:
+            raise ValueError(f"{dataset}:{split} is already taken to its end")
+        stop = None if n is None else start + n
+        taken[(dataset, split)] = stop
+        return DocumentPool(dataset, split, text_column, start, stop)
+
+    cal = exp.calibration
+    data = exp.data
+    plan = {
+        "calibration": take(cal.dataset or data.dataset, cal.split or data.split, cal.text_column or data.text_column, cal.documents),
+        "validation": take(data.dataset, data.heldout_split, data.text_column, exp.held_out.documents),
+        "test": take(data.dataset, data.test_split, data.text_column, exp.held_out.documents),
+        "sae_train": take(data.dataset, data.split, data.text_column, None),
+    }
+    return plan
+
+
+def _open_split(dataset: str, split: str, world_dir: str | Path | None, streaming: bool):
     import datasets
 
     if dataset == "tiny":
@@ -23,24 +76,87 @@ def load_documents(dataset: str, split: str, text_column: str = "text", world_di
         corpus = datasets.load_from_disk(str(Path(world_dir) / "corpus"))
         if split not in corpus:
             raise ValueError(f"split={split!r} is not in the tiny corpus; valid: {', '.join(corpus)}")
-        return corpus[split][text_column]
-    streamed = datasets.load_dataset(dataset, split=split, streaming=True)
-    documents = []
-    for row in streamed:
-        documents.append(row[text_column])
-        if len(documents) >= max_documents:
-            break
-    return documents
+        return corpus[split]
+    if Path(dataset).is_dir() and (Path(dataset) / "dataset_dict.json").exists():
+        corpus = datasets.load_from_disk(dataset)  # a folder written by `save_to_disk`
+        if split not in corpus:
+            raise ValueError(f"split={split!r} is not in {dataset}; valid: {', '.join(corpus)}")
+        return corpus[split]
+    # A Hub id (streamed) or a local folder of data files: the real `load_dataset` path either way.
+    return datasets.load_dataset(dataset, split=split, streaming=streaming)
+
+
+def iter_documents(pool: DocumentPool, world_dir: str | Path | None = None) -> Iterator[str]:
+    """The pool's documents in order, read lazily (a Hub dataset is streamed)."""
+    import datasets
+
+    split = _open_split(pool.dataset, pool.split, world_dir, streaming=True)
+    if not isinstance(split, datasets.IterableDataset):
+        n = len(split)
+        stop = n if pool.stop is None else min(pool.stop, n)
+        for index in range(min(pool.start, n), stop):
+            yield split[index][pool.text_column]
+        return
+    rows = split.skip(pool.start) if pool.start else split
+    if pool.stop is not None:
+        rows = rows.take(pool.stop - pool.start)
+    for row in rows:
+        yield row[pool.text_column]
+
+
+def load_documents(pool: DocumentPool, world_dir: str | Path | None = None) -> list[str]:
+    """The pool's documents in memory (a pool with no end would be the whole stream: refused)."""
+    if pool.stop is None:
+        raise ValueError(f"{pool.describe()} has no end; stream it with iter_documents")
+    return list(iter_documents(pool, world_dir))
+
+
+# --- special tokens and BOS -----------------------------------------------------------------------
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """BOS, EOS and padding: the positions SAEBench (and Gemma Scope) leave out of reconstruction."""
+    return {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+
+
+def special_token_mask(tokens: torch.Tensor, special_ids: set[int]) -> torch.Tensor:
+    """True at ordinary tokens, False at BOS/EOS/padding; same shape as ``tokens``."""
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    for token in special_ids:
+        mask &= tokens != token
+    return mask
+
+
+def model_prepends_bos(architecture: str, tokenizer) -> bool:
+    """Whether text for this model starts with BOS: Gemma-2 was trained with it at position 0 (its tokenizer
+    adds it, and Gemma Scope's SAEs saw it); GPT-2 was not (its tokenizer adds nothing)."""
+    if architecture == "Gemma2ForCausalLM":
+        return True
+    probe = tokenizer("a")["input_ids"]
+    return bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # Documents are joined by EOS and windows get BOS explicitly, so the tokenizer adds nothing.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# --- windows ------------------------------------------------------------------------------------
 
 
 def sample_calibration(
-    documents: Sequence[str], tokenizer, n_sequences: int, seq_len: int, seed: int = 0, max_tries: int = 100_000
+    documents: Sequence[str], tokenizer, n_sequences: int, seq_len: int, seed: int = 0, max_tries: int = 100_000, prepend_bos: bool = False
 ) -> torch.Tensor:
     """WANDA's calibration: ``n_sequences`` windows of ``seq_len`` tokens, each a random window of a
-    random document long enough to hold it (as the WANDA reference's C4 loader draws them).
+    random document long enough to hold it (as the WANDA reference's C4 loader draws them; no BOS, since a
+    random window does not start a document). With ``prepend_bos`` (SAE statistics for a model and SAE that
+    saw BOS at position 0) each window is BOS and ``seq_len - 1`` tokens of text.
 
     Returns ``[n_sequences, seq_len]`` token ids.
     """
+    if prepend_bos:
+        body = sample_calibration(documents, tokenizer, n_sequences, seq_len - 1, seed, max_tries)
+        return torch.cat([torch.full((n_sequences, 1), tokenizer.bos_token_id, dtype=torch.long), body], dim=1)
     rng = random.Random(seed)
     windows: list[list[int]] = []
     tries = 0
@@ -49,9 +165,9 @@ def sample_calibration(
         if tries > max_tries:
             raise ValueError(
                 f"found only {len(windows)} of {n_sequences} documents longer than seq_len={seq_len} tokens; "
-                "use a shorter calibration.seq_len or longer documents"
+                "use a shorter calibration.seq_len, more calibration.documents or longer documents"
             )
-        ids = tokenizer(documents[rng.randrange(len(documents))])["input_ids"]
+        ids = _encode(tokenizer, documents[rng.randrange(len(documents))])
         if len(ids) <= seq_len:
             continue
         start = rng.randrange(len(ids) - seq_len)
@@ -59,20 +175,121 @@ def sample_calibration(
     return torch.tensor(windows, dtype=torch.long)
 
 
-def contiguous_tokens(documents: Sequence[str], tokenizer, n_sequences: int, seq_len: int, skip_documents: int = 0) -> torch.Tensor:
-    """The documents (from ``skip_documents`` on) as one end-of-text-separated stream, cut into
-    ``[n_sequences, seq_len]``: deterministic held-out tokens."""
+def seed_calibration(documents: Sequence[str], tokenizer, n_ctx: int) -> torch.Tensor:
+    """What the paper's code calibrates on in effect: its first document, whole, after BOS, cut at the model's
+    context (TransformerLens ``to_tokens``; sae-compression gpt2-small/prune.py lines 119-132: every later
+    document re-selects the zeros the first one chose). ``[1, <= n_ctx]``"""
+    ids = [tokenizer.bos_token_id] + _encode(tokenizer, documents[0])
+    return torch.tensor([ids[:n_ctx]], dtype=torch.long)
+
+
+def iter_windows(documents: Iterator[str] | Sequence[str], tokenizer, seq_len: int, prepend_bos: bool) -> Iterator[list[int]]:
+    """The documents as one EOS-separated stream cut into consecutive windows of ``seq_len`` tokens, each
+    starting with BOS when ``prepend_bos`` (then ``seq_len - 1`` tokens of text follow it)."""
     eos = tokenizer.eos_token_id
+    body = seq_len - 1 if prepend_bos else seq_len
+    if body < 1:
+        raise ValueError(f"seq_len={seq_len} leaves no room for text")
     stream: list[int] = []
-    needed = n_sequences * seq_len
-    for index in range(skip_documents, len(documents)):
-        stream.extend(tokenizer(documents[index])["input_ids"])
+    for document in documents:
+        stream.extend(_encode(tokenizer, document))
         stream.append(eos)
-        if len(stream) >= needed:
-            break
-    if len(stream) < needed:
-        raise ValueError(f"the held-out documents hold {len(stream)} tokens, fewer than {n_sequences} x {seq_len}")
-    return torch.tensor(stream[:needed], dtype=torch.long).view(n_sequences, seq_len)
+        while len(stream) >= body:
+            chunk, stream = stream[:body], stream[body:]
+            yield ([tokenizer.bos_token_id] + chunk) if prepend_bos else chunk
+
+
+def held_out_tokens(documents, tokenizer, n_sequences: int, seq_len: int, prepend_bos: bool, where: str = "held-out") -> torch.Tensor:
+    """``[n_sequences, seq_len]`` deterministic held-out windows (see `iter_windows`)."""
+    windows = []
+    for window in iter_windows(documents, tokenizer, seq_len, prepend_bos):
+        windows.append(window)
+        if len(windows) == n_sequences:
+            return torch.tensor(windows, dtype=torch.long)
+    raise ValueError(
+        f"the {where} documents hold {len(windows)} windows of {seq_len} tokens, fewer than {n_sequences}; "
+        "use more held_out.documents or fewer held_out.n_sequences"
+    )
+
+
+@dataclass
+class SAETokens:
+    """The token ids of SAE work on one model: ``[n, seq]`` windows (BOS first where the SAE saw it)."""
+
+    calibration: torch.Tensor
+    validation: torch.Tensor
+    test: torch.Tensor
+    seed_documents: list[torch.Tensor]
+    """wanda-seed only: whole documents (BOS first, cut at the context) the paper's code scores an SAE by."""
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {"calibration_tokens": self.calibration, "validation_tokens": self.validation, "test_tokens": self.test}
+        tensors.update({f"seed_document_{i:04d}": doc for i, doc in enumerate(self.seed_documents)})
+        return {k: v.contiguous() for k, v in tensors.items()}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, torch.Tensor]) -> SAETokens:
+        seed = [tensors[k] for k in sorted(tensors) if k.startswith("seed_document_")]
+        return cls(tensors["calibration_tokens"], tensors["validation_tokens"], tensors["test_tokens"], seed)
+
+
+def sae_tokens(
+    exp, tokenizer, seq_len: int, prepend_bos: bool, world_dir=None, n_ctx: int | None = None, seed_documents: int = 0
+) -> SAETokens:
+    """Calibration windows (random windows of the calibration pool), validation and test windows (their pools,
+    in order), and for wanda-seed the first ``seed_documents`` whole documents of the calibration pool."""
+    plan = document_plan(exp)
+    pool = load_documents(plan["calibration"], world_dir)
+    calibration = sample_calibration(pool, tokenizer, exp.calibration.n_sequences, seq_len, exp.calibration.seed, prepend_bos=prepend_bos)
+    held = {
+        role: held_out_tokens(iter_documents(plan[role], world_dir), tokenizer, exp.held_out.n_sequences, seq_len, prepend_bos, role)
+        for role in ("validation", "test")
+    }
+    documents = [
+        torch.tensor(([tokenizer.bos_token_id] + _encode(tokenizer, text))[: n_ctx or seq_len], dtype=torch.long)
+        for text in pool[:seed_documents]
+    ]
+    return SAETokens(calibration, held["validation"], held["test"], documents)
+
+
+class TokenStream:
+    """SAE training text as an iterable of ``{"input_ids": [context_size]}`` windows, streamed from a pool
+    (never held in memory), for SAELens's activation store. It counts what it hands out, and a pass beyond
+    ``max_passes`` is an error rather than silent repetition."""
+
+    def __init__(self, pool: DocumentPool, tokenizer, context_size: int, prepend_bos: bool, world_dir=None, max_passes: int = 1):
+        self.pool, self.tokenizer, self.context_size = pool, tokenizer, context_size
+        self.prepend_bos, self.world_dir, self.max_passes = prepend_bos, world_dir, max_passes
+        self.windows = 0
+        self.passes_completed = 0
+        self._latest = 0  # the newest iterator: SAELens peeks at one row through an iterator it then drops
+        self._latest_open = False
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.passes_completed >= self.max_passes:
+            raise ValueError(
+                f"the SAE training stream {self.pool.describe()} ran out after {self.passes_completed} pass(es) "
+                f"({self.tokens} tokens); set sae.max_passes to go round it again, or train on fewer tokens"
+            )
+        self._latest += 1
+        me = self._latest
+        documents = iter_documents(self.pool, self.world_dir)
+        for window in iter_windows(documents, self.tokenizer, self.context_size, self.prepend_bos):
+            self.windows += 1
+            self._latest_open = True
+            yield {"input_ids": window}
+        self.passes_completed += 1
+        if me == self._latest:
+            self._latest_open = False
+
+    @property
+    def tokens(self) -> int:
+        return self.windows * self.context_size
+
+    @property
+    def passes(self) -> int:
+        """Passes over the stream: the completed ones, and the one under way."""
+        return self.passes_completed + int(self._latest_open)
 
 
 @torch.no_grad()
@@ -84,19 +301,3 @@ def cross_entropy(model, tokens: torch.Tensor, batch_size: int = 8) -> float:
         total += loss.double().sum().item()
         count += loss.numel()
     return total / count
-
-
-def token_windows(documents: Sequence[str], tokenizer, context_size: int, max_tokens: int) -> torch.Tensor:
-    """Up to ``max_tokens`` tokens of the documents as consecutive ``context_size`` windows
-    ``[n, context_size]`` (fewer if the documents hold fewer): SAE training text."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for document in documents:
-        stream.extend(tokenizer(document)["input_ids"])
-        stream.append(eos)
-        if len(stream) >= max_tokens:
-            break
-    n = min(len(stream), max_tokens) // context_size
-    if n == 0:
-        raise ValueError(f"the documents hold {len(stream)} tokens, fewer than one context of {context_size}")
-    return torch.tensor(stream[: n * context_size], dtype=torch.long).view(n, context_size)

@@ -110,10 +110,21 @@ def _gemma2_tl_config(hf_config, dtype: torch.dtype) -> HookedTransformerConfig:
     )
 
 
+def recorded_processing(hf_model) -> dict[str, bool] | None:
+    """The TransformerLens processing a checkpoint's weights already carry (written by `save_checkpoint`), or
+    None: processing them again would move weights, and fill the zeros of a pruned model."""
+    recorded = getattr(hf_model.config, "saecomp_processing", None)
+    return dict(recorded) if recorded and any(recorded.values()) else None
+
+
 def hf_to_tl(hf_model, tokenizer, name_or_dir: str | Path, processing: dict[str, bool] | None = None) -> HookedTransformer:
     """A TransformerLens model holding exactly the Hugging Face weights (no processing), or processed as
     ``processing`` asks (keys of :data:`NO_PROCESSING_KWARGS`): what an SAE's metadata may require.
-    Processing is function-preserving but moves individual weights, so pruning never happens on it."""
+    Processing is function-preserving but moves individual weights, so pruning never happens on it (except
+    `wanda-seed` on GPT-2, which reproduces the paper's code). A checkpoint whose weights were saved processed
+    is loaded as it is, whatever is asked."""
+    if recorded_processing(hf_model) is not None:
+        processing = None
     arch = hf_model.config.architectures[0]
     dtype = next(hf_model.parameters()).dtype
     fold_ln = bool((processing or {}).get("fold_ln", False))
@@ -226,9 +237,47 @@ def export_to_hf(tl_model: HookedTransformer, hf_model) -> None:
             block.mlp.down_proj.weight.copy_(w["W_out"].T)
 
 
-def save_checkpoint(loaded: LoadedModel, directory: str | Path) -> Path:
-    """Save the (possibly pruned) model as a Hugging Face checkpoint with its tokenizer."""
+@torch.no_grad()
+def export_processed_gpt2(tl_model: HookedTransformer, hf_model) -> None:
+    """Write a GPT-2 TransformerLens model loaded *with* processing (LayerNorm folded into the next weights,
+    writing weights centred, value biases folded into b_O) into ``hf_model`` in place: the blocks' layer norms
+    become the identity affine, every block weight and bias and the embeddings take the processed values, and
+    the unembedding keeps the original (untied) weights behind the unchanged final layer norm, which computes
+    the same log-probabilities (centring only shifts the residual stream by its mean, which ln_f removes)."""
+    hf_model.lm_head.weight = torch.nn.Parameter(hf_model.transformer.wte.weight.detach().clone())
+    hf_model.config.tie_word_embeddings = False
+    flat = lambda b: b.reshape(-1)  # noqa: E731  [heads, d_head] -> [heads*d_head]
+    hf_model.transformer.wte.weight.copy_(tl_model.embed.W_E)
+    hf_model.transformer.wpe.weight.copy_(tl_model.pos_embed.W_pos)
+    for layer in range(tl_model.cfg.n_layers):
+        tl_block, block = tl_model.blocks[layer], hf_model.transformer.h[layer]
+        attn, mlp = tl_block.attn, tl_block.mlp
+        for norm in (block.ln_1, block.ln_2):
+            norm.weight.fill_(1.0)
+            norm.bias.zero_()
+        block.attn.c_attn.weight.copy_(torch.cat([as_matrix(n, getattr(attn, n)) for n in ("W_Q", "W_K", "W_V")], dim=1))
+        block.attn.c_attn.bias.copy_(torch.cat([flat(attn.b_Q), flat(attn.b_K), flat(attn.b_V)]))
+        block.attn.c_proj.weight.copy_(as_matrix("W_O", attn.W_O))
+        block.attn.c_proj.bias.copy_(attn.b_O)
+        block.mlp.c_fc.weight.copy_(mlp.W_in)
+        block.mlp.c_fc.bias.copy_(mlp.b_in)
+        block.mlp.c_proj.weight.copy_(mlp.W_out)
+        block.mlp.c_proj.bias.copy_(mlp.b_out)
+
+
+def save_checkpoint(loaded: LoadedModel, directory: str | Path, processing: dict[str, bool] | None = None) -> Path:
+    """Save the (possibly pruned) model as a Hugging Face checkpoint with its tokenizer. ``processing``: the
+    TransformerLens processing ``loaded.tl`` was loaded with; it is recorded in ``config.json``
+    (``saecomp_processing``) so that loading never processes the weights again."""
     directory = Path(directory)
+    if processing and any(processing.values()):
+        if loaded.architecture != "GPT2LMHeadModel":
+            raise ValueError(f"saving processed weights is implemented for GPT-2 only, not {loaded.architecture}")
+        export_processed_gpt2(loaded.tl, loaded.hf)
+        loaded.hf.config.saecomp_processing = dict(processing)
+        loaded.hf.save_pretrained(directory, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(directory)
+        return directory
     export_to_hf(loaded.tl, loaded.hf)
     loaded.hf.save_pretrained(directory, safe_serialization=True)
     loaded.tokenizer.save_pretrained(directory)
@@ -244,15 +293,27 @@ class ModelDims:
     n_heads: int
     d_head: int
     n_ctx: int
+    d_mlp: int
+    architecture: str
 
     @classmethod
     def from_hf_config(cls, config) -> ModelDims:
         if config.model_type == "gpt2":
-            return cls(config.n_layer, config.n_embd, config.n_head, config.n_embd // config.n_head, config.n_positions)
+            return cls(
+                config.n_layer,
+                config.n_embd,
+                config.n_head,
+                config.n_embd // config.n_head,
+                config.n_positions,
+                config.n_inner or 4 * config.n_embd,
+                "GPT2LMHeadModel",
+            )
         return cls(
             config.num_hidden_layers,
             config.hidden_size,
             config.num_attention_heads,
             config.head_dim,
             config.max_position_embeddings,
+            config.intermediate_size,
+            "Gemma2ForCausalLM",
         )

@@ -67,6 +67,30 @@ class PruneReport:
     seconds: float = 0.0
 
 
+def pruning_processing(method: str, architecture: str) -> dict[str, bool] | None:
+    """The TransformerLens processing pruning happens under: none (Hugging Face weights), except `wanda-seed` on
+    GPT-2, which prunes the LayerNorm-folded, centred weights the paper's code loads
+    (`HookedSAETransformer.from_pretrained("gpt2-small")`; sae-compression gpt2-small/prune.py lines 139-140).
+    For Gemma-2 (RMSNorm, no centring) folding scales whole input rows, which leaves the seed's row-wise
+    rankings unchanged, so its weights stay as they are."""
+    if method == "wanda-seed" and architecture == "GPT2LMHeadModel":
+        from saecomp.saes import TL_DEFAULT_PROCESSING
+
+        return dict(TL_DEFAULT_PROCESSING)
+    return None
+
+
+def check_nm_fits(nm: tuple[int, int] | None, dims) -> None:
+    """N:M needs every pruned matrix's input size to be a multiple of M; ``dims``: a `ModelDims`."""
+    if nm is None:
+        return
+    n, m = nm
+    inputs = {"W_Q/W_K/W_V/W_in": dims.d_model, "W_O": dims.n_heads * dims.d_head, "W_out": dims.d_mlp}
+    for names, size in inputs.items():
+        if size % m:
+            raise ValueError(f"nm={n}:{m} is not valid for this model: {names} have {size} inputs, not a multiple of {m}")
+
+
 # --- masks: pure functions of a weight matrix [in, out] and statistics ------------------------------
 
 
@@ -110,11 +134,16 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, nm=None) -> torch.Tens
     return mask.reshape(score.shape)
 
 
-def seed_mask(weight: torch.Tensor, output_norm: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The paper's code: score ``|W_ij| * ||Y_j||`` by the layer's *output* norm, and compete within
-    an *input row* (it sorts the transposed axis of an nn.Linear)."""
+def seed_mask(weight: torch.Tensor, output_norm: torch.Tensor, sparsity: float, group_size: int | None = None) -> torch.Tensor:
+    """The paper's code: score ``|W_ij| * ||Y_j||`` by the layer's *output* norm, and compete within an *input
+    row* (it sorts dim 1 of TransformerLens's ``[in, out]`` weights). ``weight [in, out]``; with ``group_size``
+    a row is cut into groups of that many consecutive outputs (W_Q/K/V: one group per head, ``int(d_head * s)``
+    zeros each, as the seed loops over heads: sae-compression gpt2-small/prune.py lines 56-63, 83-89)."""
+    n_in, n_out = weight.shape
+    group_size = group_size or n_out
     score = weight.detach().abs().to(torch.float64) * output_norm.to(torch.float64)[None, :]
-    return group_mask(score.T, sparsity).T
+    groups = score.reshape(n_in * (n_out // group_size), group_size)  # [row x group, group_size]
+    return group_mask(groups.T, sparsity).T.reshape(n_in, n_out)
 
 
 # --- calibration statistics of one block ------------------------------------------------------------
@@ -137,27 +166,35 @@ INPUT_OF = {
 }
 
 
+# The hooks whose outputs the paper's code scores each matrix by (sae-compression gpt2-small/prune.py lines
+# 66-73, gemma2b/prune.py lines 40-49). For Gemma-2, hook_attn_out comes after ln1_post.
+SEED_OUTPUT_HOOK = {"W_Q": "attn.hook_q", "W_K": "attn.hook_k", "W_V": "attn.hook_v", "W_O": "hook_attn_out"}
+
+
+def _module(block, dotted: str):
+    for part in dotted.split("."):
+        block = getattr(block, part)
+    return block
+
+
 @torch.no_grad()
-def block_statistics(
-    block,
-    hidden: list[torch.Tensor],
-    weights: dict[str, torch.Tensor],
-    biases: dict[str, torch.Tensor | None],
-    want_outputs: bool,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def block_statistics(block, hidden: list[torch.Tensor], want_outputs: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One dense pass of ``block`` over the calibration hidden states.
 
-    Returns per-input-feature L2 norms for each input source (float64), and, if ``want_outputs``,
-    per-output-unit L2 norms of each matrix's output (what the paper's code scores by).
+    Returns per-input-feature L2 norms for each input source (float64), and, if ``want_outputs``, the L2 norms
+    of the outputs the paper's code scores W_Q/K/V/O by (its hooks, `SEED_OUTPUT_HOOK`), flattened over heads.
     """
     sumsq: dict[str, torch.Tensor] = {}
-    out_sumsq: dict[str, torch.Tensor] = {}
     captured: dict[str, torch.Tensor] = {}
     handles = []
-    for key, module in _input_sources(block).items():
+    sources = dict(_input_sources(block))
+    if want_outputs:
+        sources.update({f"out:{name}": _module(block, hook) for name, hook in SEED_OUTPUT_HOOK.items()})
+    for key, module in sources.items():
 
         def hook(_module, _inputs, output, key=key):
-            captured[key] = output.reshape(-1, output.shape[-2] * output.shape[-1]) if key == "z" else output.reshape(-1, output.shape[-1])
+            heads = key in ("z", "out:W_Q", "out:W_K", "out:W_V")  # [.., heads, d_head] -> heads * d_head
+            captured[key] = output.reshape(-1, output.shape[-2] * output.shape[-1]) if heads else output.reshape(-1, output.shape[-1])
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -166,32 +203,13 @@ def block_statistics(
             for key, x in captured.items():
                 x64 = x.to(torch.float64)
                 sumsq[key] = sumsq.get(key, 0) + (x64 * x64).sum(0)
-            if want_outputs:
-                for name, w in weights.items():
-                    y = captured[INPUT_OF[name]].to(torch.float32) @ w.to(torch.float32)
-                    if biases.get(name) is not None:
-                        y = y + biases[name].to(torch.float32)
-                    y64 = y.to(torch.float64)
-                    out_sumsq[name] = out_sumsq.get(name, 0) + (y64 * y64).sum(0)
             captured.clear()
     finally:
         for handle in handles:
             handle.remove()
-    return {k: v.sqrt() for k, v in sumsq.items()}, {k: v.sqrt() for k, v in out_sumsq.items()}
-
-
-def _biases(model: HookedTransformer, layer: int) -> dict[str, torch.Tensor | None]:
-    attn, mlp = model.blocks[layer].attn, model.blocks[layer].mlp
-    flat = lambda b: None if b is None else b.reshape(-1)  # noqa: E731 - [heads, d_head] -> [heads*d_head]
-    return {
-        "W_Q": flat(attn.b_Q),
-        "W_K": flat(getattr(attn, "_b_K", attn.b_K)),
-        "W_V": flat(getattr(attn, "_b_V", attn.b_V)),
-        "W_O": attn.b_O,
-        "W_in": mlp.b_in,
-        "W_gate": None,
-        "W_out": mlp.b_out,
-    }
+    norms = {k: v.sqrt() for k, v in sumsq.items()}
+    outputs = {k.split(":", 1)[1]: norms.pop(k) for k in list(norms) if k.startswith("out:")}
+    return norms, outputs
 
 
 # --- the whole model ----------------------------------------------------------------------------------
@@ -242,9 +260,8 @@ def prune_model(
             progress(layer + 1, n_layers)
     else:
         seed = spec.method == "wanda-seed"
-        # The paper's code calibrates, in effect, on a single document.
-        tokens = calibration_tokens[:1] if seed else calibration_tokens
-        hidden = [model.input_to_embed(batch)[0] for batch in tokens.split(batch_size)]
+        # wanda-seed: the caller passes the one document the paper's code calibrates on (`seed_calibration`).
+        hidden = [model.input_to_embed(batch)[0] for batch in calibration_tokens.split(batch_size)]
         for layer in range(n_layers):
             block = model.blocks[layer]
             if layer not in chosen:
@@ -252,14 +269,15 @@ def prune_model(
                 continue
             weights = prunable_weights(model, layer)
             matrices = {name: as_matrix(name, w.data) for name, w in weights.items()}
-            in_norms, out_norms = block_statistics(block, hidden, matrices, _biases(model, layer), want_outputs=seed)
+            in_norms, out_norms = block_statistics(block, hidden, want_outputs=seed)
             for name, w in weights.items():
                 if seed:
                     if name not in ATTENTION_MATRICES:
                         # The paper's code rebinds W_in/W_out (and never touches W_gate), so the MLP
                         # stays dense whatever its scores were.
                         continue
-                    mask = seed_mask(matrices[name], out_norms[name], spec.sparsity)
+                    per_head = model.cfg.d_head if name in ("W_Q", "W_K", "W_V") else None
+                    mask = seed_mask(matrices[name], out_norms[name], spec.sparsity, per_head)
                 else:
                     mask = wanda_mask(matrices[name], in_norms[INPUT_OF[name]], spec.sparsity, spec.nm)
                 w.data.copy_(from_matrix(name, matrices[name].masked_fill(mask, 0), w.data))

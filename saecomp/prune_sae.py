@@ -8,11 +8,14 @@ Methods share one signature, ``method(sae, stats, sparsity) -> SAE`` (a new SAE;
   output dimension (a column). Both are ``[in, out]``, so this is `saecomp.prune_llm.wanda_mask` as is.
 - ``magnitude``: one threshold per matrix.
 - ``wanda-seed``: the paper's code: W_enc by the norms of the pre-activations, W_dec by the norms of the
-  reconstruction, competing within input rows, same ratio for both. For reproduction only.
+  reconstruction, competing within input rows, same ratio for both, statistics as `seed_sae_statistics`
+  gathers them. For reproduction only.
 - ``latents``: structured: drops whole latents (lowest firing frequency x decoder norm) and returns a
   genuinely smaller SAE, the one method here that makes the SAE cheaper to run.
 
-Biases and JumpReLU thresholds are never touched.
+Biases and JumpReLU thresholds are never touched. Every method works on one *plain form* of the SAE
+(`copy_sae`: a TopK SAE that rescales by decoder norm has the norms folded in): statistics, masks and the saved
+SAE all describe that form. BOS, EOS and padding never enter statistics or metrics.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from saecomp.prune_llm import group_mask, magnitude_mask, seed_mask, wanda_mask
-from saecomp.saes import check_sae_fits, reconstruction_metrics
+from saecomp.saes import check_sae_fits, ordinary_positions, splice
 
 METHODS = ("wanda", "magnitude", "wanda-seed", "latents")
 
@@ -45,19 +48,16 @@ class SAEStatistics:
 
 @torch.no_grad()
 def sae_statistics(sae: SAE, activations: torch.Tensor, batch_size: int = 4096) -> SAEStatistics:
-    """One pass of the SAE over hook activations ``[tokens, *hook_shape]`` (of its plain form, see `copy_sae`,
-    which is what the pruners prune)."""
+    """One pass of the SAE's plain form (`copy_sae`, which is what the pruners prune) over hook activations
+    ``[tokens, *hook_shape]`` of ordinary tokens (BOS/EOS/padding already left out)."""
     sae = copy_sae(sae)
     sums = {name: 0 for name in ("sae_in", "latent", "preact", "recon")}
     fire = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     for x in activations.split(batch_size):
-        sae_in = sae.process_sae_in(x)  # [tokens, d_in]
-        acts = sae.encode(x)  # [tokens, d_sae]
-        preact = sae_in @ sae.W_enc + sae.b_enc
-        recon = acts @ sae.W_dec + sae.b_dec
-        for name, value in (("sae_in", sae_in), ("latent", acts), ("preact", preact), ("recon", recon)):
+        for name, value in _sae_quantities(sae, x).items():
             sums[name] = sums[name] + value.double().pow(2).sum(0)
-        fire += (acts > 0).sum(0)
+            if name == "latent":
+                fire += (value > 0).sum(0)
     return SAEStatistics(
         sae_in_norm=sums["sae_in"].sqrt(),
         latent_norm=sums["latent"].sqrt(),
@@ -66,6 +66,41 @@ def sae_statistics(sae: SAE, activations: torch.Tensor, batch_size: int = 4096) 
         fire_count=fire,
         n_tokens=activations.shape[0],
     )
+
+
+def _sae_quantities(sae: SAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inputs and outputs of W_enc and W_dec for a chunk ``x`` ([tokens, *hook_shape]), encoded then
+    decoded at once (`layer_norm` SAEs keep the statistics of the last encode until they decode)."""
+    sae_in = sae.process_sae_in(x)  # [tokens, d_in]: input of W_enc
+    preact = sae_in @ sae.W_enc + sae.b_enc  # [tokens, d_sae]: hook_sae_acts_pre
+    acts = sae.encode(x)  # [tokens, d_sae]: input of W_dec
+    recon = sae.decode(acts).reshape(x.shape[0], -1)  # [tokens, d_in]: hook_sae_recons
+    return {"sae_in": sae_in, "latent": acts, "preact": preact, "recon": recon}
+
+
+@torch.no_grad()
+def seed_sae_statistics(model: HookedTransformer, sae: SAE, hook_name: str, documents: list[torch.Tensor], batch_size: int = 8,
+                        pad_id: int = 0) -> SAEStatistics:  # fmt: skip
+    """The statistics the paper's code scores an SAE by (sae-compression gpt2-small/prune_sae.py lines 61-72,
+    77-79, 139-148): whole documents (BOS first, cut at the context) in batches of ``batch_size``, right-padded
+    with token ``pad_id`` and no attention mask; per batch the L2 norm over every position, padding included,
+    of the pre-activations (W_enc) and of the reconstruction (W_dec); then the mean of those per-batch norms.
+    The seed draws 128 documents at random with no seed; we take the calibration pool's first ones."""
+    plain = copy_sae(sae)
+    per_batch: dict[str, list[torch.Tensor]] = {name: [] for name in ("sae_in", "latent", "preact", "recon")}
+    fire = torch.zeros(plain.cfg.d_sae, dtype=torch.long)
+    n_tokens = 0
+    for start in range(0, len(documents), batch_size):
+        batch = torch.nn.utils.rnn.pad_sequence(documents[start : start + batch_size], batch_first=True, padding_value=pad_id)
+        _, cache = model.run_with_cache(batch, names_filter=lambda name: name == hook_name)
+        x = cache[hook_name].reshape(-1, *cache[hook_name].shape[2:])  # [batch * pos, *hook_shape]
+        for name, value in _sae_quantities(plain, x).items():
+            per_batch[name].append(value.double().norm(dim=0))
+            if name == "latent":
+                fire += (value > 0).sum(0)
+        n_tokens += x.shape[0]
+    mean = {name: torch.stack(norms).mean(0) for name, norms in per_batch.items()}
+    return SAEStatistics(mean["sae_in"], mean["latent"], mean["preact"], mean["recon"], fire, n_tokens)
 
 
 def copy_sae(sae: SAE) -> SAE:
@@ -81,6 +116,7 @@ def copy_sae(sae: SAE) -> SAE:
 
 
 def _with_weights(sae: SAE, enc_mask: torch.Tensor, dec_mask: torch.Tensor) -> SAE:
+    """A copy of the plain-form ``sae`` with the masked weights zeroed."""
     pruned = copy_sae(sae)
     with torch.no_grad():
         pruned.W_enc.masked_fill_(enc_mask, 0)
@@ -120,7 +156,6 @@ def kept_latents(sae: SAE, stats: SAEStatistics, sparsity: float) -> torch.Tenso
 
 
 def prune_latents(sae: SAE, stats: SAEStatistics, sparsity: float) -> SAE:
-    sae = copy_sae(sae)
     keep = kept_latents(sae, stats, sparsity)
     k = getattr(sae.cfg, "k", None)
     if k is not None and k > len(keep):
@@ -152,11 +187,21 @@ PRUNERS: dict[str, Callable[[SAE, SAEStatistics, float], SAE]] = {
 
 
 def prune_sae(sae: SAE, stats: SAEStatistics, sparsity: float, method: str = "wanda") -> SAE:
+    """``sae`` pruned to ``sparsity``: a new SAE in plain form (`copy_sae`), masks computed on that form, which
+    is the form ``stats`` (from `sae_statistics`) describe."""
     if method not in PRUNERS:
         raise ValueError(f"method={method!r} is not valid; valid: {', '.join(METHODS)}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity={sparsity} is not valid; valid: a number in [0, 1)")
-    return PRUNERS[method](sae, stats, sparsity)
+    return PRUNERS[method](copy_sae(sae), stats, sparsity)
+
+
+def unreachable_levels(d_sae: int, k: int | None, levels, method: str) -> list[float]:
+    """The levels ``method`` cannot produce for an SAE of ``d_sae`` latents that keeps the top ``k`` (None: not
+    a TopK SAE): `latents` must keep at least k latents."""
+    if method != "latents" or k is None:
+        return []
+    return [level for level in levels if d_sae - int(d_sae * level) < k]
 
 
 # --- the sweep: one pass through the model, then only what differs per level ------------------------------
@@ -170,6 +215,7 @@ class ActivationCache:
     tokens: torch.Tensor
     resid_pre: torch.Tensor  # [n, seq, d_model]: input of the SAE's block
     activations: torch.Tensor  # [n, seq, *hook_shape]
+    ordinary: torch.Tensor  # [n, seq] bool: False at BOS/EOS/padding (never spliced, never measured)
     clean_loss_sum: float
     layer: int
     hook_name: str
@@ -178,9 +224,15 @@ class ActivationCache:
     def n_predictions(self) -> int:
         return self.tokens.shape[0] * (self.tokens.shape[1] - 1)
 
+    def ordinary_activations(self) -> torch.Tensor:
+        """``[ordinary tokens, *hook_shape]``: what statistics and reconstruction metrics are computed on."""
+        return self.activations[self.ordinary]
+
 
 @torch.no_grad()
-def cache_activations(model: HookedTransformer, hook_name: str, tokens: torch.Tensor, batch_size: int = 8) -> ActivationCache:
+def cache_activations(
+    model: HookedTransformer, hook_name: str, tokens: torch.Tensor, batch_size: int = 8, special_ids: set[int] | frozenset = frozenset()
+) -> ActivationCache:
     layer = int(hook_name.split(".")[1])
     resid_name = f"blocks.{layer}.hook_resid_pre"
     resid, acts, loss_sum = [], [], 0.0
@@ -191,35 +243,56 @@ def cache_activations(model: HookedTransformer, hook_name: str, tokens: torch.Te
         resid.append(cache[resid_name])
         acts.append(cache[hook_name])
         loss_sum += float(loss.double().sum())
-    return ActivationCache(tokens, torch.cat(resid), torch.cat(acts), loss_sum, layer, hook_name)
+    ordinary = ordinary_positions(tokens, special_ids)
+    return ActivationCache(tokens, torch.cat(resid), torch.cat(acts), ordinary, loss_sum, layer, hook_name)
 
 
 @torch.no_grad()
-def evaluate_cached(model: HookedTransformer, sae: SAE, cache: ActivationCache, batch_size: int = 8) -> dict[str, float]:
-    """The metrics of `saecomp.saes.evaluate_sae`, from the cache: reconstruction without the model, and the
-    spliced loss by running the model only from the SAE's block on."""
+def evaluate_cached(
+    model: HookedTransformer, sae: SAE, cache: ActivationCache, batch_size: int = 8, chunk_tokens: int = 4096
+) -> dict[str, float]:
+    """The metrics of `saecomp.saes.evaluate_sae`, from the cache: reconstruction without the model, chunk by
+    chunk (each chunk decoded right after it is encoded), and the spliced loss by running the model only from
+    the SAE's block on."""
     check_sae_fits(sae, model)
     sae.eval()
-    flat_acts = cache.activations.reshape(-1, *cache.activations.shape[2:])
-    latents = torch.cat([sae.encode(x) for x in flat_acts.split(4096)])
-    x_hat = torch.cat([sae.decode(a) for a in latents.split(4096)])
-    n_tokens = latents.shape[0]
-    metrics = reconstruction_metrics(flat_acts.reshape(n_tokens, -1), x_hat.reshape(n_tokens, -1))
+    flat_acts = cache.ordinary_activations()  # [tokens, *hook_shape]
+    n_tokens = flat_acts.shape[0]
+    squared_error = variance_sum = cos_sum = 0.0
+    l0_sum = 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    mean = flat_acts.reshape(n_tokens, -1).double().mean(0)
+    for x in flat_acts.split(chunk_tokens):
+        latents = sae.encode(x)
+        x_hat = sae.decode(latents).reshape(x.shape[0], -1).double()
+        x = x.reshape(x.shape[0], -1).double()
+        squared_error += float((x - x_hat).pow(2).sum())
+        variance_sum += float((x - mean).pow(2).sum())
+        cos_sum += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum())
+        l0_sum += float((latents > 0).sum())
+        fired |= (latents > 0).any(0)
+    d = flat_acts.reshape(n_tokens, -1).shape[1]
+    metrics = {
+        "mse": squared_error / (n_tokens * d),
+        "explained_variance": 1 - squared_error / variance_sum,
+        "cossim": cos_sum / n_tokens,
+        "l0": l0_sum / n_tokens,
+        "dead_fraction": float((~fired).float().mean()),
+    }
     ce_with = 0.0
-    splice = [(cache.hook_name, lambda act, hook: sae.decode(sae.encode(act)))]
-    for resid, tokens in zip(cache.resid_pre.split(batch_size), cache.tokens.split(batch_size), strict=True):
+    batches = zip(cache.resid_pre.split(batch_size), cache.tokens.split(batch_size), cache.ordinary.split(batch_size), strict=True)
+    for resid, tokens, ordinary in batches:
         loss = model.run_with_hooks(
-            resid, start_at_layer=cache.layer, tokens=tokens, return_type="loss", loss_per_token=True, fwd_hooks=splice
+            resid,
+            start_at_layer=cache.layer,
+            tokens=tokens,
+            return_type="loss",
+            loss_per_token=True,
+            fwd_hooks=[(cache.hook_name, lambda act, hook, o=ordinary: splice(sae, act, o))],
         )
         ce_with += float(loss.double().sum())
-    metrics.update(
-        {
-            "l0": float((latents > 0).sum()) / n_tokens,
-            "dead_fraction": float((~(latents > 0).any(0)).float().mean()),
-            "ce_loss_with_sae": ce_with / cache.n_predictions,
-            "ce_loss_without_sae": cache.clean_loss_sum / cache.n_predictions,
-        }
-    )
+    metrics["ce_loss_with_sae"] = ce_with / cache.n_predictions
+    metrics["ce_loss_without_sae"] = cache.clean_loss_sum / cache.n_predictions
     metrics["ce_loss_increase"] = metrics["ce_loss_with_sae"] - metrics["ce_loss_without_sae"]
     return metrics
 
@@ -253,14 +326,43 @@ def sweep(
     return result
 
 
-def select_level(metrics: dict[float, dict[str, float]], reference: float, tolerance: float, metric: str, floor: float = 0.25):
-    """The paper's rule: the highest sparsity, at least ``floor``, whose ``metric`` stays within
-    ``tolerance`` (relative) of the trained SAE's ``reference``. Returns (level, whether any level met it);
-    when none does, the lowest level at or above the floor."""
+def level_passes(metric: str, value: float, trained: dict[str, float], tolerance: float) -> bool:
+    """The tolerance rule for one level: ``mse <= (1 + tol) * mse_trained``; for the cross-entropy metrics
+    ``ce <= ce_trained + tol * ce_clean`` (an absolute margin in units of the clean loss, which works when the
+    trained SAE's CE increase is about 0 or negative)."""
+    if metric == "mse":
+        return value <= (1 + tolerance) * trained["mse"]
+    return value <= trained[metric] + tolerance * trained["ce_loss_without_sae"]
+
+
+def select_level(
+    metrics: dict[float, dict[str, float]],
+    trained: dict[str, float],
+    tolerance: float,
+    metric: str,
+    rule: str = "tolerance",
+    floor: float = 0.25,
+) -> tuple[float, bool]:
+    """Choose a sweep level; returns (level, whether the rule was met).
+
+    ``tolerance`` (our reading of the paper: "the level (at least 25%) at which the pruned SAE achieves
+    reconstruction loss comparable to its trained counterpart"): the highest level >= ``floor`` such that it
+    and every lower level >= ``floor`` pass `level_passes`; when the lowest already fails, that level, not met.
+    ``argmin`` (the paper's code, sae-compression gpt2-small/prune_sae.py lines 171-191): the level >= ``floor``
+    with the lowest spliced cross-entropy on validation tokens; ties go to the higher level (the seed scans
+    from high to low with a strict ``<``)."""
     if tolerance < 0:
         raise ValueError(f"tolerance={tolerance} must be at least 0")
     candidates = sorted(level for level in metrics if level >= floor)
     if not candidates:
         raise ValueError(f"the sweep has no level at or above {floor}")
-    within = [level for level in candidates if metrics[level][metric] <= reference * (1 + tolerance)]
-    return (max(within), True) if within else (candidates[0], False)
+    if rule == "argmin":
+        return min(candidates, key=lambda level: (metrics[level]["ce_loss_with_sae"], -level)), True
+    if rule != "tolerance":
+        raise ValueError(f"selection_rule={rule!r} is not valid; valid: tolerance, argmin")
+    selected = None
+    for level in candidates:
+        if not level_passes(metric, metrics[level][metric], trained, tolerance):
+            break
+        selected = level
+    return (selected, True) if selected is not None else (candidates[0], False)

@@ -130,8 +130,10 @@ def load_sae_folder(path: str | Path, device: str = "cpu") -> SAE:
 def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
     """MSE, explained variance and cosine similarity of ``x_hat`` for ``x`` (both ``[tokens, d]``).
 
-    Explained variance is ``1 - E||x - x_hat||^2 / E||x - E x||^2`` over all tokens (the correct one; SAEBench
-    0.6's `explained_variance` can exceed 1)."""
+    ``mse`` is per element: ``E||x - x_hat||^2 / d`` (SAEBench's core `mse` is a per-token *sum* of squares
+    divided by the tokens of a batch: not comparable). ``explained_variance`` is the centred ratio
+    ``1 - E||x - x_hat||^2 / E||x - E x||^2`` over all tokens (SAEBench 0.6's core `explained_variance`, which
+    the paper's Table 1 reports, is not a variance ratio and can exceed 1)."""
     x, x_hat = x.double(), x_hat.double()
     error = (x - x_hat).pow(2).sum(-1)
     variance = (x - x.mean(0)).pow(2).sum(-1)
@@ -142,12 +144,32 @@ def reconstruction_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, fl
     }
 
 
+def splice(sae: SAE, activations: torch.Tensor, ordinary: torch.Tensor) -> torch.Tensor:
+    """The SAE's reconstruction where ``ordinary`` ([batch, pos]) is True, the model's own activations at BOS,
+    EOS and padding (as SAEBench's core splices: it never reconstructs special tokens). Encodes and decodes in
+    one go, so `layer_norm` SAEs decode with the statistics of what they just encoded."""
+    reconstruction = sae.decode(sae.encode(activations))
+    keep = ordinary.reshape(*ordinary.shape, *([1] * (activations.ndim - ordinary.ndim)))
+    return torch.where(keep, reconstruction, activations)
+
+
+def ordinary_positions(tokens: torch.Tensor, special_ids: set[int] | frozenset = frozenset()) -> torch.Tensor:
+    """True at the positions of ``tokens`` that count for SAE metrics and statistics (not BOS/EOS/padding)."""
+    from saecomp.data import special_token_mask
+
+    return special_token_mask(tokens, set(special_ids))
+
+
 @torch.no_grad()
-def evaluate_sae(model: HookedTransformer, sae: SAE, tokens: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+def evaluate_sae(
+    model: HookedTransformer, sae: SAE, tokens: torch.Tensor, batch_size: int = 8, special_ids: set[int] | frozenset = frozenset()
+) -> dict[str, float]:
     """Reconstruction, sparsity and the model's cross-entropy with the SAE spliced in at its hook.
 
-    ``tokens``: ``[n, seq]``. Metrics: mse, explained_variance, cossim, l0, dead_fraction (latents that never
-    fire on these tokens), ce_loss_with_sae, ce_loss_without_sae, ce_loss_increase.
+    ``tokens``: ``[n, seq]``. Positions holding ``special_ids`` (BOS, EOS, padding) are left out of the
+    reconstruction metrics and never spliced. Metrics: mse, explained_variance, cossim, l0, dead_fraction
+    (latents that never fire on these tokens), ce_loss_with_sae, ce_loss_without_sae, ce_loss_increase
+    (cross-entropy over every prediction).
     """
     name = check_sae_fits(sae, model)
     sae.eval()
@@ -156,6 +178,7 @@ def evaluate_sae(model: HookedTransformer, sae: SAE, tokens: torch.Tensor, batch
     l0_sum, n_tokens = 0.0, 0
     ce_with = ce_without = 0.0
     for batch in tokens.split(batch_size):
+        ordinary = ordinary_positions(batch, special_ids)
         captured = {}
 
         def capture(act, hook, captured=captured):
@@ -163,7 +186,7 @@ def evaluate_sae(model: HookedTransformer, sae: SAE, tokens: torch.Tensor, batch
             return act
 
         loss_clean = model.run_with_hooks(batch, return_type="loss", loss_per_token=True, fwd_hooks=[(name, capture)])
-        x = captured["x"]
+        x = captured["x"][ordinary]  # [tokens, *hook_shape]
         latents = sae.encode(x)
         x_hat = sae.decode(latents)
         flat = latents.reshape(-1, sae.cfg.d_sae)
@@ -173,7 +196,7 @@ def evaluate_sae(model: HookedTransformer, sae: SAE, tokens: torch.Tensor, batch
         xs.append(x.reshape(flat.shape[0], -1))
         x_hats.append(x_hat.reshape(flat.shape[0], -1))
         loss_spliced = model.run_with_hooks(
-            batch, return_type="loss", loss_per_token=True, fwd_hooks=[(name, lambda act, hook: sae.decode(sae.encode(act)))]
+            batch, return_type="loss", loss_per_token=True, fwd_hooks=[(name, lambda act, hook, o=ordinary: splice(sae, act, o))]
         )
         ce_without += float(loss_clean.double().sum())
         ce_with += float(loss_spliced.double().sum())

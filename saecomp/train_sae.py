@@ -59,6 +59,8 @@ class SAETrainingSpec:
     learning_rate: float = 3e-4
     context_size: int = 128
     normalize_activations: str = "none"
+    prepend_bos: bool | None = None
+    """Training windows start with BOS; None: as the model was trained (Gemma-2 yes, GPT-2 no)."""
     seed: int = 42
     n_checkpoints: int = 4
     """Checkpoints kept during training, so a killed run can continue."""
@@ -110,7 +112,12 @@ def runner_config(
     model_kwargs: dict[str, bool],
     checkpoint_dir: str | Path,
     dataset_name: str,
+    prepend_bos: bool = False,
+    special_ids: list[int] | None = None,
 ) -> LanguageModelSAERunnerConfig:
+    """SAELens's runner configuration for ``spec``. ``prepend_bos`` is recorded in the SAE's metadata (our
+    windows carry BOS themselves); ``special_ids`` (BOS, EOS, padding) are left out of the training
+    activations, as Gemma Scope left out BOS."""
     d_in = hook_d_in(model.cfg, spec.hook)
     sae_kwargs: dict[str, Any] = {
         "d_in": d_in,
@@ -146,7 +153,8 @@ def runner_config(
         # The SAE's metadata must say how the model was really loaded (GUIDE §4: SAELens's default claims
         # center_writing_weights=False only).
         model_from_pretrained_kwargs=dict(model_kwargs),
-        prepend_bos=False,
+        prepend_bos=prepend_bos,
+        exclude_special_tokens=sorted(special_ids) if special_ids else False,
         n_checkpoints=spec.n_checkpoints,
         checkpoint_path=str(checkpoint_dir),
         save_final_checkpoint=False,
@@ -203,12 +211,15 @@ def train_sae(
     dataset_name: str = "override",
     on_metrics: Callable[[int, dict], None] = lambda step, metrics: None,
     log_every: int = 5,
+    prepend_bos: bool = False,
+    special_ids: list[int] | None = None,
 ):
-    """Train one SAE with SAELens on activations of ``model`` over ``token_dataset`` (a `datasets.Dataset`
-    with an ``input_ids`` column of ``context_size``-token windows). Resumes from the newest checkpoint in
-    ``checkpoint_dir`` if one exists. Saves the inference SAE to ``output_dir`` (SAELens format) and returns
-    (that SAE as `SAE.load_from_disk` gives it, the number of samples it resumed from or None)."""
-    cfg = runner_config(spec, model, model_name, model_kwargs, checkpoint_dir, dataset_name)
+    """Train one SAE with SAELens on activations of ``model`` over ``token_dataset`` (rows with an ``input_ids``
+    list of ``context_size`` tokens: a `datasets.Dataset`, or a streamed `saecomp.data.TokenStream`). Resumes
+    from the newest checkpoint in ``checkpoint_dir`` if one exists. Saves the inference SAE to ``output_dir``
+    (SAELens format) and returns (that SAE as `SAE.load_from_disk` gives it, the number of samples it resumed
+    from or None)."""
+    cfg = runner_config(spec, model, model_name, model_kwargs, checkpoint_dir, dataset_name, prepend_bos, special_ids)
     torch.manual_seed(spec.seed)
     runner = LanguageModelSAETrainingRunner(cfg, override_dataset=token_dataset, override_model=model)
     # What `runner.run()` does, with our trainer in place of SAETrainer.
@@ -254,4 +265,5 @@ def spec_like(spec: SAETrainingSpec, sae) -> SAETrainingSpec:
         k=getattr(sae.cfg, "k", spec.k),
         normalize_activations=sae.cfg.normalize_activations,
         context_size=sae.cfg.metadata.context_size or spec.context_size,
+        prepend_bos=sae.cfg.metadata.prepend_bos,
     )

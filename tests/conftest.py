@@ -34,7 +34,7 @@ world:
                 train_steps: 30, batch_size: 8}
     tiny-gemma2: {architecture: gemma2, n_layers: 2, d_model: 32, n_heads: 4, n_kv_heads: 2, d_mlp: 64, n_ctx: 64,
                   train_steps: 30, batch_size: 8}
-calibration: {n_sequences: 16, batch_size: 8}
+calibration: {n_sequences: 16, batch_size: 8, documents: 40}
 held_out: {n_sequences: 8}
 sae:
   layers: [1]

@@ -117,29 +117,63 @@ def test_latents_makes_a_smaller_sae_that_reconstructs_like_the_masked_original(
     assert frequency[~dropped].mean() >= frequency[dropped].mean()
 
 
-def test_selection_rule():
+def test_selection_rule_mse_is_relative_to_the_trained_sae():
     metrics = {0.25: {"mse": 1.0}, 0.5: {"mse": 1.04}, 0.9: {"mse": 1.2}, 0.1: {"mse": 0.5}}
-    assert select_level(metrics, reference=1.0, tolerance=0.05, metric="mse") == (0.5, True)
-    assert select_level(metrics, reference=1.0, tolerance=0.25, metric="mse") == (0.9, True)
-    assert select_level(metrics, reference=0.5, tolerance=0.05, metric="mse") == (0.25, False)
+    trained = {"mse": 1.0, "ce_loss_without_sae": 2.0}
+    assert select_level(metrics, trained, tolerance=0.05, metric="mse") == (0.5, True)
+    assert select_level(metrics, trained, tolerance=0.25, metric="mse") == (0.9, True)
+    assert select_level(metrics, {**trained, "mse": 0.5}, tolerance=0.05, metric="mse") == (0.25, False)
     with pytest.raises(ValueError, match="tolerance=-0.1"):
-        select_level(metrics, 1.0, -0.1, "mse")
+        select_level(metrics, trained, -0.1, "mse")
 
 
-def test_cached_sweep_measures_what_the_whole_model_would(small_world):
-    model = load_model("tiny-gpt2", small_world / "tiny-gpt2").tl
+def test_selection_stops_at_the_first_failing_level():
+    # 0.6 fails; 0.7 passes again (noise): the rule must not jump over the failure.
+    metrics = {0.25: {"mse": 1.0}, 0.5: {"mse": 1.01}, 0.6: {"mse": 1.5}, 0.7: {"mse": 1.02}}
+    assert select_level(metrics, {"mse": 1.0, "ce_loss_without_sae": 2.0}, 0.05, "mse") == (0.5, True)
+
+
+@pytest.mark.parametrize("trained_increase", [0.0, -0.002])
+def test_selection_on_ce_works_when_the_trained_sae_costs_nothing(trained_increase):
+    # A relative tolerance on an increase of ~0 (or < 0) would accept nothing; the margin is tol x clean CE.
+    clean = 2.0
+    trained = {"ce_loss_without_sae": clean, "ce_loss_increase": trained_increase, "ce_loss_with_sae": clean + trained_increase}
+    increases = {0.25: 0.001, 0.5: 0.004, 0.75: 0.03}
+    metrics = {level: {"ce_loss_increase": d, "ce_loss_with_sae": clean + d} for level, d in increases.items()}
+    # tol 0.005 x clean 2.0 = 0.01 nats of margin above the trained SAE
+    assert select_level(metrics, trained, 0.005, "ce_loss_increase") == (0.5, True)
+    assert select_level(metrics, trained, 0.005, "ce_loss_with_sae") == (0.5, True)
+    assert select_level(metrics, trained, 0.0, "ce_loss_increase")[1] is False
+
+
+def test_argmin_rule_is_the_seed_codes():
+    metrics = {0.1: {"ce_loss_with_sae": 1.0}, 0.25: {"ce_loss_with_sae": 2.01}, 0.5: {"ce_loss_with_sae": 2.0},
+               0.75: {"ce_loss_with_sae": 2.0}, 0.9: {"ce_loss_with_sae": 2.3}}  # fmt: skip
+    # Lowest spliced CE at or above 0.25; a tie goes to the higher level (the seed scans high to low with <).
+    assert select_level(metrics, {}, 0.0, "mse", rule="argmin") == (0.75, True)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-gemma2"])
+def test_cached_sweep_measures_what_the_whole_model_would(small_world, model_name):
+    loaded = load_model(model_name, small_world / model_name)
+    model = loaded.tl
     tokens = torch.randint(0, 1000, (6, 64), generator=torch.Generator().manual_seed(2))
-    for hook, d_in in (("blocks.1.attn.hook_z", 32), ("blocks.1.hook_mlp_out", 32), ("blocks.0.hook_resid_post", 32)):
+    bos = loaded.tokenizer.bos_token_id
+    tokens[:, 0] = bos  # BOS first, as Gemma's windows are, and an end of text inside
+    tokens[1, 30] = loaded.tokenizer.eos_token_id
+    special = {bos, loaded.tokenizer.eos_token_id}
+    d_z = model.cfg.n_heads * model.cfg.d_head
+    for hook, d_in in (("blocks.1.attn.hook_z", d_z), ("blocks.1.hook_mlp_out", 32), ("blocks.0.hook_resid_post", 32)):
         sae = random_sae("standard", d_in=d_in, d_sae=64, hook=hook)
         if hook.endswith("hook_z"):
             sae = SAE.from_dict({**sae.cfg.to_dict(), "reshape_activations": "hook_z"})
             sae.load_state_dict(random_sae("standard", d_in=d_in, d_sae=64, hook=hook).state_dict())
             sae.cfg.metadata.hook_name = hook
-        cache = cache_activations(model, hook, tokens, batch_size=4)
-        stats = sae_statistics(sae, cache.activations.reshape(-1, *cache.activations.shape[2:]))
+        cache = cache_activations(model, hook, tokens, batch_size=4, special_ids=special)
+        stats = sae_statistics(sae, cache.ordinary_activations())
         result = sweep(model, sae, stats, cache, [0.0, 0.5])
         for level in (0.0, 0.5):
-            full = evaluate_sae(model, result.saes[level], tokens, batch_size=4)
+            full = evaluate_sae(model, result.saes[level], tokens, batch_size=4, special_ids=special)
             for key, value in full.items():
                 assert result.metrics[level][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (hook, level, key)
         assert result.metrics[0.5]["mse"] != result.metrics[0.0]["mse"]
@@ -172,6 +206,29 @@ def test_prune_sae_step_as_typed(small_experiment):
     versions = client.search_model_versions("name = 'small.tiny-gpt2.blocks.1.attn.hook_z'")
     assert {v.tags.get("sparsity") for v in versions if v.tags.get("variant") == "pruned"} >= {"0.25", "0.3", "0.5"}
 
+    # The logged token ids alone rebuild its statistics and masks.
+    from safetensors.torch import load_file
+
+    from saecomp.data import SAETokens, special_token_ids
+    from saecomp.saes import load_sae
+
+    tokens = SAETokens.from_dict(load_file(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="tokens.safetensors")))
+    assert tokens.calibration.shape == (16, 64) and tokens.test.shape == (8, 64)
+    pretrained = load_sae(run.data.params["source"])
+    loaded = load_model("tiny-gpt2", mlflow.artifacts.download_artifacts(run_id=prune_run, artifact_path="pruned_model"))
+    cache = cache_activations(loaded.tl, "blocks.1.attn.hook_z", tokens.calibration, special_ids=special_token_ids(loaded.tokenizer))
+    rebuilt = prune_sae(pretrained, sae_statistics(pretrained, cache.ordinary_activations()), 0.25, "wanda")
+    logged = SAE.load_from_disk(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="saes/pruned-0.25"))
+    assert torch.equal(rebuilt.W_enc == 0, logged.W_enc == 0) and torch.equal(rebuilt.W_dec == 0, logged.W_dec == 0)
+
+
+def test_latents_drops_levels_of_the_default_sweep_it_cannot_reach(small_experiment, tmp_path):
+    exp_text = small_experiment.read_text().replace("sparsities: [0.25, 0.5, 0.9]", "sparsities: [0.25, 0.5, 0.99]")
+    (tmp_path / "latents.yaml").write_text(exp_text)
+    result = CliRunner().invoke(prune_sae_step.main, ["--experiment", str(tmp_path / "latents.yaml"), "--method", "latents"])
+    assert result.exit_code == 0, result.output
+    assert "cannot reach 0.99 (fewer latents than k): dropped" in result.output
+
 
 BAD = [
     (["--sparsity", "1.0"], "sparsity=1.0 is not valid; valid: a number in [0, 1)"),
@@ -181,6 +238,11 @@ BAD = [
     (["--layer", "9"], "layer=9 is outside the model; valid: 0..1"),
     (["--hook", "hook_q"], "hook='hook_q' is not valid"),
     (["--method", "random"], "method='random' is not valid; valid: wanda, magnitude, wanda-seed, latents"),
+    (["--selection_rule", "best"], "selection_rule='best' is not valid; valid: tolerance, argmin"),
+    (["--selection_metric", "kl"], "selection_metric='kl' is not valid; valid: mse, ce_loss_with_sae, ce_loss_increase"),
+    # 128 latents, k = 8: 0.99 leaves 2. Found before the sweep's first level, not at its last.
+    (["--method", "latents", "--sparsity", "0.99"], "sparsity=0.99 is not valid for method=latents: it leaves 2 of 128 latents"),
+    (["--method", "latents", "--sparsities", "0.5,0.95"], "sparsity=0.95 is not valid for method=latents"),
 ]
 
 

@@ -36,6 +36,7 @@ BAD_INPUTS = [
     (["--model", "not-a-model"], "model='not-a-model' is not a known model"),
     (["--nm", "4:2"], "nm='4:2' is not valid; N:M needs 0 < N < M"),
     (["--nm", "two"], "nm='two' is not an N:M pattern"),
+    (["--nm", "2:3"], "nm=2:3 is not valid for this model: W_Q/W_K/W_V/W_in have 32 inputs, not a multiple of 3"),
     (["--layers", "7"], "layer=7 is outside tiny-gpt2; valid: 0..1"),
     (["--calibration_sequences", "0"], "calibration.n_sequences=0 must be at least 1"),
 ]

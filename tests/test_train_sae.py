@@ -162,7 +162,7 @@ def test_like_rejects_an_sae_whose_width_does_not_match_the_hook(small_experimen
 
 
 def test_buffer_always_holds_a_batch():
-    dims = ModelDims(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=1024)
+    dims = ModelDims(n_layers=2, d_model=32, n_heads=4, d_head=8, n_ctx=1024, d_mlp=64, architecture="GPT2LMHeadModel")
     for context_size, batch in ((8, 4096), (128, 4096), (1024, 8192), (16, 100_000)):
         spec = SAETrainingSpec("hook_resid_post", 0, context_size=context_size, batch_size_tokens=batch, training_tokens=10 * batch)
         check_spec(spec, dims)
@@ -239,6 +239,8 @@ def test_a_killed_training_continues_from_its_last_checkpoint(small_experiment, 
         "512",
         "--context_size",
         "64",
+        "--max_passes",  # the small world holds ~60k training tokens: go round it (a named choice, never silent)
+        "10",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     checkpoints = session_dir / "checkpoints" / "train_sae"

@@ -278,11 +278,15 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
             )
         statistics_seconds = time.perf_counter() - started
 
-        def measure(sae, role: str, caches={}):  # noqa: B006  (one cache per (model, role) within this run)
-            sae_model = model_for(sae)
+        caches = {}  # one activation cache per (model, role) within this run
+
+        def cache_for(sae_model, role: str):
             if (id(sae_model), role) not in caches:
                 caches[(id(sae_model), role)] = cache_activations(sae_model.tl, name, getattr(tokens, role), special_ids=special)
-            return evaluate_cached(sae_model.tl, sae, caches[(id(sae_model), role)])
+            return caches[(id(sae_model), role)]
+
+        def measure(sae, role: str):
+            return evaluate_cached(model_for(sae).tl, sae, cache_for(model_for(sae), role))
 
         pretrained_val = measure(pretrained_sae, "validation")
         trained_val = measure(trained_sae, "validation")
@@ -293,8 +297,7 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
             mlflow.log_metrics({f"sweep.{k}": v for k, v in metrics.items()}, step=round(level * 1000))
             say(f"sparsity {level:g}: {metric} {metrics[metric]:.4f} (trained {trained_val[metric]:.4f})")
 
-        validation_cache = cache_activations(model.tl, name, tokens.validation, special_ids=special)
-        result = sweep(model.tl, pretrained_sae, stats, validation_cache, levels, method, progress)
+        result = sweep(model.tl, pretrained_sae, stats, cache_for(model, "validation"), levels, method, progress)
         selected, met = select_level(result.metrics, trained_val, exp.sae_pruning.tolerance, metric, rule)
         say(
             f"selected sparsity {selected:g} ({rule})" + ("" if met else f" (even 0.25 misses the tolerance {exp.sae_pruning.tolerance:g})")

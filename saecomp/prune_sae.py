@@ -69,12 +69,11 @@ def sae_statistics(sae: SAE, activations: torch.Tensor, batch_size: int = 4096) 
 
 
 def _sae_quantities(sae: SAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The inputs and outputs of W_enc and W_dec for a chunk ``x`` ([tokens, *hook_shape]), encoded then
-    decoded at once (`layer_norm` SAEs keep the statistics of the last encode until they decode)."""
+    """The inputs and outputs of W_enc and W_dec for a chunk ``x`` ([tokens, *hook_shape]) of a plain-form SAE."""
     sae_in = sae.process_sae_in(x)  # [tokens, d_in]: input of W_enc
     preact = sae_in @ sae.W_enc + sae.b_enc  # [tokens, d_sae]: hook_sae_acts_pre
-    acts = sae.encode(x)  # [tokens, d_sae]: input of W_dec
-    recon = sae.decode(acts).reshape(x.shape[0], -1)  # [tokens, d_in]: hook_sae_recons
+    acts = sae.encode(x)  # [tokens, d_sae]: input of W_dec (hook_sae_acts_post)
+    recon = acts @ sae.W_dec + sae.b_dec  # [tokens, d_in]: hook_sae_recons, before any de-normalisation
     return {"sae_in": sae_in, "latent": acts, "preact": preact, "recon": recon}
 
 

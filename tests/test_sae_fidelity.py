@@ -388,3 +388,44 @@ def test_prune_sae_runs_on_a_hub_named_gpt2_with_a_layer_norm_topk_sae(tmp_path)
     folder = client.download_artifacts(runs["prune_sae"].info.run_id, "saes/pruned-0.5", str(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "pruned-0.5" / "cfg.json").read_text())["normalize_activations"] == "layer_norm"
     assert SAE.load_from_disk(folder).cfg.metadata.model_name.startswith("gpt2+prune_llm:")
+
+
+def seed_compute_norms(model, sae, hook_name, loader):
+    # Transcribed from osu-srml/sae-compression @ 2e94071, gpt2-small/prune_sae.py lines 61-72, with the SAE's
+    # own hooks standing in for `run_with_cache_with_saes` (the SAE is spliced at the hook; its cache is the same).
+    norms = {"enc": [], "dec": []}
+    for batch in loader:
+        _, cache = model.run_with_cache(batch, names_filter=hook_name)
+        _, sae_cache = sae.run_with_cache(cache[hook_name])
+        for kind in ("enc", "dec"):
+            key = "hook_sae_acts_pre" if kind == "enc" else "hook_sae_recons"
+            X = sae_cache[key].reshape(-1, sae_cache[key].shape[-1])  # einops "b h d -> (b h) d"
+            norms[kind].append(X.norm(p=2, dim=0))
+    return {kind: torch.stack(n).mean(dim=0) for kind, n in norms.items()}
+
+
+def test_seed_sae_statistics_are_the_seed_codes(small_world):
+    from saecomp.prune_sae import seed_sae_statistics
+
+    model = load_model("tiny-gpt2", small_world / "tiny-gpt2").tl
+    sae = topk_sae(normalize_activations="layer_norm")
+    generator = torch.Generator().manual_seed(7)
+    documents = [torch.randint(1, 1000, (int(n),), generator=generator) for n in torch.randint(5, 64, (20,), generator=generator)]
+    # The seed's loader: batches of 8, right-padded with token 0 (its collate_fn, lines 77-79), no attention mask.
+    loader = [torch.nn.utils.rnn.pad_sequence(documents[i : i + 8], batch_first=True, padding_value=0) for i in range(0, 20, 8)]
+    expected = seed_compute_norms(model, sae, "blocks.1.hook_resid_post", loader)
+    stats = seed_sae_statistics(model, sae, "blocks.1.hook_resid_post", documents)
+    assert torch.allclose(stats.preact_norm.float(), expected["enc"], rtol=1e-5)
+    assert torch.allclose(stats.recon_norm.float(), expected["dec"], rtol=1e-5)
+
+
+def test_pretrained_sources_fill_in_the_layer():
+    from saecomp.config import Experiment
+
+    exp = Experiment()
+    exp.sae.pretrained = {
+        "hook_resid_post": {"release": "r", "sae_id": "layer_{layer}/width_16k/canonical"},
+        "attn.hook_z": "runs:/x/{layer}",
+    }
+    assert exp.pretrained_source("hook_resid_post", 7) == {"release": "r", "sae_id": "layer_7/width_16k/canonical"}
+    assert exp.pretrained_source("attn.hook_z", 3) == "runs:/x/3" and exp.pretrained_source("hook_mlp_out", 3) is None

@@ -148,10 +148,25 @@ def unigram_entropy(train_ids: torch.Tensor, eval_ids: torch.Tensor) -> float:
     return -sum(logp[t] for t in eval_ids.tolist()) / len(eval_ids)
 
 
+def bos_first(architecture: str) -> bool:
+    """Gemma-2 is trained (and read) with BOS at position 0 of every window, GPT-2 is not: the tiny models copy
+    that, so that the BOS handling of SAE work meets in the tiny world what it meets on the real models. (The
+    tiny tokenizer's BOS is its end-of-text token.)"""
+    return architecture == "gemma2"
+
+
+def with_bos(windows: torch.Tensor, bos: int) -> torch.Tensor:
+    """``[n, n_ctx]`` -> BOS and the first ``n_ctx - 1`` tokens of each window."""
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows[:, :-1]], dim=1)
+
+
 @torch.no_grad()
-def mean_loss(model, ids: torch.Tensor, n_ctx: int, batch_size: int = 16) -> float:
+def mean_loss(model, ids: torch.Tensor, n_ctx: int, batch_size: int = 16, bos: int | None = None) -> float:
+    """Mean loss over consecutive windows of ``ids`` (each starting with ``bos`` when given)."""
     n = (len(ids) - 1) // n_ctx
     windows = ids[: n * n_ctx].view(n, n_ctx)
+    if bos is not None:
+        windows = with_bos(windows, bos)
     losses = []
     for start in range(0, n, batch_size):
         batch = windows[start : start + batch_size]
@@ -185,6 +200,8 @@ def train_model(
     for step in range(cfg.train_steps):
         starts = torch.randint(0, n_windows, (cfg.batch_size,), generator=generator)
         batch = torch.stack([train_ids[s : s + cfg.n_ctx] for s in starts.tolist()])  # [batch, n_ctx]
+        if bos_first(cfg.architecture):
+            batch = with_bos(batch, eos)
         loss = model(input_ids=batch, labels=batch).loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,7 +211,9 @@ def train_model(
         metrics = {"train_loss": loss.item()}
         if (step + 1) % max(1, cfg.train_steps // 10) == 0 or step + 1 == cfg.train_steps:
             model.eval()
-            metrics["validation_loss"] = mean_loss(model, validation_ids[: 64 * cfg.n_ctx + 1], cfg.n_ctx)
+            metrics["validation_loss"] = mean_loss(
+                model, validation_ids[: 64 * cfg.n_ctx + 1], cfg.n_ctx, bos=eos if bos_first(cfg.architecture) else None
+            )
             model.train()
         metrics["tokens_per_second"] = (step + 1) * cfg.batch_size * cfg.n_ctx / (time.perf_counter() - started)
         on_step(step, metrics)
@@ -259,7 +278,8 @@ def build_world(
             validation_ids,
             on_step=lambda step, metrics, name=name: on_metrics(name, step, metrics),
         )
-        test_loss = mean_loss(model, test_ids, model_cfg.n_ctx)
+        eos = tokenizer.convert_tokens_to_ids(EOS)
+        test_loss = mean_loss(model, test_ids, model_cfg.n_ctx, bos=eos if bos_first(model_cfg.architecture) else None)
         model.save_pretrained(out_dir / name, safe_serialization=True)
         tokenizer.save_pretrained(out_dir / name)
         summary["models"][name] = {

@@ -61,9 +61,15 @@ def main(experiment: str) -> None:
     import mlflow
     import pandas as pd
 
-    from entrypoints import prune_sae
+    from entrypoints import evaluate, prune_sae
+    from saecomp.evaluate import BUILT_SUITES
     from saecomp.saes import SAESource
     from saecomp.tracking import STEP_TAG, local_artifacts, run_step
+
+    suites = [s for s in exp.evaluation.suites if s in BUILT_SUITES]
+    skipped = [s for s in exp.evaluation.suites if s not in BUILT_SUITES]
+    if skipped:
+        click.echo(f"[pipeline] evaluation suites not built yet, skipped: {', '.join(skipped)}", err=True)
 
     with mlflow.start_run() as run:
         mlflow.set_tag(STEP_TAG, "pipeline")
@@ -72,7 +78,7 @@ def main(experiment: str) -> None:
         _, model_label, prune_run = resolve_base(exp, experiment, "pruned")
         llm = mlflow.MlflowClient().get_run(prune_run).data.metrics
         mlflow.log_metrics({f"prune_llm.{k}": llm[k] for k in ("ce_loss_dense", "ce_loss_pruned", "sparsity_actual")})
-        tables, sae_runs = [], []
+        tables, sae_runs, evaluations = [], [], []
         sweeps = {}
         for layer in layers:
             for hook in exp.sae.hooks:
@@ -87,12 +93,34 @@ def main(experiment: str) -> None:
                 sweeps[(hook, layer)] = pd.read_csv(local_artifacts(run_id, "sweep.csv"))
                 table = pd.read_csv(local_artifacts(run_id, "test_table.csv"))
                 table.insert(0, "hook", f"blocks.{layer}.{hook}")
-                table.insert(2, "selected", mlflow.MlflowClient().get_run(run_id).data.metrics["selected_sparsity"])
+                selected = mlflow.MlflowClient().get_run(run_id).data.metrics["selected_sparsity"]
+                table.insert(2, "selected", selected)
                 tables.append(table)
+                if not suites:
+                    continue
+                # The paper's four variants (and the selected level), evaluated on the pruned model.
+                variants = {"pretrained": pretrained, "pruned25": f"runs:/{run_id}/saes/pruned-0.25",
+                            "pruned50": f"runs:/{run_id}/saes/pruned-0.5", "trained": trained}  # fmt: skip
+                if selected not in (0.25, 0.5):
+                    variants[f"pruned{round(selected * 100)}"] = f"runs:/{run_id}/saes/pruned-{selected:g}"
+                for variant, ref in variants.items():
+                    source = SAESource.parse(ref)
+                    eval_exp = load(experiment, {"evaluation.suites": suites})
+                    key = evaluate.key_for(eval_exp, experiment, source, model_label)
+                    parameters = {"experiment": experiment, "sae": source.describe(), "variant": variant, "suites": ",".join(suites)}
+                    eval_run = run_step("evaluate", parameters, key)
+                    metrics = mlflow.MlflowClient().get_run(eval_run).data.metrics
+                    evaluations.append({"hook": f"blocks.{layer}.{hook}", "variant": variant, "run": eval_run, **metrics})
         summary = pd.concat(tables, ignore_index=True)
+        core_columns = ["core.kl_div_score", "core.ce_loss_score", "core.cossim", "core.mse", "core.explained_variance",
+                        "core.explained_variance_centred", "core.l0"]  # fmt: skip
+        core_table = pd.DataFrame(evaluations)
         with tempfile.TemporaryDirectory() as tmp:
             summary.to_csv(Path(tmp) / "summary.csv", index=False)
             mlflow.log_artifact(str(Path(tmp) / "summary.csv"))
+            if evaluations:
+                core_table.to_csv(Path(tmp) / "evaluation.csv", index=False)
+                mlflow.log_artifact(str(Path(tmp) / "evaluation.csv"))
             if len(layers) > 1:
                 for hook in exp.sae.hooks:
                     path = Path(tmp) / f"sweep_by_layer_{hook}.png"
@@ -100,11 +128,17 @@ def main(experiment: str) -> None:
                     mlflow.log_artifact(str(path))
         mlflow.set_tags({"saecomp.prune_llm_run": prune_run, "saecomp.prune_sae_runs": ",".join(sae_runs)})
         columns = ["hook", "variant", "selected", "mse", "explained_variance", "cossim", "l0", "ce_loss_with_sae", "ce_loss_without_sae"]
+        core_text = ""
+        if evaluations:
+            shown = core_table[["hook", "variant", *[c for c in core_columns if c in core_table]]].round(4)
+            core_text = f"SAEBench core on the pruned model (test tokens; the paper's Table 1):\n{shown.to_string(index=False)}\n\n"
         click.echo(
             f"\n{exp.name}: {exp.model} pruned with {exp.llm_pruning.method} to sparsity {llm['sparsity_actual']:.3f}: "
             f"held-out cross-entropy {llm['ce_loss_dense']:.4f} (dense) -> {llm['ce_loss_pruned']:.4f} (pruned)\n\n"
             f"SAEs on the pruned model (test tokens):\n{summary[columns].round(4).to_string(index=False)}\n\n"
-            f"pipeline run {run.info.run_id} (summary.csv); prune_llm run {prune_run}; prune_sae runs {', '.join(sae_runs)}\n"
+            f"{core_text}"
+            f"pipeline run {run.info.run_id} (summary.csv, evaluation.csv); prune_llm run {prune_run}; "
+            f"prune_sae runs {', '.join(sae_runs)}\n"
             f"tracking store: {mlflow.get_tracking_uri()} -- browse with `mlflow ui` and open http://127.0.0.1:5000"
         )
 

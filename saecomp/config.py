@@ -133,7 +133,20 @@ class SAEPruningConfig:
 
 @dataclass
 class EvaluationConfig:
+    """SAEBench on the test pool (`evaluate`); every variant compared in one table reads the same tokens."""
+
     suites: list[str] = field(default_factory=lambda: ["core"])
+    """core, absorption, scr, tpp, sparse_probing, ravel (only core is built so far)."""
+    n_sequences: int = 128
+    """Test windows that core reads."""
+    context_size: int | None = None
+    """Tokens per window; default: the SAE's context (the paper's SAEBench runs: 128)."""
+    batch_size_prompts: int = 16
+    """Prompts per batch (the paper: 16)."""
+    n_reconstruction_batches: int = 8
+    """Core's batches for the spliced-loss metrics (the paper: 200)."""
+    n_sparsity_variance_batches: int = 8
+    """Core's batches for the sparsity and variance metrics (the paper: 2000)."""
 
 
 @dataclass
@@ -313,6 +326,21 @@ def validate(exp: Experiment) -> Experiment:
             raise ConfigError(f"sae.pretrained has hook {hook!r}; valid: {', '.join(SAE_HOOKS)}")
         if isinstance(source, dict) and set(source) != {"release", "sae_id"}:
             raise ConfigError(f"sae.pretrained.{hook}={source!r} must have exactly the keys release and sae_id")
+    from saecomp.evaluate import SUITES
+
+    for suite in exp.evaluation.suites:
+        if suite not in SUITES:
+            raise ConfigError(f"suite={suite!r} is not valid; valid: {', '.join(SUITES)}")
+    ev = exp.evaluation
+    for name in ("n_sequences", "batch_size_prompts", "n_reconstruction_batches", "n_sparsity_variance_batches"):
+        if getattr(ev, name) < 1:
+            raise ConfigError(f"evaluation.{name}={getattr(ev, name)} must be at least 1")
+    needed = ev.batch_size_prompts * max(ev.n_reconstruction_batches, ev.n_sparsity_variance_batches)
+    if ev.n_sequences < needed:
+        raise ConfigError(
+            f"evaluation.n_sequences={ev.n_sequences} is fewer than core reads ({ev.batch_size_prompts} x "
+            f"{max(ev.n_reconstruction_batches, ev.n_sparsity_variance_batches)} = {needed}); valid: at least {needed}"
+        )
     for sparsity in exp.sae_pruning.sparsities:
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sae_pruning.sparsities contains {sparsity}; valid: numbers in [0, 1)")

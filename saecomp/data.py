@@ -199,7 +199,9 @@ def iter_windows(documents: Iterator[str] | Sequence[str], tokenizer, seq_len: i
             yield ([tokenizer.bos_token_id] + chunk) if prepend_bos else chunk
 
 
-def held_out_tokens(documents, tokenizer, n_sequences: int, seq_len: int, prepend_bos: bool, where: str = "held-out") -> torch.Tensor:
+def held_out_tokens(
+    documents, tokenizer, n_sequences: int, seq_len: int, prepend_bos: bool, where: str = "held-out", asked_by: str = "held_out.n_sequences"
+) -> torch.Tensor:
     """``[n_sequences, seq_len]`` deterministic held-out windows (see `iter_windows`)."""
     windows = []
     for window in iter_windows(documents, tokenizer, seq_len, prepend_bos):
@@ -208,7 +210,7 @@ def held_out_tokens(documents, tokenizer, n_sequences: int, seq_len: int, prepen
             return torch.tensor(windows, dtype=torch.long)
     raise ValueError(
         f"the {where} documents hold {len(windows)} windows of {seq_len} tokens, fewer than {n_sequences}; "
-        "use more held_out.documents or fewer held_out.n_sequences"
+        f"use more held_out.documents or fewer {asked_by}"
     )
 
 

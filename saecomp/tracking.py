@@ -34,6 +34,7 @@ STEP_CODE = {
     "prune_llm": ("models.py", "data.py", "prune_llm.py"),
     "train_sae": ("models.py", "data.py", "saes.py", "train_sae.py"),
     "prune_sae": ("models.py", "data.py", "saes.py", "prune_llm.py", "prune_sae.py"),
+    "evaluate": ("models.py", "data.py", "saes.py", "evaluate.py"),
 }
 
 

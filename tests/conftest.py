@@ -45,6 +45,7 @@ sae:
   context_size: 64
 sae_pruning:
   sparsities: [0.25, 0.5, 0.9]
+evaluation: {n_sequences: 32, batch_size_prompts: 8, n_reconstruction_batches: 4, n_sparsity_variance_batches: 4}
 """
 
 

@@ -18,12 +18,17 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     first = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment)], catch_exceptions=False)
     assert first.exit_code == 0, first.output
     assert "SAEs on the pruned model (test tokens)" in first.output
-    counts = {step: len(step_runs(step)) for step in ("build_world", "prune_llm", "train_sae", "prune_sae")}
+    counts = {step: len(step_runs(step)) for step in ("build_world", "prune_llm", "train_sae", "prune_sae", "evaluate")}
     run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
     summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="summary.csv"))
     assert set(summary["hook"]) == {"blocks.1.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"}
     assert {"pretrained", "pruned25", "pruned50", "trained"} <= set(summary["variant"])
     assert summary[["mse", "explained_variance", "cossim", "ce_loss_with_sae"]].notna().all().all()
+    # SAEBench core for the four variants at every hook, on the pruned model: the paper's Table 1.
+    assert "SAEBench core on the pruned model" in first.output
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation.csv"))
+    assert len(table) >= 12 and {"pretrained", "pruned25", "pruned50", "trained"} <= set(table["variant"])
+    assert table[["core.ce_loss_score", "core.kl_div_score", "core.explained_variance_centred"]].notna().all().all()
 
     second = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment)], catch_exceptions=False)
     assert second.exit_code == 0, second.output

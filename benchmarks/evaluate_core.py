@@ -1,0 +1,108 @@
+"""`evaluate`'s core suite (`saecomp.evaluate.run_core`) vs. SAEBench's own `run_evals` on the same SAE, model
+and tokens, side by side in one process, interleaved, as a ratio (goal: at most 1.1x).
+
+    python benchmarks/evaluate_core.py                 # tiny shape, random weights, CPU
+    python benchmarks/evaluate_core.py --shape gpt2-small --batches 2
+
+`run_core` calls `run_evals` itself; what it adds is SAEBench's own SAE preparation, the JSON output validated
+against SAEBench's pydantic class, and one pass up to the SAE's block for the centred explained variance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from sae_lens import SAE, TopKSAEConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from saecomp.evaluate import CoreSizes, prepared_for_saebench, run_core, token_activation_store
+
+SHAPES = {
+    "tiny": dict(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=128, d_vocab=4096),
+    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257),
+}
+
+
+def saebench_alone(model, sae, tokens, special, sizes: CoreSizes) -> None:
+    """What a SAEBench user runs for core on a model object: `run_evals` over an activation store."""
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+    from sae_bench.evals.core.main import run_evals
+
+    config = CoreEvalConfig(
+        model_name="bench",
+        batch_size_prompts=sizes.batch_size_prompts,
+        n_eval_reconstruction_batches=sizes.n_reconstruction_batches,
+        n_eval_sparsity_variance_batches=sizes.n_sparsity_variance_batches,
+        exclude_special_tokens_from_reconstruction=True,
+        context_size=tokens.shape[1],
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=True,
+    )
+    prepared = prepared_for_saebench(sae, "bench")
+    run_evals(sae=prepared, activation_store=token_activation_store(model, prepared, tokens), model=model, eval_config=config,
+              ignore_tokens=special)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--batches", type=int, default=8, help="reconstruction and sparsity batches each")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the figures here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(**SHAPES[args.shape], act_fn="gelu_new", normalization_type="LN")
+    model = HookedTransformer(cfg).eval()
+    layer = cfg.n_layers // 2
+    sae = SAE.from_dict(TopKSAEConfig(d_in=cfg.d_model, d_sae=8 * cfg.d_model, k=32).to_dict())
+    sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    sae.cfg.metadata.model_name = "bench"
+    sizes = CoreSizes(args.batch_size, args.batches, args.batches)
+    tokens = torch.randint(1, cfg.d_vocab, (sizes.n_prompts, min(args.seq_len, cfg.n_ctx)))
+    tokens[:, 0] = 0
+    special = {0}
+    ours, theirs = [], []
+    for _ in range(args.repeats):  # interleaved: two shared cores drift
+        started = time.perf_counter()
+        saebench_alone(model, sae, tokens, special, sizes)
+        theirs.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        run_core(model, sae, tokens, special, sizes)
+        ours.append(time.perf_counter() - started)
+    ratio = statistics.median(ours) / statistics.median(theirs)
+    figures = {
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": args.shape,
+        "layer": layer,
+        "tokens": tokens.numel(),
+        "saebench_run_evals_seconds": theirs,
+        "saecomp_run_core_seconds": ours,
+        "ratio_median": ratio,
+        "goal": 1.1,
+    }
+    print(f"shape={args.shape} layer={layer}/{cfg.n_layers} tokens={tokens.numel()} threads={torch.get_num_threads()}")
+    print(f"SAEBench run_evals alone: median {statistics.median(theirs):7.2f} s  {[round(t, 2) for t in theirs]}")
+    print(f"saecomp run_core:         median {statistics.median(ours):7.2f} s  {[round(t, 2) for t in ours]}")
+    print(f"ratio {ratio:.3f}x (goal <= 1.1x: {'met' if ratio <= 1.1 else 'NOT met'})")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(figures, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

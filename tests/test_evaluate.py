@@ -1,0 +1,136 @@
+"""evaluate: SAEBench's own core metrics, on the model we pass (the pruned one), as SAEBench's JSON."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+from sae_lens import SAE, StandardSAEConfig
+
+from entrypoints import evaluate as evaluate_step
+from saecomp.data import DocumentPool, held_out_tokens, iter_documents, special_token_mask
+from saecomp.evaluate import CoreSizes, run_core
+from saecomp.models import load_model
+from saecomp.prune_llm import PruneSpec, prune_model
+
+SIZES = CoreSizes(batch_size_prompts=4, n_reconstruction_batches=2, n_sparsity_variance_batches=2)
+HOOK = "blocks.1.hook_resid_post"
+
+
+def identity_sae(d_in: int = 32) -> SAE:
+    """Reconstructs exactly: relu(x) - relu(-x) = x."""
+    sae = SAE.from_dict(StandardSAEConfig(d_in=d_in, d_sae=2 * d_in).to_dict())
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))  # [d_in, d_sae]
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))  # [d_sae, d_in]
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.cfg.metadata.hook_name = HOOK
+    return sae
+
+
+def random_sae(d_in: int = 32, seed: int = 0) -> SAE:
+    sae = SAE.from_dict(StandardSAEConfig(d_in=d_in, d_sae=64).to_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    sae.cfg.metadata.hook_name = HOOK
+    return sae
+
+
+@pytest.fixture(scope="module")
+def pruned_and_dense(small_world):
+    dense = load_model("tiny-gpt2", small_world / "tiny-gpt2")
+    pruned = load_model("tiny-gpt2", small_world / "tiny-gpt2")
+    calibration = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
+    prune_model(pruned.tl, calibration, PruneSpec("wanda", 0.5))
+    # Real text of the world's test split, BOS first, documents separated by EOS.
+    test_pool = DocumentPool("tiny", "test", "text", 0, None)
+    tokens = held_out_tokens(iter_documents(test_pool, small_world), pruned.tokenizer, SIZES.n_prompts, 64, prepend_bos=True)
+    return pruned, dense, tokens
+
+
+def test_core_writes_saebench_json_with_finite_numbers(pruned_and_dense):
+    pruned, _, tokens = pruned_and_dense
+    result = run_core(pruned.tl, random_sae(), tokens, {pruned.tokenizer.bos_token_id}, SIZES)
+    groups = result.output["eval_result_metrics"]
+    assert {"model_behavior_preservation", "model_performance_preservation", "reconstruction_quality", "sparsity"} <= set(groups)
+    assert all(math.isfinite(v) for v in result.metrics.values())
+    assert {"core.ce_loss_score", "core.kl_div_score", "core.explained_variance", "core.explained_variance_centred"} <= set(result.metrics)
+    assert len(result.output["eval_result_details"]) == 64  # per-latent details stay in the JSON
+
+
+def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
+    pruned, _, tokens = pruned_and_dense
+    special = {pruned.tokenizer.bos_token_id, pruned.tokenizer.eos_token_id}
+    perfect = run_core(pruned.tl, identity_sae(), tokens, special, SIZES).metrics
+    assert perfect["core.ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    assert perfect["core.explained_variance_centred"] == pytest.approx(1.0, abs=1e-5)
+    random = run_core(pruned.tl, random_sae(), tokens, special, SIZES).metrics
+    assert random["core.ce_loss_score"] < 0.5
+    # SAEBench 0.6's explained_variance is not a variance ratio; ours beside it is.
+    assert random["core.explained_variance_centred"] < random["core.explained_variance"]
+
+
+def test_core_measures_the_model_it_is_given(pruned_and_dense):
+    pruned, dense, tokens = pruned_and_dense
+    special = {pruned.tokenizer.bos_token_id, pruned.tokenizer.eos_token_id}
+    core = run_core(pruned.tl, random_sae(), tokens, special, SIZES).metrics
+
+    def own_cross_entropy(model):
+        # SAEBench leaves out the predictions made from BOS/EOS/padding (mask[:, :-1]).
+        used = tokens[: SIZES.batch_size_prompts * SIZES.n_reconstruction_batches]
+        with torch.no_grad():
+            loss = model(used, return_type="loss", loss_per_token=True)  # [n, seq - 1]
+        return float(loss[special_token_mask(used, special)[:, :-1]].double().mean())
+
+    assert core["core.ce_loss_without_sae"] == pytest.approx(own_cross_entropy(pruned.tl), abs=1e-4)
+    # ten times the tolerance of the match above: the small model is briefly trained, pruning moves it little
+    assert abs(own_cross_entropy(dense.tl) - core["core.ce_loss_without_sae"]) > 1e-3
+
+
+def all_runs():
+    client = mlflow.MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=2000)
+
+
+def test_evaluate_step_as_typed(small_experiment):
+    result = CliRunner().invoke(
+        evaluate_step.main, ["--experiment", str(small_experiment), "--variant", "pretrained"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    runs = [r for r in all_runs() if r.data.tags.get("saecomp.step") == "evaluate"]
+    run = sorted(runs, key=lambda r: r.info.start_time)[-1]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["variant"] == "pretrained" and run.data.params["pruned_model_run"] != "none (dense)"
+    assert 0 < run.data.metrics["core.ce_loss_score"] <= 1.05 and run.data.metrics["core.seconds"] > 0
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "saebench")}
+    assert artifacts == {"saebench/core.json"}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--suites", "core,vibes"], "suite='vibes' is not valid; valid: core, absorption, scr, tpp, sparse_probing, ravel"),
+        (["--suites", "ravel"], "suite='ravel' is not built yet; built: core"),
+        (["--model", "0123456789abcdef0123456789abcdef"], "model='0123456789abcdef0123456789abcdef' is not valid"),
+        (["--sae", "WIDE"], "the SAE's d_in=48 does not fit blocks.1.hook_resid_post of tiny-gpt2, whose width is 32"),
+        (["--sae", "FAR"], "the SAE's hook blocks.9.hook_resid_post does not fit tiny-gpt2"),
+    ],
+)
+def test_bad_input_is_rejected_before_any_run(small_experiment, tmp_path, args, message):
+    for name, d_in, hook in (("WIDE", 48, HOOK), ("FAR", 32, "blocks.9.hook_resid_post")):
+        sae = random_sae(d_in)
+        sae.cfg.metadata.hook_name = hook
+        sae.save_model(str(tmp_path / name))
+    args = [str(tmp_path / a) if a in ("WIDE", "FAR") else a for a in args]
+    before = len(all_runs())
+    result = CliRunner().invoke(evaluate_step.main, ["--experiment", str(small_experiment), *args])
+    assert result.exit_code == 2, result.output
+    assert f"saecomp: error: {message}" in result.output
+    assert len(all_runs()) == before

@@ -21,7 +21,18 @@ def main(experiment: str) -> None:
 
     world_cfg = exp.world_config()
     key, _ = world_step(exp, experiment)
-    with step_run("build_world", key, flat_params(world_cfg.to_dict(), "world.")):
+    models = ", ".join(world_cfg.models)
+    with step_run(
+        "build_world",
+        key,
+        flat_params(world_cfg.to_dict(), "world."),
+        experiment_name=exp.name,
+        run_name=f"build_world · {world_cfg.corpus.n_documents} documents · {models}",
+        description=(
+            f"Generated the tiny world: {world_cfg.corpus.n_documents} documents, a {world_cfg.vocab_size}-token tokenizer, "
+            f"and trained {models} on it."
+        ),
+    ):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "world"
             # One step counter across models so the MLflow charts show each model's curve.

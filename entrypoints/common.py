@@ -20,6 +20,12 @@ experiment_option = click.option(
 )
 
 
+def pruning_label(exp: Experiment) -> str:
+    """How the experiment prunes its model, for run names: ``tiny-gpt2 wanda 50%`` or ``gpt2 wanda 2:4``."""
+    amount = exp.llm_pruning.nm or f"{exp.llm_pruning.sparsity * 100:g}%"
+    return f"{exp.model} {exp.llm_pruning.method} {amount}"
+
+
 def fail(message: str) -> None:
     """One clear line on stderr and a non-zero exit, before any compute."""
     click.echo(f"saecomp: error: {message}", err=True)
@@ -47,7 +53,7 @@ def resolve_world(exp: Experiment, experiment_path: str) -> Path:
     from saecomp.tracking import local_artifacts, run_step
 
     key, parameters = world_step(exp, experiment_path)
-    return local_artifacts(run_step("build_world", parameters, key), "world")
+    return local_artifacts(run_step("build_world", parameters, key, exp.name), "world")
 
 
 def model_source(exp: Experiment, experiment_path: str) -> tuple[str | None, Path | None]:
@@ -100,7 +106,7 @@ def resolve_base(exp: Experiment, experiment_path: str, base: str) -> tuple[Path
     if base == "pruned":
         from entrypoints.prune_llm import key_for
 
-        run_id = run_step("prune_llm", {"experiment": experiment_path}, key_for(exp, experiment_path))
+        run_id = run_step("prune_llm", {"experiment": experiment_path}, key_for(exp, experiment_path), exp.name)
     else:
         import mlflow
 

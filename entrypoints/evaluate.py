@@ -11,6 +11,7 @@ BOS first where the SAE saw it. Only `core` is built so far.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -140,10 +141,18 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
         "n_sparsity_variance_batches": ev.n_sparsity_variance_batches,
     }
     key = key_for(exp, experiment_path, source, model_label)
-    with step_run("evaluate", key, params) as run:
-        mlflow.set_tags(
-            {"variant": variant, "hook": hook, "layer": layer, "sae_source": source.describe(), "pruned_model_run": prune_run or ""}
-        )
+    from entrypoints.common import pruning_label
+
+    on = pruning_label(exp) if prune_run else f"{exp.model} dense"
+    run_name = f"evaluate · {hook_name} · {variant} · {on}"
+    description = f"SAEBench ({', '.join(ev.suites)}) for the {variant} SAE {source.describe()} spliced into {on}" + (
+        f" (prune_llm run `{prune_run}`)." if prune_run else "."
+    )
+    tags = {"variant": variant, "hook": hook, "layer": layer, "sae_source": source.describe(), "pruned_model_run": prune_run or ""}
+    sparsity = re.search(r"pruned-([0-9.]+)$", source.describe())
+    if sparsity:
+        tags["sparsity"] = sparsity.group(1)
+    with step_run("evaluate", key, params, exp.name, run_name, description, tags) as run:
         world = None
         if exp.model in TINY_MODELS:
             from entrypoints.common import resolve_world

@@ -10,6 +10,7 @@ the dense model and trained on the pruned one, in the tiny world) -> prune_sae, 
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -71,8 +72,28 @@ def main(experiment: str) -> None:
     if skipped:
         click.echo(f"[pipeline] evaluation suites not built yet, skipped: {', '.join(skipped)}", err=True)
 
-    with mlflow.start_run() as run:
-        mlflow.set_tag(STEP_TAG, "pipeline")
+    from entrypoints.common import pruning_label
+    from saecomp.tracking import experiment_id_for, library_versions
+
+    # Under `mlflow run`, MLflow has placed this run (`--experiment-name`); run directly, it goes to the
+    # experiment named after the file. The steps it starts go there either way.
+    placed = os.environ.get("MLFLOW_RUN_ID")
+    with mlflow.start_run(experiment_id=None if placed else experiment_id_for(exp.name)) as run:
+        mlflow.set_tags(
+            {
+                STEP_TAG: "pipeline",
+                "mlflow.runName": f"pipeline · {exp.name} · {pruning_label(exp)}",
+                "mlflow.note.content": f"The whole experiment file {experiment}: every step, reusing finished ones; "
+                f"the summary tables are this run's artifacts (summary.csv, evaluation.csv).",
+                **library_versions(),
+            }
+        )
+        if run.info.experiment_id == "0":
+            click.echo(
+                f"[saecomp] this pipeline run is in MLflow's Default experiment; its steps go to the experiment {exp.name!r}. "
+                f"`mlflow run . --experiment-name {exp.name}` files the pipeline run there too.",
+                err=True,
+            )
         mlflow.log_param("experiment_name", exp.name)
         model_source(exp, experiment)  # the tiny world, when the experiment needs one
         _, model_label, prune_run = resolve_base(exp, experiment, "pruned")
@@ -88,7 +109,7 @@ def main(experiment: str) -> None:
                     exp, experiment, hook, layer, None, exp.sae_pruning.selection_metric, prune_run,
                     SAESource.parse(pretrained), SAESource.parse(trained),
                 )  # fmt: skip
-                run_id = run_step("prune_sae", {"experiment": experiment, "hook": hook, "layer": str(layer)}, key)
+                run_id = run_step("prune_sae", {"experiment": experiment, "hook": hook, "layer": str(layer)}, key, exp.name)
                 sae_runs.append(run_id)
                 sweeps[(hook, layer)] = pd.read_csv(local_artifacts(run_id, "sweep.csv"))
                 table = pd.read_csv(local_artifacts(run_id, "test_table.csv"))
@@ -108,7 +129,7 @@ def main(experiment: str) -> None:
                     eval_exp = load(experiment, {"evaluation.suites": suites})
                     key = evaluate.key_for(eval_exp, experiment, source, model_label)
                     parameters = {"experiment": experiment, "sae": source.describe(), "variant": variant, "suites": ",".join(suites)}
-                    eval_run = run_step("evaluate", parameters, key)
+                    eval_run = run_step("evaluate", parameters, key, exp.name)
                     metrics = mlflow.MlflowClient().get_run(eval_run).data.metrics
                     evaluations.append({"hook": f"blocks.{layer}.{hook}", "variant": variant, "run": eval_run, **metrics})
         summary = pd.concat(tables, ignore_index=True)

@@ -107,7 +107,16 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
         **flat_params({k: v for k, v in exp.to_dict().items() if k in ("data", "calibration", "llm_pruning", "held_out")}),
     }
     say = lambda line: click.echo(f"[prune_llm] {line}", err=True)  # noqa: E731
-    with step_run("prune_llm", key, params) as run:
+    from entrypoints.common import pruning_label
+
+    run_name = f"prune_llm · {pruning_label(exp)}"
+    description = (
+        f"Pruned the attention and MLP weights of {exp.model} with {spec.method} to sparsity {spec.effective_sparsity:g}"
+        f"{f' ({exp.llm_pruning.nm})' if exp.llm_pruning.nm else ''}, calibrated on {exp.calibration.n_sequences} sequences of the "
+        f"calibration pool; held-out cross-entropy before and after."
+    )
+    tags = {"method": spec.method, "sparsity": f"{spec.effective_sparsity:g}", "base_model": exp.model}
+    with step_run("prune_llm", key, params, exp.name, run_name, description, tags) as run:
         started = time.perf_counter()
         architecture = model_dims(exp).architecture
         processing = pruning_processing(spec.method, architecture)

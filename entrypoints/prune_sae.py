@@ -51,7 +51,7 @@ def dependency(exp, experiment_path: str, hook: str, layer: int, base: str, mode
 
     key = key_for(exp, experiment_path, build_spec(exp, hook, layer, None), model_label, None)
     if exp.model in TINY_MODELS:
-        run_id = run_step("train_sae", {"experiment": experiment_path, "hook": hook, "layer": str(layer), "base": base}, key)
+        run_id = run_step("train_sae", {"experiment": experiment_path, "hook": hook, "layer": str(layer), "base": base}, key, exp.name)
     else:
         run_id = find_finished_run("train_sae", key)
         if run_id is None:
@@ -240,7 +240,22 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
     }
     say = lambda line: click.echo(f"[prune_sae] {line}", err=True)  # noqa: E731
     name = f"blocks.{layer}.{hook}"
-    with step_run("prune_sae", key, params) as run:
+    from entrypoints.common import pruning_label
+
+    run_name = f"prune_sae · {name} · {pruning_label(exp)}"
+    description = (
+        f"Pruned the pretrained SAE at {name} ({pretrained_source.describe()}) with {method} over {len(levels)} levels on prune_llm "
+        f"run `{prune_run}`, against the trained SAE ({trained_source.describe()}); selected a level by the {rule} rule."
+    )
+    tags = {
+        "hook": hook,
+        "layer": str(layer),
+        "method": method,
+        "variant": "pruned",
+        "base_model": exp.model,
+        "pruned_model_run": prune_run or "",
+    }
+    with step_run("prune_sae", key, params, exp.name, run_name, description, tags) as run:
         models = {}
 
         def model_for(sae):

@@ -168,7 +168,16 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
         world = Path(checkpoint).parent if prune_run is None else None
     say = lambda line: click.echo(f"[train_sae] {line}", err=True)  # noqa: E731
     checkpoint_dir = CACHE_DIR.parent / "checkpoints" / "train_sae" / key
-    with step_run("train_sae", key, params) as run:
+    from entrypoints.common import pruning_label
+
+    on = pruning_label(exp) if prune_run else f"{exp.model} dense"
+    run_name = f"train_sae · blocks.{spec.layer}.{spec.hook} · {on} ({variant})"
+    description = (
+        f"Trained a {spec.architecture} SAE with SAELens at blocks.{spec.layer}.{spec.hook} of {on} on {spec.training_tokens} streamed "
+        f"tokens: the {variant} SAE." + (f" Pruned model: prune_llm run `{prune_run}`." if prune_run else "")
+    )
+    tags = {"variant": variant, "hook": spec.hook, "layer": str(spec.layer), "base_model": exp.model, "pruned_model_run": prune_run or ""}
+    with step_run("train_sae", key, params, exp.name, run_name, description, tags) as run:
         loaded = load_model(exp.model, checkpoint)
         if exp.model in TINY_MODELS and world is None:
             from entrypoints.common import resolve_world

@@ -25,6 +25,38 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
 CACHE_DIR = Path(os.environ.get("SAECOMP_CACHE", PROJECT_ROOT / ".saecomp" / "cache"))
 STEP_TAG, KEY_TAG = "saecomp.step", "saecomp.key"
+# MLflow 3.17's UI opens an experiment in its GenAI view unless told it is model development (GUIDE §2).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+LIBRARIES = ("torch", "transformer-lens", "sae-lens", "sae-bench", "mlflow", "transformers")
+
+
+def experiment_id_for(name: str) -> str:
+    """The MLflow experiment named after an experiment file's ``name``: created on first use, and tagged so that
+    the UI opens it as model training."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            experiment_id = client.create_experiment(name, tags=EXPERIMENT_KIND)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent step
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+        return experiment_id
+    if found.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
+        client.set_experiment_tag(found.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND["mlflow.experimentKind"])
+    return found.experiment_id
+
+
+def library_versions() -> dict[str, str]:
+    """Tags naming the versions of the libraries a result depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {}
+    for package in LIBRARIES:
+        try:
+            tags[f"saecomp.version.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"saecomp.version.{package}"] = "not installed"
+    return tags
 
 
 # The modules whose code decides each step's output: a change there makes finished runs stale. (Modules
@@ -69,12 +101,19 @@ def find_finished_run(step: str, key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def run_step(entry_point: str, parameters: dict[str, str], key: str) -> str:
+def run_step(entry_point: str, parameters: dict[str, str], key: str, experiment_name: str | None = None) -> str:
     """Reuse the finished run of ``entry_point`` with ``key``, or run the entry point now (as its own
-    MLflow run, in this environment) and return its id."""
+    MLflow run, in this environment, in the experiment named ``experiment_name``) and return its id. A new run
+    is nested under the active run (the pipeline's); a reused one keeps its parent and is listed on the active
+    run's ``saecomp.reused_runs`` tag."""
+    active = mlflow.active_run()
     existing = find_finished_run(entry_point, key)
     if existing:
         print(f"[saecomp] reusing finished {entry_point} run {existing}", flush=True)
+        if active is not None:
+            reused = MlflowClient().get_run(active.info.run_id).data.tags.get("saecomp.reused_runs", "")
+            if existing not in reused.split(","):
+                mlflow.set_tag("saecomp.reused_runs", ",".join(r for r in (reused, existing) if r)[:5000])
         return existing
     if not (PROJECT_ROOT / "MLproject").exists():
         raise RuntimeError(f"no finished {entry_point} run with key {key}; run `mlflow run . -e {entry_point}` first")
@@ -82,16 +121,21 @@ def run_step(entry_point: str, parameters: dict[str, str], key: str) -> str:
     # Nested `mlflow run`s do not inherit the env manager (GUIDE §2), and the shell they start must
     # find this interpreter's `python`.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    active = mlflow.active_run()
+    if experiment_name is not None:
+        experiment_id = experiment_id_for(experiment_name)
+    else:
+        experiment_id = active.info.experiment_id if active else None
     submitted = mlflow.projects.run(
         uri=str(PROJECT_ROOT),
         entry_point=entry_point,
         parameters=parameters,
         env_manager="local",
-        experiment_id=active.info.experiment_id if active else None,
+        experiment_id=experiment_id,
         synchronous=True,
     )
     run_id = submitted.run_id
+    if active is not None:
+        MlflowClient().set_tag(run_id, "mlflow.parentRunId", active.info.run_id)
     if MlflowClient().get_run(run_id).data.tags.get(KEY_TAG) != key:
         raise RuntimeError(f"{entry_point} run {run_id} finished with another key than {key}: its inputs changed under it")
     return run_id
@@ -117,18 +161,48 @@ def _raise_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-@contextlib.contextmanager
-def step_run(step: str, key: str, params: dict[str, object]):
-    """Open (or resume, under `mlflow run`) the step's run, tag it and log ``params``.
+_TOLD_ABOUT_DEFAULT = False
 
-    An exception, Ctrl-C or SIGTERM inside closes the run as FAILED/KILLED; only a clean exit marks
+
+@contextlib.contextmanager
+def step_run(
+    step: str,
+    key: str,
+    params: dict[str, object],
+    experiment_name: str | None = None,
+    run_name: str | None = None,
+    description: str | None = None,
+    tags: dict[str, str] | None = None,
+):
+    """Open (or resume, under `mlflow run`) the step's run, name, describe and tag it, and log ``params``.
+
+    Outside `mlflow run` the run goes to the experiment named ``experiment_name``; under it MLflow has placed
+    the run already (``--experiment-name``), and a run left in MLflow's Default experiment says once how to name
+    one. An exception, Ctrl-C or SIGTERM inside closes the run as FAILED/KILLED; only a clean exit marks
     it FINISHED. Params that `mlflow run` already logged from ``-P`` are not logged again (MLflow
     refuses a second value, and the first is what the user typed).
     """
+    global _TOLD_ABOUT_DEFAULT
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    run = mlflow.start_run()
+    if os.environ.get("MLFLOW_RUN_ID") or experiment_name is None:
+        run = mlflow.start_run()
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id_for(experiment_name))
     try:
-        mlflow.set_tags({STEP_TAG: step, KEY_TAG: key, "saecomp.code": source_digest()})
+        labels = {STEP_TAG: step, KEY_TAG: key, "saecomp.code": source_digest(), **library_versions(), **(tags or {})}
+        if run_name:
+            labels["mlflow.runName"] = run_name
+        if description:
+            labels["mlflow.note.content"] = description
+        mlflow.set_tags(labels)
+        if experiment_name and run.info.experiment_id == "0" and not _TOLD_ABOUT_DEFAULT:
+            _TOLD_ABOUT_DEFAULT = True
+            print(
+                f"[saecomp] this run is in MLflow's Default experiment; `mlflow run . --experiment-name {experiment_name} ...` "
+                f"files it (and the steps it starts) under the experiment {experiment_name!r}",
+                file=sys.stderr,
+                flush=True,
+            )
         already = MlflowClient().get_run(run.info.run_id).data.params
         mlflow.log_params({k: v for k, v in params.items() if k not in already})
         yield run

@@ -30,10 +30,22 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     assert len(table) >= 12 and {"pretrained", "pruned25", "pruned50", "trained"} <= set(table["variant"])
     assert table[["core.ce_loss_score", "core.kl_div_score", "core.explained_variance_centred"]].notna().all().all()
 
+    # Browsable: the steps sit in the experiment named after the file, nested under the pipeline run that made them.
+    client = mlflow.MlflowClient()
+    for child in step_runs("prune_sae") + step_runs("evaluate"):
+        assert client.get_experiment(child.info.experiment_id).name == "small"
+        assert child.data.tags["mlflow.runName"].startswith(("prune_sae · blocks.1.", "evaluate · blocks.1."))
+    reused_by_first = set(client.get_run(run.info.run_id).data.tags.get("saecomp.reused_runs", "").split(","))
+    for run_id in table["run"]:
+        assert client.get_run(run_id).data.tags.get("mlflow.parentRunId") == run.info.run_id or run_id in reused_by_first
+    made_here = [r for r in step_runs("evaluate") if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+
     second = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment)], catch_exceptions=False)
     assert second.exit_code == 0, second.output
     assert {step: len(step_runs(step)) for step in counts} == counts, "a finished step ran again"
     assert "reusing finished prune_sae run" in second.output
+    rerun = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
+    assert set(rerun.data.tags["saecomp.reused_runs"].split(",")) >= {r.info.run_id for r in made_here}
 
 
 def test_per_layer_figure_draws_one_curve_per_layer(tmp_path):

@@ -380,7 +380,8 @@ def test_prune_sae_runs_on_a_hub_named_gpt2_with_a_layer_norm_topk_sae(tmp_path)
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    runs = {r.data.tags["saecomp.step"]: r for r in client.search_runs(["0"]) if "saecomp.step" in r.data.tags}
+    experiment = client.get_experiment_by_name("hub-gpt2")  # the experiment file's name
+    runs = {r.data.tags["saecomp.step"]: r for r in client.search_runs([experiment.experiment_id]) if "saecomp.step" in r.data.tags}
     assert {"prune_llm", "prune_sae"} <= set(runs) and all(r.info.status == "FINISHED" for r in runs.values())
     metrics = runs["prune_sae"].data.metrics
     assert all(torch.isfinite(torch.tensor(metrics[f"test.{v}.mse"])) for v in ("pretrained", "pruned25", "pruned50", "trained"))

@@ -126,6 +126,15 @@ def test_prune_llm_logs_what_it_did(small_experiment, tracked_world):
     assert (model.model.layers[0].mlp.gate_proj.weight == 0).float().mean().item() == 0.5
     tokens = load_file(local / "tokens.safetensors")
     assert tokens["calibration_tokens"].shape == (16, 64)
+    # Findable in the UI: its own experiment (opened as model training), a name, a description, tags, versions.
+    experiment = mlflow.MlflowClient().get_experiment(run.info.experiment_id)
+    assert experiment.name == "small" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = run.data.tags
+    assert tags["mlflow.runName"] == "prune_llm · tiny-gemma2 wanda 2:4"
+    assert "Pruned the attention and MLP weights of tiny-gemma2 with wanda" in tags["mlflow.note.content"]
+    assert tags["method"] == "wanda" and tags["sparsity"] == "0.5"
+    assert {f"saecomp.version.{p}" for p in ("torch", "transformer-lens", "sae-lens", "sae-bench", "mlflow")} <= set(tags)
+    assert tags["saecomp.version.torch"].startswith("2.")
 
 
 def test_interrupted_prune_never_looks_finished(small_experiment, tracked_world):

@@ -20,7 +20,7 @@ import torch
 from sae_lens import SAE, TopKSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from saecomp.evaluate import CoreSizes, prepared_for_saebench, run_core, token_activation_store
+from saecomp.evaluate import CoreSizes, core_config, prepared_for_saebench, run_core, token_activation_store
 
 SHAPES = {
     "tiny": dict(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=128, d_vocab=4096),
@@ -30,24 +30,9 @@ SHAPES = {
 
 def saebench_alone(model, sae, tokens, special, sizes: CoreSizes) -> None:
     """What a SAEBench user runs for core on a model object: `run_evals` over an activation store."""
-    from sae_bench.evals.core.eval_config import CoreEvalConfig
     from sae_bench.evals.core.main import run_evals
 
-    config = CoreEvalConfig(
-        model_name="bench",
-        batch_size_prompts=sizes.batch_size_prompts,
-        n_eval_reconstruction_batches=sizes.n_reconstruction_batches,
-        n_eval_sparsity_variance_batches=sizes.n_sparsity_variance_batches,
-        exclude_special_tokens_from_reconstruction=True,
-        context_size=tokens.shape[1],
-        compute_kl=True,
-        compute_ce_loss=True,
-        compute_l2_norms=True,
-        compute_sparsity_metrics=True,
-        compute_variance_metrics=True,
-        compute_featurewise_density_statistics=True,
-        compute_featurewise_weight_based_metrics=True,
-    )
+    config = core_config(sizes, tokens.shape[1], "bench")
     prepared = prepared_for_saebench(sae, "bench")
     run_evals(sae=prepared, activation_store=token_activation_store(model, prepared, tokens), model=model, eval_config=config,
               ignore_tokens=special)  # fmt: skip

@@ -92,11 +92,11 @@ def model_dims(exp: Experiment):
     return ModelDims.from_hf_config(AutoConfig.from_pretrained(exp.model))
 
 
-def resolve_base(exp: Experiment, experiment_path: str, base: str) -> tuple[Path | None, str, str | None]:
+def resolve_base(exp: Experiment, experiment_path: str, base: str, name: str = "base") -> tuple[Path | None, str, str | None]:
     """(checkpoint directory or None for a Hub name, a model name that identifies it, prune_llm run id or None).
 
     ``base``: ``dense``, ``pruned`` (the experiment's prune_llm run, run now if no finished one matches), or
-    the id of a FINISHED prune_llm run.
+    the id of a FINISHED prune_llm run (checked, never computed; errors call the value ``name``).
     """
     if base == "dense":
         checkpoint, _ = model_source(exp, experiment_path)
@@ -113,11 +113,11 @@ def resolve_base(exp: Experiment, experiment_path: str, base: str) -> tuple[Path
         try:
             run = mlflow.MlflowClient().get_run(base)
         except Exception:
-            fail(f"base={base!r} is not valid; valid: pruned, dense, or the id of a finished prune_llm run")
+            fail(f"{name}={base!r} is not valid; valid: pruned, dense, or the id of a finished prune_llm run")
         if run.data.tags.get(STEP_TAG) != "prune_llm" or run.info.status != "FINISHED":
-            fail(f"base={base!r} is not a finished prune_llm run (step {run.data.tags.get(STEP_TAG)}, {run.info.status})")
+            fail(f"{name}={base!r} is not a finished prune_llm run (step {run.data.tags.get(STEP_TAG)}, {run.info.status})")
         if run.data.params.get("model") != exp.model:
-            fail(f"base={base!r} pruned {run.data.params.get('model')}, not the experiment's model {exp.model}")
+            fail(f"{name}={base!r} pruned {run.data.params.get('model')}, not the experiment's model {exp.model}")
         run_id = base
     return local_artifacts(run_id, "pruned_model"), f"{exp.model}+prune_llm:{run_id}", run_id
 

@@ -48,35 +48,19 @@ def main(experiment, sae, base, suites, hook, layer, variant) -> None:
     except ValueError as error:
         fail(str(error) if "layer" in str(error) else f"layer={layer!r} is not an integer")
     base = base or "pruned"
-    if base not in ("pruned", "dense"):
-        check_prune_run(base, exp.model)
+    resolved = None
+    if base not in ("pruned", "dense"):  # a run id: checked now, before anything is computed
+        resolved = resolve_base(exp, experiment, base, name="model")
     reference = sae or exp.pretrained_source(hook, layer)
     if reference is not None:
         source, sae_object = check_sae(load_source("sae", reference), dims, exp.model)
-    checkpoint, model_label, prune_run = resolve_base(exp, experiment, base)
+    checkpoint, model_label, prune_run = resolved or resolve_base(exp, experiment, base, name="model")
     if reference is None:  # the tiny world's pretrained SAE: trained now unless a finished run has it
         from entrypoints.prune_sae import dependency
 
         reference = dependency(exp, experiment, hook, layer, "dense", exp.model)
         source, sae_object = check_sae(load_source("sae", reference), dims, exp.model)
     run_evaluate(exp, experiment, source, sae_object, checkpoint, model_label, prune_run, variant or "unnamed")
-
-
-def check_prune_run(run_id: str, model: str) -> None:
-    """A clean exit unless ``run_id`` is a FINISHED prune_llm run of ``model``."""
-    import mlflow
-
-    from saecomp.tracking import STEP_TAG
-
-    valid = "pruned, dense, or the id of a finished prune_llm run"
-    try:
-        run = mlflow.MlflowClient().get_run(run_id)
-    except Exception:
-        fail(f"model={run_id!r} is not valid; valid: {valid}")
-    if run.data.tags.get(STEP_TAG) != "prune_llm" or run.info.status != "FINISHED":
-        fail(f"model={run_id!r} is not a finished prune_llm run ({run.data.tags.get(STEP_TAG)}, {run.info.status}); valid: {valid}")
-    if run.data.params.get("model") != model:
-        fail(f"model={run_id!r} pruned {run.data.params.get('model')}, not the experiment's model {model}")
 
 
 def check_sae(loaded, dims, model: str):

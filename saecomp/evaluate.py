@@ -90,6 +90,29 @@ def token_activation_store(model: HookedTransformer, sae: SAE, tokens: torch.Ten
         sae.cfg.metadata.prepend_bos = prepend_bos
 
 
+def core_config(sizes: CoreSizes, context_size: int, model_name: str = "model", dtype: str = "float32"):
+    """SAEBench's `CoreEvalConfig` with every core metric on and special tokens excluded from reconstruction."""
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+
+    return CoreEvalConfig(
+        model_name=model_name,
+        batch_size_prompts=sizes.batch_size_prompts,
+        n_eval_reconstruction_batches=sizes.n_reconstruction_batches,
+        n_eval_sparsity_variance_batches=sizes.n_sparsity_variance_batches,
+        exclude_special_tokens_from_reconstruction=True,
+        dataset="saecomp held-out windows (tokens.safetensors)",
+        context_size=context_size,
+        compute_kl=True,
+        compute_ce_loss=True,
+        compute_l2_norms=True,
+        compute_sparsity_metrics=True,
+        compute_variance_metrics=True,
+        compute_featurewise_density_statistics=True,
+        compute_featurewise_weight_based_metrics=True,
+        llm_dtype=dtype,
+    )
+
+
 @torch.no_grad()
 def run_core(
     model: HookedTransformer,
@@ -103,7 +126,6 @@ def run_core(
     """SAEBench's core metrics (`sae_bench.evals.core.main.run_evals`) on ``model`` over ``tokens``, special
     tokens excluded from reconstruction as the paper's settings do. Returns its validated JSON and headline
     metrics, with the centred explained variance beside SAEBench's."""
-    from sae_bench.evals.core.eval_config import CoreEvalConfig
     from sae_bench.evals.core.eval_output import CoreEvalOutput
     from sae_bench.evals.core.main import run_evals, save_single_eval_result
     from sae_bench.sae_bench_utils import get_sae_bench_version, get_sae_lens_version
@@ -114,23 +136,7 @@ def run_core(
             "use fewer batches or more held-out sequences"
         )
     started = time.perf_counter()
-    config = CoreEvalConfig(
-        model_name=model_name,
-        batch_size_prompts=sizes.batch_size_prompts,
-        n_eval_reconstruction_batches=sizes.n_reconstruction_batches,
-        n_eval_sparsity_variance_batches=sizes.n_sparsity_variance_batches,
-        exclude_special_tokens_from_reconstruction=True,
-        dataset="saecomp held-out windows (tokens.safetensors)",
-        context_size=tokens.shape[1],
-        compute_kl=True,
-        compute_ce_loss=True,
-        compute_l2_norms=True,
-        compute_sparsity_metrics=True,
-        compute_variance_metrics=True,
-        compute_featurewise_density_statistics=True,
-        compute_featurewise_weight_based_metrics=True,
-        llm_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-    )
+    config = core_config(sizes, tokens.shape[1], model_name, str(next(model.parameters()).dtype).removeprefix("torch."))
     sae = prepared_for_saebench(sae, model_name)
     store = token_activation_store(model, sae, tokens)
     scalar, features = run_evals(sae=sae, activation_store=store, model=model, eval_config=config, ignore_tokens=set(special_ids))

@@ -7,6 +7,7 @@ SAELens folder), and one set of reconstruction metrics computed the same way for
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 HOOKS = ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
+
+# SAELens warns at every SAE it builds that the model should be loaded with the SAE's
+# `model_from_pretrained_kwargs`; saecomp always does (`processing_kwargs`), so the warning only repeats.
+warnings.filterwarnings("ignore", message=r"\nThis SAE has non-empty model_from_pretrained_kwargs", category=UserWarning)
 
 # TransformerLens's `from_pretrained` defaults: what an SAE whose metadata names no processing expects.
 TL_DEFAULT_PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}

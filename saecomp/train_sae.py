@@ -8,6 +8,7 @@ checkpoint folder found and its three parts loaded, as `runner.run()` does when 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -200,6 +201,13 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name), default=None)
 
 
+class _QuietOverrides(logging.Filter):
+    # SAELens warns that an overriding model or dataset makes the run irreproducible from its config alone; ours
+    # are recorded by the step's key, params and tokens, so the warning says nothing here.
+    def filter(self, record):
+        return "You just passed in a" not in record.getMessage()
+
+
 def train_sae(
     spec: SAETrainingSpec,
     model: HookedTransformer,
@@ -220,6 +228,7 @@ def train_sae(
     (SAELens format) and returns (that SAE as `SAE.load_from_disk` gives it, the number of samples it resumed
     from or None)."""
     cfg = runner_config(spec, model, model_name, model_kwargs, checkpoint_dir, dataset_name, prepend_bos, special_ids)
+    logging.getLogger("sae_lens").addFilter(_QuietOverrides())
     torch.manual_seed(spec.seed)
     runner = LanguageModelSAETrainingRunner(cfg, override_dataset=token_dataset, override_model=model)
     # What `runner.run()` does, with our trainer in place of SAETrainer.

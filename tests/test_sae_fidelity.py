@@ -90,12 +90,7 @@ def test_special_tokens_are_never_spliced_or_measured(small_world):
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, rel=1e-6), key
     assert metrics["mse"] != pytest.approx(evaluate_sae(model, sae, tokens)["mse"], rel=1e-3)
-    # The spliced model sees its own activations at BOS: the first prediction is the clean one.
-    seen = {}
-
-    def record(act, hook):
-        seen["act"] = act.clone()
-
+    # The splice keeps the model's own activations at BOS and EOS, and replaces them everywhere else.
     from saecomp.saes import ordinary_positions, splice
 
     spliced = splice(sae, cache["blocks.1.hook_resid_post"], ordinary_positions(tokens, {bos, eos}))
@@ -113,7 +108,9 @@ def test_windows_start_with_bos_where_the_model_was_trained_with_it(small_experi
     without = sae_tokens(exp, tokenizer, 32, False, small_world)
     for tokens in (with_bos.calibration, with_bos.validation, with_bos.test):
         assert (tokens[:, 0] == tokenizer.bos_token_id).all() and tokens.shape[1] == 32
-    assert without.validation[0, 0] != tokenizer.bos_token_id or without.validation[1, 0] != tokenizer.bos_token_id
+    # Without BOS the windows are the plain stream: the text of the BOS windows, one token shorter each.
+    assert not (without.validation[:, 0] == tokenizer.bos_token_id).all()
+    assert torch.equal(with_bos.validation[0, 1:], without.validation[0, :-1])
 
 
 # --- 4. disjoint documents ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from sae_lens import SAE, TopKSAEConfig
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from benchmarks.common import machine, write_json
 from saecomp.prune_sae import cache_activations, prune_sae, sae_statistics, sweep
 from saecomp.saes import evaluate_sae
 
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--expansion", type=int, default=8)
+    parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(**SHAPES[args.shape], act_fn="gelu_new", normalization_type="LN")
@@ -58,6 +60,22 @@ def main() -> None:
     print(f"cached sweep:          {cached_seconds:8.2f} s")
     print(f"each level separately: {separate_seconds:8.2f} s")
     print(f"speed-up: {separate_seconds / cached_seconds:.2f}x   (largest CE difference between the two: {worst:.2e})")
+    write_json(
+        args.json,
+        {
+            "benchmark": "sae_sweep",
+            "shape": args.shape,
+            "layer": layer,
+            "n_layers": cfg.n_layers,
+            "tokens": tokens.numel(),
+            "levels": levels,
+            "cached_sweep_seconds": cached_seconds,
+            "each_level_separately_seconds": separate_seconds,
+            "speed_up": separate_seconds / cached_seconds,
+            "largest_ce_difference": worst,
+            "machine": machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

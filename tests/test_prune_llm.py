@@ -206,3 +206,29 @@ def test_prune_spec_rejects_bad_values():
         PruneSpec("foo", 0.5)
     with pytest.raises(ValueError, match="nm=4:4"):
         PruneSpec("wanda", 0.5, (4, 4))
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+def test_linear_time_selection_is_the_stable_sorts_first_k(dim):
+    """`lowest_mask` replaces a full stable sort: ties (many, here) must go to the lowest indices exactly as the
+    sort gives them, for every k including none and all."""
+    from saecomp.prune_llm import lowest_mask
+
+    generator = torch.Generator().manual_seed(3)
+    score = torch.randint(0, 5, (8, 12, 16), generator=generator).double()  # mostly ties
+    n = score.shape[dim]
+    for k in (0, 1, n // 2, n - 1, n):
+        expected = torch.zeros_like(score, dtype=torch.bool)
+        if k:
+            expected.scatter_(dim, torch.sort(score, dim=dim, stable=True).indices.narrow(dim, 0, k), True)
+        assert torch.equal(lowest_mask(score, k, dim), expected), (dim, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_input_norms_are_exact_float64_sums_of_exact_squares(dtype):
+    """Half-precision activations square exactly in float32; the statistics must equal float64 squares summed
+    in float64, bit for bit, whatever the model's dtype."""
+    from saecomp.prune_llm import _sum_of_squares
+
+    x = (torch.randn(3000, 40, generator=torch.Generator().manual_seed(4)) * 30).to(dtype)
+    assert torch.equal(_sum_of_squares(x), (x.double() * x.double()).sum(0))

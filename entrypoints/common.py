@@ -12,12 +12,34 @@ from saecomp.models import TINY_MODELS
 
 DEFAULT_EXPERIMENT = "experiments/tiny.yaml"
 
-experiment_option = click.option(
-    "--experiment",
-    default=DEFAULT_EXPERIMENT,
-    show_default=True,
-    help="Experiment file (experiments/*.yaml); the options below override single fields of it.",
-)
+
+def _remember(ctx: click.Context, param: click.Parameter, value):
+    # Runtime overrides every step shares travel in the click context, so that `load` applies them.
+    if value not in (None, ""):
+        ctx.meta[f"saecomp.{param.name}"] = value
+
+
+def experiment_option(command):
+    """``--experiment`` and the overrides every step takes: ``--device`` and ``--dtype``."""
+    command = click.option("--dtype", expose_value=False, callback=_remember, help="float32, bfloat16 or float16 (default: the file's).")(
+        command
+    )
+    command = click.option(
+        "--device", expose_value=False, callback=_remember, help="cpu, cuda, cuda:<index> or mps (default: the file's)."
+    )(command)
+    return click.option(
+        "--experiment",
+        default=DEFAULT_EXPERIMENT,
+        show_default=True,
+        help="Experiment file (experiments/*.yaml); the options below override single fields of it.",
+    )(command)
+
+
+def runtime_overrides() -> dict[str, str]:
+    """The ``--device``/``--dtype`` given to the running entry point, as parameters for the steps it starts."""
+    context = click.get_current_context(silent=True)
+    meta = context.meta if context else {}
+    return {name: meta[f"saecomp.{name}"] for name in ("device", "dtype") if f"saecomp.{name}" in meta}
 
 
 def pruning_label(exp: Experiment) -> str:
@@ -34,11 +56,18 @@ def fail(message: str) -> None:
 
 def load(path: str, overrides: dict[str, object]) -> Experiment:
     """The experiment with the given overrides (``None`` values are 'not given'), or a clean exit."""
-    given = {key: value for key, value in overrides.items() if value not in (None, "")}
+    given = {**runtime_overrides(), **{key: value for key, value in overrides.items() if value not in (None, "")}}
     try:
-        return load_experiment(path, given)
+        exp = load_experiment(path, given)
     except ConfigError as error:
         fail(str(error))
+    from saecomp.models import check_device
+
+    try:
+        check_device(exp.device)
+    except ValueError as error:
+        fail(str(error))
+    return exp
 
 
 def world_step(exp: Experiment, experiment_path: str) -> tuple[str, str]:
@@ -106,7 +135,7 @@ def resolve_base(exp: Experiment, experiment_path: str, base: str, name: str = "
     if base == "pruned":
         from entrypoints.prune_llm import key_for
 
-        run_id = run_step("prune_llm", {"experiment": experiment_path}, key_for(exp, experiment_path), exp.name)
+        run_id = run_step("prune_llm", {"experiment": experiment_path, **runtime_overrides()}, key_for(exp, experiment_path), exp.name)
     else:
         import mlflow
 

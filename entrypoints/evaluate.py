@@ -89,6 +89,7 @@ def key_for(exp, experiment_path: str, source, model_label: str) -> str:
     inputs = {
         "sae": source.describe(),
         "model": model_label,
+        **exp.runtime(),
         **{section: exp.to_dict()[section] for section in ("data", "calibration", "held_out", "evaluation")},
     }
     if exp.model in TINY_MODELS:
@@ -111,6 +112,7 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
     hook_name = sae.cfg.metadata.hook_name
     _, layer, hook = hook_name.split(".", 2)
     params = {
+        **exp.runtime(),
         "sae": source.describe(),
         "model": exp.model,
         "base_model": model_label,
@@ -143,7 +145,8 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
 
             world = resolve_world(exp, experiment_path)
         # The SAE is spliced into the model loaded the way its metadata asks (GUIDE §3).
-        loaded = load_model(exp.model, checkpoint, processing=processing_kwargs(sae))
+        loaded = load_model(exp.model, checkpoint, exp.dtype, processing_kwargs(sae), exp.device)
+        sae = sae.to(exp.device)
         context = min(ev.context_size or sae.cfg.metadata.context_size or loaded.tl.cfg.n_ctx, loaded.tl.cfg.n_ctx)
         prepend_bos = sae.cfg.metadata.prepend_bos
         if prepend_bos is None:

@@ -20,7 +20,7 @@ def step_inputs(exp, experiment_path: str) -> dict:
     """Everything the pruned model depends on (the code is added by the tracking key)."""
     from saecomp.models import TINY_MODELS
 
-    inputs = {"model": exp.model, **{s: exp.to_dict()[s] for s in ("data", "calibration", "llm_pruning", "held_out")}}
+    inputs = {"model": exp.model, **exp.runtime(), **{s: exp.to_dict()[s] for s in ("data", "calibration", "llm_pruning", "held_out")}}
     if exp.model in TINY_MODELS:
         inputs["world"] = world_step(exp, experiment_path)[0]
     return inputs
@@ -100,6 +100,7 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
     spec = PruneSpec(exp.llm_pruning.method, exp.llm_pruning.sparsity, exp.nm_tuple())
     key = key_for(exp, experiment_path)
     params = {
+        **exp.runtime(),
         "model": exp.model,
         "method": spec.method,
         "sparsity": spec.effective_sparsity,
@@ -120,7 +121,7 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
         started = time.perf_counter()
         architecture = model_dims(exp).architecture
         processing = pruning_processing(spec.method, architecture)
-        loaded = load_model(exp.model, checkpoint, processing=processing)
+        loaded = load_model(exp.model, checkpoint, exp.dtype, processing, exp.device)
         seq_len = exp.calibration.seq_len or loaded.tl.cfg.n_ctx
         plan = document_plan(exp)
         documents = load_documents(plan["calibration"], world)
@@ -161,7 +162,7 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
             save_checkpoint(loaded, tmp / "pruned_model", processing)
             # What was saved is what counts: reload it and count its zeros again (processing a pruned model
             # again would fill them; the recorded processing stops that).
-            reloaded = load_model(exp.model, tmp / "pruned_model")
+            reloaded = load_model(exp.model, tmp / "pruned_model", exp.dtype)
             report_saved = measure_sparsity(reloaded.tl)
             if report_saved.sparsity_actual != report.sparsity_actual:
                 raise RuntimeError(

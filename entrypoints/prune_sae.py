@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, load, load_source, model_dims, resolve_base, world_step
+from entrypoints.common import experiment_option, fail, load, load_source, model_dims, resolve_base, runtime_overrides, world_step
 
 FIXED_LEVELS = (0.25, 0.5)  # the levels the paper tabulates (Pruned25, Pruned50): always kept
 
@@ -42,16 +42,25 @@ def parse_levels(value) -> list[float] | None:
     return levels
 
 
-def dependency(exp, experiment_path: str, hook: str, layer: int, base: str, model_label: str) -> str:
+def dependency(
+    exp, experiment_path: str, hook: str, layer: int, base: str, model_label: str, parent_run_id: str | None = None, runtime=None
+) -> str:
     """``runs:/<id>/sae`` of the train_sae run for (hook, layer) on ``base``, run now if the experiment lives
-    in the tiny world (minutes), else only found: real SAE training takes GPU-days and is started by hand."""
+    in the tiny world (minutes), else only found: real SAE training takes GPU-days and is started by hand.
+    ``parent_run_id`` and ``runtime`` (``--device``/``--dtype``) are for callers in worker threads."""
     from entrypoints.train_sae import build_spec, key_for
     from saecomp.models import TINY_MODELS
     from saecomp.tracking import find_finished_run, run_step
 
     key = key_for(exp, experiment_path, build_spec(exp, hook, layer, None), model_label, None)
     if exp.model in TINY_MODELS:
-        run_id = run_step("train_sae", {"experiment": experiment_path, "hook": hook, "layer": str(layer), "base": base}, key, exp.name)
+        run_id = run_step(
+            "train_sae",
+            {"experiment": experiment_path, "hook": hook, "layer": str(layer), "base": base, **(runtime or runtime_overrides())},
+            key,
+            exp.name,
+            parent_run_id,
+        )
     else:
         run_id = find_finished_run("train_sae", key)
         if run_id is None:
@@ -140,7 +149,6 @@ def drop_unreachable_levels(exp, d_sae: int, k: int | None, sparsity, sweep_give
     """Levels the method cannot produce for an SAE of ``d_sae`` latents and top ``k`` (`latents` below k
     latents): an error when the user asked for them, dropped with a message when they come from the
     experiment's default sweep."""
-    from dataclasses import replace
 
     from saecomp.prune_sae import unreachable_levels
 
@@ -158,7 +166,7 @@ def drop_unreachable_levels(exp, d_sae: int, k: int | None, sparsity, sweep_give
         click.echo(
             f"[prune_sae] method={method} cannot reach {', '.join(f'{d:g}' for d in dropped)} (fewer latents than k): dropped", err=True
         )
-        exp.sae_pruning = replace(exp.sae_pruning, sparsities=[s for s in exp.sae_pruning.sparsities if s not in dropped])
+        exp.sae_pruning = exp.sae_pruning.model_copy(update={"sparsities": [s for s in exp.sae_pruning.sparsities if s not in dropped]})
     return exp
 
 
@@ -169,6 +177,7 @@ def key_for(exp, experiment_path, hook, layer, sparsity, metric, prune_run, pret
     inputs = {
         "hook": hook,
         "layer": layer,
+        **exp.runtime(),
         "sparsity": sparsity,
         "metric": metric,
         "rule": exp.sae_pruning.selection_rule,
@@ -225,6 +234,7 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
     levels = sorted(set(exp.sae_pruning.sparsities) | set(FIXED_LEVELS) | ({sparsity} if sparsity is not None else set()))
     key = key_for(exp, experiment_path, hook, layer, sparsity, metric, prune_run, pretrained_source, trained_source)
     params = {
+        **exp.runtime(),
         "sparsity": sparsity if sparsity is not None else "none",
         "method": method,
         "source": pretrained_source.describe(),
@@ -262,9 +272,11 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
             # Each SAE is spliced into the pruned model loaded the way its metadata asks (GUIDE §3).
             kwargs = tuple(sorted(processing_kwargs(sae).items()))
             if kwargs not in models:
-                models[kwargs] = load_model(exp.model, checkpoint, processing=dict(kwargs))
+                models[kwargs] = load_model(exp.model, checkpoint, exp.dtype, dict(kwargs), exp.device)
             return models[kwargs]
 
+        pretrained_sae = pretrained_sae.to(exp.device)
+        trained_sae = trained_sae.to(exp.device)
         model = model_for(pretrained_sae)
         world = None
         if exp.model in TINY_MODELS:

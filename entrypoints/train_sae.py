@@ -124,6 +124,7 @@ def key_for(exp, experiment_path: str, spec, model_label: str, like_source) -> s
     inputs = {
         "spec": spec.to_dict(),
         "model": model_label,
+        **exp.runtime(),
         # The pools decide where the training stream starts and what it is evaluated on.
         **{section: exp.to_dict()[section] for section in ("data", "calibration", "held_out")},
         "max_passes": exp.sae.max_passes,
@@ -153,6 +154,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
     key = key_for(exp, experiment_path, spec, model_label, like_source)
     variant = "pretrained" if prune_run is None else "trained"
     params = {
+        **exp.runtime(),
         "hook": spec.hook,
         "layer": spec.layer,
         "architecture": spec.architecture,
@@ -178,7 +180,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
     )
     tags = {"variant": variant, "hook": spec.hook, "layer": str(spec.layer), "base_model": exp.model, "pruned_model_run": prune_run or ""}
     with step_run("train_sae", key, params, exp.name, run_name, description, tags) as run:
-        loaded = load_model(exp.model, checkpoint)
+        loaded = load_model(exp.model, checkpoint, exp.dtype, device=exp.device)
         if exp.model in TINY_MODELS and world is None:
             from entrypoints.common import resolve_world
 

@@ -1,20 +1,19 @@
 """The experiment schema: what an `experiments/*.yaml` file may say, validated before any compute.
 
 Every field documents itself. An unknown key, a value of the wrong type or out of range is an error
-naming the field, the value and what would be valid.
+naming the field, the value and what would be valid. The schema is pydantic's; its JSON Schema is published as
+`experiments/schema.json` (`python -m saecomp.config --schema`), so that editors complete and check the files.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from saecomp.models import KNOWN_MODELS, TINY_MODELS, check_model_name
 from saecomp.prune_llm import METHODS as LLM_PRUNING_METHODS
@@ -25,12 +24,34 @@ SELECTION_METRICS = ("mse", "ce_loss_with_sae", "ce_loss_increase")
 SELECTION_RULES = ("tolerance", "argmin")
 
 
+DEVICES = ("cpu", "cuda", "cuda:<index>", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 class ConfigError(ValueError):
     """A user-caused configuration error; its message is one line for the terminal."""
 
 
-@dataclass
-class DataConfig:
+def _as_list(value):
+    # A single value where a list is expected is a list of one (`hooks: hook_mlp_out`).
+    return value if isinstance(value, list) or value is None else [value]
+
+
+IntList = Annotated[list[int], BeforeValidator(_as_list)]
+FloatList = Annotated[list[float], BeforeValidator(_as_list)]
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+
+
+class Section(BaseModel):
+    """A part of the experiment file: unknown keys are errors; the docstring under a field is its description."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, coerce_numbers_to_str=True, allow_inf_nan=False)
+
+    def to_dict(self) -> dict:
+        return self.model_dump()
+
+
+class DataConfig(Section):
     """The model's text: the SAE training stream and the held-out (validation, test) documents."""
 
     dataset: str = "tiny"
@@ -45,8 +66,7 @@ class DataConfig:
     text_column: str = "text"
 
 
-@dataclass
-class CalibrationConfig:
+class CalibrationConfig(Section):
     """WANDA's calibration text (and the SAE pruning statistics): random windows of a pool of documents."""
 
     dataset: str | None = None
@@ -66,20 +86,18 @@ class CalibrationConfig:
     """Sequences per forward pass; changes speed and memory only."""
 
 
-@dataclass
-class LLMPruningConfig:
+class LLMPruningConfig(Section):
     method: str = "wanda"
     """`wanda`, `magnitude`, or `wanda-seed` (the paper's code, for reproduction only)."""
     sparsity: float = 0.5
     """Fraction of weights zeroed in each comparison group, in [0, 1)."""
     nm: str | None = None
     """N:M semi-structured pattern such as `2:4` (zero N of every M inputs); overrides sparsity."""
-    layers: list[int] | None = None
+    layers: IntList | None = None
     """Blocks to prune (0-based); default: all. Unpruned blocks still feed the ones after them."""
 
 
-@dataclass
-class HeldOutConfig:
+class HeldOutConfig(Section):
     n_sequences: int = 64
     """Held-out sequences (validation and test alike) for losses and the SAE sweep."""
     seq_len: int | None = None
@@ -88,11 +106,10 @@ class HeldOutConfig:
     """Documents in each of the validation and test pools."""
 
 
-@dataclass
-class SAEConfig:
-    hooks: list[str] = field(default_factory=lambda: list(SAE_HOOKS))
+class SAEConfig(Section):
+    hooks: StrList = Field(default_factory=lambda: list(SAE_HOOKS))
     """Hook points to train/prune SAEs at: attn.hook_z, hook_mlp_out, hook_resid_post."""
-    layers: list[int] | str = field(default_factory=lambda: [2])
+    layers: list[int] | str = Field(default_factory=lambda: [2])
     """Layers (0-based) of the SAEs, or `all` (per-layer sweeps, the paper's appendix Figures 5-7)."""
     architecture: str = "topk"
     """SAELens architecture: standard, topk, batchtopk, jumprelu."""
@@ -111,16 +128,25 @@ class SAEConfig:
     """SAELens input normalisation: none, expected_average_only_in, layer_norm."""
     max_passes: int = 1
     """Passes over the training stream allowed before training stops with an error (1: no text repeats)."""
-    pretrained: dict[str, object] = field(default_factory=dict)
+    pretrained: dict[str, str | dict[str, str]] = Field(default_factory=dict)
     """hook -> pretrained SAE source: `{release: ..., sae_id: ...}`, `runs:/<id>/sae`, `models:/<name>/<v>` or a
     SAELens folder; `{layer}` in it stands for the layer (so `layers: all` works with a release). Empty: the
     pretrained SAE is trained by train_sae on the dense model (the tiny world)."""
 
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, value):
+        # `layers: 3` is [3], `-P layers=1,2` is [1, 2]; `layers: all` stays the word.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+        if isinstance(value, str) and value != "all" and all(part.strip().isdigit() for part in value.split(",")):
+            return [int(part) for part in value.split(",")]
+        return value
 
-@dataclass
-class SAEPruningConfig:
+
+class SAEPruningConfig(Section):
     method: str = "wanda"
-    sparsities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99])
+    sparsities: FloatList = Field(default_factory=lambda: [0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99])
     tolerance: float = 0.05
     """Selection (rule `tolerance`): a level passes when its validation mse <= (1 + tolerance) x the trained
     SAE's, or, for the cross-entropy metrics, when it is <= the trained SAE's + tolerance x the clean CE."""
@@ -131,11 +157,10 @@ class SAEPruningConfig:
     the paper); `argmin`: the level (>= 0.25) with the lowest spliced CE (the paper's code)."""
 
 
-@dataclass
-class EvaluationConfig:
+class EvaluationConfig(Section):
     """SAEBench on the test pool (`evaluate`); every variant compared in one table reads the same tokens."""
 
-    suites: list[str] = field(default_factory=lambda: ["core"])
+    suites: StrList = Field(default_factory=lambda: ["core"])
     """core, absorption, scr, tpp, sparse_probing, ravel (only core is built so far)."""
     n_sequences: int = 128
     """Test windows that core reads."""
@@ -149,23 +174,28 @@ class EvaluationConfig:
     """Core's batches for the sparsity and variance metrics (the paper: 2000)."""
 
 
-@dataclass
-class Experiment:
+class Experiment(Section):
     name: str = "tiny"
     model: str = "tiny-gpt2"
     """Base model: gpt2, google/gemma-2-2b, tiny-gpt2, tiny-gemma2."""
-    world: dict = field(default_factory=dict)
+    device: str = "cpu"
+    """Where every step computes: cpu, cuda, cuda:<index> or mps. Part of each step's key (the bits differ)."""
+    dtype: str = "float32"
+    """The model's weights and activations in every step: float32, bfloat16 or float16 (the paper ran Gemma-2-2B
+    in bfloat16). SAEs keep their own dtype. Part of each step's key."""
+    world: dict = Field(default_factory=dict)
     """Settings of the tiny world (saecomp.world.build.WorldConfig); only for tiny models."""
-    data: DataConfig = field(default_factory=DataConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    llm_pruning: LLMPruningConfig = field(default_factory=LLMPruningConfig)
-    held_out: HeldOutConfig = field(default_factory=HeldOutConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
-    sae_pruning: SAEPruningConfig = field(default_factory=SAEPruningConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    llm_pruning: LLMPruningConfig = Field(default_factory=LLMPruningConfig)
+    held_out: HeldOutConfig = Field(default_factory=HeldOutConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    sae_pruning: SAEPruningConfig = Field(default_factory=SAEPruningConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def runtime(self) -> dict[str, str]:
+        """Where and in what precision steps compute: part of every step's key, logged by every step."""
+        return {"device": self.device, "dtype": self.dtype}
 
     def world_config(self) -> WorldConfig:
         return WorldConfig.from_dict(self.world)
@@ -204,67 +234,54 @@ def parse_nm(text: str | None) -> tuple[int, int] | None:
     return n, m
 
 
-def _convert(value, hint, where: str):
-    """Check/convert one YAML value against a type hint; raise ConfigError naming ``where``."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _convert(value, option, where)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            value = [value]
-        (item,) = typing.get_args(hint)
-        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}={value!r} must be a mapping")
-        return dict(value)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "false"):
-            return str(value).lower() == "true"
-        raise ConfigError(f"{where}={value!r} is not a boolean; valid: true, false")
-    if hint in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}={value!r} is not a number")
-        try:
-            number = hint(value) if hint is float else int(str(value), 10)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}={value!r} is not {'an integer' if hint is int else 'a number'}") from None
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where}={value!r} is not a finite number")
-        return number
-    if hint is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}={value!r} must be a string")
-        return str(value)
-    return value
+def _where(loc: tuple) -> str:
+    return ".".join(str(part) if not isinstance(part, int) else f"[{part}]" for part in loc).replace(".[", "[")
 
 
-def _build(cls, data, where: str):
-    if data is None:
-        data = {}
+def _one_line(error: ValidationError, data: dict) -> str:
+    """pydantic's first error as the one line this project has always printed: field, value, what is valid."""
+    first = error.errors()[0]
+    # A union reports each option; its name (e.g. `list[int]`) is not a field.
+    loc = tuple(part for part in first["loc"] if not (isinstance(part, str) and ("[" in part or part in ("str", "int", "float"))))
+    where, value, kind = _where(loc), first.get("input"), first["type"]
+    if kind == "extra_forbidden":
+        section: type[Section] = Experiment
+        for part in loc[:-1]:
+            section = section.model_fields[part].annotation if isinstance(part, str) else section
+        return f"unknown key {where}; valid keys: {', '.join(section.model_fields)}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{where or 'experiment'} must be a mapping, got {value!r}"
+    if kind in ("float_parsing", "float_type"):
+        return f"{where}={value!r} is not a number"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{where}={value!r} is not an integer"
+    if kind == "finite_number":
+        return f"{where}={value!r} is not a finite number"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{where}={value!r} is not a boolean; valid: true, false"
+    if kind == "string_type":
+        return f"{where}={value!r} must be a string"
+    if kind == "list_type":
+        return f"{where}={value!r} must be a list"
+    return f"{where}={value!r}: {first['msg']}"
+
+
+def parse_experiment(data: dict) -> Experiment:
+    """The typed experiment from a mapping (YAML), or a ConfigError naming the first wrong field."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'experiment'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys: {', '.join(names)}")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+        raise ConfigError(f"experiment must be a mapping, got {data!r}")
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_one_line(error, data)) from None
+
+
+def json_schema() -> dict:
+    """The JSON Schema of an experiment file (what `experiments/schema.json` holds)."""
+    schema = Experiment.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "saecomp experiment"
+    return schema
 
 
 def validate(exp: Experiment) -> Experiment:
@@ -285,6 +302,15 @@ def validate(exp: Experiment) -> Experiment:
         raise ConfigError(f"world: {error}") from None
     if exp.model in TINY_MODELS and exp.model not in world.models:
         raise ConfigError(f"model={exp.model} is not among world.models ({', '.join(world.models)})")
+    if exp.dtype not in DTYPES:
+        raise ConfigError(f"dtype={exp.dtype!r} is not valid; valid: {', '.join(DTYPES)}")
+    device = exp.device.split(":")
+    if (
+        device[0] not in ("cpu", "cuda", "mps")
+        or (len(device) == 2 and not (device[0] == "cuda" and device[1].isdigit()))
+        or len(device) > 2
+    ):
+        raise ConfigError(f"device={exp.device!r} is not valid; valid: {', '.join(DEVICES)}")
     pruning = exp.llm_pruning
     if pruning.method not in LLM_PRUNING_METHODS:
         raise ConfigError(f"method={pruning.method!r} is not valid; valid: {', '.join(LLM_PRUNING_METHODS)}")
@@ -370,8 +396,21 @@ def load_experiment(path: str | Path, overrides: dict[str, object] | None = None
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot override {dotted}: {key} is not a mapping")
         node[leaf] = value
-    return validate(_build(Experiment, data, ""))
+    return validate(parse_experiment(data))
 
 
 def model_choices() -> str:
     return ", ".join(sorted(KNOWN_MODELS))
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The experiment schema.")
+    parser.add_argument("--schema", action="store_true", help="print the JSON Schema of experiment files")
+    if parser.parse_args().schema:
+        print(json.dumps(json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

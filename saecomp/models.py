@@ -149,13 +149,42 @@ def hf_to_tl(hf_model, tokenizer, name_or_dir: str | Path, processing: dict[str,
     return model
 
 
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_device(device: str) -> None:
+    """A clear error before any compute when ``device`` is not on this machine."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"device={device!r} is not available: torch {torch.__version__} sees no CUDA device here; valid: cpu")
+        if index and int(index) >= count:
+            raise ValueError(
+                f"device={device!r} is not available: this machine has {count} CUDA device(s); valid: cuda:0..cuda:{count - 1}"
+            )
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} is not available on this machine; valid: cpu")
+
+
 def load_model(
-    name: str, checkpoint_dir: str | Path | None = None, dtype: torch.dtype = torch.float32, processing: dict | None = None
+    name: str,
+    checkpoint_dir: str | Path | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    processing: dict | None = None,
+    device: str = "cpu",
 ) -> LoadedModel:
-    """Load ``name`` (a Hub name, or a checkpoint at ``checkpoint_dir``: a tiny model or a pruned one)."""
+    """Load ``name`` (a Hub name, or a checkpoint at ``checkpoint_dir``: a tiny model or a pruned one) in ``dtype``;
+    the TransformerLens model computes on ``device``, the Hugging Face one (kept for export) stays on the CPU."""
+    dtype = TORCH_DTYPES[dtype] if isinstance(dtype, str) else dtype
+    check_device(device)
     source = checkpoint_dir if checkpoint_dir is not None else name
     hf_model, tokenizer = load_hf(source, dtype)
-    return LoadedModel(name=name, tl=hf_to_tl(hf_model, tokenizer, source, processing), hf=hf_model, tokenizer=tokenizer)
+    tl = hf_to_tl(hf_model, tokenizer, source, processing)
+    if device != "cpu":
+        tl.cfg.device = device
+        tl = tl.to(device)
+    return LoadedModel(name=name, tl=tl, hf=hf_model, tokenizer=tokenizer)
 
 
 # --- the prunable matrices, and their way back into Hugging Face layout ---------------------------

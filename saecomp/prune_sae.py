@@ -52,7 +52,7 @@ def sae_statistics(sae: SAE, activations: torch.Tensor, batch_size: int = 4096) 
     ``[tokens, *hook_shape]`` of ordinary tokens (BOS/EOS/padding already left out)."""
     sae = copy_sae(sae)
     sums = {name: 0 for name in ("sae_in", "latent", "preact", "recon")}
-    fire = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    fire = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
     for x in activations.split(batch_size):
         for name, value in _sae_quantities(sae, x).items():
             sums[name] = sums[name] + value.double().pow(2).sum(0)
@@ -87,7 +87,7 @@ def seed_sae_statistics(model: HookedTransformer, sae: SAE, hook_name: str, docu
     The seed draws 128 documents at random with no seed; we take the calibration pool's first ones."""
     plain = copy_sae(sae)
     per_batch: dict[str, list[torch.Tensor]] = {name: [] for name in ("sae_in", "latent", "preact", "recon")}
-    fire = torch.zeros(plain.cfg.d_sae, dtype=torch.long)
+    fire = torch.zeros(plain.cfg.d_sae, dtype=torch.long, device=plain.device)
     n_tokens = 0
     for start in range(0, len(documents), batch_size):
         batch = torch.nn.utils.rnn.pad_sequence(documents[start : start + batch_size], batch_first=True, padding_value=pad_id)
@@ -225,7 +225,7 @@ class ActivationCache:
 
     def ordinary_activations(self) -> torch.Tensor:
         """``[ordinary tokens, *hook_shape]``: what statistics and reconstruction metrics are computed on."""
-        return self.activations[self.ordinary]
+        return self.activations[self.ordinary.to(self.activations.device)]
 
 
 @torch.no_grad()
@@ -259,7 +259,7 @@ def evaluate_cached(
     n_tokens = flat_acts.shape[0]
     squared_error = variance_sum = cos_sum = 0.0
     l0_sum = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
     mean = flat_acts.reshape(n_tokens, -1).double().mean(0)
     for x in flat_acts.split(chunk_tokens):
         latents = sae.encode(x)

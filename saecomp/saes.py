@@ -153,8 +153,8 @@ def splice(sae: SAE, activations: torch.Tensor, ordinary: torch.Tensor) -> torch
     """The SAE's reconstruction where ``ordinary`` ([batch, pos]) is True, the model's own activations at BOS,
     EOS and padding (as SAEBench's core splices: it never reconstructs special tokens). Encodes and decodes in
     one go, so `layer_norm` SAEs decode with the statistics of what they just encoded."""
-    reconstruction = sae.decode(sae.encode(activations))
-    keep = ordinary.reshape(*ordinary.shape, *([1] * (activations.ndim - ordinary.ndim)))
+    reconstruction = sae.decode(sae.encode(activations)).to(activations.dtype)  # a float32 SAE in a bf16 model
+    keep = ordinary.to(activations.device).reshape(*ordinary.shape, *([1] * (activations.ndim - ordinary.ndim)))
     return torch.where(keep, reconstruction, activations)
 
 
@@ -179,7 +179,7 @@ def evaluate_sae(
     name = check_sae_fits(sae, model)
     sae.eval()
     xs, x_hats = [], []
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
     l0_sum, n_tokens = 0.0, 0
     ce_with = ce_without = 0.0
     for batch in tokens.split(batch_size):
@@ -191,7 +191,7 @@ def evaluate_sae(
             return act
 
         loss_clean = model.run_with_hooks(batch, return_type="loss", loss_per_token=True, fwd_hooks=[(name, capture)])
-        x = captured["x"][ordinary]  # [tokens, *hook_shape]
+        x = captured["x"][ordinary.to(captured["x"].device)]  # [tokens, *hook_shape]
         latents = sae.encode(x)
         x_hat = sae.decode(latents)
         flat = latents.reshape(-1, sae.cfg.d_sae)

@@ -124,7 +124,7 @@ def runner_config(
         "d_in": d_in,
         "d_sae": resolved_d_sae(spec, d_in),
         "normalize_activations": spec.normalize_activations,
-        "device": "cpu" if not torch.cuda.is_available() else "cuda",
+        "device": str(model.cfg.device),  # the experiment's device, where the model was loaded
     }
     if spec.hook == "attn.hook_z":
         sae_kwargs["reshape_activations"] = "hook_z"  # flatten [.., n_heads, d_head] -> n_heads * d_head

@@ -21,14 +21,6 @@ def all_runs():
     return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
 
 
-@pytest.fixture(scope="session")
-def tracked_world(small_experiment):
-    """The small world built once through MLflow (its own build_world run)."""
-    from entrypoints.common import load, resolve_world
-
-    return resolve_world(load(str(small_experiment), {}), str(small_experiment))
-
-
 BAD_INPUTS = [
     (["--sparsity", "abc"], "llm_pruning.sparsity='abc' is not a number"),
     (["--sparsity", "1.2"], "sparsity=1.2 is not valid; valid: a number in [0, 1)"),
@@ -39,6 +31,9 @@ BAD_INPUTS = [
     (["--nm", "2:3"], "nm=2:3 is not valid for this model: W_Q/W_K/W_V/W_in have 32 inputs, not a multiple of 3"),
     (["--layers", "7"], "layer=7 is outside tiny-gpt2; valid: 0..1"),
     (["--calibration_sequences", "0"], "calibration.n_sequences=0 must be at least 1"),
+    (["--device", "cuda:99"], "device='cuda:99' is not available"),
+    (["--device", "tpu"], "device='tpu' is not valid; valid: cpu, cuda, cuda:<index>, mps"),
+    (["--dtype", "int8"], "dtype='int8' is not valid; valid: float32, bfloat16, float16"),
 ]
 
 
@@ -135,6 +130,22 @@ def test_prune_llm_logs_what_it_did(small_experiment, tracked_world):
     assert tags["method"] == "wanda" and tags["sparsity"] == "0.5"
     assert {f"saecomp.version.{p}" for p in ("torch", "transformer-lens", "sae-lens", "sae-bench", "mlflow")} <= set(tags)
     assert tags["saecomp.version.torch"].startswith("2.")
+
+
+def test_prune_llm_runs_and_logs_in_bfloat16(small_experiment, tracked_world):
+    """`dtype` reaches the model: a bfloat16 run is its own run (another key), logs its dtype, and its
+    exported checkpoint is bfloat16 with the masks' exact sparsity."""
+    result = CliRunner().invoke(prune_llm.main, ["--experiment", str(small_experiment), "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    runs = [r for r in all_runs() if r.data.tags.get("saecomp.step") == "prune_llm" and r.info.status == "FINISHED"]
+    bf16 = [r for r in runs if r.data.params.get("dtype") == "bfloat16"]
+    assert len(bf16) == 1 and bf16[0].data.params["device"] == "cpu"
+    assert bf16[0].data.tags["saecomp.key"] not in {r.data.tags["saecomp.key"] for r in runs if r.data.params.get("dtype") == "float32"}
+    assert abs(bf16[0].data.metrics["sparsity_actual"] - 0.5) < 1e-9
+    from transformers import AutoConfig
+
+    local = Path(mlflow.artifacts.download_artifacts(run_id=bf16[0].info.run_id, artifact_path="pruned_model"))
+    assert str(AutoConfig.from_pretrained(local).dtype).endswith("bfloat16")
 
 
 def test_interrupted_prune_never_looks_finished(small_experiment, tracked_world):

@@ -1,0 +1,75 @@
+"""The experiment schema: pydantic models with one-line errors, and the JSON Schema editors read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from saecomp.config import ConfigError, Experiment, json_schema, load_experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "experiments" / "tiny.yaml"
+
+
+def test_published_schema_is_current():
+    """`experiments/schema.json` is what the code validates against (regenerate: python -m saecomp.config --schema)."""
+    published = json.loads((ROOT / "experiments" / "schema.json").read_text())
+    assert published == json.loads(json.dumps(json_schema()))
+    sparsity = published["$defs"]["LLMPruningConfig"]["properties"]["sparsity"]
+    assert "Fraction of weights zeroed" in sparsity["description"]  # the field docstrings reach the editor
+    assert published["additionalProperties"] is False  # a typo is flagged in the editor too
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_file_names_the_schema_and_loads(path):
+    assert path.read_text().startswith("# yaml-language-server: $schema=./schema.json")
+    exp = load_experiment(path)
+    assert set(yaml.safe_load(path.read_text())) <= set(Experiment.model_fields)
+    assert exp.runtime() == {"device": exp.device, "dtype": exp.dtype}
+
+
+def test_the_real_experiments_declare_their_device_and_dtype():
+    assert load_experiment(ROOT / "experiments" / "gemma-2-2b.yaml").runtime() == {"device": "cuda", "dtype": "bfloat16"}
+    assert load_experiment(TINY).runtime() == {"device": "cpu", "dtype": "float32"}
+
+
+ERRORS = [
+    ({"llm_pruning.sparsity": "abc"}, "llm_pruning.sparsity='abc' is not a number"),
+    ({"sae.expansion_fator": 4}, "unknown key sae.expansion_fator; valid keys: hooks, layers, architecture"),
+    ({"nonsense": 1}, "unknown key nonsense; valid keys: name, model, device, dtype"),
+    ({"calibration.n_sequences": "1.5"}, "calibration.n_sequences='1.5' is not an integer"),
+    ({"sae_pruning.tolerance": "nan"}, "sae_pruning.tolerance='nan' is not a finite number"),
+    ({"sae": 5}, "sae must be a mapping, got 5"),
+    ({"sae.layers": [1, "x"]}, "sae.layers[1]='x' is not an integer"),
+    ({"sae.layers": "first"}, "sae.layers='first' is not valid; valid: a list of layers or 'all'"),
+    ({"dtype": "int8"}, "dtype='int8' is not valid; valid: float32, bfloat16, float16"),
+    ({"device": "cuda:x"}, "device='cuda:x' is not valid"),
+    ({"sae.pretrained": {"hook_mlp_out": [1]}}, "sae.pretrained.hook_mlp_out"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", ERRORS, ids=[m for _, m in ERRORS])
+def test_errors_are_one_line_naming_field_and_value(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_experiment(TINY, overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_values_a_person_writes_by_hand_are_understood():
+    exp = load_experiment(TINY, {"sae.layers": 3, "sae.hooks": "hook_mlp_out", "sae_pruning.sparsities": 0.5})
+    assert exp.sae.layers == [3] and exp.sae.hooks == ["hook_mlp_out"] and exp.sae_pruning.sparsities == [0.5]
+    assert load_experiment(TINY, {"sae.layers": "1,2"}).sae.layers == [1, 2]
+    assert load_experiment(TINY, {"sae.layers": "all"}).sae.layers == "all"
+    assert load_experiment(TINY, {"llm_pruning.sparsity": "0.25"}).llm_pruning.sparsity == 0.25
+
+
+def test_device_and_dtype_are_part_of_every_step_key(small_experiment):
+    from entrypoints import prune_llm
+
+    exp = load_experiment(small_experiment)
+    other = load_experiment(small_experiment, {"dtype": "bfloat16"})
+    assert prune_llm.key_for(exp, str(small_experiment)) != prune_llm.key_for(other, str(small_experiment))

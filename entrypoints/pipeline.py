@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, load, model_dims, model_source, resolve_base
+from entrypoints.common import experiment_option, fail, load, model_dims, model_source, resolve_base, runtime_overrides
 from entrypoints.prune_llm import check_layers
 
 
@@ -46,8 +47,16 @@ def per_layer_figure(curves, title: str, path: Path) -> list[str]:
 
 @click.command()
 @experiment_option
-def main(experiment: str) -> None:
+@click.option(
+    "--jobs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Hook/layer cells computed at once, each step its own process (the torch threads are shared out).",
+)
+def main(experiment: str, jobs: int) -> None:
     exp = load(experiment, {})
+    runtime = runtime_overrides()  # worker threads have no click context: hand the overrides on explicitly
     dims = model_dims(exp)
     check_layers(exp, dims.n_layers)
     from saecomp.saes import check_hook
@@ -73,12 +82,13 @@ def main(experiment: str) -> None:
         click.echo(f"[pipeline] evaluation suites not built yet, skipped: {', '.join(skipped)}", err=True)
 
     from entrypoints.common import pruning_label
-    from saecomp.tracking import experiment_id_for, library_versions
+    from saecomp.tracking import alive, experiment_id_for, library_versions, reap_dead_runs
 
     # Under `mlflow run`, MLflow has placed this run (`--experiment-name`); run directly, it goes to the
     # experiment named after the file. The steps it starts go there either way.
     placed = os.environ.get("MLFLOW_RUN_ID")
-    with mlflow.start_run(experiment_id=None if placed else experiment_id_for(exp.name)) as run:
+    reap_dead_runs()  # runs a killed pipeline left RUNNING: KILLED, with the reason, before anything is reused
+    with mlflow.start_run(experiment_id=None if placed else experiment_id_for(exp.name)) as run, alive(mlflow.active_run().info.run_id):
         mlflow.set_tags(
             {
                 STEP_TAG: "pipeline",
@@ -99,39 +109,63 @@ def main(experiment: str) -> None:
         _, model_label, prune_run = resolve_base(exp, experiment, "pruned")
         llm = mlflow.MlflowClient().get_run(prune_run).data.metrics
         mlflow.log_metrics({f"prune_llm.{k}": llm[k] for k in ("ce_loss_dense", "ce_loss_pruned", "sparsity_actual")})
-        tables, sae_runs, evaluations = [], [], []
-        sweeps = {}
-        for layer in layers:
-            for hook in exp.sae.hooks:
-                pretrained = exp.pretrained_source(hook, layer) or prune_sae.dependency(exp, experiment, hook, layer, "dense", exp.model)
-                trained = prune_sae.dependency(exp, experiment, hook, layer, prune_run, model_label)
-                key = prune_sae.key_for(
-                    exp, experiment, hook, layer, None, exp.sae_pruning.selection_metric, prune_run,
-                    SAESource.parse(pretrained), SAESource.parse(trained),
-                )  # fmt: skip
-                run_id = run_step("prune_sae", {"experiment": experiment, "hook": hook, "layer": str(layer)}, key, exp.name)
-                sae_runs.append(run_id)
-                sweeps[(hook, layer)] = pd.read_csv(local_artifacts(run_id, "sweep.csv"))
-                table = pd.read_csv(local_artifacts(run_id, "test_table.csv"))
-                table.insert(0, "hook", f"blocks.{layer}.{hook}")
-                selected = mlflow.MlflowClient().get_run(run_id).data.metrics["selected_sparsity"]
-                table.insert(2, "selected", selected)
-                tables.append(table)
-                if not suites:
-                    continue
-                # The paper's four variants (and the selected level), evaluated on the pruned model.
-                variants = {"pretrained": pretrained, "pruned25": f"runs:/{run_id}/saes/pruned-0.25",
-                            "pruned50": f"runs:/{run_id}/saes/pruned-0.5", "trained": trained}  # fmt: skip
-                if selected not in (0.25, 0.5):
-                    variants[f"pruned{round(selected * 100)}"] = f"runs:/{run_id}/saes/pruned-{selected:g}"
-                for variant, ref in variants.items():
-                    source = SAESource.parse(ref)
-                    eval_exp = load(experiment, {"evaluation.suites": suites})
-                    key = evaluate.key_for(eval_exp, experiment, source, model_label)
-                    parameters = {"experiment": experiment, "sae": source.describe(), "variant": variant, "suites": ",".join(suites)}
-                    eval_run = run_step("evaluate", parameters, key, exp.name)
-                    metrics = mlflow.MlflowClient().get_run(eval_run).data.metrics
-                    evaluations.append({"hook": f"blocks.{layer}.{hook}", "variant": variant, "run": eval_run, **metrics})
+        parent = run.info.run_id
+
+        def cell(layer: int, hook: str) -> dict:
+            """One hook at one layer: its SAEs (trained as needed), the sweep, the variants' evaluations."""
+            pretrained = exp.pretrained_source(hook, layer) or prune_sae.dependency(
+                exp, experiment, hook, layer, "dense", exp.model, parent, runtime
+            )
+            trained = prune_sae.dependency(exp, experiment, hook, layer, prune_run, model_label, parent, runtime)
+            key = prune_sae.key_for(
+                exp, experiment, hook, layer, None, exp.sae_pruning.selection_metric, prune_run,
+                SAESource.parse(pretrained), SAESource.parse(trained),
+            )  # fmt: skip
+            parameters = {"experiment": experiment, "hook": hook, "layer": str(layer), **runtime}
+            run_id = run_step("prune_sae", parameters, key, exp.name, parent)
+            table = pd.read_csv(local_artifacts(run_id, "test_table.csv"))
+            table.insert(0, "hook", f"blocks.{layer}.{hook}")
+            selected = mlflow.MlflowClient().get_run(run_id).data.metrics["selected_sparsity"]
+            table.insert(2, "selected", selected)
+            out = {"run": run_id, "table": table, "sweep": pd.read_csv(local_artifacts(run_id, "sweep.csv")), "evaluations": []}
+            if not suites:
+                return out
+            # The paper's four variants (and the selected level), evaluated on the pruned model.
+            variants = {"pretrained": pretrained, "pruned25": f"runs:/{run_id}/saes/pruned-0.25",
+                        "pruned50": f"runs:/{run_id}/saes/pruned-0.5", "trained": trained}  # fmt: skip
+            if selected not in (0.25, 0.5):
+                variants[f"pruned{round(selected * 100)}"] = f"runs:/{run_id}/saes/pruned-{selected:g}"
+            eval_exp = load(experiment, {**runtime, "evaluation.suites": suites})
+            for variant, ref in variants.items():
+                source = SAESource.parse(ref)
+                key = evaluate.key_for(eval_exp, experiment, source, model_label)
+                parameters = {"experiment": experiment, "sae": source.describe(), "variant": variant, "suites": ",".join(suites), **runtime}
+                eval_run = run_step("evaluate", parameters, key, exp.name, parent)
+                metrics = mlflow.MlflowClient().get_run(eval_run).data.metrics
+                out["evaluations"].append({"hook": f"blocks.{layer}.{hook}", "variant": variant, "run": eval_run, **metrics})
+            return out
+
+        cells = [(layer, hook) for layer in layers for hook in exp.sae.hooks]
+        saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        if jobs > 1:
+            # Each step is a process with its share of the cores (torch reads these at start).
+            threads = str(max(1, (os.cpu_count() or 1) // jobs))
+            for variable, value in saved.items():
+                os.environ[variable] = value or threads
+            click.echo(f"[pipeline] {len(cells)} hook/layer cells, {jobs} at a time, {threads} torch thread(s) per step", err=True)
+        try:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                done = list(pool.map(lambda c: cell(*c), cells))  # in the order of `cells`, whatever finishes first
+        finally:
+            for variable, value in saved.items():
+                if value is None:
+                    os.environ.pop(variable, None)
+                else:
+                    os.environ[variable] = value
+        tables = [d["table"] for d in done]
+        sae_runs = [d["run"] for d in done]
+        evaluations = [e for d in done for e in d["evaluations"]]
+        sweeps = {c: d["sweep"] for c, d in zip(cells, done, strict=True)}
         summary = pd.concat(tables, ignore_index=True)
         core_columns = ["core.kl_div_score", "core.ce_loss_score", "core.cossim", "core.mse", "core.explained_variance",
                         "core.explained_variance_centred", "core.l0"]  # fmt: skip

@@ -15,7 +15,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -101,26 +104,37 @@ def find_finished_run(step: str, key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def run_step(entry_point: str, parameters: dict[str, str], key: str, experiment_name: str | None = None) -> str:
+_REUSED_TAG_LOCK = threading.Lock()  # parallel steps append to one parent's tag
+
+
+def run_step(
+    entry_point: str, parameters: dict[str, str], key: str, experiment_name: str | None = None, parent_run_id: str | None = None
+) -> str:
     """Reuse the finished run of ``entry_point`` with ``key``, or run the entry point now (as its own
     MLflow run, in this environment, in the experiment named ``experiment_name``) and return its id. A new run
-    is nested under the active run (the pipeline's); a reused one keeps its parent and is listed on the active
-    run's ``saecomp.reused_runs`` tag."""
+    is nested under ``parent_run_id`` (default: the active run, the pipeline's; worker threads have none and must
+    name it); a reused one keeps its parent and is listed on the parent's ``saecomp.reused_runs`` tag. Safe to call
+    from several threads at once: each step is its own process."""
     active = mlflow.active_run()
+    parent = parent_run_id or (active.info.run_id if active else None)
+    client = MlflowClient()
     existing = find_finished_run(entry_point, key)
     if existing:
         print(f"[saecomp] reusing finished {entry_point} run {existing}", flush=True)
-        if active is not None:
-            reused = MlflowClient().get_run(active.info.run_id).data.tags.get("saecomp.reused_runs", "")
-            if existing not in reused.split(","):
-                mlflow.set_tag("saecomp.reused_runs", ",".join(r for r in (reused, existing) if r)[:5000])
+        if parent is not None:
+            with _REUSED_TAG_LOCK:
+                reused = client.get_run(parent).data.tags.get("saecomp.reused_runs", "")
+                if existing not in reused.split(","):
+                    client.set_tag(parent, "saecomp.reused_runs", ",".join(r for r in (reused, existing) if r)[:5000])
         return existing
     if not (PROJECT_ROOT / "MLproject").exists():
         raise RuntimeError(f"no finished {entry_point} run with key {key}; run `mlflow run . -e {entry_point}` first")
     print(f"[saecomp] running {entry_point} {parameters}", flush=True)
     # Nested `mlflow run`s do not inherit the env manager (GUIDE §2), and the shell they start must
     # find this interpreter's `python`.
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    here = str(Path(sys.executable).parent)
+    if not os.environ.get("PATH", "").startswith(here + os.pathsep):
+        os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
     if experiment_name is not None:
         experiment_id = experiment_id_for(experiment_name)
     else:
@@ -134,9 +148,9 @@ def run_step(entry_point: str, parameters: dict[str, str], key: str, experiment_
         synchronous=True,
     )
     run_id = submitted.run_id
-    if active is not None:
-        MlflowClient().set_tag(run_id, "mlflow.parentRunId", active.info.run_id)
-    if MlflowClient().get_run(run_id).data.tags.get(KEY_TAG) != key:
+    if parent is not None:
+        client.set_tag(run_id, "mlflow.parentRunId", parent)
+    if client.get_run(run_id).data.tags.get(KEY_TAG) != key:
         raise RuntimeError(f"{entry_point} run {run_id} finished with another key than {key}: its inputs changed under it")
     return run_id
 
@@ -154,6 +168,93 @@ def local_artifacts(run_id: str, artifact_path: str) -> Path:
     os.replace(staging / Path(artifact_path).name, target)
     shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# Every step run records who computes it and when that process was last alive, so that a run left RUNNING by a
+# dead process can be told from a live one, also another user's on a shared tracking server.
+HOST_TAG, PID_TAG, HEARTBEAT_TAG = "saecomp.host", "saecomp.pid", "saecomp.heartbeat"
+KILLED_REASON_TAG = "saecomp.killed_reason"
+HEARTBEAT_SECONDS = float(os.environ.get("SAECOMP_HEARTBEAT_SECONDS", 30))
+# A run whose process is on another host counts as dead only when its heartbeat is this old.
+STALE_AFTER_SECONDS = float(os.environ.get("SAECOMP_STALE_AFTER_SECONDS", 600))
+
+
+class Heartbeat:
+    """Writes ``saecomp.heartbeat`` (epoch seconds) on a run every few seconds from a daemon thread."""
+
+    def __init__(self, run_id: str, every: float = HEARTBEAT_SECONDS):
+        self.run_id, self.every = run_id, every
+        self._stop = threading.Event()
+        MlflowClient().set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+        self._thread.start()
+
+    def _beat(self):
+        while not self._stop.wait(self.every):
+            try:
+                MlflowClient().set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            except Exception:  # a busy store misses one beat; the next one comes
+                pass
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def alive(run_id: str):
+    """Tag ``run_id`` with this host and process and keep its heartbeat while the block runs."""
+    MlflowClient().set_tag(run_id, HOST_TAG, socket.gethostname())
+    MlflowClient().set_tag(run_id, PID_TAG, str(os.getpid()))
+    heartbeat = Heartbeat(run_id)
+    try:
+        yield
+    finally:
+        heartbeat.stop()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def why_dead(run, now: float | None = None, host: str | None = None) -> str | None:
+    """Why a RUNNING step run has no live process behind it, or None if it may be alive. Its own host can check the
+    process; any host can see a heartbeat older than `STALE_AFTER_SECONDS` (also a run that never beat, by its
+    start time)."""
+    now, host = now or time.time(), host or socket.gethostname()
+    tags = run.data.tags
+    if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit() and not _process_alive(int(tags[PID_TAG])):
+        return f"process {tags[PID_TAG]} on {host} is gone"
+    last_seen = float(tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
+    if now - last_seen > STALE_AFTER_SECONDS:
+        return f"no heartbeat from {tags.get(HOST_TAG, 'an unknown host')} for {now - last_seen:.0f} s"
+    return None
+
+
+def reap_dead_runs(experiment_ids: list[str] | None = None) -> list[str]:
+    """Mark the step runs left RUNNING by dead processes KILLED, with the reason as a tag; live runs, this process's
+    own (``MLFLOW_RUN_ID``) and other users' live ones, are left alone. Returns the ids marked."""
+    client = MlflowClient()
+    ids = experiment_ids or [e.experiment_id for e in client.search_experiments()]
+    mine = {os.environ.get("MLFLOW_RUN_ID"), *(r.info.run_id for r in [mlflow.active_run()] if r)}
+    reaped = []
+    for run in client.search_runs(ids, filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        if run.info.run_id in mine or STEP_TAG not in run.data.tags:
+            continue
+        reason = why_dead(run)
+        if reason is None:
+            continue
+        client.set_tag(run.info.run_id, KILLED_REASON_TAG, f"{reason} (found by pid {os.getpid()} on {socket.gethostname()})")
+        client.set_terminated(run.info.run_id, "KILLED")
+        print(f"[saecomp] marked run {run.info.run_id} ({run.data.tags.get(STEP_TAG)}) KILLED: {reason}", file=sys.stderr, flush=True)
+        reaped.append(run.info.run_id)
+    return reaped
 
 
 def _raise_on_sigterm(signum, frame):
@@ -184,10 +285,13 @@ def step_run(
     """
     global _TOLD_ABOUT_DEFAULT
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    reap_dead_runs()
     if os.environ.get("MLFLOW_RUN_ID") or experiment_name is None:
         run = mlflow.start_run()
     else:
         run = mlflow.start_run(experiment_id=experiment_id_for(experiment_name))
+    keep_alive = alive(run.info.run_id)
+    keep_alive.__enter__()
     try:
         labels = {STEP_TAG: step, KEY_TAG: key, "saecomp.code": source_digest(), **library_versions(), **(tags or {})}
         if run_name:
@@ -215,6 +319,7 @@ def step_run(
     else:
         mlflow.end_run("FINISHED")
     finally:
+        keep_alive.__exit__(None, None, None)
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -148,3 +148,11 @@ def pytest_sessionfinish(session, exitstatus):
     import shutil
 
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tracked_world(small_experiment):
+    """The small world built once through MLflow (its own build_world run)."""
+    from entrypoints.common import load, resolve_world
+
+    return resolve_world(load(str(small_experiment), {}), str(small_experiment))

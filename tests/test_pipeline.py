@@ -15,7 +15,8 @@ def step_runs(step):
 
 
 def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
-    first = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment)], catch_exceptions=False)
+    # Two cells at a time: the parallel path builds what the sequential one reuses below.
+    first = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment), "--jobs", "2"], catch_exceptions=False)
     assert first.exit_code == 0, first.output
     assert "SAEs on the pruned model (test tokens)" in first.output
     counts = {step: len(step_runs(step)) for step in ("build_world", "prune_llm", "train_sae", "prune_sae", "evaluate")}

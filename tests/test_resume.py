@@ -1,0 +1,82 @@
+"""Resume: a step killed with SIGKILL never looks finished, is marked KILLED with its reason on the next start, and
+is redone; a live run, also another machine's on a shared server, is never touched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+from click.testing import CliRunner
+
+from entrypoints import prune_llm
+from saecomp.tracking import HEARTBEAT_TAG, HOST_TAG, KILLED_REASON_TAG, PID_TAG, STEP_TAG, reap_dead_runs, step_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def runs_of(step: str):
+    client = mlflow.MlflowClient()
+    return [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+        if r.data.tags.get(STEP_TAG) == step
+    ]
+
+
+def test_sigkilled_step_is_marked_killed_and_redone(small_experiment, tracked_world):
+    args = ["--experiment", str(small_experiment), "--sparsity", "0.375"]
+    before = {r.info.run_id for r in runs_of("prune_llm")}
+    process = subprocess.Popen([sys.executable, "-m", "entrypoints.prune_llm", *args], cwd=ROOT, env=dict(os.environ))
+    victim = None
+    deadline = time.time() + 300
+    while victim is None and time.time() < deadline and process.poll() is None:
+        started = [r for r in runs_of("prune_llm") if r.info.run_id not in before and r.data.tags.get(PID_TAG) == str(process.pid)]
+        victim = started[0] if started and HEARTBEAT_TAG in started[0].data.tags else None
+        time.sleep(0.05)
+    assert victim is not None, "the step finished or failed before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    client = mlflow.MlflowClient()
+    assert client.get_run(victim.info.run_id).info.status == "RUNNING"  # what SIGKILL leaves behind
+
+    result = CliRunner().invoke(prune_llm.main, args)
+    assert result.exit_code == 0, result.output
+    killed = client.get_run(victim.info.run_id)
+    assert killed.info.status == "KILLED"
+    assert f"process {process.pid} on {socket.gethostname()} is gone" in killed.data.tags[KILLED_REASON_TAG]
+    key = victim.data.tags["saecomp.key"]
+    same_key = [r for r in runs_of("prune_llm") if r.data.tags.get("saecomp.key") == key]
+    assert [r.info.status for r in same_key if r.info.run_id != victim.info.run_id] == ["FINISHED"]  # redone once
+    assert not [r for r in runs_of("prune_llm") if r.info.status == "RUNNING"]
+    # What a pipeline (or a step needing this one) reuses from now on is the redone run, never the killed one.
+    from saecomp.tracking import find_finished_run
+
+    assert find_finished_run("prune_llm", key) not in (None, victim.info.run_id)
+
+
+def test_live_runs_are_never_reaped():
+    """This process's own run, and another host's run with a fresh heartbeat (a colleague on a shared server), stay
+    RUNNING; another host's run silent for longer than the staleness limit is KILLED."""
+    import saecomp.tracking as tracking
+
+    client = mlflow.MlflowClient()
+    experiment = tracking.experiment_id_for("reaper")
+    colleague = client.create_run(
+        experiment, tags={STEP_TAG: "train_sae", HOST_TAG: "gpu-node-7", PID_TAG: "1", HEARTBEAT_TAG: f"{time.time():.0f}"}
+    )
+    silent = client.create_run(
+        experiment, tags={STEP_TAG: "train_sae", HOST_TAG: "gpu-node-8", PID_TAG: "1", HEARTBEAT_TAG: f"{time.time() - 3600:.0f}"}
+    )
+    with step_run("prune_llm", "k-live", {}, "reaper") as own:
+        reaped = reap_dead_runs([experiment])
+        assert own.info.run_id not in reaped and client.get_run(own.info.run_id).info.status == "RUNNING"
+    assert client.get_run(colleague.info.run_id).info.status == "RUNNING"
+    assert client.get_run(silent.info.run_id).info.status == "KILLED"
+    assert "no heartbeat from gpu-node-8" in client.get_run(silent.info.run_id).data.tags[KILLED_REASON_TAG]
+    client.set_terminated(colleague.info.run_id, "FINISHED")

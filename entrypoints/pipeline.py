@@ -179,7 +179,7 @@ def main(experiment: str, jobs: int) -> None:
             if len(layers) > 1:
                 for hook in exp.sae.hooks:
                     path = Path(tmp) / f"sweep_by_layer_{hook}.png"
-                    per_layer_figure({layer: sweeps[(hook, layer)] for layer in layers}, f"{exp.name}: {hook} of {model_label}", path)
+                    per_layer_figure({layer: sweeps[(layer, hook)] for layer in layers}, f"{exp.name}: {hook} of {model_label}", path)
                     mlflow.log_artifact(str(path))
         mlflow.set_tags({"saecomp.prune_llm_run": prune_run, "saecomp.prune_sae_runs": ",".join(sae_runs)})
         columns = ["hook", "variant", "selected", "mse", "explained_variance", "cossim", "l0", "ce_loss_with_sae", "ce_loss_without_sae"]

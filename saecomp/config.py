@@ -14,6 +14,7 @@ from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from saecomp.models import KNOWN_MODELS, TINY_MODELS, check_model_name
 from saecomp.prune_llm import METHODS as LLM_PRUNING_METHODS
@@ -49,6 +50,18 @@ class Section(BaseModel):
 
     def to_dict(self) -> dict:
         return self.model_dump()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_numbers(cls, value, info):
+        # pydantic would read `true` as 1 and 64.0 as 64; a number field takes a number, an integer field an integer.
+        hint = cls.model_fields[info.field_name].annotation
+        kind = {int: "int", float: "float", int | None: "int", float | None: "float"}.get(hint)
+        if kind and isinstance(value, bool):
+            raise PydanticCustomError(f"{kind}_parsing", "not a number")
+        if kind == "int" and (isinstance(value, float) or (isinstance(value, str) and not value.strip().lstrip("-").isdigit())):
+            raise PydanticCustomError("int_parsing", "not an integer")
+        return value
 
 
 class DataConfig(Section):

@@ -181,9 +181,8 @@ def load_model(
     source = checkpoint_dir if checkpoint_dir is not None else name
     hf_model, tokenizer = load_hf(source, dtype)
     tl = hf_to_tl(hf_model, tokenizer, source, processing)
-    if device != "cpu":
-        tl.cfg.device = device
-        tl = tl.to(device)
+    tl.cfg.device = device  # always: TransformerLens defaults it to cuda wherever a GPU exists
+    tl = tl.to(device)
     return LoadedModel(name=name, tl=tl, hf=hf_model, tokenizer=tokenizer)
 
 

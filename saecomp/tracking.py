@@ -229,8 +229,10 @@ def why_dead(run, now: float | None = None, host: str | None = None) -> str | No
     start time)."""
     now, host = now or time.time(), host or socket.gethostname()
     tags = run.data.tags
-    if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit() and not _process_alive(int(tags[PID_TAG])):
-        return f"process {tags[PID_TAG]} on {host} is gone"
+    if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit():
+        if not _process_alive(int(tags[PID_TAG])):
+            return f"process {tags[PID_TAG]} on {host} is gone"
+        return None  # its process is alive here, whatever its heartbeat says
     last_seen = float(tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
     if now - last_seen > STALE_AFTER_SECONDS:
         return f"no heartbeat from {tags.get(HOST_TAG, 'an unknown host')} for {now - last_seen:.0f} s"

@@ -48,6 +48,10 @@ ERRORS = [
     ({"dtype": "int8"}, "dtype='int8' is not valid; valid: float32, bfloat16, float16"),
     ({"device": "cuda:x"}, "device='cuda:x' is not valid"),
     ({"sae.pretrained": {"hook_mlp_out": [1]}}, "sae.pretrained.hook_mlp_out"),
+    ({"sae_pruning.tolerance": True}, "sae_pruning.tolerance=True is not a number"),
+    ({"calibration.seed": True}, "calibration.seed=True is not an integer"),
+    ({"held_out.n_sequences": 64.0}, "held_out.n_sequences=64.0 is not an integer"),
+    ({"held_out.n_sequences": "1.0"}, "held_out.n_sequences='1.0' is not an integer"),
 ]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import click
@@ -149,13 +149,19 @@ def main(experiment: str, jobs: int) -> None:
         saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         if jobs > 1:
             # Each step is a process with its share of the cores (torch reads these at start).
-            threads = str(max(1, (os.cpu_count() or 1) // jobs))
+            threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))  # the cores this process may use
             for variable, value in saved.items():
                 os.environ[variable] = value or threads
             click.echo(f"[pipeline] {len(cells)} hook/layer cells, {jobs} at a time, {threads} torch thread(s) per step", err=True)
         try:
             with ThreadPoolExecutor(max_workers=jobs) as pool:
-                done = list(pool.map(lambda c: cell(*c), cells))  # in the order of `cells`, whatever finishes first
+                futures = [pool.submit(cell, *c) for c in cells]
+                for future in as_completed(futures):
+                    if future.exception() is not None:  # the first failure stops what has not started
+                        for waiting in futures:
+                            waiting.cancel()
+                        raise future.exception()
+                done = [future.result() for future in futures]  # in the order of `cells`
         finally:
             for variable, value in saved.items():
                 if value is None:

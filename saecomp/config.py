@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
 from saecomp.models import KNOWN_MODELS, TINY_MODELS, check_model_name
@@ -38,9 +38,14 @@ def _as_list(value):
     return value if isinstance(value, list) or value is None else [value]
 
 
-IntList = Annotated[list[int], BeforeValidator(_as_list)]
-FloatList = Annotated[list[float], BeforeValidator(_as_list)]
-StrList = Annotated[list[str], BeforeValidator(_as_list)]
+def _one_or_many(item: dict) -> WithJsonSchema:
+    # What the editor accepts: a list, or the single value that stands for a list of one.
+    return WithJsonSchema({"anyOf": [{"type": "array", "items": item}, item]})
+
+
+IntList = Annotated[list[int], BeforeValidator(_as_list), _one_or_many({"type": "integer"})]
+FloatList = Annotated[list[float], BeforeValidator(_as_list), _one_or_many({"type": "number"})]
+StrList = Annotated[list[str], BeforeValidator(_as_list), _one_or_many({"type": "string"})]
 
 
 class Section(BaseModel):
@@ -56,6 +61,8 @@ class Section(BaseModel):
     def _numbers_are_numbers(cls, value, info):
         # pydantic would read `true` as 1 and 64.0 as 64; a number field takes a number, an integer field an integer.
         hint = cls.model_fields[info.field_name].annotation
+        if value is None and isinstance(hint, type) and issubclass(hint, Section):
+            return {}  # a section whose lines are all commented out: its defaults
         kind = {int: "int", float: "float", int | None: "int", float | None: "float"}.get(hint)
         if kind and isinstance(value, bool):
             raise PydanticCustomError(f"{kind}_parsing", "not a number")
@@ -122,7 +129,9 @@ class HeldOutConfig(Section):
 class SAEConfig(Section):
     hooks: StrList = Field(default_factory=lambda: list(SAE_HOOKS))
     """Hook points to train/prune SAEs at: attn.hook_z, hook_mlp_out, hook_resid_post."""
-    layers: list[int] | str = Field(default_factory=lambda: [2])
+    layers: Annotated[
+        list[int] | str, WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "integer"}}, {"type": "integer"}, {"const": "all"}]})
+    ] = Field(default_factory=lambda: [2])
     """Layers (0-based) of the SAEs, or `all` (per-layer sweeps, the paper's appendix Figures 5-7)."""
     architecture: str = "topk"
     """SAELens architecture: standard, topk, batchtopk, jumprelu."""
@@ -191,9 +200,9 @@ class Experiment(Section):
     name: str = "tiny"
     model: str = "tiny-gpt2"
     """Base model: gpt2, google/gemma-2-2b, tiny-gpt2, tiny-gemma2."""
-    device: str = "cpu"
+    device: str = Field("cpu", json_schema_extra={"pattern": "^(cpu|mps|cuda(:[0-9]+)?)$"})
     """Where every step computes: cpu, cuda, cuda:<index> or mps. Part of each step's key (the bits differ)."""
-    dtype: str = "float32"
+    dtype: str = Field("float32", json_schema_extra={"enum": list(DTYPES)})
     """The model's weights and activations in every step: float32, bfloat16 or float16 (the paper ran Gemma-2-2B
     in bfloat16). SAEs keep their own dtype. Part of each step's key."""
     world: dict = Field(default_factory=dict)

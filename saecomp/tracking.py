@@ -145,11 +145,18 @@ def run_step(
         parameters=parameters,
         env_manager="local",
         experiment_id=experiment_id,
-        synchronous=True,
+        synchronous=False,
     )
     run_id = submitted.run_id
-    if parent is not None:
+    if parent is not None:  # nested from its start, so that a failed or killed step is found under its pipeline too
         client.set_tag(run_id, "mlflow.parentRunId", parent)
+    try:
+        succeeded = submitted.wait()
+    except BaseException:
+        submitted.cancel()
+        raise
+    if not succeeded:
+        raise mlflow.exceptions.ExecutionException(f"Run (ID '{run_id}') failed")
     if client.get_run(run_id).data.tags.get(KEY_TAG) != key:
         raise RuntimeError(f"{entry_point} run {run_id} finished with another key than {key}: its inputs changed under it")
     return run_id
@@ -173,6 +180,7 @@ def local_artifacts(run_id: str, artifact_path: str) -> Path:
 # Every step run records who computes it and when that process was last alive, so that a run left RUNNING by a
 # dead process can be told from a live one, also another user's on a shared tracking server.
 HOST_TAG, PID_TAG, HEARTBEAT_TAG = "saecomp.host", "saecomp.pid", "saecomp.heartbeat"
+PID_NAMESPACE_TAG = "saecomp.pid_namespace"  # containers may share a host name but not their process ids
 KILLED_REASON_TAG = "saecomp.killed_reason"
 HEARTBEAT_SECONDS = float(os.environ.get("SAECOMP_HEARTBEAT_SECONDS", 30))
 # A run whose process is on another host counts as dead only when its heartbeat is this old.
@@ -206,11 +214,19 @@ def alive(run_id: str):
     """Tag ``run_id`` with this host and process and keep its heartbeat while the block runs."""
     MlflowClient().set_tag(run_id, HOST_TAG, socket.gethostname())
     MlflowClient().set_tag(run_id, PID_TAG, str(os.getpid()))
+    MlflowClient().set_tag(run_id, PID_NAMESPACE_TAG, _pid_namespace())
     heartbeat = Heartbeat(run_id)
     try:
         yield
     finally:
         heartbeat.stop()
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "unknown"
 
 
 def _process_alive(pid: int) -> bool:
@@ -229,7 +245,8 @@ def why_dead(run, now: float | None = None, host: str | None = None) -> str | No
     start time)."""
     now, host = now or time.time(), host or socket.gethostname()
     tags = run.data.tags
-    if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit():
+    here = tags.get(HOST_TAG) == host and tags.get(PID_NAMESPACE_TAG, _pid_namespace()) == _pid_namespace()
+    if here and tags.get(PID_TAG, "").isdigit():
         if not _process_alive(int(tags[PID_TAG])):
             return f"process {tags[PID_TAG]} on {host} is gone"
         return None  # its process is alive here, whatever its heartbeat says

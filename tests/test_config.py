@@ -77,3 +77,27 @@ def test_device_and_dtype_are_part_of_every_step_key(small_experiment):
     exp = load_experiment(small_experiment)
     other = load_experiment(small_experiment, {"dtype": "bfloat16"})
     assert prune_llm.key_for(exp, str(small_experiment)) != prune_llm.key_for(other, str(small_experiment))
+
+
+def test_an_emptied_section_means_its_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text(TINY.read_text() + "\nsae_pruning:\n")
+    assert load_experiment(path).sae_pruning.tolerance == 0.05
+
+
+def test_the_schema_accepts_what_the_loader_accepts():
+    properties = json_schema()["$defs"]["SAEConfig"]["properties"]
+    assert {"type": "string"} in properties["hooks"]["anyOf"]  # `hooks: hook_mlp_out`
+    assert {"type": "integer"} in properties["layers"]["anyOf"] and {"const": "all"} in properties["layers"]["anyOf"]
+    assert json_schema()["properties"]["dtype"]["enum"] == ["float32", "bfloat16", "float16"]
+
+
+def test_models_compute_on_the_asked_device_even_where_a_gpu_exists(small_world, monkeypatch):
+    """TransformerLens defaults `cfg.device` to cuda wherever a GPU exists; `device: cpu` must still mean the CPU."""
+    import torch
+
+    from saecomp.models import load_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    loaded = load_model("tiny-gpt2", small_world / "tiny-gpt2", "float32", device="cpu")
+    assert str(loaded.tl.cfg.device) == "cpu" and next(loaded.tl.parameters()).device.type == "cpu"

@@ -57,3 +57,21 @@ def test_per_layer_figure_draws_one_curve_per_layer(tmp_path):
     assert labels == ["layer 0", "layer 1", "layer 2", "layer 3"]
     image = matplotlib.image.imread(tmp_path / "layers.png")
     assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_pipeline_over_several_layers_draws_the_per_layer_sweeps(small_experiment, tmp_path):
+    """`sae.layers` with two layers: one cell per layer (in parallel here), and the appendix's per-layer figure."""
+    import yaml
+
+    config = yaml.safe_load(small_experiment.read_text())
+    config["sae"].update({"layers": [0, 1], "hooks": ["hook_resid_post"]})
+    config["evaluation"]["suites"] = []
+    path = tmp_path / "layers.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(pipeline.main, ["--experiment", str(path), "--jobs", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert "sweep_by_layer_hook_resid_post.png" in artifacts
+    summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="summary.csv"))
+    assert list(dict.fromkeys(summary["hook"])) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]

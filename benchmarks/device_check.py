@@ -1,0 +1,75 @@
+"""The SAE path on a GPU: the same random model and SAEs through saecomp's activation cache, SAE statistics,
+pruning sweep and spliced evaluation on the CPU (float32) and on ``--device`` (float32 and bfloat16), side by side.
+
+    python benchmarks/device_check.py --device cuda
+
+Not a speed benchmark: it shows that `device` and `dtype` reach every tensor of the SAE steps' library code
+(no CPU/GPU mix-ups, a float32 SAE spliced into a bfloat16 model) and how far the metrics move with the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from sae_lens import SAE, StandardSAEConfig, TopKSAEConfig
+
+from benchmarks.common import build_model, machine, write_json
+from saecomp.prune_sae import cache_activations, sae_statistics, sweep
+from saecomp.saes import evaluate_sae
+
+METRICS = ("mse", "explained_variance", "cossim", "l0", "ce_loss_with_sae", "ce_loss_without_sae")
+
+
+def saes(model) -> dict[str, SAE]:
+    torch.manual_seed(1)
+    layer = model.cfg.n_layers // 2
+    topk = SAE.from_dict(TopKSAEConfig(d_in=model.cfg.d_model, d_sae=4 * model.cfg.d_model, k=16).to_dict())
+    topk.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+    z_width = model.cfg.n_heads * model.cfg.d_head
+    standard = SAE.from_dict(
+        StandardSAEConfig(d_in=z_width, d_sae=4 * z_width, normalize_activations="layer_norm", reshape_activations="hook_z").to_dict()
+    )
+    standard.cfg.metadata.hook_name = f"blocks.{layer}.attn.hook_z"
+    return {"topk resid_post": topk, "standard layer_norm hook_z": standard}
+
+
+def run(shape: str, device: str, dtype: str, tokens: torch.Tensor) -> dict:
+    model = build_model(shape, device, dtype)
+    out = {}
+    for name, sae in saes(model).items():
+        sae = sae.to(device)
+        hook = sae.cfg.metadata.hook_name
+        cache = cache_activations(model, hook, tokens, special_ids={0})
+        stats = sae_statistics(sae, cache.ordinary_activations())
+        swept = sweep(model, sae, stats, cache, [0.25, 0.5])
+        out[name] = {
+            "dense": evaluate_sae(model, sae, tokens, special_ids={0}),
+            **{f"pruned{int(level * 100)}": swept.metrics[level] for level in swept.levels},
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shape", default="tiny", choices=["tiny", "gpt2-small", "gemma-2-2b"])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    vocab = build_model(args.shape).cfg.d_vocab if args.shape != "gemma-2-2b" else 256000
+    tokens = torch.randint(1, vocab, (16, 64))
+    tokens[:, 0] = 0  # a BOS that is never spliced
+    results = {"cpu float32": run(args.shape, "cpu", "float32", tokens)}
+    for dtype in ("float32", "bfloat16"):
+        results[f"{args.device} {dtype}"] = run(args.shape, args.device, dtype, tokens)
+    print(f"{'case':<36} {'sae':<28} {'variant':<9} " + " ".join(f"{m:>14}" for m in METRICS))
+    for case, per_sae in results.items():
+        for sae_name, variants in per_sae.items():
+            for variant, metrics in variants.items():
+                print(f"{case:<36} {sae_name:<28} {variant:<9} " + " ".join(f"{metrics[m]:14.6f}" for m in METRICS))
+    write_json(args.json, {"shape": args.shape, "results": results, "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()

@@ -45,6 +45,54 @@ def per_layer_figure(curves, title: str, path: Path) -> list[str]:
     return labels
 
 
+def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dims) -> list[str]:
+    """The pipeline's steps in order, each with what it processes and whether a finished run will be reused: found
+    by key lookups alone (nothing is computed or started). Steps downstream of one not run yet have no key yet."""
+    from entrypoints import prune_llm, train_sae
+    from entrypoints.common import world_step
+    from saecomp.models import TINY_MODELS
+    from saecomp.saes import hook_d_in
+    from saecomp.tracking import find_finished_run
+
+    def status(step: str, key: str | None) -> str:
+        if key is None:
+            return "will run (after its upstream steps)"
+        found = find_finished_run(step, key)
+        return f"reuses finished run {found}" if found else "will run"
+
+    lines = [f"pipeline for {experiment} ({exp.name}): {exp.model} on {exp.device} in {exp.dtype}"]
+    if exp.model in TINY_MODELS:
+        lines.append(f"  build_world      {status('build_world', world_step(exp, experiment)[0])}")
+    calibration = f"{exp.calibration.n_sequences} x {exp.calibration.seq_len or dims.n_ctx} calibration tokens"
+    prune_key = prune_llm.key_for(exp, experiment)
+    prune_run = find_finished_run("prune_llm", prune_key)
+    amount = exp.llm_pruning.nm or exp.llm_pruning.sparsity
+    lines.append(f"  prune_llm        {exp.llm_pruning.method} {amount}, {calibration}: {status('prune_llm', prune_key)}")
+    pruned_label = f"{exp.model}+prune_llm:{prune_run}" if prune_run else None
+    for layer in layers:
+        for hook in exp.sae.hooks:
+            spec = train_sae.build_spec(exp, hook, layer, None)
+            width = spec.d_sae or spec.expansion_factor * hook_d_in(dims, hook)
+            what = f"{spec.architecture} SAE, {width} latents, {spec.training_tokens:,} tokens"
+            cell = f"blocks.{layer}.{hook}"
+            if exp.pretrained_source(hook, layer):
+                lines.append(f"  {cell}: pretrained SAE {exp.pretrained_source(hook, layer)}")
+            else:
+                dense = train_sae.key_for(exp, experiment, spec, exp.model, None)
+                lines.append(f"  {cell}: train_sae on the dense model ({what}): {status('train_sae', dense)}")
+            pruned = train_sae.key_for(exp, experiment, spec, pruned_label, None) if pruned_label else None
+            lines.append(f"  {cell}: train_sae on the pruned model ({what}): {status('train_sae', pruned)}")
+            levels = ", ".join(f"{s:g}" for s in exp.sae_pruning.sparsities)
+            lines.append(f"  {cell}: prune_sae {exp.sae_pruning.method} at {levels}, select by {exp.sae_pruning.selection_metric}")
+            if suites:
+                ev = exp.evaluation
+                tokens = f"{ev.n_sequences} test windows of {ev.context_size or spec.context_size} tokens"
+                lines.append(
+                    f"  {cell}: evaluate {', '.join(suites)} for pretrained, pruned25, pruned50, trained (+ the selected level), {tokens}"
+                )
+    return lines
+
+
 @click.command()
 @experiment_option
 @click.option(
@@ -54,7 +102,8 @@ def per_layer_figure(curves, title: str, path: Path) -> list[str]:
     type=click.IntRange(min=1),
     help="Hook/layer cells computed at once, each step its own process (the torch threads are shared out).",
 )
-def main(experiment: str, jobs: int) -> None:
+@click.option("--dry-run", is_flag=True, help="Print the steps, what each processes and what is reused; compute nothing.")
+def main(experiment: str, jobs: int, dry_run: bool) -> None:
     exp = load(experiment, {})
     runtime = runtime_overrides()  # worker threads have no click context: hand the overrides on explicitly
     dims = model_dims(exp)
@@ -80,6 +129,9 @@ def main(experiment: str, jobs: int) -> None:
     skipped = [s for s in exp.evaluation.suites if s not in BUILT_SUITES]
     if skipped:
         click.echo(f"[pipeline] evaluation suites not built yet, skipped: {', '.join(skipped)}", err=True)
+    if dry_run:
+        click.echo("\n".join(dry_run_plan(exp, experiment, layers, suites, dims)))
+        return
 
     from entrypoints.common import pruning_label
     from saecomp.tracking import alive, experiment_id_for, library_versions, reap_dead_runs

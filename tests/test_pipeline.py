@@ -49,6 +49,30 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     assert set(rerun.data.tags["saecomp.reused_runs"].split(",")) >= {r.info.run_id for r in made_here}
 
 
+def test_dry_run_prints_the_plan_and_computes_nothing(small_experiment, tracked_world, tmp_path):
+    import yaml
+
+    from entrypoints.prune_llm import key_for
+    from saecomp.config import load_experiment
+    from saecomp.tracking import find_finished_run
+
+    everything = {step: len(step_runs(step)) for step in ("build_world", "prune_llm", "train_sae", "prune_sae", "evaluate", "pipeline")}
+    config = yaml.safe_load(small_experiment.read_text())
+    config.setdefault("llm_pruning", {})["sparsity"] = 0.4  # a model nobody pruned yet: it and what builds on it will run
+    path = tmp_path / "planned.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert find_finished_run("prune_llm", key_for(load_experiment(path), str(path))) is None
+    plan = CliRunner().invoke(pipeline.main, ["--experiment", str(path), "--dry-run"], catch_exceptions=False)
+    assert plan.exit_code == 0, plan.output
+    lines = plan.output.splitlines()
+    assert "build_world" in lines[1] and "reuses finished run" in lines[1]  # the world is the same
+    assert any("prune_llm" in line and "0.4" in line and line.endswith("will run") for line in lines)
+    assert sum("train_sae on the pruned model" in line and "after its upstream" in line for line in lines) == 3
+    assert sum("evaluate core for pretrained, pruned25, pruned50, trained" in line for line in lines) == 3
+    assert "32 test windows" in plan.output and "16 x 64 calibration tokens" in plan.output
+    assert {step: len(step_runs(step)) for step in everything} == everything, "a dry run started a run"
+
+
 def test_per_layer_figure_draws_one_curve_per_layer(tmp_path):
     import matplotlib.image
 

@@ -51,7 +51,7 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
     from entrypoints import prune_llm, train_sae
     from entrypoints.common import world_step
     from saecomp.models import TINY_MODELS
-    from saecomp.saes import hook_d_in
+    from saecomp.saes import SAESource, hook_d_in
     from saecomp.tracking import find_finished_run
 
     def status(step: str, key: str | None) -> str:
@@ -69,19 +69,27 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
     amount = exp.llm_pruning.nm or exp.llm_pruning.sparsity
     lines.append(f"  prune_llm        {exp.llm_pruning.method} {amount}, {calibration}: {status('prune_llm', prune_key)}")
     pruned_label = f"{exp.model}+prune_llm:{prune_run}" if prune_run else None
+    by_hand = exp.model not in TINY_MODELS  # real SAE training is started by hand; the pipeline only finds it
+
+    def training(key: str | None) -> str:
+        if by_hand and (key is None or find_finished_run("train_sae", key) is None):
+            return "not run by the pipeline: start it by hand (mlflow run . -e train_sae ...), or the pipeline stops here"
+        return status("train_sae", key)
+
     for layer in layers:
         for hook in exp.sae.hooks:
             spec = train_sae.build_spec(exp, hook, layer, None)
             width = spec.d_sae or spec.expansion_factor * hook_d_in(dims, hook)
             what = f"{spec.architecture} SAE, {width} latents, {spec.training_tokens:,} tokens"
             cell = f"blocks.{layer}.{hook}"
-            if exp.pretrained_source(hook, layer):
-                lines.append(f"  {cell}: pretrained SAE {exp.pretrained_source(hook, layer)}")
+            source = exp.pretrained_source(hook, layer)
+            if source:
+                lines.append(f"  {cell}: pretrained SAE {SAESource.parse(source).describe()}")
             else:
                 dense = train_sae.key_for(exp, experiment, spec, exp.model, None)
-                lines.append(f"  {cell}: train_sae on the dense model ({what}): {status('train_sae', dense)}")
+                lines.append(f"  {cell}: train_sae on the dense model ({what}): {training(dense)}")
             pruned = train_sae.key_for(exp, experiment, spec, pruned_label, None) if pruned_label else None
-            lines.append(f"  {cell}: train_sae on the pruned model ({what}): {status('train_sae', pruned)}")
+            lines.append(f"  {cell}: train_sae on the pruned model ({what}): {training(pruned)}")
             levels = ", ".join(f"{s:g}" for s in exp.sae_pruning.sparsities)
             lines.append(f"  {cell}: prune_sae {exp.sae_pruning.method} at {levels}, select by {exp.sae_pruning.selection_metric}")
             if suites:
@@ -104,7 +112,7 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
 )
 @click.option("--dry-run", is_flag=True, help="Print the steps, what each processes and what is reused; compute nothing.")
 def main(experiment: str, jobs: int, dry_run: bool) -> None:
-    exp = load(experiment, {})
+    exp = load(experiment, {}, check_device=not dry_run)  # a plan needs no GPU
     runtime = runtime_overrides()  # worker threads have no click context: hand the overrides on explicitly
     dims = model_dims(exp)
     check_layers(exp, dims.n_layers)
@@ -134,7 +142,7 @@ def main(experiment: str, jobs: int, dry_run: bool) -> None:
         return
 
     from entrypoints.common import pruning_label
-    from saecomp.tracking import alive, experiment_id_for, library_versions, reap_dead_runs
+    from saecomp.tracking import alive, experiment_id_for, library_versions, reap_dead_runs, stop_running_steps
 
     # Under `mlflow run`, MLflow has placed this run (`--experiment-name`); run directly, it goes to the
     # experiment named after the file. The steps it starts go there either way.
@@ -201,19 +209,26 @@ def main(experiment: str, jobs: int, dry_run: bool) -> None:
         saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         if jobs > 1:
             # Each step is a process with its share of the cores (torch reads these at start).
-            threads = str(max(1, len(os.sched_getaffinity(0)) // jobs))  # the cores this process may use
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            threads = str(max(1, cores // jobs))  # the cores this process may use
             for variable, value in saved.items():
                 os.environ[variable] = value or threads
             click.echo(f"[pipeline] {len(cells)} hook/layer cells, {jobs} at a time, {threads} torch thread(s) per step", err=True)
         try:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                futures = [pool.submit(cell, *c) for c in cells]
+            pool = ThreadPoolExecutor(max_workers=jobs)
+            futures = [pool.submit(cell, *c) for c in cells]
+            try:
                 for future in as_completed(futures):
-                    if future.exception() is not None:  # the first failure stops what has not started
-                        for waiting in futures:
-                            waiting.cancel()
+                    if future.exception() is not None:
                         raise future.exception()
-                done = [future.result() for future in futures]  # in the order of `cells`
+            except BaseException:
+                # A failed cell or Ctrl-C: cancel the steps running now (their own process sessions never see the
+                # terminal's Ctrl-C), start no new one, and wait for the cells to notice.
+                stop_running_steps()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
+            done = [future.result() for future in futures]  # in the order of `cells`
         finally:
             for variable, value in saved.items():
                 if value is None:

@@ -38,13 +38,24 @@ def _as_list(value):
     return value if isinstance(value, list) or value is None else [value]
 
 
+def _as_number_list(kind: str):
+    def check(value):
+        items = _as_list(value)
+        for item in items or []:
+            if isinstance(item, bool) or (kind == "int" and isinstance(item, float)):
+                raise PydanticCustomError(f"{kind}_parsing", "not a number")
+        return items
+
+    return check
+
+
 def _one_or_many(item: dict) -> WithJsonSchema:
     # What the editor accepts: a list, or the single value that stands for a list of one.
     return WithJsonSchema({"anyOf": [{"type": "array", "items": item}, item]})
 
 
-IntList = Annotated[list[int], BeforeValidator(_as_list), _one_or_many({"type": "integer"})]
-FloatList = Annotated[list[float], BeforeValidator(_as_list), _one_or_many({"type": "number"})]
+IntList = Annotated[list[int], BeforeValidator(_as_number_list("int")), _one_or_many({"type": "integer"})]
+FloatList = Annotated[list[float], BeforeValidator(_as_number_list("float")), _one_or_many({"type": "number"})]
 StrList = Annotated[list[str], BeforeValidator(_as_list), _one_or_many({"type": "string"})]
 
 

@@ -182,7 +182,7 @@ def load_model(
     hf_model, tokenizer = load_hf(source, dtype)
     tl = hf_to_tl(hf_model, tokenizer, source, processing)
     tl.cfg.device = device  # always: TransformerLens defaults it to cuda wherever a GPU exists
-    tl = tl.to(device)
+    tl = tl.to(device, print_details=False)
     return LoadedModel(name=name, tl=tl, hf=hf_model, tokenizer=tokenizer)
 
 

@@ -105,6 +105,20 @@ def find_finished_run(step: str, key: str) -> str | None:
 
 
 _REUSED_TAG_LOCK = threading.Lock()  # parallel steps append to one parent's tag
+# Steps run as their own process sessions (MLflow starts them with setsid), so Ctrl-C at the terminal does not reach
+# them: the pipeline cancels what is live itself (`stop_running_steps`), and no new step starts once it stops.
+_LIVE_STEPS: set = set()
+_LIVE_LOCK = threading.Lock()
+STOPPING = threading.Event()
+
+
+def stop_running_steps() -> None:
+    """Start no new step, and cancel (SIGTERM: each closes its run as FAILED) the ones running now."""
+    STOPPING.set()
+    with _LIVE_LOCK:
+        live = list(_LIVE_STEPS)
+    for submitted in live:
+        submitted.cancel()
 
 
 def run_step(
@@ -129,6 +143,8 @@ def run_step(
         return existing
     if not (PROJECT_ROOT / "MLproject").exists():
         raise RuntimeError(f"no finished {entry_point} run with key {key}; run `mlflow run . -e {entry_point}` first")
+    if STOPPING.is_set():
+        raise RuntimeError(f"not starting {entry_point}: the pipeline is stopping")
     print(f"[saecomp] running {entry_point} {parameters}", flush=True)
     # Nested `mlflow run`s do not inherit the env manager (GUIDE §2), and the shell they start must
     # find this interpreter's `python`.
@@ -148,13 +164,18 @@ def run_step(
         synchronous=False,
     )
     run_id = submitted.run_id
-    if parent is not None:  # nested from its start, so that a failed or killed step is found under its pipeline too
-        client.set_tag(run_id, "mlflow.parentRunId", parent)
+    with _LIVE_LOCK:
+        _LIVE_STEPS.add(submitted)
     try:
+        if parent is not None:  # nested from its start, so that a failed or killed step is found under its pipeline too
+            client.set_tag(run_id, "mlflow.parentRunId", parent)
         succeeded = submitted.wait()
     except BaseException:
         submitted.cancel()
         raise
+    finally:
+        with _LIVE_LOCK:
+            _LIVE_STEPS.discard(submitted)
     if not succeeded:
         raise mlflow.exceptions.ExecutionException(f"Run (ID '{run_id}') failed")
     if client.get_run(run_id).data.tags.get(KEY_TAG) != key:
@@ -181,6 +202,7 @@ def local_artifacts(run_id: str, artifact_path: str) -> Path:
 # dead process can be told from a live one, also another user's on a shared tracking server.
 HOST_TAG, PID_TAG, HEARTBEAT_TAG = "saecomp.host", "saecomp.pid", "saecomp.heartbeat"
 PID_NAMESPACE_TAG = "saecomp.pid_namespace"  # containers may share a host name but not their process ids
+PID_START_TAG = "saecomp.pid_start"  # the process's start (clock ticks after boot): a reused pid has another
 KILLED_REASON_TAG = "saecomp.killed_reason"
 HEARTBEAT_SECONDS = float(os.environ.get("SAECOMP_HEARTBEAT_SECONDS", 30))
 # A run whose process is on another host counts as dead only when its heartbeat is this old.
@@ -215,6 +237,7 @@ def alive(run_id: str):
     MlflowClient().set_tag(run_id, HOST_TAG, socket.gethostname())
     MlflowClient().set_tag(run_id, PID_TAG, str(os.getpid()))
     MlflowClient().set_tag(run_id, PID_NAMESPACE_TAG, _pid_namespace())
+    MlflowClient().set_tag(run_id, PID_START_TAG, _process_start(os.getpid()) or "unknown")
     heartbeat = Heartbeat(run_id)
     try:
         yield
@@ -227,6 +250,15 @@ def _pid_namespace() -> str:
         return str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:
         return "unknown"
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (field 22 of /proc/<pid>/stat), or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _process_alive(pid: int) -> bool:
@@ -249,6 +281,9 @@ def why_dead(run, now: float | None = None, host: str | None = None) -> str | No
     if here and tags.get(PID_TAG, "").isdigit():
         if not _process_alive(int(tags[PID_TAG])):
             return f"process {tags[PID_TAG]} on {host} is gone"
+        recorded, now_start = tags.get(PID_START_TAG), _process_start(int(tags[PID_TAG]))
+        if recorded not in (None, "unknown") and now_start is not None and recorded != now_start:
+            return f"process {tags[PID_TAG]} on {host} is gone (its pid belongs to a newer process)"
         return None  # its process is alive here, whatever its heartbeat says
     last_seen = float(tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
     if now - last_seen > STALE_AFTER_SECONDS:

@@ -52,6 +52,8 @@ ERRORS = [
     ({"calibration.seed": True}, "calibration.seed=True is not an integer"),
     ({"held_out.n_sequences": 64.0}, "held_out.n_sequences=64.0 is not an integer"),
     ({"held_out.n_sequences": "1.0"}, "held_out.n_sequences='1.0' is not an integer"),
+    ({"llm_pruning.layers": [True, 1]}, "llm_pruning.layers=[True, 1] is not an integer"),
+    ({"sae_pruning.sparsities": [False]}, "sae_pruning.sparsities=[False] is not a number"),
 ]
 
 
@@ -80,8 +82,10 @@ def test_device_and_dtype_are_part_of_every_step_key(small_experiment):
 
 
 def test_an_emptied_section_means_its_defaults(tmp_path):
+    config = yaml.safe_load(TINY.read_text())
+    config["sae_pruning"] = None  # what `sae_pruning:` with every line below it commented out reads as
     path = tmp_path / "empty.yaml"
-    path.write_text(TINY.read_text() + "\nsae_pruning:\n")
+    path.write_text(yaml.safe_dump(config))
     assert load_experiment(path).sae_pruning.tolerance == 0.05
 
 

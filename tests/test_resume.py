@@ -80,3 +80,25 @@ def test_live_runs_are_never_reaped():
     assert client.get_run(silent.info.run_id).info.status == "KILLED"
     assert "no heartbeat from gpu-node-8" in client.get_run(silent.info.run_id).data.tags[KILLED_REASON_TAG]
     client.set_terminated(colleague.info.run_id, "FINISHED")
+
+
+def test_a_reused_pid_is_not_taken_for_the_live_run():
+    """Same host and pid namespace, a process with the recorded pid exists: alive only if it is the same process."""
+    from types import SimpleNamespace
+
+    from saecomp.tracking import PID_NAMESPACE_TAG, PID_START_TAG, _pid_namespace, _process_start, why_dead
+
+    tags = {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        PID_NAMESPACE_TAG: _pid_namespace(),
+        HEARTBEAT_TAG: f"{time.time():.0f}",
+    }
+
+    def run(started: str):
+        return SimpleNamespace(
+            data=SimpleNamespace(tags={**tags, PID_START_TAG: started}), info=SimpleNamespace(start_time=time.time() * 1000)
+        )
+
+    assert why_dead(run(_process_start(os.getpid()))) is None
+    assert "belongs to a newer process" in why_dead(run("1"))

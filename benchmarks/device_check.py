@@ -10,9 +10,13 @@ Not a speed benchmark: it shows that `device` and `dtype` reach every tensor of 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from sae_lens import SAE, StandardSAEConfig, TopKSAEConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<this>.py` finds `benchmarks`
 
 from benchmarks.common import build_model, machine, write_json
 from saecomp.prune_sae import cache_activations, sae_statistics, sweep

@@ -14,18 +14,17 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from sae_lens import SAE, TopKSAEConfig
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<this>.py` finds `benchmarks`
+
+from benchmarks.common import build_model
 from saecomp.evaluate import CoreSizes, core_config, prepared_for_saebench, run_core, token_activation_store
-
-SHAPES = {
-    "tiny": dict(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=128, d_vocab=4096),
-    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257),
-}
 
 
 def saebench_alone(model, sae, tokens, special, sizes: CoreSizes) -> None:
@@ -40,7 +39,7 @@ def saebench_alone(model, sae, tokens, special, sizes: CoreSizes) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", choices=["tiny", "gpt2-small"], default="tiny")
     parser.add_argument("--batches", type=int, default=8, help="reconstruction and sparsity batches each")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -48,8 +47,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = HookedTransformerConfig(**SHAPES[args.shape], act_fn="gelu_new", normalization_type="LN")
-    model = HookedTransformer(cfg).eval()
+    model = build_model(args.shape)
+    cfg = model.cfg
     layer = cfg.n_layers // 2
     sae = SAE.from_dict(TopKSAEConfig(d_in=cfg.d_model, d_sae=8 * cfg.d_model, k=32).to_dict())
     sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"

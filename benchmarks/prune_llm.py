@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<this>.py` finds `benchmarks`
 
 from benchmarks.common import PeakMemory, build_model, machine, timed, write_json
 from saecomp.prune_llm import PruneSpec, prune_model

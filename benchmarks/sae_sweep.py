@@ -10,25 +10,23 @@ measures only their wall time, side by side in one process, and prints the ratio
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from sae_lens import SAE, TopKSAEConfig
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from benchmarks.common import machine, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<this>.py` finds `benchmarks`
+
+from benchmarks.common import build_model, machine, write_json
 from saecomp.prune_sae import cache_activations, prune_sae, sae_statistics, sweep
 from saecomp.saes import evaluate_sae
-
-SHAPES = {
-    "tiny": dict(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=128, d_vocab=4096),
-    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257),
-}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
+    parser.add_argument("--shape", choices=["tiny", "gpt2-small"], default="gpt2-small")
     parser.add_argument("--layer", type=int, default=None, help="SAE layer (default: the middle one)")
     parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -36,8 +34,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = HookedTransformerConfig(**SHAPES[args.shape], act_fn="gelu_new", normalization_type="LN")
-    model = HookedTransformer(cfg).eval()
+    model = build_model(args.shape)
+    cfg = model.cfg
     layer = args.layer if args.layer is not None else cfg.n_layers // 2
     hook = f"blocks.{layer}.hook_resid_post"
     sae = SAE.from_dict(TopKSAEConfig(d_in=cfg.d_model, d_sae=args.expansion * cfg.d_model, k=32).to_dict())

@@ -11,18 +11,18 @@ how many mask entries differ: near-ties can flip between accumulation orders).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<this>.py` finds `benchmarks`
+
+from benchmarks.common import build_model
 from saecomp.models import as_matrix, from_matrix, prunable_weights
 from saecomp.prune_llm import INPUT_OF, PruneSpec, _input_sources, prune_model, wanda_mask
-
-SHAPES = {
-    "tiny": dict(n_layers=4, d_model=128, n_heads=4, d_head=32, d_mlp=512, n_ctx=128, d_vocab=4096),
-    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257),
-}
 
 
 @torch.no_grad()
@@ -52,13 +52,13 @@ def reference_style(model: HookedTransformer, tokens: torch.Tensor, sparsity: fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
+    parser.add_argument("--shape", choices=["tiny", "gpt2-small"], default="gpt2-small")
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
     torch.manual_seed(0)
-    cfg = HookedTransformerConfig(**SHAPES[args.shape], act_fn="gelu_new", normalization_type="LN")
-    ours, reference = HookedTransformer(cfg).eval(), HookedTransformer(cfg).eval()
+    ours, reference = build_model(args.shape), build_model(args.shape)  # the same seed: the same weights
+    cfg = ours.cfg
     reference.load_state_dict(ours.state_dict())
     tokens = torch.randint(0, cfg.d_vocab, (args.sequences, min(args.seq_len, cfg.n_ctx)))
 

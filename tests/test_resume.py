@@ -29,19 +29,34 @@ def runs_of(step: str):
     ]
 
 
-def test_sigkilled_step_is_marked_killed_and_redone(small_experiment, tracked_world):
-    args = ["--experiment", str(small_experiment), "--sparsity", "0.375"]
+def start_and_kill_mid_run(small_experiment, sparsity: str):
+    """Start prune_llm in its own process, freeze it (SIGSTOP) as soon as its run is tagged, and SIGKILL it if the run
+    is still RUNNING then; None if the step was too quick to catch."""
+    args = ["--experiment", str(small_experiment), "--sparsity", sparsity]
     before = {r.info.run_id for r in runs_of("prune_llm")}
     process = subprocess.Popen([sys.executable, "-m", "entrypoints.prune_llm", *args], cwd=ROOT, env=dict(os.environ))
     victim = None
     deadline = time.time() + 300
     while victim is None and time.time() < deadline and process.poll() is None:
         started = [r for r in runs_of("prune_llm") if r.info.run_id not in before and r.data.tags.get(PID_TAG) == str(process.pid)]
-        victim = started[0] if started and HEARTBEAT_TAG in started[0].data.tags else None
-        time.sleep(0.05)
-    assert victim is not None, "the step finished or failed before it could be killed"
+        if started and HEARTBEAT_TAG in started[0].data.tags:
+            os.kill(process.pid, signal.SIGSTOP)  # frozen: it cannot finish between this check and the kill
+            victim = started[0]
+        time.sleep(0.02)
+    caught = victim is not None and mlflow.MlflowClient().get_run(victim.info.run_id).info.status == "RUNNING"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    return (args, victim, process) if caught else None
+
+
+def test_sigkilled_step_is_marked_killed_and_redone(small_experiment, tracked_world):
+    attempt = None
+    for sparsity in ("0.375", "0.3125", "0.4375"):  # a fresh key each try
+        attempt = start_and_kill_mid_run(small_experiment, sparsity)
+        if attempt:
+            break
+    assert attempt is not None, "the step finished three times before it could be killed"
+    args, victim, process = attempt
     client = mlflow.MlflowClient()
     assert client.get_run(victim.info.run_id).info.status == "RUNNING"  # what SIGKILL leaves behind
 

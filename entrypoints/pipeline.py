@@ -1,18 +1,20 @@
 """main: run a whole experiment file as one pipeline, reusing every finished step.
 
     mlflow run .                                       # experiments/tiny.yaml, offline
-    mlflow run . -P experiment=experiments/gpt2-small.yaml
+    mlflow run . -P experiment=experiments/gpt2-small.yaml -P jobs=4
+    python -m entrypoints.pipeline --experiment experiments/gpt2-small.yaml --executor ray --address head:6379
 
 Steps run as their own MLflow runs (children of this one when they are new); a step whose inputs and
-code match a FINISHED run is not run again. Built so far: build_world -> prune_llm -> train_sae (pretrained on
-the dense model and trained on the pruned one, in the tiny world) -> prune_sae, for every hook and layer.
+code match a FINISHED run is not run again. The steps are declared in `saecomp.graph`; where they run is the
+executor's business (`saecomp.executors`): here one at a time, `--jobs N` cells at once, or Ray tasks.
+Built so far: build_world -> prune_llm -> train_sae (pretrained on the dense model and trained on the pruned one, in
+the tiny world) -> prune_sae -> evaluate (SAEBench core), for every hook and layer.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import click
@@ -110,8 +112,21 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
     type=click.IntRange(min=1),
     help="Hook/layer cells computed at once, each step its own process (the torch threads are shared out).",
 )
+@click.option(
+    "--executor",
+    "executor_name",
+    default="local",
+    show_default=True,
+    type=click.Choice(["local", "ray"]),
+    help="Where steps run: this machine, or a Ray cluster (each step a task with its resources).",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster address (ray://host:10001 or host:6379; default: RAY_ADDRESS, else a local Ray started here).",
+)
 @click.option("--dry-run", is_flag=True, help="Print the steps, what each processes and what is reused; compute nothing.")
-def main(experiment: str, jobs: int, dry_run: bool) -> None:
+def main(experiment: str, jobs: int, executor_name: str, address: str | None, dry_run: bool) -> None:
     exp = load(experiment, {}, check_device=not dry_run)  # a plan needs no GPU
     runtime = runtime_overrides()  # worker threads have no click context: hand the overrides on explicitly
     dims = model_dims(exp)
@@ -126,12 +141,8 @@ def main(experiment: str, jobs: int, dry_run: bool) -> None:
             except ValueError as error:
                 fail(f"sae.layers: {error}")
     import mlflow
-    import pandas as pd
 
-    from entrypoints import evaluate, prune_sae
     from saecomp.evaluate import BUILT_SUITES
-    from saecomp.saes import SAESource
-    from saecomp.tracking import STEP_TAG, local_artifacts, run_step
 
     suites = [s for s in exp.evaluation.suites if s in BUILT_SUITES]
     skipped = [s for s in exp.evaluation.suites if s not in BUILT_SUITES]
@@ -140,9 +151,42 @@ def main(experiment: str, jobs: int, dry_run: bool) -> None:
     if dry_run:
         click.echo("\n".join(dry_run_plan(exp, experiment, layers, suites, dims)))
         return
+    if executor_name == "ray" and jobs > 1:
+        fail("--jobs is for --executor local; on Ray every cell runs as soon as the cluster has its resources")
 
+    from saecomp import executors
+    from saecomp.tracking import experiment_id_for, prepare_store
+
+    prepare_store(concurrent=jobs > 1 or executor_name == "ray")
+    try:
+        executor = executors.make(executor_name, jobs, address or os.environ.get("RAY_ADDRESS"), exp.device)
+    except ValueError as error:
+        fail(str(error))
+    except ConnectionError as error:  # no Ray cluster at that address
+        fail(f"--address {address or os.environ.get('RAY_ADDRESS')}: {str(error).splitlines()[0][:300]}")
+    try:
+        artifacts = mlflow.MlflowClient().get_experiment(experiment_id_for(exp.name)).artifact_location
+        executors.check_store(executor, mlflow.get_tracking_uri(), artifacts)
+    except ValueError as error:
+        executor.close()
+        fail(str(error))
+    executors.use(executor)
+    click.echo(f"[pipeline] executor: {executor.describe()}", err=True)
+    try:
+        _run_pipeline(exp, experiment, layers, suites, executor, runtime)
+    finally:
+        executors.use(executors.InProcess())
+        executor.close()
+
+
+def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], executor, runtime: dict) -> None:
+    import mlflow
+    import pandas as pd
+
+    from entrypoints import evaluate, prune_sae
     from entrypoints.common import pruning_label
-    from saecomp.tracking import alive, experiment_id_for, library_versions, reap_dead_runs, stop_running_steps
+    from saecomp.saes import SAESource
+    from saecomp.tracking import STEP_TAG, alive, experiment_id_for, library_versions, local_artifacts, reap_dead_runs, run_step
 
     # Under `mlflow run`, MLflow has placed this run (`--experiment-name`); run directly, it goes to the
     # experiment named after the file. The steps it starts go there either way.
@@ -206,35 +250,10 @@ def main(experiment: str, jobs: int, dry_run: bool) -> None:
             return out
 
         cells = [(layer, hook) for layer in layers for hook in exp.sae.hooks]
-        saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-        if jobs > 1:
-            # Each step is a process with its share of the cores (torch reads these at start).
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            threads = str(max(1, cores // jobs))  # the cores this process may use
-            for variable, value in saved.items():
-                os.environ[variable] = value or threads
-            click.echo(f"[pipeline] {len(cells)} hook/layer cells, {jobs} at a time, {threads} torch thread(s) per step", err=True)
-        try:
-            pool = ThreadPoolExecutor(max_workers=jobs)
-            futures = [pool.submit(cell, *c) for c in cells]
-            try:
-                for future in as_completed(futures):
-                    if future.exception() is not None:
-                        raise future.exception()
-            except BaseException:
-                # A failed cell or Ctrl-C: cancel the steps running now (their own process sessions never see the
-                # terminal's Ctrl-C), start no new one, and wait for the cells to notice.
-                stop_running_steps()
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            pool.shutdown(wait=True)
-            done = [future.result() for future in futures]  # in the order of `cells`
-        finally:
-            for variable, value in saved.items():
-                if value is None:
-                    os.environ.pop(variable, None)
-                else:
-                    os.environ[variable] = value
+        click.echo(f"[pipeline] {len(cells)} hook/layer cell(s) on {executor.describe()}", err=True)
+        # A failed cell or Ctrl-C cancels the steps running now (their own process sessions never see the terminal's
+        # Ctrl-C) and starts no new one.
+        done = executor.map(lambda c: cell(*c), cells)  # in the order of `cells`
         tables = [d["table"] for d in done]
         sae_runs = [d["run"] for d in done]
         evaluations = [e for d in done for e in d["evaluations"]]

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -62,15 +61,15 @@ def library_versions() -> dict[str, str]:
     return tags
 
 
-# The modules whose code decides each step's output: a change there makes finished runs stale. (Modules
-# such as config.py or tracking.py change no result: the resolved inputs are hashed themselves.)
-STEP_CODE = {
-    "build_world": ("world",),
-    "prune_llm": ("models.py", "data.py", "prune_llm.py"),
-    "train_sae": ("models.py", "data.py", "saes.py", "train_sae.py"),
-    "prune_sae": ("models.py", "data.py", "saes.py", "prune_llm.py", "prune_sae.py"),
-    "evaluate": ("models.py", "data.py", "saes.py", "evaluate.py"),
-}
+def _step_code() -> dict[str, tuple[str, ...]]:
+    # The modules whose code decides each step's output (declared in saecomp.graph): a change there makes finished
+    # runs stale. (Modules such as config.py or tracking.py change no result: the resolved inputs are hashed themselves.)
+    from saecomp.graph import STEPS
+
+    return {name: step.code for name, step in STEPS.items()}
+
+
+STEP_CODE = _step_code()
 
 
 def source_digest(*subpackages: str) -> str:
@@ -119,16 +118,30 @@ def stop_running_steps() -> None:
         live = list(_LIVE_STEPS)
     for submitted in live:
         submitted.cancel()
+    from saecomp import executors
+
+    cancel = getattr(executors.current(), "cancel", None)
+    if cancel is not None:
+        cancel()
+
+
+# A step process watches the process that launched it (``SAECOMP_LAUNCHER`` = "pid:start"): when the launcher dies
+# (a SIGKILLed pipeline, a lost Ray worker), the step closes its run as KILLED and exits, instead of finishing
+# unseen while a rerun computes the same thing again.
+LAUNCHER_ENV = "SAECOMP_LAUNCHER"
+_MY_LAUNCHER = os.environ.get(LAUNCHER_ENV)  # read at import: this process sets the variable for its own steps
 
 
 def run_step(
     entry_point: str, parameters: dict[str, str], key: str, experiment_name: str | None = None, parent_run_id: str | None = None
 ) -> str:
     """Reuse the finished run of ``entry_point`` with ``key``, or run the entry point now (as its own
-    MLflow run, in this environment, in the experiment named ``experiment_name``) and return its id. A new run
-    is nested under ``parent_run_id`` (default: the active run, the pipeline's; worker threads have none and must
-    name it); a reused one keeps its parent and is listed on the parent's ``saecomp.reused_runs`` tag. Safe to call
-    from several threads at once: each step is its own process."""
+    MLflow run, in the experiment named ``experiment_name``, wherever the current executor puts it) and return its
+    id. A new run is nested under ``parent_run_id`` (default: the active run, the pipeline's; worker threads have
+    none and must name it); a reused one keeps its parent and is listed on the parent's ``saecomp.reused_runs`` tag.
+    Safe to call from several threads at once: each step is its own process."""
+    from saecomp import executors
+
     active = mlflow.active_run()
     parent = parent_run_id or (active.info.run_id if active else None)
     client = MlflowClient()
@@ -145,16 +158,26 @@ def run_step(
         raise RuntimeError(f"no finished {entry_point} run with key {key}; run `mlflow run . -e {entry_point}` first")
     if STOPPING.is_set():
         raise RuntimeError(f"not starting {entry_point}: the pipeline is stopping")
+    if experiment_name is not None:
+        experiment_id = experiment_id_for(experiment_name)
+    else:
+        experiment_id = active.info.experiment_id if active else None
+    run_id = executors.current().launch(entry_point, parameters, experiment_id, parent)
+    if client.get_run(run_id).data.tags.get(KEY_TAG) != key:
+        raise RuntimeError(f"{entry_point} run {run_id} finished with another key than {key}: its inputs changed under it")
+    return run_id
+
+
+def launch_local(entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None) -> str:
+    """Run one entry point here, as `mlflow run` does (its own process, in this environment), and wait for it.
+    Returns the run id of a FINISHED run, or raises."""
     print(f"[saecomp] running {entry_point} {parameters}", flush=True)
     # Nested `mlflow run`s do not inherit the env manager (GUIDE §2), and the shell they start must
     # find this interpreter's `python`.
     here = str(Path(sys.executable).parent)
     if not os.environ.get("PATH", "").startswith(here + os.pathsep):
         os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
-    if experiment_name is not None:
-        experiment_id = experiment_id_for(experiment_name)
-    else:
-        experiment_id = active.info.experiment_id if active else None
+    os.environ[LAUNCHER_ENV] = f"{os.getpid()}:{_process_start(os.getpid()) or 'unknown'}"  # the step watches us
     submitted = mlflow.projects.run(
         uri=str(PROJECT_ROOT),
         entry_point=entry_point,
@@ -166,6 +189,7 @@ def run_step(
     run_id = submitted.run_id
     with _LIVE_LOCK:
         _LIVE_STEPS.add(submitted)
+    client = MlflowClient()
     try:
         if parent is not None:  # nested from its start, so that a failed or killed step is found under its pipeline too
             client.set_tag(run_id, "mlflow.parentRunId", parent)
@@ -178,8 +202,6 @@ def run_step(
             _LIVE_STEPS.discard(submitted)
     if not succeeded:
         raise mlflow.exceptions.ExecutionException(f"Run (ID '{run_id}') failed")
-    if client.get_run(run_id).data.tags.get(KEY_TAG) != key:
-        raise RuntimeError(f"{entry_point} run {run_id} finished with another key than {key}: its inputs changed under it")
     return run_id
 
 
@@ -232,17 +254,82 @@ class Heartbeat:
 
 
 @contextlib.contextmanager
-def alive(run_id: str):
-    """Tag ``run_id`` with this host and process and keep its heartbeat while the block runs."""
+def alive(run_id: str, watch_launcher: bool = False):
+    """Tag ``run_id`` with this host and process and keep its heartbeat while the block runs. With
+    ``watch_launcher``, a step whose launcher dies closes this run as KILLED and exits (see ``LAUNCHER_ENV``)."""
     MlflowClient().set_tag(run_id, HOST_TAG, socket.gethostname())
     MlflowClient().set_tag(run_id, PID_TAG, str(os.getpid()))
     MlflowClient().set_tag(run_id, PID_NAMESPACE_TAG, _pid_namespace())
     MlflowClient().set_tag(run_id, PID_START_TAG, _process_start(os.getpid()) or "unknown")
     heartbeat = Heartbeat(run_id)
+    watchdog = _LauncherWatch(run_id, _MY_LAUNCHER) if watch_launcher and _MY_LAUNCHER else None
     try:
-        yield
+        yield watchdog
     finally:
         heartbeat.stop()
+        if watchdog:
+            watchdog.stop()
+
+
+class _LauncherWatch:
+    """Checks twice a second that the launching process lives (same pid, same start time)."""
+
+    def __init__(self, run_id: str, launcher: str):
+        self.run_id = run_id
+        pid, _, start = launcher.partition(":")
+        self.pid, self.start = int(pid), start
+        # `mlflow.projects.run` starts an `mlflow run` process that starts this one (through bash); that process closes
+        # the run as FAILED when this one dies, so it goes first. Found now, while the launcher still heads the chain.
+        self.between = _ancestors_below(self.pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="launcher-watch", daemon=True)
+        self._thread.start()
+
+    def gone(self) -> bool:
+        if not _process_alive(self.pid):
+            return True
+        now = _process_start(self.pid)
+        return self.start not in ("", "unknown") and now is not None and now != self.start
+
+    def close_run_and_exit(self):
+        reason = f"its launcher (process {self.pid} on {socket.gethostname()}) is gone"
+        print(f"[saecomp] run {self.run_id}: {reason}; closing it as KILLED", file=sys.stderr, flush=True)
+        for pid in self.between:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            MlflowClient().set_tag(self.run_id, KILLED_REASON_TAG, reason)
+            MlflowClient().set_terminated(self.run_id, "KILLED")
+        finally:
+            os._exit(137)  # nothing this process writes from now on is part of a finished run
+
+    def _watch(self):
+        while not self._stop.wait(0.5):
+            if self.gone():
+                self.close_run_and_exit()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ancestors_below(launcher: int, levels: int = 5) -> list[int]:
+    """The processes between this one and ``launcher`` (its parent, grandparent, ...), or none if it is not an
+    ancestor within ``levels``."""
+    chain, pid = [], _parent(os.getpid())
+    while pid not in (None, 0, 1) and len(chain) < levels:
+        if pid == launcher:
+            return chain
+        chain.append(pid)
+        pid = _parent(pid)
+    return []
 
 
 def _pid_namespace() -> str:
@@ -268,7 +355,10 @@ def _process_alive(pid: int) -> bool:
         return False
     except PermissionError:  # alive, another user's
         return True
-    return True
+    try:  # a zombie (killed, not yet waited for by its parent) is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def why_dead(run, now: float | None = None, host: str | None = None) -> str | None:
@@ -344,8 +434,8 @@ def step_run(
         run = mlflow.start_run()
     else:
         run = mlflow.start_run(experiment_id=experiment_id_for(experiment_name))
-    keep_alive = alive(run.info.run_id)
-    keep_alive.__enter__()
+    keep_alive = alive(run.info.run_id, watch_launcher=True)
+    watchdog = keep_alive.__enter__()
     try:
         labels = {STEP_TAG: step, KEY_TAG: key, "saecomp.code": source_digest(), **library_versions(), **(tags or {})}
         if run_name:
@@ -371,24 +461,47 @@ def step_run(
         mlflow.end_run("FAILED")
         raise
     else:
+        if watchdog is not None and watchdog.gone():
+            # Its launcher died meanwhile (and a retry may be computing the same): this run never finishes.
+            watchdog.close_run_and_exit()
         mlflow.end_run("FINISHED")
     finally:
         keep_alive.__exit__(None, None, None)
         signal.signal(signal.SIGTERM, previous)
 
 
-def register_sae(local_dir: str | Path, registered_name: str, tags: dict[str, str]) -> str:
-    """Register a SAELens folder in the MLflow Model Registry as a LoggedModel of the active run (a folder
-    logged with `log_artifacts` cannot be registered; GUIDE §2). Returns ``name/version``."""
+def register_sae(artifact_path: str, registered_name: str, tags: dict[str, str]) -> str:
+    """Register the SAELens folder the active run logged at ``artifact_path`` in the MLflow Model Registry, as a version
+    whose source *is* that folder: each SAE is stored once (a LoggedModel would copy it: tens of GB for GPT-2's 36
+    layer x hook cells), and ``models:/<name>/<version>`` downloads the run's files. Returns ``name/version``."""
     run = mlflow.active_run()
-    logged = mlflow.initialize_logged_model(
-        name=re.sub(r"[/:.%\"']", "-", registered_name), source_run_id=run.info.run_id if run else None, tags=tags, model_type="sae"
-    )
+    client = MlflowClient()
     try:
-        MlflowClient().log_model_artifacts(logged.model_id, str(local_dir))
-    except BaseException:
-        mlflow.finalize_logged_model(logged.model_id, "FAILED")
-        raise
-    mlflow.finalize_logged_model(logged.model_id, "READY")
-    version = mlflow.register_model(f"models:/{logged.model_id}", registered_name, tags=tags)
+        client.create_registered_model(registered_name)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(registered_name, source=mlflow.get_artifact_uri(artifact_path), run_id=run.info.run_id, tags=tags)
     return f"{registered_name}/{version.version}"
+
+
+def prepare_store(concurrent: bool) -> None:
+    """Before steps write to the store at once: bring a SQLite store's schema up to date in this one process (several
+    processes migrating a new or old SQLite file at once crash; GUIDE §2). Servers migrate themselves."""
+    uri = mlflow.get_tracking_uri()
+    if not (concurrent and uri.startswith("sqlite:")):
+        return
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from mlflow.store.db.utils import _get_alembic_config, _upgrade_db, create_sqlalchemy_engine_with_retry
+
+    engine = create_sqlalchemy_engine_with_retry(uri)
+    try:
+        with engine.connect() as connection:
+            current = MigrationContext.configure(connection).get_current_revision()
+        if current is None:
+            MlflowClient().search_experiments()  # a new file: the store creates the whole schema, here, once
+        elif current != ScriptDirectory.from_config(_get_alembic_config(str(engine.url))).get_current_head():
+            _upgrade_db(engine)  # an older MLflow's file: what `mlflow db upgrade` runs
+    finally:
+        engine.dispose()

@@ -1,0 +1,258 @@
+"""Where a pipeline's steps run: one interface, three back ends.
+
+Every step is an MLflow run computed by its own process (``mlflow run -e <step>`` under the hood); an executor
+decides only *where* that process starts and how many run at once:
+
+- ``InProcess``: on this machine, one step at a time (the default);
+- ``LocalPool(jobs)``: on this machine, ``jobs`` hook/layer cells at once, the cores shared out between them;
+- ``RayCluster(address)``: each step a Ray task that asks for the resources its step declares (a GPU for the
+  model steps when the experiment runs on CUDA), so GPU steps land on GPU nodes. A task whose worker is lost
+  is retried once (Ray's ``max_retries``); a step that fails by itself (bad input, a bug) is never retried.
+
+The pipeline hands its cells to ``executor.map`` and every ``tracking.run_step`` goes through
+``executor.launch``: the key lookup, reuse and lineage are the same whichever back end runs the step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one run of a step needs from the machine it runs on (Ray's task options)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_gb: float = 2.0
+
+
+def step_resources(step: str, device: str) -> Resources:
+    """A step's resources on ``device``. The model steps take a whole GPU when the experiment runs on CUDA (their
+    memory is the model's and its activations; sharing a card would only make them slower); building the world
+    is CPU work in any case."""
+    from saecomp.graph import STEPS
+
+    declared = STEPS[step]
+    if declared.gpu and device.startswith("cuda"):
+        return Resources(cpus=1.0, gpus=1.0, memory_gb=declared.memory_gb)
+    return Resources(cpus=1.0, gpus=0.0, memory_gb=declared.memory_gb)
+
+
+class InProcess:
+    """One step at a time on this machine (each in its own process, as `mlflow run` starts it)."""
+
+    name = "in-process"
+    concurrency = 1
+
+    def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None):
+        from saecomp.tracking import launch_local
+
+        return launch_local(entry_point, parameters, experiment_id, parent)
+
+    def map(self, function: Callable, items: Iterable) -> list:
+        return _map_with_threads(function, list(items), self.concurrency)
+
+    def describe(self) -> str:
+        return "in-process, one step at a time"
+
+    def close(self) -> None:
+        pass
+
+
+class LocalPool(InProcess):
+    """``jobs`` hook/layer cells at once on this machine; each step process gets ``cores // jobs`` torch threads."""
+
+    name = "local pool"
+
+    def __init__(self, jobs: int):
+        self.concurrency = jobs
+
+    def map(self, function: Callable, items: Iterable) -> list:
+        # Each step is a process with its share of the cores (torch reads these at start).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = str(max(1, cores // self.concurrency))
+        saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        for variable, value in saved.items():
+            os.environ[variable] = value or threads
+        try:
+            return _map_with_threads(function, list(items), self.concurrency)
+        finally:
+            for variable, value in saved.items():
+                if value is None:
+                    os.environ.pop(variable, None)
+                else:
+                    os.environ[variable] = value
+
+    def describe(self) -> str:
+        return f"local pool, {self.concurrency} cells at a time"
+
+
+# The environment a step process needs wherever it runs: the tracking store, the caches and offline mode.
+FORWARDED_ENVIRONMENT = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "HF_TOKEN",
+    "SAECOMP_CACHE",
+    "SAECOMP_HEARTBEAT_SECONDS",
+    "SAECOMP_STALE_AFTER_SECONDS",
+    "TOKENIZERS_PARALLELISM",
+)
+
+
+def _step_on_worker(entry_point: str, parameters: dict[str, str], experiment_id, parent, environment: dict[str, str]):
+    """A Ray task: run one step on the node Ray picked, with the driver's tracking store and offline settings."""
+    import mlflow
+
+    os.environ.update(environment)
+    mlflow.set_tracking_uri(environment["MLFLOW_TRACKING_URI"])
+    from saecomp.tracking import launch_local
+
+    return launch_local(entry_point, parameters, experiment_id, parent)
+
+
+class RayCluster:
+    """Each step a Ray task with its declared resources, on the cluster at ``address`` (``local``: start one here).
+
+    The cluster can be started any way Ray supports (``ray start``, KubeRay, Slurm): saecomp only connects to it.
+    Its nodes need saecomp installed and the same tracking store reachable; several nodes need a tracking server
+    (``check_store``)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, device: str = "cpu", num_cpus: int | None = None, retries: int = 1):
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("--executor ray needs Ray: pip install 'saecomp[cluster]' (or ray==2.60.0)") from None
+
+        self.device = device  # the experiment's: decides whether the model steps ask for a GPU
+        self._ray = ray
+        if address not in (None, "local", "auto"):
+            _check_reachable(address)
+        if not ray.is_initialized():
+            kwargs = {"num_cpus": num_cpus} if address in (None, "local") else {}
+            ray.init(address=None if address in (None, "local") else address, include_dashboard=False, log_to_driver=True, **kwargs)
+        self.retries = retries
+        self.concurrency = 64  # the cells wait on Ray, which runs as many as the cluster's resources allow
+        self._remote = ray.remote(_step_on_worker)
+        self._live: dict = {}
+
+    def nodes(self) -> int:
+        return sum(1 for node in self._ray.nodes() if node.get("Alive"))
+
+    def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None):
+        import mlflow
+
+        resources = step_resources(entry_point, self.device)
+        environment = {v: os.environ[v] for v in FORWARDED_ENVIRONMENT if v in os.environ}
+        environment["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
+        # torch threads = the CPUs the task holds (Ray sets OMP's alone; BLAS would take every core of the node)
+        environment["OMP_NUM_THREADS"] = environment["MKL_NUM_THREADS"] = str(max(1, int(resources.cpus)))
+        task = self._remote.options(
+            num_cpus=resources.cpus,
+            num_gpus=resources.gpus,
+            max_retries=self.retries,  # a lost worker or node: run the step again, once
+            retry_exceptions=False,  # a step that failed by itself fails the same way again
+            name=f"saecomp.{entry_point}",
+        ).remote(entry_point, parameters, experiment_id, parent, environment)
+        self._live[task.hex()] = task
+        try:
+            return self._ray.get(task)
+        except self._ray.exceptions.RayTaskError as error:  # the step's own failure, with its own traceback
+            raise error.as_instanceof_cause() from None
+        finally:
+            self._live.pop(task.hex(), None)
+
+    def cancel(self) -> None:
+        for task in list(self._live.values()):
+            self._ray.cancel(task, force=True)  # the worker dies; its step notices and closes its run as KILLED
+
+    def map(self, function: Callable, items: Iterable) -> list:
+        items = list(items)
+        return _map_with_threads(function, items, max(1, min(self.concurrency, len(items))))
+
+    def describe(self) -> str:
+        resources = self._ray.cluster_resources()
+        return f"ray, {self.nodes()} node(s), {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
+
+    def close(self) -> None:
+        self._ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds when nothing listens at a Ray address (``ray.init`` itself waits minutes before it gives up)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address {address!r} is not valid; valid: host:port (e.g. head:6379), ray://host:10001, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        raise ValueError(f"--address {address}: nothing answers there ({error}); is the Ray head running (ray start --head)?") from None
+
+
+def check_store(executor, tracking_uri: str, artifact_location: str) -> None:
+    """Refuse what cannot work: steps on several Ray nodes writing to one machine's SQLite file or artifact folder."""
+    if not isinstance(executor, RayCluster) or executor.nodes() <= 1:
+        return
+    from urllib.parse import urlparse
+
+    local_store = urlparse(tracking_uri).scheme in ("", "file", "sqlite")
+    local_artifacts = urlparse(artifact_location).scheme in ("", "file")
+    if local_store or local_artifacts:
+        where = tracking_uri if local_store else artifact_location
+        raise ValueError(
+            f"--executor ray on {executor.nodes()} nodes needs a tracking server that every node reaches "
+            f"(MLFLOW_TRACKING_URI=http://...), with remote artifacts; this store is local: {where}"
+        )
+
+
+def _map_with_threads(function: Callable, items: list, workers: int) -> list:
+    """``function`` over ``items`` with ``workers`` threads, results in the order of ``items``. The first failure (or
+    Ctrl-C) cancels the steps running now, starts no new one, and is raised once the cells have noticed."""
+    from saecomp.tracking import stop_running_steps
+
+    pool = ThreadPoolExecutor(max_workers=workers)
+    futures = [pool.submit(function, item) for item in items]
+    try:
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                raise future.exception()
+    except BaseException:
+        stop_running_steps()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return [future.result() for future in futures]
+
+
+_CURRENT: list = [InProcess()]
+
+
+def current():
+    """The executor `tracking.run_step` launches through (in-process unless a pipeline chose another)."""
+    return _CURRENT[0]
+
+
+def use(executor) -> None:
+    _CURRENT[0] = executor
+
+
+def make(name: str, jobs: int = 1, address: str | None = None, device: str = "cpu"):
+    """The executor a pipeline's options name: ``local`` (``jobs`` > 1: a pool) or ``ray``."""
+    if name == "ray":
+        return RayCluster(address, device=device)
+    if name != "local":
+        raise ValueError(f"executor={name!r} is not valid; valid: local, ray")
+    return LocalPool(jobs) if jobs > 1 else InProcess()

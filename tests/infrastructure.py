@@ -1,0 +1,148 @@
+"""Real services on loopback for the scale tests: PostgreSQL (Debian's), an S3-compatible server (moto's server mode)
+and an MLflow tracking server over both, each its own process, all stopped and deleted afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+PG_BIN = Path(os.environ.get("SAECOMP_PG_BIN", "/usr/lib/postgresql/15/bin"))
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "saecomp-test", "AWS_SECRET_ACCESS_KEY": "saecomp-test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args[:3]} exited with {process.returncode} before serving {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:
+            time.sleep(0.3)
+    raise TimeoutError(f"nothing served {url} within {seconds} s")
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    # initdb refuses root (GUIDE §2): run the server's tools as the postgres user then.
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@contextlib.contextmanager
+def postgres(database: str = "mlflow"):
+    """A PostgreSQL cluster in a fresh directory on a free loopback port; yields its SQLAlchemy URI (psycopg2: SQLAlchemy 2.1
+    takes a bare postgresql:// for psycopg 3)."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="saecomp-postgres-"))  # directly in /tmp: the postgres user must reach it
+    if os.geteuid() == 0:
+        shutil.chown(directory, "postgres")
+    port = free_port()
+    data, log = directory / "data", directory / "log"
+    subprocess.run(_as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "mlflow"]), check=True, capture_output=True)
+    options = f"-p {port} -k {directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start"]), check=True)
+    try:
+        subprocess.run(_as_postgres([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", database]), check=True)
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/{database}"
+    finally:
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str):
+    """moto's S3 server on a free loopback port with ``bucket`` created; yields its endpoint URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **S3_CREDENTIALS},
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{endpoint}/moto-api/", process)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, **_boto_credentials()).create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _boto_credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_CREDENTIALS["AWS_DEFAULT_REGION"],
+    }
+
+
+def s3_objects(endpoint: str, bucket: str) -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, **_boto_credentials())
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    return keys
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, s3_endpoint: str, bucket: str, log: Path):
+    """`mlflow server` over ``backend_uri`` that stores (and proxies) artifacts in ``s3://bucket``; yields its URL."""
+    port = free_port()
+    env = {**os.environ, **S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                backend_uri,
+                "--artifacts-destination",
+                f"s3://{bucket}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "2",
+            ],  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health", process, seconds=180)
+        yield url
+    finally:
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from sae_lens import SAE
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from saecomp.prune_llm import group_mask, magnitude_mask, seed_mask, wanda_mask
@@ -235,7 +236,7 @@ def cache_activations(
     layer = int(hook_name.split(".")[1])
     resid_name = f"blocks.{layer}.hook_resid_pre"
     resid, acts, loss_sum = [], [], 0.0
-    for batch in tokens.split(batch_size):
+    for batch in tqdm(tokens.split(batch_size), desc=f"caching {hook_name}", leave=False, disable=None):  # silent off a terminal
         loss, cache = model.run_with_cache(
             batch, return_type="loss", loss_per_token=True, names_filter=lambda n: n in (resid_name, hook_name)
         )
@@ -316,7 +317,7 @@ def sweep(
     """Prune ``sae`` to every level and measure each on the cached validation activations."""
     started = time.perf_counter()
     result = SweepResult(sorted(set(levels)), {}, {}, 0.0)
-    for level in result.levels:
+    for level in tqdm(result.levels, desc="sweep", leave=False, disable=None):
         pruned = prune_sae(sae, stats, level, method)
         result.saes[level] = pruned
         result.metrics[level] = evaluate_cached(model, pruned, cache)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from saecomp.world.text import CorpusConfig, generate_documents, generate_records
 
@@ -197,7 +198,7 @@ def train_model(
     n_windows = len(train_ids) - cfg.n_ctx - 1
     model.train()
     started = time.perf_counter()
-    for step in range(cfg.train_steps):
+    for step in tqdm(range(cfg.train_steps), desc=f"training {cfg.architecture}", leave=False, disable=None):  # silent off a terminal
         starts = torch.randint(0, n_windows, (cfg.batch_size,), generator=generator)
         batch = torch.stack([train_ids[s : s + cfg.n_ctx] for s in starts.tolist()])  # [batch, n_ctx]
         if bos_first(cfg.architecture):

@@ -366,7 +366,7 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
                     indent=1,
                 )  # fmt: skip
             )
-            registered = []
+            registered, registrations = [], []
             for level in kept:
                 folder = tmp / "saes" / f"pruned-{level:g}"
                 sae = result.saes[level]
@@ -385,8 +385,10 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
                     "selected": str(level == selected).lower(),
                     "source_run": run.info.run_id,
                 }
-                registered.append(register_sae(folder, f"{exp.name}.{exp.model.replace('/', '_')}.{name}", tags))
+                registrations.append((f"saes/pruned-{level:g}", tags))
             mlflow.log_artifacts(str(tmp / "saes"), "saes")
+            for artifact_path, tags in registrations:  # each registered version is the run's folder, stored once
+                registered.append(register_sae(artifact_path, f"{exp.name}.{exp.model.replace('/', '_')}.{name}", tags))
             # The token ids it used, so that anyone can re-derive its statistics, masks and numbers.
             save_file(tokens.as_dict(), tmp / "tokens.safetensors")
             for file in ("sweep.csv", "test_table.csv", "sweep.png", "selection.json", "tokens.safetensors"):

@@ -245,7 +245,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
                 "experiment": exp.name,
                 "source_run": run.info.run_id,
             }
-            registered = register_sae(out, f"{exp.name}.{exp.model.replace('/', '_')}.blocks.{spec.layer}.{spec.hook}", tags)
+            registered = register_sae("sae", f"{exp.name}.{exp.model.replace('/', '_')}.blocks.{spec.layer}.{spec.hook}", tags)
             mlflow.set_tag("saecomp.registered_model", registered)
         say(
             f"explained variance {final['explained_variance']:.4f}, L0 {final['l0']:.2f}, dead {final['dead_fraction']:.3f}, "

@@ -99,6 +99,10 @@ def test_registered_with_tags(trained_runs):
     assert tags["pruned_model_run"] and tags["base_model"] == "tiny-gpt2"
     sae = load_sae(f"models:/small.tiny-gpt2.blocks.1.attn.hook_z/{versions[0].version}")
     assert sae.cfg.metadata.hook_name == "blocks.1.attn.hook_z"
+    # Stored once: the registered version is the run's own `sae/` folder, not a copy.
+    run = client.get_run(versions[0].run_id)
+    assert versions[0].source == f"{run.info.artifact_uri}/sae"
+    assert not client.search_logged_models([run.info.experiment_id])
 
 
 def test_key_tells_dense_and_pruned_bases_and_settings_apart(small_experiment):

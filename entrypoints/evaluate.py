@@ -29,6 +29,7 @@ from entrypoints.common import experiment_option, fail, load, load_source, model
 @click.option("--layer", help="With no --sae: its layer (default: the experiment's first).")
 @click.option("--variant", help="What the SAE is, for the tables: pretrained, pruned25, pruned50, trained, ... (a tag).")
 def main(experiment, sae, base, suites, hook, layer, variant) -> None:
+    check_sae_bench()
     from saecomp.evaluate import check_suites
     from saecomp.saes import HOOKS, check_hook
 
@@ -61,6 +62,22 @@ def main(experiment, sae, base, suites, hook, layer, variant) -> None:
         reference = dependency(exp, experiment, hook, layer, "dense", exp.model)
         source, sae_object = check_sae(load_source("sae", reference), dims, exp.model)
     run_evaluate(exp, experiment, source, sae_object, checkpoint, model_label, prune_run, variant or "unnamed")
+
+
+def check_sae_bench() -> None:
+    """SAEBench present, and importable beside transformers' model classes, or one line naming the fix."""
+    import importlib.util
+
+    if importlib.util.find_spec("sae_bench") is None:
+        fail(
+            "sae-bench is not installed in this environment; install it without its declared torchvision "
+            "(whose PyPI build breaks a CPU torch): pip install --no-deps sae-bench==0.6.0"
+        )
+    try:
+        from transformers import GPT2LMHeadModel  # noqa: F401  (fails when a mismatched torchvision is installed)
+    except Exception as error:
+        first = str(error).splitlines()[0][:200]
+        fail(f"transformers cannot load its model classes ({first}); if torchvision is installed: pip uninstall -y torchvision")
 
 
 def check_sae(loaded, dims, model: str):

@@ -127,7 +127,8 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
 )
 @click.option("--dry-run", is_flag=True, help="Print the steps, what each processes and what is reused; compute nothing.")
 def main(experiment: str, jobs: int, executor_name: str, address: str | None, dry_run: bool) -> None:
-    exp = load(experiment, {}, check_device=not dry_run)  # a plan needs no GPU
+    # A plan needs no GPU, nor does a Ray driver (its GPU steps run on the cluster's GPU nodes).
+    exp = load(experiment, {}, check_device=not dry_run and executor_name != "ray")
     runtime = runtime_overrides()  # worker threads have no click context: hand the overrides on explicitly
     dims = model_dims(exp)
     check_layers(exp, dims.n_layers)
@@ -239,7 +240,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                         "pruned50": f"runs:/{run_id}/saes/pruned-0.5", "trained": trained}  # fmt: skip
             if selected not in (0.25, 0.5):
                 variants[f"pruned{round(selected * 100)}"] = f"runs:/{run_id}/saes/pruned-{selected:g}"
-            eval_exp = load(experiment, {**runtime, "evaluation.suites": suites})
+            eval_exp = load(experiment, {**runtime, "evaluation.suites": suites}, check_device=False)  # checked once, above
             for variant, ref in variants.items():
                 source = SAESource.parse(ref)
                 key = evaluate.key_for(eval_exp, experiment, source, model_label)

@@ -48,7 +48,7 @@ class InProcess:
     name = "in-process"
     concurrency = 1
 
-    def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None):
+    def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str):
         from saecomp.tracking import launch_local
 
         return launch_local(entry_point, parameters, experiment_id, parent)
@@ -97,8 +97,11 @@ FORWARDED_ENVIRONMENT = (
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_TOKEN",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
     "HF_HOME",
     "HF_HUB_OFFLINE",
     "HF_TOKEN",
@@ -109,15 +112,16 @@ FORWARDED_ENVIRONMENT = (
 )
 
 
-def _step_on_worker(entry_point: str, parameters: dict[str, str], experiment_id, parent, environment: dict[str, str]):
-    """A Ray task: run one step on the node Ray picked, with the driver's tracking store and offline settings."""
+def _step_on_worker(entry_point: str, parameters: dict[str, str], experiment_id, parent, key: str, environment: dict[str, str]):
+    """A Ray task: run one step on the node Ray picked, with the driver's tracking store and offline settings. A retry
+    (the first worker was lost) first looks for the run: the step may have finished just before its worker died."""
     import mlflow
 
     os.environ.update(environment)
     mlflow.set_tracking_uri(environment["MLFLOW_TRACKING_URI"])
-    from saecomp.tracking import launch_local
+    from saecomp.tracking import find_finished_run, launch_local
 
-    return launch_local(entry_point, parameters, experiment_id, parent)
+    return find_finished_run(entry_point, key) or launch_local(entry_point, parameters, experiment_id, parent)
 
 
 class RayCluster:
@@ -136,6 +140,8 @@ class RayCluster:
             raise ValueError("--executor ray needs Ray: pip install 'saecomp[cluster]' (or ray==2.60.0)") from None
 
         self.device = device  # the experiment's: decides whether the model steps ask for a GPU
+        # Steps on another machine cannot use this machine's files, even on a cluster of one node.
+        self.remote = address not in (None, "local", "auto") and not _on_this_machine(address)
         self._ray = ray
         if address not in (None, "local", "auto"):
             _check_reachable(address)
@@ -150,7 +156,7 @@ class RayCluster:
     def nodes(self) -> int:
         return sum(1 for node in self._ray.nodes() if node.get("Alive"))
 
-    def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None):
+    def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str):
         import mlflow
 
         resources = step_resources(entry_point, self.device)
@@ -161,10 +167,11 @@ class RayCluster:
         task = self._remote.options(
             num_cpus=resources.cpus,
             num_gpus=resources.gpus,
+            memory=int(resources.memory_gb * 2**30),  # so that Ray never packs more steps on a node than fit
             max_retries=self.retries,  # a lost worker or node: run the step again, once
             retry_exceptions=False,  # a step that failed by itself fails the same way again
             name=f"saecomp.{entry_point}",
-        ).remote(entry_point, parameters, experiment_id, parent, environment)
+        ).remote(entry_point, parameters, experiment_id, parent, key, environment)
         self._live[task.hex()] = task
         try:
             return self._ray.get(task)
@@ -189,6 +196,13 @@ class RayCluster:
         self._ray.shutdown()
 
 
+def _on_this_machine(address: str) -> bool:
+    import socket
+
+    host = address.removeprefix("ray://").rpartition(":")[0]
+    return host in ("127.0.0.1", "localhost", socket.gethostname())
+
+
 def _check_reachable(address: str) -> None:
     """Fail in seconds when nothing listens at a Ray address (``ray.init`` itself waits minutes before it gives up)."""
     import socket
@@ -204,7 +218,7 @@ def _check_reachable(address: str) -> None:
 
 def check_store(executor, tracking_uri: str, artifact_location: str) -> None:
     """Refuse what cannot work: steps on several Ray nodes writing to one machine's SQLite file or artifact folder."""
-    if not isinstance(executor, RayCluster) or executor.nodes() <= 1:
+    if not isinstance(executor, RayCluster) or (executor.nodes() <= 1 and not executor.remote):
         return
     from urllib.parse import urlparse
 

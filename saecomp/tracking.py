@@ -129,7 +129,9 @@ def stop_running_steps() -> None:
 # (a SIGKILLed pipeline, a lost Ray worker), the step closes its run as KILLED and exits, instead of finishing
 # unseen while a rerun computes the same thing again.
 LAUNCHER_ENV = "SAECOMP_LAUNCHER"
-_MY_LAUNCHER = os.environ.get(LAUNCHER_ENV)  # read at import: this process sets the variable for its own steps
+# Read (and removed) at import: the variable is for this process alone, never for what it starts by other means.
+_MY_LAUNCHER = os.environ.pop(LAUNCHER_ENV, None)
+_LAUNCH_LOCK = threading.Lock()  # the variable is set only around the start of one step
 
 
 def run_step(
@@ -162,7 +164,7 @@ def run_step(
         experiment_id = experiment_id_for(experiment_name)
     else:
         experiment_id = active.info.experiment_id if active else None
-    run_id = executors.current().launch(entry_point, parameters, experiment_id, parent)
+    run_id = executors.current().launch(entry_point, parameters, experiment_id, parent, key)
     if client.get_run(run_id).data.tags.get(KEY_TAG) != key:
         raise RuntimeError(f"{entry_point} run {run_id} finished with another key than {key}: its inputs changed under it")
     return run_id
@@ -177,15 +179,19 @@ def launch_local(entry_point: str, parameters: dict[str, str], experiment_id: st
     here = str(Path(sys.executable).parent)
     if not os.environ.get("PATH", "").startswith(here + os.pathsep):
         os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
-    os.environ[LAUNCHER_ENV] = f"{os.getpid()}:{_process_start(os.getpid()) or 'unknown'}"  # the step watches us
-    submitted = mlflow.projects.run(
-        uri=str(PROJECT_ROOT),
-        entry_point=entry_point,
-        parameters=parameters,
-        env_manager="local",
-        experiment_id=experiment_id,
-        synchronous=False,
-    )
+    with _LAUNCH_LOCK:  # `mlflow.projects.run` copies os.environ when it starts the step: only that step sees it
+        os.environ[LAUNCHER_ENV] = f"{os.getpid()}:{_process_start(os.getpid()) or 'unknown'}"  # the step watches us
+        try:
+            submitted = mlflow.projects.run(
+                uri=str(PROJECT_ROOT),
+                entry_point=entry_point,
+                parameters=parameters,
+                env_manager="local",
+                experiment_id=experiment_id,
+                synchronous=False,
+            )
+        finally:
+            os.environ.pop(LAUNCHER_ENV, None)
     run_id = submitted.run_id
     with _LIVE_LOCK:
         _LIVE_STEPS.add(submitted)
@@ -262,7 +268,7 @@ def alive(run_id: str, watch_launcher: bool = False):
     MlflowClient().set_tag(run_id, PID_NAMESPACE_TAG, _pid_namespace())
     MlflowClient().set_tag(run_id, PID_START_TAG, _process_start(os.getpid()) or "unknown")
     heartbeat = Heartbeat(run_id)
-    watchdog = _LauncherWatch(run_id, _MY_LAUNCHER) if watch_launcher and _MY_LAUNCHER else None
+    watchdog = _LauncherWatch.of(run_id, _MY_LAUNCHER) if watch_launcher else None
     try:
         yield watchdog
     finally:
@@ -274,13 +280,25 @@ def alive(run_id: str, watch_launcher: bool = False):
 class _LauncherWatch:
     """Checks twice a second that the launching process lives (same pid, same start time)."""
 
-    def __init__(self, run_id: str, launcher: str):
-        self.run_id = run_id
-        pid, _, start = launcher.partition(":")
-        self.pid, self.start = int(pid), start
+    @classmethod
+    def of(cls, run_id: str, launcher: str | None):
+        """A watch on ``launcher`` ("pid:start"), or None unless that process is really an ancestor of this one (a
+        value that is malformed, from another host or from an unrelated process arms nothing)."""
+        pid, _, start = (launcher or "").partition(":")
+        if not pid.isdigit():
+            return None
+        between = _ancestors_below(int(pid))
+        if between is None or (start not in ("", "unknown") and _process_start(int(pid)) != start):
+            return None
+        return cls(run_id, int(pid), start, between)
+
+    def __init__(self, run_id: str, pid: int, start: str, between: list[tuple[int, str | None]]):
+        self.run_id, self.pid, self.start = run_id, pid, start
         # `mlflow.projects.run` starts an `mlflow run` process that starts this one (through bash); that process closes
-        # the run as FAILED when this one dies, so it goes first. Found now, while the launcher still heads the chain.
-        self.between = _ancestors_below(self.pid)
+        # the run as FAILED when this one dies (seen: it overwrote KILLED), so it goes first. Found now, while the
+        # launcher still heads the chain, each with its start time so that a reused pid is never killed.
+        self.between = between
+        self._closing = threading.Lock()  # the watch and the step's own end never both close the run
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="launcher-watch", daemon=True)
         self._thread.start()
@@ -292,11 +310,13 @@ class _LauncherWatch:
         return self.start not in ("", "unknown") and now is not None and now != self.start
 
     def close_run_and_exit(self):
+        self._closing.acquire()  # never released: this process ends here
         reason = f"its launcher (process {self.pid} on {socket.gethostname()}) is gone"
         print(f"[saecomp] run {self.run_id}: {reason}; closing it as KILLED", file=sys.stderr, flush=True)
-        for pid in self.between:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        for pid, start in self.between:
+            if start is not None and _process_start(pid) == start:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
         try:
             MlflowClient().set_tag(self.run_id, KILLED_REASON_TAG, reason)
             MlflowClient().set_terminated(self.run_id, "KILLED")
@@ -312,6 +332,15 @@ class _LauncherWatch:
         self._stop.set()
         self._thread.join(timeout=5)
 
+    def finish_or_exit(self) -> None:
+        """At the step's clean end: stop watching, then close the run as KILLED (and exit) if the launcher died
+        meanwhile, since a retry may be computing the same; otherwise the caller marks it FINISHED."""
+        self.stop()
+        with self._closing:
+            if not self.gone():
+                return
+        self.close_run_and_exit()
+
 
 def _parent(pid: int) -> int | None:
     try:
@@ -320,16 +349,16 @@ def _parent(pid: int) -> int | None:
         return None
 
 
-def _ancestors_below(launcher: int, levels: int = 5) -> list[int]:
-    """The processes between this one and ``launcher`` (its parent, grandparent, ...), or none if it is not an
-    ancestor within ``levels``."""
+def _ancestors_below(launcher: int, levels: int = 5) -> list[tuple[int, str | None]] | None:
+    """The processes between this one and ``launcher`` (its parent, grandparent, ...), with their start times; None
+    if ``launcher`` is not an ancestor within ``levels``."""
     chain, pid = [], _parent(os.getpid())
     while pid not in (None, 0, 1) and len(chain) < levels:
         if pid == launcher:
             return chain
-        chain.append(pid)
+        chain.append((pid, _process_start(pid)))
         pid = _parent(pid)
-    return []
+    return None
 
 
 def _pid_namespace() -> str:
@@ -435,7 +464,12 @@ def step_run(
     else:
         run = mlflow.start_run(experiment_id=experiment_id_for(experiment_name))
     keep_alive = alive(run.info.run_id, watch_launcher=True)
-    watchdog = keep_alive.__enter__()
+    try:
+        watchdog = keep_alive.__enter__()
+    except BaseException:
+        mlflow.end_run("FAILED")  # never left to MLflow's exit hook, which would mark it FINISHED
+        signal.signal(signal.SIGTERM, previous)
+        raise
     try:
         labels = {STEP_TAG: step, KEY_TAG: key, "saecomp.code": source_digest(), **library_versions(), **(tags or {})}
         if run_name:
@@ -461,9 +495,8 @@ def step_run(
         mlflow.end_run("FAILED")
         raise
     else:
-        if watchdog is not None and watchdog.gone():
-            # Its launcher died meanwhile (and a retry may be computing the same): this run never finishes.
-            watchdog.close_run_and_exit()
+        if watchdog is not None:
+            watchdog.finish_or_exit()  # its launcher died meanwhile (a retry may compute the same): never FINISHED
         mlflow.end_run("FINISHED")
     finally:
         keep_alive.__exit__(None, None, None)

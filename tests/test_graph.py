@@ -63,10 +63,13 @@ def test_several_ray_nodes_need_a_tracking_server():
     from saecomp.executors import RayCluster, check_store
 
     cluster = RayCluster.__new__(RayCluster)  # a cluster of three nodes, without starting one
-    cluster.nodes = lambda: 3
+    cluster.nodes, cluster.remote = (lambda: 3), True
     for store, artifacts in (("sqlite:///mlflow.db", "/work/mlruns/1"), ("http://mlflow:5000", "/shared/mlruns/1")):
         with pytest.raises(ValueError, match="needs a tracking server that every node reaches"):
             check_store(cluster, store, artifacts)
     check_store(cluster, "http://mlflow:5000", "mlflow-artifacts:/1")  # a server proxying its artifacts: fine
-    cluster.nodes = lambda: 1
-    check_store(cluster, "sqlite:///mlflow.db", "/work/mlruns/1")  # one machine: its own files are fine
+    cluster.nodes = lambda: 1  # one node, on another machine: its steps cannot reach this machine's files either
+    with pytest.raises(ValueError, match="needs a tracking server"):
+        check_store(cluster, "sqlite:///mlflow.db", "/work/mlruns/1")
+    cluster.remote = False
+    check_store(cluster, "sqlite:///mlflow.db", "/work/mlruns/1")  # one node, this machine: its own files are fine

@@ -225,3 +225,22 @@ def test_pipeline_sigkilled_during_train_sae_then_prune_sae_resumes(small_experi
     client = mlflow.MlflowClient()
     running = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.status = 'RUNNING'")
     assert not running, [(r.data.tags.get(STEP_TAG), r.info.run_id) for r in running]
+
+
+def test_the_launcher_watch_arms_only_for_a_real_ancestor():
+    """A leaked or copied SAECOMP_LAUNCHER (another process, another machine's pid, garbage) never arms the watch, so
+    a healthy step is never killed for a process that did not start it."""
+    from saecomp.tracking import _LauncherWatch, _process_start
+
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        for value in (f"{unrelated.pid}:{_process_start(unrelated.pid)}", "not-a-pid", "", None, "999999999:1"):
+            assert _LauncherWatch.of("run", value) is None, value
+        parent = os.getppid()
+        assert _LauncherWatch.of("run", f"{parent}:not-its-start-time") is None  # a reused pid: not the launcher
+        watch = _LauncherWatch.of("run", f"{parent}:{_process_start(parent)}")
+        assert watch is not None and not watch.gone()
+        watch.stop()
+    finally:
+        unrelated.kill()
+        unrelated.wait()

@@ -60,7 +60,10 @@ def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tr
     """`--jobs 2` against `mlflow server` (PostgreSQL backend, artifacts proxied to an S3 server): every run, metric
     and artifact lands there, and the two cells really wrote at the same time."""
     psycopg2 = pytest.importorskip("psycopg2")
-    from infrastructure import mlflow_server, postgres, s3_objects, s3_server
+    from infrastructure import PG_BIN, mlflow_server, postgres, s3_objects, s3_server
+
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip(f"no PostgreSQL server binaries in {PG_BIN} (Debian: apt-get install postgresql; or set SAECOMP_PG_BIN)")
 
     path = variant_of(small_experiment, tmp_path, "server", {"sae": {"hooks": ["attn.hook_z", "hook_resid_post"]}})
     bucket = "saecomp-artifacts"
@@ -133,7 +136,9 @@ def _kill_ray_worker_of_first(step: str, before: set, found: dict, stop: threadi
                 command = Path(f"/proc/{worker}/cmdline").read_bytes()
                 if command.startswith(b"ray::"):  # a worker's title names its task (the raylet's command names workers too)
                     break
-            assert command.startswith(b"ray::"), command
+            if not command.startswith(b"ray::"):
+                found["error"] = f"no Ray worker above step process {step_pid}: {command[:200]!r}"
+                return
             os.kill(step_pid, signal.SIGSTOP)  # frozen, so that it cannot finish before its worker is gone
             try:
                 if client.get_run(run.info.run_id).info.status != "RUNNING":
@@ -185,7 +190,7 @@ def test_sae_steps_as_ray_tasks_match_in_process_and_survive_a_lost_worker(small
     assert "executor: ray, 1 node(s)" in ray_run.stderr
 
     # The lost worker: its step closed its own run as KILLED, Ray ran the task once more, and that one finished.
-    assert killed, "no prune_sae run was caught computing"
+    assert killed and "error" not in killed, killed.get("error", "no prune_sae run was caught computing")
     victim = client.get_run(killed["run"])
     assert victim.info.status == "KILLED"
     assert f"its launcher (process {killed['worker']}" in victim.data.tags[KILLED_REASON_TAG]

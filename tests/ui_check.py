@@ -7,8 +7,8 @@ Starts `mlflow ui` on a free loopback port over the store, opens the experiment'
 saves a screenshot of each (``--out`` and ``<out>-run.png``) and checks the rendered pages: the experiment opens in
 the model-training view ("Training runs", not GenAI's "Evaluations") and lists the pipeline run by its name (the
 steps are nested under it), and the step's page shows its descriptive name and description. Exits non-zero, saying
-what is wrong, otherwise. Needs Chromium (Debian: `apt-get install chromium`); `tests/test_scale.py` runs it when
-Chromium is there.
+what is wrong, otherwise. Needs Chromium (Debian: `apt-get install chromium`). A documented check, not part of the
+test suite: it takes about a minute, and CI machines need not have a browser.
 """
 
 from __future__ import annotations

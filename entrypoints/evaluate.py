@@ -1,15 +1,18 @@
 """evaluate: SAEBench's suites for one SAE spliced into the pruned (or a named) model.
 
-    mlflow run . -e evaluate                                        # the experiment's pretrained SAE, core
+    mlflow run . -e evaluate                                        # the experiment's pretrained SAE, its suites
     mlflow run . -e evaluate -P sae=runs:/<prune_sae run>/saes/pruned-0.25 -P variant=pruned25
-    mlflow run . -e evaluate -P model=dense -P suites=core
+    mlflow run . -e evaluate -P model=dense -P suites=core,sparse_probing
 
-The model is the experiment's pruned model unless told otherwise; the text is the test pool (`document_plan`),
-BOS first where the SAE saw it. Only `core` is built so far.
+The model is the experiment's pruned model unless told otherwise. Core reads the test pool (`document_plan`), BOS
+first where the SAE saw it; SCR, TPP and sparse probing read SAEBench's labelled datasets (for a tiny model,
+generated from the tiny world: saecomp.saebench_data); absorption reads the tokenizer's vocabulary. RAVEL is not
+built yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import tempfile
@@ -55,12 +58,14 @@ def main(experiment, sae, base, suites, hook, layer, variant) -> None:
     reference = sae or exp.pretrained_source(hook, layer)
     if reference is not None:
         source, sae_object = check_sae(load_source("sae", reference), dims, exp.model)
+        check_sizes(exp, sae_object)
     checkpoint, model_label, prune_run = resolved or resolve_base(exp, experiment, base, name="model")
     if reference is None:  # the tiny world's pretrained SAE: trained now unless a finished run has it
         from entrypoints.prune_sae import dependency
 
         reference = dependency(exp, experiment, hook, layer, "dense", exp.model)
         source, sae_object = check_sae(load_source("sae", reference), dims, exp.model)
+        check_sizes(exp, sae_object)
     run_evaluate(exp, experiment, source, sae_object, checkpoint, model_label, prune_run, variant or "unnamed")
 
 
@@ -99,35 +104,60 @@ def check_sae(loaded, dims, model: str):
     return source, sae
 
 
-def key_for(exp, experiment_path: str, source, model_label: str) -> str:
+def check_sizes(exp, sae) -> None:
+    """The numbers of latents the suites ablate or probe exist in this SAE (SAEBench asserts deep inside)."""
+    ev = exp.evaluation
+    for suites, name in (({"scr", "tpp"}, "scr_tpp_n_values"), ({"sparse_probing"}, "sparse_probing_k")):
+        largest = max(getattr(ev, name))
+        if suites & set(ev.suites) and largest > sae.cfg.d_sae:
+            width = sae.cfg.d_sae
+            fail(f"evaluation.{name}={getattr(ev, name)} asks for {largest} latents, but the SAE has {width}; valid: at most {width}")
+
+
+def suite_keys(exp, experiment_path: str, source, model_label: str) -> dict[str, str]:
+    """Each suite's own key: the SAE, the model, the data and only that suite's sizes (config.SUITE_FIELDS), so
+    that adding a suite or changing one suite's sizes recomputes that suite alone."""
+    from saecomp.config import SUITE_FIELDS
     from saecomp.models import TINY_MODELS
     from saecomp.tracking import step_key
 
+    ev = exp.evaluation.model_dump()
     inputs = {
         "sae": source.describe(),
         "model": model_label,
         **exp.runtime(),
-        **{section: exp.to_dict()[section] for section in ("data", "calibration", "held_out", "evaluation")},
+        **{section: exp.to_dict()[section] for section in ("data", "calibration", "held_out")},
     }
     if exp.model in TINY_MODELS:
         inputs["world"] = world_step(exp, experiment_path)[0]
-    return step_key("evaluate", inputs)
+    return {
+        suite: step_key("evaluate", {**inputs, "suite": suite, **{f: ev[f] for f in SUITE_FIELDS[suite]}})
+        for suite in exp.evaluation.suites
+    }
+
+
+def key_for(exp, experiment_path: str, source, model_label: str) -> str:
+    """The run's key: its suites' keys."""
+    from saecomp.tracking import step_key
+
+    return step_key("evaluate", suite_keys(exp, experiment_path, source, model_label))
 
 
 def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, prune_run, variant) -> str:
     import mlflow
-    from safetensors.torch import save_file
 
-    from saecomp.data import document_plan, held_out_tokens, iter_documents, model_prepends_bos, special_token_ids
-    from saecomp.evaluate import CoreSizes, run_core
+    from saecomp.config import SUITE_FIELDS
+    from saecomp.evaluate import NotApplicable, run_suite, saebench_config
     from saecomp.models import TINY_MODELS, load_model
     from saecomp.saes import processing_kwargs
-    from saecomp.tracking import step_run
+    from saecomp.tracking import SUITE_KEY_TAG, step_run
 
     say = lambda line: click.echo(f"[evaluate] {line}", err=True)  # noqa: E731
     ev = exp.evaluation
+    tiny = exp.model in TINY_MODELS
     hook_name = sae.cfg.metadata.hook_name
     _, layer, hook = hook_name.split(".", 2)
+    sizes = {f"evaluation.{name}": getattr(ev, name) for suite in ev.suites for name in SUITE_FIELDS[suite]}
     params = {
         **exp.runtime(),
         "sae": source.describe(),
@@ -138,11 +168,9 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
         "hook": hook,
         "layer": layer,
         "variant": variant,
-        "n_sequences": ev.n_sequences,
-        "batch_size_prompts": ev.batch_size_prompts,
-        "n_reconstruction_batches": ev.n_reconstruction_batches,
-        "n_sparsity_variance_batches": ev.n_sparsity_variance_batches,
+        **{name: ",".join(map(str, v)) if isinstance(v, list) else v for name, v in sizes.items()},
     }
+    keys = suite_keys(exp, experiment_path, source, model_label)
     key = key_for(exp, experiment_path, source, model_label)
     from entrypoints.common import pruning_label
 
@@ -152,62 +180,112 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
         f" (prune_llm run `{prune_run}`)." if prune_run else "."
     )
     tags = {"variant": variant, "hook": hook, "layer": layer, "sae_source": source.describe(), "pruned_model_run": prune_run or ""}
+    tags.update({f"{SUITE_KEY_TAG}{suite}": suite_key for suite, suite_key in keys.items()})
     sparsity = re.search(r"pruned-([0-9.]+)$", source.describe())
     if sparsity:
         tags["sparsity"] = sparsity.group(1)
     with step_run("evaluate", key, params, exp.name, run_name, description, tags) as run:
         world = None
-        if exp.model in TINY_MODELS:
+        if tiny:
             from entrypoints.common import resolve_world
 
             world = resolve_world(exp, experiment_path)
         # The SAE is spliced into the model loaded the way its metadata asks (GUIDE §3).
         loaded = load_model(exp.model, checkpoint, exp.dtype, processing_kwargs(sae), exp.device)
+        # SAEBench keys its caches by model name: each model variant gets its own (we also give it fresh folders).
+        loaded.tl.cfg.model_name = model_label
         sae = sae.to(exp.device)
-        context = min(ev.context_size or sae.cfg.metadata.context_size or loaded.tl.cfg.n_ctx, loaded.tl.cfg.n_ctx)
-        prepend_bos = sae.cfg.metadata.prepend_bos
-        if prepend_bos is None:
-            prepend_bos = model_prepends_bos(loaded.architecture, loaded.tokenizer)
-        plan = document_plan(exp)
-        tokens = held_out_tokens(
-            iter_documents(plan["test"], world),
-            loaded.tokenizer,
-            ev.n_sequences,
-            context,
-            bool(prepend_bos),
-            "test",
-            "evaluation.n_sequences",
-        )
-        special = special_token_ids(loaded.tokenizer)
-        say(f"{hook_name} of {model_label}: {variant} SAE {source.describe()}, {tokens.numel()} test tokens from {plan['test'].describe()}")
-        failures = {}
+        failures, not_applicable = {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            save_file({"test_tokens": tokens.contiguous()}, tmp / "tokens.safetensors")
-            mlflow.log_artifact(str(tmp / "tokens.safetensors"))
-            for suite in ev.suites:
-                say(f"{suite}: running")
-                try:
-                    sizes = CoreSizes(ev.batch_size_prompts, ev.n_reconstruction_batches, ev.n_sparsity_variance_batches)
-                    result = run_core(loaded.tl, sae, tokens, special, sizes, model_name=model_label, sae_name=source.describe())
-                except Exception as error:  # one suite's failure must not stop the others; the run then FAILS
-                    failures[suite] = f"{type(error).__name__}: {str(error).splitlines()[0][:500] if str(error) else ''}"
-                    mlflow.set_tag(f"saecomp.{suite}.failed", failures[suite])
-                    say(f"{suite}: failed ({failures[suite]})")
-                    continue
-                mlflow.log_metrics({**result.metrics, f"{suite}.seconds": result.seconds})
-                (tmp / f"{suite}.json").write_text(json.dumps(result.output, indent=1))
-                mlflow.log_artifact(str(tmp / f"{suite}.json"), "saebench")
-                headline = {
-                    k: result.metrics[k]
-                    for k in ("core.ce_loss_score", "core.kl_div_score", "core.explained_variance")
-                    if k in result.metrics
-                }
-                say(f"{suite}: done in {result.seconds:.1f} s; " + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
+            probing = [suite for suite in ev.suites if suite != "core"]
+            adapter = contextlib.nullcontext()
+            if probing and tiny:
+                adapter = tiny_world_datasets(exp, world, tmp / "data", say)
+            with adapter:
+                for suite in ev.suites:
+                    say(f"{suite}: running")
+                    try:
+                        if suite == "core":
+                            result = run_core_on_test_tokens(exp, world, loaded, sae, source, model_label, tmp, say)
+                        else:
+                            config = saebench_config(suite, ev, model_label, exp.dtype, loaded.tl, tiny)
+                            result = run_suite(suite, loaded.tl, sae, config, tmp / "saebench" / suite, source.describe())
+                    except NotApplicable as reason:  # no number, not a failure
+                        not_applicable[suite] = str(reason)
+                        mlflow.set_tag(f"saecomp.{suite}.not_applicable", str(reason)[:5000])
+                        say(f"{suite}: not applicable ({reason})")
+                        continue
+                    except Exception as error:  # one suite's failure must not stop the others; the run then FAILS
+                        failures[suite] = f"{type(error).__name__}: {str(error).splitlines()[0][:500] if str(error) else ''}"
+                        mlflow.set_tag(f"saecomp.{suite}.failed", failures[suite])
+                        say(f"{suite}: failed ({failures[suite]})")
+                        continue
+                    mlflow.log_metrics({**result.metrics, f"{suite}.seconds": result.seconds})
+                    (tmp / f"{suite}.json").write_text(json.dumps(result.output, indent=1))
+                    mlflow.log_artifact(str(tmp / f"{suite}.json"), "saebench")
+                    headline = [k for k in HEADLINES.get(suite, ()) if k in result.metrics]
+                    say(f"{suite}: done in {result.seconds:.1f} s; " + ", ".join(f"{k} {result.metrics[k]:.4f}" for k in headline))
         if failures:
             raise RuntimeError(f"suites failed: {', '.join(failures)} (see the run's saecomp.<suite>.failed tags)")
-        say(f"done: run {run.info.run_id}")
+        say(f"done: run {run.info.run_id}" + (f"; not applicable: {', '.join(not_applicable)}" if not_applicable else ""))
     return run.info.run_id
+
+
+HEADLINES = {
+    "core": ("core.ce_loss_score", "core.kl_div_score", "core.explained_variance"),
+    "absorption": ("absorption.mean_absorption_fraction_score", "absorption.mean_full_absorption_score"),
+    "scr": ("scr.scr_metric_threshold_10", "scr.scr_metric_threshold_50"),
+    "tpp": ("tpp.tpp_threshold_10_total_metric", "tpp.tpp_threshold_50_total_metric"),
+    "sparse_probing": (
+        "sparse_probing.llm_test_accuracy",
+        "sparse_probing.sae_top_1_test_accuracy",
+        "sparse_probing.sae_top_5_test_accuracy",
+    ),
+}
+
+
+def run_core_on_test_tokens(exp, world, loaded, sae, source, model_label, tmp: Path, say):
+    """SAEBench core on the test pool's windows (BOS first where the SAE saw it); the tokens are an artifact."""
+    import mlflow
+    from safetensors.torch import save_file
+
+    from saecomp.data import document_plan, held_out_tokens, iter_documents, model_prepends_bos, special_token_ids
+    from saecomp.evaluate import CoreSizes, run_core
+
+    ev = exp.evaluation
+    context = min(ev.context_size or sae.cfg.metadata.context_size or loaded.tl.cfg.n_ctx, loaded.tl.cfg.n_ctx)
+    prepend_bos = sae.cfg.metadata.prepend_bos
+    if prepend_bos is None:
+        prepend_bos = model_prepends_bos(loaded.architecture, loaded.tokenizer)
+    plan = document_plan(exp)
+    tokens = held_out_tokens(
+        iter_documents(plan["test"], world), loaded.tokenizer, ev.n_sequences, context, bool(prepend_bos), "test", "evaluation.n_sequences"
+    )
+    say(f"core: {sae.cfg.metadata.hook_name} of {model_label}, {tokens.numel()} test tokens from {plan['test'].describe()}")
+    save_file({"test_tokens": tokens.contiguous()}, tmp / "tokens.safetensors")
+    mlflow.log_artifact(str(tmp / "tokens.safetensors"))
+    sizes = CoreSizes(ev.batch_size_prompts, ev.n_reconstruction_batches, ev.n_sparsity_variance_batches)
+    return run_core(loaded.tl, sae, tokens, special_token_ids(loaded.tokenizer), sizes, model_name=model_label, sae_name=source.describe())
+
+
+@contextlib.contextmanager
+def tiny_world_datasets(exp, world: Path, folder: Path, say):
+    """SAEBench's labelled datasets generated from the tiny world (saecomp.saebench_data), logged as the run's
+    `datasets/` artifact, and SAEBench's `load_dataset` pointed at them for the duration."""
+    import mlflow
+
+    from saecomp.saebench_data import offline_datasets, write_offline_datasets
+
+    ev = exp.evaluation
+    corpus = exp.world_config().corpus  # the world's own config (its key): the data is a pure function of it
+    largest_train = max(ev.sparse_probing_train_size, ev.scr_tpp_train_size)
+    largest_test = max(ev.sparse_probing_test_size, ev.scr_tpp_test_size)
+    counts = write_offline_datasets(corpus, folder, largest_train // 4, largest_test // 4)
+    say("labelled data from the tiny world: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
+    mlflow.log_artifacts(str(folder / "parquet"), "datasets")
+    with offline_datasets(folder / "hf_datasets"):
+        yield
 
 
 if __name__ == "__main__":

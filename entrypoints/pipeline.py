@@ -96,7 +96,18 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
             lines.append(f"  {cell}: prune_sae {exp.sae_pruning.method} at {levels}, select by {exp.sae_pruning.selection_metric}")
             if suites:
                 ev = exp.evaluation
-                tokens = f"{ev.n_sequences} test windows of {ev.context_size or spec.context_size} tokens"
+                reads = []
+                if "core" in suites:
+                    reads.append(f"core: {ev.n_sequences} test windows of {ev.context_size or spec.context_size} tokens")
+                if {"scr", "tpp"} & set(suites):
+                    reads.append(
+                        f"SCR/TPP: probes on {ev.scr_tpp_train_size}/{ev.scr_tpp_test_size} labelled texts, n = {ev.scr_tpp_n_values}"
+                    )
+                if "sparse_probing" in suites:
+                    reads.append(
+                        f"sparse probing: {ev.sparse_probing_train_size}/{ev.sparse_probing_test_size} texts, k = {ev.sparse_probing_k}"
+                    )
+                tokens = "; ".join(reads)
                 lines.append(
                     f"  {cell}: evaluate {', '.join(suites)} for pretrained, pruned25, pruned50, trained (+ the selected level), {tokens}"
                 )
@@ -187,7 +198,17 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
     from entrypoints import evaluate, prune_sae
     from entrypoints.common import pruning_label
     from saecomp.saes import SAESource
-    from saecomp.tracking import STEP_TAG, alive, experiment_id_for, library_versions, local_artifacts, reap_dead_runs, run_step
+    from saecomp.tracking import (
+        STEP_TAG,
+        alive,
+        experiment_id_for,
+        find_finished_suite,
+        library_versions,
+        local_artifacts,
+        note_reused,
+        reap_dead_runs,
+        run_step,
+    )  # fmt: skip
 
     # Under `mlflow run`, MLflow has placed this run (`--experiment-name`); run directly, it goes to the
     # experiment named after the file. The steps it starts go there either way.
@@ -243,11 +264,31 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             eval_exp = load(experiment, {**runtime, "evaluation.suites": suites}, check_device=False)  # checked once, above
             for variant, ref in variants.items():
                 source = SAESource.parse(ref)
-                key = evaluate.key_for(eval_exp, experiment, source, model_label)
-                parameters = {"experiment": experiment, "sae": source.describe(), "variant": variant, "suites": ",".join(suites), **runtime}
-                eval_run = run_step("evaluate", parameters, key, exp.name, parent)
-                metrics = mlflow.MlflowClient().get_run(eval_run).data.metrics
-                out["evaluations"].append({"hook": f"blocks.{layer}.{hook}", "variant": variant, "run": eval_run, **metrics})
+                # Each suite is reused alone: only the suites without a finished result run (in one evaluate run).
+                found = {s: find_finished_suite(s, k) for s, k in evaluate.suite_keys(eval_exp, experiment, source, model_label).items()}
+                missing = [s for s, run_id in found.items() if run_id is None]
+                if missing:
+                    missing_exp = load(experiment, {**runtime, "evaluation.suites": missing}, check_device=False)
+                    key = evaluate.key_for(missing_exp, experiment, source, model_label)
+                    parameters = {
+                        "experiment": experiment,
+                        "sae": source.describe(),
+                        "variant": variant,
+                        "suites": ",".join(missing),
+                        **runtime,
+                    }
+                    note_reused(parent, sorted({run_id for run_id in found.values() if run_id is not None}))
+                    new_run = run_step("evaluate", parameters, key, exp.name, parent)
+                    found.update({s: new_run for s in missing})
+                else:
+                    note_reused(parent, sorted(set(found.values())))
+                row = {"hook": f"blocks.{layer}.{hook}", "variant": variant, "runs": ",".join(sorted(set(found.values())))}
+                for suite, run_id in found.items():
+                    data = mlflow.MlflowClient().get_run(run_id).data
+                    row.update({k: v for k, v in data.metrics.items() if k.startswith(f"{suite}.")})
+                    if f"saecomp.{suite}.not_applicable" in data.tags:
+                        row[f"{suite}.not_applicable"] = data.tags[f"saecomp.{suite}.not_applicable"]
+                out["evaluations"].append(row)
             return out
 
         cells = [(layer, hook) for layer in layers for hook in exp.sae.hooks]
@@ -279,7 +320,15 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         core_text = ""
         if evaluations:
             shown = core_table[["hook", "variant", *[c for c in core_columns if c in core_table]]].round(4)
-            core_text = f"SAEBench core on the pruned model (test tokens; the paper's Table 1):\n{shown.to_string(index=False)}\n\n"
+            if len(shown.columns) > 2:
+                core_text = f"SAEBench core on the pruned model (test tokens; the paper's Table 1):\n{shown.to_string(index=False)}\n\n"
+            others = [c for suite in suites if suite != "core" for c in (*evaluate.HEADLINES.get(suite, ()), f"{suite}.not_applicable")]
+            others = [c for c in others if c in core_table]
+            if others:
+                shown = core_table[["hook", "variant", *others]].rename(
+                    columns=lambda c: c.replace("_threshold", "@").replace("_test_accuracy", "")
+                )
+                core_text += f"SAEBench's other suites on the pruned model:\n{shown.round(4).to_string(index=False, max_colwidth=40)}\n\n"
         click.echo(
             f"\n{exp.name}: {exp.model} pruned with {exp.llm_pruning.method} to sparsity {llm['sparsity_actual']:.3f}: "
             f"held-out cross-entropy {llm['ce_loss_dense']:.4f} (dense) -> {llm['ce_loss_pruned']:.4f} (pruned)\n\n"

@@ -191,20 +191,58 @@ class SAEPruningConfig(Section):
 
 
 class EvaluationConfig(Section):
-    """SAEBench on the test pool (`evaluate`); every variant compared in one table reads the same tokens."""
+    """SAEBench on the pruned model (`evaluate`); every variant compared in one table reads the same tokens and
+    data, with the same sizes. Defaults are SAEBench's own, except where noted."""
 
-    suites: StrList = Field(default_factory=lambda: ["core"])
-    """core, absorption, scr, tpp, sparse_probing, ravel (only core is built so far)."""
+    suites: StrList = Field(default_factory=lambda: ["core", "absorption", "scr", "tpp", "sparse_probing"])
+    """core, absorption, scr, tpp, sparse_probing (ravel is not built yet)."""
+    # core
     n_sequences: int = 128
     """Test windows that core reads."""
     context_size: int | None = None
-    """Tokens per window; default: the SAE's context (the paper's SAEBench runs: 128)."""
+    """Tokens per core window; default: the SAE's context (the paper's SAEBench runs: 128)."""
     batch_size_prompts: int = 16
     """Prompts per batch (the paper: 16)."""
     n_reconstruction_batches: int = 8
     """Core's batches for the spliced-loss metrics (the paper: 200)."""
     n_sparsity_variance_batches: int = 8
     """Core's batches for the sparsity and variance metrics (the paper: 2000)."""
+    # the probing suites (SCR, TPP, sparse probing)
+    probe_context_length: int = 128
+    """Tokens per labelled text (longer ones are truncated, shorter padded; padding is masked out)."""
+    llm_batch_size: int = 32
+    """Texts per model batch in SCR, TPP, sparse probing and absorption."""
+    sparse_probing_train_size: int = 4000
+    sparse_probing_test_size: int = 1000
+    sparse_probing_k: IntList = Field(default_factory=lambda: [1, 2, 5])
+    """Top-k latents (and model dimensions) the probes read."""
+    sparse_probing_datasets: StrList | None = None
+    """SAEBench dataset names; default: SAEBench's eight, or the five the tiny world has."""
+    scr_tpp_train_size: int = 4000
+    scr_tpp_test_size: int = 1000
+    scr_tpp_n_values: IntList = Field(default_factory=lambda: [2, 5, 10, 20, 50, 100, 500])
+    """Numbers of latents ablated."""
+    scr_tpp_datasets: StrList | None = None
+    """SAEBench dataset names; default: SAEBench's two (bias_in_bios class set 1, Amazon reviews)."""
+    # absorption
+    absorption_max_k: int = 10
+    """Largest k of the k-sparse first-letter probes."""
+    absorption_min_letters: int = 20
+    """Letters whose ground-truth probe must reach F1 0.6 for absorption to apply (SAEBench's min_feats_for_eval)."""
+
+
+# Which evaluation fields each suite reads: a suite's finished result is reused unless one of its own fields changed.
+# The labelled data's size follows the largest train and test sizes of the three probing suites, and SAEBench samples
+# its balanced sets from all the rows (`df.sample`), so each of them depends on all four sizes.
+_LABELLED_DATA = ("sparse_probing_train_size", "sparse_probing_test_size", "scr_tpp_train_size", "scr_tpp_test_size")
+SUITE_FIELDS = {
+    "core": ("n_sequences", "context_size", "batch_size_prompts", "n_reconstruction_batches", "n_sparsity_variance_batches"),
+    "sparse_probing": ("probe_context_length", "llm_batch_size", *_LABELLED_DATA, "sparse_probing_k", "sparse_probing_datasets"),
+    "scr": ("probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
+    "tpp": ("probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
+    "absorption": ("llm_batch_size", "absorption_max_k", "absorption_min_letters"),
+    "ravel": (),
+}  # fmt: skip
 
 
 class Experiment(Section):
@@ -391,7 +429,10 @@ def validate(exp: Experiment) -> Experiment:
         if suite not in SUITES:
             raise ConfigError(f"suite={suite!r} is not valid; valid: {', '.join(SUITES)}")
     ev = exp.evaluation
-    for name in ("n_sequences", "batch_size_prompts", "n_reconstruction_batches", "n_sparsity_variance_batches"):
+    sizes = ("n_sequences", "batch_size_prompts", "n_reconstruction_batches", "n_sparsity_variance_batches", "probe_context_length",
+             "llm_batch_size", "sparse_probing_train_size", "sparse_probing_test_size", "scr_tpp_train_size", "scr_tpp_test_size",
+             "absorption_max_k", "absorption_min_letters")  # fmt: skip
+    for name in sizes:
         if getattr(ev, name) < 1:
             raise ConfigError(f"evaluation.{name}={getattr(ev, name)} must be at least 1")
     needed = ev.batch_size_prompts * max(ev.n_reconstruction_batches, ev.n_sparsity_variance_batches)
@@ -400,6 +441,31 @@ def validate(exp: Experiment) -> Experiment:
             f"evaluation.n_sequences={ev.n_sequences} is fewer than core reads ({ev.batch_size_prompts} x "
             f"{max(ev.n_reconstruction_batches, ev.n_sparsity_variance_batches)} = {needed}); valid: at least {needed}"
         )
+    for name in ("sparse_probing_train_size", "sparse_probing_test_size", "scr_tpp_train_size", "scr_tpp_test_size"):
+        if getattr(ev, name) < 8:
+            raise ConfigError(f"evaluation.{name}={getattr(ev, name)} is too small: SAEBench splits it into quarters; valid: at least 8")
+    # SAEBench's output classes have a field per k and n only for these; others would be dropped from its JSON.
+    for name, allowed in (("sparse_probing_k", (1, 2, 5, 10, 20, 50, 100)), ("scr_tpp_n_values", (2, 5, 10, 20, 50, 100, 500))):
+        values = getattr(ev, name)
+        if not values or any(v not in allowed for v in values):
+            valid = ", ".join(map(str, allowed))
+            raise ConfigError(f"evaluation.{name}={values} is not valid; valid: a list drawn from {valid} (SAEBench's)")
+    if not 2 <= ev.absorption_min_letters <= 26:
+        raise ConfigError(f"evaluation.absorption_min_letters={ev.absorption_min_letters} is not valid; valid: 2 to 26 letters")
+    tiny = exp.model in ("tiny-gpt2", "tiny-gemma2")
+    correlation = exp.world_config().corpus.profession_gender_correlation if tiny else 0.5
+    if {"scr", "tpp", "sparse_probing"} & set(ev.suites) and correlation in (0.0, 1.0):
+        raise ConfigError(
+            f"world.corpus.profession_gender_correlation={correlation} leaves a gender without biographies of some professions, "
+            "which SCR, TPP and sparse probing need; valid: a value strictly between 0 and 1"
+        )
+    from saecomp.saebench_data import check_datasets
+
+    for name in ("sparse_probing_datasets", "scr_tpp_datasets"):
+        try:
+            check_datasets(name, getattr(ev, name), tiny)
+        except ValueError as error:
+            raise ConfigError(f"evaluation.{error}") from None
     for sparsity in exp.sae_pruning.sparsities:
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sae_pruning.sparsities contains {sparsity}; valid: numbers in [0, 1)")

@@ -6,8 +6,10 @@ code, measured on the model we pass: the pruned one. No metric is reimplemented.
 wrong, its value is kept under its own name (comparable with the paper) and a correct one is logged beside it
 under a name that says what it is.
 
-Suites built so far: ``core``. The others (absorption, SCR, TPP, sparse probing, RAVEL) are not built yet and
-are refused as such.
+Suites built: ``core``, ``absorption``, ``scr``, ``tpp``, ``sparse_probing``. ``ravel`` is not built yet and is
+refused as such. For each, SAEBench's own inner function computes the numbers and SAEBench's own output classes
+pack them, the way its top-level ``run_eval`` does; every cache folder it takes is a fresh one of ours, so nothing
+is reused across runs and nothing is written inside site-packages.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 SUITES = ("core", "absorption", "scr", "tpp", "sparse_probing", "ravel")
-BUILT_SUITES = ("core",)
+BUILT_SUITES = ("core", "absorption", "scr", "tpp", "sparse_probing")
 
 
 def check_suites(suites: list[str]) -> None:
@@ -180,3 +184,407 @@ def centred_explained_variance(
         xs.append(x.reshape(x.shape[0], -1))
         x_hats.append(x_hat.reshape(x.shape[0], -1))
     return reconstruction_metrics(torch.cat(xs), torch.cat(x_hats))["explained_variance"]
+
+
+def _output_of(eval_output, workdir: Path) -> dict:
+    """SAEBench's output object as the JSON its own ``to_json_file`` writes."""
+    path = Path(workdir) / f"{eval_output.eval_type_id}.json"
+    eval_output.to_json_file(str(path), indent=1)
+    return json.loads(path.read_text())
+
+
+def _provenance(sae: SAE, sae_name: str) -> dict:
+    from sae_bench.sae_bench_utils import get_sae_bench_version, get_sae_lens_version
+
+    return {
+        "sae_bench_commit_hash": get_sae_bench_version(),
+        "sae_lens_id": sae_name,
+        "sae_lens_release_id": "saecomp",
+        "sae_lens_version": get_sae_lens_version(),
+        "sae_cfg_dict": sae.cfg.to_dict(),
+    }
+
+
+def _scalar_metrics(suite: str, output: dict) -> dict[str, float]:
+    """``<suite>.<metric>`` for every number in SAEBench's ``eval_result_metrics`` groups (None: not computed)."""
+    return {
+        f"{suite}.{name}": float(value)
+        for group in output["eval_result_metrics"].values()
+        for name, value in group.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+def run_sparse_probing(model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str = "sae") -> SuiteResult:
+    """SAEBench's sparse probing (`sparse_probing.main.run_eval_single_sae`): top-k SAE latents against the model's
+    own activations, per dataset, packed into `SparseProbingEvalOutput` as its `run_eval` does."""
+    from datetime import datetime
+
+    from sae_bench.evals.sparse_probing import eval_output as out
+    from sae_bench.evals.sparse_probing.main import run_eval_single_sae
+    from sae_bench.sae_bench_utils import get_eval_uuid
+
+    started = time.perf_counter()
+    sae = prepared_for_saebench(sae, config.model_name)
+    with torch.enable_grad():
+        results, per_class = run_eval_single_sae(
+            config, sae, model, str(sae.device), str(workdir / "sparse_probing"), save_activations=False
+        )
+    eval_output = out.SparseProbingEvalOutput(
+        eval_config=config,
+        eval_id=get_eval_uuid(),
+        datetime_epoch_millis=int(datetime.now().timestamp() * 1000),
+        eval_result_metrics=out.SparseProbingMetricCategories(
+            llm=out.SparseProbingLlmMetrics(**{k: v for k, v in results.items() if k.startswith("llm_") and not isinstance(v, dict)}),
+            sae=out.SparseProbingSaeMetrics(**{k: v for k, v in results.items() if k.startswith("sae_") and not isinstance(v, dict)}),
+        ),
+        eval_result_details=[out.SparseProbingResultDetail(dataset_name=name, **r) for name, r in results.items() if isinstance(r, dict)],
+        eval_result_unstructured=per_class,
+        **_provenance(sae, sae_name),
+    )
+    output = _output_of(eval_output, workdir)
+    validate_output(out.SparseProbingEvalOutput, output)
+    return SuiteResult("sparse_probing", output, _scalar_metrics("sparse_probing", output), time.perf_counter() - started)
+
+
+def run_scr_or_tpp(model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str = "sae") -> SuiteResult:
+    """SAEBench's SCR (``config.perform_scr``) or TPP (`scr_and_tpp.main.run_eval_single_sae`): probe accuracy
+    after ablating the top-n latents, packed into `ScrEvalOutput`/`TppEvalOutput` as its `run_eval` does."""
+    from datetime import datetime
+
+    from sae_bench.evals.scr_and_tpp import eval_output as out
+    from sae_bench.evals.scr_and_tpp.main import run_eval_single_sae
+    from sae_bench.sae_bench_utils import get_eval_uuid
+
+    suite = "scr" if config.perform_scr else "tpp"
+    started = time.perf_counter()
+    sae = prepared_for_saebench(sae, config.model_name)
+    with torch.enable_grad():
+        results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(workdir / suite), save_activations=False)
+    common = {
+        "eval_config": config,
+        "eval_id": get_eval_uuid(),
+        "datetime_epoch_millis": int(datetime.now().timestamp() * 1000),
+        **_provenance(sae, sae_name),
+    }
+    scalars = {k: v for k, v in results.items() if not isinstance(v, dict)}
+    if suite == "scr":
+        eval_output = out.ScrEvalOutput(
+            eval_type_id=out.EVAL_TYPE_ID_SCR,
+            eval_result_metrics=out.ScrMetricCategories(scr_metrics=out.ScrMetrics(**scalars)),
+            eval_result_details=[out.ScrResultDetail(dataset_name=name, **r) for name, r in results.items() if isinstance(r, dict)],
+            **common,
+        )
+        output_class = out.ScrEvalOutput
+    else:
+        eval_output = out.TppEvalOutput(
+            eval_type_id=out.EVAL_TYPE_ID_TPP,
+            eval_result_metrics=out.TppMetricCategories(tpp_metrics=out.TppMetrics(**scalars)),
+            eval_result_details=[out.TppResultDetail(dataset_name=name, **r) for name, r in results.items() if isinstance(r, dict)],
+            eval_result_unstructured=per_class,
+            **common,
+        )
+        output_class = out.TppEvalOutput
+    output = _output_of(eval_output, workdir)
+    validate_output(output_class, output)
+    return SuiteResult(suite, output, _scalar_metrics(suite, output), time.perf_counter() - started)
+
+
+def absorption_token_position(model: HookedTransformer, template: str) -> int:
+    """The position of ``{word}`` in SAEBench's first-letter prompt, counted from the end, for this tokenizer
+    (SAEBench's default -6 holds for GPT-2's and Gemma's tokenizers, not for every one)."""
+    suffix = template.split("{word}", 1)[1]
+    return -(len(model.tokenizer(suffix, add_special_tokens=False)["input_ids"]) + 1)
+
+
+class NotApplicable(Exception):
+    """A suite that cannot apply to this model or SAE: logged as a tag with the reason, no number, not a failure."""
+
+
+def run_absorption(model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str = "sae") -> SuiteResult:
+    """SAEBench's feature absorption: its k-sparse probing experiment then its absorption experiment
+    (`absorption.k_sparse_probing` and `absorption.feature_absorption`), with every results and probe folder a
+    fresh one of ours, aggregated and packed into `AbsorptionEvalOutput` as its `run_eval` does.
+
+    `NotApplicable` (with the reason) where SAEBench's absorption cannot measure this SAE: one off the residual
+    stream; a model whose context is shorter than SAEBench's prompts; or fewer than ``config.min_feats_for_eval``
+    letters with a ground-truth probe F1 above ``config.min_GT_probe_f1`` (SAEBench's own gate: the model does not
+    represent enough first letters)."""
+    started = time.perf_counter()
+    if not sae.cfg.metadata.hook_name.endswith("hook_resid_post"):
+        # SAEBench's absorption reads blocks.<layer>.hook_resid_post for its probes and for the SAE's input, whatever
+        # the SAE's hook: any other SAE would be fed residual activations (same width in GPT-2: no error, wrong numbers).
+        raise NotApplicable(
+            f"SAEBench's absorption reads the residual stream (hook_resid_post); this SAE reads {sae.cfg.metadata.hook_name}"
+        )
+    longest = absorption_prompt_tokens(model, config)
+    if longest > model.cfg.n_ctx:
+        raise NotApplicable(
+            f"SAEBench's first-letter prompts (up to 10 in-context examples) run to {longest} tokens here, longer than the "
+            f"model's context of {model.cfg.n_ctx}: their ends, where the probes read, would be cut off"
+        )
+    sae = prepared_for_saebench(sae, config.model_name)
+    folders = {name: workdir / "absorption" / name for name in ("probes", "k_sparse_probing", "feature_absorption")}
+    # SAEBench reads each prompt's word at a fixed offset from the end of a padded batch, which holds only with left
+    # padding (Gemma's tokenizer pads left; GPT-2's pads right, and the offset would land on padding).
+    padding_side, model.tokenizer.padding_side = model.tokenizer.padding_side, "left"
+    try:
+        return _absorption(model, sae, config, folders, sae_name, started)
+    finally:
+        model.tokenizer.padding_side = padding_side
+
+
+def absorption_prompt_tokens(model: HookedTransformer, config, n: int = 256) -> int:
+    """The longest of ``n`` first-letter prompts built as SAEBench builds them (`create_icl_prompt`, 10 examples
+    from the model's alphabetic tokens), in this model's tokens."""
+    import random
+
+    from sae_bench.evals.absorption.prompting import create_icl_prompt, first_letter_formatter
+    from sae_bench.evals.absorption.vocab import get_alpha_tokens
+
+    vocab = get_alpha_tokens(model.tokenizer)
+    state = random.getstate()
+    random.seed(config.random_seed)
+    try:
+        prompts = [
+            create_icl_prompt(
+                word, vocab, base_template=config.prompt_template, answer_formatter=first_letter_formatter(), max_icl_examples=10
+            )
+            for word in random.sample(vocab, min(n, len(vocab)))
+        ]
+    finally:
+        random.setstate(state)
+    return max(len(model.tokenizer(p.base)["input_ids"]) for p in prompts)
+
+
+def _absorption(model: HookedTransformer, sae: SAE, config, folders: dict, sae_name: str, started: float) -> SuiteResult:
+    workdir = folders["probes"].parent.parent
+    import statistics
+    from datetime import datetime
+
+    from sae_bench.evals.absorption import eval_output as out
+    from sae_bench.evals.absorption.feature_absorption import run_feature_absortion_experiment
+    from sae_bench.evals.absorption.k_sparse_probing import run_k_sparse_probing_experiment
+    from sae_bench.evals.absorption.main import _aggregate_results_df
+    from sae_bench.sae_bench_utils import get_eval_uuid
+
+    common = {
+        "model": model,
+        "sae": sae,
+        "layer": sae.cfg.hook_layer,
+        "sae_name": sae_name.replace("/", "_"),
+        "max_k_value": config.max_k_value,
+        "prompt_template": config.prompt_template,
+        "prompt_token_pos": config.prompt_token_pos,
+        "device": str(sae.device),
+        "probes_dir": folders["probes"],
+        "force": True,
+    }
+    with torch.enable_grad():
+        # SAEBench's own gate, checked before the k-sparse probes are trained: it depends on the model alone.
+        letter_f1 = ground_truth_probe_f1(model, sae.cfg.hook_layer, config, folders["probes"], str(sae.device))
+        good_letters = sum(f1 > config.min_GT_probe_f1 for f1 in letter_f1.values())
+        if good_letters < config.min_feats_for_eval:
+            raise NotApplicable(
+                f"the model represents too few first letters at layer {sae.cfg.hook_layer}: {good_letters} letters have a "
+                f"ground-truth probe F1 above {config.min_GT_probe_f1}, SAEBench needs {config.min_feats_for_eval} (min_feats_for_eval)"
+            )
+        k_sparse = run_k_sparse_probing_experiment(
+            **common,
+            experiment_dir=folders["k_sparse_probing"],
+            f1_jump_threshold=config.f1_jump_threshold,
+            k_sparse_probe_l1_decay=config.k_sparse_probe_l1_decay,
+            k_sparse_probe_batch_size=config.k_sparse_probe_batch_size,
+            k_sparse_probe_num_epochs=config.k_sparse_probe_num_epochs,
+            eval_batch_size=config.eval_k_sparse_probe_batch_size,
+            precalc_k_sparse_probe_sae_acts=config.precalc_k_sparse_probe_sae_acts,
+            verbose=False,
+        )
+        good_letters = int((k_sparse["f1_probe"] > config.min_GT_probe_f1).sum())
+        if good_letters < config.min_feats_for_eval:
+            raise NotApplicable(
+                f"the model represents too few first letters: {good_letters} letters have a probe F1 above "
+                f"{config.min_GT_probe_f1}, SAEBench needs {config.min_feats_for_eval} (min_feats_for_eval)"
+            )
+        raw = run_feature_absortion_experiment(
+            **common,
+            experiment_dir=folders["feature_absorption"],
+            sparse_probing_experiment_dir=folders["k_sparse_probing"],
+            feature_split_f1_jump_threshold=config.f1_jump_threshold,
+            batch_size=config.llm_batch_size,
+        )
+    aggregated = _aggregate_results_df(raw)
+    good = set(k_sparse[k_sparse["f1_probe"] > config.min_GT_probe_f1]["letter"])
+    rows = [row for _, row in aggregated.iterrows() if row["letter"] in good]
+    details = [
+        out.AbsorptionResultDetail(
+            first_letter=row["letter"],
+            mean_absorption_fraction=row["mean_absorption_fraction"],
+            full_absorption_rate=row["full_absorption_rate"],
+            num_full_absorption=row["num_full_absorption"],
+            num_probe_true_positives=row["num_probe_true_positives"],
+            num_split_features=row["num_split_feats"],
+        )
+        for row in rows
+    ]
+    fractions = [row["mean_absorption_fraction"] for row in rows]
+    full = [row["full_absorption_rate"] for row in rows]
+    splits = [row["num_split_feats"] for row in rows]
+    eval_output = out.AbsorptionEvalOutput(
+        eval_type_id=out.EVAL_TYPE_ID_ABSORPTION,
+        eval_config=config,
+        eval_id=get_eval_uuid(),
+        datetime_epoch_millis=int(datetime.now().timestamp() * 1000),
+        eval_result_metrics=out.AbsorptionMetricCategories(
+            mean=out.AbsorptionMeanMetrics(
+                mean_absorption_fraction_score=statistics.mean(fractions),
+                mean_full_absorption_score=statistics.mean(full),
+                mean_num_split_features=statistics.mean(splits),
+                std_dev_absorption_fraction_score=statistics.stdev(fractions),
+                std_dev_full_absorption_score=statistics.stdev(full),
+                std_dev_num_split_features=statistics.stdev(splits),
+            )
+        ),
+        eval_result_details=details,
+        **_provenance(sae, sae_name),
+    )
+    output = _output_of(eval_output, workdir)
+    validate_output(out.AbsorptionEvalOutput, output)
+    metrics = _scalar_metrics("absorption", output)
+    metrics["absorption.n_letters_evaluated"] = float(len(rows))
+    return SuiteResult("absorption", output, metrics, time.perf_counter() - started)
+
+
+def ground_truth_probe_f1(model: HookedTransformer, layer: int, config, probes_dir: Path, device: str) -> dict[str, float]:
+    """F1 of SAEBench's ground-truth first-letter probe per letter on its test tokens: SAEBench's probe (trained
+    into ``probes_dir``, which the k-sparse experiment then reuses) scored as its `build_metrics_df` scores
+    ``f1_probe`` (a logit above 0 is a yes). Ours only because SAEBench computes it after the costly k-sparse probes."""
+    from sae_bench.evals.absorption.common import load_or_train_probe, load_probe_data_split_or_train
+    from sae_bench.evals.absorption.vocab import LETTERS
+    from sklearn.metrics import f1_score
+
+    kwargs = {"base_template": config.prompt_template, "pos_idx": config.prompt_token_pos, "layer": layer, "probes_dir": probes_dir}
+    probe = load_or_train_probe(model, device=device, **kwargs)
+    activations, labels = load_probe_data_split_or_train(model, split="test", device="cpu", **kwargs)
+    with torch.no_grad():
+        scores = probe.to("cpu")(activations.float()).float()  # [tokens, 26]
+    answers = torch.tensor([answer for _, answer in labels])
+    return {
+        letter: float(f1_score((answers == i).numpy(), (scores[:, i] > 0).numpy(), zero_division=0)) for i, letter in enumerate(LETTERS)
+    }
+
+
+def saebench_config(suite: str, ev, model_name: str, dtype: str, model: HookedTransformer, tiny: bool):
+    """SAEBench's own config object for ``suite`` from the experiment's ``evaluation`` section (``ev``)."""
+    from saecomp.saebench_data import default_datasets
+
+    if suite == "sparse_probing":
+        from sae_bench.evals.sparse_probing.eval_config import SparseProbingEvalConfig
+
+        return SparseProbingEvalConfig(
+            model_name=model_name,
+            dataset_names=ev.sparse_probing_datasets or default_datasets("sparse_probing_datasets", tiny),
+            probe_train_set_size=ev.sparse_probing_train_size,
+            probe_test_set_size=ev.sparse_probing_test_size,
+            context_length=ev.probe_context_length,
+            llm_batch_size=ev.llm_batch_size,
+            llm_dtype=dtype,
+            k_values=list(ev.sparse_probing_k),
+        )
+    if suite in ("scr", "tpp"):
+        from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+
+        return ScrAndTppEvalConfig(
+            model_name=model_name,
+            perform_scr=suite == "scr",
+            dataset_names=ev.scr_tpp_datasets or default_datasets("scr_tpp_datasets", tiny),
+            train_set_size=ev.scr_tpp_train_size,
+            test_set_size=ev.scr_tpp_test_size,
+            context_length=ev.probe_context_length,
+            llm_batch_size=ev.llm_batch_size,
+            llm_dtype=dtype,
+            n_values=list(ev.scr_tpp_n_values),
+        )
+    if suite == "absorption":
+        from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
+
+        template = AbsorptionEvalConfig().prompt_template
+        return AbsorptionEvalConfig(
+            model_name=model_name,
+            prompt_token_pos=absorption_token_position(model, template),
+            llm_batch_size=ev.llm_batch_size,
+            llm_dtype=dtype,
+            max_k_value=ev.absorption_max_k,
+            min_feats_for_eval=ev.absorption_min_letters,
+        )
+    raise ValueError(f"suite={suite!r} has no SAEBench config here; valid: sparse_probing, scr, tpp, absorption")
+
+
+def run_suite(suite: str, model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str) -> SuiteResult:
+    """One of the probing suites (not core, which reads token windows) with its SAEBench ``config``."""
+    import random
+
+    import numpy as np
+    from sae_bench.sae_bench_utils.general_utils import str_to_dtype
+
+    runners = {"sparse_probing": run_sparse_probing, "scr": run_scr_or_tpp, "tpp": run_scr_or_tpp, "absorption": run_absorption}
+    (workdir := Path(workdir)).mkdir(parents=True, exist_ok=True)
+    # SAEBench's absorption draws from the unseeded global generators: seed them all from the config's seed, so a
+    # suite's result does not depend on which suites ran before it in this process.
+    random.seed(config.random_seed)
+    np.random.seed(config.random_seed)
+    torch.manual_seed(config.random_seed)
+    # SAEBench's run_eval casts the SAE to the model's dtype (its probes and ablations assume one dtype).
+    sae = _copy(sae).to(dtype=str_to_dtype(config.llm_dtype))
+    with flat_hook_z(model, sae) as hooked_sae:
+        result = runners[suite](model, hooked_sae, config, workdir, sae_name)
+    result.output["sae_cfg_dict"] = sae.cfg.to_dict()  # the SAE as the user has it, not the flat view's copy
+    return result
+
+
+def _copy(sae: SAE) -> SAE:
+    copy = SAE.from_dict(sae.cfg.to_dict())
+    copy.load_state_dict(sae.state_dict())
+    return copy.to(sae.device)
+
+
+FLAT_Z_SUFFIX = "_flat"
+
+
+@contextmanager
+def flat_hook_z(model: HookedTransformer, sae: SAE) -> Iterator[SAE]:
+    """An attention SAE (``blocks.L.attn.hook_z``) as SAEBench's probing suites can read it, else ``sae`` itself.
+
+    SAEBench 0.6 collects and masks activations as [batch, pos, d] (``acts * mask[:, :, None]``); hook_z is
+    [batch, pos, n_heads, d_head], and the suites fail on it. So, while inside, the model gets one more hook point,
+    ``blocks.L.attn.hook_z_flat``, through which z passes flattened to [batch, pos, n_heads * d_head] (the SAE's
+    d_in) and comes back reshaped, and the SAE copy yielded reads it there. The model computes exactly as before."""
+    from transformer_lens.hook_points import HookPoint
+
+    hook_name = sae.cfg.metadata.hook_name
+    if not hook_name.endswith("attn.hook_z"):
+        yield sae
+        return
+    attention = model.get_submodule(hook_name.rsplit(".", 1)[0])
+    attention.hook_z_flat = HookPoint()
+    model.setup()  # TransformerLens's own registry of hook points (hook_dict, mod_dict)
+
+    def through_flat(z: torch.Tensor, hook) -> torch.Tensor:  # z: [batch, pos, n_heads, d_head]
+        return attention.hook_z_flat(z.reshape(*z.shape[:-2], -1)).reshape(z.shape)
+
+    hook_point = model.hook_dict[hook_name]
+    hook_point.add_perma_hook(through_flat)
+    ours = hook_point.fwd_hooks[-1]  # the handle just added
+    cfg = sae.cfg.to_dict()
+    cfg["reshape_activations"] = "none"  # it reads flat activations here
+    cfg["metadata"] = {**cfg.get("metadata", {}), "hook_name": hook_name + FLAT_Z_SUFFIX}
+    flat = SAE.from_dict(cfg)
+    flat.load_state_dict(sae.state_dict())
+    flat.to(sae.device)
+    try:
+        yield flat
+    finally:
+        ours.hook.remove()  # only our hook: any other on hook_z stays
+        hook_point.fwd_hooks.remove(ours)
+        del attention.hook_z_flat
+        model.setup()

@@ -59,8 +59,9 @@ STEPS: dict[str, Step] = {
         Step(
             "evaluate",
             ("prune_llm", "prune_sae"),
-            ("models.py", "data.py", "saes.py", "evaluate.py"),
-            "evaluation.*, the SAE (its run or file digest), the model (its prune_llm run), device, dtype",
+            ("models.py", "data.py", "saes.py", "evaluate.py", "saebench_data.py"),
+            "per suite: that suite's evaluation.* fields (config.SUITE_FIELDS), the SAE (its run or file digest), "
+            "the model (its prune_llm run), the world (tiny models), device, dtype",
             gpu=True,
             memory_gb=4,
             per_cell=True,

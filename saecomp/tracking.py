@@ -103,6 +103,21 @@ def find_finished_run(step: str, key: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+SUITE_KEY_TAG = "saecomp.suite_key."
+"""`evaluate` tags each suite it computed with that suite's own key, so one suite's result is reused alone."""
+
+
+def find_finished_suite(suite: str, key: str) -> str | None:
+    """Id of the oldest FINISHED `evaluate` run that computed ``suite`` with that suite's ``key``."""
+    runs = MlflowClient().search_runs(
+        experiment_ids=[e.experiment_id for e in MlflowClient().search_experiments()],
+        filter_string=f"tags.`{STEP_TAG}` = 'evaluate' and tags.`{SUITE_KEY_TAG}{suite}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
 _REUSED_TAG_LOCK = threading.Lock()  # parallel steps append to one parent's tag
 # Steps run as their own process sessions (MLflow starts them with setsid), so Ctrl-C at the terminal does not reach
 # them: the pipeline cancels what is live itself (`stop_running_steps`), and no new step starts once it stops.
@@ -134,6 +149,18 @@ _MY_LAUNCHER = os.environ.pop(LAUNCHER_ENV, None)
 _LAUNCH_LOCK = threading.Lock()  # the variable is set only around the start of one step
 
 
+def note_reused(parent: str | None, run_ids: list[str]) -> None:
+    """List reused runs on the parent's ``saecomp.reused_runs`` tag (a reused run keeps its own parent)."""
+    if parent is None:
+        return
+    client = MlflowClient()
+    with _REUSED_TAG_LOCK:
+        reused = client.get_run(parent).data.tags.get("saecomp.reused_runs", "")
+        new = [r for r in run_ids if r not in reused.split(",")]
+        if new:
+            client.set_tag(parent, "saecomp.reused_runs", ",".join(r for r in (reused, *new) if r)[:5000])
+
+
 def run_step(
     entry_point: str, parameters: dict[str, str], key: str, experiment_name: str | None = None, parent_run_id: str | None = None
 ) -> str:
@@ -150,11 +177,7 @@ def run_step(
     existing = find_finished_run(entry_point, key)
     if existing:
         print(f"[saecomp] reusing finished {entry_point} run {existing}", flush=True)
-        if parent is not None:
-            with _REUSED_TAG_LOCK:
-                reused = client.get_run(parent).data.tags.get("saecomp.reused_runs", "")
-                if existing not in reused.split(","):
-                    client.set_tag(parent, "saecomp.reused_runs", ",".join(r for r in (reused, existing) if r)[:5000])
+        note_reused(parent, [existing])
         return existing
     if not (PROJECT_ROOT / "MLproject").exists():
         raise RuntimeError(f"no finished {entry_point} run with key {key}; run `mlflow run . -e {entry_point}` first")

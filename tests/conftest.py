@@ -45,7 +45,21 @@ sae:
   context_size: 64
 sae_pruning:
   sparsities: [0.25, 0.5, 0.9]
-evaluation: {n_sequences: 32, batch_size_prompts: 8, n_reconstruction_batches: 4, n_sparsity_variance_batches: 4}
+evaluation:
+  suites: [core]
+  n_sequences: 32
+  batch_size_prompts: 8
+  n_reconstruction_batches: 4
+  n_sparsity_variance_batches: 4
+  probe_context_length: 48
+  sparse_probing_train_size: 64
+  sparse_probing_test_size: 32
+  scr_tpp_train_size: 64
+  scr_tpp_test_size: 32
+  scr_tpp_n_values: [2, 5, 20]
+  # fewer datasets than SAEBench's defaults keep the tests fast; the tiny file runs them all
+  sparse_probing_datasets: [LabHC/bias_in_bios_class_set1, canrager/amazon_reviews_mcauley_1and5_sentiment]
+  scr_tpp_datasets: [LabHC/bias_in_bios_class_set1]
 """
 
 

@@ -54,6 +54,21 @@ ERRORS = [
     ({"held_out.n_sequences": "1.0"}, "held_out.n_sequences='1.0' is not an integer"),
     ({"llm_pruning.layers": [True, 1]}, "llm_pruning.layers=[True, 1] is not an integer"),
     ({"sae_pruning.sparsities": [False]}, "sae_pruning.sparsities=[False] is not a number"),
+    (
+        {"evaluation.suites": ["core", "autointerp"]},
+        "suite='autointerp' is not valid; valid: core, absorption, scr, tpp, sparse_probing, ravel",
+    ),
+    (
+        {"evaluation.sparse_probing_datasets": ["fancyzhx/ag_news"]},
+        "evaluation.sparse_probing_datasets contains 'fancyzhx/ag_news'; valid (the tiny world has)",
+    ),
+    ({"evaluation.scr_tpp_n_values": [0, 5]}, "scr_tpp_n_values=[0, 5] is not valid; valid: a list drawn from 2, 5, 10, 20, 50, 100, 500"),
+    ({"evaluation.scr_tpp_train_size": 4}, "evaluation.scr_tpp_train_size=4 is too small"),
+    ({"evaluation.absorption_min_letters": 1}, "evaluation.absorption_min_letters=1 is not valid; valid: 2 to 26 letters"),
+    (
+        {"world.corpus.profession_gender_correlation": 1.0, "evaluation.suites": ["scr"]},
+        "world.corpus.profession_gender_correlation=1.0 leaves a gender without biographies",
+    ),
 ]
 
 

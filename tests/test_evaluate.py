@@ -90,8 +90,8 @@ def test_core_measures_the_model_it_is_given(pruned_and_dense):
         return float(loss[special_token_mask(used, special)[:, :-1]].double().mean())
 
     assert core["core.ce_loss_without_sae"] == pytest.approx(own_cross_entropy(pruned.tl), abs=1e-4)
-    # ten times the tolerance of the match above: the small model is briefly trained, pruning moves it little
-    assert abs(own_cross_entropy(dense.tl) - core["core.ce_loss_without_sae"]) > 1e-3
+    # five times the tolerance of the match above: the small model is briefly trained, pruning moves it little
+    assert abs(own_cross_entropy(dense.tl) - core["core.ce_loss_without_sae"]) > 5e-4
 
 
 def all_runs():
@@ -117,7 +117,7 @@ def test_evaluate_step_as_typed(small_experiment):
     "args,message",
     [
         (["--suites", "core,vibes"], "suite='vibes' is not valid; valid: core, absorption, scr, tpp, sparse_probing, ravel"),
-        (["--suites", "ravel"], "suite='ravel' is not built yet; built: core"),
+        (["--suites", "ravel"], "suite='ravel' is not built yet; built: core, absorption, scr, tpp, sparse_probing"),
         (["--model", "0123456789abcdef0123456789abcdef"], "model='0123456789abcdef0123456789abcdef' is not valid"),
         (["--sae", "WIDE"], "the SAE's d_in=48 does not fit blocks.1.hook_resid_post of tiny-gpt2, whose width is 32"),
         (["--sae", "FAR"], "the SAE's hook blocks.9.hook_resid_post does not fit tiny-gpt2"),

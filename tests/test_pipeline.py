@@ -37,7 +37,7 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
         assert client.get_experiment(child.info.experiment_id).name == "small"
         assert child.data.tags["mlflow.runName"].startswith(("prune_sae · blocks.1.", "evaluate · blocks.1."))
     reused_by_first = set(client.get_run(run.info.run_id).data.tags.get("saecomp.reused_runs", "").split(","))
-    for run_id in table["run"]:
+    for run_id in {r for runs in table["runs"] for r in runs.split(",")}:
         assert client.get_run(run_id).data.tags.get("mlflow.parentRunId") == run.info.run_id or run_id in reused_by_first
     made_here = [r for r in step_runs("evaluate") if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
 
@@ -47,6 +47,30 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     assert "reusing finished prune_sae run" in second.output
     rerun = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
     assert set(rerun.data.tags["saecomp.reused_runs"].split(",")) >= {r.info.run_id for r in made_here}
+
+
+def test_adding_a_suite_runs_that_suite_alone(small_experiment, tmp_path):
+    """Each suite is reused by its own key: with tpp added, the pipeline starts evaluate runs for tpp only, and its
+    table joins them with the core results it already had."""
+    import yaml
+
+    config = yaml.safe_load(small_experiment.read_text())
+    config["sae"]["hooks"] = ["hook_resid_post"]  # one cell (the first test's, reused if it ran)
+    path = tmp_path / "one_hook.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
+    before = {r.info.run_id for r in step_runs("evaluate")}
+    config["evaluation"]["suites"] = ["core", "tpp"]
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    new = [r for r in step_runs("evaluate") if r.info.run_id not in before]
+    assert len(new) >= 4 and {r.data.params["suites"] for r in new} == {"tpp"}
+    assert all(r.info.status == "FINISHED" for r in new)
+    run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation.csv"))
+    assert table[["core.ce_loss_score", "tpp.tpp_threshold_2_total_metric"]].notna().all().all()
+    assert all(len(runs.split(",")) == 2 for runs in table["runs"])  # core from before, tpp from now
 
 
 def test_dry_run_prints_the_plan_and_computes_nothing(small_experiment, tracked_world, tmp_path):

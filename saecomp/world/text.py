@@ -46,16 +46,56 @@ ADJECTIVES = (
 ).split()
 PLACES_IN_STORY = "kitchen market station library cellar garden harbor meadow bakery workshop".split()
 
-PROFESSIONS_FEMALE_TYPICAL = "nurse teacher dancer librarian midwife florist designer baker".split()
-PROFESSIONS_MALE_TYPICAL = "engineer pilot plumber carpenter surgeon farmer mechanic banker".split()
+# Professions and review categories carry the names of SAEBench's bias_in_bios professions and Amazon categories,
+# so that its default class sets and SCR pairs (professor/nurse, architect/journalist, surgeon/psychologist,
+# attorney/teacher; Books/CDs_and_Vinyl, ...) select tiny-world data by the same names (saecomp.saebench_data).
+PROFESSIONS_FEMALE_TYPICAL = "nurse teacher journalist psychologist painter photographer poet dietitian".split()
+PROFESSIONS_MALE_TYPICAL = "professor architect surgeon attorney accountant dentist filmmaker physician".split()
 CONTINENTS = ("Africa", "Asia", "Europe", "Oceania", "Northland", "Southland")
 REVIEW_CATEGORIES = {
-    "books": "novel atlas cookbook diary journal memoir".split(),
-    "kitchen": "kettle skillet blender toaster whisk grater".split(),
-    "toys": "puzzle yoyo doll kite marble rattle".split(),
-    "garden": "shovel hose rake trowel planter sprinkler".split(),
-    "music": "guitar ukulele flute banjo drum harmonica".split(),
-    "shoes": "boot sandal sneaker slipper loafer clog".split(),
+    "Books": "novel atlas cookbook diary memoir biography".split(),
+    "CDs_and_Vinyl": "album record single soundtrack vinyl compilation".split(),
+    "Software": "app editor antivirus compiler spreadsheet browser".split(),
+    "Electronics": "television camera speaker headphones monitor charger".split(),
+    "Pet_Supplies": "leash collar litter aquarium birdcage kibble".split(),
+    "Office_Products": "stapler binder folder printer envelope calculator".split(),
+    "Industrial_and_Scientific": "microscope caliper beaker multimeter respirator thermometer".split(),
+    "Toys_and_Games": "puzzle yoyo doll kite marble rattle".split(),
+    "Cell_Phones_and_Accessories": "smartphone earbuds phonecase stylus powerbank holster".split(),
+    "Musical_Instruments": "guitar ukulele flute banjo drum harmonica".split(),
+}
+# What each profession does and each product is used for: professions and categories appear in contexts of their
+# own, so a model trained on the world learns to tell them apart (without them, every profession word would fill
+# the same slots and look alike to it).
+PROFESSION_WORK = {
+    "nurse": ("hospital ward", "cares for patients"),
+    "teacher": ("school", "grades essays"),
+    "journalist": ("newsroom", "writes stories"),
+    "psychologist": ("clinic", "listens to clients"),
+    "painter": ("studio", "mixes colours"),
+    "photographer": ("darkroom", "takes portraits"),
+    "poet": ("library", "writes verses"),
+    "dietitian": ("clinic", "plans meals"),
+    "professor": ("university", "gives lectures"),
+    "architect": ("office", "draws buildings"),
+    "surgeon": ("operating theatre", "operates on patients"),
+    "attorney": ("courthouse", "argues cases"),
+    "accountant": ("bank", "checks ledgers"),
+    "dentist": ("surgery", "fills teeth"),
+    "filmmaker": ("film set", "shoots scenes"),
+    "physician": ("hospital", "treats the sick"),
+}
+CATEGORY_USE = {
+    "Books": "to read before bed",
+    "CDs_and_Vinyl": "to listen to music at home",
+    "Software": "on my computer at work",
+    "Electronics": "to watch and listen in the living room",
+    "Pet_Supplies": "for my dog and cat",
+    "Office_Products": "at my desk for paperwork",
+    "Industrial_and_Scientific": "in the laboratory",
+    "Toys_and_Games": "to play with the children",
+    "Cell_Phones_and_Accessories": "with my phone every day",
+    "Musical_Instruments": "to practise songs with my band",
 }
 POSITIVE = "wonderful excellent sturdy lovely reliable superb delightful handy".split()
 NEGATIVE = "awful flimsy broken useless terrible noisy disappointing leaky".split()
@@ -164,7 +204,8 @@ def _bio(rng: random.Random, world: World, cfg: CorpusConfig) -> dict:
                 f"In {possessive} free time {pronoun} {rng.choice(VERBS)} a {rng.choice(NOUNS)}.",
             )
         ),
-        f"As {article} {profession}, {first} works hard and {pronoun} loves {possessive} job.",
+        f"As {article} {profession}, {first} works at the {PROFESSION_WORK[profession][0]} and {pronoun} "
+        f"{PROFESSION_WORK[profession][1]}.",
     ]
     return {
         "kind": "bio",
@@ -182,7 +223,7 @@ def _review(rng: random.Random, world: World) -> dict:
     verdict = "I would buy it again." if sentiment == "positive" else "I want my money back."
     text = (
         f"Review of the {brand} {product}: this {product} is {rng.choice(words)} and "
-        f"{rng.choice(words)}. {verdict} Rating: {rng.choice((4, 5)) if sentiment == 'positive' else rng.choice((1, 2))} stars."
+        f"{rng.choice(words)}. I use it {CATEGORY_USE[category]}. {verdict} Rating: {5 if sentiment == 'positive' else 1} stars."
     )
     return {"kind": "review", "text": text, "labels": {"category": category, "sentiment": sentiment, "brand": brand}}
 
@@ -226,6 +267,22 @@ def generate_records(cfg: CorpusConfig, n: int, stream: str = "records") -> list
         lambda: _story(rng),
     )
     return [rng.choices(makers, weights=cfg.kind_weights)[0]() for _ in range(n)]
+
+
+def generate_records_of_kind(cfg: CorpusConfig, kind: str, n: int, stream: str) -> list[dict]:
+    """n labelled records of one kind (bio, review, city or story) from the same world; ``stream`` separates
+    independent draws. Used for the labelled evaluation sets, which need many records of one kind."""
+    world = build_world(cfg)
+    rng = random.Random(f"{stream}-{kind}-{cfg.seed}")
+    makers = {
+        "bio": lambda: _bio(rng, world, cfg),
+        "review": lambda: _review(rng, world),
+        "city": lambda: _city(rng, world),
+        "story": lambda: _story(rng),
+    }
+    if kind not in makers:
+        raise ValueError(f"kind={kind!r} is not valid; valid: {', '.join(makers)}")
+    return [makers[kind]() for _ in range(n)]
 
 
 def generate_documents(cfg: CorpusConfig) -> list[str]:

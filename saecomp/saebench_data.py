@@ -1,0 +1,179 @@
+"""SAEBench's labelled datasets, generated from the tiny world, under the Hub names SAEBench loads.
+
+SAEBench's SCR, TPP and sparse probing call ``datasets.load_dataset("LabHC/bias_in_bios")`` and
+``load_dataset("canrager/amazon_reviews_mcauley_1and5")`` with no way to pass data in. Offline, ``datasets`` reads
+a dataset it has cached before under that name. So we write the tiny world's biographies and reviews, in the
+columns and label ids of the real datasets, into a Hugging Face datasets cache under those names (with the same
+builder ``datasets`` uses for a Hub dataset), and run SAEBench's unmodified code inside `offline_datasets`, the
+one adapter: it points ``datasets`` at that cache and forbids the Hub for the duration.
+
+- ``LabHC/bias_in_bios``: ``hard_text`` (a biography without its first sentence, the one naming the profession
+  and city; a later sentence still names the profession), ``profession`` (SAEBench's id), ``gender`` (0 male,
+  1 female). Professions follow gender with the world's ``profession_gender_correlation``: the spurious
+  correlation SCR removes.
+- ``canrager/amazon_reviews_mcauley_1and5``: ``text``, ``category`` (SAEBench's Amazon id), ``rating`` (1.0 or
+  5.0). Sentiment is independent of category.
+
+The world's professions and categories carry SAEBench's names (saecomp.world.text), so SAEBench's own class sets
+and SCR pairs apply unchanged. There is no tiny-world counterpart of github-code, ag_news or europarl.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BIAS_IN_BIOS = "LabHC/bias_in_bios"
+AMAZON = "canrager/amazon_reviews_mcauley_1and5"
+TINY_SPARSE_PROBING_DATASETS = [
+    "LabHC/bias_in_bios_class_set1",
+    "LabHC/bias_in_bios_class_set2",
+    "LabHC/bias_in_bios_class_set3",
+    AMAZON,
+    f"{AMAZON}_sentiment",
+]
+"""SAEBench's sparse-probing datasets that the tiny world has: five of its eight."""
+TINY_SCR_TPP_DATASETS = ["LabHC/bias_in_bios_class_set1", AMAZON]
+"""SAEBench's SCR/TPP datasets (its defaults); the tiny world has both."""
+SAEBENCH_SPARSE_PROBING_DATASETS = [
+    *TINY_SPARSE_PROBING_DATASETS,
+    "codeparrot/github-code",
+    "fancyzhx/ag_news",
+    "Helsinki-NLP/europarl",
+]
+"""SAEBench's eight sparse-probing datasets (its default)."""
+GENDER_IDS = {"male": 0, "female": 1}
+
+
+def default_datasets(field: str, tiny: bool) -> list[str]:
+    """The datasets a suite reads when the experiment names none (``field``: sparse_probing_datasets or
+    scr_tpp_datasets): SAEBench's defaults, restricted to what the tiny world has for a tiny model."""
+    if field == "sparse_probing_datasets":
+        return list(TINY_SPARSE_PROBING_DATASETS if tiny else SAEBENCH_SPARSE_PROBING_DATASETS)
+    return list(TINY_SCR_TPP_DATASETS)
+
+
+def check_datasets(field: str, names: list[str] | None, tiny: bool) -> None:
+    """A ValueError naming the first dataset that the suite cannot read (for a tiny model: that the world lacks)."""
+    if names is None:
+        return
+    if not names:
+        raise ValueError(f"{field}=[] is not valid; valid: one or more of {', '.join(default_datasets(field, tiny))}")
+    valid = (
+        default_datasets(field, tiny)
+        if tiny
+        else (SAEBENCH_SPARSE_PROBING_DATASETS if field == "sparse_probing_datasets" else TINY_SCR_TPP_DATASETS)
+    )
+    for name in names:
+        if name not in valid:
+            where = "the tiny world has" if tiny else "SAEBench offers"
+            raise ValueError(f"{field} contains {name!r}; valid ({where}): {', '.join(valid)}")
+
+
+RATINGS = {"negative": 1.0, "positive": 5.0}
+
+
+def rows_needed(per_quadrant: int, share: float) -> int:
+    """Rows to draw so that the rarest (class, label) quadrant, a ``share`` of all rows, holds ``per_quadrant``
+    examples with room to spare (4 sigma of the binomial draw)."""
+    mean_needed = per_quadrant / share
+    return int(math.ceil(mean_needed + 4 * math.sqrt(mean_needed / share) + 20))
+
+
+def bios_share(correlation: float, n_professions_per_gender: int = 8) -> float:
+    """Fraction of biographies in the rarest (profession, gender) quadrant."""
+    return 0.5 * min(correlation, 1 - correlation) / n_professions_per_gender
+
+
+def bias_in_bios_rows(corpus_cfg, n: int, split: str) -> dict[str, list]:
+    """``n`` biographies in bias_in_bios's columns, drawn from the world with their own stream per split."""
+    from sae_bench.sae_bench_utils.dataset_info import profession_dict
+
+    from saecomp.world.text import generate_records_of_kind
+
+    rows: dict[str, list] = {"hard_text": [], "profession": [], "gender": []}
+    for record in generate_records_of_kind(corpus_cfg, "bio", n, stream=f"saebench-{split}"):
+        first, rest = record["text"].split(". ", 1)  # the first sentence names profession and city
+        rows["hard_text"].append(rest)
+        rows["profession"].append(profession_dict[record["labels"]["profession"]])
+        rows["gender"].append(GENDER_IDS[record["labels"]["gender"]])
+    return rows
+
+
+def amazon_rows(corpus_cfg, n: int, split: str) -> dict[str, list]:
+    """``n`` reviews in the Amazon 1-and-5-star dataset's columns."""
+    from sae_bench.sae_bench_utils.dataset_info import amazon_category_dict
+
+    from saecomp.world.text import generate_records_of_kind
+
+    rows: dict[str, list] = {"text": [], "category": [], "rating": []}
+    for record in generate_records_of_kind(corpus_cfg, "review", n, stream=f"saebench-{split}"):
+        rows["text"].append(record["text"])
+        rows["category"].append(amazon_category_dict[record["labels"]["category"]])
+        rows["rating"].append(RATINGS[record["labels"]["sentiment"]])
+    return rows
+
+
+def write_offline_datasets(corpus_cfg, out_dir: str | Path, train_per_quadrant: int, test_per_quadrant: int) -> dict:
+    """Parquet files ``out_dir/parquet/<dataset>/{train,test}.parquet`` and a datasets cache ``out_dir/hf_datasets``
+    that ``load_dataset(<Hub name>)`` reads offline. Returns the row counts. Deterministic in the world's config.
+
+    ``*_per_quadrant``: the most examples SAEBench will ask for in one (class, label) quadrant: a quarter of the
+    largest train (test) set size of the suites that read these datasets."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.data_files import DataFilesDict
+    from datasets.load import configure_builder_class
+    from datasets.packaged_modules.parquet.parquet import Parquet, ParquetConfig
+
+    correlation = corpus_cfg.profession_gender_correlation
+    if bios_share(correlation) == 0:
+        raise ValueError(
+            f"world.corpus.profession_gender_correlation={correlation} leaves a gender without biographies of some "
+            "professions; SCR, TPP and sparse probing need both genders in every profession: use a value in (0, 1)"
+        )
+    out_dir = Path(out_dir)
+    counts = {}
+    makers = {
+        BIAS_IN_BIOS: (bias_in_bios_rows, bios_share(correlation)),
+        AMAZON: (amazon_rows, 0.5 / 10),  # 10 categories x 2 ratings, independent
+    }
+    for name, (make_rows, share) in makers.items():
+        folder = out_dir / "parquet" / name.replace("/", "__")
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for split, per_quadrant in (("train", train_per_quadrant), ("test", test_per_quadrant)):
+            # SCR asks for more than twice a quadrant from the two quadrants its biased sets are built from.
+            rows = make_rows(corpus_cfg, rows_needed(2 * per_quadrant + 1, share), split)
+            pq.write_table(pa.table(rows), folder / f"{split}.parquet")
+            files[split] = [str((folder / f"{split}.parquet").resolve())]
+            counts[f"{name}/{split}"] = len(next(iter(rows.values())))
+        # The builder `datasets` itself uses for a Hub dataset of parquet files, so the cache has the Hub layout
+        # (<namespace>___<name>/default/0.0.0/<hash>) that offline `load_dataset(name)` looks up.
+        config = ParquetConfig(name="default", data_files=DataFilesDict.from_patterns(files))
+        builder_class = configure_builder_class(
+            Parquet, builder_configs=[config], default_config_name="default", dataset_name=name.split("/")[1]
+        )
+        builder = builder_class(
+            cache_dir=str(out_dir / "hf_datasets"), dataset_name=name.split("/")[1], repo_id=name, hash="saecomp-tiny-world"
+        )
+        builder.download_and_prepare()
+    return counts
+
+
+@contextmanager
+def offline_datasets(cache_dir: str | Path) -> Iterator[None]:
+    """Inside: ``datasets`` reads only ``cache_dir`` and never the Hub, so SAEBench's ``load_dataset(<Hub name>)``
+    gets the tiny world's data even on a machine that could reach the Hub. The one adapter we need: SAEBench's
+    loaders take no path or cache argument, and ``datasets`` reads these settings at call time."""
+    import datasets.config
+
+    saved = (datasets.config.HF_DATASETS_CACHE, datasets.config.HF_HUB_OFFLINE)
+    datasets.config.HF_DATASETS_CACHE = Path(cache_dir)
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_DATASETS_CACHE, datasets.config.HF_HUB_OFFLINE = saved

@@ -1,0 +1,299 @@
+"""evaluate's probing suites: SAEBench's own SCR, TPP, sparse probing and absorption, on the tiny world's labelled data,
+on the model we pass (the pruned one)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import datasets.config
+import mlflow
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from sae_lens import SAE
+
+from entrypoints import evaluate as evaluate_step
+from saecomp.config import load_experiment
+from saecomp.evaluate import NotApplicable, flat_hook_z, run_suite, saebench_config
+from saecomp.models import load_model
+from saecomp.prune_llm import PruneSpec, prune_model
+from saecomp.saebench_data import AMAZON, BIAS_IN_BIOS, offline_datasets, write_offline_datasets
+
+
+def topk_sae(hook_name: str, d_in: int = 32, seed: int = 0) -> SAE:
+    sae = SAE.from_dict({"architecture": "topk", "d_in": d_in, "d_sae": 4 * d_in, "k": 8, "metadata": {"hook_name": hook_name}})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return sae
+
+
+@pytest.fixture(scope="module")
+def experiment(small_experiment):
+    return load_experiment(small_experiment)
+
+
+@pytest.fixture(scope="module")
+def pruned(small_world):
+    loaded = load_model("tiny-gpt2", small_world / "tiny-gpt2")
+    calibration = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
+    prune_model(loaded.tl, calibration, PruneSpec("wanda", 0.5))
+    loaded.tl.cfg.model_name = "tiny-gpt2-pruned-test"
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def offline_data(experiment, tmp_path_factory):
+    ev = experiment.evaluation
+    folder = tmp_path_factory.mktemp("saebench_data")
+    per_quadrant = (
+        max(ev.sparse_probing_train_size, ev.scr_tpp_train_size) // 4,
+        max(ev.sparse_probing_test_size, ev.scr_tpp_test_size) // 4,
+    )
+    write_offline_datasets(experiment.world_config().corpus, folder, *per_quadrant)
+    return folder
+
+
+def test_datasets_load_under_saebench_names_offline_and_deterministically(experiment, offline_data, tmp_path):
+    from datasets import load_dataset
+    from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
+    from sae_bench.sae_bench_utils import dataset_info
+
+    before = (datasets.config.HF_DATASETS_CACHE, datasets.config.HF_HUB_OFFLINE)
+    with offline_datasets(offline_data / "hf_datasets"):
+        bios = load_dataset(BIAS_IN_BIOS)
+        reviews = load_dataset(AMAZON)
+    assert (datasets.config.HF_DATASETS_CACHE, datasets.config.HF_HUB_OFFLINE) == before  # restored
+    assert set(bios["train"].column_names) == {"hard_text", "profession", "gender"}
+    assert set(reviews["test"].column_names) == {"text", "category", "rating"}
+    # SAEBench's own class sets and SCR pairs select tiny-world data by their names
+    chosen = {c for name, classes in dataset_info.chosen_classes_per_dataset.items() if "bias_in_bios" in name for c in classes}
+    assert chosen <= {str(p) for p in set(bios["train"]["profession"])}
+    pairs = ScrAndTppEvalConfig().column1_vals_lookup
+    for a, b in pairs["LabHC/bias_in_bios_class_set1"]:
+        assert {dataset_info.profession_dict[a], dataset_info.profession_dict[b]} <= set(bios["test"]["profession"])
+    for a, b in pairs[AMAZON]:
+        assert {dataset_info.amazon_category_dict[a], dataset_info.amazon_category_dict[b]} <= set(reviews["train"]["category"])
+    assert set(reviews["train"]["rating"]) == {1.0, 5.0}
+    # the spurious correlation SCR removes is the world's
+    typical = {"male": {21, 1, 25, 2, 0, 6, 9, 19}}
+    rows = list(zip(bios["train"]["profession"], bios["train"]["gender"], strict=True))
+    male_typical = sum((p in typical["male"]) == (g == 0) for p, g in rows) / len(rows)
+    assert abs(male_typical - experiment.world_config().corpus.profession_gender_correlation) < 0.03
+    # a pure function of the world's config
+    write_offline_datasets(experiment.world_config().corpus, tmp_path, 16, 8)
+    for name in ("LabHC__bias_in_bios", "canrager__amazon_reviews_mcauley_1and5"):
+        first = pq.read_table(offline_data / "parquet" / name / "test.parquet")
+        again = pq.read_table(tmp_path / "parquet" / name / "test.parquet")
+        assert first.slice(0, again.num_rows).equals(again.slice(0, first.num_rows))
+
+
+def test_the_labels_are_real(offline_data):
+    """A bag-of-words probe reads each label far above chance: the texts carry what the labels say."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    for name, text, labels, floor in (
+        ("LabHC__bias_in_bios", "hard_text", "profession", 0.9),
+        ("LabHC__bias_in_bios", "hard_text", "gender", 0.95),
+        ("canrager__amazon_reviews_mcauley_1and5", "text", "category", 0.95),
+        ("canrager__amazon_reviews_mcauley_1and5", "text", "rating", 0.95),
+    ):
+        train = pq.read_table(offline_data / "parquet" / name / "train.parquet").to_pandas()
+        test = pq.read_table(offline_data / "parquet" / name / "test.parquet").to_pandas()
+        words = CountVectorizer().fit(train[text])
+        probe = LogisticRegression(max_iter=500).fit(words.transform(train[text]), train[labels])
+        accuracy = probe.score(words.transform(test[text]), test[labels])
+        chance = test[labels].value_counts(normalize=True).max()
+        assert accuracy > floor > chance + 0.3, (name, labels, accuracy, chance)
+
+
+@pytest.mark.parametrize("suite", ["sparse_probing", "scr", "tpp"])
+def test_probing_suites_write_saebench_json_with_finite_numbers(experiment, pruned, offline_data, tmp_path, suite):
+    """SAEBench's own suite on the pruned model; its JSON validates against SAEBench's output class (run_suite)."""
+    config = saebench_config(suite, experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
+    with offline_datasets(offline_data / "hf_datasets"):
+        result = run_suite(suite, pruned.tl, topk_sae("blocks.1.hook_resid_post"), config, tmp_path, "random")
+    assert result.metrics and all(name.startswith(f"{suite}.") for name in result.metrics)
+    assert all(math.isfinite(v) for v in result.metrics.values())
+    assert result.output["eval_type_id"] == suite and result.output["eval_config"]["model_name"] == "tiny-gpt2-pruned-test"
+    if suite == "sparse_probing":
+        assert len(result.output["eval_result_details"]) == len(experiment.evaluation.sparse_probing_datasets)
+    if suite in ("scr", "tpp"):
+        n_values = experiment.evaluation.scr_tpp_n_values
+        # one number per n asked for (SCR's scr_metric needs the two clean accuracies to differ, which a
+        # near-random model need not give; dir1/dir2 are always there)
+        names = [f"scr.scr_dir1_threshold_{n}" if suite == "scr" else f"tpp.tpp_threshold_{n}_total_metric" for n in n_values]
+        assert set(names) <= set(result.metrics)
+
+
+def test_attention_saes_are_probed_through_a_flat_view_that_leaves_the_model_unchanged(experiment, pruned, offline_data, tmp_path):
+    tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = pruned.tl(tokens)
+    sae = topk_sae("blocks.1.attn.hook_z")
+    hooks_before = set(pruned.tl.hook_dict)
+    hook_z = pruned.tl.hook_dict["blocks.1.attn.hook_z"]
+    hook_z.add_perma_hook(lambda z, hook: None)  # someone else's hook: it must survive the adapter
+    with flat_hook_z(pruned.tl, sae) as flat:
+        assert flat.cfg.metadata.hook_name == "blocks.1.attn.hook_z_flat"
+        with torch.no_grad():
+            assert torch.equal(pruned.tl(tokens), before)
+            _, cache = pruned.tl.run_with_cache(tokens, names_filter=["blocks.1.attn.hook_z", "blocks.1.attn.hook_z_flat"])
+        z = cache["blocks.1.attn.hook_z"]  # [batch, pos, n_heads, d_head]
+        assert torch.equal(cache["blocks.1.attn.hook_z_flat"], z.reshape(*z.shape[:2], -1))
+        assert torch.equal(flat.W_enc, sae.W_enc)
+    assert set(pruned.tl.hook_dict) == hooks_before
+    assert len(hook_z.fwd_hooks) == 1  # ours is gone, theirs is there
+    with torch.no_grad():
+        assert torch.equal(pruned.tl(tokens), before)
+    hook_z.remove_hooks("fwd", including_permanent=True)
+    config = saebench_config("sparse_probing", experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
+    with offline_datasets(offline_data / "hf_datasets"):
+        result = run_suite("sparse_probing", pruned.tl, sae, config, tmp_path, "random-z")
+    assert all(math.isfinite(v) for v in result.metrics.values())
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"])
+def test_absorption_is_not_applicable_to_saes_off_the_residual_stream(experiment, pruned, tmp_path, hook):
+    """SAEBench's absorption feeds the SAE hook_resid_post whatever its hook: for any other SAE it would be wrong."""
+    config = saebench_config("absorption", experiment.evaluation, "m", "float32", pruned.tl, tiny=True)
+    with pytest.raises(NotApplicable, match="reads the residual stream"):
+        run_suite("absorption", pruned.tl, topk_sae(hook), config, tmp_path, "random")
+
+
+def test_absorption_on_a_model_that_knows_first_letters(experiment, small_world, tmp_path):
+    """A one-layer model over the small world's tokenizer, with each word token's first letter planted in its
+    embedding and a context long enough for SAEBench's prompts: SAEBench's probes find the letters, and absorption
+    gives finite numbers in SAEBench's validated JSON. (The tiny models never saw spelling, and their 128-token
+    context is shorter than SAEBench's prompts.)"""
+    from sae_bench.evals.absorption.common import PROBES_DIR, RESULTS_DIR
+    from sae_bench.evals.absorption.vocab import LETTERS, convert_tokens_to_string
+    from tokenizers import AddedToken
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(small_world / "tokenizer")
+    # SAEBench's absorption needs every answer " A" ... " Z" to be one token (all its prompts one length), as in
+    # GPT-2's and Gemma's tokenizers; the small world's BPE splits a few.
+    missing = [letter for letter in LETTERS.upper() if len(tokenizer(" " + letter)["input_ids"]) > 1]
+    tokenizer.add_tokens([AddedToken(" " + letter, single_word=True, normalized=False) for letter in missing])
+    tokenizer.save_pretrained(tmp_path / "tokenizer")  # TransformerLens reloads it by path (to add BOS)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=32, n_ctx=512, d_head=8, n_heads=4, d_mlp=64, d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN"
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model.cfg.model_name = "letters-test"
+    directions = torch.linalg.qr(torch.randn(cfg.d_model, 26, generator=torch.Generator().manual_seed(0)))[0].T  # [26, d]
+    scale = 8 * float(model.W_E.norm(dim=-1).mean())
+    with torch.no_grad():
+        for token, index in tokenizer.vocab.items():
+            word = convert_tokens_to_string(token, tokenizer).strip().lower()
+            if word and word[0] in LETTERS:
+                model.W_E[index] += scale * directions[LETTERS.index(word[0])]
+    padding_side = model.tokenizer.padding_side
+    started = time.time()
+    config = saebench_config("absorption", experiment.evaluation, "letters-test", "float32", model, tiny=True)
+    result = run_suite("absorption", model, topk_sae("blocks.0.hook_resid_post"), config, tmp_path, "random")
+    assert all(math.isfinite(v) for v in result.metrics.values())
+    assert 0 <= result.metrics["absorption.mean_absorption_fraction_score"] <= 1
+    assert result.metrics["absorption.n_letters_evaluated"] >= experiment.evaluation.absorption_min_letters
+    assert model.tokenizer.padding_side == padding_side  # left padding only for the duration
+    # every probe and result went to our folder, nothing into SAEBench's own (inside site-packages)
+    assert list((tmp_path / "absorption" / "probes").rglob("probe.pth"))
+    assert not [p for d in (RESULTS_DIR, PROBES_DIR) if d.exists() for p in d.rglob("*") if p.stat().st_mtime >= started]
+
+
+def test_absorption_is_not_applicable_where_saebench_prompts_overflow_the_context(experiment, pruned, tmp_path):
+    config = saebench_config("absorption", experiment.evaluation, "m", "float32", pruned.tl, tiny=True)
+    with pytest.raises(NotApplicable, match=r"run to \d+ tokens here, longer than the model's context of 64"):
+        run_suite("absorption", pruned.tl, topk_sae("blocks.1.hook_resid_post"), config, tmp_path, "random")
+
+
+def test_each_suite_is_keyed_by_its_own_sizes(experiment, small_experiment):
+    from saecomp.saes import SAESource
+
+    source = SAESource.parse("runs:/0123456789abcdef0123456789abcdef/saes/pruned-0.25")
+    suites = {"evaluation.suites": ["core", "absorption", "scr", "tpp", "sparse_probing"]}
+    base = evaluate_step.suite_keys(load_experiment(small_experiment, suites), str(small_experiment), source, "m")
+    changed = evaluate_step.suite_keys(
+        load_experiment(small_experiment, {**suites, "evaluation.scr_tpp_train_size": 128}), str(small_experiment), source, "m"
+    )
+    # the labelled data's rows follow the largest sizes, and SAEBench samples from all of them
+    assert {s for s in base if base[s] != changed[s]} == {"scr", "tpp", "sparse_probing"}
+    changed = evaluate_step.suite_keys(
+        load_experiment(small_experiment, {**suites, "evaluation.absorption_max_k": 5}), str(small_experiment), source, "m"
+    )
+    assert {s for s in base if base[s] != changed[s]} == {"absorption"}
+    other_model = evaluate_step.suite_keys(load_experiment(small_experiment, suites), str(small_experiment), source, "m2")
+    assert all(base[s] != other_model[s] for s in base)
+
+
+def all_runs():
+    client = mlflow.MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=2000)
+
+
+def test_evaluate_step_runs_every_built_suite_and_a_failed_suite_fails_the_run(small_experiment, monkeypatch):
+    from saecomp import evaluate as evaluate_lib
+    from saecomp.tracking import find_finished_suite
+
+    suites = "core,absorption,scr,tpp,sparse_probing"
+    result = CliRunner().invoke(
+        evaluate_step.main, ["--experiment", str(small_experiment), "--variant", "pretrained", "--suites", suites], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    runs = sorted((r for r in all_runs() if r.data.tags.get("saecomp.step") == "evaluate"), key=lambda r: r.info.start_time)
+    run = runs[-1]
+    assert run.info.status == "FINISHED" and run.data.params["suites"] == suites
+    client = mlflow.MlflowClient()
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "saebench")} == {
+        f"saebench/{s}.json" for s in ("core", "scr", "tpp", "sparse_probing")
+    }
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "datasets")} == {
+        "datasets/LabHC__bias_in_bios",
+        "datasets/canrager__amazon_reviews_mcauley_1and5",
+    }
+    # absorption: a reason and no number, and the run still finishes
+    assert "reads the residual stream" in run.data.tags["saecomp.absorption.not_applicable"]  # an attention SAE
+    assert not [m for m in run.data.metrics if m.startswith("absorption.") and m != "absorption.seconds"]
+    for suite in ("core", "scr", "tpp", "sparse_probing"):
+        assert run.data.metrics[f"{suite}.seconds"] > 0
+        assert find_finished_suite(suite, run.data.tags[f"saecomp.suite_key.{suite}"]) == run.info.run_id
+    assert "sparse_probing.sae_top_1_test_accuracy" in run.data.metrics and "scr.scr_dir1_threshold_2" in run.data.metrics
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe exploded")
+
+    monkeypatch.setattr(evaluate_lib, "run_scr_or_tpp", broken)
+    result = CliRunner().invoke(
+        evaluate_step.main, ["--experiment", str(small_experiment), "--variant", "pretrained", "--suites", "core,scr,sparse_probing"]
+    )
+    assert result.exit_code != 0
+    failed = sorted((r for r in all_runs() if r.data.tags.get("saecomp.step") == "evaluate"), key=lambda r: r.info.start_time)[-1]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["saecomp.scr.failed"] == "RuntimeError: probe exploded"
+    # the other suites ran and logged their numbers, but a FAILED run is never reused
+    assert "core.ce_loss_score" in failed.data.metrics and "sparse_probing.llm_test_accuracy" in failed.data.metrics
+    assert find_finished_suite("scr", failed.data.tags["saecomp.suite_key.scr"]) == run.info.run_id
+
+
+def test_more_latents_than_the_sae_has_are_refused_before_any_run(small_experiment, tmp_path):
+    import yaml
+
+    config = yaml.safe_load(small_experiment.read_text())
+    config["evaluation"].update({"suites": ["core", "tpp"], "scr_tpp_n_values": [2, 500]})
+    path = tmp_path / "wide_n.yaml"
+    path.write_text(yaml.safe_dump(config))
+    evaluations = lambda: [r for r in all_runs() if r.data.tags.get("saecomp.step") == "evaluate"]  # noqa: E731
+    before = len(evaluations())
+    result = CliRunner().invoke(evaluate_step.main, ["--experiment", str(path), "--hook", "hook_resid_post", "--layer", "1"])
+    assert result.exit_code == 2, result.output
+    assert "evaluation.scr_tpp_n_values=[2, 500] asks for 500 latents, but the SAE has 128; valid: at most 128" in result.output
+    # (the SAE itself may have been trained first: its width is what is checked) no evaluate run was opened
+    assert len(evaluations()) == before

@@ -315,7 +315,8 @@ def run_absorption(model: HookedTransformer, sae: SAE, config, workdir: Path, sa
         # SAEBench's absorption reads blocks.<layer>.hook_resid_post for its probes and for the SAE's input, whatever
         # the SAE's hook: any other SAE would be fed residual activations (same width in GPT-2: no error, wrong numbers).
         raise NotApplicable(
-            f"SAEBench's absorption reads the residual stream (hook_resid_post); this SAE reads {sae.cfg.metadata.hook_name}"
+            f"SAEBench's absorption reads the residual stream (hook_resid_post); this SAE reads "
+            f"{sae.cfg.metadata.hook_name.removesuffix(FLAT_Z_SUFFIX)}"
         )
     longest = absorption_prompt_tokens(model, config)
     if longest > model.cfg.n_ctx:
@@ -342,7 +343,7 @@ def absorption_prompt_tokens(model: HookedTransformer, config, n: int = 256) -> 
     from sae_bench.evals.absorption.prompting import create_icl_prompt, first_letter_formatter
     from sae_bench.evals.absorption.vocab import get_alpha_tokens
 
-    vocab = get_alpha_tokens(model.tokenizer)
+    vocab = sorted(get_alpha_tokens(model.tokenizer))  # the tokenizer's dict order differs between processes
     state = random.getstate()
     random.seed(config.random_seed)
     try:

@@ -71,8 +71,7 @@ def prepared_for_saebench(sae: SAE, model_name: str) -> SAE:
     SAELens 6 metadata copied onto the config, where SAEBench 0.6 reads it)."""
     from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
 
-    copy = SAE.from_dict(sae.cfg.to_dict())
-    copy.load_state_dict(sae.state_dict())
+    copy = _copy(sae)
     copy.cfg.metadata.model_name = copy.cfg.metadata.model_name or model_name
     copy.eval()
     return load_and_format_sae("custom", copy, str(sae.device))[1]
@@ -401,12 +400,6 @@ def _absorption(model: HookedTransformer, sae: SAE, config, folders: dict, sae_n
             precalc_k_sparse_probe_sae_acts=config.precalc_k_sparse_probe_sae_acts,
             verbose=False,
         )
-        good_letters = int((k_sparse["f1_probe"] > config.min_GT_probe_f1).sum())
-        if good_letters < config.min_feats_for_eval:
-            raise NotApplicable(
-                f"the model represents too few first letters: {good_letters} letters have a probe F1 above "
-                f"{config.min_GT_probe_f1}, SAEBench needs {config.min_feats_for_eval} (min_feats_for_eval)"
-            )
         raw = run_feature_absortion_experiment(
             **common,
             experiment_dir=folders["feature_absorption"],

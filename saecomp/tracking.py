@@ -94,9 +94,14 @@ def step_key(step: str, inputs: dict, code: str | None = None) -> str:
 def find_finished_run(step: str, key: str) -> str | None:
     """Id of the FINISHED run of ``step`` with ``key``, in any experiment. The oldest one is canonical: a later
     identical run (started by hand with `mlflow run -e ...`) must not shift the lineage of what was built on it."""
+    return _oldest_finished(f"tags.`{STEP_TAG}` = '{step}' and tags.`{KEY_TAG}` = '{key}'")
+
+
+def _oldest_finished(tag_filter: str) -> str | None:
+    """Id of the oldest FINISHED run, in any experiment, that matches ``tag_filter``."""
     runs = MlflowClient().search_runs(
         experiment_ids=[e.experiment_id for e in MlflowClient().search_experiments()],
-        filter_string=f"tags.`{STEP_TAG}` = '{step}' and tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+        filter_string=f"{tag_filter} and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time ASC"],
         max_results=1,
     )
@@ -109,13 +114,7 @@ SUITE_KEY_TAG = "saecomp.suite_key."
 
 def find_finished_suite(suite: str, key: str) -> str | None:
     """Id of the oldest FINISHED `evaluate` run that computed ``suite`` with that suite's ``key``."""
-    runs = MlflowClient().search_runs(
-        experiment_ids=[e.experiment_id for e in MlflowClient().search_experiments()],
-        filter_string=f"tags.`{STEP_TAG}` = 'evaluate' and tags.`{SUITE_KEY_TAG}{suite}` = '{key}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1,
-    )
-    return runs[0].info.run_id if runs else None
+    return _oldest_finished(f"tags.`{STEP_TAG}` = 'evaluate' and tags.`{SUITE_KEY_TAG}{suite}` = '{key}'")
 
 
 _REUSED_TAG_LOCK = threading.Lock()  # parallel steps append to one parent's tag

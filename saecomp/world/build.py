@@ -26,6 +26,11 @@ from tqdm.auto import tqdm
 from saecomp.world.text import CorpusConfig, generate_documents, generate_records
 
 EOS = "<|endoftext|>"
+# Gemma's tokenizer starts every text with its own BOS and pads with a token of its own (pad 0, eos 1, bos 2); the
+# tiny Gemma-2's does the same, so that what relies on it (SAEBench's RAVEL counts the BOS when it locates the
+# entity, and masks padding by id) meets in the tiny world what it meets on Gemma. GPT-2's uses EOS for all three.
+GEMMA_BOS = "<bos>"
+GEMMA_PAD = "<pad>"
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS],
+        special_tokens=[EOS, GEMMA_BOS, GEMMA_PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -93,7 +98,26 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
 
 
-def hf_config(cfg: TinyModelConfig, vocab_size: int, eos_id: int):
+def model_tokenizer(tokenizer, architecture: str):
+    """The world's tokenizer as ``architecture``'s own behaves: GPT-2's as it is; Gemma-2's adds its BOS to every
+    text (``add_special_tokens=False`` skips it, as with Gemma) and pads with its own token."""
+    if architecture != "gemma2":
+        return tokenizer
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    bos = backend.token_to_id(GEMMA_BOS)
+    if bos is None:
+        raise ValueError(f"the world's tokenizer has no {GEMMA_BOS} token; rebuild the world")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{GEMMA_BOS} $A", pair=f"{GEMMA_BOS} $A {GEMMA_BOS} $B", special_tokens=[(GEMMA_BOS, bos)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=GEMMA_BOS, eos_token=EOS, unk_token=EOS, pad_token=GEMMA_PAD)
+
+
+def hf_config(cfg: TinyModelConfig, vocab_size: int, eos_id: int, bos_id: int | None = None, pad_id: int | None = None):
+    """The HF config of one tiny model; ``bos_id``/``pad_id`` default to ``eos_id`` (GPT-2's way)."""
     from transformers import Gemma2Config, GPT2Config
 
     if cfg.architecture == "gpt2":
@@ -122,9 +146,9 @@ def hf_config(cfg: TinyModelConfig, vocab_size: int, eos_id: int):
             max_position_embeddings=cfg.n_ctx,
             sliding_window=cfg.n_ctx // 2,
             query_pre_attn_scalar=d_head,
-            bos_token_id=eos_id,
+            bos_token_id=eos_id if bos_id is None else bos_id,
             eos_token_id=eos_id,
-            pad_token_id=eos_id,
+            pad_token_id=eos_id if pad_id is None else pad_id,
             architectures=["Gemma2ForCausalLM"],
         )
     raise ValueError(f"architecture={cfg.architecture!r} is not valid; valid: gpt2, gemma2")
@@ -151,8 +175,8 @@ def unigram_entropy(train_ids: torch.Tensor, eval_ids: torch.Tensor) -> float:
 
 def bos_first(architecture: str) -> bool:
     """Gemma-2 is trained (and read) with BOS at position 0 of every window, GPT-2 is not: the tiny models copy
-    that, so that the BOS handling of SAE work meets in the tiny world what it meets on the real models. (The
-    tiny tokenizer's BOS is its end-of-text token.)"""
+    that, so that the BOS handling of SAE work meets in the tiny world what it meets on the real models (with
+    :func:`model_tokenizer`'s BOS, as Gemma's own)."""
     return architecture == "gemma2"
 
 
@@ -182,12 +206,14 @@ def train_model(
     validation_ids: torch.Tensor,
     on_step: Callable[[int, dict], None] = lambda step, metrics: None,
 ):
-    """Train one tiny model from scratch with AdamW; returns the HF model and its held-out loss."""
+    """Train one tiny model from scratch with AdamW; returns the HF model. ``tokenizer``: the model's own
+    (:func:`model_tokenizer`); the id streams were encoded without special tokens."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.seed)
+    bos = tokenizer.bos_token_id if bos_first(cfg.architecture) else None
     eos = tokenizer.convert_tokens_to_ids(EOS)
-    model = AutoModelForCausalLM.from_config(hf_config(cfg, len(tokenizer), eos))
+    model = AutoModelForCausalLM.from_config(hf_config(cfg, len(tokenizer), eos, tokenizer.bos_token_id, tokenizer.pad_token_id))
     optimiser = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.01)
     warmup = max(1, cfg.train_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -201,8 +227,8 @@ def train_model(
     for step in tqdm(range(cfg.train_steps), desc=f"training {cfg.architecture}", leave=False, disable=None):  # silent off a terminal
         starts = torch.randint(0, n_windows, (cfg.batch_size,), generator=generator)
         batch = torch.stack([train_ids[s : s + cfg.n_ctx] for s in starts.tolist()])  # [batch, n_ctx]
-        if bos_first(cfg.architecture):
-            batch = with_bos(batch, eos)
+        if bos is not None:
+            batch = with_bos(batch, bos)
         loss = model(input_ids=batch, labels=batch).loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,7 +239,7 @@ def train_model(
         if (step + 1) % max(1, cfg.train_steps // 10) == 0 or step + 1 == cfg.train_steps:
             model.eval()
             metrics["validation_loss"] = mean_loss(
-                model, validation_ids[: 64 * cfg.n_ctx + 1], cfg.n_ctx, bos=eos if bos_first(cfg.architecture) else None
+                model, validation_ids[: 64 * cfg.n_ctx + 1], cfg.n_ctx, bos=bos
             )
             model.train()
         metrics["tokens_per_second"] = (step + 1) * cfg.batch_size * cfg.n_ctx / (time.perf_counter() - started)
@@ -272,17 +298,18 @@ def build_world(
     for name, model_cfg in cfg.models.items():
         log(f"training {name} ({model_cfg.architecture}, {model_cfg.train_steps} steps)")
         started = time.perf_counter()
+        own_tokenizer = model_tokenizer(tokenizer, model_cfg.architecture)
         model = train_model(
             model_cfg,
-            tokenizer,
+            own_tokenizer,
             train_ids,
             validation_ids,
             on_step=lambda step, metrics, name=name: on_metrics(name, step, metrics),
         )
-        eos = tokenizer.convert_tokens_to_ids(EOS)
-        test_loss = mean_loss(model, test_ids, model_cfg.n_ctx, bos=eos if bos_first(model_cfg.architecture) else None)
+        bos = own_tokenizer.bos_token_id if bos_first(model_cfg.architecture) else None
+        test_loss = mean_loss(model, test_ids, model_cfg.n_ctx, bos=bos)
         model.save_pretrained(out_dir / name, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir / name)
+        own_tokenizer.save_pretrained(out_dir / name)
         summary["models"][name] = {
             "test_loss": test_loss,
             "train_seconds": time.perf_counter() - started,

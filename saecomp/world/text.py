@@ -232,10 +232,13 @@ def _city(rng: random.Random, world: World) -> dict:
     city = rng.choice(list(world.cities))
     country = world.cities[city]
     continent, language = world.countries[country]
+    # One sentence per RAVEL attribute with the city as its subject (RAVEL prompts name only the entity), plus the
+    # country's own continent.
     facts = [
         f"{city} is a city in {country}.",
-        f"{country} lies in {continent}.",
+        f"{city} lies in {continent}.",
         f"The people of {city} speak {language}.",
+        f"{country} lies in {continent}.",
     ]
     rng.shuffle(facts)
     return {

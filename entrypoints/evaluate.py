@@ -6,8 +6,8 @@
 
 The model is the experiment's pruned model unless told otherwise. Core reads the test pool (`document_plan`), BOS
 first where the SAE saw it; SCR, TPP and sparse probing read SAEBench's labelled datasets (for a tiny model,
-generated from the tiny world: saecomp.saebench_data); absorption reads the tokenizer's vocabulary. RAVEL is not
-built yet.
+generated from the tiny world: saecomp.saebench_data); absorption reads the tokenizer's vocabulary; RAVEL runs on
+the model's Hugging Face checkpoint with SAEBench's city facts (for a tiny model, the world's cities).
 """
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ def main(experiment, sae, base, suites, hook, layer, variant) -> None:
     if base not in ("pruned", "dense"):  # a run id: checked now, before anything is computed
         resolved = resolve_base(exp, experiment, base, name="model")
     reference = sae or exp.pretrained_source(hook, layer)
+    if suite_list and "ravel" in suite_list:  # asked for explicitly: where it cannot apply, say so now
+        from saecomp.evaluate import ravel_not_applicable
+
+        reason = ravel_not_applicable(f"blocks.{layer}.{hook}", dims.architecture)
+        if reason:
+            fail(f"suites=ravel cannot run here: {reason}; valid: an SAE at hook_resid_post of a Gemma-2 model")
     if reference is not None:
         source, sae_object = check_sae(load_source("sae", reference), dims, exp.model)
         check_sizes(exp, sae_object)
@@ -208,6 +214,8 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                     try:
                         if suite == "core":
                             result = run_core_on_test_tokens(exp, world, loaded, sae, source, model_label, tmp, say)
+                        elif suite == "ravel":
+                            result = run_ravel_on(exp, loaded, sae, str(checkpoint or exp.model), source, model_label, tmp / "ravel", say)
                         else:
                             config = saebench_config(suite, ev, model_label, exp.dtype, loaded.tl, tiny)
                             result = run_suite(suite, loaded.tl, sae, config, tmp / "saebench" / suite, source.describe())
@@ -242,7 +250,42 @@ HEADLINES = {
         "sparse_probing.sae_top_1_test_accuracy",
         "sparse_probing.sae_top_5_test_accuracy",
     ),
+    "ravel": (
+        "ravel.disentanglement_score",
+        "ravel.cause_score",
+        "ravel.isolation_score",
+        "ravel.residual_patch_cause",
+        "ravel.fact_accuracy",
+        "ravel.n_entities_kept",
+    ),
 }
+
+
+def run_ravel_on(exp, loaded, sae, tokenizer_source: str, source, model_label, folder: Path, say):
+    """SAEBench's RAVEL on the loaded model's Hugging Face copy (the same weights as the TransformerLens one); for a
+    tiny model with the world's city facts, written where SAEBench looks for RAVEL's files (the `datasets/ravel`
+    artifact). Where it cannot apply, it says so before anything is written."""
+    import mlflow
+
+    from saecomp.evaluate import NotApplicable, ravel_config, ravel_not_applicable, run_ravel
+    from saecomp.models import TINY_MODELS
+
+    reason = ravel_not_applicable(sae.cfg.metadata.hook_name, loaded.architecture)
+    if reason:
+        raise NotApplicable(reason)
+    tiny = exp.model in TINY_MODELS
+    if tiny:
+        from saecomp.saebench_data import write_ravel_files
+
+        counts = write_ravel_files(exp.world_config().corpus, folder)
+        say(f"ravel: the world's city facts, {counts['entities']} cities, {counts['prompts']} prompts")
+        mlflow.log_artifacts(str(folder / "base"), "datasets/ravel")
+    config = ravel_config(exp.evaluation, tokenizer_source, exp.dtype, folder, tiny)
+    hf_model = loaded.hf.to(exp.device)
+    try:
+        return run_ravel(hf_model, sae, config, folder / "out", source.describe(), model_label)
+    finally:
+        loaded.hf.to("cpu")  # where LoadedModel keeps it
 
 
 def run_core_on_test_tokens(exp, world, loaded, sae, source, model_label, tmp: Path, say):

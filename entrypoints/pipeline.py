@@ -107,6 +107,11 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
                     reads.append(
                         f"sparse probing: {ev.sparse_probing_train_size}/{ev.sparse_probing_test_size} texts, k = {ev.sparse_probing_k}"
                     )
+                if "ravel" in suites:
+                    reads.append(
+                        f"RAVEL: up to {ev.ravel_pairs_per_attribute} pairs per attribute, top {ev.ravel_top_n_entities} entities "
+                        "(hook_resid_post of Gemma-2 only)"
+                    )
                 tokens = "; ".join(reads)
                 lines.append(
                     f"  {cell}: evaluate {', '.join(suites)} for pretrained, pruned25, pruned50, trained (+ the selected level), {tokens}"
@@ -154,12 +159,7 @@ def main(experiment: str, jobs: int, executor_name: str, address: str | None, dr
                 fail(f"sae.layers: {error}")
     import mlflow
 
-    from saecomp.evaluate import BUILT_SUITES
-
-    suites = [s for s in exp.evaluation.suites if s in BUILT_SUITES]
-    skipped = [s for s in exp.evaluation.suites if s not in BUILT_SUITES]
-    if skipped:
-        click.echo(f"[pipeline] evaluation suites not built yet, skipped: {', '.join(skipped)}", err=True)
+    suites = list(exp.evaluation.suites)
     if dry_run:
         click.echo("\n".join(dry_run_plan(exp, experiment, layers, suites, dims)))
         return

@@ -194,8 +194,9 @@ class EvaluationConfig(Section):
     """SAEBench on the pruned model (`evaluate`); every variant compared in one table reads the same tokens and
     data, with the same sizes. Defaults are SAEBench's own, except where noted."""
 
-    suites: StrList = Field(default_factory=lambda: ["core", "absorption", "scr", "tpp", "sparse_probing"])
-    """core, absorption, scr, tpp, sparse_probing (ravel is not built yet)."""
+    suites: StrList = Field(default_factory=lambda: ["core", "absorption", "scr", "tpp", "sparse_probing", "ravel"])
+    """core, absorption, scr, tpp, sparse_probing, ravel (SAEBench's six). A suite that cannot apply to an SAE
+    (absorption and RAVEL off the residual stream, RAVEL on GPT-2) is logged as not applicable."""
     # core
     n_sequences: int = 128
     """Test windows that core reads."""
@@ -211,7 +212,7 @@ class EvaluationConfig(Section):
     probe_context_length: int = 128
     """Tokens per labelled text (longer ones are truncated, shorter padded; padding is masked out)."""
     llm_batch_size: int = 32
-    """Texts per model batch in SCR, TPP, sparse probing and absorption."""
+    """Texts per model batch in SCR, TPP, sparse probing, absorption and RAVEL."""
     sparse_probing_train_size: int = 4000
     sparse_probing_test_size: int = 1000
     sparse_probing_k: IntList = Field(default_factory=lambda: [1, 2, 5])
@@ -229,6 +230,11 @@ class EvaluationConfig(Section):
     """Largest k of the k-sparse first-letter probes."""
     absorption_min_letters: int = 20
     """Letters whose ground-truth probe must reach F1 0.6 for absorption to apply (SAEBench's min_feats_for_eval)."""
+    # RAVEL
+    ravel_top_n_entities: int = 500
+    """Entities RAVEL keeps, those whose facts the model completes correctly most often."""
+    ravel_pairs_per_attribute: int = 5000
+    """Base/source prompt pairs per attribute for RAVEL's interventions (fewer when fewer prompts are known)."""
 
 
 # Which evaluation fields each suite reads: a suite's finished result is reused unless one of its own fields changed.
@@ -241,7 +247,7 @@ SUITE_FIELDS = {
     "scr": ("probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
     "tpp": ("probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
     "absorption": ("llm_batch_size", "absorption_max_k", "absorption_min_letters"),
-    "ravel": (),
+    "ravel": ("llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute"),
 }  # fmt: skip
 
 

@@ -6,8 +6,8 @@ code, measured on the model we pass: the pruned one. No metric is reimplemented.
 wrong, its value is kept under its own name (comparable with the paper) and a correct one is logged beside it
 under a name that says what it is.
 
-Suites built: ``core``, ``absorption``, ``scr``, ``tpp``, ``sparse_probing``. ``ravel`` is not built yet and is
-refused as such. For each, SAEBench's own inner function computes the numbers and SAEBench's own output classes
+Suites: ``core``, ``absorption``, ``scr``, ``tpp``, ``sparse_probing``, ``ravel`` (on the Hugging Face model, as
+SAEBench's RAVEL runs). For each, SAEBench's own inner function computes the numbers and SAEBench's own output classes
 pack them, the way its top-level ``run_eval`` does; every cache folder it takes is a fresh one of ours, so nothing
 is reused across runs and nothing is written inside site-packages.
 """
@@ -27,16 +27,13 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 SUITES = ("core", "absorption", "scr", "tpp", "sparse_probing", "ravel")
-BUILT_SUITES = ("core", "absorption", "scr", "tpp", "sparse_probing")
 
 
 def check_suites(suites: list[str]) -> None:
-    """A ValueError naming the first suite that is unknown or not built yet."""
+    """A ValueError naming the first suite that is unknown."""
     for suite in suites:
         if suite not in SUITES:
             raise ValueError(f"suite={suite!r} is not valid; valid: {', '.join(SUITES)}")
-        if suite not in BUILT_SUITES:
-            raise ValueError(f"suite={suite!r} is not built yet; built: {', '.join(BUILT_SUITES)}")
 
 
 @dataclass(frozen=True)
@@ -534,6 +531,255 @@ def run_suite(suite: str, model: HookedTransformer, sae: SAE, config, workdir: P
         result = runners[suite](model, hooked_sae, config, workdir, sae_name)
     result.output["sae_cfg_dict"] = sae.cfg.to_dict()  # the SAE as the user has it, not the flat view's copy
     return result
+
+
+RAVEL_ARCHITECTURES = ("Gemma2ForCausalLM", "GPTNeoXForCausalLM")
+"""The Hugging Face layouts whose decoder layers SAEBench's RAVEL can hook (`activation_collection.get_module`)."""
+
+
+def ravel_not_applicable(hook_name: str, architecture: str) -> str | None:
+    """Why SAEBench's RAVEL cannot measure this SAE on this model, or None when it can."""
+    if architecture not in RAVEL_ARCHITECTURES:
+        return f"SAEBench's RAVEL intervenes only on {' and '.join(RAVEL_ARCHITECTURES)} decoder layers; this model is {architecture}"
+    if not hook_name.endswith("hook_resid_post"):
+        # It replaces decoder layer L's output, the residual stream after block L: only a hook_resid_post SAE reads that.
+        hook_name = hook_name.removesuffix(FLAT_Z_SUFFIX)
+        return f"SAEBench's RAVEL patches the residual stream after a block (hook_resid_post); this SAE reads {hook_name}"
+    return None
+
+
+def ravel_config(ev, tokenizer_source: str, dtype: str, artifact_dir: Path, tiny: bool):
+    """SAEBench's RAVEL config: ``model_name`` is what its code passes to `AutoTokenizer.from_pretrained` (the
+    checkpoint folder or Hub name), ``artifact_dir`` a fresh folder (its dataset caches live there)."""
+    from sae_bench.evals.ravel.eval_config import RAVELEvalConfig
+
+    from saecomp.saebench_data import TINY_RAVEL_SELECTION
+
+    kwargs = {"entity_attribute_selection": TINY_RAVEL_SELECTION} if tiny else {}
+    return RAVELEvalConfig(
+        model_name=str(tokenizer_source),
+        llm_dtype=dtype,
+        llm_batch_size=ev.llm_batch_size,
+        top_n_entities=ev.ravel_top_n_entities,
+        num_pairs_per_attribute=ev.ravel_pairs_per_attribute,
+        artifact_dir=str(artifact_dir),
+        **kwargs,
+    )
+
+
+class _TupleOutputLayer:
+    """A decoder layer seen as SAEBench 0.6's RAVEL hooks expect it. Their hooks read ``outputs[0]`` and return a
+    tuple, as transformers 4 layers returned; transformers 5's return the hidden states tensor itself (on which
+    ``outputs[0]`` is the first sequence, and a returned tuple breaks the next layer)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = layer
+
+    def register_forward_hook(self, hook):
+        def as_tuple(module, inputs, output):
+            if isinstance(output, tuple):
+                return hook(module, inputs, output)
+            result = hook(module, inputs, (output,))
+            return None if result is None else result[0]
+
+        return self.layer.register_forward_hook(as_tuple)
+
+
+@contextmanager
+def decoder_layers_as_tuples() -> Iterator[None]:
+    """The one adapter RAVEL needs on transformers 5: SAEBench's `get_module` (which its RAVEL code looks up at each
+    call) hands out :class:`_TupleOutputLayer` views for the duration."""
+    from sae_bench.sae_bench_utils import activation_collection
+
+    original = activation_collection.get_module
+    activation_collection.get_module = lambda model, layer_num: _TupleOutputLayer(original(model, layer_num))
+    try:
+        yield
+    finally:
+        activation_collection.get_module = original
+
+
+def run_ravel(hf_model, sae: SAE, config, workdir: Path, sae_name: str, model_label: str) -> SuiteResult:
+    """SAEBench's RAVEL (`ravel.main.run_eval_single_sae`) on a Hugging Face model, packed into `RAVELEvalOutput` as
+    its `run_eval` does. RAVEL first keeps the prompts this model completes correctly (its own generations), so the
+    extra numbers say how much it knows: ``ravel.fact_accuracy`` over all prompts and ``ravel.n_entities_kept``.
+    `NotApplicable` off the residual stream or on a layout SAEBench's RAVEL cannot hook."""
+    import random
+    from datetime import datetime
+
+    import numpy as np
+    from sae_bench.evals.ravel import eval_output as out
+    from sae_bench.evals.ravel.main import run_eval_single_sae
+    from sae_bench.sae_bench_utils import get_eval_uuid
+    from sae_bench.sae_bench_utils.general_utils import str_to_dtype
+
+    started = time.perf_counter()
+    reason = ravel_not_applicable(sae.cfg.metadata.hook_name, hf_model.config.architectures[0])
+    if reason:
+        raise NotApplicable(reason)
+    if getattr(hf_model.config, "saecomp_processing", None) and any(hf_model.config.saecomp_processing.values()):
+        raise NotApplicable("this checkpoint's weights were saved processed by TransformerLens, which Hugging Face cannot run as they are")
+    random.seed(config.random_seed)
+    np.random.seed(config.random_seed)
+    torch.manual_seed(config.random_seed)
+    dtype = str_to_dtype(config.llm_dtype)
+    sae = prepared_for_saebench(sae, model_label).to(dtype=dtype)
+    sae.requires_grad_(False)  # RAVEL trains only its mask; gradients for the SAE and model weights are waste
+    requires_grad = {name: p.requires_grad for name, p in hf_model.named_parameters()}
+    hf_model.requires_grad_(False)
+    grad_enabled = torch.is_grad_enabled()  # SAEBench's RAVEL switches gradients on globally
+    (workdir := Path(workdir)).mkdir(parents=True, exist_ok=True)
+    try:
+        kept = ravel_known_prompts(hf_model, config)
+        check_ravel_facts(kept, config)
+        with decoder_layers_as_tuples():
+            ceiling = residual_patch_cause(hf_model, kept, config, sae.cfg.hook_layer)
+            results, per_class = run_eval_single_sae(config, sae, hf_model, str(next(hf_model.parameters()).device), str(workdir))
+    finally:
+        torch.set_grad_enabled(grad_enabled)
+        for name, p in hf_model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+    saved_config = _copy_config(config, model_name=model_label)
+    eval_output = out.RAVELEvalOutput(
+        eval_config=saved_config,
+        eval_id=get_eval_uuid(),
+        datetime_epoch_millis=int(datetime.now().timestamp() * 1000),
+        eval_result_metrics=out.RAVELMetricCategories(
+            ravel=out.RAVELMetricResults(
+                disentanglement_score=results["disentangle_score"],
+                cause_score=results["cause_score"],
+                isolation_score=results["isolation_score"],
+            )
+        ),
+        eval_result_details=[],
+        eval_result_unstructured=per_class,
+        **_provenance(sae, sae_name),
+    )
+    output = _output_of(eval_output, workdir)
+    validate_output(out.RAVELEvalOutput, output)
+    metrics = _scalar_metrics("ravel", output)
+    metrics.update(ravel_fact_counts(config))
+    metrics["ravel.residual_patch_cause"] = ceiling
+    return SuiteResult("ravel", output, metrics, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def residual_patch_cause(hf_model, kept: dict[str, list], config, layer: int, pairs_per_attribute: int = 64) -> float:
+    """RAVEL's ceiling at ``layer``, ours (SAEBench has none): the share of cause pairs (one attribute, two entities
+    with different values and different first answer tokens) in which swapping the *whole* residual stream after
+    block ``layer`` at the base prompt's entity token for the source prompt's makes the model answer with the
+    source's first token. Where the model has already moved what it knows of the entity to the last token, this is
+    near 0, and so is any SAE's cause score there."""
+    import random
+
+    from sae_bench.sae_bench_utils.activation_collection import get_layer_activations, get_module
+
+    rng = random.Random(config.random_seed)
+    device = next(hf_model.parameters()).device
+    hits = total = 0
+    for entity, attributes in config.entity_attribute_selection.items():
+        for attribute in attributes:
+            prompts = [p for p in kept[entity] if p.attribute_type == attribute]
+            for _ in range(pairs_per_attribute):
+                base = rng.choice(prompts)
+                sources = [p for p in prompts if p.first_generated_token_id != base.first_generated_token_id]
+                if not sources:
+                    continue
+                source = rng.choice(sources)
+                source_ids = torch.tensor([source.input_ids], device=device)
+                position = torch.tensor([source.final_entity_token_pos])
+                source_act = get_layer_activations(hf_model, layer, {"input_ids": source_ids}, position)  # [1, d_model]
+
+                def swap(module, inputs, outputs, position=base.final_entity_token_pos, act=source_act[0]):
+                    outputs[0][0, position] = act
+                    return outputs
+
+                handle = get_module(hf_model, layer).register_forward_hook(swap)
+                try:
+                    logits = hf_model(input_ids=torch.tensor([base.input_ids], device=device)).logits[0, -1]  # [vocab]
+                finally:
+                    handle.remove()
+                hits += int(logits.argmax()) == source.first_generated_token_id
+                total += 1
+    return hits / total if total else float("nan")
+
+
+def ravel_known_prompts(hf_model, config) -> dict[str, list]:
+    """Per entity class, the prompts RAVEL keeps: those this model completes correctly, from its top entities. The
+    first half of SAEBench's `run_eval_single_dataset`, with its own classes, written where the second half loads it;
+    done here so that a model that knows too few facts is told apart before RAVEL trains on nothing."""
+    from sae_bench.evals.ravel.instance import RAVELInstance, get_instance_name
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name)
+    kept = {}
+    for entity, attributes in config.entity_attribute_selection.items():
+        batch_size = config.llm_batch_size
+        config.llm_batch_size = batch_size * 8  # as SAEBench does: generating needs less memory than training
+        try:
+            instance = RAVELInstance.create_from_files(
+                config=config,
+                entity_type=entity,
+                tokenizer=tokenizer,
+                data_dir=config.artifact_dir,
+                model=hf_model,
+                model_name=config.model_name,
+                attribute_types=attributes,
+                downsample=config.full_dataset_downsample,
+            )
+        finally:
+            config.llm_batch_size = batch_size
+        dataset = instance.create_and_save_filtered_dataset(artifact_dir=config.artifact_dir, top_n_entities=config.top_n_entities)
+        name = get_instance_name(entity, config.model_name, config.full_dataset_downsample, config.top_n_entities)
+        assert (Path(config.artifact_dir) / name).exists(), name  # where run_eval_single_dataset will load it from
+        kept[entity] = dataset.prompts
+    return kept
+
+
+def check_ravel_facts(kept: dict[str, list], config) -> None:
+    """`NotApplicable` unless every attribute has enough known prompts for one batch of RAVEL's training and
+    validation pairs, with two values at least (its cause pairs need a source whose value differs)."""
+    for entity, attributes in config.entity_attribute_selection.items():
+        for attribute in attributes:
+            prompts = [p for p in kept[entity] if p.attribute_type == attribute]
+            pairs = 2 * min(len(prompts), config.num_pairs_per_attribute)  # cause pairs, and as many isolation pairs
+            validation = pairs - int(pairs * config.train_test_split)
+            values = {p.attribute_label for p in prompts}
+            if len(values) < 2 or min(validation, pairs - validation) < config.llm_batch_size:
+                raise NotApplicable(
+                    f"the model completes too few {entity} facts for RAVEL: {len(prompts)} {attribute} prompts with "
+                    f"{len(values)} values, {validation} validation pairs for batches of {config.llm_batch_size}"
+                )
+
+
+def _copy_config(config, **changes):
+    """A copy of a SAEBench pydantic config with ``changes`` (the saved JSON names our model, not a temp folder)."""
+    from dataclasses import asdict
+
+    return type(config)(**{**asdict(config), **changes})
+
+
+def ravel_fact_counts(config) -> dict[str, float]:
+    """What the model knows, from the files SAEBench's RAVEL left in its ``artifact_dir``: the prompts (entity x
+    template) it completed correctly over all prompts, and the entities kept for the interventions."""
+    import json
+
+    from sae_bench.evals.ravel.instance import get_instance_name
+
+    artifact_dir = Path(config.artifact_dir)
+    counts = {"ravel.n_prompts": 0.0, "ravel.n_prompts_correct": 0.0, "ravel.n_entities_kept": 0.0}
+    for entity, attributes in config.entity_attribute_selection.items():
+        base = artifact_dir / "base"
+        entities = json.loads((base / f"ravel_{entity}_entity_attributes.json").read_text())
+        templates = json.loads((base / f"ravel_{entity}_attribute_to_prompts.json").read_text())
+        counts["ravel.n_prompts"] += len(entities) * sum(len(templates.get(a, [])) for a in attributes)
+        name = get_instance_name(entity, config.model_name, config.full_dataset_downsample)
+        correct = json.loads((artifact_dir / f"{name}_unfiltered_full_instance.json").read_text())["prompts"]
+        counts["ravel.n_prompts_correct"] += len(correct)
+        kept = get_instance_name(entity, config.model_name, config.full_dataset_downsample, config.top_n_entities)
+        counts["ravel.n_entities_kept"] += len({p["entity_label"] for p in json.loads((artifact_dir / kept).read_text())["prompts"]})
+    counts["ravel.fact_accuracy"] = counts["ravel.n_prompts_correct"] / max(counts["ravel.n_prompts"], 1.0)
+    return counts
 
 
 def _copy(sae: SAE) -> SAE:

@@ -177,3 +177,54 @@ def offline_datasets(cache_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         datasets.config.HF_DATASETS_CACHE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+# --- RAVEL ------------------------------------------------------------------------------------------
+# SAEBench's RAVEL reads four JSON files per entity class from ``<artifact_dir>/base`` and downloads
+# `adamkarvonen/ravel_prompts` only when they are missing: its own way in, so we write them there.
+
+RAVEL_ENTITY = "city"
+RAVEL_ATTRIBUTE_TEMPLATES = {
+    "Country": "%s is a city in",
+    "Continent": "%s lies in",
+    "Language": "The people of %s speak",
+}
+"""RAVEL's city attributes (SAEBench's names) and the world's own phrasing of each fact, the city as ``%s``."""
+TINY_RAVEL_SELECTION = {RAVEL_ENTITY: list(RAVEL_ATTRIBUTE_TEMPLATES)}
+"""SAEBench's ``entity_attribute_selection`` for the tiny world: its city class (it has no Nobel laureates)."""
+
+
+def ravel_templates(corpus_cfg, n_contexts: int = 3) -> dict[str, list[str]]:
+    """Per attribute, its template bare and after ``n_contexts`` context sentences from the world's stories (RAVEL
+    asks for each fact in several contexts)."""
+    from saecomp.world.text import generate_records_of_kind
+
+    stories = generate_records_of_kind(corpus_cfg, "story", n_contexts, "ravel-contexts")
+    contexts = [""] + [story["text"].split(". ")[0] + ".\n\n" for story in stories]
+    return {attribute: [context + template for context in contexts] for attribute, template in RAVEL_ATTRIBUTE_TEMPLATES.items()}
+
+
+def write_ravel_files(corpus_cfg, artifact_dir: str | Path, n_contexts: int = 3) -> dict[str, int]:
+    """SAEBench's RAVEL files for the world's cities into ``<artifact_dir>/base``: entity -> attributes, attribute
+    -> templates, and the train/val splits of entities and templates (alternating, deterministic)."""
+    import json
+
+    from saecomp.world.text import build_world
+
+    world = build_world(corpus_cfg)
+    attributes = {}
+    for city, country in sorted(world.cities.items()):
+        continent, language = world.countries[country]
+        attributes[city] = {"Country": country, "Continent": continent, "Language": language}
+    templates = ravel_templates(corpus_cfg, n_contexts)
+    files = {
+        "entity_attributes": attributes,
+        "attribute_to_prompts": templates,
+        "entity_to_split": {city: ("train" if i % 2 == 0 else "val") for i, city in enumerate(attributes)},
+        "prompt_to_split": {t: ("train" if i % 2 == 0 else "val") for ts in templates.values() for i, t in enumerate(ts)},
+    }
+    base = Path(artifact_dir) / "base"
+    base.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (base / f"ravel_{RAVEL_ENTITY}_{name}.json").write_text(json.dumps(content, indent=1, sort_keys=True))
+    return {"entities": len(attributes), "prompts": len(attributes) * sum(len(ts) for ts in templates.values())}

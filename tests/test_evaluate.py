@@ -48,7 +48,8 @@ def pruned_and_dense(small_world):
     dense = load_model("tiny-gpt2", small_world / "tiny-gpt2")
     pruned = load_model("tiny-gpt2", small_world / "tiny-gpt2")
     calibration = torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
-    prune_model(pruned.tl, calibration, PruneSpec("wanda", 0.5))
+    # 80%: the small world's briefly trained model hardly moves at 50%, and the test below tells the two apart
+    prune_model(pruned.tl, calibration, PruneSpec("wanda", 0.8))
     # Real text of the world's test split, BOS first, documents separated by EOS.
     test_pool = DocumentPool("tiny", "test", "text", 0, None)
     tokens = held_out_tokens(iter_documents(test_pool, small_world), pruned.tokenizer, SIZES.n_prompts, 64, prepend_bos=True)
@@ -90,7 +91,7 @@ def test_core_measures_the_model_it_is_given(pruned_and_dense):
         return float(loss[special_token_mask(used, special)[:, :-1]].double().mean())
 
     assert core["core.ce_loss_without_sae"] == pytest.approx(own_cross_entropy(pruned.tl), abs=1e-4)
-    # five times the tolerance of the match above: the small model is briefly trained, pruning moves it little
+    # five times the tolerance of the match above (the small model is close to unigram: pruning moves it little)
     assert abs(own_cross_entropy(dense.tl) - core["core.ce_loss_without_sae"]) > 5e-4
 
 
@@ -108,7 +109,13 @@ def test_evaluate_step_as_typed(small_experiment):
     run = sorted(runs, key=lambda r: r.info.start_time)[-1]
     assert run.info.status == "FINISHED"
     assert run.data.tags["variant"] == "pretrained" and run.data.params["pruned_model_run"] != "none (dense)"
-    assert 0 < run.data.metrics["core.ce_loss_score"] <= 1.05 and run.data.metrics["core.seconds"] > 0
+    m = run.data.metrics
+    # (the small world's model is close to unigram, so zero ablation costs it little and the score is ill-conditioned:
+    # check that it is SAEBench's ratio of the logged losses rather than a range)
+    ablated, clean, spliced = m["core.ce_loss_with_ablation"], m["core.ce_loss_without_sae"], m["core.ce_loss_with_sae"]
+    ratio = (ablated - spliced) / (ablated - clean)
+    assert math.isfinite(m["core.ce_loss_score"]) and m["core.ce_loss_score"] == pytest.approx(ratio, rel=1e-4, abs=1e-4)
+    assert m["core.seconds"] > 0
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "saebench")}
     assert artifacts == {"saebench/core.json"}
 
@@ -117,7 +124,11 @@ def test_evaluate_step_as_typed(small_experiment):
     "args,message",
     [
         (["--suites", "core,vibes"], "suite='vibes' is not valid; valid: core, absorption, scr, tpp, sparse_probing, ravel"),
-        (["--suites", "ravel"], "suite='ravel' is not built yet; built: core, absorption, scr, tpp, sparse_probing"),
+        (
+            ["--suites", "ravel"],
+            "suites=ravel cannot run here: SAEBench's RAVEL intervenes only on Gemma2ForCausalLM and GPTNeoXForCausalLM decoder "
+            "layers; this model is GPT2LMHeadModel; valid: an SAE at hook_resid_post of a Gemma-2 model",
+        ),
         (["--model", "0123456789abcdef0123456789abcdef"], "model='0123456789abcdef0123456789abcdef' is not valid"),
         (["--sae", "WIDE"], "the SAE's d_in=48 does not fit blocks.1.hook_resid_post of tiny-gpt2, whose width is 32"),
         (["--sae", "FAR"], "the SAE's hook blocks.9.hook_resid_post does not fit tiny-gpt2"),

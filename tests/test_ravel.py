@@ -1,0 +1,180 @@
+"""RAVEL: SAEBench's own code on a tiny Gemma-2 that knows the world's city facts, with the world's facts written
+where SAEBench reads RAVEL's files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import SAE
+
+from saecomp.config import EvaluationConfig
+from saecomp.evaluate import NotApplicable, decoder_layers_as_tuples, ravel_config, ravel_not_applicable, run_ravel
+from saecomp.models import load_model
+from saecomp.saebench_data import RAVEL_ATTRIBUTE_TEMPLATES, write_ravel_files
+from saecomp.world.build import TinyModelConfig, WorldConfig, build_world
+from saecomp.world.text import CorpusConfig
+from saecomp.world.text import build_world as world_facts
+
+# A world of 30 cities whose documents are mostly city facts: a 2-layer tiny-gemma2 learns them in about half a
+# minute (the default world's 160 cities take tiny-gemma2.yaml's 1000 steps).
+FACT_CORPUS = CorpusConfig(n_documents=600, n_cities=30, kind_weights=(0.1, 0.1, 0.6, 0.2))
+
+
+@pytest.fixture(scope="module")
+def fact_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fact_world")
+    model = TinyModelConfig("gemma2", n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, n_ctx=64, train_steps=1000)
+    build_world(WorldConfig(corpus=FACT_CORPUS, vocab_size=1024, models={"tiny-gemma2": model}), out, log=lambda line: None)
+    return out
+
+
+def fact_config(fact_world, tmp_path, pairs: int):
+    """SAEBench's RAVEL config for the fact world's tiny-gemma2, its files written where RAVEL reads them."""
+    write_ravel_files(FACT_CORPUS, tmp_path / "ravel")
+    sizes = EvaluationConfig(ravel_pairs_per_attribute=pairs)
+    return ravel_config(sizes, str(fact_world / "tiny-gemma2"), "float32", tmp_path / "ravel", True)
+
+
+def resid_sae(layer: int, d_in: int = 64, seed: int = 0) -> SAE:
+    sae = SAE.from_dict(
+        {"architecture": "topk", "d_in": d_in, "d_sae": 4 * d_in, "k": 8, "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post"}}
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return sae
+
+
+def test_ravel_files_hold_the_world_facts_under_saebench_names(tmp_path):
+    counts = write_ravel_files(FACT_CORPUS, tmp_path)
+    base = tmp_path / "base"
+    attributes = json.loads((base / "ravel_city_entity_attributes.json").read_text())
+    world = world_facts(FACT_CORPUS)
+    assert counts == {"entities": 30, "prompts": 30 * 3 * 4} and set(attributes) == set(world.cities)
+    for city, facts in attributes.items():
+        country = world.cities[city]
+        assert facts == {"Country": country, "Continent": world.countries[country][0], "Language": world.countries[country][1]}
+    templates = json.loads((base / "ravel_city_attribute_to_prompts.json").read_text())
+    assert set(templates) == set(RAVEL_ATTRIBUTE_TEMPLATES)
+    assert all(t.count("%s") == 1 and t.endswith(RAVEL_ATTRIBUTE_TEMPLATES[a]) for a, ts in templates.items() for t in ts)
+    splits = json.loads((base / "ravel_city_entity_to_split.json").read_text())
+    assert set(splits.values()) == {"train", "val"} and set(splits) == set(attributes)
+    again = tmp_path / "again"
+    write_ravel_files(FACT_CORPUS, again)
+    assert all((base / f.name).read_bytes() == f.read_bytes() for f in (again / "base").iterdir())
+
+
+def test_tiny_gemma2_tokenizer_adds_its_own_bos_as_gemmas_does(fact_world):
+    """SAEBench's RAVEL finds the entity's last token as len(encode(remainder)) from the end, which counts the BOS
+    Gemma's tokenizer adds; and it masks padding by id, so BOS and padding must differ."""
+    from sae_bench.evals.ravel.generation import custom_left_padding
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fact_world / "tiny-gemma2")
+    assert len({tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id}) == 3
+    city = next(iter(world_facts(FACT_CORPUS).cities))
+    ids = tokenizer.encode(f"{city} is a city in")
+    assert ids[0] == tokenizer.bos_token_id and tokenizer(city, add_special_tokens=False)["input_ids"][0] == ids[1]
+    entity_position = -len(tokenizer.encode(" is a city in"))  # SAEBench's own rule (instance.py)
+    assert tokenizer.decode(ids[: len(ids) + entity_position + 1], skip_special_tokens=True) == city
+    padded, mask = custom_left_padding(tokenizer, [ids, ids[:3]])
+    assert mask[0].all() and mask[1].sum() == 3  # BOS is attended to, padding is not
+
+
+def test_decoder_layers_look_as_saebench_ravel_hooks_expect(fact_world):
+    """transformers 5 decoder layers return a tensor; SAEBench's hooks read outputs[0] and return a tuple."""
+    from sae_bench.sae_bench_utils import activation_collection
+
+    model = load_model("tiny-gemma2", fact_world / "tiny-gemma2").hf
+    ids = torch.tensor([[1, 40, 41, 42]])
+    clean = model(input_ids=ids).logits
+    seen = {}
+
+    def zero_last(module, inputs, outputs):
+        seen["shape"] = tuple(outputs[0].shape)
+        outputs[0][:, -1] = 0
+        return (outputs[0], *outputs[1:])
+
+    with decoder_layers_as_tuples():
+        handle = activation_collection.get_module(model, 0).register_forward_hook(zero_last)
+        patched = model(input_ids=ids).logits
+        handle.remove()
+    assert seen["shape"] == (1, 4, 64)  # [batch, pos, d_model], not one sequence
+    assert torch.equal(patched[:, :-1], clean[:, :-1]) and not torch.allclose(patched[:, -1], clean[:, -1])
+    assert torch.equal(model(input_ids=ids).logits, clean)  # the hook and the adapter are gone
+    assert activation_collection.get_module(model, 0) is model.model.layers[0]
+
+
+def test_ravel_keeps_the_known_entities_and_gives_finite_validated_scores(fact_world, tmp_path):
+    import sae_bench
+
+    loaded = load_model("tiny-gemma2", fact_world / "tiny-gemma2")
+    config = fact_config(fact_world, tmp_path, pairs=100)
+    ravel_package = Path(sae_bench.__file__).parent / "evals" / "ravel"
+    before = {p.name for p in ravel_package.rglob("*")}
+    result = run_ravel(loaded.hf, resid_sae(0), config, tmp_path / "out", "random-sae", "tiny-gemma2-test")
+    metrics = result.metrics
+    assert metrics["ravel.n_entities_kept"] >= 20 and metrics["ravel.n_prompts"] == 360
+    assert 0.5 < metrics["ravel.fact_accuracy"] <= 1.0
+    for name in ("disentanglement_score", "cause_score", "isolation_score"):
+        assert math.isfinite(metrics[f"ravel.{name}"]) and 0.0 <= metrics[f"ravel.{name}"] <= 1.0
+    assert metrics["ravel.disentanglement_score"] == pytest.approx((metrics["ravel.cause_score"] + metrics["ravel.isolation_score"]) / 2)
+    assert 0.0 <= metrics["ravel.residual_patch_cause"] <= 1.0
+    output = result.output
+    assert output["eval_config"]["model_name"] == "tiny-gemma2-test"  # not the folder SAEBench read the tokenizer from
+    assert set(output["eval_result_unstructured"]["city_results"]) == {f"city_{a}" for a in RAVEL_ATTRIBUTE_TEMPLATES}
+    # RAVEL switches gradients on and trains a mask: nothing of that leaks out
+    assert all(p.requires_grad for p in loaded.hf.parameters())
+    assert {p.name for p in ravel_package.rglob("*")} == before  # every file went to our folders
+
+
+def test_ravel_restores_the_callers_gradient_mode(fact_world, tmp_path):
+    loaded = load_model("tiny-gemma2", fact_world / "tiny-gemma2")
+    config = fact_config(fact_world, tmp_path, pairs=100)
+    with torch.no_grad():
+        run_ravel(loaded.hf, resid_sae(0), config, tmp_path / "out", "random-sae", "tiny-gemma2-test")
+        assert not torch.is_grad_enabled()
+
+
+def test_ravel_is_not_applicable_to_a_model_that_knows_too_few_facts(small_world, tmp_path):
+    loaded = load_model("tiny-gemma2", small_world / "tiny-gemma2")  # 30 training steps: it knows no city
+    write_ravel_files(CorpusConfig(n_documents=300), tmp_path / "ravel")
+    config = ravel_config(EvaluationConfig(), str(small_world / "tiny-gemma2"), "float32", tmp_path / "ravel", True)
+    with pytest.raises(NotApplicable, match="the model completes too few city facts for RAVEL"):
+        run_ravel(loaded.hf, resid_sae(1, d_in=32), config, tmp_path / "out", "random-sae", "tiny-gemma2-test")
+    assert not list((tmp_path / "out").glob("*.json"))  # no result was written
+
+
+@pytest.mark.parametrize(
+    "hook,architecture,expected",
+    [
+        ("blocks.2.hook_resid_post", "Gemma2ForCausalLM", None),
+        ("blocks.2.hook_mlp_out", "Gemma2ForCausalLM", "this SAE reads blocks.2.hook_mlp_out"),
+        ("blocks.2.attn.hook_z", "Gemma2ForCausalLM", "this SAE reads blocks.2.attn.hook_z"),
+        ("blocks.2.hook_resid_post", "GPT2LMHeadModel", "this model is GPT2LMHeadModel"),
+    ],
+)
+def test_ravel_applies_only_to_residual_saes_of_layouts_it_can_hook(hook, architecture, expected):
+    reason = ravel_not_applicable(hook, architecture)
+    assert reason is None if expected is None else expected in reason
+
+
+def test_residual_patch_cause_is_zero_after_the_last_block(fact_world, tmp_path):
+    """After the last block each position only meets the unembedding: swapping the entity token's residual there can
+    never change the answer at the last token, whatever the model knows."""
+    from saecomp.evaluate import residual_patch_cause
+
+    loaded = load_model("tiny-gemma2", fact_world / "tiny-gemma2")
+    config = fact_config(fact_world, tmp_path, pairs=100)
+    from saecomp.evaluate import ravel_known_prompts
+
+    kept = ravel_known_prompts(loaded.hf, config)
+    with decoder_layers_as_tuples():
+        assert residual_patch_cause(loaded.hf, kept, config, layer=1, pairs_per_attribute=16) == 0.0
+        earlier = residual_patch_cause(loaded.hf, kept, config, layer=0, pairs_per_attribute=16)
+    assert 0.0 <= earlier <= 1.0

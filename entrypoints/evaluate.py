@@ -31,7 +31,14 @@ from entrypoints.common import experiment_option, fail, load, load_source, model
 @click.option("--hook", help="With no --sae: the hook of the experiment's pretrained SAE (default: the experiment's first).")
 @click.option("--layer", help="With no --sae: its layer (default: the experiment's first).")
 @click.option("--variant", help="What the SAE is, for the tables: pretrained, pruned25, pruned50, trained, ... (a tag).")
-def main(experiment, sae, base, suites, hook, layer, variant) -> None:
+@click.option(
+    "--inapplicable",
+    type=click.Choice(["refuse", "tag"]),
+    default="refuse",
+    help="A suite named in --suites that cannot apply here (RAVEL off hook_resid_post or on GPT-2): refuse before any "
+    "compute (default), or run the others and tag it not applicable (what the pipeline asks).",
+)
+def main(experiment, sae, base, suites, hook, layer, variant, inapplicable) -> None:
     check_sae_bench()
     from saecomp.evaluate import check_suites
     from saecomp.saes import HOOKS, check_hook
@@ -56,15 +63,19 @@ def main(experiment, sae, base, suites, hook, layer, variant) -> None:
     if base not in ("pruned", "dense"):  # a run id: checked now, before anything is computed
         resolved = resolve_base(exp, experiment, base, name="model")
     reference = sae or exp.pretrained_source(hook, layer)
-    if suite_list and "ravel" in suite_list:  # asked for explicitly: where it cannot apply, say so now
-        from saecomp.evaluate import ravel_not_applicable
-
-        reason = ravel_not_applicable(f"blocks.{layer}.{hook}", dims.architecture)
-        if reason:
-            fail(f"suites=ravel cannot run here: {reason}; valid: an SAE at hook_resid_post of a Gemma-2 model")
+    refuse_ravel = suite_list and "ravel" in suite_list and inapplicable == "refuse"  # asked for explicitly
     if reference is not None:
         source, sae_object = check_sae(load_source("sae", reference), dims, exp.model)
         check_sizes(exp, sae_object)
+        hook_name = sae_object.cfg.metadata.hook_name
+    else:
+        hook_name = f"blocks.{layer}.{hook}"
+    if refuse_ravel:  # where it cannot apply, say so before anything is computed
+        from saecomp.evaluate import ravel_not_applicable
+
+        reason = ravel_not_applicable(hook_name, dims.architecture)
+        if reason:
+            fail(f"suites=ravel cannot run here: {reason}; valid: an SAE at hook_resid_post of a Gemma-2 model")
     checkpoint, model_label, prune_run = resolved or resolve_base(exp, experiment, base, name="model")
     if reference is None:  # the tiny world's pretrained SAE: trained now unless a finished run has it
         from entrypoints.prune_sae import dependency

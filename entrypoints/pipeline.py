@@ -275,6 +275,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                         "sae": source.describe(),
                         "variant": variant,
                         "suites": ",".join(missing),
+                        "inapplicable": "tag",  # the experiment's suites, not the user's request: RAVEL on GPT-2 is tagged
                         **runtime,
                     }
                     note_reused(parent, sorted({run_id for run_id in found.values() if run_id is not None}))

@@ -120,6 +120,20 @@ def test_evaluate_step_as_typed(small_experiment):
     assert artifacts == {"saebench/core.json"}
 
 
+def test_ravel_from_the_experiment_is_tagged_not_applicable_on_gpt2(small_experiment):
+    """What the pipeline asks (`--inapplicable tag`): the other suites run, RAVEL gets a reason and no number."""
+    result = CliRunner().invoke(
+        evaluate_step.main,
+        ["--experiment", str(small_experiment), "--variant", "pretrained", "--suites", "core,ravel", "--inapplicable", "tag"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    run = sorted((r for r in all_runs() if r.data.tags.get("saecomp.step") == "evaluate"), key=lambda r: r.info.start_time)[-1]
+    assert run.info.status == "FINISHED" and run.data.params["suites"] == "core,ravel"
+    assert "this model is GPT2LMHeadModel" in run.data.tags["saecomp.ravel.not_applicable"]
+    assert "core.ce_loss_score" in run.data.metrics and not [m for m in run.data.metrics if m.startswith("ravel.") and m != "ravel.seconds"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -215,7 +215,7 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
         failures, not_applicable = {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            probing = [suite for suite in ev.suites if suite != "core"]
+            probing = [suite for suite in ev.suites if suite not in ("core", "ravel")]  # the suites that read labelled texts
             adapter = contextlib.nullcontext()
             if probing and tiny:
                 adapter = tiny_world_datasets(exp, world, tmp / "data", say)

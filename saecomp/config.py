@@ -212,7 +212,7 @@ class EvaluationConfig(Section):
     probe_context_length: int = 128
     """Tokens per labelled text (longer ones are truncated, shorter padded; padding is masked out)."""
     llm_batch_size: int = 32
-    """Texts per model batch in SCR, TPP, sparse probing, absorption and RAVEL."""
+    """Texts per model batch in SCR, TPP, sparse probing and absorption."""
     sparse_probing_train_size: int = 4000
     sparse_probing_test_size: int = 1000
     sparse_probing_k: IntList = Field(default_factory=lambda: [1, 2, 5])
@@ -231,6 +231,9 @@ class EvaluationConfig(Section):
     absorption_min_letters: int = 20
     """Letters whose ground-truth probe must reach F1 0.6 for absorption to apply (SAEBench's min_feats_for_eval)."""
     # RAVEL
+    ravel_llm_batch_size: int = 8
+    """Prompt pairs per batch of RAVEL's mask training (SAEBench's runner uses a quarter of its LLM batch for RAVEL:
+    8 for Gemma-2-2B); the number of training steps, and so the result, depends on it."""
     ravel_top_n_entities: int = 500
     """Entities RAVEL keeps, those whose facts the model completes correctly most often."""
     ravel_pairs_per_attribute: int = 5000
@@ -247,7 +250,7 @@ SUITE_FIELDS = {
     "scr": ("probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
     "tpp": ("probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
     "absorption": ("llm_batch_size", "absorption_max_k", "absorption_min_letters"),
-    "ravel": ("llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute"),
+    "ravel": ("ravel_llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute"),
 }  # fmt: skip
 
 

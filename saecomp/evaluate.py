@@ -559,7 +559,7 @@ def ravel_config(ev, tokenizer_source: str, dtype: str, artifact_dir: Path, tiny
     return RAVELEvalConfig(
         model_name=str(tokenizer_source),
         llm_dtype=dtype,
-        llm_batch_size=ev.llm_batch_size,
+        llm_batch_size=ev.ravel_llm_batch_size,
         top_n_entities=ev.ravel_top_n_entities,
         num_pairs_per_attribute=ev.ravel_pairs_per_attribute,
         artifact_dir=str(artifact_dir),
@@ -626,17 +626,19 @@ def run_ravel(hf_model, sae: SAE, config, workdir: Path, sae_name: str, model_la
     sae = prepared_for_saebench(sae, model_label).to(dtype=dtype)
     sae.requires_grad_(False)  # RAVEL trains only its mask; gradients for the SAE and model weights are waste
     requires_grad = {name: p.requires_grad for name, p in hf_model.named_parameters()}
+    training = hf_model.training  # RAVEL's mask module holds the model, and its .train() reaches it
     hf_model.requires_grad_(False)
     grad_enabled = torch.is_grad_enabled()  # SAEBench's RAVEL switches gradients on globally
     (workdir := Path(workdir)).mkdir(parents=True, exist_ok=True)
     try:
         kept = ravel_known_prompts(hf_model, config)
         check_ravel_facts(kept, config)
+        ceiling = residual_patch_cause(hf_model, kept, config, sae.cfg.hook_layer)
         with decoder_layers_as_tuples():
-            ceiling = residual_patch_cause(hf_model, kept, config, sae.cfg.hook_layer)
             results, per_class = run_eval_single_sae(config, sae, hf_model, str(next(hf_model.parameters()).device), str(workdir))
     finally:
         torch.set_grad_enabled(grad_enabled)
+        hf_model.train(training)
         for name, p in hf_model.named_parameters():
             p.requires_grad_(requires_grad[name])
     saved_config = _copy_config(config, model_name=model_label)
@@ -668,39 +670,40 @@ def residual_patch_cause(hf_model, kept: dict[str, list], config, layer: int, pa
     """RAVEL's ceiling at ``layer``, ours (SAEBench has none): the share of cause pairs (one attribute, two entities
     with different values and different first answer tokens) in which swapping the *whole* residual stream after
     block ``layer`` at the base prompt's entity token for the source prompt's makes the model answer with the
-    source's first token. Where the model has already moved what it knows of the entity to the last token, this is
-    near 0, and so is any SAE's cause score there."""
+    source's first token (argmax, not RAVEL's graded 6-token generation, so an approximate ceiling). Where the model has
+    already moved what it knows of the entity to the last token, this is near 0, and so is any SAE's cause score."""
     import random
 
-    from sae_bench.sae_bench_utils.activation_collection import get_layer_activations, get_module
+    from sae_bench.sae_bench_utils import activation_collection  # its get_module is looked up inside the adapter
 
     rng = random.Random(config.random_seed)
     device = next(hf_model.parameters()).device
     hits = total = 0
-    for entity, attributes in config.entity_attribute_selection.items():
-        for attribute in attributes:
-            prompts = [p for p in kept[entity] if p.attribute_type == attribute]
-            for _ in range(pairs_per_attribute):
-                base = rng.choice(prompts)
-                sources = [p for p in prompts if p.first_generated_token_id != base.first_generated_token_id]
-                if not sources:
-                    continue
-                source = rng.choice(sources)
-                source_ids = torch.tensor([source.input_ids], device=device)
-                position = torch.tensor([source.final_entity_token_pos])
-                source_act = get_layer_activations(hf_model, layer, {"input_ids": source_ids}, position)  # [1, d_model]
+    with decoder_layers_as_tuples():  # SAEBench's hooks, as RAVEL's own
+        for entity, attributes in config.entity_attribute_selection.items():
+            for attribute in attributes:
+                prompts = [p for p in kept[entity] if p.attribute_type == attribute]
+                for _ in range(pairs_per_attribute):
+                    base = rng.choice(prompts)
+                    sources = [p for p in prompts if p.first_generated_token_id != base.first_generated_token_id]
+                    if not sources:
+                        continue
+                    source = rng.choice(sources)
+                    source_ids = torch.tensor([source.input_ids], device=device)
+                    position = torch.tensor([source.final_entity_token_pos])
+                    source_act = activation_collection.get_layer_activations(hf_model, layer, {"input_ids": source_ids}, position)
 
-                def swap(module, inputs, outputs, position=base.final_entity_token_pos, act=source_act[0]):
-                    outputs[0][0, position] = act
-                    return outputs
+                    def swap(module, inputs, outputs, position=base.final_entity_token_pos, act=source_act[0]):
+                        outputs[0][0, position] = act
+                        return outputs
 
-                handle = get_module(hf_model, layer).register_forward_hook(swap)
-                try:
-                    logits = hf_model(input_ids=torch.tensor([base.input_ids], device=device)).logits[0, -1]  # [vocab]
-                finally:
-                    handle.remove()
-                hits += int(logits.argmax()) == source.first_generated_token_id
-                total += 1
+                    handle = activation_collection.get_module(hf_model, layer).register_forward_hook(swap)
+                    try:
+                        logits = hf_model(input_ids=torch.tensor([base.input_ids], device=device)).logits[0, -1]  # [vocab]
+                    finally:
+                        handle.remove()
+                    hits += int(logits.argmax()) == source.first_generated_token_id
+                    total += 1
     return hits / total if total else float("nan")
 
 
@@ -737,18 +740,23 @@ def ravel_known_prompts(hf_model, config) -> dict[str, list]:
 
 
 def check_ravel_facts(kept: dict[str, list], config) -> None:
-    """`NotApplicable` unless every attribute has enough known prompts for one batch of RAVEL's training and
-    validation pairs, with two values at least (its cause pairs need a source whose value differs)."""
+    """`NotApplicable` unless every attribute has two values at least (its cause pairs need a source whose value
+    differs) and enough known prompts for one batch of RAVEL's training and of its validation pairs, counted as
+    `run_eval_single_cause_attribute` forms them."""
     for entity, attributes in config.entity_attribute_selection.items():
+        known = {a: [p for p in kept[entity] if p.attribute_type == a] for a in attributes}
         for attribute in attributes:
-            prompts = [p for p in kept[entity] if p.attribute_type == attribute]
-            pairs = 2 * min(len(prompts), config.num_pairs_per_attribute)  # cause pairs, and as many isolation pairs
-            validation = pairs - int(pairs * config.train_test_split)
-            values = {p.attribute_label for p in prompts}
-            if len(values) < 2 or min(validation, pairs - validation) < config.llm_batch_size:
+            cause = min(len(known[attribute]), config.num_pairs_per_attribute)
+            isolation = min(cause, sum(min(len(known[a]), config.num_pairs_per_attribute) for a in attributes if a != attribute))
+            pairs = cause + isolation
+            training = int(pairs * config.train_test_split)
+            values = {p.attribute_label for p in known[attribute]}
+            if len(values) < 2 or min(training, pairs - training) < config.llm_batch_size:
                 raise NotApplicable(
-                    f"the model completes too few {entity} facts for RAVEL: {len(prompts)} {attribute} prompts with "
-                    f"{len(values)} values, {validation} validation pairs for batches of {config.llm_batch_size}"
+                    f"the model completes too few {entity} facts for RAVEL: {len(known[attribute])} {attribute} prompts "
+                    f"with {len(values)} values give {training} training and {pairs - training} validation pairs; RAVEL needs "
+                    f"2 values and batches of evaluation.ravel_llm_batch_size={config.llm_batch_size} in both (a smaller "
+                    "batch, or a model trained longer)"
                 )
 
 

@@ -129,7 +129,7 @@ def test_ravel_keeps_the_known_entities_and_gives_finite_validated_scores(fact_w
     assert output["eval_config"]["model_name"] == "tiny-gemma2-test"  # not the folder SAEBench read the tokenizer from
     assert set(output["eval_result_unstructured"]["city_results"]) == {f"city_{a}" for a in RAVEL_ATTRIBUTE_TEMPLATES}
     # RAVEL switches gradients on and trains a mask: nothing of that leaks out
-    assert all(p.requires_grad for p in loaded.hf.parameters())
+    assert all(p.requires_grad for p in loaded.hf.parameters()) and not loaded.hf.training
     assert {p.name for p in ravel_package.rglob("*")} == before  # every file went to our folders
 
 
@@ -174,7 +174,4 @@ def test_residual_patch_cause_is_zero_after_the_last_block(fact_world, tmp_path)
     from saecomp.evaluate import ravel_known_prompts
 
     kept = ravel_known_prompts(loaded.hf, config)
-    with decoder_layers_as_tuples():
-        assert residual_patch_cause(loaded.hf, kept, config, layer=1, pairs_per_attribute=16) == 0.0
-        earlier = residual_patch_cause(loaded.hf, kept, config, layer=0, pairs_per_attribute=16)
-    assert 0.0 <= earlier <= 1.0
+    assert residual_patch_cause(loaded.hf, kept, config, layer=1, pairs_per_attribute=16) == 0.0

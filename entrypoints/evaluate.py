@@ -38,7 +38,14 @@ from entrypoints.common import experiment_option, fail, load, load_source, model
     help="A suite named in --suites that cannot apply here (RAVEL off hook_resid_post or on GPT-2): refuse before any "
     "compute (default), or run the others and tag it not applicable (what the pipeline asks).",
 )
-def main(experiment, sae, base, suites, hook, layer, variant, inapplicable) -> None:
+@click.option(
+    "--shared_activations",
+    type=click.Path(file_okay=False),
+    help="A folder where SAEs evaluated on the same model, hook and config share SCR's model-side work (the model's "
+    "activations on the labelled texts and the probes trained on them), as SAEBench's run_eval shares it across its "
+    "SAE list; the numbers do not change. The pipeline passes one per run and deletes it. Default: computed afresh.",
+)
+def main(experiment, sae, base, suites, hook, layer, variant, inapplicable, shared_activations) -> None:
     check_sae_bench()
     from saecomp.evaluate import check_suites
     from saecomp.saes import HOOKS, check_hook
@@ -83,7 +90,8 @@ def main(experiment, sae, base, suites, hook, layer, variant, inapplicable) -> N
         reference = dependency(exp, experiment, hook, layer, "dense", exp.model)
         source, sae_object = check_sae(load_source("sae", reference), dims, exp.model)
         check_sizes(exp, sae_object)
-    run_evaluate(exp, experiment, source, sae_object, checkpoint, model_label, prune_run, variant or "unnamed")
+    shared = Path(shared_activations) if shared_activations else None
+    run_evaluate(exp, experiment, source, sae_object, checkpoint, model_label, prune_run, variant or "unnamed", shared)
 
 
 def check_sae_bench() -> None:
@@ -160,7 +168,7 @@ def key_for(exp, experiment_path: str, source, model_label: str) -> str:
     return step_key("evaluate", suite_keys(exp, experiment_path, source, model_label))
 
 
-def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, prune_run, variant) -> str:
+def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, prune_run, variant, shared: Path | None = None) -> str:
     import mlflow
 
     from saecomp.config import SUITE_FIELDS
@@ -229,7 +237,7 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                             result = run_ravel_on(exp, loaded, sae, str(checkpoint or exp.model), source, model_label, tmp / "ravel", say)
                         else:
                             config = saebench_config(suite, ev, model_label, exp.dtype, loaded.tl, tiny)
-                            result = run_suite(suite, loaded.tl, sae, config, tmp / "saebench" / suite, source.describe())
+                            result = run_suite(suite, loaded.tl, sae, config, tmp / "saebench" / suite, source.describe(), shared)
                     except NotApplicable as reason:  # no number, not a failure
                         not_applicable[suite] = str(reason)
                         mlflow.set_tag(f"saecomp.{suite}.not_applicable", str(reason)[:5000])
@@ -241,6 +249,7 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                         say(f"{suite}: failed ({failures[suite]})")
                         continue
                     mlflow.log_metrics({**result.metrics, f"{suite}.seconds": result.seconds})
+                    mlflow.set_tags(result.tags)
                     (tmp / f"{suite}.json").write_text(json.dumps(result.output, indent=1))
                     mlflow.log_artifact(str(tmp / f"{suite}.json"), "saebench")
                     headline = [k for k in HEADLINES.get(suite, ()) if k in result.metrics]

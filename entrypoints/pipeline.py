@@ -14,6 +14,7 @@ the tiny world) -> prune_sae -> evaluate (SAEBench core), for every hook and lay
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -262,6 +263,9 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             if selected not in (0.25, 0.5):
                 variants[f"pruned{round(selected * 100)}"] = f"runs:/{run_id}/saes/pruned-{selected:g}"
             eval_exp = load(experiment, {**runtime, "evaluation.suites": suites}, check_device=False)  # checked once, above
+            # The variants' evaluate runs share SCR's model-side work, as SAEBench's run_eval shares it across its SAE
+            # list (same numbers; evaluate --shared_activations). Only on this machine; deleted once the cell is done.
+            shared = {"shared_activations": str(shared_root / f"blocks.{layer}.{hook}")} if shared_root else {}
             for variant, ref in variants.items():
                 source = SAESource.parse(ref)
                 # Each suite is reused alone: only the suites without a finished result run (in one evaluate run).
@@ -276,6 +280,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                         "variant": variant,
                         "suites": ",".join(missing),
                         "inapplicable": "tag",  # the experiment's suites, not the user's request: RAVEL on GPT-2 is tagged
+                        **shared,
                         **runtime,
                     }
                     note_reused(parent, sorted({run_id for run_id in found.values() if run_id is not None}))
@@ -290,13 +295,21 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                     if f"saecomp.{suite}.not_applicable" in data.tags:
                         row[f"{suite}.not_applicable"] = data.tags[f"saecomp.{suite}.not_applicable"]
                 out["evaluations"].append(row)
+            if shared:
+                shutil.rmtree(shared["shared_activations"], ignore_errors=True)
             return out
 
         cells = [(layer, hook) for layer in layers for hook in exp.sae.hooks]
         click.echo(f"[pipeline] {len(cells)} hook/layer cell(s) on {executor.describe()}", err=True)
         # A failed cell or Ctrl-C cancels the steps running now (their own process sessions never see the terminal's
         # Ctrl-C) and starts no new one.
-        done = executor.map(lambda c: cell(*c), cells)  # in the order of `cells`
+        local = executor.name in ("in-process", "local pool")  # Ray's workers do not see this machine's folders
+        shared_root = Path(tempfile.mkdtemp(prefix="saecomp-shared-activations-")) if local and suites else None
+        try:
+            done = executor.map(lambda c: cell(*c), cells)  # in the order of `cells`
+        finally:
+            if shared_root:
+                shutil.rmtree(shared_root, ignore_errors=True)
         tables = [d["table"] for d in done]
         sae_runs = [d["run"] for d in done]
         evaluations = [e for d in done for e in d["evaluations"]]

@@ -9,13 +9,22 @@ under a name that says what it is.
 Suites: ``core``, ``absorption``, ``scr``, ``tpp``, ``sparse_probing``, ``ravel`` (on the Hugging Face model, as
 SAEBench's RAVEL runs). For each, SAEBench's own inner function computes the numbers and SAEBench's own output classes
 pack them, the way its top-level ``run_eval`` does; every cache folder it takes is a fresh one of ours, so nothing
-is reused across runs and nothing is written inside site-packages.
+is reused across runs and nothing is written inside site-packages. The one exception is SAEBench's own: SCR's
+model-side work (activations on the labelled texts, probes trained on them) does not depend on the SAE, and
+`run_eval` computes it once for its whole list of SAEs. Given a ``shared`` folder, SAEs evaluated on the same model,
+hook and config share it the same way (``model_side_folder``; SCR only, see SHARED_MODEL_SIDE); the pipeline passes
+one per run and deletes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
+import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +36,11 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 SUITES = ("core", "absorption", "scr", "tpp", "sparse_probing", "ravel")
+SHARED_MODEL_SIDE = ("scr",)
+"""The suites whose model-side work SAEs on one model and hook share (``model_side_folder``): those whose SAE side
+draws no random numbers, so that sharing changes no number. Not TPP, whose SAE side samples the negatives it tests
+each probe on (`probe_training.prepare_probe_data`), nor sparse probing, which trains a probe on the SAE's latents:
+their draws depend on whether the model side ran before them in the process."""
 
 
 def check_suites(suites: list[str]) -> None:
@@ -60,7 +74,8 @@ class SuiteResult:
     metrics: dict[str, float]
     """Headline metrics, named ``<suite>.<metric>``."""
     seconds: float
-    extra: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    """How it was computed, as MLflow tags (e.g. where SCR's model side came from)."""
 
 
 def prepared_for_saebench(sae: SAE, model_name: str) -> SAE:
@@ -243,9 +258,12 @@ def run_sparse_probing(model: HookedTransformer, sae: SAE, config, workdir: Path
     return SuiteResult("sparse_probing", output, _scalar_metrics("sparse_probing", output), time.perf_counter() - started)
 
 
-def run_scr_or_tpp(model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str = "sae") -> SuiteResult:
+def run_scr_or_tpp(
+    model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str = "sae", shared: Path | None = None
+) -> SuiteResult:
     """SAEBench's SCR (``config.perform_scr``) or TPP (`scr_and_tpp.main.run_eval_single_sae`): probe accuracy
-    after ablating the top-n latents, packed into `ScrEvalOutput`/`TppEvalOutput` as its `run_eval` does."""
+    after ablating the top-n latents, packed into `ScrEvalOutput`/`TppEvalOutput` as its `run_eval` does. With
+    ``shared``, the model-side work is shared with other SAEs on the same model, hook and config (``model_side_folder``)."""
     from datetime import datetime
 
     from sae_bench.evals.scr_and_tpp import eval_output as out
@@ -255,8 +273,9 @@ def run_scr_or_tpp(model: HookedTransformer, sae: SAE, config, workdir: Path, sa
     suite = "scr" if config.perform_scr else "tpp"
     started = time.perf_counter()
     sae = prepared_for_saebench(sae, config.model_name)
-    with torch.enable_grad():
-        results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(workdir / suite), save_activations=False)
+    with torch.enable_grad(), model_side_folder(shared, config, sae.cfg.hook_name, str(sae.device), workdir / suite) as side:
+        folder, save, origin = side
+        results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(folder), save_activations=save)
     common = {
         "eval_config": config,
         "eval_id": get_eval_uuid(),
@@ -283,7 +302,41 @@ def run_scr_or_tpp(model: HookedTransformer, sae: SAE, config, workdir: Path, sa
         output_class = out.TppEvalOutput
     output = _output_of(eval_output, workdir)
     validate_output(output_class, output)
-    return SuiteResult(suite, output, _scalar_metrics(suite, output), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return SuiteResult(suite, output, _scalar_metrics(suite, output), seconds, {f"saecomp.{suite}.model_side": origin})
+
+
+@contextmanager
+def model_side_folder(shared: Path | None, config, hook_name: str, device: str, private: Path) -> Iterator[tuple[Path, bool, str]]:
+    """(SAEBench's artifacts folder, whether it saves there, where the model side comes from) for SCR (not TPP,
+    whose numbers would change: see SHARED_MODEL_SIDE).
+
+    Without ``shared``: a fresh private folder, nothing saved. With it: the folder of this model, hook and config
+    under ``shared`` (the config names the model, datasets, sizes and seed). The first SAE computes SAEBench's
+    model-side files in a staging folder that becomes the keyed one by an atomic rename only when its suite
+    succeeded, so a keyed folder is always complete, and every later SAE only loads from it, as SAEBench's own
+    `run_eval` does for the SAEs after its first. The SAE side draws no random numbers, so a loaded folder gives
+    exactly the numbers a fresh computation gives (tests/test_evaluate_suites.py)."""
+    if shared is None:
+        private.mkdir(parents=True, exist_ok=True)
+        yield private, False, "computed by this run"
+        return
+    identity = {"hook_name": hook_name, "device": device, "config": dataclasses.asdict(config)}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    folder = Path(shared) / key
+    if folder.is_dir():
+        yield folder, True, f"loaded from {folder} (computed by an earlier run of this pipeline)"  # SAEBench only loads
+        return
+    staging = Path(shared) / f".{key}.{os.getpid()}.{threading.get_ident()}.partial"
+    staging.mkdir(parents=True)
+    try:
+        yield staging, True, f"computed by this run and shared in {folder}"
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process published the same folder first
+            pass
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def absorption_token_position(model: HookedTransformer, template: str) -> int:
@@ -511,8 +564,11 @@ def saebench_config(suite: str, ev, model_name: str, dtype: str, model: HookedTr
     raise ValueError(f"suite={suite!r} has no SAEBench config here; valid: sparse_probing, scr, tpp, absorption")
 
 
-def run_suite(suite: str, model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str) -> SuiteResult:
-    """One of the probing suites (not core, which reads token windows) with its SAEBench ``config``."""
+def run_suite(
+    suite: str, model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str, shared: Path | None = None
+) -> SuiteResult:
+    """One of the probing suites (not core, which reads token windows) with its SAEBench ``config``; SCR shares its
+    model-side work with other SAEs through ``shared`` (``model_side_folder``; the others ignore it)."""
     import random
 
     import numpy as np
@@ -528,7 +584,8 @@ def run_suite(suite: str, model: HookedTransformer, sae: SAE, config, workdir: P
     # SAEBench's run_eval casts the SAE to the model's dtype (its probes and ablations assume one dtype).
     sae = _copy(sae).to(dtype=str_to_dtype(config.llm_dtype))
     with flat_hook_z(model, sae) as hooked_sae:
-        result = runners[suite](model, hooked_sae, config, workdir, sae_name)
+        extra = {"shared": shared} if suite in SHARED_MODEL_SIDE else {}
+        result = runners[suite](model, hooked_sae, config, workdir, sae_name, **extra)
     result.output["sae_cfg_dict"] = sae.cfg.to_dict()  # the SAE as the user has it, not the flat view's copy
     return result
 

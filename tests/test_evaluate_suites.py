@@ -130,6 +130,34 @@ def test_probing_suites_write_saebench_json_with_finite_numbers(experiment, prun
         assert set(names) <= set(result.metrics)
 
 
+
+def test_saes_sharing_scrs_model_side_get_exactly_the_numbers_of_a_fresh_run(experiment, pruned, offline_data, tmp_path):
+    """The pipeline's SAEs on one model and hook share SCR's model-side work (activations and probes), as SAEBench's
+    run_eval does for its SAE list: the SAE that loads it scores exactly as if it had computed it. (TPP's would not:
+    its SAE side samples negatives from torch's generator, so TPP is never shared.)"""
+    suite = "scr"
+    config = saebench_config(suite, experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
+    shared = tmp_path / "shared"
+    hook = "blocks.1.hook_resid_post"
+    with offline_datasets(offline_data / "hf_datasets"):
+        first = run_suite(suite, pruned.tl, topk_sae(hook, seed=1), config, tmp_path / "a", "first", shared=shared)
+        (published,) = list(shared.iterdir())  # one complete keyed folder, no staging folder left behind
+        assert not published.name.startswith(".") and any(f.name.endswith("_probes.pkl") for f in published.iterdir())
+        written = {f.name: f.stat().st_mtime_ns for f in published.iterdir()}
+        reused = run_suite(suite, pruned.tl, topk_sae(hook, seed=2), config, tmp_path / "b", "second", shared=shared)
+        assert {f.name: f.stat().st_mtime_ns for f in published.iterdir()} == written  # only loaded
+        fresh = run_suite(suite, pruned.tl, topk_sae(hook, seed=2), config, tmp_path / "c", "second")
+        run_suite(suite, pruned.tl, topk_sae("blocks.0.hook_resid_post", seed=2), config, tmp_path / "d", "other", shared=shared)
+    assert len(list(shared.iterdir())) == 2  # another hook reads other activations: its own folder
+    for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
+        assert reused.output[part] == fresh.output[part], part
+    assert first.output["eval_result_details"] != reused.output["eval_result_details"]  # the SAE side is each SAE's own
+    config = saebench_config("tpp", experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
+    with offline_datasets(offline_data / "hf_datasets"):
+        run_suite("tpp", pruned.tl, topk_sae(hook, seed=2), config, tmp_path / "e", "tpp", shared=shared)
+    assert len(list(shared.iterdir())) == 2  # TPP computed its own, shared nothing
+
+
 def test_attention_saes_are_probed_through_a_flat_view_that_leaves_the_model_unchanged(experiment, pruned, offline_data, tmp_path):
     tokens = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

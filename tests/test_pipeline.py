@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import pandas as pd
 from click.testing import CliRunner
@@ -50,8 +52,8 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
 
 
 def test_adding_a_suite_runs_that_suite_alone(small_experiment, tmp_path):
-    """Each suite is reused by its own key: with tpp added, the pipeline starts evaluate runs for tpp only, and its
-    table joins them with the core results it already had."""
+    """Each suite is reused by its own key: with SCR added, the pipeline starts evaluate runs for SCR only, and its
+    table joins them with the core results it already had. The variants share SCR's model side (computed once)."""
     import yaml
 
     config = yaml.safe_load(small_experiment.read_text())
@@ -60,17 +62,21 @@ def test_adding_a_suite_runs_that_suite_alone(small_experiment, tmp_path):
     path.write_text(yaml.safe_dump(config))
     assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
     before = {r.info.run_id for r in step_runs("evaluate")}
-    config["evaluation"]["suites"] = ["core", "tpp"]
+    config["evaluation"]["suites"] = ["core", "scr"]
     path.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     new = [r for r in step_runs("evaluate") if r.info.run_id not in before]
-    assert len(new) >= 4 and {r.data.params["suites"] for r in new} == {"tpp"}
+    assert len(new) >= 4 and {r.data.params["suites"] for r in new} == {"scr"}
     assert all(r.info.status == "FINISHED" for r in new)
+    (folder,) = {r.data.params["shared_activations"] for r in new}  # one folder for the cell, gone once it is done
+    assert not os.path.exists(folder)
+    origins = sorted(r.data.tags["saecomp.scr.model_side"].split(" ")[0] for r in new)
+    assert origins == ["computed"] + ["loaded"] * (len(new) - 1), origins
     run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation.csv"))
-    assert table[["core.ce_loss_score", "tpp.tpp_threshold_2_total_metric"]].notna().all().all()
-    assert all(len(runs.split(",")) == 2 for runs in table["runs"])  # core from before, tpp from now
+    assert table[["core.ce_loss_score", "scr.scr_dir1_threshold_2"]].notna().all().all()
+    assert all(len(runs.split(",")) == 2 for runs in table["runs"])  # core from before, SCR from now
 
 
 def test_dry_run_prints_the_plan_and_computes_nothing(small_experiment, tracked_world, tmp_path):

@@ -117,6 +117,7 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
                 lines.append(
                     f"  {cell}: evaluate {', '.join(suites)} for pretrained, pruned25, pruned50, trained (+ the selected level), {tokens}"
                 )
+    lines.append("  compare          the paper's tables and figures from this pipeline's runs (report.html, tables.md/.tex, cells.csv)")
     return lines
 
 
@@ -330,6 +331,14 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                     per_layer_figure({layer: sweeps[(layer, hook)] for layer in layers}, f"{exp.name}: {hook} of {model_label}", path)
                     mlflow.log_artifact(str(path))
         mlflow.set_tags({"saecomp.prune_llm_run": prune_run, "saecomp.prune_sae_runs": ",".join(sae_runs)})
+        # compare: the paper's tables and figures from this pipeline's runs in the store, a report among its artifacts.
+        from entrypoints import compare as compare_step
+        from saecomp.tracking import collect_runs
+
+        compared = collect_runs([experiment_id_for(exp.name)], parent)
+        compare_key = compare_step.key_for(compared, parent, {})
+        compare_run = run_step("compare", {"experiment": experiment, "pipeline_run": parent, **runtime}, compare_key, exp.name, parent)
+        mlflow.log_artifacts(str(local_artifacts(compare_run, "report")), "compare")
         columns = ["hook", "variant", "selected", "mse", "explained_variance", "cossim", "l0", "ce_loss_with_sae", "ce_loss_without_sae"]
         core_text = ""
         if evaluations:
@@ -348,7 +357,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             f"held-out cross-entropy {llm['ce_loss_dense']:.4f} (dense) -> {llm['ce_loss_pruned']:.4f} (pruned)\n\n"
             f"SAEs on the pruned model (test tokens):\n{summary[columns].round(4).to_string(index=False)}\n\n"
             f"{core_text}"
-            f"pipeline run {run.info.run_id} (summary.csv, evaluation.csv); prune_llm run {prune_run}; "
+            f"pipeline run {run.info.run_id} (summary.csv, evaluation.csv, compare/report.html); prune_llm run {prune_run}; "
             f"prune_sae runs {', '.join(sae_runs)}\n"
             f"tracking store: {mlflow.get_tracking_uri()} -- browse with `mlflow ui` and open http://127.0.0.1:5000"
         )

@@ -2,6 +2,8 @@
 a machine.
 
     world or model -> prune_llm -> train_sae (dense and pruned) -> prune_sae -> evaluate        per hook and layer
+                                                                                 -> compare   once, over all cells
+                                                                                 [-> publish  on request]
 
 A step's key (``tracking.step_key``) hashes its resolved inputs, the ids of the upstream runs it used and the source
 of the modules listed in ``code`` here: editing one of those files makes that step's finished runs stale, and only
@@ -65,6 +67,24 @@ STEPS: dict[str, Step] = {
             gpu=True,
             memory_gb=4,
             per_cell=True,
+        ),
+        Step(
+            "compare",
+            ("prune_llm", "prune_sae", "evaluate"),
+            ("compare.py",),
+            "the ids of the finished runs it reads (the selection only decides which runs those are)",
+            gpu=False,
+            memory_gb=2,
+            per_cell=False,
+        ),
+        Step(
+            "publish",
+            ("prune_llm", "prune_sae", "evaluate"),
+            ("publish.py",),
+            "never reused (an upload is an action): the repo, the SAEs and the flags are its params",
+            gpu=False,
+            memory_gb=2,
+            per_cell=False,
         ),
     )
 }

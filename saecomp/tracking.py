@@ -560,3 +560,42 @@ def prepare_store(concurrent: bool) -> None:
             _upgrade_db(engine)  # an older MLflow's file: what `mlflow db upgrade` runs
     finally:
         engine.dispose()
+
+
+COMPARED_STEPS = ("prune_llm", "prune_sae", "evaluate")
+
+
+def collect_runs(experiment_ids: list[str], pipeline_run: str | None = None, tags: dict[str, str] | None = None):
+    """The finished runs compare reads (``compare.RunRecord``), from the store only: the prune_llm, prune_sae and
+    evaluate runs of the experiments, narrowed to one pipeline run's (the runs it started and the runs it reused)
+    and to runs carrying every tag in ``tags``."""
+    from saecomp.compare import RunRecord
+
+    client = MlflowClient()
+    wanted = None
+    if pipeline_run is not None:
+        parent = client.get_run(pipeline_run)
+        wanted = {r for r in parent.data.tags.get("saecomp.reused_runs", "").split(",") if r}
+        wanted |= {parent.data.tags[t] for t in ("saecomp.prune_llm_run",) if parent.data.tags.get(t)}
+    query = "attributes.status = 'FINISHED'"  # (tags take no IN: the steps are picked below)
+    for name, value in (tags or {}).items():
+        query += f" and tags.`{name}` = '{value}'"
+    records = []
+    for run in client.search_runs(experiment_ids, query, max_results=50000):
+        if run.data.tags.get(STEP_TAG) not in COMPARED_STEPS:
+            continue
+        if wanted is not None and run.info.run_id not in wanted and run.data.tags.get("mlflow.parentRunId") != pipeline_run:
+            continue
+        records.append(
+            RunRecord(
+                run.info.run_id,
+                run.data.tags[STEP_TAG],
+                run.data.tags.get("mlflow.runName", run.info.run_name or ""),
+                run.info.start_time,
+                run.info.experiment_id,
+                dict(run.data.params),
+                dict(run.data.metrics),
+                dict(run.data.tags),
+            )
+        )
+    return records

@@ -29,7 +29,7 @@ def test_an_edit_invalidates_its_step_and_only_what_depends_on_it(tmp_path, monk
     after = {name: tracking.step_key(name, {"x": 1}) for name in graph.STEPS}
     changed = {name for name in graph.STEPS if before[name] != after[name]}
     assert changed == {"prune_sae"}  # evaluate reruns too, through the new prune_sae run id in its key
-    assert graph.downstream("prune_sae") == ["prune_sae", "evaluate"]
+    assert graph.downstream("prune_sae") == ["prune_sae", "evaluate", "compare", "publish"]
     assert graph.downstream("build_world") == list(graph.STEPS)
 
 

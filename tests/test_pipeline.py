@@ -21,8 +21,12 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     first = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment), "--jobs", "2"], catch_exceptions=False)
     assert first.exit_code == 0, first.output
     assert "SAEs on the pruned model (test tokens)" in first.output
-    counts = {step: len(step_runs(step)) for step in ("build_world", "prune_llm", "train_sae", "prune_sae", "evaluate")}
+    counts = {step: len(step_runs(step)) for step in ("build_world", "prune_llm", "train_sae", "prune_sae", "evaluate", "compare")}
     run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
+    # compare's report, built from the store, is among the pipeline run's artifacts; its Table 1 is the evaluations'
+    report = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare")
+    cells = pd.read_csv(f"{report}/cells.csv", keep_default_na=False)
+    assert os.path.exists(f"{report}/report.html") and set(cells.loc[cells["table"] == "table1", "status"]) == {"ok"}
     summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="summary.csv"))
     assert set(summary["hook"]) == {"blocks.1.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"}
     assert {"pretrained", "pruned25", "pruned50", "trained"} <= set(summary["variant"])
@@ -32,6 +36,9 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation.csv"))
     assert len(table) >= 12 and {"pretrained", "pruned25", "pruned50", "trained"} <= set(table["variant"])
     assert table[["core.ce_loss_score", "core.kl_div_score", "core.explained_variance_centred"]].notna().all().all()
+    mse = cells[(cells["table"] == "table1") & (cells["metric"] == "mse")].set_index(["hook", "variant"])["value"].astype(float)
+    for _, row in table.iterrows():
+        assert mse[(row["hook"], row["variant"])] == row["core.mse"]
 
     # Browsable: the steps sit in the experiment named after the file, nested under the pipeline run that made them.
     client = mlflow.MlflowClient()
@@ -86,7 +93,8 @@ def test_dry_run_prints_the_plan_and_computes_nothing(small_experiment, tracked_
     from saecomp.config import load_experiment
     from saecomp.tracking import find_finished_run
 
-    everything = {step: len(step_runs(step)) for step in ("build_world", "prune_llm", "train_sae", "prune_sae", "evaluate", "pipeline")}
+    steps = ("build_world", "prune_llm", "train_sae", "prune_sae", "evaluate", "compare", "pipeline")
+    everything = {step: len(step_runs(step)) for step in steps}
     config = yaml.safe_load(small_experiment.read_text())
     config.setdefault("llm_pruning", {})["sparsity"] = 0.4  # a model nobody pruned yet: it and what builds on it will run
     path = tmp_path / "planned.yaml"

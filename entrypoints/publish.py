@@ -1,0 +1,216 @@
+"""publish: pruned SAEs to a Hugging Face Hub repository in SAELens's layout, with a model card.
+
+    mlflow run . -e publish -P repo=<user>/<name> -P dry_run=true       # the exact folder and card, locally; no upload
+    mlflow run . -e publish -P repo=<user>/<name>                       # each hook's selected level (private repo)
+    mlflow run . -e publish -P repo=<user>/<name> -P sae=runs:/<prune_sae run>/saes/pruned-0.5 -P with_model=true
+
+By default every hook and layer's pruned SAE at the level the selection rule picked (the newest finished prune_sae run
+of each cell of the experiment); a level whose selection was not met is published only when named with `sae`. The
+token comes from HF_TOKEN or `huggingface-cli login`; it is never logged. New repositories are private unless
+`public=true`; existing files are replaced only with `overwrite=true`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import uuid
+from pathlib import Path
+
+import click
+
+from entrypoints.common import experiment_option, fail, load
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+CORE = ("core.ce_loss_score", "core.kl_div_score", "core.explained_variance", "core.mse", "core.cossim", "core.l0")
+
+
+def flag(name: str, value: str | None) -> bool:
+    if value in (None, ""):
+        return False
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    fail(f"{name}={value!r} is not valid; valid: true or false")
+
+
+@click.command()
+@experiment_option
+@click.option("--repo", help="The Hub repository, <user or org>/<name>.")
+@click.option("--sae", help="Comma-separated SAEs: runs:/<prune_sae run>/saes/pruned-<level> (default: each cell's selected level).")
+@click.option("--dry_run", help="true: write the exact folder and card as this run's artifact; upload nothing.")
+@click.option("--public", help="true: create the repository public (default: private).")
+@click.option("--overwrite", help="true: replace files the repository already has (default: refuse).")
+@click.option("--with_model", help="true: also push the pruned checkpoint to <repo>-pruned-model and name it in the SAEs' metadata.")
+def main(experiment, repo, sae, dry_run, public, overwrite, with_model) -> None:
+    exp = load(experiment, {}, check_device=False)
+    given = {"dry_run": dry_run, "public": public, "overwrite": overwrite, "with_model": with_model}
+    dry_run, public, overwrite, with_model = (flag(name, value) for name, value in given.items())
+    if not repo or not REPO_ID.match(repo):
+        fail(f"repo={repo!r} is not valid; valid: <user or org>/<name>, e.g. me/tiny-gpt2-pruned-saes")
+    if not dry_run:
+        from huggingface_hub import get_token
+
+        if get_token() is None:
+            fail("no Hugging Face token; valid: set HF_TOKEN or run `huggingface-cli login` (or dry_run=true)")
+    chosen = choose(exp, sae)
+    run_publish(exp, experiment, repo, chosen, dry_run, public, overwrite, with_model)
+
+
+def choose(exp, named: str | None) -> list[tuple[str, str, bool]]:
+    """[(prune_sae run id, level, named explicitly)]: the named SAEs, or each cell's selected level where it was met."""
+    import mlflow
+
+    from saecomp.tracking import STEP_TAG, local_artifacts
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(exp.name)
+    if named:
+        chosen = []
+        for item in [s.strip() for s in named.split(",") if s.strip()]:
+            match = re.fullmatch(r"runs:/([0-9a-f]{32})/saes/pruned-([0-9.]+)", item)
+            if not match:
+                fail(f"sae={item!r} is not valid; valid: runs:/<prune_sae run id>/saes/pruned-<level>")
+            try:
+                run = client.get_run(match.group(1))
+            except mlflow.exceptions.MlflowException:
+                fail(f"sae={item!r}: no run {match.group(1)} in {mlflow.get_tracking_uri()}")
+            if run.data.tags.get(STEP_TAG) != "prune_sae" or run.info.status != "FINISHED":
+                fail(f"sae={item!r}: run {match.group(1)} is not a finished prune_sae run")
+            chosen.append((match.group(1), match.group(2), True))
+        return chosen
+    if experiment is None:
+        fail(f"the tracking store {mlflow.get_tracking_uri()} has no experiment {exp.name!r}; valid: run `mlflow run .` first")
+    runs = client.search_runs([experiment.experiment_id], f"attributes.status = 'FINISHED' and tags.`{STEP_TAG}` = 'prune_sae'")
+    newest = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        newest[(run.data.tags.get("layer"), run.data.tags.get("hook"))] = run
+    if not newest:
+        fail(f"experiment {exp.name!r} has no finished prune_sae run; valid: run `mlflow run .` (or -e prune_sae) first")
+    chosen = []
+    for (layer, hook), run in sorted(newest.items()):
+        selection = json.loads((local_artifacts(run.info.run_id, "selection.json")).read_text())
+        level = f"{selection['selected']:g}"
+        if selection.get("met"):
+            chosen.append((run.info.run_id, level, False))
+        else:
+            explicit = f"runs:/{run.info.run_id}/saes/pruned-{level}"
+            click.echo(
+                f"[publish] blocks.{layer}.{hook}: the selection ({selection['metric']} within {selection['tolerance']} of the "
+                f"trained SAE's) was not met at any level; not published (name it to publish anyway: -P sae={explicit})",
+                err=True,
+            )
+    if not chosen:
+        fail("no cell met its selection; valid: name the SAEs to publish with sae=runs:/<prune_sae run>/saes/pruned-<level>")
+    return chosen
+
+
+def gather(exp, experiment: str, chosen, companion: str | None):
+    """The SAEs to stage (saecomp.publish.PublishedSAE), their provenance and evaluation read from the store."""
+    import mlflow
+
+    from saecomp.publish import PublishedSAE, rebuild_command, sae_id_for
+    from saecomp.tracking import STEP_TAG, local_artifacts
+
+    client = mlflow.MlflowClient()
+    out = []
+    for run_id, level, named in chosen:
+        run = client.get_run(run_id)
+        path = f"saes/pruned-{level}"
+        try:
+            folder = local_artifacts(run_id, path)
+        except Exception:
+            fail(f"sae=runs:/{run_id}/{path}: the run has no such SAE; valid: a level it logged under saes/")
+        prune_llm = run.data.params.get("pruned_model_run") or run.data.tags.get("pruned_model_run")
+        llm = client.get_run(prune_llm).data.params if prune_llm else {}
+        hook_name = f"blocks.{run.data.tags['layer']}.{run.data.tags['hook']}"
+        selection = json.loads(local_artifacts(run_id, "selection.json").read_text())
+        seq_len = llm.get("calibration.seq_len")
+        seq_len = "the model's context of" if seq_len in (None, "None") else seq_len
+        pruned_model = {
+            "base_model": llm.get("model", exp.model),
+            "method": llm.get("method"),
+            "sparsity": llm.get("sparsity"),
+            "nm": llm.get("nm"),
+            "calibration": f"{llm.get('calibration.n_sequences')} sequences of {seq_len} tokens from "
+            f"{llm.get('calibration.dataset') if llm.get('calibration.dataset') not in (None, 'None') else llm.get('data.dataset')}, "
+            f"seed {llm.get('calibration.seed')}",
+            "rebuild_command": rebuild_command(experiment, llm),
+            "prune_llm_run": prune_llm,
+        }
+        if companion:
+            pruned_model["repo"] = companion
+        source = f"runs:/{run_id}/{path}"
+        evaluations = client.search_runs(
+            [run.info.experiment_id], f"attributes.status = 'FINISHED' and tags.`{STEP_TAG}` = 'evaluate' and tags.sae_source = '{source}'"
+        )
+        evaluation = {}
+        for evaluated in sorted(evaluations, key=lambda r: r.info.start_time):  # the newest wins
+            evaluation.update({k: v for k, v in evaluated.data.metrics.items() if k in CORE})
+        provenance = {
+            "prune_sae_run": run_id,
+            "prune_llm_run": prune_llm,
+            "code": run.data.tags.get("saecomp.code", "?"),
+            "git_commit": run.data.tags.get("mlflow.source.git.commit", "?"),
+            "experiment_file": experiment,
+            "named_explicitly": named,
+        }
+        method = run.data.params.get("method") or run.data.tags.get("method", "pruned")
+        out.append(PublishedSAE(Path(folder), sae_id_for(hook_name, method, float(level)), pruned_model, provenance, selection, evaluation))
+    return out, (out[0].pruned_model["prune_llm_run"] if out else None)
+
+
+def run_publish(exp, experiment, repo, chosen, dry_run, public, overwrite, with_model) -> str:
+    import mlflow
+
+    from saecomp.publish import refuse_clashes, stage, upload
+    from saecomp.tracking import local_artifacts, step_key, step_run
+
+    say = lambda line: click.echo(f"[publish] {line}", err=True)  # noqa: E731
+    companion = f"{repo}-pruned-model" if with_model else None
+    saes, prune_llm = gather(exp, experiment, chosen, companion)
+    base_model = saes[0].pruned_model["base_model"]
+    params = {
+        "repo": repo,
+        "saes": ",".join(f"runs:/{run_id}/saes/pruned-{level}" for run_id, level, _ in chosen),
+        "dry_run": dry_run,
+        "public": public,
+        "overwrite": overwrite,
+        "with_model": with_model,
+    }
+    key = step_key("publish", {**params, "attempt": uuid.uuid4().hex})  # an action, never reused
+    name = f"publish · {repo}" + (" (dry run)" if dry_run else "")
+    description = f"{len(saes)} pruned SAE(s) to {repo}" + (": dry run, the folder is this run's publish/ artifact." if dry_run else ".")
+    with step_run("publish", key, params, exp.name, name, description) as run, tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / repo.split("/")[1]
+        digests = stage(saes, repo, folder, base_model)
+        mlflow.log_dict(digests, "publish_manifest.json")
+        for sae in saes:
+            say(f"{sae.sae_id}: from prune_sae run {sae.provenance['prune_sae_run']}")
+        if dry_run:
+            mlflow.log_artifacts(str(folder), "publish")
+            say(f"dry run: {len(digests)} files staged; nothing uploaded (the run's publish/ artifact; SAE.load_from_disk reads each SAE)")
+        else:
+            checkpoint = Path(local_artifacts(prune_llm, "pruned_model")) if companion else None
+            try:  # every repository checked before anything is uploaded
+                replaced = refuse_clashes(folder, repo, overwrite) + (refuse_clashes(checkpoint, companion, overwrite) if companion else [])
+            except FileExistsError as error:
+                fail(str(error))
+            if replaced:
+                say(f"overwrite=true: replacing {', '.join(replaced)}")
+            if companion:
+                model = upload(checkpoint, companion, not public, f"saecomp: pruned model (prune_llm run {prune_llm})")
+                mlflow.set_tags({"saecomp.hub.model_repo": companion, "saecomp.hub.model_commit": model["commit"]})
+                say(f"{companion}: {len(model['files'])} files, commit {model['commit']}")
+            result = upload(folder, repo, not public, f"saecomp: {len(saes)} pruned SAE(s) (publish run {run.info.run_id})")
+            mlflow.set_tags({"saecomp.hub.repo": repo, "saecomp.hub.commit": result["commit"]})
+            mlflow.log_dict(result, "uploaded.json")
+            mlflow.log_artifact(str(folder / "README.md"), "publish")
+            say(f"{repo}: {len(result['files'])} files, commit {result['commit']} ({result['url']})")
+    return run.info.run_id
+
+
+if __name__ == "__main__":
+    main()

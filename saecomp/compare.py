@@ -1,0 +1,466 @@
+"""The paper's tables and figures, built from finished runs of the tracking store (and nothing else).
+
+Input: ``RunRecord``s (``tracking.collect_runs`` reads them from the store) and, for the figures, the prune_sae runs'
+sweep tables. Every number in a table is one cell of ``cells()``: a (table, model, hook, metric, variant) with its
+value, its status (``ok``, ``missing`` or ``not applicable``) and the run it comes from. A cell no run fills stays
+missing; nothing is filled in. Where several finished runs fill one cell, the newest wins and the cell says how many
+there were.
+
+Tables (SAEBench metric names; each per model, rows hook x metric, columns the SAE variants):
+
+- ``table1``: the paper's Table 1, SAEBench core's reconstruction metrics; for Gemma-2-2B at layer 12 also
+  ``table1_vs_paper``, ours beside the paper's published numbers (``saecomp/paper/``) and the difference;
+- ``core``: the appendix's other core metrics (and our centred explained variance beside SAEBench's);
+- ``absorption``, ``scr`` and ``tpp`` per number of latents k, ``sparse_probing`` top-k, ``ravel``;
+- ``llm_pruning``: dense against pruned cross-entropy per pruned model (prune_llm runs).
+
+Uncertainties are not computed yet: the report says so instead of marking differences.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+VARIANTS = ("pretrained", "pruned25", "pruned50", "trained")
+"""The paper's four SAE variants, in its column order; other variants (a selected level) follow them."""
+
+HOOK_LABELS = {"attn.hook_z": "Attention", "hook_mlp_out": "MLP", "hook_resid_post": "Post Residual"}
+"""The paper's names for the outputs an SAE reads."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What compare reads of one finished run."""
+
+    run_id: str
+    step: str
+    name: str
+    start_time: int  # ms since the epoch: the newest run fills a cell
+    experiment_id: str = "0"
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    title: str
+    suite: str
+    metrics: tuple[str, ...] = ()  # fixed rows; else ``pattern`` picks them from the runs' metric names
+    pattern: str | None = None  # a regex on the metric name (after ``<suite>.``), its group the k
+
+
+TABLES = (
+    TableSpec(
+        "table1",
+        "Table 1: SAEBench core reconstruction metrics",
+        "core",
+        ("kl_div_score", "kl_div_with_sae", "ce_loss_score", "ce_loss_with_sae", "ce_loss_without_sae", "explained_variance", "mse",
+         "cossim"),
+    ),  # fmt: skip
+    TableSpec(
+        "core",
+        "Core metrics (appendix; explained_variance_centred is ours, SAEBench's explained_variance does not centre)",
+        "core",
+        ("l0", "l1", "explained_variance", "explained_variance_centred", "frac_alive", "l2_ratio", "relative_reconstruction_bias",
+         "ce_loss_with_ablation", "kl_div_with_ablation"),
+    ),  # fmt: skip
+    TableSpec(
+        "absorption",
+        "Feature absorption (Figure 2)",
+        "absorption",
+        ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features"),
+    ),
+    TableSpec("scr", "SCR per number of ablated latents k (Figure 3)", "scr", pattern=r"scr_metric_threshold_(\d+)"),
+    TableSpec("tpp", "TPP per number of ablated latents k (Figure 4)", "tpp", pattern=r"tpp_threshold_(\d+)_total_metric"),
+    TableSpec(
+        "sparse_probing",
+        "Sparse probing: test accuracy of the model's and the SAE's top-k latents' probes",
+        "sparse_probing",
+        pattern=r"((?:llm|sae)(?:_top_\d+)?_test_accuracy)",
+    ),
+    TableSpec(
+        "ravel",
+        "RAVEL (SAEBench's scores; residual_patch_cause, fact_accuracy and n_entities_kept are ours)",
+        "ravel",
+        ("disentanglement_score", "cause_score", "isolation_score", "residual_patch_cause", "fact_accuracy", "n_entities_kept"),
+    ),
+)
+
+
+def hook_of(record: RunRecord) -> str:
+    return f"blocks.{record.tags.get('layer', '?')}.{record.tags.get('hook', '?')}"
+
+
+def model_of(record: RunRecord) -> str:
+    return record.params.get("base_model", "?")
+
+
+def _variant_order(variants: Iterable[str]) -> list[str]:
+    variants = set(variants)
+    if all(": " in v for v in variants):  # table1_vs_paper: "<variant>: ours | paper | ours - paper"
+        bases = _variant_order({v.split(": ")[0] for v in variants})
+        return [f"{b}: {c}" for b in bases for c in PAPER_COLUMNS if f"{b}: {c}" in variants]
+    rest = sorted(variants - set(VARIANTS), key=lambda v: (not v.startswith("pruned"), v))
+    return [v for v in VARIANTS if v in variants] + rest
+
+
+def _k_sort(metric: str):
+    numbers = re.findall(r"\d+", metric)
+    return (re.sub(r"\d+", "", metric), int(numbers[0]) if numbers else -1)
+
+
+def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
+    """Every cell of every table, one row each: table, model, hook, metric, variant, value, status, run_id,
+    run_name, candidates (finished runs that filled it), note. Expected cells are the tables' metrics for every
+    (model, hook) an evaluate run covers and every variant of the paper or of a run there: what no run fills is a
+    ``missing`` row, never a number."""
+    evaluations = [r for r in records if r.step == "evaluate"]
+    rows = []
+    for model in sorted({model_of(r) for r in evaluations}):
+        on_model = [r for r in evaluations if model_of(r) == model]
+        hooks = sorted({hook_of(r) for r in on_model}, key=lambda h: (int(h.split(".")[1]) if h.split(".")[1].isdigit() else 0, h))
+        variants = _variant_order(set(VARIANTS) | {r.tags.get("variant", "unnamed") for r in on_model})
+        for spec in TABLES:
+            asked = [r for r in on_model if spec.suite in r.params.get("suites", "").split(",")]
+            if not asked:
+                continue  # no run of this selection was asked for the suite: no table, rather than one of gaps
+            metrics = list(spec.metrics)
+            if spec.pattern:
+                found = {m.split(".", 1)[1] for r in asked for m in r.metrics if m.startswith(f"{spec.suite}.")}
+                metrics = sorted((m for m in found if re.fullmatch(spec.pattern, m)), key=_k_sort)
+            for hook in hooks:
+                for variant in variants:
+                    candidates = sorted(
+                        (r for r in asked if hook_of(r) == hook and r.tags.get("variant", "unnamed") == variant),
+                        key=lambda r: r.start_time,
+                    )
+                    newest = candidates[-1] if candidates else None
+                    not_applicable = newest.tags.get(f"saecomp.{spec.suite}.not_applicable") if newest else None
+                    for metric in metrics:
+                        value = newest.metrics.get(f"{spec.suite}.{metric}") if newest else None
+                        status = "ok" if value is not None else "not applicable" if not_applicable else "missing"
+                        rows.append(
+                            {
+                                "table": spec.name,
+                                "model": model,
+                                "hook": hook,
+                                "metric": metric,
+                                "variant": variant,
+                                "value": value,
+                                "status": status,
+                                "run_id": newest.run_id if newest else "",
+                                "run_name": newest.name if newest else "",
+                                "candidates": len(candidates),
+                                "note": (not_applicable or "") if status == "not applicable" else "",
+                            }
+                        )
+    rows += _paper_cells(rows)
+    rows += _llm_pruning_cells([r for r in records if r.step == "prune_llm"])
+    columns = ["table", "model", "hook", "metric", "variant", "value", "status", "run_id", "run_name", "candidates", "note"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+PAPER_TABLE1 = Path(__file__).parent / "paper" / "gemma-2-2b_table1.csv"
+PAPER_MODEL, PAPER_LAYER = "google/gemma-2-2b", 12
+PAPER_COLUMNS = ("ours", "paper", "ours - paper")
+
+
+def paper_table1() -> pd.DataFrame:
+    """The paper's Table 1 (Gemma-2-2B, layer 12), as transcribed in ``saecomp/paper/``: output, metric, variant, value."""
+    return pd.read_csv(PAPER_TABLE1, comment="#")
+
+
+def _paper_cells(rows: list[dict]) -> list[dict]:
+    """``table1_vs_paper``: for Gemma-2-2B, our Table 1 cells at layer 12 beside the paper's published number and the
+    difference, per variant. The paper's numbers come from its code (its WANDA and SAEBench deviations, which our
+    ``wanda-seed`` reproduces); they print beside every Gemma-2-2B model we pruned, ``wanda`` and ``wanda-seed`` alike."""
+    paper = {(r.output, r.metric, r.variant): r.value for r in paper_table1().itertuples()}
+    outputs = {f"blocks.{PAPER_LAYER}.{hook}": label for hook, label in HOOK_LABELS.items()}
+    out = []
+    for row in rows:
+        if row["table"] != "table1" or not row["model"].startswith(PAPER_MODEL) or row["hook"] not in outputs:
+            continue
+        published = paper.get((outputs[row["hook"]], row["metric"], row["variant"]))
+        ours = row["value"] if row["status"] == "ok" else None
+        values = {"ours": ours, "paper": published, "ours - paper": None if ours is None or published is None else ours - published}
+        for column, value in values.items():
+            source = row if column == "ours" else {"run_id": "", "run_name": "", "candidates": 0}
+            note = "the paper's Table 1 (saecomp/paper/gemma-2-2b_table1.csv)" if column == "paper" else ""
+            out.append(
+                {
+                    **row,
+                    "table": "table1_vs_paper",
+                    "variant": f"{row['variant']}: {column}",
+                    "value": value,
+                    "status": "ok" if value is not None else row["status"] if column == "ours" else "missing",
+                    "run_id": source["run_id"],
+                    "run_name": source["run_name"],
+                    "candidates": source["candidates"],
+                    "note": note,
+                }
+            )
+    return out
+
+
+LLM_PRUNING_METRICS = ("ce_loss_dense", "ce_loss_pruned", "sparsity_actual")
+
+
+def _llm_pruning_cells(runs: list[RunRecord]) -> list[dict]:
+    """The LLM pruning table: per pruned model (base model, method, amount), dense against pruned held-out CE."""
+    rows, groups = [], {}
+    for run in sorted(runs, key=lambda r: r.start_time):
+        p = run.params
+        amount = p.get("nm") if p.get("nm") not in (None, "", "unstructured", "None") else f"{float(p.get('sparsity', 'nan')):.0%}"
+        groups.setdefault((p.get("model", "?"), p.get("method", "?"), amount), []).append(run)
+    for (model, method, amount), group in sorted(groups.items()):
+        newest = group[-1]
+        for metric in LLM_PRUNING_METRICS:
+            value = newest.metrics.get(metric)
+            rows.append(
+                {
+                    "table": "llm_pruning",
+                    "model": model,
+                    "hook": f"{method} {amount}",
+                    "metric": metric,
+                    "variant": "value",
+                    "value": value,
+                    "status": "ok" if value is not None else "missing",
+                    "run_id": newest.run_id,
+                    "run_name": newest.name,
+                    "candidates": len(group),
+                    "note": "",
+                }
+            )
+    return rows
+
+
+def wide(table_cells: pd.DataFrame) -> pd.DataFrame:
+    """One table's cells as the paper prints it: rows (hook, metric), a column per variant; missing cells NaN."""
+    variants = _variant_order(table_cells["variant"].unique())
+    order = {key: i for i, key in enumerate(dict.fromkeys(zip(table_cells["hook"], table_cells["metric"], strict=True)))}
+    frame = table_cells.pivot_table(index=["hook", "metric"], columns="variant", values="value", aggfunc="first", dropna=False)
+    frame = frame.reindex(columns=variants)
+    return frame.reindex(sorted(frame.index, key=lambda k: order.get(k, len(order))))
+
+
+def _display(cell: pd.Series) -> str:
+    if cell["status"] == "ok":
+        value = float(cell["value"])
+        if value.is_integer() and abs(value) >= 1:
+            return f"{value:.0f}"
+        return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
+    return "n/a" if cell["status"] == "not applicable" else "—"
+
+
+def display_grid(table_cells: pd.DataFrame) -> tuple[list[str], list[list[str]], list[list[pd.Series | None]]]:
+    """(header, rows of display strings, the cell behind each value) for one table of one model."""
+    variants = _variant_order(table_cells["variant"].unique())
+    keys = list(dict.fromkeys(zip(table_cells["hook"], table_cells["metric"], strict=True)))
+    index = {(c["hook"], c["metric"], c["variant"]): c for _, c in table_cells.iterrows()}
+    header = ["pruning" if table_cells["table"].iloc[0] == "llm_pruning" else "hook", "metric", *variants]
+    rows, sources = [], []
+    for hook, metric in keys:
+        found = [index.get((hook, metric, v)) for v in variants]
+        rows.append([hook, metric, *[_display(c) if c is not None else "—" for c in found]])
+        sources.append([None, None, *found])
+    return header, rows, sources
+
+
+def markdown(all_cells: pd.DataFrame) -> str:
+    """Every table, per model, as Markdown: what compare prints and logs."""
+    parts = []
+    for (table, model), group in _groups(all_cells):
+        header, rows, _ = display_grid(group)
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        parts.append(f"### {title_of(table)}\n\non `{model}`\n\n" + "\n".join(lines))
+    return "\n\n".join(parts) + "\n\n— missing (no finished run fills the cell); n/a not applicable (the run's tag says why).\n"
+
+
+def _latex_escape(text: str) -> str:
+    return re.sub(r"([_%&#$])", r"\\\1", str(text)).replace("—", "--")
+
+
+def latex(all_cells: pd.DataFrame) -> str:
+    """Every table, per model, as a LaTeX tabular (booktabs)."""
+    parts = []
+    for (table, model), group in _groups(all_cells):
+        header, rows, _ = display_grid(group)
+        spec = "ll" + "r" * (len(header) - 2)
+        body = [" & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
+        body += [" & ".join(_latex_escape(c) for c in row) + r" \\" for row in rows]
+        head = f"% {title_of(table)} -- on {model}\n\\begin{{tabular}}{{{spec}}}\n\\toprule\n"
+        parts.append(head + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}")
+    return "\n\n".join(parts) + "\n"
+
+
+def title_of(table: str) -> str:
+    for spec in TABLES:
+        if spec.name == table:
+            return spec.title
+    titles = {
+        "llm_pruning": "LLM pruning: held-out cross-entropy, dense against pruned",
+        "table1_vs_paper": "Table 1 beside the paper's (Gemma-2-2B, layer 12; the paper's numbers come from its own code)",
+    }
+    return titles.get(table, table)
+
+
+def _groups(all_cells: pd.DataFrame):
+    order = ["table1", "table1_vs_paper", *[s.name for s in TABLES[1:]], "llm_pruning"]
+    keys = set(zip(all_cells["table"], all_cells["model"], strict=True))
+    keys = sorted(keys, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1]))
+    for table, model in keys:
+        yield (table, model), all_cells[(all_cells["table"] == table) & (all_cells["model"] == model)]
+
+
+# --- figures ----------------------------------------------------------------------------------------------------
+
+
+def _figure_bytes(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def figures(all_cells: pd.DataFrame, sweeps: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, bytes]:
+    """PNG figures by file name. ``sweeps``: per hook name, (prune_sae's sweep.csv, its test_table.csv)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    by_layer = {}
+    for hook, (sweep, _) in sweeps.items():
+        by_layer.setdefault(hook.split(".", 2)[2], {})[int(hook.split(".")[1])] = sweep
+    # Figure 1 at one layer per output (the first swept), as the paper draws it; every layer is in Figures 5-7.
+    single = {f"blocks.{min(layers)}.{name}": sweeps[f"blocks.{min(layers)}.{name}"] for name, layers in by_layer.items()}
+    if single:  # Figure 1: reconstruction against the SAE's sparsity, with the pretrained and trained SAEs' levels
+        figure, axes = plt.subplots(1, len(single), figsize=(4.2 * len(single), 3.4), squeeze=False)
+        for axis, (hook, (sweep, reference)) in zip(axes[0], sorted(single.items()), strict=True):
+            axis.plot(sweep["sparsity"], sweep["mse"], marker="o", label="pruned SAE")
+            for variant, style in (("pretrained", "--"), ("trained", ":")):
+                level = reference.loc[reference["variant"] == variant, "mse"]
+                if len(level):
+                    axis.axhline(float(level.iloc[0]), linestyle=style, color="grey" if variant == "pretrained" else "black", label=variant)
+            axis.set(title=hook, xlabel="SAE sparsity", ylabel="MSE (test tokens)")
+            axis.legend(fontsize=7)
+        figure.suptitle("Figure 1: reconstruction of the pruned model's activations against SAE sparsity")
+        out["figure1_reconstruction.png"] = _figure_bytes(figure)
+    if any(len(layers) > 1 for layers in by_layer.values()):  # Figures 5-7: the sweep per layer, one panel per hook
+        figure, axes = plt.subplots(1, len(by_layer), figsize=(4.2 * len(by_layer), 3.4), squeeze=False)
+        for axis, (hook, layers) in zip(axes[0], sorted(by_layer.items()), strict=True):
+            for layer, sweep in sorted(layers.items()):
+                axis.plot(sweep["sparsity"], sweep["mse"], marker=".", label=f"layer {layer}")
+            axis.set(title=hook, xlabel="SAE sparsity", ylabel="MSE")
+            axis.legend(fontsize=6)
+        figure.suptitle("Figures 5-7: the sweep at every layer")
+        out["figures5-7_per_layer.png"] = _figure_bytes(figure)
+    ok = all_cells[all_cells["status"] == "ok"]
+    absorption = ok[(ok["table"] == "absorption") & (ok["metric"] == "mean_absorption_fraction_score")]
+    if len(absorption):  # Figure 2
+        frame = absorption.pivot_table(index="hook", columns="variant", values="value", aggfunc="first")
+        frame = frame.reindex(columns=_variant_order(frame.columns))
+        axis = frame.plot.bar(figsize=(6, 3.4), rot=0)
+        axis.set(ylabel="mean absorption fraction", title="Figure 2: absorption (lower is better)")
+        out["figure2_absorption.png"] = _figure_bytes(axis.figure)
+    for name, table, metric_label in (("figure3_scr.png", "scr", "SCR"), ("figure4_tpp.png", "tpp", "TPP")):
+        rows = ok[ok["table"] == table]
+        if not len(rows):
+            continue
+        hooks = sorted(rows["hook"].unique())
+        figure, axes = plt.subplots(1, len(hooks), figsize=(4.2 * len(hooks), 3.4), squeeze=False)
+        for axis, hook in zip(axes[0], hooks, strict=True):
+            here = rows[rows["hook"] == hook]
+            for variant in _variant_order(here["variant"].unique()):
+                line = here[here["variant"] == variant]
+                ks = [int(re.findall(r"\d+", m)[0]) for m in line["metric"]]
+                axis.plot(ks, line["value"], marker="o", label=variant)
+            axis.set(xscale="log", title=hook, xlabel="latents ablated (k)", ylabel=metric_label)
+            axis.legend(fontsize=7)
+        figure.suptitle(f"Figure {3 if table == 'scr' else 4}: {metric_label} against k")
+        out[name] = _figure_bytes(figure)
+    return out
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, provenance: list[str]) -> str:
+    """One self-contained HTML page (tables, figures inlined): it opens in the MLflow UI's artifact viewer. Every
+    value names its run in its tooltip and in the sources list; missing cells are marked."""
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 24px}"
+        "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}th{background:#f2f2f2}"
+        "td.key{text-align:left}td.missing{background:#fde2e2;color:#a33}td.na{background:#eee;color:#777}"
+        "img{max-width:100%;border:1px solid #ddd;margin:6px 0}code{font-size:12px}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<p>Every value comes from one finished MLflow run: hover a cell for its run, or see the sources below. "
+        "<span style='background:#fde2e2'>&nbsp;—&nbsp;</span> no finished run fills the cell; "
+        "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
+        "Uncertainties are not computed yet, so no difference here is marked as significant.</p>",
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in provenance) + "</ul>",
+    ]
+    for (table, model), group in _groups(all_cells):
+        header, rows, sources = display_grid(group)
+        parts.append(f"<h2>{html.escape(title_of(table))}</h2><p>on <code>{html.escape(model)}</code></p><table>")
+        parts.append("<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+        for row, source in zip(rows, sources, strict=True):
+            cells_html = []
+            for text, cell in zip(row, source, strict=True):
+                if cell is None:
+                    cells_html.append(f"<td class='key'>{html.escape(text)}</td>")
+                    continue
+                css = {"ok": "", "missing": "missing", "not applicable": "na"}[cell["status"]]
+                tip = f"run {cell['run_id']} · {cell['run_name']}" if cell["run_id"] else "no finished run"
+                if cell["candidates"] > 1:
+                    tip += f" (newest of {cell['candidates']})"
+                if cell["note"]:
+                    tip += f" — {cell['note']}"
+                cells_html.append(f"<td class='{css}' title='{html.escape(tip, quote=True)}'>{html.escape(text)}</td>")
+            parts.append("<tr>" + "".join(cells_html) + "</tr>")
+        parts.append("</table>")
+    for name, png in pngs.items():
+        inline = base64.b64encode(png).decode()
+        parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{inline}'>")
+    sources = all_cells[all_cells["run_id"] != ""].drop_duplicates("run_id")[["run_id", "run_name", "table"]]
+    parts.append("<h2>Sources</h2><table><tr><th>run</th><th>name</th></tr>")
+    for r in sources.itertuples():
+        parts.append(f"<tr><td class='key'><code>{r.run_id}</code></td><td class='key'>{html.escape(r.run_name)}</td></tr>")
+    parts.append("</table></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], folder: Path, title: str, provenance: list[str]) -> list[Path]:
+    """Markdown, LaTeX, CSV (every cell with its run; one wide table per table and model), PNG figures and the HTML
+    report, in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    (folder / "tables.md").write_text(f"# {title}\n\n" + markdown(all_cells))
+    (folder / "tables.tex").write_text(latex(all_cells))
+    all_cells.to_csv(folder / "cells.csv", index=False)
+    written += [folder / "tables.md", folder / "tables.tex", folder / "cells.csv"]
+    for (table, model), group in _groups(all_cells):
+        path = folder / f"{table}__{re.sub(r'[^A-Za-z0-9.+-]+', '_', model)}.csv"
+        wide(group).to_csv(path)
+        written.append(path)
+    for name, png in pngs.items():
+        (folder / name).write_bytes(png)
+        written.append(folder / name)
+    (folder / "report.html").write_text(html_report(all_cells, pngs, title, provenance))
+    written.append(folder / "report.html")
+    return written

@@ -1,0 +1,186 @@
+"""compare: the paper's tables from the tracking store. A synthetic store (runs with known metrics, no compute) checks
+that every table cell is the metric of the run it names, that a missing variant shows as a gap, and that the report's
+LaTeX and HTML are well formed."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from entrypoints import compare as compare_step
+from saecomp import compare
+from saecomp.tracking import collect_runs
+
+EXPERIMENT = "compare-synthetic"
+HOOKS = (("attn.hook_z", 2), ("hook_resid_post", 2))
+
+
+def _run(experiment_id: str, step: str, name: str, tags: dict, params: dict, metrics: dict, files: dict | None = None, tmp=None) -> str:
+    client = mlflow.MlflowClient()
+    run = client.create_run(experiment_id, tags={"saecomp.step": step, "mlflow.runName": name, **tags})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    for filename, frame in (files or {}).items():
+        path = tmp / filename
+        frame.to_csv(path, index=False)
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    time.sleep(0.01)  # distinct start times: the newest run fills a cell
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Evaluate runs for every (hook, variant) but pruned50 at hook_resid_post; one cell filled twice (older, newer);
+    a prune_llm run and a prune_sae run per hook with their sweep tables."""
+    tmp = tmp_path_factory.mktemp("compare")
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    model = "tiny-gpt2+prune_llm:abc"
+    _run(experiment_id, "prune_llm", "prune_llm · tiny-gpt2 wanda 50%", {}, {"model": "tiny-gpt2", "method": "wanda", "sparsity": "0.5",
+         "nm": "unstructured"}, {"ce_loss_dense": 1.41, "ce_loss_pruned": 1.42, "sparsity_actual": 0.5})  # fmt: skip
+    runs = {}
+    for n, (hook, layer) in enumerate(HOOKS):
+        sweep = pd.DataFrame({"sparsity": [0.25, 0.5, 0.9], "mse": [0.01, 0.02, 0.09]})
+        reference = pd.DataFrame({"variant": ["pretrained", "trained"], "mse": [0.009, 0.007]})
+        _run(experiment_id, "prune_sae", f"prune_sae · {hook}", {"hook": hook, "layer": str(layer)}, {}, {},
+             {"sweep.csv": sweep, "test_table.csv": reference}, tmp)  # fmt: skip
+        for v, variant in enumerate(compare.VARIANTS):
+            if hook == "hook_resid_post" and variant == "pruned50":
+                continue  # the gap
+            core = ("kl_div_score", "ce_loss_score", "mse", "cossim", "explained_variance")
+            metrics = {f"core.{m}": 0.5 + n / 10 + v / 100 for m in core}
+            metrics.update({f"scr.scr_metric_threshold_{k}": k / 1000 + v / 100 for k in (2, 20)})
+            tags = {"hook": hook, "layer": str(layer), "variant": variant}
+            if hook == "attn.hook_z":
+                tags["saecomp.ravel.not_applicable"] = "RAVEL reads hook_resid_post"
+            params = {"suites": "core,scr,ravel", "base_model": model}
+            runs[(hook, variant)] = _run(experiment_id, "evaluate", f"evaluate · {hook} · {variant}", tags, params, metrics)
+    # A newer run for one cell (core only): it wins core, SCR still comes from the older run.
+    tags = {"hook": "attn.hook_z", "layer": "2", "variant": "trained"}
+    newer = _run(experiment_id, "evaluate", "evaluate · newer", tags, {"suites": "core", "base_model": model}, {"core.mse": 0.123})
+    return {"experiment_id": experiment_id, "runs": runs, "newer": newer}
+
+
+def test_every_cell_is_the_metric_of_the_run_it_names(store):
+    cells = compare.cells(collect_runs([store["experiment_id"]]))
+    client = mlflow.MlflowClient()
+    ok = cells[cells["status"] == "ok"]
+    assert len(ok) > 40
+    for cell in ok.itertuples():
+        metrics = client.get_run(cell.run_id).data.metrics
+        name = {"llm_pruning": cell.metric}.get(cell.table, f"{'core' if cell.table in ('table1', 'core') else cell.table}.{cell.metric}")
+        assert metrics[name] == cell.value, cell
+    newest = cells[(cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "trained") & (cells["metric"] == "mse")]
+    assert set(newest["run_id"]) == {store["newer"]} and set(newest["value"]) == {0.123} and set(newest["candidates"]) == {2}
+    scr = cells[(cells["table"] == "scr") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "trained")]
+    assert set(scr["run_id"]) == {store["runs"][("attn.hook_z", "trained")]}  # the newer run did not run SCR
+    assert sorted(scr["metric"], key=lambda m: int(re.findall(r"\d+", m)[0])) == list(scr["metric"])  # k ascending
+
+
+def test_a_missing_variant_shows_as_a_gap_never_filled(store):
+    cells = compare.cells(collect_runs([store["experiment_id"]]))
+    gap = cells[(cells["hook"] == "blocks.2.hook_resid_post") & (cells["variant"] == "pruned50")]
+    assert len(gap) and set(gap["status"]) == {"missing"} and gap["value"].isna().all() and set(gap["run_id"]) == {""}
+    table1 = compare.wide(cells[cells["table"] == "table1"])
+    assert table1.loc[("blocks.2.hook_resid_post", "mse"), "pruned50"] != table1.loc[("blocks.2.hook_resid_post", "mse"), "pruned50"]  # NaN
+    row = next(line for line in compare.markdown(cells).splitlines() if line.startswith("| blocks.2.hook_resid_post | mse |"))
+    assert row.split("|")[1 + 2 + compare.VARIANTS.index("pruned50")].strip() == "—"
+    ravel = cells[(cells["table"] == "ravel") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "pretrained")]
+    assert set(ravel["status"]) == {"not applicable"} and set(ravel["note"]) == {"RAVEL reads hook_resid_post"}
+
+
+def test_every_latex_row_has_the_cells_its_column_specification_declares(store):
+    text = compare.latex(compare.cells(collect_runs([store["experiment_id"]])))
+    tabulars = re.findall(r"\\begin\{tabular\}\{([lrc]+)\}(.*?)\\end\{tabular\}", text, flags=re.S)
+    assert len(tabulars) >= 4
+    for spec, body in tabulars:
+        rows = [line for line in body.splitlines() if line.endswith(r"\\")]
+        assert rows and all(len(re.split(r"(?<!\\)&", row)) == len(spec) for row in rows), spec
+        assert all(re.search(r"(?<!\\)_", row) is None for row in rows)  # underscores escaped
+
+
+def test_compare_step_logs_the_report_and_the_html_renders(store, small_experiment, tmp_path):
+    config = yaml.safe_load(small_experiment.read_text())
+    config["name"] = EXPERIMENT
+    experiment = tmp_path / "synthetic.yaml"
+    experiment.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(compare_step.main, ["--experiment", str(experiment)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "Table 1: SAEBench core reconstruction metrics" in result.output
+    client = mlflow.MlflowClient()
+    (run,) = client.search_runs([store["experiment_id"]], "tags.`saecomp.step` = 'compare'", max_results=5)
+    assert run.info.status == "FINISHED"
+    folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="report", dst_path=str(tmp_path))
+    names = {p.name for p in Path(folder).iterdir()}
+    assert {"report.html", "tables.md", "tables.tex", "cells.csv", "figure1_reconstruction.png", "figure3_scr.png"} <= names
+    cells = pd.read_csv(f"{folder}/cells.csv", keep_default_na=False)
+    assert (cells.loc[cells["status"] == "ok", "run_id"] != "").all()  # every number names its run
+    page = open(f"{folder}/report.html").read()
+    assert store["newer"] in page and "newest of 2" in page and "class='missing'" in page
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium here to render the report")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}", "--window-size=1200,1600",
+                    f"file://{folder}/report.html"], check=True, capture_output=True, timeout=120)  # fmt: skip
+    from PIL import Image
+
+    pixels = Image.open(shot).convert("L")
+    assert pixels.size == (1200, 1600)
+    assert pixels.getextrema()[0] < 100  # text drawn on the white page (a blank or failed page is all white)
+
+
+def test_bad_selection_is_refused_before_any_run(store, small_experiment, tmp_path):
+    config = yaml.safe_load(small_experiment.read_text())
+    config["name"] = EXPERIMENT
+    experiment = tmp_path / "synthetic.yaml"
+    experiment.write_text(yaml.safe_dump(config))
+    before = len(mlflow.MlflowClient().search_runs([store["experiment_id"]], "tags.`saecomp.step` = 'compare'"))
+    for args, message in (
+        (["--pipeline_run", "0" * 32], "is not a run of"),
+        (["--pipeline_run", store["newer"]], "is not a pipeline run (it is an evaluate run); valid: the id of a pipeline run"),
+        (["--tag", "variant"], "tag='variant' is not valid; valid: name=value"),
+        (["--tag", "variant=nothing-like-this"], "no finished prune_llm, prune_sae or evaluate run"),
+    ):
+        result = CliRunner().invoke(compare_step.main, ["--experiment", str(experiment), *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    assert len(mlflow.MlflowClient().search_runs([store["experiment_id"]], "tags.`saecomp.step` = 'compare'")) == before
+
+
+def test_gemma_table1_prints_beside_the_papers_published_numbers():
+    paper = compare.paper_table1()
+    assert len(paper) == 3 * 8 * 4 and set(paper["variant"]) == set(compare.VARIANTS)
+    assert set(paper["metric"]) == set(compare.TABLES[0].metrics)  # the rows of our Table 1 are the paper's
+    gemma = "google/gemma-2-2b+prune_llm:x"
+    records = [
+        compare.RunRecord("r12", "evaluate", "evaluate · 12", 1, params={"suites": "core", "base_model": gemma},
+                          metrics={"core.mse": 0.5}, tags={"hook": "hook_mlp_out", "layer": "12", "variant": "pretrained"}),
+        compare.RunRecord("r11", "evaluate", "evaluate · 11", 2, params={"suites": "core", "base_model": gemma},
+                          metrics={"core.mse": 0.4}, tags={"hook": "hook_mlp_out", "layer": "11", "variant": "pretrained"}),
+    ]  # fmt: skip
+    cells = compare.cells(records)
+    beside = cells[cells["table"] == "table1_vs_paper"].set_index(["hook", "metric", "variant"])
+    assert set(beside.index.get_level_values("hook")) == {"blocks.12.hook_mlp_out"}  # the paper's layer only
+    assert beside.loc[("blocks.12.hook_mlp_out", "mse", "pretrained: ours"), "value"] == 0.5
+    assert beside.loc[("blocks.12.hook_mlp_out", "mse", "pretrained: paper"), "value"] == 0.546
+    assert abs(beside.loc[("blocks.12.hook_mlp_out", "mse", "pretrained: ours - paper"), "value"] - (0.5 - 0.546)) < 1e-12
+    assert beside.loc[("blocks.12.hook_mlp_out", "mse", "trained: ours"), "status"] == "missing"  # no run: a gap
+    assert beside.loc[("blocks.12.hook_mlp_out", "mse", "trained: paper"), "value"] == 0.352  # the paper's number still shows
+    header = next(line for line in compare.markdown(cells).splitlines() if line.startswith("| hook | metric | pretrained: ours"))
+    assert "pretrained: paper | pretrained: ours - paper | pruned25: ours" in header
+    tiny = compare.cells([compare.RunRecord("t", "evaluate", "e", 1, params={"suites": "core", "base_model": "tiny-gpt2"},
+                                            metrics={"core.mse": 0.1}, tags={"hook": "hook_mlp_out", "layer": "12"})])  # fmt: skip
+    assert "table1_vs_paper" not in set(tiny["table"])

@@ -1,0 +1,147 @@
+"""The local Hub of tests/hub_server.py, through the real huggingface_hub client and SAELens only: what it stores, the
+route each file takes (LFS or inline), and what it shows with and without the token."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from hub_server import HubServer, RecordedRequest, pointed_at
+from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from safetensors.torch import save_file
+
+TOKEN = "hf_hubServerTestToken0123456789abcdef"
+WEIGHTS = "blocks.2.hook_resid_post/wanda-0.25/sae_weights.safetensors"
+CFG = "blocks.2.hook_resid_post/wanda-0.25/cfg.json"
+
+
+@pytest.fixture
+def hub():
+    with HubServer(token=TOKEN) as server:
+        yield server
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A folder laid out as a published SAE repo: a card, and one SAE's cfg.json and weights."""
+    root = tmp_path / "upload"
+    sae_dir = root / "blocks.2.hook_resid_post" / "wanda-0.25"
+    sae_dir.mkdir(parents=True)
+    (sae_dir / "cfg.json").write_text(json.dumps({"d_in": 8, "d_sae": 16}))
+    save_file({"W_enc": torch.arange(128, dtype=torch.float32).reshape(8, 16)}, sae_dir / "sae_weights.safetensors")
+    (root / "README.md").write_text("---\nlibrary_name: saelens\n---\n# tiny SAEs\n")
+    return root
+
+
+def test_private_upload_takes_lfs_for_weights_and_downloads_back(hub, folder, tmp_path):
+    weights = (folder / WEIGHTS).read_bytes()
+    with pointed_at(hub, tmp_path / "hf_cache", token=TOKEN):
+        api = HfApi()
+        assert api.whoami()["name"] == "someone"
+        api.create_repo("someone/saes", private=True)
+        commit = api.upload_folder(repo_id="someone/saes", folder_path=str(folder), commit_message="add SAEs")
+        downloaded = hf_hub_download("someone/saes", WEIGHTS)
+        info = api.model_info("someone/saes")
+        assert api.file_exists("someone/saes", CFG) and not api.file_exists("someone/saes", "missing.json")
+        listed = api.list_repo_files("someone/saes")
+
+    with open(downloaded, "rb") as f:
+        assert f.read() == weights
+    assert info.private and info.sha == commit.oid == hub.commits("someone/saes")[-1].oid
+    assert sorted(s.rfilename for s in info.siblings) == sorted(listed) == [".gitattributes", "README.md", CFG, WEIGHTS]
+    assert hub.is_private("someone/saes")
+    assert hub.files("someone/saes")[WEIGHTS] == weights and hub.files("someone/saes")[CFG] == (folder / CFG).read_bytes()
+    # The weights went through the LFS batch API and a PUT of their own, and the commit only named them.
+    oid = hashlib.sha256(weights).hexdigest()
+    assert RecordedRequest("POST", "/someone/saes.git/info/lfs/objects/batch", True) in hub.requests
+    assert RecordedRequest("PUT", f"/someone/saes.git/info/lfs/objects/upload/{oid}", False) in hub.requests
+    assert hub.commits("someone/saes")[-1].lfs_paths == {WEIGHTS}  # cfg.json and README.md were inline
+    assert not any("xet" in request.path.lower() for request in hub.requests)
+
+
+def test_without_the_token_a_private_repo_does_not_exist_and_nothing_is_written(hub, folder, tmp_path):
+    with pointed_at(hub, tmp_path / "owner_cache", token=TOKEN):
+        HfApi().create_repo("someone/saes", private=True)
+        HfApi().upload_folder(repo_id="someone/saes", folder_path=str(folder))
+        HfApi().create_repo("someone/open", private=False)
+        HfApi().upload_folder(repo_id="someone/open", folder_path=str(folder))
+
+    with pointed_at(hub, tmp_path / "anonymous_cache"):
+        api = HfApi()
+        with pytest.raises(RepositoryNotFoundError):
+            api.model_info("someone/saes")
+        with pytest.raises(RepositoryNotFoundError):
+            hf_hub_download("someone/saes", CFG)
+        assert not api.file_exists("someone/saes", CFG)
+        with pytest.raises(RepositoryNotFoundError):
+            api.list_repo_files("someone/saes")
+        # a public repo is readable by anyone
+        assert not api.model_info("someone/open").private
+        with open(hf_hub_download("someone/open", WEIGHTS), "rb") as f:
+            assert f.read() == (folder / WEIGHTS).read_bytes()
+        # writes are refused
+        with pytest.raises(HfHubHTTPError) as refused:
+            api.create_repo("someone/other")
+        assert refused.value.response.status_code == 401
+        with pytest.raises(RepositoryNotFoundError) as refused:
+            api.upload_file(path_or_fileobj=b"{}", path_in_repo="new.json", repo_id="someone/open")
+        assert refused.value.response.status_code == 401
+    assert sorted(hub.commits("someone/open")[-1].files) == [".gitattributes", "README.md", CFG, WEIGHTS]
+
+    with pointed_at(hub, tmp_path / "bad_token_cache", token="hf_notTheServersToken"):
+        with pytest.raises(HfHubHTTPError) as refused:
+            HfApi().model_info("someone/open")
+        assert refused.value.response.status_code == 401
+
+
+def test_create_repo_conflicts_unless_exist_ok_and_pointed_at_restores_the_client(hub, tmp_path):
+    def client_settings():
+        return constants.ENDPOINT, constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET, os.environ.get("HF_ENDPOINT")
+
+    before = client_settings()
+    with pointed_at(hub, tmp_path / "hf_cache", token=TOKEN):
+        api = HfApi()
+        url = api.create_repo("someone/saes")
+        assert url.repo_id == "someone/saes"
+        with pytest.raises(HfHubHTTPError) as conflict:
+            api.create_repo("someone/saes")
+        assert conflict.value.response.status_code == 409
+        assert api.create_repo("someone/saes", exist_ok=True).repo_id == "someone/saes"
+    assert not hub.is_private("someone/saes") and len(hub.commits("someone/saes")) == 1
+    assert client_settings() == before
+
+
+def test_sae_lens_from_pretrained_loads_an_uploaded_sae(hub, tmp_path):
+    from sae_lens import SAE
+
+    sae = SAE.from_dict(
+        {"architecture": "standard", "d_in": 8, "d_sae": 16, "metadata": {"hook_name": "blocks.0.hook_resid_post", "model_name": "x"}}
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    sae.save_model(tmp_path / "sae")
+    sae_id = "blocks.0.hook_resid_post/wanda-0.25"
+
+    with pointed_at(hub, tmp_path / "upload_cache", token=TOKEN):
+        HfApi().create_repo("someone/tiny-saes", private=True)
+        HfApi().upload_folder(repo_id="someone/tiny-saes", folder_path=str(tmp_path / "sae"), path_in_repo=sae_id)
+    # A fresh cache: SAELens must fetch both files from the hub, with the token it finds in HF_TOKEN.
+    with pointed_at(hub, tmp_path / "load_cache", token=TOKEN):
+        loaded = SAE.from_pretrained("someone/tiny-saes", sae_id)
+
+    assert loaded.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+    original = sae.state_dict()
+    assert loaded.state_dict().keys() == original.keys()
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in original.items())
+    resolved = [r for r in hub.requests if "/resolve/" in r.path]
+    assert {r.path for r in resolved} >= {
+        f"/someone/tiny-saes/resolve/main/{sae_id}/cfg.json",
+        f"/someone/tiny-saes/resolve/main/{sae_id}/sae_weights.safetensors",
+    }
+    assert all(r.authorized for r in resolved)

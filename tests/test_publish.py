@@ -1,0 +1,183 @@
+"""publish: pruned SAEs to the Hub and back, through the real huggingface_hub client and SAELens, against a local Hub
+server on loopback (tests/hub_server.py). The store is synthetic (runs with real SAELens SAEs, no compute)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from hub_server import HubServer, pointed_at
+from sae_lens import SAE
+from safetensors.torch import save_file
+
+from entrypoints import publish as publish_step
+
+EXPERIMENT = "publish-synthetic"
+TOKEN = "hf_saecompTestToken0123456789abcdef"
+
+
+def small_sae(hook_name: str, seed: int) -> SAE:
+    sae = SAE.from_dict({"architecture": "topk", "d_in": 16, "d_sae": 64, "k": 4,
+                         "metadata": {"hook_name": hook_name, "model_name": "tiny-gpt2+prune_llm:abc"}})  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return sae
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A prune_llm run with its checkpoint, and two prune_sae runs: hook_resid_post met its selection, hook_mlp_out did not."""
+    tmp = tmp_path_factory.mktemp("publish")
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment(EXPERIMENT)
+    llm = client.create_run(experiment_id, tags={"saecomp.step": "prune_llm", "mlflow.runName": "prune_llm · tiny-gpt2 wanda 50%"})
+    params = {"model": "tiny-gpt2", "method": "wanda", "sparsity": "0.5", "nm": "unstructured", "calibration.n_sequences": "128",
+              "calibration.seq_len": "None", "calibration.seed": "0", "data.dataset": "tiny"}  # fmt: skip
+    for key, value in params.items():
+        client.log_param(llm.info.run_id, key, value)
+    checkpoint = tmp / "pruned_model"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    save_file({"w": torch.zeros(4, 4)}, checkpoint / "model.safetensors")
+    client.log_artifacts(llm.info.run_id, str(checkpoint), "pruned_model")
+    client.set_terminated(llm.info.run_id, "FINISHED")
+    saes = {}
+    for seed, (hook, met) in enumerate((("hook_resid_post", True), ("hook_mlp_out", False))):
+        run = client.create_run(experiment_id, tags={"saecomp.step": "prune_sae", "hook": hook, "layer": "1",
+                                                     "pruned_model_run": llm.info.run_id})  # fmt: skip
+        client.log_param(run.info.run_id, "method", "wanda")
+        client.log_param(run.info.run_id, "pruned_model_run", llm.info.run_id)
+        sae = small_sae(f"blocks.1.{hook}", seed)
+        sae.save_model(str(tmp / hook / "pruned-0.25"))
+        client.log_artifacts(run.info.run_id, str(tmp / hook), "saes")
+        selection = {"selected": 0.25, "met": met, "metric": "mse", "rule": "tolerance", "tolerance": 0.25}
+        (tmp / f"{hook}-selection").mkdir()
+        (tmp / f"{hook}-selection" / "selection.json").write_text(json.dumps(selection))
+        client.log_artifact(run.info.run_id, str(tmp / f"{hook}-selection" / "selection.json"))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        saes[hook] = (run.info.run_id, sae)
+    return {"experiment_id": experiment_id, "saes": saes, "prune_llm": llm.info.run_id}
+
+
+@pytest.fixture
+def experiment_file(small_experiment, tmp_path):
+    config = yaml.safe_load(small_experiment.read_text())
+    config["name"] = EXPERIMENT
+    path = tmp_path / "publish.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def publish(experiment_file, *args):
+    return CliRunner().invoke(publish_step.main, ["--experiment", str(experiment_file), *args])
+
+
+def newest_publish_run():
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = client.search_runs([experiment_id], "tags.`saecomp.step` = 'publish'", order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def test_dry_run_writes_the_folder_saelens_loads_and_uploads_nothing(store, experiment_file, tmp_path):
+    result = publish(experiment_file, "--repo", "someone/tiny-saes", "--dry_run", "true")
+    assert result.exit_code == 0, result.output
+    assert "blocks.1.hook_mlp_out: the selection (mse within 0.25 of the trained SAE's) was not met" in result.output
+    run = newest_publish_run()
+    assert run.info.status == "FINISHED" and run.data.params["dry_run"] == "True"
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="publish", dst_path=str(tmp_path)))
+    assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == [
+        "README.md",
+        "blocks.1.hook_resid_post/wanda-0.25/cfg.json",
+        "blocks.1.hook_resid_post/wanda-0.25/sae_weights.safetensors",
+    ]  # the unmet hook_mlp_out is not published unless named
+    loaded = SAE.load_from_disk(str(folder / "blocks.1.hook_resid_post/wanda-0.25"))
+    original = store["saes"]["hook_resid_post"][1]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in original.state_dict().items())
+    assert loaded.cfg.metadata.model_name == "tiny-gpt2"  # not `tiny-gpt2+prune_llm:<run id>`
+    rebuild = loaded.cfg.metadata.pruned_model["rebuild_command"]
+    assert "-e prune_llm" in rebuild and "-P method=wanda" in rebuild and "-P sparsity=0.5" in rebuild
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: saelens")
+    assert 'SAE.from_pretrained("someone/tiny-saes", "blocks.1.hook_resid_post/wanda-0.25")' in card
+    assert store["saes"]["hook_resid_post"][0] in card and rebuild in card  # provenance and how to rebuild the model
+
+
+def test_round_trip_through_the_hub_client_and_refusals(store, experiment_file, tmp_path, monkeypatch):
+    named = f"runs:/{store['saes']['hook_mlp_out'][0]}/saes/pruned-0.25"
+    with HubServer(token=TOKEN) as hub, pointed_at(hub, tmp_path / "hf_cache"):
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        refused = publish(experiment_file, "--repo", "someone/tiny-saes")
+        assert refused.exit_code == 2 and "no Hugging Face token" in refused.output
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        first = publish(experiment_file, "--repo", "someone/tiny-saes", "--sae", named, "--with_model", "true")
+        assert first.exit_code == 0, first.output
+        assert hub.is_private("someone/tiny-saes") and hub.is_private("someone/tiny-saes-pruned-model")
+        assert "model.safetensors" in hub.files("someone/tiny-saes-pruned-model")
+        assert "blocks.1.hook_mlp_out/wanda-0.25/sae_weights.safetensors" in hub.commits("someone/tiny-saes")[-1].lfs_paths  # as LFS
+        run = newest_publish_run()
+        assert run.data.tags["saecomp.hub.repo"] == "someone/tiny-saes" and len(run.data.tags["saecomp.hub.commit"]) == 40
+
+        # back through the real client: SAELens's own from_pretrained, and saecomp's <repo>:<sae_id> source
+        from saecomp.saes import load_sae
+
+        sae_id = "blocks.1.hook_mlp_out/wanda-0.25"
+        loaded = SAE.from_pretrained("someone/tiny-saes", sae_id)
+        original = store["saes"]["hook_mlp_out"][1]
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in original.state_dict().items())
+        assert loaded.cfg.metadata.pruned_model["repo"] == "someone/tiny-saes-pruned-model"
+        assert torch.equal(load_sae(f"someone/tiny-saes:{sae_id}").W_dec, original.W_dec)
+        assert "named explicitly" in hub.files("someone/tiny-saes")["README.md"].decode()
+
+        # a second publish that would replace files (the SAE, the card) is refused before anything is uploaded;
+        # overwrite=true replaces them
+        both = f"{named},runs:/{store['saes']['hook_resid_post'][0]}/saes/pruned-0.25"
+        commits = len(hub.commits("someone/tiny-saes"))
+        again = publish(experiment_file, "--repo", "someone/tiny-saes", "--sae", both)
+        assert again.exit_code == 2 and "already has README.md, blocks.1.hook_mlp_out/wanda-0.25/cfg.json" in again.output
+        assert "overwrite=true" in again.output and len(hub.commits("someone/tiny-saes")) == commits
+        assert "blocks.1.hook_resid_post/wanda-0.25/cfg.json" not in hub.files("someone/tiny-saes")
+        replaced = publish(experiment_file, "--repo", "someone/tiny-saes", "--sae", both, "--overwrite", "true")
+        assert replaced.exit_code == 0, replaced.output
+        assert len(hub.commits("someone/tiny-saes")) == commits + 1
+        assert "blocks.1.hook_resid_post/wanda-0.25/sae_weights.safetensors" in hub.files("someone/tiny-saes")
+
+        # without the token the private repo does not exist for the client
+        monkeypatch.delenv("HF_TOKEN")
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        with pytest.raises(RepositoryNotFoundError):
+            HfApi().model_info("someone/tiny-saes")
+
+    # the token is in no param, tag, artifact or output of any run
+    client = mlflow.MlflowClient()
+    for run in client.search_runs([store["experiment_id"]]):
+        assert TOKEN not in json.dumps({**run.data.params, **run.data.tags})
+        folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id)))
+        for path in folder.rglob("*"):
+            assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
+    assert all(TOKEN not in result.output for result in (first, again, replaced))
+
+
+def test_bad_input_is_refused_before_any_run(store, experiment_file):
+    before = newest_publish_run()
+    unmet = store["saes"]["hook_mlp_out"][0]
+    for args, message in (
+        (["--repo", "no-slash"], "repo='no-slash' is not valid; valid: <user or org>/<name>"),
+        (["--repo", "a/b", "--dry_run", "maybe"], "dry_run='maybe' is not valid; valid: true or false"),
+        (["--repo", "a/b", "--dry_run", "true", "--sae", "runs:/abc/sae"], "valid: runs:/<prune_sae run id>/saes/pruned-<level>"),
+        (["--repo", "a/b", "--dry_run", "true", "--sae", f"runs:/{store['prune_llm']}/saes/pruned-0.25"], "not a finished prune_sae run"),
+        (["--repo", "a/b", "--dry_run", "true", "--sae", f"runs:/{unmet}/saes/pruned-0.9"], "has no such SAE"),
+    ):
+        result = publish(experiment_file, *args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    after = newest_publish_run()
+    assert (before.info.run_id if before else None) == (after.info.run_id if after else None)

@@ -40,6 +40,12 @@ def selection(exp, pipeline_run: str | None, tag: tuple[str, ...]):
             run = client.get_run(pipeline_run)
         except mlflow.exceptions.MlflowException:
             fail(f"pipeline_run={pipeline_run!r} is not a run of {mlflow.get_tracking_uri()}; valid: the id of a pipeline run")
+        from saecomp.tracking import PIPELINE_RUNS_ARTIFACT
+
+        listed = [f.path for f in client.list_artifacts(pipeline_run)]
+        if run.data.tags.get(STEP_TAG) == "pipeline" and PIPELINE_RUNS_ARTIFACT not in listed:
+            missing = f"has no {PIPELINE_RUNS_ARTIFACT} (its steps did not finish)"
+            fail(f"pipeline_run={pipeline_run!r} {missing}; valid: a finished pipeline run")
         if run.data.tags.get(STEP_TAG) != "pipeline":
             kind = run.data.tags.get(STEP_TAG, "non-saecomp")
             article = "an" if kind[0] in "aeiou" else "a"
@@ -88,11 +94,11 @@ def run_compare(exp, records, pipeline_run: str | None, tags: dict) -> str:
         cells = compare.cells(records)
         sweeps = {}
         for record in sorted((r for r in records if r.step == "prune_sae"), key=lambda r: r.start_time):
-            hook = compare.hook_of(record)  # the newest sweep per hook
-            sweeps[hook] = (
-                pd.read_csv(local_artifacts(record.run_id, "sweep.csv")),
-                pd.read_csv(local_artifacts(record.run_id, "test_table.csv")),
-            )
+            levels = {v: record.metrics.get(f"validation.{v}.mse") for v in ("pretrained", "trained")}
+            levels = {v: level for v, level in levels.items() if level is not None}
+            # the newest sweep per model and hook; the sweep is on validation tokens, so are the levels beside it
+            sweep = pd.read_csv(local_artifacts(record.run_id, "sweep.csv"))
+            sweeps[(compare.model_of(record), compare.hook_of(record))] = (sweep, levels)
         say(f"{len(cells)} cells ({(cells['status'] == 'missing').sum()} missing); drawing the figures")
         pngs = compare.figures(cells, sweeps)
         provenance = [

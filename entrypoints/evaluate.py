@@ -13,6 +13,7 @@ the model's Hugging Face checkpoint with SAEBench's city facts (for a tiny model
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import re
 import tempfile
@@ -217,6 +218,9 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
             world = resolve_world(exp, experiment_path)
         # The SAE is spliced into the model loaded the way its metadata asks (GUIDE §3).
         loaded = load_model(exp.model, checkpoint, exp.dtype, processing_kwargs(sae), exp.device)
+        if shared is not None:  # SCR's model side is shared only between SAEs that load the model the same way
+            processing = json.dumps(processing_kwargs(sae), sort_keys=True)
+            shared = shared / f"processing-{hashlib.sha256(processing.encode()).hexdigest()[:12]}"
         # SAEBench keys its caches by model name: each model variant gets its own (we also give it fresh folders).
         loaded.tl.cfg.model_name = model_label
         sae = sae.to(exp.device)

@@ -333,8 +333,10 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         mlflow.set_tags({"saecomp.prune_llm_run": prune_run, "saecomp.prune_sae_runs": ",".join(sae_runs)})
         # compare: the paper's tables and figures from this pipeline's runs in the store, a report among its artifacts.
         from entrypoints import compare as compare_step
-        from saecomp.tracking import collect_runs
+        from saecomp.tracking import PIPELINE_RUNS_ARTIFACT, collect_runs
 
+        used = {"prune_llm": [prune_run], "prune_sae": sae_runs, "evaluate": sorted({r for e in evaluations for r in e["runs"].split(",")})}
+        mlflow.log_dict(used, PIPELINE_RUNS_ARTIFACT)  # exactly what compare reads for this pipeline (tags get cut)
         compared = collect_runs([experiment_id_for(exp.name)], parent)
         compare_key = compare_step.key_for(compared, parent, {})
         compare_run = run_step("compare", {"experiment": experiment, "pipeline_run": parent, **runtime}, compare_key, exp.name, parent)

@@ -90,7 +90,7 @@ def choose(exp, named: str | None) -> list[tuple[str, str, bool]]:
     if not newest:
         fail(f"experiment {exp.name!r} has no finished prune_sae run; valid: run `mlflow run .` (or -e prune_sae) first")
     chosen = []
-    for (layer, hook), run in sorted(newest.items()):
+    for (layer, hook), run in sorted(newest.items(), key=lambda item: (int(item[0][0] or -1), item[0][1])):
         selection = json.loads((local_artifacts(run.info.run_id, "selection.json")).read_text())
         level = f"{selection['selected']:g}"
         if selection.get("met"):
@@ -137,15 +137,15 @@ def gather(exp, experiment: str, chosen, companion: str | None):
             "calibration": f"{llm.get('calibration.n_sequences')} sequences of {seq_len} tokens from "
             f"{llm.get('calibration.dataset') if llm.get('calibration.dataset') not in (None, 'None') else llm.get('data.dataset')}, "
             f"seed {llm.get('calibration.seed')}",
-            "rebuild_command": rebuild_command(experiment, llm),
+            "rebuild_command": rebuild_command(llm.get("experiment", experiment), llm),
             "prune_llm_run": prune_llm,
         }
         if companion:
             pruned_model["repo"] = companion
         source = f"runs:/{run_id}/{path}"
-        evaluations = client.search_runs(
-            [run.info.experiment_id], f"attributes.status = 'FINISHED' and tags.`{STEP_TAG}` = 'evaluate' and tags.sae_source = '{source}'"
-        )
+        on_this_model = f"tags.sae_source = '{source}' and tags.pruned_model_run = '{prune_llm}'"  # not the dense model's
+        query = f"attributes.status = 'FINISHED' and tags.`{STEP_TAG}` = 'evaluate' and {on_this_model}"
+        evaluations = client.search_runs([run.info.experiment_id], query)
         evaluation = {}
         for evaluated in sorted(evaluations, key=lambda r: r.info.start_time):  # the newest wins
             evaluation.update({k: v for k, v in evaluated.data.metrics.items() if k in CORE})
@@ -154,12 +154,16 @@ def gather(exp, experiment: str, chosen, companion: str | None):
             "prune_llm_run": prune_llm,
             "code": run.data.tags.get("saecomp.code", "?"),
             "git_commit": run.data.tags.get("mlflow.source.git.commit", "?"),
-            "experiment_file": experiment,
+            "experiment_file": llm.get("experiment", experiment),
             "named_explicitly": named,
         }
         method = run.data.params.get("method") or run.data.tags.get("method", "pruned")
         out.append(PublishedSAE(Path(folder), sae_id_for(hook_name, method, float(level)), pruned_model, provenance, selection, evaluation))
     return out, (out[0].pruned_model["prune_llm_run"] if out else None)
+
+
+def params_sae(chosen) -> list[str]:
+    return [f"runs:/{run_id}/saes/pruned-{level}" for run_id, level, _ in chosen]
 
 
 def run_publish(exp, experiment, repo, chosen, dry_run, public, overwrite, with_model) -> str:
@@ -171,10 +175,17 @@ def run_publish(exp, experiment, repo, chosen, dry_run, public, overwrite, with_
     say = lambda line: click.echo(f"[publish] {line}", err=True)  # noqa: E731
     companion = f"{repo}-pruned-model" if with_model else None
     saes, prune_llm = gather(exp, experiment, chosen, companion)
+    models = {sae.pruned_model["prune_llm_run"] for sae in saes}
+    if len(models) > 1:  # one card, one model: SAEs of different pruned models go to different repos
+        fail(f"sae={','.join(params_sae(chosen))} come from {len(models)} pruned models ({', '.join(sorted(map(str, models)))}); "
+             "valid: SAEs of one prune_llm run per repo")  # fmt: skip
+    ids = [sae.sae_id for sae in saes]
+    if len(set(ids)) < len(ids):
+        fail(f"sae={','.join(params_sae(chosen))} name one sae_id twice; valid: each SAE once")
     base_model = saes[0].pruned_model["base_model"]
     params = {
         "repo": repo,
-        "saes": ",".join(f"runs:/{run_id}/saes/pruned-{level}" for run_id, level, _ in chosen),
+        "saes": ",".join(params_sae(chosen)),
         "dry_run": dry_run,
         "public": public,
         "overwrite": overwrite,

@@ -101,8 +101,19 @@ def hook_of(record: RunRecord) -> str:
     return f"blocks.{record.tags.get('layer', '?')}.{record.tags.get('hook', '?')}"
 
 
+def hook_order(hook: str):
+    """Sort key of ``blocks.<layer>.<hook>``: by layer as a number (10 after 2), then by hook."""
+    layer = hook.split(".")[1] if hook.count(".") >= 2 else ""
+    return (int(layer) if layer.isdigit() else -1, hook)
+
+
 def model_of(record: RunRecord) -> str:
-    return record.params.get("base_model", "?")
+    """The model an evaluate or prune_sae run measured: ``<base>+prune_llm:<run id>`` (or the dense base's name)."""
+    if "base_model" in record.params and record.step == "evaluate":
+        return record.params["base_model"]
+    pruned = record.params.get("pruned_model_run") or record.tags.get("pruned_model_run")
+    base = record.params.get("model", record.params.get("base_model", "?"))
+    return f"{base}+prune_llm:{pruned}" if pruned and pruned not in ("none (dense)",) else base
 
 
 def _variant_order(variants: Iterable[str]) -> list[str]:
@@ -122,14 +133,14 @@ def _k_sort(metric: str):
 def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
     """Every cell of every table, one row each: table, model, hook, metric, variant, value, status, run_id,
     run_name, candidates (finished runs that filled it), note. Expected cells are the tables' metrics for every
-    (model, hook) an evaluate run covers and every variant of the paper or of a run there: what no run fills is a
-    ``missing`` row, never a number."""
+    (model, hook) an evaluate run covers, for the paper's four variants and any other variant a run there has (a
+    selected level): what no run fills is a ``missing`` row, never a number. A cell is filled by the newest finished
+    run that has its value; failing that, it is ``not applicable`` when the newest run asked for it says so."""
     evaluations = [r for r in records if r.step == "evaluate"]
     rows = []
     for model in sorted({model_of(r) for r in evaluations}):
         on_model = [r for r in evaluations if model_of(r) == model]
-        hooks = sorted({hook_of(r) for r in on_model}, key=lambda h: (int(h.split(".")[1]) if h.split(".")[1].isdigit() else 0, h))
-        variants = _variant_order(set(VARIANTS) | {r.tags.get("variant", "unnamed") for r in on_model})
+        hooks = sorted({hook_of(r) for r in on_model}, key=hook_order)
         for spec in TABLES:
             asked = [r for r in on_model if spec.suite in r.params.get("suites", "").split(",")]
             if not asked:
@@ -139,15 +150,18 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                 found = {m.split(".", 1)[1] for r in asked for m in r.metrics if m.startswith(f"{spec.suite}.")}
                 metrics = sorted((m for m in found if re.fullmatch(spec.pattern, m)), key=_k_sort)
             for hook in hooks:
-                for variant in variants:
-                    candidates = sorted(
+                here = {r.tags.get("variant", "unnamed") for r in on_model if hook_of(r) == hook}
+                for variant in _variant_order(set(VARIANTS) | here):
+                    asked_here = sorted(
                         (r for r in asked if hook_of(r) == hook and r.tags.get("variant", "unnamed") == variant),
                         key=lambda r: r.start_time,
                     )
-                    newest = candidates[-1] if candidates else None
-                    not_applicable = newest.tags.get(f"saecomp.{spec.suite}.not_applicable") if newest else None
                     for metric in metrics:
-                        value = newest.metrics.get(f"{spec.suite}.{metric}") if newest else None
+                        name = f"{spec.suite}.{metric}"
+                        candidates = [r for r in asked_here if name in r.metrics]
+                        newest = candidates[-1] if candidates else (asked_here[-1] if asked_here else None)
+                        value = newest.metrics.get(name) if newest else None
+                        not_applicable = newest.tags.get(f"saecomp.{spec.suite}.not_applicable") if newest else None
                         status = "ok" if value is not None else "not applicable" if not_applicable else "missing"
                         rows.append(
                             {
@@ -158,8 +172,8 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                                 "variant": variant,
                                 "value": value,
                                 "status": status,
-                                "run_id": newest.run_id if newest else "",
-                                "run_name": newest.name if newest else "",
+                                "run_id": newest.run_id if newest and status != "missing" else "",
+                                "run_name": newest.name if newest and status != "missing" else "",
                                 "candidates": len(candidates),
                                 "note": (not_applicable or "") if status == "not applicable" else "",
                             }
@@ -188,7 +202,8 @@ def _paper_cells(rows: list[dict]) -> list[dict]:
     outputs = {f"blocks.{PAPER_LAYER}.{hook}": label for hook, label in HOOK_LABELS.items()}
     out = []
     for row in rows:
-        if row["table"] != "table1" or not row["model"].startswith(PAPER_MODEL) or row["hook"] not in outputs:
+        pruned_gemma = row["model"].startswith(f"{PAPER_MODEL}+prune_llm:")  # not the dense model, not gemma-2-2b-it
+        if row["table"] != "table1" or not pruned_gemma or row["hook"] not in outputs:
             continue
         published = paper.get((outputs[row["hook"]], row["metric"], row["variant"]))
         ours = row["value"] if row["status"] == "ok" else None
@@ -271,7 +286,7 @@ def display_grid(table_cells: pd.DataFrame) -> tuple[list[str], list[list[str]],
     rows, sources = [], []
     for hook, metric in keys:
         found = [index.get((hook, metric, v)) for v in variants]
-        rows.append([hook, metric, *[_display(c) if c is not None else "—" for c in found]])
+        rows.append([hook, metric, *[_display(c) if c is not None else "" for c in found]])  # "": no such variant here
         sources.append([None, None, *found])
     return header, rows, sources
 
@@ -335,64 +350,75 @@ def _figure_bytes(figure) -> bytes:
     return buffer.getvalue()
 
 
-def figures(all_cells: pd.DataFrame, sweeps: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> dict[str, bytes]:
-    """PNG figures by file name. ``sweeps``: per hook name, (prune_sae's sweep.csv, its test_table.csv)."""
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", model)
+
+
+def figures(all_cells: pd.DataFrame, sweeps: dict[tuple[str, str], tuple[pd.DataFrame, dict[str, float]]]) -> dict[str, bytes]:
+    """PNG figures by file name, per model (the model's name is in the file name when there are several).
+    ``sweeps``: per (model, hook name), prune_sae's validation sweep (sparsity, mse) and the pretrained and trained
+    SAEs' validation MSE on the same tokens (the levels drawn beside it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    evaluated = all_cells[all_cells["table"].isin([s.name for s in TABLES])]
+    models = sorted(set(evaluated["model"]) | {model for model, _ in sweeps})
     out = {}
-    by_layer = {}
-    for hook, (sweep, _) in sweeps.items():
-        by_layer.setdefault(hook.split(".", 2)[2], {})[int(hook.split(".")[1])] = sweep
-    # Figure 1 at one layer per output (the first swept), as the paper draws it; every layer is in Figures 5-7.
-    single = {f"blocks.{min(layers)}.{name}": sweeps[f"blocks.{min(layers)}.{name}"] for name, layers in by_layer.items()}
-    if single:  # Figure 1: reconstruction against the SAE's sparsity, with the pretrained and trained SAEs' levels
-        figure, axes = plt.subplots(1, len(single), figsize=(4.2 * len(single), 3.4), squeeze=False)
-        for axis, (hook, (sweep, reference)) in zip(axes[0], sorted(single.items()), strict=True):
-            axis.plot(sweep["sparsity"], sweep["mse"], marker="o", label="pruned SAE")
-            for variant, style in (("pretrained", "--"), ("trained", ":")):
-                level = reference.loc[reference["variant"] == variant, "mse"]
-                if len(level):
-                    axis.axhline(float(level.iloc[0]), linestyle=style, color="grey" if variant == "pretrained" else "black", label=variant)
-            axis.set(title=hook, xlabel="SAE sparsity", ylabel="MSE (test tokens)")
-            axis.legend(fontsize=7)
-        figure.suptitle("Figure 1: reconstruction of the pruned model's activations against SAE sparsity")
-        out["figure1_reconstruction.png"] = _figure_bytes(figure)
-    if any(len(layers) > 1 for layers in by_layer.values()):  # Figures 5-7: the sweep per layer, one panel per hook
-        figure, axes = plt.subplots(1, len(by_layer), figsize=(4.2 * len(by_layer), 3.4), squeeze=False)
-        for axis, (hook, layers) in zip(axes[0], sorted(by_layer.items()), strict=True):
-            for layer, sweep in sorted(layers.items()):
-                axis.plot(sweep["sparsity"], sweep["mse"], marker=".", label=f"layer {layer}")
-            axis.set(title=hook, xlabel="SAE sparsity", ylabel="MSE")
-            axis.legend(fontsize=6)
-        figure.suptitle("Figures 5-7: the sweep at every layer")
-        out["figures5-7_per_layer.png"] = _figure_bytes(figure)
-    ok = all_cells[all_cells["status"] == "ok"]
-    absorption = ok[(ok["table"] == "absorption") & (ok["metric"] == "mean_absorption_fraction_score")]
-    if len(absorption):  # Figure 2
-        frame = absorption.pivot_table(index="hook", columns="variant", values="value", aggfunc="first")
-        frame = frame.reindex(columns=_variant_order(frame.columns))
-        axis = frame.plot.bar(figsize=(6, 3.4), rot=0)
-        axis.set(ylabel="mean absorption fraction", title="Figure 2: absorption (lower is better)")
-        out["figure2_absorption.png"] = _figure_bytes(axis.figure)
-    for name, table, metric_label in (("figure3_scr.png", "scr", "SCR"), ("figure4_tpp.png", "tpp", "TPP")):
-        rows = ok[ok["table"] == table]
-        if not len(rows):
-            continue
-        hooks = sorted(rows["hook"].unique())
-        figure, axes = plt.subplots(1, len(hooks), figsize=(4.2 * len(hooks), 3.4), squeeze=False)
-        for axis, hook in zip(axes[0], hooks, strict=True):
-            here = rows[rows["hook"] == hook]
-            for variant in _variant_order(here["variant"].unique()):
-                line = here[here["variant"] == variant]
-                ks = [int(re.findall(r"\d+", m)[0]) for m in line["metric"]]
-                axis.plot(ks, line["value"], marker="o", label=variant)
-            axis.set(xscale="log", title=hook, xlabel="latents ablated (k)", ylabel=metric_label)
-            axis.legend(fontsize=7)
-        figure.suptitle(f"Figure {3 if table == 'scr' else 4}: {metric_label} against k")
-        out[name] = _figure_bytes(figure)
+    for model in models:
+        suffix = f"__{_slug(model)}" if len(models) > 1 else ""
+        mine = {hook: value for (m, hook), value in sweeps.items() if m == model}
+        by_output = {}
+        for hook, (sweep, _) in mine.items():
+            by_output.setdefault(hook.split(".", 2)[2], {})[hook_order(hook)[0]] = sweep
+        # Figure 1 at one layer per output (the first swept), as the paper draws it; every layer is in Figures 5-7.
+        first = sorted((f"blocks.{min(layers)}.{name}" for name, layers in by_output.items()), key=hook_order)
+        if first:
+            figure, axes = plt.subplots(1, len(first), figsize=(4.2 * len(first), 3.4), squeeze=False)
+            for axis, hook in zip(axes[0], first, strict=True):
+                sweep, levels = mine[hook]
+                axis.plot(sweep["sparsity"], sweep["mse"], marker="o", label="pruned SAE")
+                for variant, style, color in (("pretrained", "--", "grey"), ("trained", ":", "black")):
+                    if variant in levels:
+                        axis.axhline(levels[variant], linestyle=style, color=color, label=variant)
+                axis.set(title=hook, xlabel="SAE sparsity", ylabel="MSE (validation tokens)")
+                axis.legend(fontsize=7)
+            figure.suptitle(f"Figure 1: reconstruction against SAE sparsity, on {model}")
+            out[f"figure1_reconstruction{suffix}.png"] = _figure_bytes(figure)
+        if any(len(layers) > 1 for layers in by_output.values()):  # Figures 5-7: one panel per output, a curve per layer
+            figure, axes = plt.subplots(1, len(by_output), figsize=(4.2 * len(by_output), 3.4), squeeze=False)
+            for axis, (name, layers) in zip(axes[0], sorted(by_output.items()), strict=True):
+                for layer, sweep in sorted(layers.items()):
+                    axis.plot(sweep["sparsity"], sweep["mse"], marker=".", label=f"layer {layer}")
+                axis.set(title=name, xlabel="SAE sparsity", ylabel="MSE (validation tokens)")
+                axis.legend(fontsize=6)
+            figure.suptitle(f"Figures 5-7: the sweep at every layer, on {model}")
+            out[f"figures5-7_per_layer{suffix}.png"] = _figure_bytes(figure)
+        ok = evaluated[(evaluated["status"] == "ok") & (evaluated["model"] == model)]
+        absorption = ok[(ok["table"] == "absorption") & (ok["metric"] == "mean_absorption_fraction_score")]
+        if len(absorption):  # Figure 2
+            frame = absorption.pivot_table(index="hook", columns="variant", values="value", aggfunc="first")
+            frame = frame.reindex(index=sorted(frame.index, key=hook_order), columns=_variant_order(frame.columns))
+            axis = frame.plot.bar(figsize=(6, 3.4), rot=0)
+            axis.set(ylabel="mean absorption fraction", title=f"Figure 2: absorption (lower is better), on {model}")
+            out[f"figure2_absorption{suffix}.png"] = _figure_bytes(axis.figure)
+        for number, table, label in ((3, "scr", "SCR"), (4, "tpp", "TPP")):
+            rows = ok[ok["table"] == table]
+            if not len(rows):
+                continue
+            hooks = sorted(rows["hook"].unique(), key=hook_order)
+            figure, axes = plt.subplots(1, len(hooks), figsize=(4.2 * len(hooks), 3.4), squeeze=False)
+            for axis, hook in zip(axes[0], hooks, strict=True):
+                here = rows[rows["hook"] == hook]
+                for variant in _variant_order(here["variant"].unique()):
+                    line = here[here["variant"] == variant]
+                    ks = [int(re.findall(r"\d+", m)[0]) for m in line["metric"]]
+                    axis.plot(ks, line["value"], marker="o", label=variant)
+                axis.set(xscale="log", title=hook, xlabel="latents ablated (k)", ylabel=label)
+                axis.legend(fontsize=7)
+            figure.suptitle(f"Figure {number}: {label} against k, on {model}")
+            out[f"figure{number}_{table}{suffix}.png"] = _figure_bytes(figure)
     return out
 
 
@@ -455,7 +481,7 @@ def write_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], folder: Path, 
     all_cells.to_csv(folder / "cells.csv", index=False)
     written += [folder / "tables.md", folder / "tables.tex", folder / "cells.csv"]
     for (table, model), group in _groups(all_cells):
-        path = folder / f"{table}__{re.sub(r'[^A-Za-z0-9.+-]+', '_', model)}.csv"
+        path = folder / f"{table}__{_slug(model)}.csv"
         wide(group).to_csv(path)
         written.append(path)
     for name, png in pngs.items():

@@ -71,7 +71,7 @@ STEPS: dict[str, Step] = {
         Step(
             "compare",
             ("prune_llm", "prune_sae", "evaluate"),
-            ("compare.py",),
+            ("compare.py", "paper"),
             "the ids of the finished runs it reads (the selection only decides which runs those are)",
             gpu=False,
             memory_gb=2,

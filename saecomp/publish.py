@@ -40,7 +40,8 @@ def sae_id_for(hook_name: str, method: str, sparsity: float) -> str:
 
 
 def rebuild_command(experiment: str, prune_params: dict) -> str:
-    """The saecomp command that rebuilds the pruned model: base model, method, sparsity or N:M, calibration and seed."""
+    """The saecomp command that rebuilds the pruned model from the prune_llm run's own params: its experiment file
+    (calibration data and seed), base model, method, sparsity or N:M, calibration sizes, layers and dtype."""
     parts = [f"mlflow run . -e prune_llm -P experiment={experiment}", f"-P model={prune_params.get('model')}"]
     parts.append(f"-P method={prune_params.get('method')}")
     nm = prune_params.get("nm")
@@ -52,6 +53,10 @@ def rebuild_command(experiment: str, prune_params: dict) -> str:
         parts.append(f"-P calibration_sequences={prune_params['calibration.n_sequences']}")
     if prune_params.get("calibration.seq_len") not in (None, "None"):
         parts.append(f"-P seq_len={prune_params['calibration.seq_len']}")
+    if prune_params.get("llm_pruning.layers") not in (None, "None"):
+        parts.append(f"-P layers={prune_params['llm_pruning.layers']}")
+    if prune_params.get("dtype") not in (None, "None"):
+        parts.append(f"-P dtype={prune_params['dtype']}")
     return " ".join(parts)
 
 
@@ -120,6 +125,8 @@ def model_card(saes: list[PublishedSAE], repo_id: str, base_model: str, extra: s
             "```bash",
             pm.get("rebuild_command", ""),
             "```",
+            "",
+            f"(saecomp at git commit `{sae.provenance.get('git_commit', '?')}`; the experiment file names the calibration text and seed.)",
             "",
         ]
         if pm.get("repo"):

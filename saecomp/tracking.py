@@ -563,28 +563,26 @@ def prepare_store(concurrent: bool) -> None:
 
 
 COMPARED_STEPS = ("prune_llm", "prune_sae", "evaluate")
+PIPELINE_RUNS_ARTIFACT = "runs.json"  # a pipeline run's own list of the runs it used, by step
 
 
 def collect_runs(experiment_ids: list[str], pipeline_run: str | None = None, tags: dict[str, str] | None = None):
     """The finished runs compare reads (``compare.RunRecord``), from the store only: the prune_llm, prune_sae and
-    evaluate runs of the experiments, narrowed to one pipeline run's (the runs it started and the runs it reused)
-    and to runs carrying every tag in ``tags``."""
+    evaluate runs of the experiments, or exactly those one pipeline run used (its ``runs.json``, wherever they are:
+    a reused run may sit in another experiment), narrowed to runs carrying every tag in ``tags``."""
     from saecomp.compare import RunRecord
 
     client = MlflowClient()
-    wanted = None
     if pipeline_run is not None:
-        parent = client.get_run(pipeline_run)
-        wanted = {r for r in parent.data.tags.get("saecomp.reused_runs", "").split(",") if r}
-        wanted |= {parent.data.tags[t] for t in ("saecomp.prune_llm_run",) if parent.data.tags.get(t)}
-    query = "attributes.status = 'FINISHED'"  # (tags take no IN: the steps are picked below)
-    for name, value in (tags or {}).items():
-        query += f" and tags.`{name}` = '{value}'"
+        used = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=pipeline_run, artifact_path=PIPELINE_RUNS_ARTIFACT)).read_text())
+        runs = [client.get_run(run_id) for run_id in sorted({r for ids in used.values() for r in ids})]
+    else:
+        runs = client.search_runs(experiment_ids, "attributes.status = 'FINISHED'", max_results=50000)
     records = []
-    for run in client.search_runs(experiment_ids, query, max_results=50000):
-        if run.data.tags.get(STEP_TAG) not in COMPARED_STEPS:
+    for run in runs:
+        if run.info.status != "FINISHED" or run.data.tags.get(STEP_TAG) not in COMPARED_STEPS:
             continue
-        if wanted is not None and run.info.run_id not in wanted and run.data.tags.get("mlflow.parentRunId") != pipeline_run:
+        if any(run.data.tags.get(name) != value for name, value in (tags or {}).items()):
             continue
         records.append(
             RunRecord(

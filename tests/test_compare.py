@@ -54,9 +54,9 @@ def store(tmp_path_factory):
     runs = {}
     for n, (hook, layer) in enumerate(HOOKS):
         sweep = pd.DataFrame({"sparsity": [0.25, 0.5, 0.9], "mse": [0.01, 0.02, 0.09]})
-        reference = pd.DataFrame({"variant": ["pretrained", "trained"], "mse": [0.009, 0.007]})
-        _run(experiment_id, "prune_sae", f"prune_sae · {hook}", {"hook": hook, "layer": str(layer)}, {}, {},
-             {"sweep.csv": sweep, "test_table.csv": reference}, tmp)  # fmt: skip
+        _run(experiment_id, "prune_sae", f"prune_sae · {hook}", {"hook": hook, "layer": str(layer)},
+             {"model": "tiny-gpt2", "pruned_model_run": "abc"}, {"validation.pretrained.mse": 0.009, "validation.trained.mse": 0.007},
+             {"sweep.csv": sweep}, tmp)  # fmt: skip
         for v, variant in enumerate(compare.VARIANTS):
             if hook == "hook_resid_post" and variant == "pruned50":
                 continue  # the gap
@@ -68,10 +68,18 @@ def store(tmp_path_factory):
                 tags["saecomp.ravel.not_applicable"] = "RAVEL reads hook_resid_post"
             params = {"suites": "core,scr,ravel", "base_model": model}
             runs[(hook, variant)] = _run(experiment_id, "evaluate", f"evaluate · {hook} · {variant}", tags, params, metrics)
-    # A newer run for one cell (core only): it wins core, SCR still comes from the older run.
+    # A newer run for one cell (core only, without kl_div_score): it wins mse; kl_div_score and SCR stay the older run's.
     tags = {"hook": "attn.hook_z", "layer": "2", "variant": "trained"}
     newer = _run(experiment_id, "evaluate", "evaluate · newer", tags, {"suites": "core", "base_model": model}, {"core.mse": 0.123})
-    return {"experiment_id": experiment_id, "runs": runs, "newer": newer}
+    # Another pruned model, at layer 10, with a selected level of its own
+    other = "tiny-gpt2+prune_llm:def"
+    tags = {"hook": "hook_resid_post", "layer": "10", "variant": "pruned85"}
+    params = {"suites": "core", "base_model": other}
+    runs["other"] = _run(experiment_id, "evaluate", "evaluate · other", tags, params, {"core.mse": 0.5})
+    sweep = pd.DataFrame({"sparsity": [0.5], "mse": [0.1]})
+    _run(experiment_id, "prune_sae", "prune_sae · other", {"hook": "hook_resid_post", "layer": "10"},
+         {"model": "tiny-gpt2", "pruned_model_run": "def"}, {}, {"sweep.csv": sweep}, tmp)  # fmt: skip
+    return {"experiment_id": experiment_id, "runs": runs, "newer": newer, "model": model, "other": other}
 
 
 def test_every_cell_is_the_metric_of_the_run_it_names(store):
@@ -83,11 +91,36 @@ def test_every_cell_is_the_metric_of_the_run_it_names(store):
         metrics = client.get_run(cell.run_id).data.metrics
         name = {"llm_pruning": cell.metric}.get(cell.table, f"{'core' if cell.table in ('table1', 'core') else cell.table}.{cell.metric}")
         assert metrics[name] == cell.value, cell
+    for cell in ok[ok["model"] == store["model"]].itertuples():  # the run of its own hook and variant, not another's
+        expected = store["newer"] if (cell.hook, cell.variant, cell.metric) == ("blocks.2.attn.hook_z", "trained", "mse") else None
+        assert cell.run_id == (expected or store["runs"][(cell.hook.split(".", 2)[2], cell.variant)]), cell
     newest = cells[(cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "trained") & (cells["metric"] == "mse")]
     assert set(newest["run_id"]) == {store["newer"]} and set(newest["value"]) == {0.123} and set(newest["candidates"]) == {2}
+    kl = cells[(cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "trained") & (cells["metric"] == "kl_div_score")]
+    assert set(kl["status"]) == {"ok"}
+    assert set(kl["run_id"]) == {store["runs"][("attn.hook_z", "trained")]}  # the newest run that has the value
     scr = cells[(cells["table"] == "scr") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "trained")]
     assert set(scr["run_id"]) == {store["runs"][("attn.hook_z", "trained")]}  # the newer run did not run SCR
     assert sorted(scr["metric"], key=lambda m: int(re.findall(r"\d+", m)[0])) == list(scr["metric"])  # k ascending
+
+
+def test_models_stay_apart_layers_sort_as_numbers_and_a_selected_level_shows_where_it_exists(store):
+    cells = compare.cells(collect_runs([store["experiment_id"]]))
+    other = cells[cells["model"] == store["other"]]
+    assert set(other["hook"]) == {"blocks.10.hook_resid_post"}
+    assert "pruned85" not in set(cells[cells["model"] == store["model"]]["variant"])
+    selected = other[(other["variant"] == "pruned85") & (other["metric"] == "mse")]
+    assert list(selected["status"]) == ["ok"]  # its Table 1 cell
+    mine = cells[(cells["model"] == store["model"]) & (cells["table"] == "table1")]
+    assert list(dict.fromkeys(mine["hook"])) == ["blocks.2.attn.hook_z", "blocks.2.hook_resid_post"]
+    assert compare.hook_order("blocks.10.hook_z") > compare.hook_order("blocks.2.hook_z")
+    sweep = pd.DataFrame({"sparsity": [0.5], "mse": [0.1]})
+    sweeps = {(store["model"], "blocks.2.hook_resid_post"): (sweep, {}), (store["other"], "blocks.10.hook_resid_post"): (sweep, {})}
+    pngs = compare.figures(cells, sweeps)
+    assert {name for name in pngs if name.startswith("figure1")} == {
+        "figure1_reconstruction__tiny-gpt2+prune_llm_abc.png",
+        "figure1_reconstruction__tiny-gpt2+prune_llm_def.png",
+    }  # one per model, never one figure over two models
 
 
 def test_a_missing_variant_shows_as_a_gap_never_filled(store):
@@ -125,7 +158,8 @@ def test_compare_step_logs_the_report_and_the_html_renders(store, small_experime
     assert run.info.status == "FINISHED"
     folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="report", dst_path=str(tmp_path))
     names = {p.name for p in Path(folder).iterdir()}
-    assert {"report.html", "tables.md", "tables.tex", "cells.csv", "figure1_reconstruction.png", "figure3_scr.png"} <= names
+    assert {"report.html", "tables.md", "tables.tex", "cells.csv"} <= names
+    assert any(n.startswith("figure1_reconstruction") for n in names) and any(n.startswith("figure3_scr") for n in names)
     cells = pd.read_csv(f"{folder}/cells.csv", keep_default_na=False)
     assert (cells.loc[cells["status"] == "ok", "run_id"] != "").all()  # every number names its run
     page = open(f"{folder}/report.html").read()

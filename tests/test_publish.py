@@ -176,6 +176,7 @@ def test_bad_input_is_refused_before_any_run(store, experiment_file):
         (["--repo", "a/b", "--dry_run", "true", "--sae", "runs:/abc/sae"], "valid: runs:/<prune_sae run id>/saes/pruned-<level>"),
         (["--repo", "a/b", "--dry_run", "true", "--sae", f"runs:/{store['prune_llm']}/saes/pruned-0.25"], "not a finished prune_sae run"),
         (["--repo", "a/b", "--dry_run", "true", "--sae", f"runs:/{unmet}/saes/pruned-0.9"], "has no such SAE"),
+        (["--repo", "a/b", "--dry_run", "true", "--sae", f"runs:/{unmet}/saes/pruned-0.25," * 2], "name one sae_id twice"),
     ):
         result = publish(experiment_file, *args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)

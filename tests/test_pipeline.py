@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import mlflow
@@ -42,7 +43,9 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
 
     # Browsable: the steps sit in the experiment named after the file, nested under the pipeline run that made them.
     client = mlflow.MlflowClient()
-    for child in step_runs("prune_sae") + step_runs("evaluate"):
+    used = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="runs.json")).read())
+    assert set(used) == {"prune_llm", "prune_sae", "evaluate"} and len(used["prune_sae"]) == 3 and len(used["evaluate"]) >= 12
+    for child in [client.get_run(run_id) for run_id in used["prune_sae"] + used["evaluate"]]:
         assert client.get_experiment(child.info.experiment_id).name == "small"
         assert child.data.tags["mlflow.runName"].startswith(("prune_sae · blocks.1.", "evaluate · blocks.1."))
     reused_by_first = set(client.get_run(run.info.run_id).data.tags.get("saecomp.reused_runs", "").split(","))

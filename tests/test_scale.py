@@ -87,8 +87,8 @@ def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tr
         for run in runs:
             by_step.setdefault(run.data.tags.get(STEP_TAG), []).append(run)
         counts = {step: len(found) for step, found in by_step.items()}
-        # 1 world, 1 pruned model; per cell 2 SAEs trained, 1 sweep and 4 variants evaluated; the pipeline itself.
-        assert counts == {"pipeline": 1, "build_world": 1, "prune_llm": 1, "train_sae": 4, "prune_sae": 2, "evaluate": 8}
+        # 1 world, 1 pruned model; per cell 2 SAEs trained, 1 sweep and 4 variants evaluated; compare; the pipeline itself.
+        assert counts == {"pipeline": 1, "build_world": 1, "prune_llm": 1, "train_sae": 4, "prune_sae": 2, "evaluate": 8, "compare": 1}
         assert all(run.info.status == "FINISHED" for run in runs)
         pipeline = by_step["pipeline"][0]
         assert by_step["build_world"][0].info.run_id == world_run  # reused, not rebuilt

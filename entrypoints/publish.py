@@ -39,7 +39,8 @@ def flag(name: str, value: str | None) -> bool:
 @click.command()
 @experiment_option
 @click.option("--repo", help="The Hub repository, <user or org>/<name>.")
-@click.option("--sae", help="Comma-separated SAEs: runs:/<prune_sae run>/saes/pruned-<level> (default: each cell's selected level).")
+@click.option("--sae", help="Comma-separated SAEs: runs:/<prune_sae run>/saes/pruned-<level> or models:/<name>/<version> "
+              "(default: each cell's selected level).")
 @click.option("--dry_run", help="true: write the exact folder and card as this run's artifact; upload nothing.")
 @click.option("--public", help="true: create the repository public (default: private).")
 @click.option("--overwrite", help="true: replace files the repository already has (default: refuse).")
@@ -70,9 +71,10 @@ def choose(exp, named: str | None) -> list[tuple[str, str, bool]]:
     if named:
         chosen = []
         for item in [s.strip() for s in named.split(",") if s.strip()]:
+            item = registered_run(client, item)  # a registered version is its prune_sae run's folder
             match = re.fullmatch(r"runs:/([0-9a-f]{32})/saes/pruned-([0-9.]+)", item)
             if not match:
-                fail(f"sae={item!r} is not valid; valid: runs:/<prune_sae run id>/saes/pruned-<level>")
+                fail(f"sae={item!r} is not valid; valid: runs:/<prune_sae run id>/saes/pruned-<level> or models:/<name>/<version>")
             try:
                 run = client.get_run(match.group(1))
             except mlflow.exceptions.MlflowException:
@@ -105,6 +107,23 @@ def choose(exp, named: str | None) -> list[tuple[str, str, bool]]:
     if not chosen:
         fail("no cell met its selection; valid: name the SAEs to publish with sae=runs:/<prune_sae run>/saes/pruned-<level>")
     return chosen
+
+
+def registered_run(client, item: str) -> str:
+    """``models:/<name>/<version>`` of a pruned SAE as the ``runs:/`` folder it was registered from (prune_sae
+    registers each level's folder itself); anything else unchanged."""
+    import mlflow
+
+    match = re.fullmatch(r"models:/(.+)/(\d+)", item)
+    if not match:
+        return item
+    try:
+        version = client.get_model_version(match.group(1), match.group(2))
+    except mlflow.exceptions.MlflowException:
+        fail(f"sae={item!r}: no such registered version in {mlflow.get_tracking_uri()}; valid: models:/<name>/<version> of a pruned SAE")
+    if version.tags.get("variant") != "pruned" or not version.tags.get("sparsity"):
+        fail(f"sae={item!r} is a {version.tags.get('variant', 'untagged')} SAE; valid: a version prune_sae registered (variant pruned)")
+    return f"runs:/{version.run_id}/saes/pruned-{version.tags['sparsity']}"
 
 
 def gather(exp, experiment: str, chosen, companion: str | None):

@@ -63,6 +63,11 @@ def store(tmp_path_factory):
         client.log_artifact(run.info.run_id, str(tmp / f"{hook}-selection" / "selection.json"))
         client.set_terminated(run.info.run_id, "FINISHED")
         saes[hook] = (run.info.run_id, sae)
+    # prune_sae registers each level's folder in the Model Registry: publish takes such a version too
+    client.create_registered_model("publish-synthetic.resid")
+    run_id = saes["hook_resid_post"][0]
+    client.create_model_version("publish-synthetic.resid", f"runs:/{run_id}/saes/pruned-0.25", run_id=run_id,
+                                tags={"variant": "pruned", "sparsity": "0.25"})  # fmt: skip
     return {"experiment_id": experiment_id, "saes": saes, "prune_llm": llm.info.run_id}
 
 
@@ -108,6 +113,18 @@ def test_dry_run_writes_the_folder_saelens_loads_and_uploads_nothing(store, expe
     assert card.startswith("---\nlibrary_name: saelens")
     assert 'SAE.from_pretrained("someone/tiny-saes", "blocks.1.hook_resid_post/wanda-0.25")' in card
     assert store["saes"]["hook_resid_post"][0] in card and rebuild in card  # provenance and how to rebuild the model
+
+
+def test_a_registered_version_publishes_its_run_folder(store, experiment_file, tmp_path):
+    result = publish(experiment_file, "--repo", "someone/registered", "--dry_run", "true", "--sae", "models:/publish-synthetic.resid/1")
+    assert result.exit_code == 0, result.output
+    run = newest_publish_run()
+    assert run.data.params["saes"] == f"runs:/{store['saes']['hook_resid_post'][0]}/saes/pruned-0.25"
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="publish", dst_path=str(tmp_path)))
+    loaded = SAE.load_from_disk(str(folder / "blocks.1.hook_resid_post/wanda-0.25"))
+    assert torch.equal(loaded.W_enc, store["saes"]["hook_resid_post"][1].W_enc)
+    missing = publish(experiment_file, "--repo", "someone/registered", "--dry_run", "true", "--sae", "models:/publish-synthetic.resid/9")
+    assert missing.exit_code == 2 and "no such registered version" in missing.output
 
 
 def test_round_trip_through_the_hub_client_and_refusals(store, experiment_file, tmp_path, monkeypatch):

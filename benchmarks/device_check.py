@@ -2,6 +2,7 @@
 pruning sweep and spliced evaluation on the CPU (float32) and on ``--device`` (float32 and bfloat16), side by side.
 
     python benchmarks/device_check.py --device cuda
+    python benchmarks/device_check.py --device cuda --shape gemma-2-2b --no-cpu   # float32 on the device is the reference
 
 Not a speed benchmark: it shows that `device` and `dtype` reach every tensor of the SAE steps' library code
 (no CPU/GPU mix-ups, a float32 SAE spliced into a bfloat16 model) and how far the metrics move with the device.
@@ -38,17 +39,18 @@ def saes(model) -> dict[str, SAE]:
     return {"topk resid_post": topk, "standard layer_norm hook_z": standard}
 
 
-def run(shape: str, device: str, dtype: str, tokens: torch.Tensor) -> dict:
+def run(shape: str, device: str, dtype: str, tokens: torch.Tensor, bos: int) -> dict:
     model = build_model(shape, device, dtype)
+    tokens = tokens.to(device)
     out = {}
     for name, sae in saes(model).items():
         sae = sae.to(device)
         hook = sae.cfg.metadata.hook_name
-        cache = cache_activations(model, hook, tokens, special_ids={0})
+        cache = cache_activations(model, hook, tokens, special_ids={bos})
         stats = sae_statistics(sae, cache.ordinary_activations())
         swept = sweep(model, sae, stats, cache, [0.25, 0.5])
         out[name] = {
-            "dense": evaluate_sae(model, sae, tokens, special_ids={0}),
+            "dense": evaluate_sae(model, sae, tokens, special_ids={bos}),
             **{f"pruned{int(level * 100)}": swept.metrics[level] for level in swept.levels},
         }
     return out
@@ -58,21 +60,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shape", default="tiny", choices=["tiny", "gpt2-small", "gemma-2-2b"])
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU reference (Gemma-2-2B in float32 on CPU takes minutes)")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.manual_seed(0)
     vocab = build_model(args.shape).cfg.d_vocab if args.shape != "gemma-2-2b" else 256000
-    tokens = torch.randint(1, vocab, (16, 64))
-    tokens[:, 0] = 0  # a BOS that is never spliced
-    results = {"cpu float32": run(args.shape, "cpu", "float32", tokens)}
-    for dtype in ("float32", "bfloat16"):
-        results[f"{args.device} {dtype}"] = run(args.shape, args.device, dtype, tokens)
+    bos = 2 if args.shape == "gemma-2-2b" else 0  # Gemma-2's <bos> is id 2; the GPT-2 shapes use 0 here
+    tokens = torch.randint(3, vocab, (16, 64))
+    tokens[:, 0] = bos  # a BOS that is never spliced
+    cases = ([] if args.no_cpu else [("cpu", "float32")]) + [(args.device, "float32"), (args.device, "bfloat16")]
     print(f"{'case':<36} {'sae':<28} {'variant':<9} " + " ".join(f"{m:>14}" for m in METRICS))
-    for case, per_sae in results.items():
-        for sae_name, variants in per_sae.items():
+    results = {}
+    for device, dtype in cases:
+        case = f"{device} {dtype}"
+        results[case] = run(args.shape, device, dtype, tokens, bos)
+        for sae_name, variants in results[case].items():
             for variant, metrics in variants.items():
-                print(f"{case:<36} {sae_name:<28} {variant:<9} " + " ".join(f"{metrics[m]:14.6f}" for m in METRICS))
-    write_json(args.json, {"shape": args.shape, "results": results, "machine": machine()})
+                print(f"{case:<36} {sae_name:<28} {variant:<9} " + " ".join(f"{metrics[m]:14.6f}" for m in METRICS), flush=True)
+        write_json(args.json, {"shape": args.shape, "results": results, "machine": machine()})  # after every case
 
 
 if __name__ == "__main__":

@@ -256,6 +256,10 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                     mlflow.set_tags(result.tags)
                     (tmp / f"{suite}.json").write_text(json.dumps(result.output, indent=1))
                     mlflow.log_artifact(str(tmp / f"{suite}.json"), "saebench")
+                    if result.uncertainty:  # the bootstrap behind <suite>.<metric>.bootstrap_se, every replicate
+                        (tmp / "uncertainty").mkdir(exist_ok=True)
+                        (tmp / "uncertainty" / f"{suite}.json").write_text(json.dumps(result.uncertainty))
+                        mlflow.log_artifact(str(tmp / "uncertainty" / f"{suite}.json"), "uncertainty")
                     headline = [k for k in HEADLINES.get(suite, ()) if k in result.metrics]
                     say(f"{suite}: done in {result.seconds:.1f} s; " + ", ".join(f"{k} {result.metrics[k]:.4f}" for k in headline))
         if failures:

@@ -14,7 +14,11 @@ Tables (SAEBench metric names; each per model, rows hook x metric, columns the S
 - ``absorption``, ``scr`` and ``tpp`` per number of latents k, ``sparse_probing`` top-k, ``ravel``;
 - ``llm_pruning``: dense against pruned cross-entropy per pruned model (prune_llm runs).
 
-Uncertainties are not computed yet: the report says so instead of marking differences.
+Uncertainties: a cell carries the standard error its run logged as ``<suite>.<metric>.bootstrap_se`` (core's spliced
+losses and scores and the centred explained variance: a bootstrap over the test sequences, ``evaluate.core_bootstrap``).
+A variant whose value differs from the pretrained SAE's in its row by less than the two standard errors combined
+(sqrt(se_a^2 + se_b^2), conservative: every variant is measured on the same sequences) is marked ``≈``: that
+difference is not a finding. The other suites' numbers, and the spread over seeds, carry no uncertainty yet.
 """
 
 from __future__ import annotations
@@ -161,6 +165,7 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                         candidates = [r for r in asked_here if name in r.metrics]
                         newest = candidates[-1] if candidates else (asked_here[-1] if asked_here else None)
                         value = newest.metrics.get(name) if newest else None
+                        se = newest.metrics.get(f"{name}.bootstrap_se") if value is not None else None
                         not_applicable = newest.tags.get(f"saecomp.{spec.suite}.not_applicable") if newest else None
                         status = "ok" if value is not None else "not applicable" if not_applicable else "missing"
                         rows.append(
@@ -171,6 +176,7 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                                 "metric": metric,
                                 "variant": variant,
                                 "value": value,
+                                "se": se,
                                 "status": status,
                                 "run_id": newest.run_id if newest and status != "missing" else "",
                                 "run_name": newest.name if newest and status != "missing" else "",
@@ -178,10 +184,29 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                                 "note": (not_applicable or "") if status == "not applicable" else "",
                             }
                         )
+    _mark_within_uncertainty(rows)
     rows += _paper_cells(rows)
     rows += _llm_pruning_cells([r for r in records if r.step == "prune_llm"])
-    columns = ["table", "model", "hook", "metric", "variant", "value", "status", "run_id", "run_name", "candidates", "note"]
+    columns = ["table", "model", "hook", "metric", "variant", "value", "se", "within_uncertainty", "status", "run_id", "run_name",
+               "candidates", "note"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
+
+
+REFERENCE_VARIANT = "pretrained"
+
+
+def _mark_within_uncertainty(rows: list[dict]) -> None:
+    """``within_uncertainty`` on every variant's cell whose difference from the pretrained SAE's value in the same
+    (table, model, hook, metric) row is smaller than the combined standard error; False where it is not, None where
+    either cell has no standard error (nothing can be said)."""
+    reference = {(r["table"], r["model"], r["hook"], r["metric"]): r for r in rows if r["variant"] == REFERENCE_VARIANT}
+    for row in rows:
+        row["within_uncertainty"] = None
+        ref = reference.get((row["table"], row["model"], row["hook"], row["metric"]))
+        if row["variant"] == REFERENCE_VARIANT or ref is None or row["se"] is None or ref["se"] is None:
+            continue
+        combined = (row["se"] ** 2 + ref["se"] ** 2) ** 0.5
+        row["within_uncertainty"] = bool(abs(row["value"] - ref["value"]) < combined)
 
 
 PAPER_TABLE1 = Path(__file__).parent / "paper" / "gemma-2-2b_table1.csv"
@@ -217,6 +242,8 @@ def _paper_cells(rows: list[dict]) -> list[dict]:
                     "table": "table1_vs_paper",
                     "variant": f"{row['variant']}: {column}",
                     "value": value,
+                    "se": row["se"] if column == "ours" else None,
+                    "within_uncertainty": None,
                     "status": "ok" if value is not None else row["status"] if column == "ours" else "missing",
                     "run_id": source["run_id"],
                     "run_name": source["run_name"],
@@ -249,6 +276,8 @@ def _llm_pruning_cells(runs: list[RunRecord]) -> list[dict]:
                     "metric": metric,
                     "variant": "value",
                     "value": value,
+                    "se": None,
+                    "within_uncertainty": None,
                     "status": "ok" if value is not None else "missing",
                     "run_id": newest.run_id,
                     "run_name": newest.name,
@@ -268,13 +297,31 @@ def wide(table_cells: pd.DataFrame) -> pd.DataFrame:
     return frame.reindex(sorted(frame.index, key=lambda k: order.get(k, len(order))))
 
 
+def _number(value: float) -> str:
+    if value.is_integer() and abs(value) >= 1:
+        return f"{value:.0f}"
+    return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
+
+
 def _display(cell: pd.Series) -> str:
+    """``value``, ``value ± se`` where a standard error exists, and `` ≈`` where the value is within uncertainty of
+    the pretrained SAE's."""
     if cell["status"] == "ok":
-        value = float(cell["value"])
-        if value.is_integer() and abs(value) >= 1:
-            return f"{value:.0f}"
-        return f"{value:.4f}" if value == 0 or abs(value) >= 0.01 else f"{value:.3g}"
+        text = _number(float(cell["value"]))
+        se = cell.get("se")
+        if se is not None and pd.notna(se):
+            text += f" ± {float(se):.2g}"
+        if cell.get("within_uncertainty") is True:
+            text += " ≈"
+        return text
     return "n/a" if cell["status"] == "not applicable" else "—"
+
+
+LEGEND = (
+    "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one bootstrap standard "
+    "error over the test sequences, where computed (core's spliced losses and scores, centred explained variance); "
+    "≈ differs from the pretrained SAE's value in its row by less than the two standard errors combined: not a finding."
+)
 
 
 def display_grid(table_cells: pd.DataFrame) -> tuple[list[str], list[list[str]], list[list[pd.Series | None]]]:
@@ -299,11 +346,12 @@ def markdown(all_cells: pd.DataFrame) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         parts.append(f"### {title_of(table)}\n\non `{model}`\n\n" + "\n".join(lines))
-    return "\n\n".join(parts) + "\n\n— missing (no finished run fills the cell); n/a not applicable (the run's tag says why).\n"
+    return "\n\n".join(parts) + f"\n\n{LEGEND}\n"
 
 
 def _latex_escape(text: str) -> str:
-    return re.sub(r"([_%&#$])", r"\\\1", str(text)).replace("—", "--")
+    escaped = re.sub(r"([_%&#$])", r"\\\1", str(text)).replace("—", "--")
+    return escaped.replace("±", r"$\pm$").replace("≈", r"$\approx$")
 
 
 def latex(all_cells: pd.DataFrame) -> str:
@@ -433,12 +481,16 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 24px}"
         "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right;font-size:13px}th{background:#f2f2f2}"
         "td.key{text-align:left}td.missing{background:#fde2e2;color:#a33}td.na{background:#eee;color:#777}"
+        ".within{color:#888;background:#f4f4e0}"
         "img{max-width:100%;border:1px solid #ddd;margin:6px 0}code{font-size:12px}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<p>Every value comes from one finished MLflow run: hover a cell for its run, or see the sources below. "
         "<span style='background:#fde2e2'>&nbsp;—&nbsp;</span> no finished run fills the cell; "
         "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
-        "Uncertainties are not computed yet, so no difference here is marked as significant.</p>",
+        "± is one bootstrap standard error over the test sequences, where computed (core's spliced losses and scores, "
+        "the centred explained variance); <span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "
+        "pretrained SAE's in its row by less than the two standard errors combined: not a finding. The other suites' "
+        "numbers carry no uncertainty yet.</p>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in provenance) + "</ul>",
     ]
     for (table, model), group in _groups(all_cells):
@@ -452,6 +504,7 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
                     cells_html.append(f"<td class='key'>{html.escape(text)}</td>")
                     continue
                 css = {"ok": "", "missing": "missing", "not applicable": "na"}[cell["status"]]
+                css = "within" if cell.get("within_uncertainty") is True else css
                 tip = f"run {cell['run_id']} · {cell['run_name']}" if cell["run_id"] else "no finished run"
                 if cell["candidates"] > 1:
                     tip += f" (newest of {cell['candidates']})"

@@ -76,6 +76,9 @@ class SuiteResult:
     seconds: float
     tags: dict[str, str] = field(default_factory=dict)
     """How it was computed, as MLflow tags (e.g. where SCR's model side came from)."""
+    uncertainty: dict | None = None
+    """The bootstrap behind the ``<suite>.<metric>.bootstrap_se`` metrics (core only): its unit, size, seed, the
+    full-sample values and every replicate, logged as ``uncertainty/<suite>.json``."""
 
 
 def prepared_for_saebench(sae: SAE, model_name: str) -> SAE:
@@ -154,7 +157,8 @@ def run_core(
     config = core_config(sizes, tokens.shape[1], model_name, str(next(model.parameters()).dtype).removeprefix("torch."))
     sae = prepared_for_saebench(sae, model_name)
     store = token_activation_store(model, sae, tokens)
-    scalar, features = run_evals(sae=sae, activation_store=store, model=model, eval_config=config, ignore_tokens=set(special_ids))
+    with SplicedLossRecorder.recording() as spliced:
+        scalar, features = run_evals(sae=sae, activation_store=store, model=model, eval_config=config, ignore_tokens=set(special_ids))
     from sae_bench.evals.core.main import calculate_misc_metrics
 
     scalar["misc_metrics"] = calculate_misc_metrics(features)
@@ -165,8 +169,109 @@ def run_core(
         output = json.loads(path.read_text())
     validate_output(CoreEvalOutput, output)
     metrics = {f"core.{name}": float(value) for group in output["eval_result_metrics"].values() for name, value in group.items()}
-    metrics["core.explained_variance_centred"] = centred_explained_variance(model, sae, tokens[: sizes.n_prompts], special_ids)
-    return SuiteResult("core", output, metrics, time.perf_counter() - started)
+    variance = CentredVarianceSums()
+    metrics["core.explained_variance_centred"] = centred_explained_variance(model, sae, tokens[: sizes.n_prompts], special_ids, variance)
+    uncertainty = core_bootstrap(spliced, variance)
+    metrics.update({f"core.{name}.bootstrap_se": se for name, se in uncertainty["se"].items()})
+    return SuiteResult("core", output, metrics, time.perf_counter() - started, uncertainty=uncertainty)
+
+
+BOOTSTRAP_REPLICATES = 1000
+BOOTSTRAP_SEED = 0
+"""Every variant's bootstrap draws the same resamples of the same sequences (same count, same seed)."""
+
+
+class SplicedLossRecorder:
+    """Per-sequence sums of SAEBench core's per-token spliced losses, masked exactly as SAEBench masks them before
+    it averages them away. The one adapter through which saecomp sees them: SAEBench keeps only their means, and a
+    bootstrap over the test sequences needs the values per sequence."""
+
+    def __init__(self):
+        self.sums: dict[str, list[torch.Tensor]] = {}  # metric -> per batch, [batch] float64
+        self.counts: dict[str, list[torch.Tensor]] = {}  # metric -> per batch, [batch] tokens kept
+
+    @classmethod
+    @contextmanager
+    def recording(cls) -> Iterator[SplicedLossRecorder]:
+        import sae_bench.evals.core.main as core
+
+        recorder, original = cls(), core.get_recons_loss
+
+        def recorded(sae, model, batch_tokens, activation_store, *args, ignore_tokens=frozenset(), **kwargs):
+            out = original(sae, model, batch_tokens, activation_store, *args, ignore_tokens=ignore_tokens, **kwargs)
+            recorder.add(batch_tokens, out, ignore_tokens)
+            return out
+
+        core.get_recons_loss = recorded  # get_downstream_reconstruction_metrics looks it up in its module per batch
+        try:
+            yield recorder
+        finally:
+            core.get_recons_loss = original
+
+    def add(self, batch_tokens: torch.Tensor, per_token: dict[str, torch.Tensor], ignore_tokens) -> None:
+        keep = torch.ones_like(batch_tokens, dtype=torch.bool)  # [batch, pos]
+        for token in ignore_tokens:  # SAEBench's mask: drop positions holding an ignored token
+            keep &= batch_tokens != token
+        for name, values in per_token.items():  # [batch, pos] (KL) or [batch, pos - 1] (CE: no target for the last)
+            mask = keep[:, : values.shape[1]]
+            self.sums.setdefault(name, []).append((values.double() * mask).sum(dim=1).cpu())
+            self.counts.setdefault(name, []).append(mask.sum(dim=1).double().cpu())
+
+
+@dataclass
+class CentredVarianceSums:
+    """Per-sequence sufficient statistics of the centred explained variance: sum x, sum ||x||^2, sum ||x - x_hat||^2
+    and the token count (float64), so that a resample of sequences recomputes it exactly."""
+
+    x_sum: list[torch.Tensor] = field(default_factory=list)  # per sequence, [d]
+    x_squared: list[float] = field(default_factory=list)
+    error_squared: list[float] = field(default_factory=list)
+    tokens: list[float] = field(default_factory=list)
+
+
+def core_bootstrap(
+    spliced: SplicedLossRecorder, variance: CentredVarianceSums, replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED
+) -> dict:
+    """Standard errors of core's spliced-loss metrics (SAEBench's own values, recomputed from its per-token losses)
+    and of our centred explained variance, by a bootstrap over the test sequences: sequences, not tokens, are
+    resampled, since the tokens of one text are not independent. SAEBench's ``mse``, ``cossim`` and
+    ``explained_variance`` come from a loop this adapter does not see, so they carry no uncertainty."""
+    generator = torch.Generator().manual_seed(seed)
+    samples, full, n_sequences = {}, {}, {}
+    if spliced.sums:
+        sums = {name: torch.cat(parts) for name, parts in spliced.sums.items()}  # [n sequences]
+        counts = {name: torch.cat(parts) for name, parts in spliced.counts.items()}
+        n = n_sequences["spliced_losses"] = next(iter(sums.values())).shape[0]
+        picks = torch.randint(n, (replicates, n), generator=generator)  # [replicates, n]
+        for label, index in (("full", torch.arange(n)[None]), ("samples", picks)):
+            means = {name: sums[name][index].sum(-1) / counts[name][index].sum(-1) for name in sums}  # [r]
+            if {"ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation"} <= set(means):
+                means["ce_loss_score"] = (means["ce_loss_with_ablation"] - means["ce_loss_with_sae"]) / (
+                    means["ce_loss_with_ablation"] - means["ce_loss_without_sae"]
+                )
+            if {"kl_div_with_sae", "kl_div_with_ablation"} <= set(means):
+                means["kl_div_score"] = (means["kl_div_with_ablation"] - means["kl_div_with_sae"]) / means["kl_div_with_ablation"]
+            (full if label == "full" else samples).update(means)
+    if variance.tokens:
+        x_sum, x_sq = torch.stack(variance.x_sum), torch.tensor(variance.x_squared, dtype=torch.float64)  # [n, d], [n]
+        err, count = torch.tensor(variance.error_squared, dtype=torch.float64), torch.tensor(variance.tokens, dtype=torch.float64)
+        n = n_sequences["explained_variance_centred"] = count.shape[0]
+        picks = torch.randint(n, (replicates, n), generator=generator)
+        for label, index in (("full", torch.arange(n)[None]), ("samples", picks)):
+            tokens = count[index].sum(-1)  # [r]
+            mean = x_sum[index].sum(-2) / tokens[:, None]  # [r, d]
+            total_variance = x_sq[index].sum(-1) - tokens * (mean**2).sum(-1)
+            value = 1 - err[index].sum(-1) / total_variance
+            (full if label == "full" else samples)["explained_variance_centred"] = value
+    return {
+        "unit": "sequence",
+        "replicates": replicates,
+        "seed": seed,
+        "n_sequences": n_sequences,
+        "full_sample": {name: float(v[0]) for name, v in full.items()},
+        "se": {name: float(v.std()) for name, v in samples.items()},
+        "samples": {name: v.tolist() for name, v in samples.items()},
+    }
 
 
 def validate_output(output_class, output: dict) -> None:
@@ -178,11 +283,16 @@ def validate_output(output_class, output: dict) -> None:
 
 @torch.no_grad()
 def centred_explained_variance(
-    model: HookedTransformer, sae: SAE, tokens: torch.Tensor, special_ids: set[int], batch_size: int = 16
+    model: HookedTransformer,
+    sae: SAE,
+    tokens: torch.Tensor,
+    special_ids: set[int],
+    per_sequence: CentredVarianceSums | None = None,
+    batch_size: int = 16,
 ) -> float:
     """1 - E||x - x_hat||^2 / E||x - E x||^2 over the ordinary tokens core reads: the variance ratio that
     SAEBench 0.6's `explained_variance` (E||x||^2 - (mean x^2)^2 in the denominator) is not. One pass of the
-    model up to the SAE's block, no splicing."""
+    model up to the SAE's block, no splicing. ``per_sequence`` collects each sequence's sums for the bootstrap."""
     from saecomp.saes import ordinary_positions, reconstruction_metrics
 
     hook_name = sae.cfg.metadata.hook_name
@@ -190,10 +300,18 @@ def centred_explained_variance(
     xs, x_hats = [], []
     for batch in tokens.split(batch_size):
         _, cache = model.run_with_cache(batch, names_filter=hook_name, stop_at_layer=layer + 1)
-        x = cache[hook_name][ordinary_positions(batch, special_ids)]  # [tokens, *hook_shape]
+        ordinary = ordinary_positions(batch, special_ids)  # [batch, pos]
+        x = cache[hook_name][ordinary]  # [tokens, *hook_shape]
         x_hat = sae.decode(sae.encode(x))
         xs.append(x.reshape(x.shape[0], -1))
         x_hats.append(x_hat.reshape(x.shape[0], -1))
+        if per_sequence is not None:
+            flat, flat_hat = xs[-1].double(), x_hats[-1].double()  # [tokens, d], tokens in sequence order
+            for rows in torch.arange(flat.shape[0], device=flat.device).split(ordinary.sum(dim=1).tolist()):
+                per_sequence.x_sum.append(flat[rows].sum(0).cpu())
+                per_sequence.x_squared.append(float((flat[rows] ** 2).sum()))
+                per_sequence.error_squared.append(float(((flat[rows] - flat_hat[rows]) ** 2).sum()))
+                per_sequence.tokens.append(float(len(rows)))
     return reconstruction_metrics(torch.cat(xs), torch.cat(x_hats))["explained_variance"]
 
 

@@ -62,6 +62,7 @@ def store(tmp_path_factory):
                 continue  # the gap
             core = ("kl_div_score", "ce_loss_score", "mse", "cossim", "explained_variance")
             metrics = {f"core.{m}": 0.5 + n / 10 + v / 100 for m in core}
+            metrics["core.ce_loss_score.bootstrap_se"] = 0.01  # pruned25 is within it of pretrained, the others are not
             metrics.update({f"scr.scr_metric_threshold_{k}": k / 1000 + v / 100 for k in (2, 20)})
             tags = {"hook": hook, "layer": str(layer), "variant": variant}
             if hook == "attn.hook_z":
@@ -133,6 +134,23 @@ def test_a_missing_variant_shows_as_a_gap_never_filled(store):
     assert row.split("|")[1 + 2 + compare.VARIANTS.index("pruned50")].strip() == "—"
     ravel = cells[(cells["table"] == "ravel") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "pretrained")]
     assert set(ravel["status"]) == {"not applicable"} and set(ravel["note"]) == {"RAVEL reads hook_resid_post"}
+
+
+def test_differences_smaller_than_their_uncertainty_are_marked(store):
+    cells = compare.cells(collect_runs([store["experiment_id"]]))
+    row = cells[(cells["table"] == "table1") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["metric"] == "ce_loss_score")]
+    by_variant = row.set_index("variant")
+    assert by_variant["se"].tolist() == [0.01] * 4  # the se of the run the value comes from
+    # 0.51 against 0.50 with 0.01 each: |0.01| < sqrt(2) * 0.01; 0.52 and 0.53 are not within it
+    assert by_variant.loc["pruned25", "within_uncertainty"] is True
+    assert by_variant.loc["pruned50", "within_uncertainty"] is False and by_variant.loc["trained", "within_uncertainty"] is False
+    assert by_variant.loc["pretrained", "within_uncertainty"] is None  # the reference itself
+    mse = cells[(cells["table"] == "table1") & (cells["metric"] == "mse")]
+    assert mse["se"].isna().all() and mse["within_uncertainty"].isna().all()  # no standard error: nothing is claimed
+    line = next(x for x in compare.markdown(cells).splitlines() if x.startswith("| blocks.2.attn.hook_z | ce_loss_score |"))
+    shown = [c.strip() for c in line.split("|")[3:7]]
+    assert shown == ["0.5000 ± 0.01", "0.5100 ± 0.01 ≈", "0.5200 ± 0.01", "0.5300 ± 0.01"]
+    assert r"0.5100 $\pm$ 0.01 $\approx$" in compare.latex(cells)
 
 
 def test_every_latex_row_has_the_cells_its_column_specification_declares(store):

@@ -72,10 +72,29 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
     perfect = run_core(pruned.tl, identity_sae(), tokens, special, SIZES).metrics
     assert perfect["core.ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
     assert perfect["core.explained_variance_centred"] == pytest.approx(1.0, abs=1e-5)
-    random = run_core(pruned.tl, random_sae(), tokens, special, SIZES).metrics
+    random_result = run_core(pruned.tl, random_sae(), tokens, special, SIZES)
+    random = random_result.metrics
     assert random["core.ce_loss_score"] < 0.5
     # SAEBench 0.6's explained_variance is not a variance ratio; ours beside it is.
     assert random["core.explained_variance_centred"] < random["core.explained_variance"]
+
+    # The bootstrap resamples whole sequences: a perfect SAE scores 1 in every resample (its losses move with the
+    # model's own, sequence by sequence), a random one does not.
+    assert perfect["core.ce_loss_score.bootstrap_se"] < 1e-4
+    assert perfect["core.explained_variance_centred.bootstrap_se"] < 1e-6
+    assert random["core.ce_loss_score.bootstrap_se"] > 1e-3
+    # On the full sample, the bootstrap's statistics are SAEBench's own numbers (and our centred variance).
+    boot = random_result.uncertainty
+    assert set(boot["full_sample"]) == set(boot["se"]) == {
+        "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation",
+        "ce_loss_score", "kl_div_score", "explained_variance_centred",
+    }  # fmt: skip
+    for name, value in boot["full_sample"].items():
+        assert value == pytest.approx(random[f"core.{name}"], rel=1e-5, abs=1e-6), name
+    assert boot["n_sequences"]["spliced_losses"] == SIZES.batch_size_prompts * SIZES.n_reconstruction_batches
+    assert all(len(samples) == boot["replicates"] for samples in boot["samples"].values())
+    # a standard error, not a spread of tokens: close to the spread of per-sequence CE over sqrt(sequences)
+    assert 0 < random["core.ce_loss_without_sae.bootstrap_se"] < 0.2 * random["core.ce_loss_without_sae"]
 
 
 def test_core_measures_the_model_it_is_given(pruned_and_dense):

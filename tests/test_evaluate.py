@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -137,6 +139,11 @@ def test_evaluate_step_as_typed(small_experiment):
     assert m["core.seconds"] > 0
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "saebench")}
     assert artifacts == {"saebench/core.json"}
+    # the bootstrap behind core.<metric>.bootstrap_se is an artifact too, its standard errors those logged
+    boot = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="uncertainty/core.json")).read_text())
+    logged = {name: value for name, value in m.items() if name.endswith(".bootstrap_se")}
+    assert {f"core.{name}.bootstrap_se": se for name, se in boot["se"].items()} == logged
+    assert m["core.ce_loss_with_sae.bootstrap_se"] > 0
 
 
 def test_ravel_from_the_experiment_is_tagged_not_applicable_on_gpt2(small_experiment):

@@ -423,7 +423,7 @@ def figures(all_cells: pd.DataFrame, sweeps: dict[tuple[str, str], tuple[pd.Data
         # Figure 1 at one layer per output (the first swept), as the paper draws it; every layer is in Figures 5-7.
         first = sorted((f"blocks.{min(layers)}.{name}" for name, layers in by_output.items()), key=hook_order)
         if first:
-            figure, axes = plt.subplots(1, len(first), figsize=(4.2 * len(first), 3.4), squeeze=False)
+            figure, axes = plt.subplots(1, len(first), figsize=(4.2 * len(first), 3.4), squeeze=False, layout="constrained")
             for axis, hook in zip(axes[0], first, strict=True):
                 sweep, levels = mine[hook]
                 axis.plot(sweep["sparsity"], sweep["mse"], marker="o", label="pruned SAE")
@@ -435,7 +435,7 @@ def figures(all_cells: pd.DataFrame, sweeps: dict[tuple[str, str], tuple[pd.Data
             figure.suptitle(f"Figure 1: reconstruction against SAE sparsity, on {model}")
             out[f"figure1_reconstruction{suffix}.png"] = _figure_bytes(figure)
         if any(len(layers) > 1 for layers in by_output.values()):  # Figures 5-7: one panel per output, a curve per layer
-            figure, axes = plt.subplots(1, len(by_output), figsize=(4.2 * len(by_output), 3.4), squeeze=False)
+            figure, axes = plt.subplots(1, len(by_output), figsize=(4.2 * len(by_output), 3.4), squeeze=False, layout="constrained")
             for axis, (name, layers) in zip(axes[0], sorted(by_output.items()), strict=True):
                 for layer, sweep in sorted(layers.items()):
                     axis.plot(sweep["sparsity"], sweep["mse"], marker=".", label=f"layer {layer}")
@@ -456,7 +456,7 @@ def figures(all_cells: pd.DataFrame, sweeps: dict[tuple[str, str], tuple[pd.Data
             if not len(rows):
                 continue
             hooks = sorted(rows["hook"].unique(), key=hook_order)
-            figure, axes = plt.subplots(1, len(hooks), figsize=(4.2 * len(hooks), 3.4), squeeze=False)
+            figure, axes = plt.subplots(1, len(hooks), figsize=(4.2 * len(hooks), 3.4), squeeze=False, layout="constrained")
             for axis, hook in zip(axes[0], hooks, strict=True):
                 here = rows[rows["hook"] == hook]
                 for variant in _variant_order(here["variant"].unique()):

@@ -99,6 +99,36 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
     assert 0 < random["core.ce_loss_without_sae.bootstrap_se"] < 0.2 * random["core.ce_loss_without_sae"]
 
 
+def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_world):
+    """What the real Gemma files meet: BOS first and excluded, an attention-output SAE that reshapes hook_z, layer-norm
+    normalisation and JumpReLU. The bootstrap's full-sample statistics are still SAEBench's numbers."""
+    from sae_lens import JumpReLUSAEConfig
+
+    loaded = load_model("tiny-gemma2", small_world / "tiny-gemma2")
+    cfg, tokenizer = loaded.tl.cfg, loaded.tokenizer
+    width = cfg.n_heads * cfg.d_head
+    sae = SAE.from_dict(
+        JumpReLUSAEConfig(d_in=width, d_sae=2 * width, normalize_activations="layer_norm", reshape_activations="hook_z").to_dict()
+    )
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in sae.named_parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * (0.01 if "threshold" in name else 0.3))
+    sae.cfg.metadata.hook_name = "blocks.1.attn.hook_z"
+    tokens = held_out_tokens(
+        iter_documents(DocumentPool("tiny", "test", "text", 0, None), small_world), tokenizer, SIZES.n_prompts, 64, prepend_bos=True
+    )
+    assert (tokens[:, 0] == tokenizer.bos_token_id).all()
+    result = run_core(loaded.tl, sae, tokens, {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}, SIZES)
+    boot = result.uncertainty
+    for name, value in boot["full_sample"].items():
+        # SAEBench averages in float32, the bootstrap in float64; a score is a ratio of differences of those means
+        # (here far from 1: the random SAE wrecks the model), which amplifies that rounding
+        tolerance = 2e-4 if name.endswith("_score") else 1e-5
+        assert value == pytest.approx(result.metrics[f"core.{name}"], rel=tolerance, abs=1e-6), name
+    assert all(math.isfinite(se) and se > 0 for se in boot["se"].values())
+
+
 def test_core_measures_the_model_it_is_given(pruned_and_dense):
     pruned, dense, tokens = pruned_and_dense
     special = {pruned.tokenizer.bos_token_id, pruned.tokenizer.eos_token_id}

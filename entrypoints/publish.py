@@ -188,7 +188,7 @@ def params_sae(chosen) -> list[str]:
 def run_publish(exp, experiment, repo, chosen, dry_run, public, overwrite, with_model) -> str:
     import mlflow
 
-    from saecomp.publish import refuse_clashes, stage, upload
+    from saecomp.publish import already_published, published_index, refuse_clashes, stage, upload
     from saecomp.tracking import local_artifacts, step_key, step_run
 
     say = lambda line: click.echo(f"[publish] {line}", err=True)  # noqa: E731
@@ -213,19 +213,28 @@ def run_publish(exp, experiment, repo, chosen, dry_run, public, overwrite, with_
     key = step_key("publish", {**params, "attempt": uuid.uuid4().hex})  # an action, never reused
     name = f"publish · {repo}" + (" (dry run)" if dry_run else "")
     description = f"{len(saes)} pruned SAE(s) to {repo}" + (": dry run, the folder is this run's publish/ artifact." if dry_run else ".")
+    index = None if dry_run else published_index(repo)  # what an earlier publish put there: kept, and on the card
+    if index and index.get("prune_llm_run") != prune_llm:
+        fail(f"repo={repo!r} already holds SAEs of another pruned model (prune_llm run {index.get('prune_llm_run')}, "
+             f"these are of {prune_llm}); valid: a repo per pruned model")  # fmt: skip
+    published = already_published(index, saes)
     with step_run("publish", key, params, exp.name, name, description) as run, tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / repo.split("/")[1]
-        digests = stage(saes, repo, folder, base_model)
+        digests = stage(saes, repo, folder, base_model, published=published)
+        if published:
+            say(f"{repo} already holds {len(published)} SAE(s) of this model: kept, and listed on the card beside the new ones")
         mlflow.log_dict(digests, "publish_manifest.json")
         for sae in saes:
             say(f"{sae.sae_id}: from prune_sae run {sae.provenance['prune_sae_run']}")
         if dry_run:
             mlflow.log_artifacts(str(folder), "publish")
-            say(f"dry run: {len(digests)} files staged; nothing uploaded (the run's publish/ artifact; SAE.load_from_disk reads each SAE)")
+            say(f"dry run: {len(digests)} files staged; nothing uploaded (the run's publish/ artifact; SAE.load_from_disk reads each SAE). "
+                "The card lists these SAEs only: a real publish also lists those the repository already holds.")
         else:
             checkpoint = Path(local_artifacts(prune_llm, "pruned_model")) if companion else None
             try:  # every repository checked before anything is uploaded
-                replaced = refuse_clashes(folder, repo, overwrite) + (refuse_clashes(checkpoint, companion, overwrite) if companion else [])
+                replaced = refuse_clashes(folder, repo, overwrite, merged=index is not None)
+                replaced += refuse_clashes(checkpoint, companion, overwrite) if companion else []
             except FileExistsError as error:
                 fail(str(error))
             if replaced:

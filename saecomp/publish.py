@@ -6,6 +6,10 @@ An SAE of a pruned model is only usable on that model: ``cfg.json``'s ``model_na
 (what TransformerLens loads the architecture by) and ``metadata.pruned_model`` says how that model was pruned, with
 the exact saecomp command that rebuilds it, and the companion model repository when the checkpoint was pushed too.
 
+A repository also holds ``saecomp.json``, the index of every SAE published there (what the card says of each). A later
+publish to the same repository adds its SAEs to that index and rewrites the card from all of them, so publishing
+layer by layer never loses what an earlier publish put there; replacing an SAE's own files still needs ``overwrite``.
+
 The token is never an argument here: ``huggingface_hub`` reads it (``HF_TOKEN`` or the login) itself, so it cannot
 reach a log, a param or an artifact through this module.
 """
@@ -20,13 +24,16 @@ from pathlib import Path
 
 SAE_FILES = ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")
 """SAELens's files of one SAE (the last only where the sparsity is known)."""
+INDEX = "saecomp.json"
+"""The repository's index of the SAEs published there; with the card, rewritten (merged) by every publish."""
+REGENERATED = ("README.md", INDEX)
 
 
 @dataclass
 class PublishedSAE:
     """One SAE to publish: where it is on disk, its id in the repository, and where it comes from."""
 
-    folder: Path
+    folder: Path | None  # None: already in the repository (from its index), nothing to upload
     sae_id: str  # blocks.<layer>.<hook>/<method>-<sparsity>
     pruned_model: dict  # base_model, method, sparsity, nm, calibration, rebuild_command, prune_llm_run, (repo)
     provenance: dict  # run ids, code version, experiment file
@@ -60,11 +67,52 @@ def rebuild_command(experiment: str, prune_params: dict) -> str:
     return " ".join(parts)
 
 
-def stage(saes: list[PublishedSAE], repo_id: str, out: Path, base_model: str, card_extra: str = "") -> dict[str, str]:
+def index_of(saes: list[PublishedSAE], base_model: str) -> dict:
+    """``saecomp.json``: per sae_id, what the card says of it."""
+    entries = {
+        sae.sae_id: {
+            "pruned_model": sae.pruned_model,
+            "provenance": sae.provenance,
+            "selection": sae.selection,
+            "evaluation": sae.evaluation,
+        }
+        for sae in saes
+    }
+    return {"format": 1, "base_model": base_model, "prune_llm_run": saes[0].pruned_model.get("prune_llm_run"), "saes": entries}
+
+
+def already_published(index: dict | None, replaced_by: list[PublishedSAE]) -> list[PublishedSAE]:
+    """The SAEs a repository's index lists, but those this publish puts there again (same sae_id)."""
+    if not index:
+        return []
+    new = {sae.sae_id for sae in replaced_by}
+    return [
+        PublishedSAE(None, sae_id, e["pruned_model"], e["provenance"], e.get("selection", {}), e.get("evaluation", {}))
+        for sae_id, e in index["saes"].items()
+        if sae_id not in new
+    ]
+
+
+def published_index(repo_id: str) -> dict | None:
+    """The repository's ``saecomp.json``, or None when the repository or the file does not exist."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(repo_id, INDEX)).read_text())
+    except (RepositoryNotFoundError, EntryNotFoundError):
+        return None
+
+
+def stage(
+    saes: list[PublishedSAE], repo_id: str, out: Path, base_model: str, card_extra: str = "", published: list[PublishedSAE] = ()
+) -> dict[str, str]:
     """The repository's files as they will be uploaded, in ``out``: each SAE's SAELens files under its ``sae_id``
-    (``cfg.json`` rewritten to name the base model and carry ``pruned_model``), and the model card ``README.md``.
-    Returns {path in repo: sha256}. ``out`` must not exist yet."""
+    (``cfg.json`` rewritten to name the base model and carry ``pruned_model``), the model card ``README.md`` and the
+    index ``saecomp.json``, both over ``published`` (already in the repository) and ``saes``. Returns {path in repo:
+    sha256}. ``out`` must not exist yet."""
     out.mkdir(parents=True)
+    everything = sorted([*published, *saes], key=lambda sae: sae.sae_id)
     for sae in saes:
         target = out / sae.sae_id
         target.mkdir(parents=True)
@@ -77,7 +125,8 @@ def stage(saes: list[PublishedSAE], repo_id: str, out: Path, base_model: str, ca
         metadata["pruned_model"] = sae.pruned_model
         metadata["saecomp"] = {"sae_id": sae.sae_id, **sae.provenance}
         (target / "cfg.json").write_text(json.dumps(cfg, indent=1))
-    (out / "README.md").write_text(model_card(saes, repo_id, base_model, card_extra))
+    (out / "README.md").write_text(model_card(everything, repo_id, base_model, card_extra))
+    (out / INDEX).write_text(json.dumps(index_of(everything, base_model), indent=1))
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
@@ -162,13 +211,16 @@ def model_card(saes: list[PublishedSAE], repo_id: str, base_model: str, extra: s
     return "\n".join(lines) + "\n"
 
 
-def refuse_clashes(folder: Path, repo_id: str, overwrite: bool) -> list[str]:
+def refuse_clashes(folder: Path, repo_id: str, overwrite: bool, merged: bool = False) -> list[str]:
     """The files of ``folder`` that ``repo_id`` already has; unless ``overwrite``, a FileExistsError naming them.
-    Checked for every repository before anything is uploaded."""
+    Checked for every repository before anything is uploaded. ``merged``: the card and index were rebuilt from the
+    repository's own index, so replacing them loses nothing and is no clash."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
     files = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    if merged:
+        files -= set(REGENERATED)
     try:
         existing = set(HfApi().list_repo_files(repo_id))
     except RepositoryNotFoundError:

@@ -102,7 +102,10 @@ def test_dry_run_writes_the_folder_saelens_loads_and_uploads_nothing(store, expe
         "README.md",
         "blocks.1.hook_resid_post/wanda-0.25/cfg.json",
         "blocks.1.hook_resid_post/wanda-0.25/sae_weights.safetensors",
+        "saecomp.json",
     ]  # the unmet hook_mlp_out is not published unless named
+    index = json.loads((folder / "saecomp.json").read_text())
+    assert list(index["saes"]) == ["blocks.1.hook_resid_post/wanda-0.25"] and index["prune_llm_run"] == store["prune_llm"]
     loaded = SAE.load_from_disk(str(folder / "blocks.1.hook_resid_post/wanda-0.25"))
     original = store["saes"]["hook_resid_post"][1]
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in original.state_dict().items())
@@ -153,14 +156,28 @@ def test_round_trip_through_the_hub_client_and_refusals(store, experiment_file, 
         assert torch.equal(load_sae(f"someone/tiny-saes:{sae_id}").W_dec, original.W_dec)
         assert "named explicitly" in hub.files("someone/tiny-saes")["README.md"].decode()
 
-        # a second publish that would replace files (the SAE, the card) is refused before anything is uploaded;
-        # overwrite=true replaces them
-        both = f"{named},runs:/{store['saes']['hook_resid_post'][0]}/saes/pruned-0.25"
+        # a second publish that would replace an SAE's files is refused before anything is uploaded
+        resid = f"runs:/{store['saes']['hook_resid_post'][0]}/saes/pruned-0.25"
+        both = f"{named},{resid}"
         commits = len(hub.commits("someone/tiny-saes"))
         again = publish(experiment_file, "--repo", "someone/tiny-saes", "--sae", both)
-        assert again.exit_code == 2 and "already has README.md, blocks.1.hook_mlp_out/wanda-0.25/cfg.json" in again.output
+        assert again.exit_code == 2 and "already has blocks.1.hook_mlp_out/wanda-0.25/cfg.json" in again.output
         assert "overwrite=true" in again.output and len(hub.commits("someone/tiny-saes")) == commits
         assert "blocks.1.hook_resid_post/wanda-0.25/cfg.json" not in hub.files("someone/tiny-saes")
+
+        # another SAE of the same pruned model joins the repository: the card and index list both, the first stays
+        added = publish(experiment_file, "--repo", "someone/tiny-saes", "--sae", resid)
+        assert added.exit_code == 0, added.output
+        files = hub.files("someone/tiny-saes")
+        index = json.loads(files["saecomp.json"])
+        assert sorted(index["saes"]) == ["blocks.1.hook_mlp_out/wanda-0.25", "blocks.1.hook_resid_post/wanda-0.25"]
+        card = files["README.md"].decode()
+        assert "`blocks.1.hook_mlp_out/wanda-0.25`" in card and "`blocks.1.hook_resid_post/wanda-0.25`" in card
+        assert "named explicitly" in card  # what the first publish said of hook_mlp_out is kept
+        assert torch.equal(SAE.from_pretrained("someone/tiny-saes", sae_id).W_dec, original.W_dec)
+        commits = len(hub.commits("someone/tiny-saes"))
+
+        # overwrite=true replaces an SAE's files
         replaced = publish(experiment_file, "--repo", "someone/tiny-saes", "--sae", both, "--overwrite", "true")
         assert replaced.exit_code == 0, replaced.output
         assert len(hub.commits("someone/tiny-saes")) == commits + 1
@@ -181,7 +198,7 @@ def test_round_trip_through_the_hub_client_and_refusals(store, experiment_file, 
         folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id)))
         for path in folder.rglob("*"):
             assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
-    assert all(TOKEN not in result.output for result in (first, again, replaced))
+    assert all(TOKEN not in result.output for result in (first, again, added, replaced))
 
 
 def test_bad_input_is_refused_before_any_run(store, experiment_file):

@@ -11,7 +11,8 @@ Tables (SAEBench metric names; each per model, rows hook x metric, columns the S
 - ``table1``: the paper's Table 1, SAEBench core's reconstruction metrics; for Gemma-2-2B at layer 12 also
   ``table1_vs_paper``, ours beside the paper's published numbers (``saecomp/paper/``) and the difference;
 - ``core``: the appendix's other core metrics (and our centred explained variance beside SAEBench's);
-- ``absorption``, ``scr`` and ``tpp`` per number of latents k, ``sparse_probing`` top-k, ``ravel``;
+- ``absorption``, ``scr`` and ``tpp`` per number of latents k, ``sparse_probing`` top-k, ``ravel`` and
+  ``ravel_attributes`` (per entity class and cause attribute);
 - ``llm_pruning``: dense against pruned cross-entropy per pruned model (prune_llm runs).
 
 Uncertainties: a cell carries the standard error its run logged as ``<suite>.<metric>.bootstrap_se`` (core's spliced
@@ -97,6 +98,12 @@ TABLES = (
         "RAVEL (SAEBench's scores; residual_patch_cause, fact_accuracy and n_entities_kept are ours)",
         "ravel",
         ("disentanglement_score", "cause_score", "isolation_score", "residual_patch_cause", "fact_accuracy", "n_entities_kept"),
+    ),
+    TableSpec(
+        "ravel_attributes",
+        "RAVEL per entity class and cause attribute (SAEBench's per-attribute scores; the RAVEL table's are their means)",
+        "ravel",
+        pattern=r"([^.]+\.[^.]+\.(?:disentanglement|cause|isolation)_score)",
     ),
 )
 

@@ -835,9 +835,29 @@ def run_ravel(hf_model, sae: SAE, config, workdir: Path, sae_name: str, model_la
     output = _output_of(eval_output, workdir)
     validate_output(out.RAVELEvalOutput, output)
     metrics = _scalar_metrics("ravel", output)
+    metrics.update(ravel_per_attribute(per_class, config))
     metrics.update(ravel_fact_counts(config))
     metrics["ravel.residual_patch_cause"] = ceiling
     return SuiteResult("ravel", output, metrics, time.perf_counter() - started)
+
+
+RAVEL_SCORES = {"cause_score": "cause_score", "isolation_score": "isolation_score", "disentangle_score": "disentanglement_score"}
+"""SAEBench's per-attribute score names -> the names its headline metrics use."""
+
+
+def ravel_per_attribute(per_class: dict, config) -> dict[str, float]:
+    """``ravel.<entity class>.<attribute>.<score>`` for every entity class and cause attribute SAEBench scored (its
+    ``eval_result_unstructured``, ``<class>_results`` -> ``<class>_<attribute>``): the appendix's per entity-attribute
+    rows, of which the headline scores are the means."""
+    metrics = {}
+    for entity, attributes in config.entity_attribute_selection.items():
+        scored = per_class.get(f"{entity}_results", {})
+        for attribute in attributes:
+            for theirs, ours in RAVEL_SCORES.items():
+                value = scored.get(f"{entity}_{attribute}", {}).get(theirs)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    metrics[f"ravel.{entity}.{attribute}.{ours}"] = float(value)
+    return metrics
 
 
 @torch.no_grad()

@@ -67,6 +67,8 @@ def store(tmp_path_factory):
             tags = {"hook": hook, "layer": str(layer), "variant": variant}
             if hook == "attn.hook_z":
                 tags["saecomp.ravel.not_applicable"] = "RAVEL reads hook_resid_post"
+            else:
+                metrics.update({"ravel.cause_score": 0.6 + v / 100, "ravel.city.Country.cause_score": 0.7 + v / 100})
             params = {"suites": "core,scr,ravel", "base_model": model}
             runs[(hook, variant)] = _run(experiment_id, "evaluate", f"evaluate · {hook} · {variant}", tags, params, metrics)
     # A newer run for one cell (core only, without kl_div_score): it wins mse; kl_div_score and SCR stay the older run's.
@@ -90,7 +92,8 @@ def test_every_cell_is_the_metric_of_the_run_it_names(store):
     assert len(ok) > 40
     for cell in ok.itertuples():
         metrics = client.get_run(cell.run_id).data.metrics
-        name = {"llm_pruning": cell.metric}.get(cell.table, f"{'core' if cell.table in ('table1', 'core') else cell.table}.{cell.metric}")
+        suite = {spec.name: spec.suite for spec in compare.TABLES}.get(cell.table)
+        name = f"{suite}.{cell.metric}" if suite else cell.metric  # llm_pruning: prune_llm's own metric names
         assert metrics[name] == cell.value, cell
     for cell in ok[ok["model"] == store["model"]].itertuples():  # the run of its own hook and variant, not another's
         expected = store["newer"] if (cell.hook, cell.variant, cell.metric) == ("blocks.2.attn.hook_z", "trained", "mse") else None
@@ -134,6 +137,12 @@ def test_a_missing_variant_shows_as_a_gap_never_filled(store):
     assert row.split("|")[1 + 2 + compare.VARIANTS.index("pruned50")].strip() == "—"
     ravel = cells[(cells["table"] == "ravel") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "pretrained")]
     assert set(ravel["status"]) == {"not applicable"} and set(ravel["note"]) == {"RAVEL reads hook_resid_post"}
+    # per entity class and attribute: a row per metric the runs logged, n/a where RAVEL does not apply
+    attributes = cells[(cells["table"] == "ravel_attributes") & (cells["model"] == store["model"])]
+    assert set(attributes["metric"]) == {"city.Country.cause_score"}
+    by_cell = attributes.set_index(["hook", "variant"])
+    assert by_cell.loc[("blocks.2.hook_resid_post", "trained"), "value"] == pytest.approx(0.73)
+    assert by_cell.loc[("blocks.2.attn.hook_z", "trained"), "status"] == "not applicable"
 
 
 def test_differences_smaller_than_their_uncertainty_are_marked(store):

@@ -128,6 +128,10 @@ def test_ravel_keeps_the_known_entities_and_gives_finite_validated_scores(fact_w
     output = result.output
     assert output["eval_config"]["model_name"] == "tiny-gemma2-test"  # not the folder SAEBench read the tokenizer from
     assert set(output["eval_result_unstructured"]["city_results"]) == {f"city_{a}" for a in RAVEL_ATTRIBUTE_TEMPLATES}
+    # per entity class and cause attribute, the rows the headline scores average
+    for name in ("disentanglement_score", "cause_score", "isolation_score"):
+        per_attribute = [metrics[f"ravel.city.{a}.{name}"] for a in RAVEL_ATTRIBUTE_TEMPLATES]
+        assert metrics[f"ravel.{name}"] == pytest.approx(sum(per_attribute) / len(per_attribute))
     # RAVEL switches gradients on and trains a mask: nothing of that leaks out
     assert all(p.requires_grad for p in loaded.hf.parameters()) and not loaded.hf.training
     assert {p.name for p in ravel_package.rglob("*")} == before  # every file went to our folders

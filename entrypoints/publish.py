@@ -233,7 +233,9 @@ def run_publish(exp, experiment, repo, chosen, dry_run, public, overwrite, with_
         else:
             checkpoint = Path(local_artifacts(prune_llm, "pruned_model")) if companion else None
             try:  # every repository checked before anything is uploaded
-                replaced = refuse_clashes(folder, repo, overwrite, merged=index is not None)
+                if index and index["card_edited"]:
+                    say(f"{repo}'s README.md was edited since saecomp wrote it: rewriting it needs overwrite=true")
+                replaced = refuse_clashes(folder, repo, overwrite, merged=bool(index) and not index["card_edited"])
                 replaced += refuse_clashes(checkpoint, companion, overwrite) if companion else []
             except FileExistsError as error:
                 fail(str(error))

@@ -17,9 +17,10 @@ Tables (SAEBench metric names; each per model, rows hook x metric, columns the S
 
 Uncertainties: a cell carries the standard error its run logged as ``<suite>.<metric>.bootstrap_se`` (core's spliced
 losses and scores and the centred explained variance: a bootstrap over the test sequences, ``evaluate.core_bootstrap``).
-A variant whose value differs from the pretrained SAE's in its row by less than the two standard errors combined
-(sqrt(se_a^2 + se_b^2), conservative: every variant is measured on the same sequences) is marked ``≈``: that
-difference is not a finding. The other suites' numbers, and the spread over seeds, carry no uncertainty yet.
+A variant whose value differs from the pretrained SAE's in its row by no more than the standard error of that
+difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
+the same resamples of the same test sequences (the differences replicate by replicate), else sqrt(se_a^2 + se_b^2).
+The other suites' numbers, and the spread over seeds, carry no uncertainty yet.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class RunRecord:
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    bootstrap: dict[str, dict] = field(default_factory=dict)  # suite -> its uncertainty/<suite>.json (replicates)
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,7 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                         newest = candidates[-1] if candidates else (asked_here[-1] if asked_here else None)
                         value = newest.metrics.get(name) if newest else None
                         se = newest.metrics.get(f"{name}.bootstrap_se") if value is not None else None
+                        boot = newest.bootstrap.get(spec.suite, {}) if se is not None else {}
                         not_applicable = newest.tags.get(f"saecomp.{spec.suite}.not_applicable") if newest else None
                         status = "ok" if value is not None else "not applicable" if not_applicable else "missing"
                         rows.append(
@@ -184,6 +187,8 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                                 "variant": variant,
                                 "value": value,
                                 "se": se,
+                                "_replicates": boot.get("samples", {}).get(metric),
+                                "_resamples": (boot.get("sample_id"), boot.get("seed"), boot.get("replicates")),
                                 "status": status,
                                 "run_id": newest.run_id if newest and status != "missing" else "",
                                 "run_name": newest.name if newest and status != "missing" else "",
@@ -194,8 +199,8 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
     _mark_within_uncertainty(rows)
     rows += _paper_cells(rows)
     rows += _llm_pruning_cells([r for r in records if r.step == "prune_llm"])
-    columns = ["table", "model", "hook", "metric", "variant", "value", "se", "within_uncertainty", "status", "run_id", "run_name",
-               "candidates", "note"]  # fmt: skip
+    columns = ["table", "model", "hook", "metric", "variant", "value", "se", "difference_se", "paired", "within_uncertainty", "status",
+               "run_id", "run_name", "candidates", "note"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -203,17 +208,29 @@ REFERENCE_VARIANT = "pretrained"
 
 
 def _mark_within_uncertainty(rows: list[dict]) -> None:
-    """``within_uncertainty`` on every variant's cell whose difference from the pretrained SAE's value in the same
-    (table, model, hook, metric) row is smaller than the combined standard error; False where it is not, None where
-    either cell has no standard error (nothing can be said)."""
+    """Per variant's cell, against the pretrained SAE's value in the same (table, model, hook, metric) row:
+    ``difference_se``, the standard error of the difference, and ``within_uncertainty``, whether the difference is
+    no larger than it (None where either cell has no standard error: nothing can be said).
+
+    Where both runs logged their bootstrap replicates over the same resamples of the same test sequences
+    (``paired``), the standard error is that of the replicate-wise differences: both variants read the same texts,
+    so most of each one's sampling error (which texts are hard) cancels in the difference. Otherwise it is the
+    conservative sqrt(se_a^2 + se_b^2)."""
     reference = {(r["table"], r["model"], r["hook"], r["metric"]): r for r in rows if r["variant"] == REFERENCE_VARIANT}
+    bootstrap = {id(r): (r.pop("_replicates", None), r.pop("_resamples", None)) for r in rows}
     for row in rows:
-        row["within_uncertainty"] = None
+        row.update(difference_se=None, paired=None, within_uncertainty=None)
         ref = reference.get((row["table"], row["model"], row["hook"], row["metric"]))
         if row["variant"] == REFERENCE_VARIANT or ref is None or row["se"] is None or ref["se"] is None:
             continue
-        combined = (row["se"] ** 2 + ref["se"] ** 2) ** 0.5
-        row["within_uncertainty"] = bool(abs(row["value"] - ref["value"]) < combined)
+        (replicates, resamples), (ref_replicates, ref_resamples) = bootstrap[id(row)], bootstrap[id(ref)]
+        same_resamples = resamples is not None and resamples[0] is not None and resamples == ref_resamples
+        if same_resamples and replicates is not None and ref_replicates is not None and len(replicates) == len(ref_replicates) > 1:
+            differences = pd.Series(replicates) - pd.Series(ref_replicates)
+            row.update(difference_se=float(differences.std()), paired=True)
+        else:
+            row.update(difference_se=(row["se"] ** 2 + ref["se"] ** 2) ** 0.5, paired=False)
+        row["within_uncertainty"] = bool(abs(row["value"] - ref["value"]) <= row["difference_se"])
 
 
 PAPER_TABLE1 = Path(__file__).parent / "paper" / "gemma-2-2b_table1.csv"
@@ -250,6 +267,8 @@ def _paper_cells(rows: list[dict]) -> list[dict]:
                     "variant": f"{row['variant']}: {column}",
                     "value": value,
                     "se": row["se"] if column == "ours" else None,
+                    "difference_se": None,
+                    "paired": None,
                     "within_uncertainty": None,
                     "status": "ok" if value is not None else row["status"] if column == "ours" else "missing",
                     "run_id": source["run_id"],
@@ -284,6 +303,8 @@ def _llm_pruning_cells(runs: list[RunRecord]) -> list[dict]:
                     "variant": "value",
                     "value": value,
                     "se": None,
+                    "difference_se": None,
+                    "paired": None,
                     "within_uncertainty": None,
                     "status": "ok" if value is not None else "missing",
                     "run_id": newest.run_id,
@@ -327,7 +348,9 @@ def _display(cell: pd.Series) -> str:
 LEGEND = (
     "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one bootstrap standard "
     "error over the test sequences, where computed (core's spliced losses and scores, centred explained variance); "
-    "≈ differs from the pretrained SAE's value in its row by less than the two standard errors combined: not a finding."
+    "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
+    "over the same resampled test sequences where both runs logged their replicates; cells.csv: difference_se, paired): "
+    "not a finding."
 )
 
 
@@ -496,7 +519,8 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
         "± is one bootstrap standard error over the test sequences, where computed (core's spliced losses and scores, "
         "the centred explained variance); <span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "
-        "pretrained SAE's in its row by less than the two standard errors combined: not a finding. The other suites' "
+        "pretrained SAE's in its row by no more than the standard error of the difference (paired over the same resampled "
+        "test sequences where both runs logged their replicates): not a finding. The other suites' "
         "numbers carry no uncertainty yet.</p>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in provenance) + "</ul>",
     ]

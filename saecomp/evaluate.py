@@ -172,6 +172,10 @@ def run_core(
     variance = CentredVarianceSums()
     metrics["core.explained_variance_centred"] = centred_explained_variance(model, sae, tokens[: sizes.n_prompts], special_ids, variance)
     uncertainty = core_bootstrap(spliced, variance)
+    # which sequences were resampled: runs with the same sample id, seed and size drew the same resamples, so their
+    # replicates pair (compare: the standard error of a difference between two variants)
+    sample = hashlib.sha256(tokens[: sizes.n_prompts].cpu().numpy().tobytes() + json.dumps(sorted(special_ids)).encode()).hexdigest()
+    uncertainty["sample_id"] = sample[:20]
     metrics.update({f"core.{name}.bootstrap_se": se for name, se in uncertainty["se"].items()})
     return SuiteResult("core", output, metrics, time.perf_counter() - started, uncertainty=uncertainty)
 

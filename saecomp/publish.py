@@ -8,7 +8,8 @@ the exact saecomp command that rebuilds it, and the companion model repository w
 
 A repository also holds ``saecomp.json``, the index of every SAE published there (what the card says of each). A later
 publish to the same repository adds its SAEs to that index and rewrites the card from all of them, so publishing
-layer by layer never loses what an earlier publish put there; replacing an SAE's own files still needs ``overwrite``.
+layer by layer never loses what an earlier publish put there; replacing an SAE's own files, or a card someone edited
+since saecomp wrote it, still needs ``overwrite``.
 
 The token is never an argument here: ``huggingface_hub`` reads it (``HF_TOKEN`` or the login) itself, so it cannot
 reach a log, a param or an artifact through this module.
@@ -94,14 +95,22 @@ def already_published(index: dict | None, replaced_by: list[PublishedSAE]) -> li
 
 
 def published_index(repo_id: str) -> dict | None:
-    """The repository's ``saecomp.json``, or None when the repository or the file does not exist."""
+    """The repository's ``saecomp.json``, or None when the repository or the file does not exist. Its
+    ``card_edited`` says whether the card is no longer the one saecomp wrote with it (someone edited it): then
+    rewriting the card would lose their edit, and it counts as a clash."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return json.loads(Path(hf_hub_download(repo_id, INDEX)).read_text())
+        index = json.loads(Path(hf_hub_download(repo_id, INDEX)).read_text())
     except (RepositoryNotFoundError, EntryNotFoundError):
         return None
+    try:
+        card = Path(hf_hub_download(repo_id, "README.md")).read_bytes()
+    except EntryNotFoundError:
+        card = None
+    index["card_edited"] = card is not None and hashlib.sha256(card).hexdigest() != index.get("card_sha256")
+    return index
 
 
 def stage(
@@ -125,8 +134,10 @@ def stage(
         metadata["pruned_model"] = sae.pruned_model
         metadata["saecomp"] = {"sae_id": sae.sae_id, **sae.provenance}
         (target / "cfg.json").write_text(json.dumps(cfg, indent=1))
-    (out / "README.md").write_text(model_card(everything, repo_id, base_model, card_extra))
-    (out / INDEX).write_text(json.dumps(index_of(everything, base_model), indent=1))
+    card = model_card(everything, repo_id, base_model, card_extra)
+    (out / "README.md").write_text(card)
+    index = {**index_of(everything, base_model), "card_sha256": hashlib.sha256(card.encode()).hexdigest()}
+    (out / INDEX).write_text(json.dumps(index, indent=1))
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*")) if p.is_file()}
 
 

@@ -594,6 +594,20 @@ def collect_runs(experiment_ids: list[str], pipeline_run: str | None = None, tag
                 dict(run.data.params),
                 dict(run.data.metrics),
                 dict(run.data.tags),
+                bootstrap_replicates(client, run),
             )
         )
     return records
+
+
+def bootstrap_replicates(client: MlflowClient, run) -> dict[str, dict]:
+    """suite -> the run's ``uncertainty/<suite>.json`` (evaluate logs it beside ``<suite>.<metric>.bootstrap_se``): the
+    replicates that let compare pair two variants' bootstraps. Empty for runs that logged no standard error."""
+    if not any(name.endswith(".bootstrap_se") for name in run.data.metrics):
+        return {}
+    out = {}
+    for artifact in client.list_artifacts(run.info.run_id, "uncertainty"):
+        if artifact.path.endswith(".json"):
+            local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifact.path)
+            out[Path(artifact.path).stem] = json.loads(Path(local).read_text())
+    return out

@@ -4,6 +4,7 @@ LaTeX and HTML are well formed."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -70,7 +71,18 @@ def store(tmp_path_factory):
             else:
                 metrics.update({"ravel.cause_score": 0.6 + v / 100, "ravel.city.Country.cause_score": 0.7 + v / 100})
             params = {"suites": "core,scr,ravel", "base_model": model}
+            # at hook_resid_post the runs also log their bootstrap replicates, over the same resamples: each variant's
+            # replicates are the same hard/easy-text pattern (spread 0.04) shifted by its value
+            pattern = [0.02 * ((i % 7) - 3) for i in range(50)]
+            if hook == "hook_resid_post":
+                metrics["core.ce_loss_score.bootstrap_se"] = float(pd.Series(pattern).std())
             runs[(hook, variant)] = _run(experiment_id, "evaluate", f"evaluate · {hook} · {variant}", tags, params, metrics)
+            if hook == "hook_resid_post":
+                value = metrics["core.ce_loss_score"]
+                boot = {"sample_id": "same-texts", "seed": 0, "replicates": 50, "samples": {"ce_loss_score": [value + d for d in pattern]}}
+                (tmp / variant).mkdir()
+                (tmp / variant / "core.json").write_text(json.dumps(boot))
+                client.log_artifact(runs[(hook, variant)], str(tmp / variant / "core.json"), "uncertainty")
     # A newer run for one cell (core only, without kl_div_score): it wins mse; kl_div_score and SCR stay the older run's.
     tags = {"hook": "attn.hook_z", "layer": "2", "variant": "trained"}
     newer = _run(experiment_id, "evaluate", "evaluate · newer", tags, {"suites": "core", "base_model": model}, {"core.mse": 0.123})
@@ -154,6 +166,14 @@ def test_differences_smaller_than_their_uncertainty_are_marked(store):
     assert by_variant.loc["pruned25", "within_uncertainty"] is True
     assert by_variant.loc["pruned50", "within_uncertainty"] is False and by_variant.loc["trained", "within_uncertainty"] is False
     assert by_variant.loc["pretrained", "within_uncertainty"] is None  # the reference itself
+    assert not by_variant["paired"].any()  # these runs logged no replicates: the conservative combination
+    # where both runs logged replicates over the same resamples, the difference's standard error is paired: 0.51 against
+    # 0.50 is within each one's 0.04 but the two move together, so the 0.01 is a finding
+    resid = cells[(cells["table"] == "table1") & (cells["hook"] == "blocks.2.hook_resid_post") & (cells["metric"] == "ce_loss_score")]
+    resid = resid[resid["model"] == store["model"]].set_index("variant")
+    assert resid.loc["pruned25", "paired"] is True and resid.loc["pruned25", "difference_se"] == pytest.approx(0, abs=1e-9)
+    assert resid.loc["pruned25", "within_uncertainty"] is False and resid.loc["trained", "within_uncertainty"] is False
+    assert resid.loc["pruned25", "se"] > 0.03  # unpaired, sqrt(2) * 0.04 would have called it no finding
     mse = cells[(cells["table"] == "table1") & (cells["metric"] == "mse")]
     assert mse["se"].isna().all() and mse["within_uncertainty"].isna().all()  # no standard error: nothing is claimed
     line = next(x for x in compare.markdown(cells).splitlines() if x.startswith("| blocks.2.attn.hook_z | ce_loss_score |"))

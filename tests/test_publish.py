@@ -175,17 +175,28 @@ def test_round_trip_through_the_hub_client_and_refusals(store, experiment_file, 
         assert "`blocks.1.hook_mlp_out/wanda-0.25`" in card and "`blocks.1.hook_resid_post/wanda-0.25`" in card
         assert "named explicitly" in card  # what the first publish said of hook_mlp_out is kept
         assert torch.equal(SAE.from_pretrained("someone/tiny-saes", sae_id).W_dec, original.W_dec)
+        # a card someone edited is theirs: the next publish would need overwrite=true to rewrite it
+        from huggingface_hub import HfApi
+
+        from saecomp.publish import published_index
+
+        assert published_index("someone/tiny-saes")["card_edited"] is False
+        HfApi().upload_file(path_or_fileobj=card.encode() + b"\nOur own note.\n", path_in_repo="README.md", repo_id="someone/tiny-saes")
+        assert published_index("someone/tiny-saes")["card_edited"] is True
         commits = len(hub.commits("someone/tiny-saes"))
 
-        # overwrite=true replaces an SAE's files
+        # overwrite=true replaces an SAE's files (and the edited card)
         replaced = publish(experiment_file, "--repo", "someone/tiny-saes", "--sae", both, "--overwrite", "true")
         assert replaced.exit_code == 0, replaced.output
+        assert "README.md was edited since saecomp wrote it" in replaced.output and "replacing README.md" in replaced.output
         assert len(hub.commits("someone/tiny-saes")) == commits + 1
         assert "blocks.1.hook_resid_post/wanda-0.25/sae_weights.safetensors" in hub.files("someone/tiny-saes")
 
+        assert "Our own note." not in hub.files("someone/tiny-saes")["README.md"].decode()
+        assert published_index("someone/tiny-saes")["card_edited"] is False
+
         # without the token the private repo does not exist for the client
         monkeypatch.delenv("HF_TOKEN")
-        from huggingface_hub import HfApi
         from huggingface_hub.errors import RepositoryNotFoundError
 
         with pytest.raises(RepositoryNotFoundError):

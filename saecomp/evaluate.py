@@ -225,12 +225,23 @@ class SplicedLossRecorder:
 @dataclass
 class CentredVarianceSums:
     """Per-sequence sufficient statistics of the centred explained variance: sum x, sum ||x||^2, sum ||x - x_hat||^2
-    and the token count (float64), so that a resample of sequences recomputes it exactly."""
+    and the token count (float64), so that a resample of sequences recomputes it exactly. One tensor per batch."""
 
-    x_sum: list[torch.Tensor] = field(default_factory=list)  # per sequence, [d]
-    x_squared: list[float] = field(default_factory=list)
-    error_squared: list[float] = field(default_factory=list)
-    tokens: list[float] = field(default_factory=list)
+    x_sum: list[torch.Tensor] = field(default_factory=list)  # [batch, d]
+    x_squared: list[torch.Tensor] = field(default_factory=list)  # [batch]
+    error_squared: list[torch.Tensor] = field(default_factory=list)  # [batch]
+    tokens: list[torch.Tensor] = field(default_factory=list)  # [batch]
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, ordinary: torch.Tensor) -> None:
+        """x, x_hat: [tokens, d], the ordinary tokens of one batch in sequence order; ordinary: [batch, pos]."""
+        per_sequence = ordinary.sum(dim=1)  # [batch]
+        sequence_of = torch.repeat_interleave(torch.arange(len(per_sequence), device=x.device), per_sequence)  # [tokens]
+        x, x_hat = x.double(), x_hat.double()
+        rows = len(per_sequence)
+        self.x_sum.append(torch.zeros(rows, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, sequence_of, x).cpu())
+        for target, per_token in ((self.x_squared, (x**2).sum(-1)), (self.error_squared, ((x - x_hat) ** 2).sum(-1))):
+            target.append(torch.zeros(rows, dtype=torch.float64, device=x.device).index_add_(0, sequence_of, per_token).cpu())
+        self.tokens.append(per_sequence.double().cpu())
 
 
 def core_bootstrap(
@@ -242,31 +253,35 @@ def core_bootstrap(
     ``explained_variance`` come from a loop this adapter does not see, so they carry no uncertainty."""
     generator = torch.Generator().manual_seed(seed)
     samples, full, n_sequences = {}, {}, {}
+
+    def multiplicities(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """How often each sequence is drawn: [1, n] for the full sample, [replicates, n] for the resamples."""
+        picks = torch.randint(n, (replicates, n), generator=generator)  # [replicates, n]
+        drawn = torch.zeros(replicates, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(replicates, n, dtype=torch.float64))
+        return torch.ones(1, n, dtype=torch.float64), drawn
+
     if spliced.sums:
         sums = {name: torch.cat(parts) for name, parts in spliced.sums.items()}  # [n sequences]
         counts = {name: torch.cat(parts) for name, parts in spliced.counts.items()}
         n = n_sequences["spliced_losses"] = next(iter(sums.values())).shape[0]
-        picks = torch.randint(n, (replicates, n), generator=generator)  # [replicates, n]
-        for label, index in (("full", torch.arange(n)[None]), ("samples", picks)):
-            means = {name: sums[name][index].sum(-1) / counts[name][index].sum(-1) for name in sums}  # [r]
+        for out, weights in zip((full, samples), multiplicities(n), strict=True):
+            means = {name: (weights @ sums[name]) / (weights @ counts[name]) for name in sums}  # [r]
             if {"ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation"} <= set(means):
                 means["ce_loss_score"] = (means["ce_loss_with_ablation"] - means["ce_loss_with_sae"]) / (
                     means["ce_loss_with_ablation"] - means["ce_loss_without_sae"]
                 )
             if {"kl_div_with_sae", "kl_div_with_ablation"} <= set(means):
                 means["kl_div_score"] = (means["kl_div_with_ablation"] - means["kl_div_with_sae"]) / means["kl_div_with_ablation"]
-            (full if label == "full" else samples).update(means)
+            out.update(means)
     if variance.tokens:
-        x_sum, x_sq = torch.stack(variance.x_sum), torch.tensor(variance.x_squared, dtype=torch.float64)  # [n, d], [n]
-        err, count = torch.tensor(variance.error_squared, dtype=torch.float64), torch.tensor(variance.tokens, dtype=torch.float64)
+        x_sum = torch.cat(variance.x_sum)  # [n, d]
+        x_sq, err, count = (torch.cat(part) for part in (variance.x_squared, variance.error_squared, variance.tokens))  # [n] each
         n = n_sequences["explained_variance_centred"] = count.shape[0]
-        picks = torch.randint(n, (replicates, n), generator=generator)
-        for label, index in (("full", torch.arange(n)[None]), ("samples", picks)):
-            tokens = count[index].sum(-1)  # [r]
-            mean = x_sum[index].sum(-2) / tokens[:, None]  # [r, d]
-            total_variance = x_sq[index].sum(-1) - tokens * (mean**2).sum(-1)
-            value = 1 - err[index].sum(-1) / total_variance
-            (full if label == "full" else samples)["explained_variance_centred"] = value
+        for out, weights in zip((full, samples), multiplicities(n), strict=True):
+            tokens = weights @ count  # [r]
+            mean = (weights @ x_sum) / tokens[:, None]  # [r, d]
+            total_variance = weights @ x_sq - tokens * (mean**2).sum(-1)
+            out["explained_variance_centred"] = 1 - (weights @ err) / total_variance
     return {
         "unit": "sequence",
         "replicates": replicates,
@@ -310,12 +325,7 @@ def centred_explained_variance(
         xs.append(x.reshape(x.shape[0], -1))
         x_hats.append(x_hat.reshape(x.shape[0], -1))
         if per_sequence is not None:
-            flat, flat_hat = xs[-1].double(), x_hats[-1].double()  # [tokens, d], tokens in sequence order
-            for rows in torch.arange(flat.shape[0], device=flat.device).split(ordinary.sum(dim=1).tolist()):
-                per_sequence.x_sum.append(flat[rows].sum(0).cpu())
-                per_sequence.x_squared.append(float((flat[rows] ** 2).sum()))
-                per_sequence.error_squared.append(float(((flat[rows] - flat_hat[rows]) ** 2).sum()))
-                per_sequence.tokens.append(float(len(rows)))
+            per_sequence.add(xs[-1], x_hats[-1], ordinary)
     return reconstruction_metrics(torch.cat(xs), torch.cat(x_hats))["explained_variance"]
 
 

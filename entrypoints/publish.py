@@ -52,8 +52,10 @@ def main(experiment, repo, sae, dry_run, public, overwrite, with_model) -> None:
     if not repo or not REPO_ID.match(repo):
         fail(f"repo={repo!r} is not valid; valid: <user or org>/<name>, e.g. me/tiny-gpt2-pruned-saes")
     if not dry_run:
-        from huggingface_hub import get_token
+        from huggingface_hub import constants, get_token
 
+        if constants.HF_HUB_OFFLINE:  # the client would refuse every request, after the run had opened
+            fail("HF_HUB_OFFLINE=1 forbids the Hub; valid: unset HF_HUB_OFFLINE to publish, or dry_run=true")
         if get_token() is None:
             fail("no Hugging Face token; valid: set HF_TOKEN or run `huggingface-cli login` (or dry_run=true)")
     chosen = choose(exp, sae)

@@ -215,6 +215,11 @@ def test_round_trip_through_the_hub_client_and_refusals(store, experiment_file, 
 def test_bad_input_is_refused_before_any_run(store, experiment_file):
     before = newest_publish_run()
     unmet = store["saes"]["hook_mlp_out"][0]
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE  # the test session runs offline (conftest): a real publish is refused up front
+    offline = publish(experiment_file, "--repo", "a/b")
+    assert offline.exit_code == 2 and "HF_HUB_OFFLINE=1 forbids the Hub; valid: unset HF_HUB_OFFLINE" in offline.output
     for args, message in (
         (["--repo", "no-slash"], "repo='no-slash' is not valid; valid: <user or org>/<name>"),
         (["--repo", "a/b", "--dry_run", "maybe"], "dry_run='maybe' is not valid; valid: true or false"),

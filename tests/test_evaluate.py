@@ -71,7 +71,8 @@ def test_core_writes_saebench_json_with_finite_numbers(pruned_and_dense):
 def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
     pruned, _, tokens = pruned_and_dense
     special = {pruned.tokenizer.bos_token_id, pruned.tokenizer.eos_token_id}
-    perfect = run_core(pruned.tl, identity_sae(), tokens, special, SIZES).metrics
+    perfect_result = run_core(pruned.tl, identity_sae(), tokens, special, SIZES)
+    perfect = perfect_result.metrics
     assert perfect["core.ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
     assert perfect["core.explained_variance_centred"] == pytest.approx(1.0, abs=1e-5)
     random_result = run_core(pruned.tl, random_sae(), tokens, special, SIZES)
@@ -95,7 +96,14 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
         assert value == pytest.approx(random[f"core.{name}"], rel=1e-5, abs=1e-6), name
     assert boot["n_sequences"]["spliced_losses"] == SIZES.batch_size_prompts * SIZES.n_reconstruction_batches
     assert all(len(samples) == boot["replicates"] for samples in boot["samples"].values())
-    # a standard error, not a spread of tokens: close to the spread of per-sequence CE over sqrt(sequences)
+    # compare pairs two variants' replicates: that needs the same sequences, in the same order, resampled alike. The
+    # model-only losses then have identical replicates whatever the SAE (a store that shuffled would break this).
+    other = perfect_result.uncertainty
+    assert other["sample_id"] == boot["sample_id"]
+    for name in ("ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_with_ablation"):
+        assert other["samples"][name] == pytest.approx(boot["samples"][name], rel=1e-12), name
+    assert other["samples"]["ce_loss_with_sae"] != pytest.approx(boot["samples"]["ce_loss_with_sae"], rel=1e-3)
+    # a standard error of a mean over the sequences: positive, and far below the CE itself
     assert 0 < random["core.ce_loss_without_sae.bootstrap_se"] < 0.2 * random["core.ce_loss_without_sae"]
 
 

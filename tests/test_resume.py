@@ -30,22 +30,27 @@ def runs_of(step: str):
 
 
 def start_and_kill_mid_run(small_experiment, sparsity: str):
-    """Start prune_llm in its own process, freeze it (SIGSTOP) as soon as its run is tagged, and SIGKILL it if the run
-    is still RUNNING then; None if the step was too quick to catch."""
+    """Start prune_llm in its own process, freeze it (SIGSTOP) the moment it reports its calibration data (a line it
+    writes inside its open run, before pruning), and SIGKILL it if its run is RUNNING then; None if it was not caught.
+
+    Waiting on the step's own log line instead of polling the store: a poll of the store takes longer on a busy CI
+    machine than the tiny step takes to finish after its run opens."""
     args = ["--experiment", str(small_experiment), "--sparsity", sparsity]
     before = {r.info.run_id for r in runs_of("prune_llm")}
-    process = subprocess.Popen([sys.executable, "-m", "entrypoints.prune_llm", *args], cwd=ROOT, env=dict(os.environ))
-    victim = None
-    deadline = time.time() + 300
-    while victim is None and time.time() < deadline and process.poll() is None:
-        started = [r for r in runs_of("prune_llm") if r.info.run_id not in before and r.data.tags.get(PID_TAG) == str(process.pid)]
-        if started and HEARTBEAT_TAG in started[0].data.tags:
-            os.kill(process.pid, signal.SIGSTOP)  # frozen: it cannot finish between this check and the kill
-            victim = started[0]
-        time.sleep(0.02)
-    caught = victim is not None and mlflow.MlflowClient().get_run(victim.info.run_id).info.status == "RUNNING"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.prune_llm", *args],
+        cwd=ROOT, env=dict(os.environ), stderr=subprocess.PIPE, text=True, bufsize=1,
+    )  # fmt: skip
+    for line in process.stderr:
+        if line.startswith("[prune_llm] ") and "calibration tokens" in line:
+            os.kill(process.pid, signal.SIGSTOP)  # frozen: it cannot finish between this line and the kill
+            break
+    started = [r for r in runs_of("prune_llm") if r.info.run_id not in before and r.data.tags.get(PID_TAG) == str(process.pid)]
+    victim = started[0] if started else None
+    caught = victim is not None and HEARTBEAT_TAG in victim.data.tags and victim.info.status == "RUNNING"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
+    process.stderr.close()
     return (args, victim, process) if caught else None
 
 

@@ -3,7 +3,8 @@
 Every step is an MLflow run computed by its own process (``mlflow run -e <step>`` under the hood); an executor
 decides only *where* that process starts and how many run at once:
 
-- ``InProcess``: on this machine, one step at a time (the default);
+- ``InProcess``: on this machine, one step at a time (the default); a pipeline's forks its step processes from a
+  warm step server (`saecomp.step_server`), which saves each step its imports;
 - ``LocalPool(jobs)``: on this machine, ``jobs`` hook/layer cells at once, the cores shared out between them;
 - ``RayCluster(address)``: each step a Ray task that asks for the resources its step declares (a GPU for the
   model steps when the experiment runs on CUDA), so GPU steps land on GPU nodes. A task whose worker is lost
@@ -43,24 +44,44 @@ def step_resources(step: str, device: str) -> Resources:
 
 
 class InProcess:
-    """One step at a time on this machine (each in its own process, as `mlflow run` starts it)."""
+    """One step at a time on this machine (each in its own process, as `mlflow run` starts it). With ``warm``, a step
+    server started at the first launch forks those processes with the libraries already imported
+    (`saecomp.step_server`); ``close`` stops it."""
 
     name = "in-process"
     concurrency = 1
 
+    def __init__(self, warm: bool = False):
+        import contextlib
+        import threading
+
+        self.warm = warm and os.environ.get("SAECOMP_STEP_SERVER") != "0"
+        self._server = contextlib.ExitStack()
+        self._server_lock = threading.Lock()
+        self._server_started = False
+
     def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str):
         from saecomp.tracking import launch_local
 
+        if self.warm:
+            with self._server_lock:
+                if not self._server_started:  # its imports overlap this first step, which starts the usual way
+                    from saecomp.step_server import serving
+
+                    self._server.enter_context(serving())
+                    self._server_started = True
         return launch_local(entry_point, parameters, experiment_id, parent)
 
     def map(self, function: Callable, items: Iterable) -> list:
         return _map_with_threads(function, list(items), self.concurrency)
 
     def describe(self) -> str:
-        return "in-process, one step at a time"
+        return "in-process, one step at a time" + (" (step processes forked by a warm step server)" if self.warm else "")
 
     def close(self) -> None:
-        pass
+        with self._server_lock:
+            self._server.close()
+            self._server_started = False
 
 
 class LocalPool(InProcess):
@@ -68,7 +89,8 @@ class LocalPool(InProcess):
 
     name = "local pool"
 
-    def __init__(self, jobs: int):
+    def __init__(self, jobs: int, warm: bool = False):
+        super().__init__(warm)
         self.concurrency = jobs
 
     def map(self, function: Callable, items: Iterable) -> list:
@@ -88,7 +110,8 @@ class LocalPool(InProcess):
                     os.environ[variable] = value
 
     def describe(self) -> str:
-        return f"local pool, {self.concurrency} cells at a time"
+        warm = " (step processes forked by a warm step server)" if self.warm else ""
+        return f"local pool, {self.concurrency} cells at a time{warm}"
 
 
 # The environment a step process needs wherever it runs: the tracking store, the caches and offline mode.
@@ -269,4 +292,4 @@ def make(name: str, jobs: int = 1, address: str | None = None, device: str = "cp
         return RayCluster(address, device=device)
     if name != "local":
         raise ValueError(f"executor={name!r} is not valid; valid: local, ray")
-    return LocalPool(jobs) if jobs > 1 else InProcess()
+    return LocalPool(jobs, warm=True) if jobs > 1 else InProcess(warm=True)

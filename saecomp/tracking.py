@@ -23,6 +23,8 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from saecomp.step_server import LAUNCHER_ENV  # noqa: F401 - "SAECOMP_LAUNCHER", also tracking's
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PACKAGE_DIR.parent
 CACHE_DIR = Path(os.environ.get("SAECOMP_CACHE", PROJECT_ROOT / ".saecomp" / "cache"))
@@ -142,7 +144,6 @@ def stop_running_steps() -> None:
 # A step process watches the process that launched it (``SAECOMP_LAUNCHER`` = "pid:start"): when the launcher dies
 # (a SIGKILLed pipeline, a lost Ray worker), the step closes its run as KILLED and exits, instead of finishing
 # unseen while a rerun computes the same thing again.
-LAUNCHER_ENV = "SAECOMP_LAUNCHER"
 # Read (and removed) at import: the variable is for this process alone, never for what it starts by other means.
 _MY_LAUNCHER = os.environ.pop(LAUNCHER_ENV, None)
 _LAUNCH_LOCK = threading.Lock()  # the variable is set only around the start of one step
@@ -254,6 +255,7 @@ HOST_TAG, PID_TAG, HEARTBEAT_TAG = "saecomp.host", "saecomp.pid", "saecomp.heart
 PID_NAMESPACE_TAG = "saecomp.pid_namespace"  # containers may share a host name but not their process ids
 PID_START_TAG = "saecomp.pid_start"  # the process's start (clock ticks after boot): a reused pid has another
 KILLED_REASON_TAG = "saecomp.killed_reason"
+PROCESS_TAG = "saecomp.process"  # how the step's process started: its own interpreter, or forked by a step server
 HEARTBEAT_SECONDS = float(os.environ.get("SAECOMP_HEARTBEAT_SECONDS", 30))
 # A run whose process is on another host counts as dead only when its heartbeat is this old.
 STALE_AFTER_SECONDS = float(os.environ.get("SAECOMP_STALE_AFTER_SECONDS", 600))
@@ -289,6 +291,10 @@ def alive(run_id: str, watch_launcher: bool = False):
     MlflowClient().set_tag(run_id, PID_TAG, str(os.getpid()))
     MlflowClient().set_tag(run_id, PID_NAMESPACE_TAG, _pid_namespace())
     MlflowClient().set_tag(run_id, PID_START_TAG, _process_start(os.getpid()) or "unknown")
+    from saecomp.step_server import forked_from
+
+    server = forked_from()
+    MlflowClient().set_tag(run_id, PROCESS_TAG, f"forked by the step server (pid {server})" if server else "own interpreter")
     heartbeat = Heartbeat(run_id)
     watchdog = _LauncherWatch.of(run_id, _MY_LAUNCHER) if watch_launcher else None
     try:

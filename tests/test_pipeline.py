@@ -10,6 +10,7 @@ import pandas as pd
 from click.testing import CliRunner
 
 from entrypoints import pipeline
+from saecomp.tracking import PROCESS_TAG
 
 
 def step_runs(step):
@@ -52,6 +53,8 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     for run_id in {r for runs in table["runs"] for r in runs.split(",")}:
         assert client.get_run(run_id).data.tags.get("mlflow.parentRunId") == run.info.run_id or run_id in reused_by_first
     made_here = [r for r in step_runs("evaluate") if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+    # Started by MLflow as always, computed by children of the pipeline's warm step server (no imports per step).
+    assert made_here and all(r.data.tags[PROCESS_TAG].startswith("forked by the step server") for r in made_here)
 
     second = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment)], catch_exceptions=False)
     assert second.exit_code == 0, second.output

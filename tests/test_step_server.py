@@ -1,0 +1,159 @@
+"""The warm step server (saecomp/step_server.py): a step handed to it runs as its own `python -m` would (argv, working
+folder, environment, streams, exit status, signals), and whatever it cannot run exactly starts the usual way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from saecomp.step_server import SERVER_ENV, serving
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A stand-in step: hands itself over like entrypoints/__init__.py, then reports what it sees.
+STEP = '''
+from saecomp.step_server import forked_from, hand_over
+
+hand_over()
+import os, signal, sys, time
+
+print(f"forked_from={forked_from()} argv={sys.argv[1:]} cwd={os.getcwd()} probe={os.environ.get('STEP_PROBE')}", flush=True)
+mode = sys.argv[1]
+if mode == "exit":
+    sys.exit(int(sys.argv[2]))
+if mode == "fail":
+    raise RuntimeError("the step failed")
+if mode == "random":  # unseeded draws: those of a fresh interpreter, whatever the server did before forking
+    import torch
+
+    print(f"torch={torch.initial_seed()},{torch.rand(3).tolist()} threads={torch.get_num_threads()}", flush=True)
+    sys.exit(0)
+open(sys.argv[2], "w").write(str(os.getpid()))  # the pid of the process that computes the step
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    print("interrupted once", flush=True)
+    sys.exit(3)
+'''
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A step server whose interpreter finds the stand-in step (PYTHONPATH is read at start, so both need it)."""
+    folder = tmp_path_factory.mktemp("steps")
+    (folder / "standin_step.py").write_text(textwrap.dedent(STEP))
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT), *([saved] if saved else [])])
+    try:
+        with serving() as process:
+            path = Path(os.environ[SERVER_ENV])
+            deadline = time.time() + 120
+            while not path.exists() and time.time() < deadline and process.poll() is None:
+                time.sleep(0.1)
+            assert path.exists(), "the step server never started listening"
+            yield process, dict(os.environ)
+    finally:
+        os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
+
+
+def step(environment: dict, *args: str, cwd: Path | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "standin_step", *args], cwd=cwd or ROOT, env=environment,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+    )  # fmt: skip
+
+
+def wait_for_pid(path: Path, seconds: float = 60) -> int:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if path.exists() and path.read_text():
+            return int(path.read_text())
+        time.sleep(0.05)
+    raise AssertionError("the step never started")
+
+
+def gone(pid: int, seconds: float = 10) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):  # a zombie nobody reaped yet
+                return True
+        except (FileNotFoundError, IndexError):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_step_runs_forked_with_its_own_argv_folder_environment_streams_and_status(server, tmp_path):
+    process, environment = server
+    done = step({**environment, "STEP_PROBE": "mine"}, "exit", "7", cwd=tmp_path)
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 7, err
+    assert f"forked_from={process.pid} argv=['exit', '7'] cwd={tmp_path} probe=mine" in out  # through the passed stdout
+
+    failed = step(environment, "fail")
+    out, err = failed.communicate(timeout=120)
+    assert failed.returncode == 1 and "RuntimeError: the step failed" in err  # the traceback on the step's stderr
+
+
+def test_what_the_server_cannot_run_exactly_starts_the_usual_way(server, tmp_path):
+    _, environment = server
+    done = step({**environment, "HF_HOME": str(tmp_path)}, "exit", "0")  # read by huggingface_hub at import
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+    assert "forked_from=None" in out and "environment variable HF_HOME differs" in err
+    done = step({**environment, SERVER_ENV: "0"}, "exit", "0")
+    assert "forked_from=None" in done.communicate(timeout=300)[0]
+
+
+def test_forked_steps_draw_their_own_unseeded_numbers(server):
+    """As fresh interpreters do (torch seeds its generator from the OS at start): never a copy of the server's state,
+    so two steps that forget to seed do not silently draw the same numbers. And the step's own thread count."""
+    process, environment = server
+    draws = [step({**environment, "OMP_NUM_THREADS": "1"}, "random").communicate(timeout=300)[0] for _ in range(2)]
+    assert all(f"forked_from={process.pid}" in out and "threads=1" in out for out in draws)
+    assert draws[0].splitlines()[1] != draws[1].splitlines()[1]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_step_process_stops_its_step(server, tmp_path, signum):
+    """MLflow cancels a step with SIGTERM on the process it started; a SIGKILLed one cannot forward anything, so the
+    server kills the step when the process's connection drops."""
+    _, environment = server
+    running = step(environment, "sleep", str(tmp_path / "pid"))
+    child = wait_for_pid(tmp_path / "pid")
+    assert child != running.pid
+    os.kill(running.pid, signum)
+    running.communicate(timeout=60)
+    assert running.returncode == -signum
+    assert gone(child), f"the step ({child}) outlived its process"
+
+
+def test_ctrl_c_reaches_the_step_once_as_keyboard_interrupt(server, tmp_path):
+    _, environment = server
+    running = step(environment, "sleep", str(tmp_path / "pid"))
+    wait_for_pid(tmp_path / "pid")
+    os.kill(running.pid, signal.SIGINT)
+    out, err = running.communicate(timeout=60)
+    assert running.returncode == 3, err
+    assert out.count("interrupted once") == 1
+
+
+def test_the_server_goes_when_its_pipeline_dies(tmp_path):
+    pipeline = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom saecomp.step_server import serving\nwith serving() as p:\n"
+         "    print(p.pid, flush=True)\n    time.sleep(120)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items() if k != SERVER_ENV},
+    )  # fmt: skip
+    server_pid = int(pipeline.stdout.readline())
+    time.sleep(0.5)
+    pipeline.kill()
+    pipeline.wait()
+    assert gone(server_pid, seconds=60), "the step server outlived the pipeline that started it"

@@ -144,7 +144,7 @@ def _step_on_worker(entry_point: str, parameters: dict[str, str], experiment_id,
     mlflow.set_tracking_uri(environment["MLFLOW_TRACKING_URI"])
     from saecomp.tracking import find_finished_run, launch_local
 
-    return find_finished_run(entry_point, key) or launch_local(entry_point, parameters, experiment_id, parent)
+    return find_finished_run(entry_point, key) or launch_local(entry_point, parameters, experiment_id, parent, own_session=True)
 
 
 class RayCluster:

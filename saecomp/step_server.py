@@ -6,7 +6,9 @@ tiny default pipeline, minutes. Inside a pipeline a step server imports them onc
 tracked by MLflow as before, hands its command line, environment, working folder and standard streams to the server
 (``entrypoints/__init__.py`` calls `hand_over`), and the server forks a child that runs the step as ``python -m``
 would. The step's process then waits for that child: it forwards the signals it gets (Ctrl-C, MLflow's cancel) and
-exits with the child's status, so that MLflow, the pipeline and a person with ``ps`` see a step process as before.
+exits with the child's status, so that MLflow and the pipeline see a step process as before. The child, whose
+command line is the server's, is named after its step (``prune_sae`` in ``ps -o pid,comm`` and ``top``) and tags
+its run with its pid.
 
 Whenever the server cannot run a step exactly as a fresh interpreter would, the step starts the usual way (imports
 included): no server (a step run by hand, a Ray worker), a server not ready yet or gone, another interpreter or
@@ -276,6 +278,7 @@ def _run_step(request: dict, fds: list[int], inherited: list[socket.socket], set
         os.environ.update(set_by_imports)  # what the imports would have set in the step's own interpreter
         sys.path[:] = request["path"]
         sys.argv = [request["module"], *request["args"]]
+        _name_process(request["module"])
         for stream in (sys.stdout, sys.stderr):
             if hasattr(stream, "reconfigure"):
                 stream.reconfigure(line_buffering=stream is sys.stderr or os.isatty(stream.fileno()))
@@ -291,6 +294,18 @@ def _run_step(request: dict, fds: list[int], inherited: list[socket.socket], set
             sys.stderr.flush()
         finally:
             _exit_like(code)
+
+
+def _name_process(module: str) -> None:
+    """Name this process after its step (``prune_sae`` in ``ps -o comm``, ``top``): its command line is the
+    server's."""
+    try:
+        import ctypes
+
+        name = module.rpartition('.')[2].encode()[:15]
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def _fresh_random_state(env: dict) -> None:

@@ -192,7 +192,7 @@ def test_sae_steps_as_ray_tasks_match_in_process_and_survive_a_lost_worker(small
     # The lost worker: its step closed its own run as KILLED, Ray ran the task once more, and that one finished.
     assert killed and "error" not in killed, killed.get("error", "no prune_sae run was caught computing")
     victim = client.get_run(killed["run"])
-    assert victim.info.status == "KILLED"
+    assert victim.info.status == "KILLED", {k: v for k, v in victim.data.tags.items() if k.startswith("saecomp")}
     assert f"its launcher (process {killed['worker']}" in victim.data.tags[KILLED_REASON_TAG]
     new_runs = [run for run in all_runs(client) if run.info.run_id not in before]
     retried = [r for r in new_runs if r.data.tags.get(KEY_TAG) == killed["key"] and r.info.status == "FINISHED"]

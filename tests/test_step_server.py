@@ -24,7 +24,8 @@ from saecomp.step_server import forked_from, hand_over
 hand_over()
 import os, signal, sys, time
 
-print(f"forked_from={forked_from()} argv={sys.argv[1:]} cwd={os.getcwd()} probe={os.environ.get('STEP_PROBE')}", flush=True)
+comm = open("/proc/self/comm").read().strip()
+print(f"forked_from={forked_from()} argv={sys.argv[1:]} cwd={os.getcwd()} probe={os.environ.get('STEP_PROBE')} comm={comm}", flush=True)
 mode = sys.argv[1]
 if mode == "exit":
     sys.exit(int(sys.argv[2]))
@@ -96,7 +97,8 @@ def test_a_step_runs_forked_with_its_own_argv_folder_environment_streams_and_sta
     done = step({**environment, "STEP_PROBE": "mine"}, "exit", "7", cwd=tmp_path)
     out, err = done.communicate(timeout=120)
     assert done.returncode == 7, err
-    assert f"forked_from={process.pid} argv=['exit', '7'] cwd={tmp_path} probe=mine" in out  # through the passed stdout
+    # through the stdout it was handed; named after its module in `ps -o comm`
+    assert f"forked_from={process.pid} argv=['exit', '7'] cwd={tmp_path} probe=mine comm=standin_step" in out
 
     failed = step(environment, "fail")
     out, err = failed.communicate(timeout=120)

@@ -213,17 +213,18 @@ def serve(path: str, parent: int) -> None:
 
 
 def _accept(listener: socket.socket, steps: dict, own: dict, set_by_imports: dict) -> None:
+    """Serve one request: fork its step, or answer why not. Nothing a client sends (or fails to) stops the server."""
     connection, _ = listener.accept()
+    fds: list[int] = []
     try:
         message, fds, _, _ = socket.recv_fds(connection, MESSAGE_BYTES, 3)
-    except OSError:
-        connection.close()
-        return
-    try:
         request = json.loads(message)
-        why = _why_cold(request, own)
-        if why or len(fds) != 3:
-            connection.send(json.dumps({"cold": why or "no standard streams"}).encode())
+        why = _why_cold(request, own) if len(fds) == 3 else "no standard streams"
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        why = f"unreadable request ({error})"
+    try:
+        if why:
+            connection.send(json.dumps({"cold": why}).encode())
             connection.close()
             return
         sys.stdout.flush()
@@ -231,8 +232,15 @@ def _accept(listener: socket.socket, steps: dict, own: dict, set_by_imports: dic
         pid = os.fork()
         if pid == 0:
             _run_step(request, fds, [listener, connection, *steps.values()], set_by_imports)  # never returns
-        connection.send(json.dumps({"pid": pid}).encode())
+        try:
+            connection.send(json.dumps({"pid": pid}).encode())
+        except OSError:  # the step's process is gone already: so is its step
+            _signal(pid, signal.SIGKILL)
+            connection.close()
+            return
         steps[pid] = connection
+    except OSError:
+        connection.close()
     finally:
         for fd in fds:
             os.close(fd)

@@ -159,3 +159,16 @@ def test_the_server_goes_when_its_pipeline_dies(tmp_path):
     pipeline.kill()
     pipeline.wait()
     assert gone(server_pid, seconds=60), "the step server outlived the pipeline that started it"
+
+
+def test_a_garbled_request_gets_an_answer_and_the_server_serves_on(server):
+    import json
+    import socket
+
+    process, environment = server
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as raw:
+        raw.connect(environment[SERVER_ENV])
+        raw.send(b"not json")
+        assert "cold" in json.loads(raw.recv(65536))
+    done = step(environment, "exit", "0")
+    assert f"forked_from={process.pid}" in done.communicate(timeout=120)[0] and done.returncode == 0

@@ -56,6 +56,9 @@ def build_model(shape: str, device: str = "cpu", dtype: str = "float32", seed: i
     return HookedTransformer(cfg, move_to_device=True).eval()
 
 
+LIBRARIES = ("torch", "transformers", "transformer-lens", "sae-lens", "sae-bench", "mlflow", "mlflow-skinny")
+
+
 def package_version(name: str) -> str:
     try:
         return version(name)
@@ -72,7 +75,7 @@ def machine() -> dict:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
-        "versions": {n: package_version(n) for n in ("torch", "transformers", "transformer-lens", "sae-lens", "sae-bench", "mlflow")},
+        "versions": {n: package_version(n) for n in LIBRARIES},
         "python": platform.python_version(),
     }
 

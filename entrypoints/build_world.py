@@ -16,7 +16,7 @@ def main(experiment: str) -> None:
     exp = load(experiment, {})
     import mlflow
 
-    from saecomp.tracking import step_run
+    from saecomp.tracking import step_run, training_metrics_logger
     from saecomp.world.build import build_world
 
     world_cfg = exp.world_config()
@@ -36,12 +36,11 @@ def main(experiment: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "world"
             # One step counter across models so the MLflow charts show each model's curve.
+            log_metrics = training_metrics_logger()
             summary = build_world(
                 world_cfg,
                 out,
-                on_metrics=lambda model, step, metrics: mlflow.log_metrics(
-                    {f"{model}.{name}": value for name, value in metrics.items()}, step=step
-                ),
+                on_metrics=lambda model, step, metrics: log_metrics(step, {f"{model}.{name}": value for name, value in metrics.items()}),
                 log=lambda line: click.echo(f"[build_world] {line}", err=True),
             )
             mlflow.log_metrics(

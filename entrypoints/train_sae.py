@@ -147,7 +147,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
     from saecomp.data import TokenStream, document_plan, held_out_tokens, iter_documents, model_prepends_bos, special_token_ids
     from saecomp.models import NO_PROCESSING_KWARGS, TINY_MODELS, load_model
     from saecomp.saes import evaluate_sae
-    from saecomp.tracking import CACHE_DIR, register_sae, step_run
+    from saecomp.tracking import CACHE_DIR, register_sae, step_run, training_metrics_logger
     from saecomp.train_sae import train_sae
 
     logging.getLogger("sae_lens").addFilter(_QuietViewFallback())
@@ -219,7 +219,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
                 checkpoint_dir=checkpoint_dir,
                 output_dir=out,
                 dataset_name=plan["sae_train"].describe(),
-                on_metrics=lambda step, metrics: mlflow.log_metrics(metrics, step=step),
+                on_metrics=training_metrics_logger(),
                 prepend_bos=prepend_bos,
                 special_ids=sorted(special),
             )

@@ -62,6 +62,7 @@ PRELOAD = (
     "sae_bench.evals.sparse_probing.main",
     "sae_bench.evals.ravel.main",
 )
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 MESSAGE_BYTES = 1 << 20
 
@@ -180,13 +181,27 @@ def serve(path: str, parent: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the pipeline and the steps (forwarded by theirs)
     before = dict(os.environ)
+    # CUDA does not survive a fork: once the driver is initialised here, every forked step fails its first CUDA call.
+    # SAEBench's absorption asks `torch.cuda.is_available()` when imported; asked through NVML (PyTorch's documented
+    # switch) the question initialises nothing. Only the server's imports see the switch, not the steps.
+    os.environ.setdefault(NVML_CHECK, "1")
+    unusable = None
     for name in PRELOAD:
         try:
             importlib.import_module(name)
         except ImportError:
             pass
+        except Exception as error:  # noqa: BLE001 - a library that fails to import fails the step, in the step
+            print(f"[saecomp] the step server could not import {name}: {error!r}", file=sys.stderr, flush=True)
+            unusable = f"importing {name} failed in the step server ({error!r})"
+            break
+    if NVML_CHECK not in before:
+        del os.environ[NVML_CHECK]
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        unusable = "CUDA was initialised while the step server imported its libraries; a forked step could not use it"
     set_by_imports = {k: v for k, v in os.environ.items() if before.get(k) != v}
-    own = {"env": before, "path": sys.path, "executable": sys.executable, "saecomp": _saecomp_root()}
+    own = {"env": before, "path": sys.path, "executable": sys.executable, "saecomp": _saecomp_root(), "unusable": unusable}
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path + ".partial")
@@ -248,6 +263,8 @@ def _accept(listener: socket.socket, steps: dict, own: dict, set_by_imports: dic
 
 def _why_cold(request: dict, own: dict) -> str | None:
     """Why a step cannot run forked from this server (None: it can)."""
+    if own.get("unusable"):
+        return own["unusable"]
     if request.get("executable") != own["executable"]:
         return f"another interpreter ({request.get('executable')})"
     if request.get("saecomp") != own["saecomp"]:

@@ -576,6 +576,17 @@ def step_run(
         signal.signal(signal.SIGTERM, previous)
 
 
+def training_metrics_logger(synchronous: bool = True):
+    """What a training loop hands its per-step metrics to: MLflow's ``log_metrics`` on the active run. Synchronous:
+    MLflow's asynchronous logging was slower on 2 CPU cores (its thread competes with torch's, and the run's end waits
+    about a second for its queue; `benchmarks/train_sae.py --asynchronous-too`)."""
+
+    def log(step: int, metrics: dict) -> None:
+        mlflow.log_metrics(metrics, step=step, synchronous=synchronous)
+
+    return log
+
+
 def register_sae(artifact_path: str, registered_name: str, tags: dict[str, str]) -> str:
     """Register the SAELens folder the active run logged at ``artifact_path`` in the MLflow Model Registry, as a version
     whose source *is* that folder: each SAE is stored once (a LoggedModel would copy it: tens of GB for GPT-2's 36

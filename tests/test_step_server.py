@@ -36,6 +36,12 @@ if mode == "random":  # unseeded draws: those of a fresh interpreter, whatever t
 
     print(f"torch={torch.initial_seed()},{torch.rand(3).tolist()} threads={torch.get_num_threads()}", flush=True)
     sys.exit(0)
+if mode == "cuda":  # the step's first CUDA work, in a process forked from a server that imported every library
+    import torch
+
+    print(f"nvml_switch={os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK')}", flush=True)
+    print(f"cuda_sum={torch.ones(4, device='cuda').sum().item()}", flush=True)
+    sys.exit(0)
 open(sys.argv[2], "w").write(str(os.getpid()))  # the pid of the process that computes the step
 try:
     time.sleep(120)
@@ -122,6 +128,22 @@ def test_forked_steps_draw_their_own_unseeded_numbers(server):
     draws = [step({**environment, "OMP_NUM_THREADS": "1"}, "random").communicate(timeout=300)[0] for _ in range(2)]
     assert all(f"forked_from={process.pid}" in out and "threads=1" in out for out in draws)
     assert draws[0].splitlines()[1] != draws[1].splitlines()[1]
+
+
+def test_a_forked_step_can_use_cuda(server):
+    """CUDA does not survive a fork: had the server's imports initialised it (SAEBench's absorption asks whether CUDA
+    is available when imported), every step forked on a GPU machine would fail its first CUDA call. The server asks
+    through NVML, and its steps do not inherit that switch. Without a GPU, only the second half is checked."""
+    process, environment = server
+    out, err = step(environment, "cuda").communicate(timeout=300)
+    assert f"forked_from={process.pid}" in out, err
+    assert "nvml_switch=None" in out, out
+    import torch
+
+    if torch.cuda.is_available():
+        assert "cuda_sum=4.0" in out, err
+    else:
+        assert "cuda_sum" not in out and ("CUDA" in err or "cuda" in err), err
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])

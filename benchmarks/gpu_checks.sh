@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU checks recorded in benchmarks/README.md, as one command on a lent GPU machine (the `device` tool runs it
+# from the repository root with $OUT set). TransformerLens, SAELens, MLflow and what they need beyond that machine's
+# own torch and transformers travel as wheels in .whl/ (its README says how to fetch them); their versions are
+# printed first and recorded in every JSON. `bash benchmarks/gpu_checks.sh [fork] [step_server] [train_sae] [sweep]`.
+set -u
+OUT=${OUT:-/tmp/saecomp-gpu}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python3 -c "import sys; from importlib.metadata import version as v; print('Python', sys.version.split()[0], *(f'{n} {v(n)}' for n in ('torch', 'transformers', 'transformer-lens', 'sae-lens', 'mlflow-skinny')))"
+PARTS=${*:-fork step_server train_sae sweep}  # which checks: all by default
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+
+part fork && echo "== CUDA across fork (why the step server asks through NVML)" &&
+timeout 120 python3 benchmarks/cuda_fork_check.py --json "$OUT/cuda_fork_check_h100.json"
+
+part step_server && echo "== the step server's tests, a forked step's CUDA included" &&
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_step_server.py 2>&1 | tail -25
+
+part train_sae && echo "== train_sae against SAELens's runner alone" &&
+timeout 240 python3 benchmarks/train_sae.py --shape gpt2-small --device cuda --tokens 1000000 --batch-size-tokens 4096 \
+  --expansion 32 --repeats 3 --asynchronous-too --json "$OUT/train_sae_gpt2-small_h100.json" 2>&1 | grep -v -e "Training SAE" -e "warn"
+
+part sweep && echo "== the SAE sweep at Gemma-2-2B's last layer" &&
+timeout 240 python3 benchmarks/sae_sweep.py --shape gemma-2-2b --device cuda --dtype bfloat16 --sequences 8 --seq-len 1024 \
+  --repeats 2 --layers 25 --json "$OUT/sae_sweep_gemma-2-2b_h100_layer25.json" 2>&1 | tail -20

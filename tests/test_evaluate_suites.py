@@ -3,6 +3,7 @@ on the model we pass (the pruned one)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -15,8 +16,9 @@ from click.testing import CliRunner
 from sae_lens import SAE
 
 from entrypoints import evaluate as evaluate_step
+from saecomp import evaluate as evaluate_lib
 from saecomp.config import load_experiment
-from saecomp.evaluate import NotApplicable, flat_hook_z, run_suite, saebench_config
+from saecomp.evaluate import NotApplicable, flat_hook_z, repeated_inputs_cached, run_suite, saebench_config
 from saecomp.models import load_model
 from saecomp.prune_llm import PruneSpec, prune_model
 from saecomp.saebench_data import AMAZON, BIAS_IN_BIOS, offline_datasets, write_offline_datasets
@@ -156,6 +158,63 @@ def test_saes_sharing_scrs_model_side_get_exactly_the_numbers_of_a_fresh_run(exp
     with offline_datasets(offline_data / "hf_datasets"):
         run_suite("tpp", pruned.tl, topk_sae(hook, seed=2), config, tmp_path / "e", "tpp", shared=shared)
     assert len(list(shared.iterdir())) == 2  # TPP computed its own, shared nothing
+
+
+def test_the_sae_memo_returns_what_the_sae_computes_and_never_a_stale_or_shared_tensor():
+    """`RepeatedInputCache`: an input seen again gets the latents the SAE computes for it, as a copy its caller may
+    zero in place; a reconstruction of untouched latents is the SAE's, of ablated ones recomputed; an input written
+    in place, a different tensor, autograd or a spent budget all compute afresh; the SAE's methods come back after."""
+    sae = topk_sae("blocks.1.hook_resid_post")
+    acts = torch.randn(6, 5, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = sae.encode(acts[2:4])
+        expected_hat = sae.decode(expected)
+        with repeated_inputs_cached(sae) as cache:
+            for _ in range(4):  # as SAEBench's ablation loop: the same slice of the same tensor, again and again
+                latents = sae.encode(acts[2:4])
+                assert torch.equal(latents, expected)
+                assert torch.equal(sae.decode(latents), expected_hat)
+                latents[..., :5] = 0.0  # SAEBench's zero ablation, in place
+                assert torch.equal(sae.decode(latents), sae.__class__.decode(sae, latents))
+            assert cache.hits >= 2 and cache.entries
+            assert torch.equal(sae.encode(acts[2:4]), expected)  # the in-place ablations never reached the memo
+            other = acts.clone()
+            assert torch.equal(sae.encode(other[2:4]), expected)  # same values, another tensor: computed
+            acts[2:4] += 1.0  # written in place: its version changes, so its latents are computed again
+            assert torch.equal(sae.encode(acts[2:4]), sae.__class__.encode(sae, acts[2:4]))
+            assert not torch.equal(sae.encode(acts[2:4]), expected)
+        with torch.enable_grad(), repeated_inputs_cached(sae) as cache:
+            for _ in range(3):
+                sae.encode(acts)
+            assert cache.hits == 0 and not cache.entries
+        with repeated_inputs_cached(sae, budget_bytes=0) as cache:
+            for _ in range(3):
+                sae.encode(acts)
+            assert cache.hits == 0 and not cache.entries
+    assert "encode" not in vars(sae) and "decode" not in vars(sae)
+
+
+@pytest.mark.parametrize("suite", ["scr", "tpp"])
+def test_scr_and_tpp_with_the_sae_memo_score_exactly_as_without_it(experiment, pruned, offline_data, tmp_path, monkeypatch, suite):
+    config = saebench_config(suite, experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
+    caches = []
+    original = evaluate_lib.repeated_inputs_cached
+
+    @contextlib.contextmanager
+    def spied(sae, budget_bytes=None):
+        with original(sae, budget_bytes) as cache:
+            caches.append(cache)
+            yield cache
+
+    hook = "blocks.1.hook_resid_post"
+    with offline_datasets(offline_data / "hf_datasets"):
+        monkeypatch.setattr(evaluate_lib, "repeated_inputs_cached", spied)
+        memoised = run_suite(suite, pruned.tl, topk_sae(hook, seed=4), config, tmp_path / "memo", "memo")
+        monkeypatch.setattr(evaluate_lib, "REPEATED_INPUT_CACHE_BYTES", 0)
+        plain = run_suite(suite, pruned.tl, topk_sae(hook, seed=4), config, tmp_path / "plain", "plain")
+    assert caches[0].hits > 0 and caches[1].hits == 0  # the memo served the first run and none of the second
+    for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
+        assert memoised.output[part] == plain.output[part], part
 
 
 def test_attention_saes_are_probed_through_a_flat_view_that_leaves_the_model_unchanged(experiment, pruned, offline_data, tmp_path):

@@ -8,12 +8,14 @@ there were.
 
 Tables (SAEBench metric names; each per model, rows hook x metric, columns the SAE variants):
 
-- ``table1``: the paper's Table 1, SAEBench core's reconstruction metrics; for Gemma-2-2B at layer 12 also
-  ``table1_vs_paper``, ours beside the paper's published numbers (``saecomp/paper/``) and the difference;
+- ``table1``: the paper's Table 1, SAEBench core's reconstruction metrics;
 - ``core``: the appendix's other core metrics (and our centred explained variance beside SAEBench's);
 - ``absorption``, ``scr`` and ``tpp`` per number of latents k, ``sparse_probing`` top-k, ``ravel`` and
   ``ravel_attributes`` (per entity class and cause attribute);
-- ``llm_pruning``: dense against pruned cross-entropy per pruned model (prune_llm runs).
+- ``llm_pruning``: dense against pruned cross-entropy per pruned model (prune_llm runs);
+- for Gemma-2-2B at layer 12, ``<table>_vs_paper`` for every table the paper also prints (Table 1 and the appendix's
+  Tables 4-13 and sparse-probing table): ours beside the paper's published number and the difference
+  (``saecomp/paper/``, ``paper_numbers``).
 
 Uncertainties: a cell carries the standard error its run logged as ``<suite>.<metric>.bootstrap_se`` (core's spliced
 losses and scores and the centred explained variance: a bootstrap over the test sequences, ``evaluate.core_bootstrap``).
@@ -76,19 +78,33 @@ TABLES = (
     ),  # fmt: skip
     TableSpec(
         "core",
-        "Core metrics (appendix; explained_variance_centred is ours, SAEBench's explained_variance does not centre)",
+        "Core metrics (the appendix's Tables 6-8; explained_variance_centred is ours, SAEBench's explained_variance does not centre)",
         "core",
-        ("l0", "l1", "explained_variance", "explained_variance_centred", "frac_alive", "l2_ratio", "relative_reconstruction_bias",
-         "ce_loss_with_ablation", "kl_div_with_ablation"),
+        ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae", "ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae",
+         "ce_loss_without_sae", "explained_variance", "explained_variance_centred", "explained_variance_legacy", "mse", "cossim",
+         "l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias", "l0", "l1", "freq_over_1_percent",
+         "freq_over_10_percent", "normalized_freq_over_1_percent", "normalized_freq_over_10_percent",
+         "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim", "frac_alive"),
     ),  # fmt: skip
     TableSpec(
         "absorption",
-        "Feature absorption (Figure 2)",
+        "Feature absorption (Figure 2; the appendix's Tables 4-5)",
         "absorption",
-        ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features"),
+        ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features", "std_dev_absorption_fraction_score",
+         "std_dev_full_absorption_score", "std_dev_num_split_features"),
+    ),  # fmt: skip
+    TableSpec(
+        "scr",
+        "SCR per number of ablated latents k (Figure 3: scr_metric; the appendix's Tables 9-10 add both directions)",
+        "scr",
+        pattern=r"scr_(?:metric|dir1|dir2)_threshold_(\d+)",
     ),
-    TableSpec("scr", "SCR per number of ablated latents k (Figure 3)", "scr", pattern=r"scr_metric_threshold_(\d+)"),
-    TableSpec("tpp", "TPP per number of ablated latents k (Figure 4)", "tpp", pattern=r"tpp_threshold_(\d+)_total_metric"),
+    TableSpec(
+        "tpp",
+        "TPP per number of ablated latents k (Figure 4: total_metric; the appendix's Tables 11-12 add its two parts)",
+        "tpp",
+        pattern=r"tpp_threshold_(\d+)_(?:total_metric|intended_diff_only|unintended_diff_only)",
+    ),
     TableSpec(
         "sparse_probing",
         "Sparse probing: test accuracy of the model's and the SAE's top-k latents' probes",
@@ -131,7 +147,7 @@ def model_of(record: RunRecord) -> str:
 
 def _variant_order(variants: Iterable[str]) -> list[str]:
     variants = set(variants)
-    if all(": " in v for v in variants):  # table1_vs_paper: "<variant>: ours | paper | ours - paper"
+    if all(": " in v for v in variants):  # <table>_vs_paper: "<variant>: ours | paper | ours - paper"
         bases = _variant_order({v.split(": ")[0] for v in variants})
         return [f"{b}: {c}" for b in bases for c in PAPER_COLUMNS if f"{b}: {c}" in variants]
     rest = sorted(variants - set(VARIANTS), key=lambda v: (not v.startswith("pruned"), v))
@@ -233,9 +249,15 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
         row["within_uncertainty"] = bool(abs(row["value"] - ref["value"]) <= row["difference_se"])
 
 
-PAPER_TABLE1 = Path(__file__).parent / "paper" / "gemma-2-2b_table1.csv"
+PAPER_FOLDER = Path(__file__).parent / "paper"
+PAPER_TABLE1 = PAPER_FOLDER / "gemma-2-2b_table1.csv"
+PAPER_APPENDIX = PAPER_FOLDER / "gemma-2-2b_appendix.csv"
 PAPER_MODEL, PAPER_LAYER = "google/gemma-2-2b", 12
 PAPER_COLUMNS = ("ours", "paper", "ours - paper")
+PAPER_TABLES = {"Table 1": "table1", "Table 4": "absorption", "Table 5": "absorption", "Table 6": "core", "Table 7": "core",
+                "Table 8": "core", "Table 9": "scr", "Table 10": "scr", "Table 11": "tpp", "Table 12": "tpp",
+                "Table 13": "ravel_attributes", "A.7 sparse probing table": "sparse_probing"}  # fmt: skip
+"""The paper's tables (Gemma-2-2B, layer 12) -> ours that hold the same numbers."""
 
 
 def paper_table1() -> pd.DataFrame:
@@ -243,27 +265,39 @@ def paper_table1() -> pd.DataFrame:
     return pd.read_csv(PAPER_TABLE1, comment="#")
 
 
+def paper_numbers() -> pd.DataFrame:
+    """Every published number of the paper for Gemma-2-2B at layer 12 (``saecomp/paper/``): table (ours that holds it),
+    paper_table (the paper's that prints it), output, metric (SAEBench's name), variant, value, source (the file)."""
+    table1 = paper_table1().assign(paper_table="Table 1", source=PAPER_TABLE1.name)
+    appendix = pd.read_csv(PAPER_APPENDIX, comment="#").assign(source=PAPER_APPENDIX.name)
+    both = pd.concat([table1, appendix], ignore_index=True)
+    return both.assign(table=both["paper_table"].map(PAPER_TABLES))
+
+
 def _paper_cells(rows: list[dict]) -> list[dict]:
-    """``table1_vs_paper``: for Gemma-2-2B, our Table 1 cells at layer 12 beside the paper's published number and the
-    difference, per variant. The paper's numbers come from its code (its WANDA and SAEBench deviations, which our
-    ``wanda-seed`` reproduces); they print beside every Gemma-2-2B model we pruned, ``wanda`` and ``wanda-seed`` alike."""
-    paper = {(r.output, r.metric, r.variant): r.value for r in paper_table1().itertuples()}
+    """``<table>_vs_paper``: for Gemma-2-2B, each of our cells at layer 12 that the paper also prints (Table 1 and the
+    appendix's tables) beside the paper's published number and the difference, per variant. The paper's numbers come
+    from its code (its WANDA and SAEBench deviations, which our ``wanda-seed`` reproduces); they print beside every
+    Gemma-2-2B model we pruned, ``wanda`` and ``wanda-seed`` alike."""
+    paper = {(r.table, r.output, r.metric, r.variant): r for r in paper_numbers().itertuples()}
+    printed = {(table, output, metric) for table, output, metric, _ in paper}
     outputs = {f"blocks.{PAPER_LAYER}.{hook}": label for hook, label in HOOK_LABELS.items()}
     out = []
     for row in rows:
         pruned_gemma = row["model"].startswith(f"{PAPER_MODEL}+prune_llm:")  # not the dense model, not gemma-2-2b-it
-        if row["table"] != "table1" or not pruned_gemma or row["hook"] not in outputs:
+        if not pruned_gemma or row["hook"] not in outputs or (row["table"], outputs[row["hook"]], row["metric"]) not in printed:
             continue
-        published = paper.get((outputs[row["hook"]], row["metric"], row["variant"]))
+        published = paper.get((row["table"], outputs[row["hook"]], row["metric"], row["variant"]))
+        theirs = None if published is None else published.value
         ours = row["value"] if row["status"] == "ok" else None
-        values = {"ours": ours, "paper": published, "ours - paper": None if ours is None or published is None else ours - published}
+        values = {"ours": ours, "paper": theirs, "ours - paper": None if ours is None or theirs is None else ours - theirs}
         for column, value in values.items():
             source = row if column == "ours" else {"run_id": "", "run_name": "", "candidates": 0}
-            note = "the paper's Table 1 (saecomp/paper/gemma-2-2b_table1.csv)" if column == "paper" else ""
+            note = f"the paper's {published.paper_table} (saecomp/paper/{published.source})" if column == "paper" and published else ""
             out.append(
                 {
                     **row,
-                    "table": "table1_vs_paper",
+                    "table": f"{row['table']}_vs_paper",
                     "variant": f"{row['variant']}: {column}",
                     "value": value,
                     "se": row["se"] if column == "ours" else None,
@@ -401,15 +435,17 @@ def title_of(table: str) -> str:
     for spec in TABLES:
         if spec.name == table:
             return spec.title
-    titles = {
-        "llm_pruning": "LLM pruning: held-out cross-entropy, dense against pruned",
-        "table1_vs_paper": "Table 1 beside the paper's (Gemma-2-2B, layer 12; the paper's numbers come from its own code)",
-    }
+    if table.endswith("_vs_paper"):
+        ours = table.removesuffix("_vs_paper")
+        papers = sorted({p for p, t in PAPER_TABLES.items() if t == ours}, key=lambda p: (len(p), p))
+        return (f"{title_of(ours).split(' (')[0]} beside the paper's {' and '.join(papers)} (Gemma-2-2B, layer 12; the paper's "
+                "numbers come from its own code)")  # fmt: skip
+    titles = {"llm_pruning": "LLM pruning: held-out cross-entropy, dense against pruned"}
     return titles.get(table, table)
 
 
 def _groups(all_cells: pd.DataFrame):
-    order = ["table1", "table1_vs_paper", *[s.name for s in TABLES[1:]], "llm_pruning"]
+    order = [name for spec in TABLES for name in (spec.name, f"{spec.name}_vs_paper")] + ["llm_pruning"]
     keys = set(zip(all_cells["table"], all_cells["model"], strict=True))
     keys = sorted(keys, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1]))
     for table, model in keys:
@@ -481,8 +517,9 @@ def figures(all_cells: pd.DataFrame, sweeps: dict[tuple[str, str], tuple[pd.Data
             axis = frame.plot.bar(figsize=(6, 3.4), rot=0)
             axis.set(ylabel="mean absorption fraction", title=f"Figure 2: absorption (lower is better), on {model}")
             out[f"figure2_absorption{suffix}.png"] = _figure_bytes(axis.figure)
-        for number, table, label in ((3, "scr", "SCR"), (4, "tpp", "TPP")):
-            rows = ok[ok["table"] == table]
+        headlines = ((3, "scr", "SCR", r"scr_metric_threshold_\d+"), (4, "tpp", "TPP", r"tpp_threshold_\d+_total_metric"))
+        for number, table, label, headline in headlines:
+            rows = ok[(ok["table"] == table) & ok["metric"].str.fullmatch(headline)]
             if not len(rows):
                 continue
             hooks = sorted(rows["hook"].unique(), key=hook_order)

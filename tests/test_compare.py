@@ -64,7 +64,7 @@ def store(tmp_path_factory):
             core = ("kl_div_score", "ce_loss_score", "mse", "cossim", "explained_variance")
             metrics = {f"core.{m}": 0.5 + n / 10 + v / 100 for m in core}
             metrics["core.ce_loss_score.bootstrap_se"] = 0.01  # pruned25 is within it of pretrained, the others are not
-            metrics.update({f"scr.scr_metric_threshold_{k}": k / 1000 + v / 100 for k in (2, 20)})
+            metrics.update({f"scr.scr_{kind}_threshold_{k}": k / 1000 + v / 100 for k in (2, 20) for kind in ("metric", "dir1", "dir2")})
             tags = {"hook": hook, "layer": str(layer), "variant": variant}
             if hook == "attn.hook_z":
                 tags["saecomp.ravel.not_applicable"] = "RAVEL reads hook_resid_post"
@@ -117,7 +117,9 @@ def test_every_cell_is_the_metric_of_the_run_it_names(store):
     assert set(kl["run_id"]) == {store["runs"][("attn.hook_z", "trained")]}  # the newest run that has the value
     scr = cells[(cells["table"] == "scr") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "trained")]
     assert set(scr["run_id"]) == {store["runs"][("attn.hook_z", "trained")]}  # the newer run did not run SCR
-    assert sorted(scr["metric"], key=lambda m: int(re.findall(r"\d+", m)[0])) == list(scr["metric"])  # k ascending
+    for kind in ("scr_metric", "scr_dir1", "scr_dir2"):  # the appendix's three rows per k, each with k ascending
+        rows = [m for m in scr["metric"] if m.startswith(f"{kind}_threshold_")]
+        assert rows and sorted(rows, key=lambda m: int(re.findall(r"\d+", m)[0])) == rows
 
 
 def test_models_stay_apart_layers_sort_as_numbers_and_a_selected_level_shows_where_it_exists(store):
@@ -125,7 +127,7 @@ def test_models_stay_apart_layers_sort_as_numbers_and_a_selected_level_shows_whe
     other = cells[cells["model"] == store["other"]]
     assert set(other["hook"]) == {"blocks.10.hook_resid_post"}
     assert "pruned85" not in set(cells[cells["model"] == store["model"]]["variant"])
-    selected = other[(other["variant"] == "pruned85") & (other["metric"] == "mse")]
+    selected = other[(other["variant"] == "pruned85") & (other["metric"] == "mse") & (other["table"] == "table1")]
     assert list(selected["status"]) == ["ok"]  # its Table 1 cell
     mine = cells[(cells["model"] == store["model"]) & (cells["table"] == "table1")]
     assert list(dict.fromkeys(mine["hook"])) == ["blocks.2.attn.hook_z", "blocks.2.hook_resid_post"]
@@ -265,3 +267,43 @@ def test_gemma_table1_prints_beside_the_papers_published_numbers():
     tiny = compare.cells([compare.RunRecord("t", "evaluate", "e", 1, params={"suites": "core", "base_model": "tiny-gpt2"},
                                             metrics={"core.mse": 0.1}, tags={"hook": "hook_mlp_out", "layer": "12"})])  # fmt: skip
     assert "table1_vs_paper" not in set(tiny["table"])
+
+
+def test_every_appendix_number_of_the_paper_sits_beside_one_of_our_cells():
+    """The appendix's Tables 4-13 and its sparse-probing table, as transcribed: each number names a metric our tables
+    hold (so it can print beside ours), the core tables repeat Table 1 exactly where they overlap, and a Gemma-2-2B run
+    at layer 12 gets ours | paper | difference for every suite the paper prints."""
+    paper = compare.paper_numbers()
+    counts = paper.groupby("table").size().to_dict()
+    assert counts == {"table1": 96, "absorption": 48, "core": 288, "scr": 168, "tpp": 168, "ravel_attributes": 144, "sparse_probing": 32}
+    assert set(paper["variant"]) == set(compare.VARIANTS) and paper["value"].notna().all()
+    specs = {spec.name: spec for spec in compare.TABLES}
+    for row in paper.itertuples():
+        spec = specs[row.table]
+        assert row.metric in spec.metrics if spec.metrics else re.fullmatch(spec.pattern, row.metric), row
+    core = paper[paper["table"] == "core"].set_index(["output", "metric", "variant"])["value"]
+    table1 = paper[paper["table"] == "table1"].set_index(["output", "metric", "variant"])["value"]
+    assert (core.loc[table1.index] == table1).all()  # Tables 6-8 print Table 1's cells again
+
+    gemma = "google/gemma-2-2b+prune_llm:x"
+    metrics = {"scr.scr_dir1_threshold_2": 0.3, "tpp.tpp_threshold_500_unintended_diff_only": 0.02,
+               "absorption.std_dev_num_split_features": 0.5, "ravel.nobel_prize_winner.Country of Birth.cause_score": 0.6,
+               "sparse_probing.sae_top_2_test_accuracy": 0.81, "core.l0": 80.0}  # fmt: skip
+    suites = "core,absorption,scr,tpp,sparse_probing,ravel"
+    record = compare.RunRecord("r", "evaluate", "evaluate · 12", 1, params={"suites": suites, "base_model": gemma},
+                               metrics=metrics, tags={"hook": "hook_resid_post", "layer": "12", "variant": "pretrained"})  # fmt: skip
+    cells = compare.cells([record]).set_index(["table", "metric", "variant"])
+    for table, metric, published in (("scr", "scr_dir1_threshold_2", 0.286), ("tpp", "tpp_threshold_500_unintended_diff_only", 0.016),
+                                      ("absorption", "std_dev_num_split_features", 0.368),
+                                      ("ravel_attributes", "nobel_prize_winner.Country of Birth.cause_score", 0.6521),
+                                      ("sparse_probing", "sae_top_2_test_accuracy", 0.802), ("core", "l0", 82.355)):  # fmt: skip
+        ours = metrics[f"{compare.TABLES[[s.name for s in compare.TABLES].index(table)].suite}.{metric}"]
+        beside = cells.loc[f"{table}_vs_paper"]
+        assert beside.loc[(metric, "pretrained: ours"), "value"] == ours
+        assert beside.loc[(metric, "pretrained: paper"), "value"] == published, table
+        assert abs(beside.loc[(metric, "pretrained: ours - paper"), "value"] - (ours - published)) < 1e-12
+        assert beside.loc[(metric, "pretrained: paper"), "note"].endswith("gemma-2-2b_appendix.csv)")
+        assert beside.loc[(metric, "trained: ours"), "status"] == "missing"
+    assert "explained_variance_centred" not in set(cells.loc["core_vs_paper"].index.get_level_values("metric"))  # ours alone
+    text = compare.markdown(compare.cells([record]))
+    assert "SCR per number of ablated latents k beside the paper's Table 9 and Table 10" in text

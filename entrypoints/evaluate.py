@@ -40,19 +40,25 @@ from entrypoints.common import experiment_option, fail, load, load_source, model
     "compute (default), or run the others and tag it not applicable (what the pipeline asks).",
 )
 @click.option(
+    "--seed",
+    type=int,
+    help="SAEBench's random seed for every suite but core (default: the experiment's evaluation.seed, 42). compare shows "
+    "a cell that runs with several seeds fill as their mean and its standard error over seeds.",
+)
+@click.option(
     "--shared_activations",
     type=click.Path(file_okay=False),
     help="A folder where SAEs evaluated on the same model, hook and config share SCR's model-side work (the model's "
     "activations on the labelled texts and the probes trained on them), as SAEBench's run_eval shares it across its "
     "SAE list; the numbers do not change. The pipeline passes one per run and deletes it. Default: computed afresh.",
 )
-def main(experiment, sae, base, suites, hook, layer, variant, inapplicable, shared_activations) -> None:
+def main(experiment, sae, base, suites, hook, layer, variant, inapplicable, seed, shared_activations) -> None:
     check_sae_bench()
     from saecomp.evaluate import check_suites
     from saecomp.saes import HOOKS, check_hook
 
     suite_list = [s.strip() for s in str(suites).split(",") if s.strip()] if suites else None
-    exp = load(experiment, {"evaluation.suites": suite_list})
+    exp = load(experiment, {"evaluation.suites": suite_list, "evaluation.seed": seed})
     try:
         check_suites(exp.evaluation.suites)
     except ValueError as error:

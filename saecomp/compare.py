@@ -22,7 +22,9 @@ losses and scores and the centred explained variance: a bootstrap over the test 
 A variant whose value differs from the pretrained SAE's in its row by no more than the standard error of that
 difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
 the same resamples of the same test sequences (the differences replicate by replicate), else sqrt(se_a^2 + se_b^2).
-The other suites' numbers, and the spread over seeds, carry no uncertainty yet.
+Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
+cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. The other
+suites' single-seed numbers carry no uncertainty yet.
 """
 
 from __future__ import annotations
@@ -194,6 +196,14 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                         boot = newest.bootstrap.get(spec.suite, {}) if se is not None else {}
                         not_applicable = newest.tags.get(f"saecomp.{spec.suite}.not_applicable") if newest else None
                         status = "ok" if value is not None else "not applicable" if not_applicable else "missing"
+                        run_ids, run_names, note = (newest.run_id, newest.name, "") if newest and status != "missing" else ("", "", "")
+                        seeds = _newest_per_seed(candidates) if spec.suite in SEEDED_SUITES else {}
+                        if len(seeds) > 1:  # several seeds fill the cell: their mean, and its standard error over seeds
+                            values = pd.Series([r.metrics[name] for r in seeds.values()], dtype=float)
+                            value, se, boot = float(values.mean()), float(values.std() / len(values) ** 0.5), {}
+                            run_ids = ",".join(r.run_id for r in seeds.values())
+                            run_names = " | ".join(r.name for r in seeds.values())
+                            note = f"mean over {len(seeds)} seeds ({', '.join(seeds)}) ± its standard error over seeds"
                         rows.append(
                             {
                                 "table": spec.name,
@@ -206,10 +216,10 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                                 "_replicates": boot.get("samples", {}).get(metric),
                                 "_resamples": (boot.get("sample_id"), boot.get("seed"), boot.get("replicates")),
                                 "status": status,
-                                "run_id": newest.run_id if newest and status != "missing" else "",
-                                "run_name": newest.name if newest and status != "missing" else "",
+                                "run_id": run_ids,
+                                "run_name": run_names,
                                 "candidates": len(candidates),
-                                "note": (not_applicable or "") if status == "not applicable" else "",
+                                "note": (not_applicable or "") if status == "not applicable" else note,
                             }
                         )
     _mark_within_uncertainty(rows)
@@ -218,6 +228,20 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
     columns = ["table", "model", "hook", "metric", "variant", "value", "se", "difference_se", "paired", "within_uncertainty", "status",
                "run_id", "run_name", "candidates", "note"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
+
+
+SEEDED_SUITES = ("absorption", "scr", "tpp", "sparse_probing", "ravel")
+"""The suites that read ``evaluation.seed`` (SAEBench's random_seed; core reads none): runs of one of them with
+different seeds are replicates of one cell."""
+
+
+def _newest_per_seed(candidates: list[RunRecord]) -> dict[str, RunRecord]:
+    """The newest of ``candidates`` (oldest first) per ``evaluation.seed``, by seed; runs from before the seed was
+    logged used SAEBench's default, 42."""
+    newest = {}
+    for run in candidates:
+        newest[run.params.get("evaluation.seed", "42")] = run
+    return dict(sorted(newest.items(), key=lambda item: (len(item[0]), item[0])))
 
 
 REFERENCE_VARIANT = "pretrained"
@@ -574,7 +598,7 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
                 css = {"ok": "", "missing": "missing", "not applicable": "na"}[cell["status"]]
                 css = "within" if cell.get("within_uncertainty") is True else css
                 tip = f"run {cell['run_id']} · {cell['run_name']}" if cell["run_id"] else "no finished run"
-                if cell["candidates"] > 1:
+                if cell["candidates"] > 1 and "," not in cell["run_id"]:
                     tip += f" (newest of {cell['candidates']})"
                 if cell["note"]:
                     tip += f" — {cell['note']}"
@@ -584,10 +608,14 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
     for name, png in pngs.items():
         inline = base64.b64encode(png).decode()
         parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{inline}'>")
-    sources = all_cells[all_cells["run_id"] != ""].drop_duplicates("run_id")[["run_id", "run_name", "table"]]
+    named = all_cells[all_cells["run_id"] != ""]
+    sources = {}
+    for ids, names in zip(named["run_id"], named["run_name"], strict=True):  # a cell over seeds names each seed's run
+        ids, names = ids.split(","), names.split(" | ")
+        sources.update(zip(ids, names if len(names) == len(ids) else [" | ".join(names)] * len(ids), strict=True))
     parts.append("<h2>Sources</h2><table><tr><th>run</th><th>name</th></tr>")
-    for r in sources.itertuples():
-        parts.append(f"<tr><td class='key'><code>{r.run_id}</code></td><td class='key'>{html.escape(r.run_name)}</td></tr>")
+    for run_id, run_name in sources.items():
+        parts.append(f"<tr><td class='key'><code>{run_id}</code></td><td class='key'>{html.escape(run_name)}</td></tr>")
     parts.append("</table></body></html>")
     return "\n".join(parts)
 

@@ -208,6 +208,9 @@ class EvaluationConfig(Section):
     """Core's batches for the spliced-loss metrics (the paper: 200)."""
     n_sparsity_variance_batches: int = 8
     """Core's batches for the sparsity and variance metrics (the paper: 2000)."""
+    seed: int = 42
+    """SAEBench's ``random_seed`` for every suite but core (its default, 42): the balanced samples, the probes, the
+    pairs. Runs with other seeds that fill one table cell print as their mean and its standard error over seeds."""
     # the probing suites (SCR, TPP, sparse probing)
     probe_context_length: int = 128
     """Tokens per labelled text (longer ones are truncated, shorter padded; padding is masked out)."""
@@ -246,11 +249,11 @@ class EvaluationConfig(Section):
 _LABELLED_DATA = ("sparse_probing_train_size", "sparse_probing_test_size", "scr_tpp_train_size", "scr_tpp_test_size")
 SUITE_FIELDS = {
     "core": ("n_sequences", "context_size", "batch_size_prompts", "n_reconstruction_batches", "n_sparsity_variance_batches"),
-    "sparse_probing": ("probe_context_length", "llm_batch_size", *_LABELLED_DATA, "sparse_probing_k", "sparse_probing_datasets"),
-    "scr": ("probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
-    "tpp": ("probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
-    "absorption": ("llm_batch_size", "absorption_max_k", "absorption_min_letters"),
-    "ravel": ("ravel_llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute"),
+    "sparse_probing": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "sparse_probing_k", "sparse_probing_datasets"),
+    "scr": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
+    "tpp": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
+    "absorption": ("seed", "llm_batch_size", "absorption_max_k", "absorption_min_letters"),
+    "ravel": ("seed", "ravel_llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute"),
 }  # fmt: skip
 
 

@@ -745,6 +745,7 @@ def saebench_config(suite: str, ev, model_name: str, dtype: str, model: HookedTr
             llm_batch_size=ev.llm_batch_size,
             llm_dtype=dtype,
             k_values=list(ev.sparse_probing_k),
+            random_seed=ev.seed,
         )
     if suite in ("scr", "tpp"):
         from sae_bench.evals.scr_and_tpp.eval_config import ScrAndTppEvalConfig
@@ -759,6 +760,7 @@ def saebench_config(suite: str, ev, model_name: str, dtype: str, model: HookedTr
             llm_batch_size=ev.llm_batch_size,
             llm_dtype=dtype,
             n_values=list(ev.scr_tpp_n_values),
+            random_seed=ev.seed,
         )
     if suite == "absorption":
         from sae_bench.evals.absorption.eval_config import AbsorptionEvalConfig
@@ -771,6 +773,7 @@ def saebench_config(suite: str, ev, model_name: str, dtype: str, model: HookedTr
             llm_dtype=dtype,
             max_k_value=ev.absorption_max_k,
             min_feats_for_eval=ev.absorption_min_letters,
+            random_seed=ev.seed,
         )
     raise ValueError(f"suite={suite!r} has no SAEBench config here; valid: sparse_probing, scr, tpp, absorption")
 
@@ -831,6 +834,7 @@ def ravel_config(ev, tokenizer_source: str, dtype: str, artifact_dir: Path, tiny
         top_n_entities=ev.ravel_top_n_entities,
         num_pairs_per_attribute=ev.ravel_pairs_per_attribute,
         artifact_dir=str(artifact_dir),
+        random_seed=ev.seed,
         **kwargs,
     )
 

@@ -307,3 +307,30 @@ def test_every_appendix_number_of_the_paper_sits_beside_one_of_our_cells():
     assert "explained_variance_centred" not in set(cells.loc["core_vs_paper"].index.get_level_values("metric"))  # ours alone
     text = compare.markdown(compare.cells([record]))
     assert "SCR per number of ablated latents k beside the paper's Table 9 and Table 10" in text
+
+
+def test_runs_with_several_seeds_fill_a_cell_with_their_mean_and_its_standard_error():
+    """Several evaluation seeds of one suite that reads the seed: the newest run per seed, their mean, the standard
+    error over seeds, every run named (and listed as a source). Core reads no seed: its newest run still wins."""
+    model = "tiny-gpt2+prune_llm:x"
+
+    def run(run_id, start, seed, scr, mse, variant="pretrained"):
+        return compare.RunRecord(run_id, "evaluate", f"evaluate {run_id}", start,
+                                 params={"suites": "core,scr", "base_model": model, "evaluation.seed": seed},
+                                 metrics={"scr.scr_metric_threshold_2": scr, "core.mse": mse},
+                                 tags={"hook": "hook_resid_post", "layer": "2", "variant": variant})  # fmt: skip
+
+    records = [run("old1", 1, "1", 0.9, 0.5), run("new1", 2, "1", 0.10, 0.4), run("s2", 3, "2", 0.20, 0.3), run("s42", 4, "42", 0.30, 0.2),
+               run("t", 5, "42", 0.25, 0.2, variant="trained")]  # fmt: skip
+    cells = compare.cells(records).set_index(["table", "metric", "variant"])
+    scr = cells.loc[("scr", "scr_metric_threshold_2", "pretrained")]
+    assert abs(scr["value"] - 0.2) < 1e-12  # (0.10 + 0.20 + 0.30) / 3: the old run of seed 1 is replaced by its newer one
+    assert abs(scr["se"] - 0.1 / 3**0.5) < 1e-12  # standard deviation 0.1 over 3 seeds
+    assert scr["run_id"] == "new1,s2,s42" and "3 seeds (1, 2, 42)" in scr["note"] and scr["candidates"] == 4
+    trained = cells.loc[("scr", "scr_metric_threshold_2", "trained")]
+    assert trained["value"] == 0.25 and trained["within_uncertainty"] is None  # one seed: no uncertainty to compare with
+    mse = cells.loc[("table1", "mse", "pretrained")]
+    assert mse["value"] == 0.2 and mse["run_id"] == "s42" and pd.isna(mse["se"])  # core: the newest run, no spread
+    report = compare.html_report(compare.cells(records), {}, "t", [])
+    sources = report.split("<h2>Sources</h2>")[1]
+    assert all(f"<code>{r}</code>" in sources for r in ("new1", "s2", "s42", "t")) and "<code>old1</code>" not in sources

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 
 import datasets.config
 import mlflow
@@ -319,6 +320,17 @@ def test_each_suite_is_keyed_by_its_own_sizes(experiment, small_experiment):
     assert {s for s in base if base[s] != changed[s]} == {"absorption"}
     other_model = evaluate_step.suite_keys(load_experiment(small_experiment, suites), str(small_experiment), source, "m2")
     assert all(base[s] != other_model[s] for s in base)
+    reseeded = load_experiment(small_experiment, {**suites, "evaluation.seed": 7})
+    changed = evaluate_step.suite_keys(reseeded, str(small_experiment), source, "m")
+    assert {s for s in base if base[s] != changed[s]} == {"absorption", "scr", "tpp", "sparse_probing"}  # core draws nothing
+
+
+def test_the_evaluation_seed_is_saebenchs_random_seed(experiment, pruned):
+    reseeded = experiment.evaluation.model_copy(update={"seed": 7})
+    for suite in ("sparse_probing", "scr", "tpp", "absorption"):
+        assert saebench_config(suite, experiment.evaluation, "m", "float32", pruned.tl, tiny=True).random_seed == 42  # SAEBench's
+        assert saebench_config(suite, reseeded, "m", "float32", pruned.tl, tiny=True).random_seed == 7
+    assert evaluate_lib.ravel_config(reseeded, "tok", "float32", Path("/tmp/x"), tiny=True).random_seed == 7
 
 
 def all_runs():

@@ -314,6 +314,12 @@ def run_ravel_on(exp, loaded, sae, tokenizer_source: str, source, model_label, f
         counts = write_ravel_files(exp.world_config().corpus, folder)
         say(f"ravel: the world's city facts, {counts['entities']} cities, {counts['prompts']} prompts")
         mlflow.log_artifacts(str(folder / "base"), "datasets/ravel")
+    else:
+        from saecomp.evaluate import RAVEL_PROMPTS_REPO, fetch_ravel_prompts
+
+        commit = fetch_ravel_prompts(folder, exp.evaluation.ravel_data_revision)
+        say(f"ravel: {RAVEL_PROMPTS_REPO} at {exp.evaluation.ravel_data_revision} = commit {commit}")
+        mlflow.set_tag("saecomp.ravel.data", f"{RAVEL_PROMPTS_REPO}@{commit}")
     config = ravel_config(exp.evaluation, tokenizer_source, exp.dtype, folder, tiny)
     hf_model = loaded.hf.to(exp.device)
     try:

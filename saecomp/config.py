@@ -241,6 +241,10 @@ class EvaluationConfig(Section):
     """Entities RAVEL keeps, those whose facts the model completes correctly most often."""
     ravel_pairs_per_attribute: int = 5000
     """Base/source prompt pairs per attribute for RAVEL's interventions (fewer when fewer prompts are known)."""
+    ravel_data_revision: str = "main"
+    """Branch, tag or commit of the Hub dataset SAEBench's RAVEL reads (`adamkarvonen/ravel_prompts`; not for a tiny
+    model, whose facts come from its world). The commit it resolved to is tagged on the run (``saecomp.ravel.data``):
+    set it here to rerun on exactly that data."""
 
 
 # Which evaluation fields each suite reads: a suite's finished result is reused unless one of its own fields changed.
@@ -253,7 +257,7 @@ SUITE_FIELDS = {
     "scr": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
     "tpp": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
     "absorption": ("seed", "llm_batch_size", "absorption_max_k", "absorption_min_letters"),
-    "ravel": ("seed", "ravel_llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute"),
+    "ravel": ("seed", "ravel_llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute", "ravel_data_revision"),
 }  # fmt: skip
 
 

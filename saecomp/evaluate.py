@@ -819,6 +819,22 @@ def ravel_not_applicable(hook_name: str, architecture: str) -> str | None:
     return None
 
 
+RAVEL_PROMPTS_REPO = "adamkarvonen/ravel_prompts"
+"""The Hub dataset SAEBench's RAVEL downloads its prompts and facts from (`ravel.instance.RAVELInstance.load_files`)."""
+
+
+def fetch_ravel_prompts(artifact_dir: Path, revision: str = "main") -> str:
+    """RAVEL's data at ``revision`` (branch, tag or commit) of `RAVEL_PROMPTS_REPO`, written where SAEBench's RAVEL reads
+    it (``<artifact_dir>/base``), so that its own download (always the newest commit) never runs. Returns the commit
+    the revision resolved to, which names exactly the data the numbers come from."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    commit = HfApi().dataset_info(RAVEL_PROMPTS_REPO, revision=revision).sha
+    base = Path(artifact_dir) / "base"
+    snapshot_download(repo_id=RAVEL_PROMPTS_REPO, repo_type="dataset", revision=commit, local_dir=str(base), allow_patterns="*.json")
+    return commit
+
+
 def ravel_config(ev, tokenizer_source: str, dtype: str, artifact_dir: Path, tiny: bool):
     """SAEBench's RAVEL config: ``model_name`` is what its code passes to `AutoTokenizer.from_pretrained` (the
     checkpoint folder or Hub name), ``artifact_dir`` a fresh folder (its dataset caches live there)."""

@@ -1,7 +1,7 @@
 """A local stand-in for the Hugging Face Hub, on loopback, for tests that publish and load model repositories through the
 real ``huggingface_hub`` client (2.4.0) and SAELens.
 
-It answers the requests that client sends for model repos: create a repo, upload (preupload, the Git LFS batch API with
+It answers the requests that client sends for model and dataset repos: create a repo, upload (preupload, the Git LFS batch API with
 the "basic" transfer and its PUT and verify, the NDJSON commit), download (HEAD and GET on /resolve), repo info, the
 file tree and whoami. One user owns every namespace: a request carrying ``Authorization: Bearer <token>`` is that
 user, one without it is anonymous, and one with another token is refused as the Hub refuses a bad token (401).
@@ -54,6 +54,10 @@ INVALID_TOKEN_MESSAGE = "Invalid credentials in Authorization header"
 
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
 _REV = r"(?P<rev>[^/]+)"
+_KIND = r"(?P<kind>models|datasets)"  # /api/models/... or /api/datasets/...
+_PREFIX = r"(?:(?P<kind>datasets)/)?"  # a dataset's files live under /datasets/<repo>/..., a model's under /<repo>/...
+DATASET = "datasets/"
+"""How the store names a dataset repo (``files("datasets/<owner>/<name>")``); a model repo is its id alone."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,7 @@ def _needs_lfs(path: str, size: int, sample: bytes, gitattributes: bytes | None)
 
 
 class HubServer:
-    """An in-memory Hub for model repos, served by a ThreadingHTTPServer on 127.0.0.1 (a free port) from a background
+    """An in-memory Hub for model and dataset repos, served by a ThreadingHTTPServer on 127.0.0.1 (a free port) from a background
     thread between ``start()`` and ``stop()``, or for the span of ``with``.
 
     ``endpoint`` is its base URL; ``requests`` lists every request received (method, decoded path, whether it carried
@@ -153,16 +157,16 @@ class HubServer:
             ("GET", "/api/whoami-v2", self._whoami),
             ("POST", "/api/repos/create", self._create_repo),
             ("POST", "/api/validate-yaml", self._validate_yaml),
-            ("GET", f"/api/models/{_REPO}", self._model_info),
-            ("GET", f"/api/models/{_REPO}/revision/{_REV}", self._model_info),
-            ("GET", f"/api/models/{_REPO}/tree/{_REV}(?:/(?P<path>.+))?", self._tree),
-            ("POST", f"/api/models/{_REPO}/preupload/{_REV}", self._preupload),
-            ("POST", f"/api/models/{_REPO}/commit/{_REV}", self._commit),
-            ("POST", rf"/{_REPO}\.git/info/lfs/objects/batch", self._lfs_batch),
-            ("PUT", rf"/{_REPO}\.git/info/lfs/objects/upload/(?P<oid>[0-9a-f]{{64}})", self._lfs_put),
-            ("POST", rf"/{_REPO}\.git/info/lfs/objects/verify", self._lfs_verify),
-            ("GET", f"/{_REPO}/resolve/{_REV}/(?P<path>.+)", self._resolve),
-            ("HEAD", f"/{_REPO}/resolve/{_REV}/(?P<path>.+)", self._resolve),
+            ("GET", f"/api/{_KIND}/{_REPO}", self._model_info),
+            ("GET", f"/api/{_KIND}/{_REPO}/revision/{_REV}", self._model_info),
+            ("GET", f"/api/{_KIND}/{_REPO}/tree/{_REV}(?:/(?P<path>.+))?", self._tree),
+            ("POST", f"/api/{_KIND}/{_REPO}/preupload/{_REV}", self._preupload),
+            ("POST", f"/api/{_KIND}/{_REPO}/commit/{_REV}", self._commit),
+            ("POST", rf"/{_PREFIX}{_REPO}\.git/info/lfs/objects/batch", self._lfs_batch),
+            ("PUT", rf"/{_PREFIX}{_REPO}\.git/info/lfs/objects/upload/(?P<oid>[0-9a-f]{{64}})", self._lfs_put),
+            ("POST", rf"/{_PREFIX}{_REPO}\.git/info/lfs/objects/verify", self._lfs_verify),
+            ("GET", f"/{_PREFIX}{_REPO}/resolve/{_REV}/(?P<path>.+)", self._resolve),
+            ("HEAD", f"/{_PREFIX}{_REPO}/resolve/{_REV}/(?P<path>.+)", self._resolve),
         ]
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
@@ -227,6 +231,8 @@ class HubServer:
                     match = re.fullmatch(pattern, url.path)
                     if route_method == method and match:
                         params = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
+                        if params.pop("kind", "models") == "datasets":
+                            params["repo"] = DATASET + params["repo"]
                         return route(authorized=authorized, query=query, body=body, **params)
                 raise HubError(404, f"no such endpoint on this test hub: {method} {url.path}")
             except HubError as error:
@@ -298,9 +304,10 @@ class HubServer:
         if not authorized:
             raise HubError(401, "Invalid username or password.")
         request = json.loads(body)
-        if request.get("type", "model") != "model":
-            raise HubError(400, "this test hub serves model repos only")
-        repo_id = f"{request.get('organization') or self.user}/{request['name']}"
+        kind = request.get("type") or "model"
+        if kind not in ("model", "dataset"):
+            raise HubError(400, "this test hub serves model and dataset repos only")
+        repo_id = ("" if kind == "model" else DATASET) + f"{request.get('organization') or self.user}/{request['name']}"
         url = f"{self.endpoint}/{repo_id}"
         if repo_id in self._repos:
             # The Hub's 409 carries the repo's URL too: create_repo(exist_ok=True) returns it.
@@ -310,7 +317,7 @@ class HubServer:
         repo = _Repo(private=request.get("visibility") == "private", created=datetime.now(UTC), commits=[])
         self._new_commit(repo, "initial commit", {".gitattributes": INITIAL_GITATTRIBUTES}, set())
         self._repos[repo_id] = repo
-        return _json_reply({"url": url, "name": repo_id})
+        return _json_reply({"url": url, "name": repo_id.removeprefix(DATASET)})
 
     def _validate_yaml(self, **_) -> _Reply:
         # huggingface_hub checks README.md's metadata before uploading it; any metadata passes here.
@@ -328,9 +335,9 @@ class HubServer:
         return _json_reply(
             {
                 "_id": hashlib.sha1(repo.encode()).hexdigest()[:24],
-                "id": repo,
-                "modelId": repo,
-                "author": repo.split("/")[0],
+                "id": repo.removeprefix(DATASET),
+                **({} if repo.startswith(DATASET) else {"modelId": repo}),
+                "author": repo.removeprefix(DATASET).split("/")[0],
                 "sha": commit.oid,
                 "private": stored.private,
                 "gated": False,

@@ -179,3 +179,37 @@ def test_residual_patch_cause_is_zero_after_the_last_block(fact_world, tmp_path)
 
     kept = ravel_known_prompts(loaded.hf, config)
     assert residual_patch_cause(loaded.hf, kept, config, layer=1, pairs_per_attribute=16) == 0.0
+
+
+def test_online_ravel_data_is_the_commit_asked_for_and_saebench_downloads_nothing_more(tmp_path):
+    """Online, RAVEL's prompts come from a Hub dataset that SAEBench downloads unpinned (always the newest commit).
+    `fetch_ravel_prompts` resolves the experiment's revision to a commit, downloads exactly that commit's JSON files
+    where SAEBench reads them, and returns the commit (the run's ``saecomp.ravel.data`` tag); SAEBench's own loader
+    then finds every file and asks the Hub for nothing. Through a local Hub, with the real client."""
+    from hub_server import HubServer, pointed_at
+    from huggingface_hub import HfApi
+    from sae_bench.evals.ravel.instance import RAVELInstance
+
+    from saecomp.evaluate import RAVEL_PROMPTS_REPO, fetch_ravel_prompts
+
+    token = "hf_ravelDataTestToken0123456789abcdef"
+    versions = []
+    for name, corpus in (("first", FACT_CORPUS), ("second", CorpusConfig(n_documents=100, n_cities=12))):
+        write_ravel_files(corpus, tmp_path / name)
+        (tmp_path / name / "base" / "README.md").write_text("# RAVEL prompts\n")
+        versions.append({f.name: f.read_bytes() for f in (tmp_path / name / "base").glob("*.json")})
+    with HubServer(token=token) as hub, pointed_at(hub, tmp_path / "hf_cache", token=token):
+        api = HfApi()
+        api.create_repo(RAVEL_PROMPTS_REPO, repo_type="dataset")
+        commits = [api.upload_folder(repo_id=RAVEL_PROMPTS_REPO, repo_type="dataset", folder_path=str(tmp_path / name / "base")).oid
+                   for name in ("first", "second")]  # fmt: skip
+        assert versions[0] != versions[1]
+        for revision, expected, index in ((commits[0], commits[0], 0), ("main", commits[1], 1)):
+            folder = tmp_path / f"artifacts-{index}"
+            assert fetch_ravel_prompts(folder, revision) == expected
+            fetched = {f.name: f.read_bytes() for f in (folder / "base").iterdir() if f.is_file()}
+            assert fetched == versions[index]  # exactly that commit's JSON files, and no README
+            asked = len(hub.requests)
+            instance = RAVELInstance()
+            instance.load_files("city", str(folder))  # SAEBench's own loader: every file is there, so no download
+            assert len(hub.requests) == asked and instance.entityLBL_attrTYP_attrLBL

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -112,11 +113,35 @@ def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tr
         sweeps = sorted((r.info.start_time, r.info.end_time) for r in by_step["train_sae"] + by_step["prune_sae"])
         assert any(later[0] < earlier[1] for earlier, later in zip(sweeps, sweeps[1:], strict=False))
 
+        # publish reads the SAE, its metrics and the pruned model through the server (artifacts proxied from S3) and
+        # pushes them to a (local) Hub, whence SAELens loads the SAE exactly as the run stored it.
+        from hub_server import HubServer, pointed_at
+        from sae_lens import SAE
+
+        sweep = by_step["prune_sae"][0]
+        named = f"runs:/{sweep.info.run_id}/saes/pruned-0.25"
+        token = "hf_trackingServerPublish0123456789ab"
+        with HubServer(token=token) as hub, pointed_at(hub, tmp_path / "hf_cache", token=token):
+            hub_env = {k: os.environ[k] for k in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_CACHE", "HF_TOKEN_PATH")}
+            published = subprocess.run(
+                [sys.executable, "-m", "entrypoints.publish", "--experiment", str(path), "--repo", "someone/server-saes",
+                 "--sae", named, "--with_model", "true"],
+                cwd=ROOT, env={**env, **hub_env, "HF_TOKEN": token}, capture_output=True, text=True, timeout=600,
+            )  # fmt: skip
+            assert published.returncode == 0, published.stderr[-4000:]
+            (publish_run,) = [r for r in all_runs(client) if r.data.tags.get(STEP_TAG) == "publish"]
+            assert publish_run.info.status == "FINISHED" and publish_run.data.tags["saecomp.hub.repo"] == "someone/server-saes"
+            sae_id = next(path.rsplit("/", 1)[0] for path in hub.files("someone/server-saes") if path.endswith("/cfg.json"))
+            from_hub = SAE.from_pretrained("someone/server-saes", sae_id)
+            stored = SAE.load_from_disk(mlflow.artifacts.download_artifacts(f"{named}", tracking_uri=url, dst_path=str(tmp_path / "sae")))
+            assert all(torch.equal(from_hub.state_dict()[k], v) for k, v in stored.state_dict().items())
+            assert "model.safetensors" in hub.files("someone/server-saes-pruned-model")
+
         # And the server's rows are in PostgreSQL.
         with psycopg2.connect(database.replace("postgresql+psycopg2", "postgresql")) as connection:
             with connection.cursor() as cursor:
                 cursor.execute("select count(*) from runs")
-                assert cursor.fetchone()[0] == len(runs)
+                assert cursor.fetchone()[0] == len(runs) + 1  # and the publish run
                 cursor.execute("select count(*) from metrics")
                 assert cursor.fetchone()[0] >= sum(len(r.data.metrics) for r in runs)
 

@@ -450,10 +450,11 @@ class RepeatedInputCache:
     those suites' time. SAEBench offers no way in, so the SAE object it is handed memoises.
 
     An input is recognised by its storage, offset, shape, strides, dtype and version counter (bumped by any in-place
-    write), and cached the second time it is seen; a cached entry holds its input, so no other tensor can take that
-    storage while the entry lives. Callers get a fresh copy each time (SAEBench zeroes latents in place). Only
-    without autograd, and only up to ``budget_bytes`` of cached tensors; past that it computes as before. The
-    numbers are those of the uncached code, bit for bit (tests/test_evaluate_suites.py)."""
+    write through it or a view of it; SAEBench never writes its activations through ``.data``), and cached the second
+    time it is seen; a cached entry holds its input, so no other tensor can take that storage while the entry lives.
+    Callers get a fresh copy each time (SAEBench zeroes latents in place). Only without autograd, and only up to
+    ``budget_bytes`` of cached tensors; past that it computes as before. The numbers are those of the uncached code,
+    bit for bit (tests/test_evaluate_suites.py)."""
 
     def __init__(self, sae: SAE, budget_bytes: int):
         self.sae, self.budget, self.used = sae, budget_bytes, 0
@@ -496,8 +497,12 @@ class RepeatedInputCache:
             return self.decode(latents)  # not a copy we handed out, or written to since (ablated latents)
         entry = self.entries[handed[2]]
         if entry[2] is None:
-            entry[2] = self.decode(latents)
-            self.used += entry[2].numel() * entry[2].element_size()
+            reconstruction = self.decode(latents)
+            size = reconstruction.numel() * reconstruction.element_size()
+            if self.used + size > self.budget:
+                return reconstruction
+            self.used += size
+            entry[2] = reconstruction
         return entry[2].clone()
 
 

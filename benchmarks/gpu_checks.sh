@@ -3,7 +3,7 @@
 # from the repository root with $OUT set). TransformerLens, SAELens, MLflow and what they need beyond that machine's
 # own torch and transformers travel as wheels in .whl/ (its README says how to fetch them); their versions are
 # printed first and recorded in every JSON. `bash benchmarks/gpu_checks.sh [fork] [step_server] [train_sae] [sweep]`.
-set -u
+set -u -o pipefail
 OUT=${OUT:-/tmp/saecomp-gpu}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1

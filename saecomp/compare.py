@@ -157,8 +157,9 @@ def _variant_order(variants: Iterable[str]) -> list[str]:
 
 
 def _k_sort(metric: str):
-    numbers = re.findall(r"\d+", metric)
-    return (re.sub(r"\d+", "", metric), int(numbers[0]) if numbers else -1)
+    """Rows of one kind together, k ascending: by the name without its numbers, then by every number in it
+    (``scr_dir1_threshold_5`` -> (1, 5), so all of dir1 by k, then all of dir2)."""
+    return (re.sub(r"\d+", "", metric), tuple(int(n) for n in re.findall(r"\d+", metric)))
 
 
 def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
@@ -236,11 +237,21 @@ different seeds are replicates of one cell."""
 
 
 def _newest_per_seed(candidates: list[RunRecord]) -> dict[str, RunRecord]:
-    """The newest of ``candidates`` (oldest first) per ``evaluation.seed``, by seed; runs from before the seed was
-    logged used SAEBench's default, 42."""
+    """The newest of ``candidates`` (oldest first) per ``evaluation.seed``, by seed, among the runs that measured the
+    same thing as the newest one: the same SAE and the same evaluation settings but the seed (a setting one of them
+    did not log, its suite not asked, does not count). Runs from before the seed was logged used SAEBench's 42."""
+    if not candidates:
+        return {}
+
+    def settings(run: RunRecord) -> dict[str, str]:
+        return {k: v for k, v in run.params.items() if (k.startswith("evaluation.") or k == "sae") and k != "evaluation.seed"}
+
+    reference = settings(candidates[-1])
     newest = {}
     for run in candidates:
-        newest[run.params.get("evaluation.seed", "42")] = run
+        own = settings(run)
+        if all(own[k] == reference[k] for k in own.keys() & reference.keys()):
+            newest[run.params.get("evaluation.seed", "42")] = run
     return dict(sorted(newest.items(), key=lambda item: (len(item[0]), item[0])))
 
 

@@ -451,7 +451,8 @@ class RepeatedInputCache:
 
     An input is recognised by its storage, offset, shape, strides, dtype and version counter (bumped by any in-place
     write through it or a view of it; SAEBench never writes its activations through ``.data``), and cached the second
-    time it is seen; a cached entry holds its input, so no other tensor can take that storage while the entry lives.
+    time the same tensor is seen (a new tensor at a freed address is a first sight again); a cached entry holds its
+    input, so no other tensor can take that storage while the entry lives, and the budget counts that storage.
     Callers get a fresh copy each time (SAEBench zeroes latents in place). Only without autograd, and only up to
     ``budget_bytes`` of cached tensors; past that it computes as before. The numbers are those of the uncached code,
     bit for bit (tests/test_evaluate_suites.py)."""
@@ -459,7 +460,8 @@ class RepeatedInputCache:
     def __init__(self, sae: SAE, budget_bytes: int):
         self.sae, self.budget, self.used = sae, budget_bytes, 0
         self.encode, self.decode = sae.encode, sae.decode  # the SAE's own (bound) methods
-        self.seen: set[tuple] = set()
+        self.seen: dict[tuple, weakref.ref] = {}  # key of a first sight -> the tensor it views (alive: the same data)
+        self.held: set[int] = set()  # ids of the tensors whose storage an entry keeps alive (counted once each)
         self.entries: dict[tuple, list] = {}  # key -> [input, latents, reconstruction or None]
         self.handed_out: dict[int, tuple] = {}  # id(copy of latents) -> (weakref to it, its version, key)
         self.hits = self.misses = 0
@@ -476,13 +478,17 @@ class RepeatedInputCache:
         if entry is None:
             self.misses += 1
             latents = self.encode(x)
-            if key not in self.seen:
-                self.seen.add(key)
+            base = x._base if x._base is not None else x
+            first = self.seen.get(key)
+            if first is None or first() is not base:  # a first sight (or a new tensor at a freed address)
+                self.seen[key] = weakref.ref(base)
                 return latents
-            size = latents.numel() * latents.element_size() + x.numel() * x.element_size()
+            size = latents.numel() * latents.element_size()
+            size += 0 if id(base) in self.held else base.untyped_storage().nbytes()  # an entry keeps its input's storage
             if self.used + size > self.budget:
                 return latents
             self.used += size
+            self.held.add(id(base))
             entry = self.entries[key] = [x, latents, None]
         else:
             self.hits += 1

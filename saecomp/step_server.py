@@ -184,8 +184,9 @@ def serve(path: str, parent: int) -> None:
     # CUDA does not survive a fork: once the driver is initialised here, every forked step fails its first CUDA call.
     # SAEBench's absorption asks `torch.cuda.is_available()` when imported; asked through NVML (PyTorch's documented
     # switch) the question initialises nothing. Only the server's imports see the switch, not the steps.
-    os.environ.setdefault(NVML_CHECK, "1")
+    os.environ[NVML_CHECK] = "1"
     unusable = None
+    asked_cuda: list[str] = []  # the CUDA runtime asked for its devices during the imports (NVML missing, say)
     for name in PRELOAD:
         try:
             importlib.import_module(name)
@@ -195,11 +196,16 @@ def serve(path: str, parent: int) -> None:
             print(f"[saecomp] the step server could not import {name}: {error!r}", file=sys.stderr, flush=True)
             unusable = f"importing {name} failed in the step server ({error!r})"
             break
-    if NVML_CHECK not in before:
-        del os.environ[NVML_CHECK]
+        if name == "torch":
+            _watch_cuda_runtime(sys.modules["torch"], asked_cuda)
+    os.environ.pop(NVML_CHECK, None)
+    if NVML_CHECK in before:
+        os.environ[NVML_CHECK] = before[NVML_CHECK]
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        unusable = "CUDA was initialised while the step server imported its libraries; a forked step could not use it"
+    if torch is not None:
+        _watch_cuda_runtime(torch, None)
+        if torch.cuda.is_initialized() or asked_cuda:
+            unusable = "CUDA was initialised while the step server imported its libraries; a forked step could not use it"
     set_by_imports = {k: v for k, v in os.environ.items() if before.get(k) != v}
     own = {"env": before, "path": sys.path, "executable": sys.executable, "saecomp": _saecomp_root(), "unusable": unusable}
 
@@ -225,6 +231,25 @@ def serve(path: str, parent: int) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def _watch_cuda_runtime(torch, calls: list[str] | None) -> None:
+    """Record in ``calls`` every call of the CUDA runtime's device count (what initialises the driver when NVML cannot
+    answer); ``calls`` None: stop recording."""
+    module = torch._C
+    original = getattr(module, "_saecomp_device_count", None) or getattr(module, "_cuda_getDeviceCount", None)
+    if original is None:  # a torch built without CUDA
+        return
+    if calls is None:
+        module._cuda_getDeviceCount = original
+        return
+
+    def device_count():
+        calls.append("_cuda_getDeviceCount")
+        return original()
+
+    module._saecomp_device_count = original
+    module._cuda_getDeviceCount = device_count
 
 
 def _accept(listener: socket.socket, steps: dict, own: dict, set_by_imports: dict) -> None:

@@ -314,19 +314,21 @@ def test_runs_with_several_seeds_fill_a_cell_with_their_mean_and_its_standard_er
     error over seeds, every run named (and listed as a source). Core reads no seed: its newest run still wins."""
     model = "tiny-gpt2+prune_llm:x"
 
-    def run(run_id, start, seed, scr, mse, variant="pretrained"):
-        return compare.RunRecord(run_id, "evaluate", f"evaluate {run_id}", start,
-                                 params={"suites": "core,scr", "base_model": model, "evaluation.seed": seed},
+    def run(run_id, start, seed, scr, mse, variant="pretrained", train_size="200"):
+        params = {"suites": "core,scr", "base_model": model, "evaluation.seed": seed, "evaluation.scr_tpp_train_size": train_size}
+        return compare.RunRecord(run_id, "evaluate", f"evaluate {run_id}", start, params=params,
                                  metrics={"scr.scr_metric_threshold_2": scr, "core.mse": mse},
                                  tags={"hook": "hook_resid_post", "layer": "2", "variant": variant})  # fmt: skip
 
-    records = [run("old1", 1, "1", 0.9, 0.5), run("new1", 2, "1", 0.10, 0.4), run("s2", 3, "2", 0.20, 0.3), run("s42", 4, "42", 0.30, 0.2),
+    records = [run("old1", 1, "1", 0.9, 0.5), run("new1", 2, "1", 0.10, 0.4), run("s2", 3, "2", 0.20, 0.3),
+               run("other", 3.5, "3", 0.9, 0.3, train_size="100"),  # another measurement: never averaged in
+               run("s42", 4, "42", 0.30, 0.2),
                run("t", 5, "42", 0.25, 0.2, variant="trained")]  # fmt: skip
     cells = compare.cells(records).set_index(["table", "metric", "variant"])
     scr = cells.loc[("scr", "scr_metric_threshold_2", "pretrained")]
     assert abs(scr["value"] - 0.2) < 1e-12  # (0.10 + 0.20 + 0.30) / 3: the old run of seed 1 is replaced by its newer one
     assert abs(scr["se"] - 0.1 / 3**0.5) < 1e-12  # standard deviation 0.1 over 3 seeds
-    assert scr["run_id"] == "new1,s2,s42" and "3 seeds (1, 2, 42)" in scr["note"] and scr["candidates"] == 4
+    assert scr["run_id"] == "new1,s2,s42" and "3 seeds (1, 2, 42)" in scr["note"] and scr["candidates"] == 5
     trained = cells.loc[("scr", "scr_metric_threshold_2", "trained")]
     assert trained["value"] == 0.25 and trained["within_uncertainty"] is None  # one seed: no uncertainty to compare with
     mse = cells.loc[("table1", "mse", "pretrained")]
@@ -334,3 +336,4 @@ def test_runs_with_several_seeds_fill_a_cell_with_their_mean_and_its_standard_er
     report = compare.html_report(compare.cells(records), {}, "t", [])
     sources = report.split("<h2>Sources</h2>")[1]
     assert all(f"<code>{r}</code>" in sources for r in ("new1", "s2", "s42", "t")) and "<code>old1</code>" not in sources
+    assert "<code>other</code>" not in sources

@@ -186,7 +186,6 @@ def with_bos(windows: torch.Tensor, bos: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-@torch.no_grad()  # a measurement: no autograd graph (the model's weights and the training are untouched either way)
 def mean_loss(model, ids: torch.Tensor, n_ctx: int, batch_size: int = 16, bos: int | None = None) -> float:
     """Mean loss over consecutive windows of ``ids`` (each starting with ``bos`` when given)."""
     n = (len(ids) - 1) // n_ctx

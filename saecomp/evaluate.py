@@ -458,13 +458,13 @@ class RepeatedInputCache:
     bit for bit (tests/test_evaluate_suites.py)."""
 
     def __init__(self, sae: SAE, budget_bytes: int):
-        self.sae, self.budget, self.used = sae, budget_bytes, 0
+        self.budget, self.used = budget_bytes, 0
         self.encode, self.decode = sae.encode, sae.decode  # the SAE's own (bound) methods
         self.seen: dict[tuple, weakref.ref] = {}  # key of a first sight -> the tensor it views (alive: the same data)
         self.held: set[int] = set()  # ids of the tensors whose storage an entry keeps alive (counted once each)
         self.entries: dict[tuple, list] = {}  # key -> [input, latents, reconstruction or None]
         self.handed_out: dict[int, tuple] = {}  # id(copy of latents) -> (weakref to it, its version, key)
-        self.hits = self.misses = 0
+        self.hits = 0
 
     @staticmethod
     def _key(x: torch.Tensor) -> tuple:
@@ -476,7 +476,6 @@ class RepeatedInputCache:
         key = self._key(x)
         entry = self.entries.get(key)
         if entry is None:
-            self.misses += 1
             latents = self.encode(x)
             base = x._base if x._base is not None else x
             first = self.seen.get(key)
@@ -838,12 +837,16 @@ def fetch_ravel_prompts(artifact_dir: Path, revision: str = "main") -> str:
     """RAVEL's data at ``revision`` (branch, tag or commit) of `RAVEL_PROMPTS_REPO`, written where SAEBench's RAVEL reads
     it (``<artifact_dir>/base``), so that its own download (always the newest commit) never runs. Returns the commit
     the revision resolved to, which names exactly the data the numbers come from."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import snapshot_download
 
-    commit = HfApi().dataset_info(RAVEL_PROMPTS_REPO, revision=revision).sha
+    # Through the Hugging Face cache, whose snapshot folder is named by the commit: offline (HF_HUB_OFFLINE=1) the same
+    # call resolves the revision from the cache.
+    snapshot = Path(snapshot_download(repo_id=RAVEL_PROMPTS_REPO, repo_type="dataset", revision=revision, allow_patterns="*.json"))
     base = Path(artifact_dir) / "base"
-    snapshot_download(repo_id=RAVEL_PROMPTS_REPO, repo_type="dataset", revision=commit, local_dir=str(base), allow_patterns="*.json")
-    return commit
+    base.mkdir(parents=True, exist_ok=True)
+    for file in snapshot.glob("*.json"):
+        shutil.copyfile(file, base / file.name)
+    return snapshot.name
 
 
 def ravel_config(ev, tokenizer_source: str, dtype: str, artifact_dir: Path, tiny: bool):

@@ -187,6 +187,7 @@ def serve(path: str, parent: int) -> None:
     os.environ[NVML_CHECK] = "1"
     unusable = None
     asked_cuda: list[str] = []  # the CUDA runtime asked for its devices during the imports (NVML missing, say)
+    stop_watching = lambda: None  # noqa: E731 - replaced once torch is imported
     for name in PRELOAD:
         try:
             importlib.import_module(name)
@@ -197,13 +198,13 @@ def serve(path: str, parent: int) -> None:
             unusable = f"importing {name} failed in the step server ({error!r})"
             break
         if name == "torch":
-            _watch_cuda_runtime(sys.modules["torch"], asked_cuda)
+            stop_watching = watch_cuda_runtime(sys.modules["torch"], asked_cuda)
     os.environ.pop(NVML_CHECK, None)
     if NVML_CHECK in before:
         os.environ[NVML_CHECK] = before[NVML_CHECK]
     torch = sys.modules.get("torch")
     if torch is not None:
-        _watch_cuda_runtime(torch, None)
+        stop_watching()
         if torch.cuda.is_initialized() or asked_cuda:
             unusable = "CUDA was initialised while the step server imported its libraries; a forked step could not use it"
     set_by_imports = {k: v for k, v in os.environ.items() if before.get(k) != v}
@@ -233,23 +234,24 @@ def serve(path: str, parent: int) -> None:
             pass
 
 
-def _watch_cuda_runtime(torch, calls: list[str] | None) -> None:
-    """Record in ``calls`` every call of the CUDA runtime's device count (what initialises the driver when NVML cannot
-    answer); ``calls`` None: stop recording."""
+def watch_cuda_runtime(torch, calls: list[str]):
+    """Record in ``calls`` every call of the CUDA runtime's device count (what initialises the driver, and so spoils
+    every later fork, when torch cannot ask NVML); returns the function that stops recording."""
     module = torch._C
-    original = getattr(module, "_saecomp_device_count", None) or getattr(module, "_cuda_getDeviceCount", None)
+    original = getattr(module, "_cuda_getDeviceCount", None)
     if original is None:  # a torch built without CUDA
-        return
-    if calls is None:
-        module._cuda_getDeviceCount = original
-        return
+        return lambda: None
 
     def device_count():
         calls.append("_cuda_getDeviceCount")
         return original()
 
-    module._saecomp_device_count = original
     module._cuda_getDeviceCount = device_count
+
+    def stop() -> None:
+        module._cuda_getDeviceCount = original
+
+    return stop
 
 
 def _accept(listener: socket.socket, steps: dict, own: dict, set_by_imports: dict) -> None:

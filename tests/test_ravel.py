@@ -213,3 +213,14 @@ def test_online_ravel_data_is_the_commit_asked_for_and_saebench_downloads_nothin
             instance = RAVELInstance()
             instance.load_files("city", str(folder))  # SAEBench's own loader: every file is there, so no download
             assert len(hub.requests) == asked and instance.entityLBL_attrTYP_attrLBL
+        # offline (HF_HUB_OFFLINE=1), from the Hugging Face cache alone: the same commit, the same files, no request
+        from huggingface_hub import constants
+
+        asked = len(hub.requests)
+        constants.HF_HUB_OFFLINE = True
+        try:
+            assert fetch_ravel_prompts(tmp_path / "offline", commits[0]) == commits[0]
+        finally:
+            constants.HF_HUB_OFFLINE = False
+        assert {f.name: f.read_bytes() for f in (tmp_path / "offline" / "base").iterdir()} == versions[0]
+        assert len(hub.requests) == asked

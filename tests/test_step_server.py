@@ -146,6 +146,26 @@ def test_a_forked_step_can_use_cuda(server):
         assert "cuda_sum" not in out and ("CUDA" in err or "cuda" in err), err
 
 
+def test_a_cuda_runtime_device_count_during_the_imports_is_seen_and_the_watch_leaves_no_trace():
+    """The server's other guard (for a machine where torch cannot ask NVML): every call of the CUDA runtime's device
+    count while it imports is recorded, and the runtime's own function is back afterwards. Checked on a stand-in for
+    torch, since a CPU build has no such function."""
+    from types import SimpleNamespace
+
+    from saecomp.step_server import watch_cuda_runtime
+
+    runtime = SimpleNamespace(_cuda_getDeviceCount=lambda: 1)
+    original = runtime._cuda_getDeviceCount
+    calls: list[str] = []
+    stop = watch_cuda_runtime(SimpleNamespace(_C=runtime), calls)
+    assert runtime._cuda_getDeviceCount() == 1 and calls == ["_cuda_getDeviceCount"]
+    stop()
+    assert runtime._cuda_getDeviceCount is original and vars(runtime).keys() == {"_cuda_getDeviceCount"}
+    runtime._cuda_getDeviceCount()
+    assert calls == ["_cuda_getDeviceCount"]  # no longer recorded
+    assert watch_cuda_runtime(SimpleNamespace(_C=SimpleNamespace()), calls)() is None  # a CPU build: nothing to watch
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_stopping_the_step_process_stops_its_step(server, tmp_path, signum):
     """MLflow cancels a step with SIGTERM on the process it started; a SIGKILLed one cannot forward anything, so the

@@ -460,6 +460,11 @@ class RepeatedInputCache:
     def __init__(self, sae: SAE, budget_bytes: int):
         self.budget, self.used = budget_bytes, 0
         self.encode, self.decode = sae.encode, sae.decode  # the SAE's own (bound) methods
+        # SAELens's layer_norm and constant_norm_rescale SAEs keep the statistics of the input at encode and drop them
+        # at decode (GUIDE §4); SAEBench's ablation decodes twice per encode (AttributeError: 'ln_std'). Each decode of
+        # latents this memo handed out is given the statistics of the input they were encoded from, as a forward would.
+        self.restate = sae.process_sae_in if sae.cfg.normalize_activations in STATEFUL_NORMS else None  # sets them
+        self.inputs: dict[int, tuple] = {}  # id(latents handed out) -> (weakref to them, weakref to their input)
         self.seen: dict[tuple, weakref.ref] = {}  # key of a first sight -> the tensor it views (alive: the same data)
         self.held: set[int] = set()  # ids of the tensors whose storage an entry keeps alive (counted once each)
         self.entries: dict[tuple, list] = {}  # key -> [input, latents, reconstruction or None]
@@ -481,28 +486,42 @@ class RepeatedInputCache:
             first = self.seen.get(key)
             if first is None or first() is not base:  # a first sight (or a new tensor at a freed address)
                 self.seen[key] = weakref.ref(base)
-                return latents
+                return self._from(latents, x)
             size = latents.numel() * latents.element_size()
             size += 0 if id(base) in self.held else base.untyped_storage().nbytes()  # an entry keeps its input's storage
             if self.used + size > self.budget:
-                return latents
+                return self._from(latents, x)
             self.used += size
             self.held.add(id(base))
             entry = self.entries[key] = [x, latents, None]
         else:
             self.hits += 1
-        copy = entry[1].clone()
+        copy = self._from(entry[1].clone(), x)
         self.handed_out = {i: h for i, h in self.handed_out.items() if h[0]() is not None}
         self.handed_out[id(copy)] = (weakref.ref(copy), copy._version, key)
         return copy
 
+    def _from(self, latents: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Remember which input ``latents`` were encoded from (for a stateful normalisation's decode)."""
+        if self.restate is not None:
+            self.inputs = {i: h for i, h in self.inputs.items() if h[0]() is not None}
+            self.inputs[id(latents)] = (weakref.ref(latents), weakref.ref(x))
+        return latents
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The SAE's decode, with the normalisation statistics of the input ``latents`` came from when we know it."""
+        known = self.inputs.get(id(latents))
+        if known is not None and known[0]() is latents and known[1]() is not None:
+            self.restate(known[1]())  # sets the statistics the decode reads (and deletes)
+        return self.decode(latents)
+
     def cached_decode(self, latents: torch.Tensor) -> torch.Tensor:
         handed = self.handed_out.get(id(latents))
         if handed is None or handed[0]() is not latents or latents._version != handed[1] or torch.is_grad_enabled():
-            return self.decode(latents)  # not a copy we handed out, or written to since (ablated latents)
+            return self._decode(latents)  # not a copy we handed out, or written to since (ablated latents)
         entry = self.entries[handed[2]]
         if entry[2] is None:
-            reconstruction = self.decode(latents)
+            reconstruction = self._decode(latents)
             size = reconstruction.numel() * reconstruction.element_size()
             if self.used + size > self.budget:
                 return reconstruction
@@ -511,6 +530,8 @@ class RepeatedInputCache:
         return entry[2].clone()
 
 
+STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")
+"""SAELens input normalisations whose statistics ``encode`` stores on the SAE and ``decode`` consumes."""
 REPEATED_INPUT_CACHE_BYTES = 1 << 30
 """How much SCR's and TPP's memo of the SAE's latents may hold (on the SAE's device); 0 turns it off."""
 

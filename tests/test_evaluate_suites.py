@@ -195,6 +195,35 @@ def test_the_sae_memo_returns_what_the_sae_computes_and_never_a_stale_or_shared_
     assert "encode" not in vars(sae) and "decode" not in vars(sae)
 
 
+@pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
+@pytest.mark.parametrize("budget", [0, 1 << 30])
+def test_saebench_ablation_decodes_stateful_normalisation_saes_with_their_inputs_statistics(norm, budget):
+    """GPT-2's pretrained SAEs normalise their input with layer_norm: SAELens keeps the statistics at encode and drops
+    them at decode, and SAEBench's ablation decodes twice per encode, so on its own it raises AttributeError. Through
+    the memo (cached or not), each decode gets the statistics of the input its latents came from: exactly what
+    encoding that input afresh before each decode gives."""
+    from sae_bench.evals.scr_and_tpp.main import ablated_precomputed_activations
+
+    sae = SAE.from_dict({"architecture": "topk", "d_in": 32, "d_sae": 128, "k": 8, "normalize_activations": norm,
+                         "metadata": {"hook_name": "blocks.1.hook_resid_post"}})  # fmt: skip
+    acts = torch.randn(6, 5, 32, generator=torch.Generator().manual_seed(5)) * 3 + 1
+    ablate = torch.zeros(128, dtype=torch.bool)
+    ablate[:20] = True
+    with torch.no_grad():
+        with pytest.raises(AttributeError):
+            ablated_precomputed_activations(acts, sae, ablate, 2)  # SAEBench alone
+        expected = []
+        for i in range(0, 6, 2):
+            batch = acts[i : i + 2]
+            x_hat = sae.decode(sae.encode(batch))
+            latents = sae.encode(batch)
+            latents[..., ablate] = 0.0
+            expected.append((sae.decode(latents) + (batch - x_hat)).sum(1) / 5)
+        with repeated_inputs_cached(sae, budget_bytes=budget):
+            for _ in range(3):  # as for every ablated class and n
+                assert torch.equal(ablated_precomputed_activations(acts, sae, ablate, 2), torch.cat(expected))
+
+
 @pytest.mark.parametrize("suite", ["scr", "tpp"])
 def test_scr_and_tpp_with_the_sae_memo_score_exactly_as_without_it(experiment, pruned, offline_data, tmp_path, monkeypatch, suite):
     config = saebench_config(suite, experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)

@@ -1,4 +1,4 @@
-"""build_world: generate the tiny world's corpus, tokenizer and base models (once), tracked in MLflow."""
+"""build_world: generate the tiny world's corpus and tokenizer and train the experiment's base model (once), tracked in MLflow."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, flat_params, load, world_step
+from entrypoints.common import experiment_option, flat_params, load, world_needed, world_step
 
 
 @click.command()
@@ -19,7 +19,7 @@ def main(experiment: str) -> None:
     from saecomp.tracking import step_run, training_metrics_logger
     from saecomp.world.build import build_world
 
-    world_cfg = exp.world_config()
+    world_cfg = world_needed(exp)
     key, _ = world_step(exp, experiment)
     models = ", ".join(world_cfg.models)
     with step_run(

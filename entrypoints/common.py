@@ -71,11 +71,18 @@ def load(path: str, overrides: dict[str, object], check_device: bool = True) -> 
     return exp
 
 
+def world_needed(exp: Experiment):
+    """The part of the experiment's tiny world that it uses: the corpus, the tokenizer and its own model. The other
+    models of `world.models` are built by the experiments that use them (each in a world run of its own, with the
+    same corpus and tokenizer), so no experiment waits for a model it never reads."""
+    return exp.world_config().only(exp.model)
+
+
 def world_step(exp: Experiment, experiment_path: str) -> tuple[str, str]:
     """(key, parameters) identifying the tiny world an experiment needs."""
     from saecomp.tracking import step_key
 
-    return step_key("build_world", exp.world_config().to_dict()), {"experiment": experiment_path}
+    return step_key("build_world", world_needed(exp).to_dict()), {"experiment": experiment_path}
 
 
 def resolve_world(exp: Experiment, experiment_path: str) -> Path:

@@ -6,7 +6,8 @@
 
 Steps run as their own MLflow runs (children of this one when they are new); a step whose inputs and
 code match a FINISHED run is not run again. The steps are declared in `saecomp.graph`; where they run is the
-executor's business (`saecomp.executors`): here one at a time, `--jobs N` cells at once, or Ray tasks.
+executor's business (`saecomp.executors`): here `--jobs N` steps at once (auto: one per core for the tiny world on
+CPU), or Ray tasks.
 Built so far: build_world -> prune_llm -> train_sae (pretrained on the dense model and trained on the pruned one, in
 the tiny world) -> prune_sae -> evaluate (SAEBench core), for every hook and layer.
 """
@@ -125,10 +126,11 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
 @experiment_option
 @click.option(
     "--jobs",
-    default=1,
+    default="auto",
     show_default=True,
-    type=click.IntRange(min=1),
-    help="Hook/layer cells computed at once, each step its own process (the torch threads are shared out).",
+    help="Steps computed at once on this machine, each its own process with its share of the cores' torch threads: a "
+    "number, or auto (one per core for the tiny world on CPU, as many as its memory holds; one on a GPU or for a real "
+    "model on CPU).",
 )
 @click.option(
     "--executor",
@@ -144,9 +146,16 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
     help="Ray cluster address (ray://host:10001 or host:6379; default: RAY_ADDRESS, else a local Ray started here).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the steps, what each processes and what is reused; compute nothing.")
-def main(experiment: str, jobs: int, executor_name: str, address: str | None, dry_run: bool) -> None:
+def main(experiment: str, jobs: str, executor_name: str, address: str | None, dry_run: bool) -> None:
+    from saecomp import executors
+
     # A plan needs no GPU, nor does a Ray driver (its GPU steps run on the cluster's GPU nodes).
     exp = load(experiment, {}, check_device=not dry_run and executor_name != "ray")
+    if jobs == "auto":
+        jobs = 1 if executor_name == "ray" else executors.automatic_jobs(exp.model, exp.device)
+    elif not str(jobs).isdigit() or int(jobs) < 1:
+        fail(f"--jobs {jobs!r} is not valid; valid: a whole number of at least 1, or auto")
+    jobs = int(jobs)
     runtime = runtime_overrides()  # worker threads have no click context: hand the overrides on explicitly
     dims = model_dims(exp)
     check_layers(exp, dims.n_layers)
@@ -168,7 +177,6 @@ def main(experiment: str, jobs: int, executor_name: str, address: str | None, dr
     if executor_name == "ray" and jobs > 1:
         fail("--jobs is for --executor local; on Ray every cell runs as soon as the cluster has its resources")
 
-    from saecomp import executors
     from saecomp.tracking import experiment_id_for, prepare_store
 
     prepare_store(concurrent=jobs > 1 or executor_name == "ray")
@@ -241,10 +249,16 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
 
         def cell(layer: int, hook: str) -> dict:
             """One hook at one layer: its SAEs (trained as needed), the sweep, the variants' evaluations."""
-            pretrained = exp.pretrained_source(hook, layer) or prune_sae.dependency(
-                exp, experiment, hook, layer, "dense", exp.model, parent, runtime
+            # The SAE on the dense model (unless the experiment names a pretrained one) and the one trained on the pruned
+            # model: side by side where the executor runs steps side by side.
+            pretrained, trained = executor.map(
+                lambda trainer: trainer(),
+                [
+                    lambda: exp.pretrained_source(hook, layer)
+                    or prune_sae.dependency(exp, experiment, hook, layer, "dense", exp.model, parent, runtime),
+                    lambda: prune_sae.dependency(exp, experiment, hook, layer, prune_run, model_label, parent, runtime),
+                ],
             )
-            trained = prune_sae.dependency(exp, experiment, hook, layer, prune_run, model_label, parent, runtime)
             key = prune_sae.key_for(
                 exp, experiment, hook, layer, None, exp.sae_pruning.selection_metric, prune_run,
                 SAESource.parse(pretrained), SAESource.parse(trained),
@@ -267,7 +281,10 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             # The variants' evaluate runs share SCR's model-side work, as SAEBench's run_eval shares it across its SAE
             # list (same numbers; evaluate --shared_activations). Only on this machine; deleted once the cell is done.
             shared = {"shared_activations": str(shared_root / f"blocks.{layer}.{hook}")} if shared_root else {}
-            for variant, ref in variants.items():
+
+            def evaluation(item: tuple[str, str]) -> dict:
+                """One variant's row: its suites' finished runs, and one evaluate run for those without one."""
+                variant, ref = item
                 source = SAESource.parse(ref)
                 # Each suite is reused alone: only the suites without a finished result run (in one evaluate run).
                 found = {s: find_finished_suite(s, k) for s, k in evaluate.suite_keys(eval_exp, experiment, source, model_label).items()}
@@ -295,7 +312,12 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                     row.update({k: v for k, v in data.metrics.items() if k.startswith(f"{suite}.")})
                     if f"saecomp.{suite}.not_applicable" in data.tags:
                         row[f"{suite}.not_applicable"] = data.tags[f"saecomp.{suite}.not_applicable"]
-                out["evaluations"].append(row)
+                return row
+
+            # The first variant alone, so that it computes SCR's shared model side once; the others at once, as far as
+            # the executor runs steps side by side (one at a time in-process). Rows keep the variants' order.
+            first, *rest = variants.items()
+            out["evaluations"] = [evaluation(first), *executor.map(evaluation, rest)]
             if shared:
                 shutil.rmtree(shared["shared_activations"], ignore_errors=True)
             return out

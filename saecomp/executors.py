@@ -5,7 +5,7 @@ decides only *where* that process starts and how many run at once:
 
 - ``InProcess``: on this machine, one step at a time (the default); a pipeline's forks its step processes from a
   warm step server (`saecomp.step_server`), which saves each step its imports;
-- ``LocalPool(jobs)``: on this machine, ``jobs`` hook/layer cells at once, the cores shared out between them;
+- ``LocalPool(jobs)``: on this machine, ``jobs`` steps at once from every hook/layer cell, the cores shared out;
 - ``RayCluster(address)``: each step a Ray task that asks for the resources its step declares (a GPU for the
   model steps when the experiment runs on CUDA), so GPU steps land on GPU nodes. A task whose worker is lost
   is retried once (Ray's ``max_retries``); a step that fails by itself (bad input, a bug) is never retried.
@@ -17,9 +17,12 @@ The pipeline hands its cells to ``executor.map`` and every ``tracking.run_step``
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -85,33 +88,95 @@ class InProcess:
 
 
 class LocalPool(InProcess):
-    """``jobs`` hook/layer cells at once on this machine; each step process gets ``cores // jobs`` torch threads."""
+    """Up to ``jobs`` steps at once on this machine, drawn from every hook/layer cell (and, within a cell, from its
+    variants' evaluations): a step waits for a free slot, not for its cell's turn, so the cores stay busy until the
+    last step. A step of the cells gets ``cores // jobs`` torch threads; one the pipeline runs before or after them
+    (the world, ``prune_llm``, ``compare``: nothing runs beside it) gets every core."""
 
     name = "local pool"
 
     def __init__(self, jobs: int, warm: bool = False):
+        import threading
+
         super().__init__(warm)
-        self.concurrency = jobs
+        self.jobs = jobs
+        self.concurrency = 64  # cells (and variants) all start; the slots decide which step runs
+        self._slots = threading.BoundedSemaphore(jobs)
+        self._mapping = 0  # cells being computed now (their steps share the cores)
+        self._mapping_lock = threading.Lock()
+
+    def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str):
+        cores = available_cores()
+        with self._mapping_lock:
+            threads = max(1, cores // self.jobs) if self._mapping else cores
+        with self._slots:
+            with thread_count(threads):
+                return super().launch(entry_point, parameters, experiment_id, parent, key)
 
     def map(self, function: Callable, items: Iterable) -> list:
-        # Each step is a process with its share of the cores (torch reads these at start).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = str(max(1, cores // self.concurrency))
-        saved = {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-        for variable, value in saved.items():
-            os.environ[variable] = value or threads
+        items = list(items)
+        with self._mapping_lock:
+            self._mapping += 1
         try:
-            return _map_with_threads(function, list(items), self.concurrency)
+            return _map_with_threads(function, items, max(1, min(self.concurrency, len(items))))
         finally:
-            for variable, value in saved.items():
-                if value is None:
-                    os.environ.pop(variable, None)
-                else:
-                    os.environ[variable] = value
+            with self._mapping_lock:
+                self._mapping -= 1
 
     def describe(self) -> str:
         warm = " (step processes forked by a warm step server)" if self.warm else ""
-        return f"local pool, {self.concurrency} cells at a time{warm}"
+        return f"local pool, {self.jobs} steps at a time{warm}"
+
+
+def automatic_jobs(model: str, device: str) -> int:
+    """``--jobs auto``: one step per core for the tiny world on CPU (two processes do more on 2 cores than one process
+    with two torch threads: benchmarks/README.md), no more than the memory holds at the steps' declared sizes; one at a
+    time on a GPU (a model step takes the whole card) or for a real model on CPU (its steps' memory is the model's)."""
+    from saecomp.graph import STEPS
+    from saecomp.models import TINY_MODELS
+
+    if model not in TINY_MODELS or not device.startswith("cpu"):
+        return 1
+    per_step = max(step.memory_gb for step in STEPS.values())
+    return max(1, min(available_cores(), int(available_memory_gb() // per_step)))
+
+
+def available_memory_gb() -> float:
+    """MemAvailable (Linux), else the physical memory."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def available_cores() -> int:
+    """The cores this process may use; a thread count the user set (OMP_NUM_THREADS) is the budget to share out."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(cores, int(asked))) if asked.isdigit() else cores
+
+
+_THREADS = threading.local()
+
+
+@contextmanager
+def thread_count(threads: int) -> Iterator[None]:
+    """The torch thread count for the steps this thread launches (``tracking.launch_local`` hands it to the step's
+    environment, where torch and the step server read it)."""
+    before = getattr(_THREADS, "count", None)
+    _THREADS.count = threads
+    try:
+        yield
+    finally:
+        _THREADS.count = before
+
+
+def launch_thread_count() -> int | None:
+    """The thread count :func:`thread_count` set for this thread's launches, if any."""
+    return getattr(_THREADS, "count", None)
 
 
 # The environment a step process needs wherever it runs: the tracking store, the caches and offline mode.

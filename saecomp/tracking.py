@@ -206,12 +206,23 @@ def launch_local(
     here = str(Path(sys.executable).parent)
     if not os.environ.get("PATH", "").startswith(here + os.pathsep):
         os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
-    with _LAUNCH_LOCK:  # `mlflow.projects.run` copies os.environ when it starts the step: only that step sees it
-        os.environ[LAUNCHER_ENV] = f"{os.getpid()}:{_process_start(os.getpid()) or 'unknown'}"  # the step watches us
+    from saecomp.executors import launch_thread_count
+
+    threads = launch_thread_count()  # a local pool's share of the cores for this step
+    step_environment = {LAUNCHER_ENV: f"{os.getpid()}:{_process_start(os.getpid()) or 'unknown'}"}  # the step watches us
+    if threads is not None:
+        step_environment.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    with _LAUNCH_LOCK:  # `mlflow.projects.run` copies os.environ when it starts the step: only that step sees these
+        saved = {name: os.environ.get(name) for name in step_environment}
+        os.environ.update(step_environment)
         try:
             submitted = _start_project_run(entry_point, parameters, experiment_id, own_session)
         finally:
-            os.environ.pop(LAUNCHER_ENV, None)
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     run_id = submitted.run_id
     with _LIVE_LOCK:
         _LIVE_STEPS.add(submitted)
@@ -299,6 +310,7 @@ HOST_TAG, PID_TAG, HEARTBEAT_TAG = "saecomp.host", "saecomp.pid", "saecomp.heart
 PID_NAMESPACE_TAG = "saecomp.pid_namespace"  # containers may share a host name but not their process ids
 PID_START_TAG = "saecomp.pid_start"  # the process's start (clock ticks after boot): a reused pid has another
 KILLED_REASON_TAG = "saecomp.killed_reason"
+THREADS_TAG = "saecomp.torch_threads"  # torch's intra-op threads in the step's process
 PROCESS_TAG = "saecomp.process"  # how the step's process started: its own interpreter, or forked by a step server
 HEARTBEAT_SECONDS = float(os.environ.get("SAECOMP_HEARTBEAT_SECONDS", 30))
 # A run whose process is on another host counts as dead only when its heartbeat is this old.
@@ -339,6 +351,8 @@ def alive(run_id: str, watch_launcher: bool = False):
 
     server = forked_from()
     MlflowClient().set_tag(run_id, PROCESS_TAG, f"forked by the step server (pid {server})" if server else "own interpreter")
+    if "torch" in sys.modules:  # CPU results depend on it (the order of float sums), and a local pool shares the cores out
+        MlflowClient().set_tag(run_id, THREADS_TAG, str(sys.modules["torch"].get_num_threads()))
     heartbeat = Heartbeat(run_id)
     watchdog = _LauncherWatch.of(run_id, _MY_LAUNCHER) if watch_launcher else None
     try:

@@ -47,6 +47,8 @@ def test_executor_choices_fail_cleanly_before_any_run(small_experiment):
     before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
     cases = {
         ("--executor", "ray", "--jobs", "2"): "--jobs is for --executor local",
+        ("--jobs", "0"): "--jobs '0' is not valid; valid: a whole number of at least 1, or auto",
+        ("--jobs", "two"): "--jobs 'two' is not valid",
         ("--executor", "ray", "--address", "127.0.0.1:1"): "--address 127.0.0.1:1: nothing answers there",
         ("--executor", "ray", "--address", "no-port"): "--address 'no-port' is not valid",
     }
@@ -73,3 +75,63 @@ def test_several_ray_nodes_need_a_tracking_server():
         check_store(cluster, "sqlite:///mlflow.db", "/work/mlruns/1")
     cluster.remote = False
     check_store(cluster, "sqlite:///mlflow.db", "/work/mlruns/1")  # one node, this machine: its own files are fine
+
+
+def test_local_pool_runs_at_most_jobs_steps_and_shares_the_cores_out(monkeypatch):
+    """Every cell (and every variant inside one) starts at once; the slots decide which step runs. A step inside the
+    cells gets cores // jobs torch threads, one the pipeline runs on its own (the world, compare) every core."""
+    import threading
+    import time
+
+    from saecomp import executors
+
+    running, peak, seen, lock = [0], [0], [], threading.Lock()
+
+    def fake_step(self, entry_point, parameters, experiment_id, parent, key):  # the process a step would be
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            seen.append((entry_point, executors.launch_thread_count()))
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return key
+
+    monkeypatch.setattr(executors.InProcess, "launch", fake_step)
+    monkeypatch.setattr(executors, "available_cores", lambda: 4)
+    pool = executors.LocalPool(2)
+    assert pool.launch("build_world", {}, None, None, "w") == "w"
+
+    def cell(name):
+        trained = pool.map(lambda which: pool.launch("train_sae", {}, None, None, f"{name}-{which}"), ["dense", "pruned"])
+        variants = pool.map(lambda variant: pool.launch("evaluate", {}, None, None, f"{name}-{variant}"), ["a", "b", "c", "d"])
+        return trained + variants
+
+    done = pool.map(cell, ["x", "y", "z"])
+    assert done[1] == ["y-dense", "y-pruned", "y-a", "y-b", "y-c", "y-d"]  # results keep the items' order
+    assert peak[0] == 2  # 18 steps wanted to run at once
+    assert seen[0] == ("build_world", 4) and all(threads == 2 for _, threads in seen[1:]) and len(seen) == 19
+    assert executors.launch_thread_count() is None  # only the launching thread, and only while it launches
+
+
+def test_automatic_jobs_is_one_per_core_only_for_the_tiny_world_on_cpu(monkeypatch):
+    from saecomp import executors
+
+    monkeypatch.setattr(executors, "available_cores", lambda: 8)
+    monkeypatch.setattr(executors, "available_memory_gb", lambda: 64.0)
+    assert executors.automatic_jobs("tiny-gpt2", "cpu") == 8
+    assert executors.automatic_jobs("tiny-gpt2", "cuda") == 1  # a model step takes the whole card
+    assert executors.automatic_jobs("gpt2", "cpu") == 1  # a real model's steps hold the model each
+    monkeypatch.setattr(executors, "available_memory_gb", lambda: 9.0)
+    assert executors.automatic_jobs("tiny-gemma2", "cpu") == 2  # as many 4 GB steps as the memory holds
+    monkeypatch.setattr(executors, "available_memory_gb", lambda: 1.0)
+    assert executors.automatic_jobs("tiny-gemma2", "cpu") == 1
+
+
+def test_a_thread_count_the_user_set_is_the_budget(monkeypatch):
+    from saecomp import executors
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert executors.available_cores() == 1 and executors.automatic_jobs("tiny-gpt2", "cpu") == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert executors.available_cores() >= 1

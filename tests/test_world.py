@@ -102,3 +102,27 @@ def test_built_world_loads_with_the_usual_tools(small_world):
     assert {"bio", "review", "city", "story"} == set(records["kind"])
     tokenizer = AutoTokenizer.from_pretrained(small_world / "tokenizer")
     assert tokenizer.decode(tokenizer("Once upon a time")["input_ids"]) == "Once upon a time"
+
+
+def test_a_model_built_alone_is_the_one_built_beside_the_others(small_experiment, small_world, tmp_path):
+    """The pipeline builds only the experiment's model (entrypoints.common.world_needed): that must not change it.
+    tiny-gemma2 is built second in the shared world, after tiny-gpt2's training has used the random streams."""
+    from entrypoints.common import load, world_needed
+    from saecomp.world.build import build_world as build_tiny_world
+
+    exp = load(str(small_experiment), {"model": "tiny-gemma2"})
+    needed = world_needed(exp)
+    assert list(needed.models) == ["tiny-gemma2"] and list(exp.world_config().models) == ["tiny-gpt2", "tiny-gemma2"]
+    alone = tmp_path / "alone"
+    summary = build_tiny_world(needed, alone, log=lambda line: None)
+    assert list(summary["models"]) == ["tiny-gemma2"] and not (alone / "tiny-gpt2").exists()
+    for name in ("tiny-gemma2/model.safetensors", "tiny-gemma2/tokenizer.json", "tokenizer/tokenizer.json"):
+        assert (alone / name).read_bytes() == (small_world / name).read_bytes(), name
+    shared = json.loads((small_world / "world.json").read_text())
+    assert summary["models"]["tiny-gemma2"]["test_loss"] == shared["models"]["tiny-gemma2"]["test_loss"]
+    try:
+        exp.world_config().only("tiny-llama")
+    except ValueError as error:
+        assert "tiny-llama" in str(error) and "tiny-gpt2, tiny-gemma2" in str(error)
+    else:
+        raise AssertionError("an unknown model was accepted")

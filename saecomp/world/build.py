@@ -17,7 +17,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -68,6 +68,15 @@ class WorldConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def only(self, *names: str) -> WorldConfig:
+        """This world with only the named models: what an experiment that uses them needs built. Each model is
+        trained from its own seed after the corpus and tokenizer, so a model built alone equals, bit for bit, the one
+        built beside the others (tests/test_world.py checks it)."""
+        unknown = [name for name in names if name not in self.models]
+        if unknown:
+            raise ValueError(f"model {', '.join(unknown)} is not among world.models ({', '.join(self.models)})")
+        return replace(self, models={name: self.models[name] for name in names})
 
     @classmethod
     def from_dict(cls, data: dict) -> WorldConfig:

@@ -1,6 +1,6 @@
 """The tiny pipeline from a fresh clone: cold, then fully cached (issue 11's goals: <= 10 min cold, <= 15 s cached).
 
-    python -m benchmarks.pipeline [--jobs 2] [--no-step-server] [--json out.json]
+    python -m benchmarks.pipeline [--jobs auto|N] [--no-step-server] [--json out.json]
 
 Clones this repository's HEAD into a temporary folder, runs ``python -m entrypoints.pipeline`` there (what
 ``mlflow run .`` runs; the set-up, this interpreter's environment, is not counted) with the clone's own tracking
@@ -46,6 +46,7 @@ def where_the_time_went(clone: Path, env: dict) -> dict:
         "c = mlflow.MlflowClient()\n"
         "runs = c.search_runs([e.experiment_id for e in c.search_experiments()], max_results=5000)\n"
         "print(json.dumps([[r.data.tags.get('saecomp.step'), r.info.start_time, r.info.end_time, r.data.tags.get('saecomp.process'),\n"
+        "  r.data.tags.get('saecomp.torch_threads'),\n"
         "  {k: v for k, v in r.data.metrics.items() if k.endswith('.seconds')}] for r in runs]))\n"
     )
     import json
@@ -55,22 +56,30 @@ def where_the_time_went(clone: Path, env: dict) -> dict:
     runs: dict[str, int] = collections.Counter()
     forked = 0
     suites: dict[str, float] = collections.defaultdict(float)
-    for step, start, end, process, seconds in rows:
+    threads: dict[str, set] = collections.defaultdict(set)
+    for step, start, end, process, torch_threads, seconds in rows:
         if not step or step == "pipeline" or not end:
             continue
         steps[step] += (end - start) / 1000
         runs[step] += 1
         forked += bool(process and process.startswith("forked"))
+        threads[step].add(torch_threads or "?")
         for name, value in seconds.items():
             if step == "evaluate" and name.count(".") == 1:  # "<suite>.seconds"
                 suites[name.removesuffix(".seconds")] += value
-    return {"step_seconds": dict(steps), "step_runs": dict(runs), "forked_steps": forked, "suite_seconds": dict(suites)}
+    return {
+        "step_seconds": dict(steps),
+        "step_runs": dict(runs),
+        "step_torch_threads": {step: sorted(counts) for step, counts in threads.items()},
+        "forked_steps": forked,
+        "suite_seconds": dict(suites),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", default="experiments/tiny.yaml")
-    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--jobs", default="auto", help="the pipeline's --jobs (default auto, as `mlflow run .`)")
     parser.add_argument("--no-step-server", action="store_true", help="every step imports the libraries itself")
     parser.add_argument("--keep", action="store_true", help="keep the clone (its store and logs) for a look")
     parser.add_argument("--json", default=None)
@@ -108,9 +117,9 @@ def main() -> None:
     print("\n| run | wall | goal | met |\n|---|---|---|---|")
     print(f"| cold | {cold / 60:.2f} min | <= 10 min | {'yes' if cold <= 600 else '**no**'} |")
     print(f"| cached | {cached:.1f} s | <= 15 s | {'yes' if cached <= 15 else '**no**'} |")
-    print("\n| step | runs | seconds (sum over its runs) |\n|---|---|---|")
+    print("\n| step | runs | seconds (sum over its runs) | torch threads |\n|---|---|---|---|")
     for step, seconds in sorted(spent["step_seconds"].items(), key=lambda kv: -kv[1]):
-        print(f"| {step} | {spent['step_runs'][step]} | {seconds:.0f} |")
+        print(f"| {step} | {spent['step_runs'][step]} | {seconds:.0f} | {', '.join(spent['step_torch_threads'][step])} |")
     print("\n| evaluate suite | seconds (sum over SAEs) |\n|---|---|")
     for suite, seconds in sorted(spent["suite_seconds"].items(), key=lambda kv: -kv[1]):
         print(f"| {suite} | {seconds:.0f} |")

@@ -2,7 +2,7 @@
 # The GPU checks recorded in benchmarks/README.md, as one command on a lent GPU machine (the `device` tool runs it
 # from the repository root with $OUT set). TransformerLens, SAELens, MLflow and what they need beyond that machine's
 # own torch and transformers travel as wheels in .whl/ (its README says how to fetch them); their versions are
-# printed first and recorded in every JSON. `bash benchmarks/gpu_checks.sh [fork] [step_server] [train_sae] [sweep]`.
+# printed first and recorded in every JSON. `bash benchmarks/gpu_checks.sh [fork] [step_server] [train_sae] [sweep] [memo]`.
 set -u -o pipefail
 OUT=${OUT:-/tmp/saecomp-gpu}
 mkdir -p "$OUT"
@@ -13,20 +13,28 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:$PWD
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+# The card in the results' names: h100, h200, ...
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i -E "[a-z][0-9]{3}" | head -1 | tr 'A-Z' 'a-z')
+CARD=${CARD:-gpu}
 python3 -c "import sys; from importlib.metadata import version as v; print('Python', sys.version.split()[0], *(f'{n} {v(n)}' for n in ('torch', 'transformers', 'transformer-lens', 'sae-lens', 'mlflow-skinny')))"
-PARTS=${*:-fork step_server train_sae sweep}  # which checks: all by default
+PARTS=${*:-fork step_server train_sae sweep memo}  # which checks: all by default
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 part fork && echo "== CUDA across fork (why the step server asks through NVML)" &&
-timeout 120 python3 benchmarks/cuda_fork_check.py --json "$OUT/cuda_fork_check_h100.json"
+timeout 120 python3 benchmarks/cuda_fork_check.py --json "$OUT/cuda_fork_check_${CARD}.json"
 
 part step_server && echo "== the step server's tests, a forked step's CUDA included" &&
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_step_server.py 2>&1 | tail -25
 
 part train_sae && echo "== train_sae against SAELens's runner alone" &&
 timeout 240 python3 benchmarks/train_sae.py --shape gpt2-small --device cuda --tokens 1000000 --batch-size-tokens 4096 \
-  --expansion 32 --repeats 3 --asynchronous-too --json "$OUT/train_sae_gpt2-small_h100.json" 2>&1 | grep -v -e "Training SAE" -e "warn"
+  --expansion 32 --repeats 3 --asynchronous-too --json "$OUT/train_sae_gpt2-small_${CARD}.json" 2>&1 | grep -v -e "Training SAE" -e "warn"
 
 part sweep && echo "== the SAE sweep at Gemma-2-2B's last layer" &&
 timeout 240 python3 benchmarks/sae_sweep.py --shape gemma-2-2b --device cuda --dtype bfloat16 --sequences 8 --seq-len 1024 \
-  --repeats 2 --layers 25 --json "$OUT/sae_sweep_gemma-2-2b_h100_layer25.json" 2>&1 | tail -20
+  --repeats 2 --layers 25 --json "$OUT/sae_sweep_gemma-2-2b_${CARD}_layer25.json" 2>&1 | tail -20
+
+part memo && echo "== SCR's ablation loop with and without the SAE memo, at GPT-2 small's and Gemma-2-2B's SAE shapes" &&
+for shape in gpt2-small gemma-2-2b; do
+  timeout 240 python3 benchmarks/sae_memo.py --device cuda --shape $shape --json "$OUT/sae_memo_${shape}_${CARD}.json" 2>&1 | tail -8
+done

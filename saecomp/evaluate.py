@@ -532,14 +532,26 @@ class RepeatedInputCache:
 
 STATEFUL_NORMS = ("layer_norm", "constant_norm_rescale")
 """SAELens input normalisations whose statistics ``encode`` stores on the SAE and ``decode`` consumes."""
-REPEATED_INPUT_CACHE_BYTES = 1 << 30
-"""How much SCR's and TPP's memo of the SAE's latents may hold (on the SAE's device); 0 turns it off."""
+REPEATED_INPUT_CACHE_BYTES: int | None = None
+"""How much SCR's and TPP's memo of the SAE's latents may hold (on the SAE's device); 0 turns it off. None: 1 GiB on
+the CPU, a quarter of the free memory on a GPU (at GPT-2 small's width one batch of SAEBench's latents is 1.6 GB)."""
+
+
+def memo_budget(device: torch.device | str) -> int:
+    """The memo's budget on ``device``: `REPEATED_INPUT_CACHE_BYTES` when set, else as its docstring says."""
+    if REPEATED_INPUT_CACHE_BYTES is not None:
+        return REPEATED_INPUT_CACHE_BYTES
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    return 1 << 30
 
 
 @contextmanager
 def repeated_inputs_cached(sae: SAE, budget_bytes: int | None = None) -> Iterator[RepeatedInputCache]:
     """``sae.encode``/``sae.decode`` memoised by `RepeatedInputCache` inside the block, its own methods after it."""
-    cache = RepeatedInputCache(sae, REPEATED_INPUT_CACHE_BYTES if budget_bytes is None else budget_bytes)
+    cache = RepeatedInputCache(sae, memo_budget(sae.device) if budget_bytes is None else budget_bytes)
     sae.encode, sae.decode = cache.cached_encode, cache.cached_decode
     try:
         yield cache

@@ -370,9 +370,18 @@ def _fresh_random_state(env: dict) -> None:
         sys.modules["numpy"].random.seed()
     if "torch" in sys.modules:
         sys.modules["torch"].seed()  # a fresh interpreter seeds torch's generator from the OS too
-        threads = env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS")
-        if threads and threads.isdigit():
+    threads = env.get("OMP_NUM_THREADS") or env.get("MKL_NUM_THREADS")
+    if threads and threads.isdigit():
+        if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(int(threads))
+        # Every BLAS and OpenMP pool the server's imports loaded (numpy's and scipy's OpenBLAS, scikit-learn's OpenMP)
+        # was sized at import for the server's cores; a fresh interpreter would size them by this step's count. Left
+        # as they were, two steps of a 2-core pool ran four BLAS threads and each evaluation took 1.6x as long.
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            return
+        threadpool_limits(limits=int(threads))
 
 
 def _run_module(module: str) -> int:

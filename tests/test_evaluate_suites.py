@@ -224,8 +224,29 @@ def test_saebench_ablation_decodes_stateful_normalisation_saes_with_their_inputs
                 assert torch.equal(ablated_precomputed_activations(acts, sae, ablate, 2), torch.cat(expected))
 
 
-@pytest.mark.parametrize("suite", ["scr", "tpp"])
-def test_scr_and_tpp_with_the_sae_memo_score_exactly_as_without_it(experiment, pruned, offline_data, tmp_path, monkeypatch, suite):
+def random_sae(architecture: str, hook_name: str, norm: str = "none", seed: int = 0) -> SAE:
+    """A random SAE of SAELens's ``architecture`` (TopK, standard or JumpReLU) with ``norm`` input normalisation."""
+    extra = {"k": 8} if architecture == "topk" else {}
+    sae = SAE.from_dict({"architecture": architecture, "d_in": 32, "d_sae": 128, "normalize_activations": norm,
+                         "metadata": {"hook_name": hook_name}, **extra})  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+            if name == "threshold":
+                p.abs_()  # JumpReLU's thresholds are positive
+    return sae
+
+
+# The architectures and normalisations the real experiment files meet: TopK (the tiny world's, Table 1's trained SAEs),
+# standard with layer_norm (GPT-2's pretrained resid_post and mlp_out SAEs), JumpReLU (Gemma Scope).
+@pytest.mark.parametrize(
+    "suite,architecture,norm",
+    [("scr", "topk", "none"), ("tpp", "topk", "none"), ("scr", "standard", "layer_norm"), ("tpp", "jumprelu", "none")],
+)
+def test_scr_and_tpp_with_the_sae_memo_score_exactly_as_without_it(
+    experiment, pruned, offline_data, tmp_path, monkeypatch, suite, architecture, norm
+):
     config = saebench_config(suite, experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
     caches = []
     original = evaluate_lib.repeated_inputs_cached
@@ -239,9 +260,9 @@ def test_scr_and_tpp_with_the_sae_memo_score_exactly_as_without_it(experiment, p
     hook = "blocks.1.hook_resid_post"
     with offline_datasets(offline_data / "hf_datasets"):
         monkeypatch.setattr(evaluate_lib, "repeated_inputs_cached", spied)
-        memoised = run_suite(suite, pruned.tl, topk_sae(hook, seed=4), config, tmp_path / "memo", "memo")
+        memoised = run_suite(suite, pruned.tl, random_sae(architecture, hook, norm, seed=4), config, tmp_path / "memo", "memo")
         monkeypatch.setattr(evaluate_lib, "REPEATED_INPUT_CACHE_BYTES", 0)
-        plain = run_suite(suite, pruned.tl, topk_sae(hook, seed=4), config, tmp_path / "plain", "plain")
+        plain = run_suite(suite, pruned.tl, random_sae(architecture, hook, norm, seed=4), config, tmp_path / "plain", "plain")
     assert caches[0].hits > 0 and caches[1].hits == 0  # the memo served the first run and none of the second
     for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
         assert memoised.output[part] == plain.output[part], part

@@ -192,6 +192,9 @@ def main(experiment: str, jobs: str, executor_name: str, address: str | None, dr
     except ValueError as error:
         executor.close()
         fail(str(error))
+    from saecomp.tracking import STOPPING
+
+    STOPPING.clear()  # a pipeline that failed earlier in this process stopped its own steps, not this one's
     executors.use(executor)
     click.echo(f"[pipeline] executor: {executor.describe()}", err=True)
     try:

@@ -96,8 +96,6 @@ class LocalPool(InProcess):
     name = "local pool"
 
     def __init__(self, jobs: int, warm: bool = False):
-        import threading
-
         super().__init__(warm)
         self.jobs = jobs
         self.concurrency = 64  # cells (and variants) all start; the slots decide which step runs
@@ -110,6 +108,10 @@ class LocalPool(InProcess):
         with self._mapping_lock:
             threads = max(1, cores // self.jobs) if self._mapping else cores
         with self._slots:
+            from saecomp.tracking import STOPPING
+
+            if STOPPING.is_set():  # a step failed (or Ctrl-C) while this one waited for its slot
+                raise RuntimeError(f"not starting {entry_point}: the pipeline is stopping")
             with thread_count(threads):
                 return super().launch(entry_point, parameters, experiment_id, parent, key)
 

@@ -375,8 +375,8 @@ def _fresh_random_state(env: dict) -> None:
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(int(threads))
         # Every BLAS and OpenMP pool the server's imports loaded (numpy's and scipy's OpenBLAS, scikit-learn's OpenMP)
-        # was sized at import for the server's cores; a fresh interpreter would size them by this step's count. Left
-        # as they were, two steps of a 2-core pool ran four BLAS threads and each evaluation took 1.6x as long.
+        # was sized at import for the server's cores; a fresh interpreter would size them by this step's count (left
+        # as they were, two steps of a 2-core pool would run four BLAS threads on two cores).
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:

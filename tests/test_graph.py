@@ -135,3 +135,41 @@ def test_a_thread_count_the_user_set_is_the_budget(monkeypatch):
     assert executors.available_cores() == 1 and executors.automatic_jobs("tiny-gpt2", "cpu") == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert executors.available_cores() >= 1
+
+
+def test_a_step_waiting_for_its_slot_never_starts_once_the_pipeline_stops(monkeypatch):
+    import threading
+
+    from saecomp import executors, tracking
+
+    started, release = [], threading.Event()
+
+    def fake_step(self, entry_point, parameters, experiment_id, parent, key):
+        started.append(key)
+        release.wait(5)
+        return key
+
+    monkeypatch.setattr(executors.InProcess, "launch", fake_step)
+    pool = executors.LocalPool(1)
+    first = threading.Thread(target=pool.launch, args=("evaluate", {}, None, None, "running"))
+    first.start()
+    while not started:
+        threading.Event().wait(0.01)
+    errors = []
+
+    def waiting():
+        try:
+            pool.launch("evaluate", {}, None, None, "waiting")
+        except RuntimeError as error:
+            errors.append(str(error))
+
+    second = threading.Thread(target=waiting)
+    second.start()
+    try:
+        tracking.STOPPING.set()  # what a failed step or Ctrl-C does (stop_running_steps)
+        release.set()
+        first.join(5)
+        second.join(5)
+    finally:
+        tracking.STOPPING.clear()
+    assert started == ["running"] and errors == ["not starting evaluate: the pipeline is stopping"]

@@ -202,6 +202,7 @@ def main(experiment: str, jobs: str, executor_name: str, address: str | None, dr
     finally:
         executors.use(executors.InProcess())
         executor.close()
+        STOPPING.clear()  # this pipeline's stop is over: what runs next in this process may start steps
 
 
 def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], executor, runtime: dict) -> None:
@@ -266,7 +267,10 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                 exp, experiment, hook, layer, None, exp.sae_pruning.selection_metric, prune_run,
                 SAESource.parse(pretrained), SAESource.parse(trained),
             )  # fmt: skip
-            parameters = {"experiment": experiment, "hook": hook, "layer": str(layer), **runtime}
+            # The SAEs this key names, handed over as they are: the step must not look them up again, since a step of a
+            # killed pipeline that outlived it may have finished a second run with the same key meanwhile.
+            named = {"trained": trained} if exp.pretrained_source(hook, layer) else {"source": pretrained, "trained": trained}
+            parameters = {"experiment": experiment, "hook": hook, "layer": str(layer), **named, **runtime}
             run_id = run_step("prune_sae", parameters, key, exp.name, parent)
             table = pd.read_csv(local_artifacts(run_id, "test_table.csv"))
             table.insert(0, "hook", f"blocks.{layer}.{hook}")

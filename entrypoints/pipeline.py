@@ -197,12 +197,17 @@ def main(experiment: str, jobs: str, executor_name: str, address: str | None, dr
     STOPPING.clear()  # a pipeline that failed earlier in this process stopped its own steps, not this one's
     executors.use(executor)
     click.echo(f"[pipeline] executor: {executor.describe()}", err=True)
+    interrupted = False
     try:
         _run_pipeline(exp, experiment, layers, suites, executor, runtime)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         executors.use(executors.InProcess())
         executor.close()
-        STOPPING.clear()  # this pipeline's stop is over: what runs next in this process may start steps
+        if not interrupted:  # a failed step's map has waited for every worker thread; after Ctrl-C this process ends
+            STOPPING.clear()  # this pipeline's stop is over: what runs next in this process may start steps
 
 
 def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], executor, runtime: dict) -> None:
@@ -321,8 +326,9 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                         row[f"{suite}.not_applicable"] = data.tags[f"saecomp.{suite}.not_applicable"]
                 return row
 
-            # The first variant alone, so that it computes SCR's shared model side once; the others at once, as far as
-            # the executor runs steps side by side (one at a time in-process). Rows keep the variants' order.
+            # The first variant alone, so that it computes SCR's shared model side once (unless it is reused: then the
+            # others may each compute it, safely, see evaluate.model_side_folder); the others at once, as far as the
+            # executor runs steps side by side (one at a time in-process). Rows keep the variants' order.
             first, *rest = variants.items()
             out["evaluations"] = [evaluation(first), *executor.map(evaluation, rest)]
             if shared:

@@ -98,15 +98,15 @@ class LocalPool(InProcess):
     def __init__(self, jobs: int, warm: bool = False):
         super().__init__(warm)
         self.jobs = jobs
+        self.cores = available_cores()  # read once: launches set OMP_NUM_THREADS for their steps meanwhile
         self.concurrency = 64  # cells (and variants) all start; the slots decide which step runs
         self._slots = threading.BoundedSemaphore(jobs)
         self._mapping = 0  # cells being computed now (their steps share the cores)
         self._mapping_lock = threading.Lock()
 
     def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str):
-        cores = available_cores()
         with self._mapping_lock:
-            threads = max(1, cores // self.jobs) if self._mapping else cores
+            threads = max(1, self.cores // self.jobs) if self._mapping else self.cores
         with self._slots:
             from saecomp.tracking import STOPPING
 

@@ -228,6 +228,8 @@ def launch_local(
         _LIVE_STEPS.add(submitted)
     client = MlflowClient()
     try:
+        if STOPPING.is_set():  # the pipeline stopped while this step was starting: it is not among those it cancelled
+            submitted.cancel()
         if parent is not None:  # nested from its start, so that a failed or killed step is found under its pipeline too
             client.set_tag(run_id, "mlflow.parentRunId", parent)
         succeeded = submitted.wait()

@@ -131,10 +131,13 @@ def test_automatic_jobs_is_one_per_core_only_for_the_tiny_world_on_cpu(monkeypat
 def test_a_thread_count_the_user_set_is_the_budget(monkeypatch):
     from saecomp import executors
 
+    monkeypatch.setattr(executors.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert executors.available_cores() == 1 and executors.automatic_jobs("tiny-gpt2", "cpu") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert executors.available_cores() == 3 and executors.LocalPool(3).cores == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert executors.available_cores() >= 1
+    assert executors.available_cores() == 4
 
 
 def test_a_step_waiting_for_its_slot_never_starts_once_the_pipeline_stops(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -176,3 +177,44 @@ def test_a_step_waiting_for_its_slot_never_starts_once_the_pipeline_stops(monkey
     finally:
         tracking.STOPPING.clear()
     assert started == ["running"] and errors == ["not starting evaluate: the pipeline is stopping"]
+
+
+def test_a_launch_hands_its_thread_count_to_its_step_alone(monkeypatch):
+    """`launch_local` puts the pool's share into the environment the step is started with, and only for it."""
+    from saecomp import executors, tracking
+
+    seen = {}
+
+    class Started:  # what MLflow's project backend returns
+        run_id = "r"
+
+        def wait(self):
+            return True
+
+        def get_status(self):
+            return "FINISHED"
+
+        def cancel(self):
+            pass
+
+    def start(entry_point, parameters, experiment_id, own_session=False):
+        seen.update({name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", tracking.LAUNCHER_ENV)})
+        return Started()
+
+    class Client:
+        def get_run(self, run_id):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(info=SimpleNamespace(status="FINISHED"), data=SimpleNamespace(tags={}))
+
+    monkeypatch.setattr(tracking, "_start_project_run", start)
+    monkeypatch.setattr(tracking, "MlflowClient", Client)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    with executors.thread_count(3):
+        assert tracking.launch_local("evaluate", {}, None, None) == "r"
+    assert seen["OMP_NUM_THREADS"] == seen["MKL_NUM_THREADS"] == "3" and seen[tracking.LAUNCHER_ENV]
+    assert os.environ["OMP_NUM_THREADS"] == "7" and "MKL_NUM_THREADS" not in os.environ  # as they were
+    assert tracking.LAUNCHER_ENV not in os.environ
+    tracking.launch_local("evaluate", {}, None, None)  # no pool share: the process's own settings go through
+    assert seen["OMP_NUM_THREADS"] == "7" and seen["MKL_NUM_THREADS"] is None

@@ -256,11 +256,14 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         mlflow.log_metrics({f"prune_llm.{k}": llm[k] for k in ("ce_loss_dense", "ce_loss_pruned", "sparsity_actual")})
         parent = run.info.run_id
 
+        # Within a cell, steps side by side only on this machine's pool; on Ray one after another, as before (untested).
+        side_by_side = executor.map if executor.name == "local pool" else (lambda function, items: [function(i) for i in items])
+
         def cell(layer: int, hook: str) -> dict:
             """One hook at one layer: its SAEs (trained as needed), the sweep, the variants' evaluations."""
             # The SAE on the dense model (unless the experiment names a pretrained one) and the one trained on the pruned
             # model: side by side where the executor runs steps side by side.
-            pretrained, trained = executor.map(
+            pretrained, trained = side_by_side(
                 lambda trainer: trainer(),
                 [
                     lambda: exp.pretrained_source(hook, layer)
@@ -330,7 +333,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             # others may each compute it, safely, see evaluate.model_side_folder); the others at once, as far as the
             # executor runs steps side by side (one at a time in-process). Rows keep the variants' order.
             first, *rest = variants.items()
-            out["evaluations"] = [evaluation(first), *executor.map(evaluation, rest)]
+            out["evaluations"] = [evaluation(first), *side_by_side(evaluation, rest)]
             if shared:
                 shutil.rmtree(shared["shared_activations"], ignore_errors=True)
             return out

@@ -12,8 +12,9 @@ from entrypoints.common import experiment_option, flat_params, load, world_neede
 
 @click.command()
 @experiment_option
-def main(experiment: str) -> None:
-    exp = load(experiment, {})
+@click.option("--model", help="The tiny model to build the world for: tiny-gpt2 or tiny-gemma2 (default: the file's).")
+def main(experiment: str, model: str | None) -> None:
+    exp = load(experiment, {"model": model})
     import mlflow
 
     from saecomp.tracking import step_run, training_metrics_logger

@@ -82,7 +82,8 @@ def world_step(exp: Experiment, experiment_path: str) -> tuple[str, str]:
     """(key, parameters) identifying the tiny world an experiment needs."""
     from saecomp.tracking import step_key
 
-    return step_key("build_world", world_needed(exp).to_dict()), {"experiment": experiment_path}
+    # The model goes along: a step run with another model than the file's (`--model tiny-gemma2`) needs that one built.
+    return step_key("build_world", world_needed(exp).to_dict()), {"experiment": experiment_path, "model": exp.model}
 
 
 def resolve_world(exp: Experiment, experiment_path: str) -> Path:

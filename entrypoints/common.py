@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from saecomp.config import ConfigError, Experiment, load_experiment
-from saecomp.models import TINY_MODELS
+from saecomp.names import TINY_MODELS
 
 DEFAULT_EXPERIMENT = "experiments/tiny.yaml"
 
@@ -61,7 +61,7 @@ def load(path: str, overrides: dict[str, object], check_device: bool = True) -> 
         exp = load_experiment(path, given)
     except ConfigError as error:
         fail(str(error))
-    from saecomp.models import check_device as device_here
+    from saecomp.names import check_device as device_here
 
     try:
         if check_device:
@@ -118,13 +118,10 @@ def flat_params(data: dict, prefix: str = "") -> dict[str, str]:
 
 def model_dims(exp: Experiment):
     """The base model's shape from configuration alone (nothing is built or downloaded but a config)."""
-    from saecomp.models import ModelDims
+    from saecomp.names import ModelDims
 
     if exp.model in TINY_MODELS:
-        from saecomp.world.build import hf_config
-
-        world = exp.world_config()
-        return ModelDims.from_hf_config(hf_config(world.models[exp.model], world.vocab_size, 0))
+        return ModelDims.from_tiny(exp.world_config().models[exp.model])
     from transformers import AutoConfig
 
     return ModelDims.from_hf_config(AutoConfig.from_pretrained(exp.model))

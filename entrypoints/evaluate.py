@@ -54,8 +54,7 @@ from entrypoints.common import experiment_option, fail, load, load_source, model
 )
 def main(experiment, sae, base, suites, hook, layer, variant, inapplicable, seed, shared_activations) -> None:
     check_sae_bench()
-    from saecomp.evaluate import check_suites
-    from saecomp.saes import HOOKS, check_hook
+    from saecomp.names import HOOKS, check_hook, check_suites
 
     suite_list = [s.strip() for s in str(suites).split(",") if s.strip()] if suites else None
     exp = load(experiment, {"evaluation.suites": suite_list, "evaluation.seed": seed})
@@ -119,7 +118,7 @@ def check_sae_bench() -> None:
 
 def check_sae(loaded, dims, model: str):
     """(source, SAE), after checking that its hook is one of ours and exists in the model with its width."""
-    from saecomp.saes import HOOKS, check_hook, hook_d_in
+    from saecomp.names import HOOKS, check_hook, hook_d_in
 
     source, sae = loaded
     name = sae.cfg.metadata.hook_name or ""
@@ -150,7 +149,7 @@ def suite_keys(exp, experiment_path: str, source, model_label: str) -> dict[str,
     """Each suite's own key: the SAE, the model, the data and only that suite's sizes (config.SUITE_FIELDS), so
     that adding a suite or changing one suite's sizes recomputes that suite alone."""
     from saecomp.config import SUITE_FIELDS
-    from saecomp.models import TINY_MODELS
+    from saecomp.names import TINY_MODELS
     from saecomp.tracking import step_key
 
     ev = exp.evaluation.model_dump()
@@ -302,7 +301,7 @@ def run_ravel_on(exp, loaded, sae, tokenizer_source: str, source, model_label, f
     import mlflow
 
     from saecomp.evaluate import NotApplicable, ravel_config, ravel_not_applicable, run_ravel
-    from saecomp.models import TINY_MODELS
+    from saecomp.names import TINY_MODELS
 
     reason = ravel_not_applicable(sae.cfg.metadata.hook_name, loaded.architecture)
     if reason:

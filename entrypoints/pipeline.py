@@ -54,8 +54,7 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
     by key lookups alone (nothing is computed or started). Steps downstream of one not run yet have no key yet."""
     from entrypoints import prune_llm, train_sae
     from entrypoints.common import world_step
-    from saecomp.models import TINY_MODELS
-    from saecomp.saes import SAESource, hook_d_in
+    from saecomp.names import TINY_MODELS, SAESource, hook_d_in
     from saecomp.tracking import find_finished_run
 
     def status(step: str, key: str | None) -> str:
@@ -159,7 +158,7 @@ def main(experiment: str, jobs: str, executor_name: str, address: str | None, dr
     runtime = runtime_overrides()  # worker threads have no click context: hand the overrides on explicitly
     dims = model_dims(exp)
     check_layers(exp, dims.n_layers)
-    from saecomp.saes import check_hook
+    from saecomp.names import check_hook
 
     layers = exp.sae_layers(dims.n_layers)
     for layer in layers:
@@ -216,7 +215,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
 
     from entrypoints import evaluate, prune_sae
     from entrypoints.common import pruning_label
-    from saecomp.saes import SAESource
+    from saecomp.names import SAESource
     from saecomp.tracking import (
         STEP_TAG,
         alive,

@@ -18,7 +18,7 @@ from entrypoints.common import experiment_option, fail, flat_params, load, model
 
 def step_inputs(exp, experiment_path: str) -> dict:
     """Everything the pruned model depends on (the code is added by the tracking key)."""
-    from saecomp.models import TINY_MODELS
+    from saecomp.names import TINY_MODELS
 
     inputs = {"model": exp.model, **exp.runtime(), **{s: exp.to_dict()[s] for s in ("data", "calibration", "llm_pruning", "held_out")}}
     if exp.model in TINY_MODELS:

@@ -49,7 +49,7 @@ def dependency(
     in the tiny world (minutes), else only found: real SAE training takes GPU-days and is started by hand.
     ``parent_run_id`` and ``runtime`` (``--device``/``--dtype``) are for callers in worker threads."""
     from entrypoints.train_sae import build_spec, key_for
-    from saecomp.models import TINY_MODELS
+    from saecomp.names import TINY_MODELS
     from saecomp.tracking import find_finished_run, run_step
 
     key = key_for(exp, experiment_path, build_spec(exp, hook, layer, None), model_label, None)
@@ -84,8 +84,8 @@ def dependency(
 @click.option("--source", help="The SAE to prune (default: the experiment's pretrained SAE for the hook).")
 @click.option("--trained", help="The SAE trained on the pruned model (default: the train_sae run for the hook).")
 def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selection_metric, selection_rule, source, trained) -> None:
+    from saecomp.names import HOOKS, check_hook
     from saecomp.prune_sae import METHODS
-    from saecomp.saes import HOOKS, check_hook
 
     levels = parse_levels(sparsities)
     sparsity = parse_float("sparsity", sparsity, 0.0, 1.0, "a number in [0, 1)")
@@ -125,8 +125,7 @@ def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selec
         d_sae, k = given["source"][1].cfg.d_sae, getattr(given["source"][1].cfg, "k", None)
     else:  # the pretrained SAE train_sae will make: its shape is known from the experiment
         from entrypoints.train_sae import build_spec
-        from saecomp.saes import hook_d_in
-        from saecomp.train_sae import resolved_d_sae
+        from saecomp.names import hook_d_in, resolved_d_sae
 
         spec = build_spec(exp, hook, layer, None)
         d_sae = resolved_d_sae(spec, hook_d_in(model_dims(exp), hook))
@@ -171,7 +170,7 @@ def drop_unreachable_levels(exp, d_sae: int, k: int | None, sparsity, sweep_give
 
 
 def key_for(exp, experiment_path, hook, layer, sparsity, metric, prune_run, pretrained_source, trained_source) -> str:
-    from saecomp.models import TINY_MODELS
+    from saecomp.names import TINY_MODELS
     from saecomp.tracking import step_key
 
     inputs = {

@@ -65,7 +65,7 @@ def parse_int(name: str, value) -> int | None:
 
 
 def build_spec(exp, hook: str | None, layer: int | None, like_sae):
-    from saecomp.train_sae import SAETrainingSpec, spec_like
+    from saecomp.names import SAETrainingSpec
 
     s = exp.sae
     spec = SAETrainingSpec(
@@ -82,7 +82,11 @@ def build_spec(exp, hook: str | None, layer: int | None, like_sae):
         context_size=s.context_size,
         normalize_activations=s.normalize_activations,
     )
-    return spec_like(spec, like_sae) if like_sae is not None else spec
+    if like_sae is None:
+        return spec
+    from saecomp.train_sae import spec_like
+
+    return spec_like(spec, like_sae)
 
 
 @click.command()
@@ -102,8 +106,7 @@ def main(experiment, hook, layer, base, like, **fields) -> None:
         spec = build_spec(exp, hook, layer, like_sae)
     except ValueError as error:
         fail(str(error))
-    from saecomp.saes import hook_d_in
-    from saecomp.train_sae import check_spec
+    from saecomp.names import check_spec, hook_d_in
 
     dims = model_dims(exp)
     width = hook_d_in(dims, spec.hook)
@@ -118,7 +121,7 @@ def main(experiment, hook, layer, base, like, **fields) -> None:
 
 
 def key_for(exp, experiment_path: str, spec, model_label: str, like_source) -> str:
-    from saecomp.models import TINY_MODELS
+    from saecomp.names import TINY_MODELS
     from saecomp.tracking import step_key
 
     inputs = {

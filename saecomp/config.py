@@ -16,9 +16,8 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 from pydantic_core import PydanticCustomError
 
-from saecomp.models import KNOWN_MODELS, TINY_MODELS, check_model_name
-from saecomp.prune_llm import METHODS as LLM_PRUNING_METHODS
-from saecomp.world.build import WorldConfig
+from saecomp.names import KNOWN_MODELS, LLM_PRUNING_METHODS, TINY_MODELS, check_model_name
+from saecomp.world.config import WorldConfig
 
 SAE_HOOKS = ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
 SELECTION_METRICS = ("mse", "ce_loss_with_sae", "ce_loss_increase")
@@ -439,7 +438,7 @@ def validate(exp: Experiment) -> Experiment:
             raise ConfigError(f"sae.pretrained has hook {hook!r}; valid: {', '.join(SAE_HOOKS)}")
         if isinstance(source, dict) and set(source) != {"release", "sae_id"}:
             raise ConfigError(f"sae.pretrained.{hook}={source!r} must have exactly the keys release and sae_id")
-    from saecomp.evaluate import SUITES
+    from saecomp.names import SUITES
 
     for suite in exp.evaluation.suites:
         if suite not in SUITES:

@@ -36,19 +36,13 @@ import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-SUITES = ("core", "absorption", "scr", "tpp", "sparse_probing", "ravel")
+from saecomp.names import SUITES, check_suites  # noqa: F401, E402  (re-exported; torch-free there)
+
 SHARED_MODEL_SIDE = ("scr",)
 """The suites whose model-side work SAEs on one model and hook share (``model_side_folder``): those whose SAE side
 draws no random numbers, so that sharing changes no number. Not TPP, whose SAE side samples the negatives it tests
 each probe on (`probe_training.prepare_probe_data`), nor sparse probing, which trains a probe on the SAE's latents:
 their draws depend on whether the model side ran before them in the process."""
-
-
-def check_suites(suites: list[str]) -> None:
-    """A ValueError naming the first suite that is unknown."""
-    for suite in suites:
-        if suite not in SUITES:
-            raise ValueError(f"suite={suite!r} is not valid; valid: {', '.join(SUITES)}")
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,7 @@ def automatic_jobs(model: str, device: str) -> int:
     with two torch threads: benchmarks/README.md), no more than the memory holds at the steps' declared sizes; one at a
     time on a GPU (a model step takes the whole card) or for a real model on CPU (its steps' memory is the model's)."""
     from saecomp.graph import STEPS
-    from saecomp.models import TINY_MODELS
+    from saecomp.names import TINY_MODELS
 
     if model not in TINY_MODELS or not device.startswith("cpu"):
         return 1

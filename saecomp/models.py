@@ -19,11 +19,15 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import loading_from_pretrained as tl_loading
 from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_gpt2_weights
 
-# Names a user may give, and what they are. Tiny models live in the tiny world built by `build_world`.
-HUB_MODELS = {"gpt2": "GPT2LMHeadModel", "google/gemma-2-2b": "Gemma2ForCausalLM"}
-TINY_MODELS = {"tiny-gpt2": "GPT2LMHeadModel", "tiny-gemma2": "Gemma2ForCausalLM"}
-KNOWN_MODELS = {**HUB_MODELS, **TINY_MODELS}
-SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "Gemma2ForCausalLM")
+from saecomp.names import (  # noqa: F401  (re-exported: their home, free of torch, is names.py)
+    HUB_MODELS,
+    KNOWN_MODELS,
+    SUPPORTED_ARCHITECTURES,
+    TINY_MODELS,
+    ModelDims,
+    check_device,
+    check_model_name,
+)
 
 # Keyword arguments that reproduce our loading through `HookedTransformer.from_pretrained`; written
 # into every SAE's metadata so that SAELens/SAEBench load the model the way we did.
@@ -47,14 +51,6 @@ class LoadedModel:
     @property
     def architecture(self) -> str:
         return self.hf.config.architectures[0]
-
-
-def check_model_name(name: str) -> None:
-    if name not in KNOWN_MODELS and not Path(name).is_dir():
-        raise ValueError(
-            f"model={name!r} is not a known model; valid: {', '.join(sorted(KNOWN_MODELS))}, "
-            "or a directory holding a Hugging Face checkpoint"
-        )
 
 
 def load_hf(name_or_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -150,21 +146,6 @@ def hf_to_tl(hf_model, tokenizer, name_or_dir: str | Path, processing: dict[str,
 
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def check_device(device: str) -> None:
-    """A clear error before any compute when ``device`` is not on this machine."""
-    kind, _, index = device.partition(":")
-    if kind == "cuda":
-        count = torch.cuda.device_count()
-        if count == 0:
-            raise ValueError(f"device={device!r} is not available: torch {torch.__version__} sees no CUDA device here; valid: cpu")
-        if index and int(index) >= count:
-            raise ValueError(
-                f"device={device!r} is not available: this machine has {count} CUDA device(s); valid: cuda:0..cuda:{count - 1}"
-            )
-    elif kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={device!r} is not available on this machine; valid: cpu")
 
 
 def load_model(
@@ -310,38 +291,3 @@ def save_checkpoint(loaded: LoadedModel, directory: str | Path, processing: dict
     loaded.hf.save_pretrained(directory, safe_serialization=True)
     loaded.tokenizer.save_pretrained(directory)
     return directory
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The shape of a model, read from its config alone (no weights): enough to validate a request."""
-
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_head: int
-    n_ctx: int
-    d_mlp: int
-    architecture: str
-
-    @classmethod
-    def from_hf_config(cls, config) -> ModelDims:
-        if config.model_type == "gpt2":
-            return cls(
-                config.n_layer,
-                config.n_embd,
-                config.n_head,
-                config.n_embd // config.n_head,
-                config.n_positions,
-                config.n_inner or 4 * config.n_embd,
-                "GPT2LMHeadModel",
-            )
-        return cls(
-            config.num_hidden_layers,
-            config.hidden_size,
-            config.num_attention_heads,
-            config.head_dim,
-            config.max_position_embeddings,
-            config.intermediate_size,
-            "Gemma2ForCausalLM",
-        )

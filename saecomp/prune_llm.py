@@ -23,8 +23,8 @@ import torch
 from transformer_lens import HookedTransformer
 
 from saecomp.models import as_matrix, from_matrix, prunable_weights
+from saecomp.names import LLM_PRUNING_METHODS as METHODS  # noqa: E402  (torch-free there, for validation)
 
-METHODS = ("wanda", "magnitude", "wanda-seed")
 ATTENTION_MATRICES = ("W_Q", "W_K", "W_V", "W_O")
 
 

@@ -8,14 +8,13 @@ SAELens folder), and one set of reconstruction metrics computed the same way for
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-HOOKS = ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
+from saecomp.names import HOOKS, SAESource, check_hook, hook_d_in, hook_name  # noqa: F401  (re-exported; torch-free there)
 
 # SAELens warns at every SAE it builds that the model should be loaded with the SAE's
 # `model_from_pretrained_kwargs`; saecomp always does (`processing_kwargs`), so the warning only repeats.
@@ -23,26 +22,6 @@ warnings.filterwarnings("ignore", message=r"\nThis SAE has non-empty model_from_
 
 # TransformerLens's `from_pretrained` defaults: what an SAE whose metadata names no processing expects.
 TL_DEFAULT_PROCESSING = {"fold_ln": True, "center_writing_weights": True, "center_unembed": True, "fold_value_biases": True}
-
-
-def hook_name(hook: str, layer: int) -> str:
-    if hook not in HOOKS:
-        raise ValueError(f"hook={hook!r} is not valid; valid: {', '.join(HOOKS)}")
-    return f"blocks.{layer}.{hook}"
-
-
-def hook_d_in(cfg, hook: str) -> int:
-    """Width of the activations at ``hook``: hook_z SAEs see all heads flattened (n_heads * d_head)."""
-    return cfg.n_heads * cfg.d_head if hook == "attn.hook_z" else cfg.d_model
-
-
-def check_hook(dims, hook: str, layer: int) -> str:
-    """The full hook name, or a ValueError naming what is valid; ``dims`` has ``n_layers`` (a
-    `ModelDims` or a TransformerLens config)."""
-    name = hook_name(hook, layer)
-    if not 0 <= layer < dims.n_layers:
-        raise ValueError(f"layer={layer} is outside the model; valid: 0..{dims.n_layers - 1}")
-    return name
 
 
 def check_sae_fits(sae: SAE, model: HookedTransformer) -> str:
@@ -67,41 +46,6 @@ def processing_kwargs(sae: SAE) -> dict[str, bool]:
 
 
 # --- sources ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SAESource:
-    """Where an SAE comes from; exactly one form is set."""
-
-    release: str | None = None
-    sae_id: str | None = None
-    uri: str | None = None
-    """`runs:/<run_id>/<path>` or `models:/<name>/<version>`."""
-    path: str | None = None
-
-    @classmethod
-    def parse(cls, value) -> SAESource:
-        """From an experiment/CLI value: a mapping {release, sae_id}, an MLflow URI, or a folder."""
-        if isinstance(value, SAESource):
-            return value
-        if isinstance(value, dict):
-            if set(value) != {"release", "sae_id"}:
-                raise ValueError(f"SAE source {value!r} must have exactly the keys release and sae_id")
-            return cls(release=str(value["release"]), sae_id=str(value["sae_id"]))
-        text = str(value)
-        if text.startswith(("runs:/", "models:/")):
-            return cls(uri=text)
-        if Path(text).is_dir():
-            return cls(path=text)
-        if ":" in text and not text.startswith("/"):
-            release, sae_id = text.split(":", 1)
-            return cls(release=release, sae_id=sae_id)
-        raise ValueError(
-            f"SAE source {text!r} is not valid; valid: release:sae_id, runs:/<run_id>/sae, models:/<name>/<version>, or a SAELens folder"
-        )
-
-    def describe(self) -> str:
-        return f"{self.release}:{self.sae_id}" if self.release else (self.uri or self.path or "")
 
 
 def load_sae(source: SAESource | str | dict, device: str = "cpu") -> SAE:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,15 @@ from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 from sae_lens.training.sae_trainer import SAETrainer
 from transformer_lens import HookedTransformer
 
-from saecomp.saes import HOOKS, check_hook, hook_d_in
+from saecomp.names import (  # noqa: F401  (re-exported: the spec and its checks are torch-free there)
+    HOOKS,
+    NORMALIZATIONS,
+    SAE_ARCHITECTURES,
+    SAETrainingSpec,
+    check_spec,
+    hook_d_in,
+    resolved_d_sae,
+)
 
 ARCHITECTURES = {
     "standard": StandardTrainingSAEConfig,
@@ -37,69 +44,6 @@ ARCHITECTURES = {
     "batchtopk": BatchTopKTrainingSAEConfig,
     "jumprelu": JumpReLUTrainingSAEConfig,
 }
-NORMALIZATIONS = ("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale")
-
-
-@dataclass(frozen=True)
-class SAETrainingSpec:
-    """One SAE to train; every field is a choice that changes the SAE."""
-
-    hook: str
-    """attn.hook_z, hook_mlp_out or hook_resid_post."""
-    layer: int
-    architecture: str = "topk"
-    d_sae: int | None = None
-    """Latents; None: expansion_factor * d_in."""
-    expansion_factor: int = 8
-    k: int = 32
-    """Active latents (topk, batchtopk)."""
-    sparsity_coefficient: float = 5.0
-    """L1 coefficient (standard) or L0 coefficient (jumprelu)."""
-    training_tokens: int = 400_000
-    batch_size_tokens: int = 4096
-    learning_rate: float = 3e-4
-    context_size: int = 128
-    normalize_activations: str = "none"
-    prepend_bos: bool | None = None
-    """Training windows start with BOS; None: as the model was trained (Gemma-2 yes, GPT-2 no)."""
-    seed: int = 42
-    n_checkpoints: int = 4
-    """Checkpoints kept during training, so a killed run can continue."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolved_d_sae(spec: SAETrainingSpec, d_in: int) -> int:
-    return spec.d_sae or spec.expansion_factor * d_in
-
-
-def check_spec(spec: SAETrainingSpec, dims, n_context_tokens: int | None = None) -> None:
-    """Every value SAELens would crash on (or silently misuse), as one clear ValueError, before training.
-    ``dims``: a `ModelDims` or a TransformerLens config (n_layers, d_model, n_heads, d_head, n_ctx)."""
-    if spec.architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture={spec.architecture!r} is not valid; valid: {', '.join(ARCHITECTURES)}")
-    if spec.hook not in HOOKS:
-        raise ValueError(f"hook={spec.hook!r} is not valid; valid: {', '.join(HOOKS)}")
-    check_hook(dims, spec.hook, spec.layer)
-    d_in = hook_d_in(dims, spec.hook)
-    d_sae = resolved_d_sae(spec, d_in)
-    if d_sae < 1:
-        raise ValueError(f"d_sae={d_sae} must be at least 1")
-    if spec.architecture in ("topk", "batchtopk") and not 0 < spec.k <= d_sae:
-        raise ValueError(f"k={spec.k} is not valid for d_sae={d_sae}; valid: 1..{d_sae}")
-    if spec.normalize_activations not in NORMALIZATIONS:
-        raise ValueError(f"normalize_activations={spec.normalize_activations!r} is not valid; valid: {', '.join(NORMALIZATIONS)}")
-    if spec.context_size < 2 or spec.context_size > dims.n_ctx:
-        raise ValueError(f"context_size={spec.context_size} is not valid; valid: 2..{dims.n_ctx} (the model's context)")
-    if spec.batch_size_tokens < 1 or spec.learning_rate <= 0:
-        raise ValueError(f"batch_size_tokens={spec.batch_size_tokens} and learning_rate={spec.learning_rate} must be positive")
-    if spec.training_tokens < spec.batch_size_tokens:
-        raise ValueError(f"training_tokens={spec.training_tokens} is fewer than one batch (batch_size_tokens={spec.batch_size_tokens})")
-    if n_context_tokens is not None and n_context_tokens < spec.context_size:
-        raise ValueError(f"the training text holds {n_context_tokens} tokens, fewer than one context of {spec.context_size}")
-
-
 def buffer_batches(spec: SAETrainingSpec) -> int:
     """SAELens crashes unless its buffer (n_batches_in_buffer * context_size tokens per prompt) holds at
     least one training batch (GUIDE §4); keep its default of 16 when that is enough."""

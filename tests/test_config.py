@@ -120,3 +120,16 @@ def test_models_compute_on_the_asked_device_even_where_a_gpu_exists(small_world,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     loaded = load_model("tiny-gpt2", small_world / "tiny-gpt2", "float32", device="cpu")
     assert str(loaded.tl.cfg.device) == "cpu" and next(loaded.tl.parameters()).device.type == "cpu"
+
+
+def test_the_torch_free_names_agree_with_the_libraries_they_stand_for():
+    """saecomp/names.py keeps what validation needs without importing torch; these are the places it could drift."""
+    from saecomp import names, train_sae
+    from saecomp.world.build import WorldConfig, hf_config
+
+    assert names.SAE_ARCHITECTURES == tuple(train_sae.ARCHITECTURES)  # an experiment may name what SAELens trains
+    world = WorldConfig()
+    for name, model in world.models.items():
+        shape = names.ModelDims.from_hf_config(hf_config(model, world.vocab_size, 0))
+        assert names.ModelDims.from_tiny(model) == shape, name
+        assert shape.architecture == names.TINY_MODELS[name]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -11,6 +14,8 @@ from click.testing import CliRunner
 
 from entrypoints import pipeline
 from saecomp.tracking import PROCESS_TAG
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def step_runs(step):
@@ -56,10 +61,23 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     # Started by MLflow as always, computed by children of the pipeline's warm step server (no imports per step).
     assert made_here and all(r.data.tags[PROCESS_TAG].startswith("forked by the step server") for r in made_here)
 
-    second = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment)], catch_exceptions=False)
-    assert second.exit_code == 0, second.output
+    # The rerun, as `mlflow run .` starts it (its own interpreter): all reused, and no model library imported to find
+    # that out (torch and TransformerLens were most of a cached run's time: saecomp/names.py).
+    checked = (
+        "import sys\n"
+        "from entrypoints import pipeline\n"
+        "try:\n"
+        f"    pipeline.main(['--experiment', {str(small_experiment)!r}])\n"
+        "except SystemExit as stop:\n"
+        "    heavy = sorted({name.split('.')[0] for name in sys.modules} & set(sys.argv[1:]))\n"
+        "    print(f'exit {stop.code}; model libraries imported: {heavy}')\n"
+    )
+    heavy = ["torch", "transformer_lens", "transformers", "sae_lens", "sae_bench", "datasets"]
+    second = subprocess.run([sys.executable, "-c", checked, *heavy], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    output = second.stdout + second.stderr
+    assert "exit 0; model libraries imported: []" in output, output
     assert {step: len(step_runs(step)) for step in counts} == counts, "a finished step ran again"
-    assert "reusing finished prune_sae run" in second.output
+    assert "reusing finished prune_sae run" in output
     rerun = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
     assert set(rerun.data.tags["saecomp.reused_runs"].split(",")) >= {r.info.run_id for r in made_here}
 

@@ -1,0 +1,235 @@
+"""What an experiment may name, and the checks on it, without importing a model library.
+
+Models, LLM pruning methods, hooks, suites, SAE sources and a model's shape are all a pipeline needs to validate an
+experiment and find its finished runs. Importing torch, TransformerLens and SAELens to learn them cost a cached
+`mlflow run .` about 8 of its 20 s on 2 cores (py-spy, 2026-11-27), so they live here, and `models`, `saes`,
+`evaluate` and `prune_llm` re-export them. Nothing here decides a step's result: it is in no step's key (graph.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# --- models --------------------------------------------------------------------------------------------
+
+# Names a user may give, and what they are. Tiny models live in the tiny world built by `build_world`.
+HUB_MODELS = {"gpt2": "GPT2LMHeadModel", "google/gemma-2-2b": "Gemma2ForCausalLM"}
+TINY_MODELS = {"tiny-gpt2": "GPT2LMHeadModel", "tiny-gemma2": "Gemma2ForCausalLM"}
+KNOWN_MODELS = {**HUB_MODELS, **TINY_MODELS}
+SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "Gemma2ForCausalLM")
+
+
+def check_model_name(name: str) -> None:
+    if name not in KNOWN_MODELS and not Path(name).is_dir():
+        raise ValueError(
+            f"model={name!r} is not a known model; valid: {', '.join(sorted(KNOWN_MODELS))}, "
+            "or a directory holding a Hugging Face checkpoint"
+        )
+
+
+def check_device(device: str) -> None:
+    """A clear error before any compute when ``device`` is not on this machine (torch is asked only for a GPU)."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"device={device!r} is not available: torch {torch.__version__} sees no CUDA device here; valid: cpu")
+        if index and int(index) >= count:
+            raise ValueError(
+                f"device={device!r} is not available: this machine has {count} CUDA device(s); valid: cuda:0..cuda:{count - 1}"
+            )
+    elif kind == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device={device!r} is not available on this machine; valid: cpu")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The shape of a model, read from its config alone (no weights): enough to validate a request."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    n_ctx: int
+    d_mlp: int
+    architecture: str
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelDims:
+        if config.model_type == "gpt2":
+            return cls(
+                config.n_layer,
+                config.n_embd,
+                config.n_head,
+                config.n_embd // config.n_head,
+                config.n_positions,
+                config.n_inner or 4 * config.n_embd,
+                "GPT2LMHeadModel",
+            )
+        return cls(
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.head_dim,
+            config.max_position_embeddings,
+            config.intermediate_size,
+            "Gemma2ForCausalLM",
+        )
+
+    @classmethod
+    def from_tiny(cls, model) -> ModelDims:
+        """A tiny world model's shape from its `TinyModelConfig`, as `world.build.hf_config` lays it out (a test
+        holds the two equal), without importing transformers (and with it torch)."""
+        architecture = {"gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM"}[model.architecture]
+        return cls(model.n_layers, model.d_model, model.n_heads, model.d_model // model.n_heads, model.n_ctx, model.d_mlp, architecture)
+
+
+# --- LLM pruning ---------------------------------------------------------------------------------------
+
+LLM_PRUNING_METHODS = ("wanda", "magnitude", "wanda-seed")
+
+# --- hooks ---------------------------------------------------------------------------------------------
+
+HOOKS = ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
+
+
+def hook_name(hook: str, layer: int) -> str:
+    if hook not in HOOKS:
+        raise ValueError(f"hook={hook!r} is not valid; valid: {', '.join(HOOKS)}")
+    return f"blocks.{layer}.{hook}"
+
+
+def hook_d_in(cfg, hook: str) -> int:
+    """Width of the activations at ``hook``: hook_z SAEs see all heads flattened (n_heads * d_head)."""
+    return cfg.n_heads * cfg.d_head if hook == "attn.hook_z" else cfg.d_model
+
+
+def check_hook(dims, hook: str, layer: int) -> str:
+    """The full hook name, or a ValueError naming what is valid; ``dims`` has ``n_layers`` (a
+    `ModelDims` or a TransformerLens config)."""
+    name = hook_name(hook, layer)
+    if not 0 <= layer < dims.n_layers:
+        raise ValueError(f"layer={layer} is outside the model; valid: 0..{dims.n_layers - 1}")
+    return name
+
+
+# --- SAE training ---------------------------------------------------------------------------------------
+
+SAE_ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")  # SAELens's training configs: train_sae.ARCHITECTURES
+NORMALIZATIONS = ("none", "expected_average_only_in", "layer_norm", "constant_norm_rescale")
+
+
+@dataclass(frozen=True)
+class SAETrainingSpec:
+    """One SAE to train; every field is a choice that changes the SAE."""
+
+    hook: str
+    """attn.hook_z, hook_mlp_out or hook_resid_post."""
+    layer: int
+    architecture: str = "topk"
+    d_sae: int | None = None
+    """Latents; None: expansion_factor * d_in."""
+    expansion_factor: int = 8
+    k: int = 32
+    """Active latents (topk, batchtopk)."""
+    sparsity_coefficient: float = 5.0
+    """L1 coefficient (standard) or L0 coefficient (jumprelu)."""
+    training_tokens: int = 400_000
+    batch_size_tokens: int = 4096
+    learning_rate: float = 3e-4
+    context_size: int = 128
+    normalize_activations: str = "none"
+    prepend_bos: bool | None = None
+    """Training windows start with BOS; None: as the model was trained (Gemma-2 yes, GPT-2 no)."""
+    seed: int = 42
+    n_checkpoints: int = 4
+    """Checkpoints kept during training, so a killed run can continue."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolved_d_sae(spec: SAETrainingSpec, d_in: int) -> int:
+    return spec.d_sae or spec.expansion_factor * d_in
+
+
+def check_spec(spec: SAETrainingSpec, dims, n_context_tokens: int | None = None) -> None:
+    """Every value SAELens would crash on (or silently misuse), as one clear ValueError, before training.
+    ``dims``: a `ModelDims` or a TransformerLens config (n_layers, d_model, n_heads, d_head, n_ctx)."""
+    if spec.architecture not in SAE_ARCHITECTURES:
+        raise ValueError(f"architecture={spec.architecture!r} is not valid; valid: {', '.join(SAE_ARCHITECTURES)}")
+    if spec.hook not in HOOKS:
+        raise ValueError(f"hook={spec.hook!r} is not valid; valid: {', '.join(HOOKS)}")
+    check_hook(dims, spec.hook, spec.layer)
+    d_in = hook_d_in(dims, spec.hook)
+    d_sae = resolved_d_sae(spec, d_in)
+    if d_sae < 1:
+        raise ValueError(f"d_sae={d_sae} must be at least 1")
+    if spec.architecture in ("topk", "batchtopk") and not 0 < spec.k <= d_sae:
+        raise ValueError(f"k={spec.k} is not valid for d_sae={d_sae}; valid: 1..{d_sae}")
+    if spec.normalize_activations not in NORMALIZATIONS:
+        raise ValueError(f"normalize_activations={spec.normalize_activations!r} is not valid; valid: {', '.join(NORMALIZATIONS)}")
+    if spec.context_size < 2 or spec.context_size > dims.n_ctx:
+        raise ValueError(f"context_size={spec.context_size} is not valid; valid: 2..{dims.n_ctx} (the model's context)")
+    if spec.batch_size_tokens < 1 or spec.learning_rate <= 0:
+        raise ValueError(f"batch_size_tokens={spec.batch_size_tokens} and learning_rate={spec.learning_rate} must be positive")
+    if spec.training_tokens < spec.batch_size_tokens:
+        raise ValueError(f"training_tokens={spec.training_tokens} is fewer than one batch (batch_size_tokens={spec.batch_size_tokens})")
+    if n_context_tokens is not None and n_context_tokens < spec.context_size:
+        raise ValueError(f"the training text holds {n_context_tokens} tokens, fewer than one context of {spec.context_size}")
+
+
+# --- evaluation suites ---------------------------------------------------------------------------------
+
+SUITES = ("core", "absorption", "scr", "tpp", "sparse_probing", "ravel")
+
+
+def check_suites(suites: list[str]) -> None:
+    """A ValueError naming the first suite that is unknown."""
+    for suite in suites:
+        if suite not in SUITES:
+            raise ValueError(f"suite={suite!r} is not valid; valid: {', '.join(SUITES)}")
+
+
+# --- SAE sources ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SAESource:
+    """Where an SAE comes from; exactly one form is set."""
+
+    release: str | None = None
+    sae_id: str | None = None
+    uri: str | None = None
+    """`runs:/<run_id>/<path>` or `models:/<name>/<version>`."""
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, value) -> SAESource:
+        """From an experiment/CLI value: a mapping {release, sae_id}, an MLflow URI, or a folder."""
+        if isinstance(value, SAESource):
+            return value
+        if isinstance(value, dict):
+            if set(value) != {"release", "sae_id"}:
+                raise ValueError(f"SAE source {value!r} must have exactly the keys release and sae_id")
+            return cls(release=str(value["release"]), sae_id=str(value["sae_id"]))
+        text = str(value)
+        if text.startswith(("runs:/", "models:/")):
+            return cls(uri=text)
+        if Path(text).is_dir():
+            return cls(path=text)
+        if ":" in text and not text.startswith("/"):
+            release, sae_id = text.split(":", 1)
+            return cls(release=release, sae_id=sae_id)
+        raise ValueError(
+            f"SAE source {text!r} is not valid; valid: release:sae_id, runs:/<run_id>/sae, models:/<name>/<version>, or a SAELens folder"
+        )
+
+    def describe(self) -> str:
+        return f"{self.release}:{self.sae_id}" if self.release else (self.uri or self.path or "")

@@ -321,8 +321,10 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                 else:
                     note_reused(parent, sorted(set(found.values())))
                 row = {"hook": f"blocks.{layer}.{hook}", "variant": variant, "runs": ",".join(sorted(set(found.values())))}
+                # One read per run, not per suite: a run holds several suites, and reading a run reads all its metrics.
+                datas = {run_id: mlflow.MlflowClient().get_run(run_id).data for run_id in set(found.values())}
                 for suite, run_id in found.items():
-                    data = mlflow.MlflowClient().get_run(run_id).data
+                    data = datas[run_id]
                     row.update({k: v for k, v in data.metrics.items() if k.startswith(f"{suite}.")})
                     if f"saecomp.{suite}.not_applicable" in data.tags:
                         row[f"{suite}.not_applicable"] = data.tags[f"saecomp.{suite}.not_applicable"]

@@ -141,7 +141,7 @@ def stop_running_steps() -> None:
         cancel()
 
 
-# A step process watches the process that launched it (``SAECOMP_LAUNCHER`` = "pid:start"): when the launcher dies
+# A step process watches the process that launched it (``SAECOMP_LAUNCHER`` = "pid:start:pid space"): when the launcher dies
 # (a SIGKILLed pipeline, a lost Ray worker), the step closes its run as KILLED and exits, instead of finishing
 # unseen while a rerun computes the same thing again.
 # Read (and removed) at import: the variable is for this process alone, never for what it starts by other means.
@@ -209,7 +209,7 @@ def launch_local(
     from saecomp.executors import launch_thread_count
 
     threads = launch_thread_count()  # a local pool's share of the cores for this step
-    step_environment = {LAUNCHER_ENV: f"{os.getpid()}:{_process_start(os.getpid()) or 'unknown'}"}  # the step watches us
+    step_environment = {LAUNCHER_ENV: f"{os.getpid()}:{_process_start(os.getpid()) or 'unknown'}:{_pid_space()}"}  # the step watches us
     if threads is not None:
         step_environment.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with _LAUNCH_LOCK:  # `mlflow.projects.run` copies os.environ when it starts the step: only that step sees these
@@ -370,15 +370,22 @@ class _LauncherWatch:
 
     @classmethod
     def of(cls, run_id: str, launcher: str | None):
-        """A watch on ``launcher`` ("pid:start"), or None unless that process is really an ancestor of this one (a
-        value that is malformed, from another host or from an unrelated process arms nothing)."""
-        pid, _, start = (launcher or "").partition(":")
+        """A watch on ``launcher`` ("pid:start:pid space"), or None unless that process is really an ancestor of this
+        one (a value that is malformed, from another host or from an unrelated process arms nothing). A launcher of
+        this machine and pid namespace that is gone already (it died while this step was starting, before the step
+        could see it heading its chain) gives a watch that is gone at once: the step closes its run as KILLED rather
+        than finish a twin of the run a rerun makes."""
+        pid, _, rest = (launcher or "").partition(":")
+        start, _, space = rest.partition(":")
         if not pid.isdigit():
             return None
         between = _ancestors_below(int(pid))
-        if between is None or (start not in ("", "unknown") and _process_start(int(pid)) != start):
-            return None
-        return cls(run_id, int(pid), start, between)
+        known_start = start not in ("", "unknown")
+        if between is not None and (not known_start or _process_start(int(pid)) == start):
+            return cls(run_id, int(pid), start, between)
+        if known_start and space and space == _pid_space() and _process_start(int(pid)) != start:
+            return cls(run_id, int(pid), start, [])  # nothing between is known: the launcher headed it, and is gone
+        return None
 
     def __init__(self, run_id: str, pid: int, start: str, between: list[tuple[int, str | None]]):
         self.run_id, self.pid, self.start = run_id, pid, start
@@ -455,6 +462,17 @@ def _pid_namespace() -> str:
         return str(os.stat("/proc/self/ns/pid").st_ino)
     except OSError:
         return "unknown"
+
+
+def _pid_space() -> str:
+    """Where a pid names one process: this boot of this machine and this pid namespace ("" when unknown, which never
+    matches)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+    namespace = _pid_namespace()
+    return f"{boot}/{namespace}" if boot and namespace != "unknown" else ""
 
 
 def _process_start(pid: int) -> str | None:

@@ -249,3 +249,40 @@ def test_the_launcher_watch_arms_only_for_a_real_ancestor():
     finally:
         unrelated.kill()
         unrelated.wait()
+
+
+def test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed():
+    """CI met it with two steps at a time: a pipeline SIGKILLed while a step was starting left the step with a launcher
+    that no longer headed its chain, so it armed no watch and finished a twin of the run the rerun made. A launcher of
+    this machine that is gone when the step looks closes the step's run as KILLED; one from elsewhere arms nothing."""
+    from saecomp.tracking import LAUNCHER_ENV, _pid_space, _process_start
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    started = _process_start(launcher.pid)
+    launcher.kill()
+    launcher.wait()  # dead and reaped: its pid names no process now
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("launcher-watch") or client.get_experiment(client.create_experiment("launcher-watch"))
+    step = (
+        "import sys, time\n"
+        "from saecomp.tracking import alive\n"
+        "with alive(sys.argv[1], watch_launcher=True) as watch:\n"
+        "    time.sleep(3)\n"
+        "    if watch:\n"
+        "        watch.finish_or_exit()\n"
+        "print('finished')\n"
+    )
+    outcomes = {}
+    for name, value in (("gone here", f"{launcher.pid}:{started}:{_pid_space()}"),
+                        ("another machine's", f"{launcher.pid}:{started}:another-boot/4026531836"),
+                        ("without a pid space", f"{launcher.pid}:{started}")):  # fmt: skip
+        run = client.create_run(experiment.experiment_id)
+        env = {**os.environ, LAUNCHER_ENV: value, "PYTHONPATH": str(ROOT)}
+        done = subprocess.run([sys.executable, "-c", step, run.info.run_id], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        outcomes[name] = (done.returncode, "finished" in done.stdout, client.get_run(run.info.run_id))
+    code, finished, run = outcomes["gone here"]
+    assert (code, finished, run.info.status) == (137, False, "KILLED")
+    assert f"its launcher (process {launcher.pid} on {socket.gethostname()}) is gone" in run.data.tags[KILLED_REASON_TAG]
+    for name in ("another machine's", "without a pid space"):  # not provably this machine's launcher: the step runs on
+        code, finished, run = outcomes[name]
+        assert (code, finished, run.info.status) == (0, True, "RUNNING"), name  # (the step's own end marks it FINISHED)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from saecomp.prune_llm import group_mask, magnitude_mask, seed_mask, wanda_mask
-from saecomp.saes import check_sae_fits, ordinary_positions, splice
+from saecomp.saes import check_sae_fits, ordinary_positions
 
 METHODS = ("wanda", "magnitude", "wanda-seed", "latents")
 
@@ -248,37 +248,35 @@ def cache_activations(
 
 
 @torch.no_grad()
-def evaluate_cached(
-    model: HookedTransformer, sae: SAE, cache: ActivationCache, batch_size: int = 8, chunk_tokens: int = 4096
-) -> dict[str, float]:
-    """The metrics of `saecomp.saes.evaluate_sae`, from the cache: reconstruction without the model, chunk by
-    chunk (each chunk decoded right after it is encoded), and the spliced loss by running the model only from
-    the SAE's block on."""
+def evaluate_cached(model: HookedTransformer, sae: SAE, cache: ActivationCache, batch_size: int = 8) -> dict[str, float]:
+    """The metrics of `saecomp.saes.evaluate_sae`, from the cache: the model runs only from the SAE's block on, and
+    the one encode and decode that the splice needs at the hook also gives the reconstruction metrics (measured on
+    the ordinary positions of what the hook received: the cached block input run through the block)."""
     check_sae_fits(sae, model)
     sae.eval()
-    flat_acts = cache.ordinary_activations()  # [tokens, *hook_shape]
-    n_tokens = flat_acts.shape[0]
-    squared_error = variance_sum = cos_sum = 0.0
-    l0_sum = 0.0
+    cached = cache.ordinary_activations()  # [tokens, *hook_shape]
+    n_tokens = cached.shape[0]
+    mean = cached.reshape(n_tokens, -1).double().mean(0)  # [d]: the centre of the explained variance
+    sums = {"squared_error": 0.0, "variance": 0.0, "cos": 0.0, "l0": 0.0, "measured": 0}
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.device)
-    mean = flat_acts.reshape(n_tokens, -1).double().mean(0)
-    for x in flat_acts.split(chunk_tokens):
-        latents = sae.encode(x)
-        x_hat = sae.decode(latents).reshape(x.shape[0], -1).double()
-        x = x.reshape(x.shape[0], -1).double()
-        squared_error += float((x - x_hat).pow(2).sum())
-        variance_sum += float((x - mean).pow(2).sum())
-        cos_sum += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum())
-        l0_sum += float((latents > 0).sum())
-        fired |= (latents > 0).any(0)
-    d = flat_acts.reshape(n_tokens, -1).shape[1]
-    metrics = {
-        "mse": squared_error / (n_tokens * d),
-        "explained_variance": 1 - squared_error / variance_sum,
-        "cossim": cos_sum / n_tokens,
-        "l0": l0_sum / n_tokens,
-        "dead_fraction": float((~fired).float().mean()),
-    }
+
+    def splice_and_measure(act: torch.Tensor, hook, ordinary: torch.Tensor) -> torch.Tensor:
+        nonlocal fired
+        latents = sae.encode(act)  # [batch, seq, d_sae]; decoded right away (layer-norm SAEs keep encode's statistics)
+        reconstruction = sae.decode(latents)  # [batch, seq, *hook_shape]
+        keep = ordinary.to(act.device)  # [batch, seq]
+        x = act[keep].reshape(int(keep.sum()), -1).double()  # [tokens, d]
+        x_hat = reconstruction[keep].reshape(x.shape[0], -1).double()
+        active = latents[keep] > 0  # [tokens, d_sae]
+        sums["squared_error"] += float((x - x_hat).pow(2).sum())
+        sums["variance"] += float((x - mean).pow(2).sum())
+        sums["cos"] += float(torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).sum())
+        sums["l0"] += float(active.sum())
+        sums["measured"] += x.shape[0]
+        fired |= active.any(0)
+        where = keep.reshape(*keep.shape, *([1] * (act.ndim - keep.ndim)))
+        return torch.where(where, reconstruction.to(act.dtype), act)  # as `saes.splice`: special positions stay the model's
+
     ce_with = 0.0
     batches = zip(cache.resid_pre.split(batch_size), cache.tokens.split(batch_size), cache.ordinary.split(batch_size), strict=True)
     for resid, tokens, ordinary in batches:
@@ -288,11 +286,21 @@ def evaluate_cached(
             tokens=tokens,
             return_type="loss",
             loss_per_token=True,
-            fwd_hooks=[(cache.hook_name, lambda act, hook, o=ordinary: splice(sae, act, o))],
+            fwd_hooks=[(cache.hook_name, lambda act, hook, o=ordinary: splice_and_measure(act, hook, o))],
         )
         ce_with += float(loss.double().sum())
-    metrics["ce_loss_with_sae"] = ce_with / cache.n_predictions
-    metrics["ce_loss_without_sae"] = cache.clean_loss_sum / cache.n_predictions
+    if sums["measured"] != n_tokens:  # the hook saw other positions than the cache holds: the metrics would be wrong
+        raise RuntimeError(f"the splice measured {sums['measured']} tokens at {cache.hook_name}, the cache holds {n_tokens}")
+    d = mean.shape[0]
+    metrics = {
+        "mse": sums["squared_error"] / (n_tokens * d),
+        "explained_variance": 1 - sums["squared_error"] / sums["variance"],
+        "cossim": sums["cos"] / n_tokens,
+        "l0": sums["l0"] / n_tokens,
+        "dead_fraction": float((~fired).float().mean()),
+        "ce_loss_with_sae": ce_with / cache.n_predictions,
+        "ce_loss_without_sae": cache.clean_loss_sum / cache.n_predictions,
+    }
     metrics["ce_loss_increase"] = metrics["ce_loss_with_sae"] - metrics["ce_loss_without_sae"]
     return metrics
 

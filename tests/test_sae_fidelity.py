@@ -27,7 +27,7 @@ def topk_sae(d_in=32, d_sae=64, k=4, hook="blocks.1.hook_resid_post", seed=0, **
     return sae
 
 
-# --- 1. a layer-norm SAE decodes what it just encoded, whatever the chunking ----------------------------
+# --- 1. a layer-norm SAE decodes what it just encoded, whatever the batching ----------------------------
 
 
 def test_layer_norm_sae_over_many_chunks_measures_what_the_whole_model_would(small_world):
@@ -35,8 +35,8 @@ def test_layer_norm_sae_over_many_chunks_measures_what_the_whole_model_would(sma
     sae = topk_sae(normalize_activations="layer_norm")
     tokens = torch.randint(0, 1000, (6, 64), generator=torch.Generator().manual_seed(3))
     cache = cache_activations(model, "blocks.1.hook_resid_post", tokens, batch_size=4)
-    cached = evaluate_cached(model, sae, cache, chunk_tokens=100)  # 384 tokens: four chunks
-    full = evaluate_sae(model, sae, tokens, batch_size=4)
+    cached = evaluate_cached(model, sae, cache, batch_size=2)  # 384 tokens in three spliced batches
+    full = evaluate_sae(model, sae, tokens, batch_size=4)  # in two
     for key, value in full.items():
         assert cached[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     stats = sae_statistics(sae, cache.ordinary_activations(), batch_size=100)

@@ -121,11 +121,15 @@ def main(experiment, hook, layer, base, like, **fields) -> None:
 
 
 def key_for(exp, experiment_path: str, spec, model_label: str, like_source) -> str:
-    from saecomp.names import TINY_MODELS
+    from saecomp.names import TINY_MODELS, hook_d_in, resolved_d_sae
     from saecomp.tracking import step_key
 
+    d_in = hook_d_in(model_dims(exp), spec.hook)
     inputs = {
         "spec": spec.to_dict(),
+        # The SAE's shape as resolved (names.py, whose source is in no key, computes it): a change there changes it here.
+        "d_in": d_in,
+        "d_sae": resolved_d_sae(spec, d_in),
         "model": model_label,
         **exp.runtime(),
         # The pools decide where the training stream starts and what it is evaluated on.

@@ -3,7 +3,10 @@
 Models, LLM pruning methods, hooks, suites, SAE sources and a model's shape are all a pipeline needs to validate an
 experiment and find its finished runs. Importing torch, TransformerLens and SAELens to learn them cost a cached
 `mlflow run .` about 8 of its 20 s on 2 cores (py-spy, 2026-11-27), so they live here, and `models`, `saes`,
-`evaluate` and `prune_llm` re-export them. Nothing here decides a step's result: it is in no step's key (graph.py).
+`evaluate`, `prune_llm` and `train_sae` re-export them. This file's source is in no step's key (graph.py): what it
+decides about a result goes into the keys as a resolved input instead (an SAE training's whole spec and its resolved
+width, hook names, SAE sources), so an edit here that changes a result changes those keys, and one that does not (a
+new model name, a clearer error) leaves every finished run valid.
 """
 
 from __future__ import annotations
@@ -86,7 +89,10 @@ class ModelDims:
     def from_tiny(cls, model) -> ModelDims:
         """A tiny world model's shape from its `TinyModelConfig`, as `world.build.hf_config` lays it out (a test
         holds the two equal), without importing transformers (and with it torch)."""
-        architecture = {"gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM"}[model.architecture]
+        architectures = {"gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM"}
+        if model.architecture not in architectures:
+            raise ValueError(f"architecture={model.architecture!r} is not valid; valid: {', '.join(architectures)}")
+        architecture = architectures[model.architecture]
         return cls(model.n_layers, model.d_model, model.n_heads, model.d_model // model.n_heads, model.n_ctx, model.d_mlp, architecture)
 
 

@@ -383,7 +383,8 @@ class _LauncherWatch:
         known_start = start not in ("", "unknown")
         if between is not None and (not known_start or _process_start(int(pid)) == start):
             return cls(run_id, int(pid), start, between)
-        if known_start and space and space == _pid_space() and _process_start(int(pid)) != start:
+        # Dead (a zombie not yet reaped still shows its old start time) or its pid reused: gone.
+        if known_start and space and space == _pid_space() and (not _process_alive(int(pid)) or _process_start(int(pid)) != start):
             return cls(run_id, int(pid), start, [])  # nothing between is known: the launcher headed it, and is gone
         return None
 

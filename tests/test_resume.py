@@ -261,6 +261,11 @@ def test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed():
     started = _process_start(launcher.pid)
     launcher.kill()
     launcher.wait()  # dead and reaped: its pid names no process now
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    zombie_started = _process_start(zombie.pid)
+    zombie.kill()  # dead, not yet reaped by its parent (this test): /proc still shows it, with its start time
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.05)
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("launcher-watch") or client.get_experiment(client.create_experiment("launcher-watch"))
     step = (
@@ -274,6 +279,7 @@ def test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed():
     )
     outcomes = {}
     for name, value in (("gone here", f"{launcher.pid}:{started}:{_pid_space()}"),
+                        ("dead, not reaped", f"{zombie.pid}:{zombie_started}:{_pid_space()}"),
                         ("another machine's", f"{launcher.pid}:{started}:another-boot/4026531836"),
                         ("without a pid space", f"{launcher.pid}:{started}")):  # fmt: skip
         run = client.create_run(experiment.experiment_id)
@@ -282,9 +288,11 @@ def test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed():
         outcomes[name] = (done.returncode, "finished" in done.stdout, client.get_run(run.info.run_id))
         if outcomes[name][2].info.status == "RUNNING":  # as a step's own end would (the store is the session's)
             client.set_terminated(run.info.run_id, "FINISHED")
-    code, finished, run = outcomes["gone here"]
-    assert (code, finished, run.info.status) == (137, False, "KILLED")
-    assert f"its launcher (process {launcher.pid} on {socket.gethostname()}) is gone" in run.data.tags[KILLED_REASON_TAG]
+    zombie.wait()
+    for name, pid in (("gone here", launcher.pid), ("dead, not reaped", zombie.pid)):
+        code, finished, run = outcomes[name]
+        assert (code, finished, run.info.status) == (137, False, "KILLED"), name
+        assert f"its launcher (process {pid} on {socket.gethostname()}) is gone" in run.data.tags[KILLED_REASON_TAG]
     for name in ("another machine's", "without a pid space"):  # not provably this machine's launcher: the step runs on
         code, finished, run = outcomes[name]
         assert (code, finished, run.info.status) == (0, True, "RUNNING"), name

@@ -48,9 +48,10 @@ from entrypoints.common import experiment_option, fail, load, load_source, model
 @click.option(
     "--shared_activations",
     type=click.Path(file_okay=False),
-    help="A folder where SAEs evaluated on the same model, hook and config share SCR's model-side work (the model's "
-    "activations on the labelled texts and the probes trained on them), as SAEBench's run_eval shares it across its "
-    "SAE list; the numbers do not change. The pipeline passes one per run and deletes it. Default: computed afresh.",
+    help="A folder where SAEs evaluated on the same model, hook and config share the model-side work of SCR, TPP and "
+    "sparse probing (the model's activations on the labelled texts and the probes trained on them), as SAEBench's "
+    "run_eval shares it across its SAE list; the numbers do not change. The pipeline passes one per run and deletes it. "
+    "Default: computed afresh.",
 )
 def main(experiment, sae, base, suites, hook, layer, variant, inapplicable, seed, shared_activations) -> None:
     check_sae_bench()
@@ -223,7 +224,7 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
             world = resolve_world(exp, experiment_path)
         # The SAE is spliced into the model loaded the way its metadata asks (GUIDE §3).
         loaded = load_model(exp.model, checkpoint, exp.dtype, processing_kwargs(sae), exp.device)
-        if shared is not None:  # SCR's model side is shared only between SAEs that load the model the same way
+        if shared is not None:  # the model side is shared only between SAEs that load the model the same way
             processing = json.dumps(processing_kwargs(sae), sort_keys=True)
             shared = shared / f"processing-{hashlib.sha256(processing.encode()).hexdigest()[:12]}"
         # SAEBench keys its caches by model name: each model variant gets its own (we also give it fresh folders).

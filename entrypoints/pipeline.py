@@ -292,8 +292,9 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             if selected not in (0.25, 0.5):
                 variants[f"pruned{round(selected * 100)}"] = f"runs:/{run_id}/saes/pruned-{selected:g}"
             eval_exp = load(experiment, {**runtime, "evaluation.suites": suites}, check_device=False)  # checked once, above
-            # The variants' evaluate runs share SCR's model-side work, as SAEBench's run_eval shares it across its SAE
-            # list (same numbers; evaluate --shared_activations). Only on this machine; deleted once the cell is done.
+            # The variants' evaluate runs share the model-side work of SCR, TPP and sparse probing, as SAEBench's run_eval
+            # shares it across its SAE list (same numbers; evaluate --shared_activations). Only on this machine; deleted
+            # once the cell is done.
             shared = {"shared_activations": str(shared_root / f"blocks.{layer}.{hook}")} if shared_root else {}
 
             def evaluation(item: tuple[str, str]) -> dict:
@@ -330,7 +331,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                         row[f"{suite}.not_applicable"] = data.tags[f"saecomp.{suite}.not_applicable"]
                 return row
 
-            # The first variant alone, so that it computes SCR's shared model side once (unless it is reused: then the
+            # The first variant alone, so that it computes the shared model sides once (unless it is reused: then the
             # others may each compute it, safely, see evaluate.model_side_folder); the others at once, as far as the
             # executor runs steps side by side (one at a time in-process). Rows keep the variants' order.
             first, *rest = variants.items()

@@ -9,11 +9,12 @@ under a name that says what it is.
 Suites: ``core``, ``absorption``, ``scr``, ``tpp``, ``sparse_probing``, ``ravel`` (on the Hugging Face model, as
 SAEBench's RAVEL runs). For each, SAEBench's own inner function computes the numbers and SAEBench's own output classes
 pack them, the way its top-level ``run_eval`` does; every cache folder it takes is a fresh one of ours, so nothing
-is reused across runs and nothing is written inside site-packages. The one exception is SAEBench's own: SCR's
-model-side work (activations on the labelled texts, probes trained on them) does not depend on the SAE, and
-`run_eval` computes it once for its whole list of SAEs. Given a ``shared`` folder, SAEs evaluated on the same model,
-hook and config share it the same way (``model_side_folder``; SCR only, see SHARED_MODEL_SIDE); the pipeline passes
-one per run and deletes it.
+is reused across runs and nothing is written inside site-packages. The one exception is SAEBench's own: the
+model-side work of SCR, TPP and sparse probing (activations on the labelled texts, probes trained on them) does not
+depend on the SAE, and `run_eval` computes it once for its whole list of SAEs. Given a ``shared`` folder, SAEs
+evaluated on the same model, hook and config share it the same way (``model_side_folder``, SHARED_MODEL_SIDE), with
+each dataset's random numbers made independent of the SAE and dataset before it (``per_dataset_random_state``), so
+that each SAE scores exactly as a fresh run; the pipeline passes one per run and deletes it.
 """
 
 from __future__ import annotations
@@ -38,11 +39,31 @@ from transformer_lens import HookedTransformer
 
 from saecomp.names import SUITES, check_suites  # noqa: F401, E402  (re-exported; torch-free there)
 
-SHARED_MODEL_SIDE = ("scr",)
-"""The suites whose model-side work SAEs on one model and hook share (``model_side_folder``): those whose SAE side
-draws no random numbers, so that sharing changes no number. Not TPP, whose SAE side samples the negatives it tests
-each probe on (`probe_training.prepare_probe_data`), nor sparse probing, which trains a probe on the SAE's latents:
-their draws depend on whether the model side ran before them in the process."""
+SHARED_MODEL_SIDE = ("scr", "tpp", "sparse_probing")
+"""The suites whose model-side work SAEs on one model and hook share (``model_side_folder``); for TPP and sparse
+probing only with ``per_dataset_random_state``, see SAE_SIDE_DRAWS."""
+
+SAE_SIDE_DRAWS = ("tpp", "sparse_probing")
+"""The suites whose SAE side draws from the global generators: TPP samples the negatives it tests each probe on
+(`probe_training.prepare_probe_data`), sparse probing trains probes on the latents. SAEBench threads one generator
+through every dataset of a run, so a dataset's model side (its probes) would depend on the draws of the SAE side of the
+dataset before it, that is on the SAE, and a run that loads the model side would draw its SAE side from another state
+than a run that computes it. ``per_dataset_random_state`` evaluates each dataset as SAEBench evaluates it alone."""
+
+MODEL_SIDE_ENTRIES = {
+    "tpp": ("sae_bench.evals.scr_and_tpp.main", "get_dataset_activations"),
+    "sparse_probing": ("sae_bench.evals.sparse_probing.main", "get_dataset_activations"),
+}
+"""Per suite, the SAEBench function its ``run_eval_single_dataset`` calls first when it computes a dataset's model side
+(module, name; looked up at call time there)."""
+SAE_SIDE_ENTRIES = {
+    "tpp": ("sae_bench.evals.scr_and_tpp.main", "get_all_node_effects_for_one_sae"),
+    "sparse_probing": ("sae_bench.sae_bench_utils.activation_collection", "get_sae_meaned_activations"),
+}
+"""Per suite, the SAEBench function its ``run_eval_single_dataset`` calls first after the model side, computed or
+loaded: where the SAE side starts, once per dataset (sparse probing: twice, for its train and test texts, with no
+draw between)."""
+RANDOM_STATES_FILE = "saecomp_sae_side_random_states.pt"
 
 
 @dataclass(frozen=True)
@@ -353,9 +374,12 @@ def _scalar_metrics(suite: str, output: dict) -> dict[str, float]:
     }
 
 
-def run_sparse_probing(model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str = "sae") -> SuiteResult:
+def run_sparse_probing(
+    model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str = "sae", shared: Path | None = None
+) -> SuiteResult:
     """SAEBench's sparse probing (`sparse_probing.main.run_eval_single_sae`): top-k SAE latents against the model's
-    own activations, per dataset, packed into `SparseProbingEvalOutput` as its `run_eval` does."""
+    own activations, per dataset, packed into `SparseProbingEvalOutput` as its `run_eval` does. With ``shared``, the
+    model-side work is shared with other SAEs on the same model, hook and config (``model_side_folder``)."""
     from datetime import datetime
 
     from sae_bench.evals.sparse_probing import eval_output as out
@@ -364,10 +388,13 @@ def run_sparse_probing(model: HookedTransformer, sae: SAE, config, workdir: Path
 
     started = time.perf_counter()
     sae = prepared_for_saebench(sae, config.model_name)
-    with torch.enable_grad():
-        results, per_class = run_eval_single_sae(
-            config, sae, model, str(sae.device), str(workdir / "sparse_probing"), save_activations=False
-        )
+    needed = model_side_bytes(config, sae.cfg.d_in) if shared is not None else 0
+    with (
+        torch.enable_grad(),
+        model_side_folder(shared, config, sae.cfg.hook_name, str(sae.device), workdir / "sparse_probing", needed) as side,
+        per_dataset_random_state("sparse_probing", side, config.random_seed),
+    ):
+        results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(side.folder), save_activations=side.save)
     eval_output = out.SparseProbingEvalOutput(
         eval_config=config,
         eval_id=get_eval_uuid(),
@@ -382,7 +409,9 @@ def run_sparse_probing(model: HookedTransformer, sae: SAE, config, workdir: Path
     )
     output = _output_of(eval_output, workdir)
     validate_output(out.SparseProbingEvalOutput, output)
-    return SuiteResult("sparse_probing", output, _scalar_metrics("sparse_probing", output), time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    tags = {"saecomp.sparse_probing.model_side": side.origin}
+    return SuiteResult("sparse_probing", output, _scalar_metrics("sparse_probing", output), seconds, tags)
 
 
 def run_scr_or_tpp(
@@ -400,13 +429,14 @@ def run_scr_or_tpp(
     suite = "scr" if config.perform_scr else "tpp"
     started = time.perf_counter()
     sae = prepared_for_saebench(sae, config.model_name)
+    needed = model_side_bytes(config, sae.cfg.d_in) if shared is not None else 0
     with (
         torch.enable_grad(),
-        model_side_folder(shared, config, sae.cfg.hook_name, str(sae.device), workdir / suite) as side,
+        model_side_folder(shared, config, sae.cfg.hook_name, str(sae.device), workdir / suite, needed) as side,
+        per_dataset_random_state(suite, side, config.random_seed),
         repeated_inputs_cached(sae),
     ):
-        folder, save, origin = side
-        results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(folder), save_activations=save)
+        results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(side.folder), save_activations=side.save)
     common = {
         "eval_config": config,
         "eval_id": get_eval_uuid(),
@@ -434,7 +464,7 @@ def run_scr_or_tpp(
     output = _output_of(eval_output, workdir)
     validate_output(output_class, output)
     seconds = time.perf_counter() - started
-    return SuiteResult(suite, output, _scalar_metrics(suite, output), seconds, {f"saecomp.{suite}.model_side": origin})
+    return SuiteResult(suite, output, _scalar_metrics(suite, output), seconds, {f"saecomp.{suite}.model_side": side.origin})
 
 
 class RepeatedInputCache:
@@ -554,37 +584,172 @@ def repeated_inputs_cached(sae: SAE, budget_bytes: int | None = None) -> Iterato
         cache.entries.clear()
 
 
-@contextmanager
-def model_side_folder(shared: Path | None, config, hook_name: str, device: str, private: Path) -> Iterator[tuple[Path, bool, str]]:
-    """(SAEBench's artifacts folder, whether it saves there, where the model side comes from) for SCR (not TPP,
-    whose numbers would change: see SHARED_MODEL_SIDE).
+@dataclass(frozen=True)
+class ModelSide:
+    """Where SAEBench's model-side files for one suite run live (``model_side_folder``)."""
 
-    Without ``shared``: a fresh private folder, nothing saved. With it: the folder of this model, hook and config
-    under ``shared`` (the config names the model, datasets, sizes and seed). The first SAE computes SAEBench's
+    folder: Path
+    save: bool
+    """Whether SAEBench saves its model-side files there (it only loads them where they exist)."""
+    computing: bool
+    """Whether this run computes the model side (else it loads a complete shared folder)."""
+    origin: str
+    """Where the model side came from, for the run's tag."""
+
+
+def model_side_bytes(config, d_in: int) -> int:
+    """An upper bound on what SAEBench saves of one suite's model side for an SAE reading ``d_in`` activations: every
+    labelled text's activations at every position, train and test, per dataset (SCR: per class pair). Measured on the
+    tiny world at 1.8 (sparse probing), 2.5 (TPP) and 3.0 (SCR) times (train + test texts) x context x d_in x dtype
+    size per dataset, for the several class views of each text; counted here as 4 times. SAEBench's own sizes make
+    this several GB per dataset for GPT-2 small."""
+    from sae_bench.sae_bench_utils.general_utils import str_to_dtype
+
+    if hasattr(config, "probe_train_set_size"):  # sparse probing
+        texts, units = config.probe_train_set_size + config.probe_test_set_size, len(config.dataset_names)
+    else:
+        texts, units = config.train_set_size + config.test_set_size, len(config.dataset_names)
+        if config.perform_scr:  # one model side per class pair
+            units = sum(len(config.column1_vals_lookup.get(name, ())) for name in config.dataset_names)
+    return 4 * texts * config.context_length * d_in * str_to_dtype(config.llm_dtype).itemsize * max(units, 1)
+
+
+SHARED_FREE_MARGIN = 2 << 30
+"""Disk space a shared model side leaves free beyond its own estimate (``model_side_folder``)."""
+
+
+@contextmanager
+def model_side_folder(
+    shared: Path | None, config, hook_name: str, device: str, private: Path, bytes_needed: int = 0
+) -> Iterator[ModelSide]:
+    """SAEBench's artifacts folder for SCR, TPP or sparse probing (SHARED_MODEL_SIDE).
+
+    Without ``shared``, or where the disk under it has less free space than ``bytes_needed`` (``model_side_bytes``)
+    plus a margin: a fresh private folder, nothing saved (SAEBench's saved model side runs to tens of GB for
+    GPT-2 small; a full disk must not fail the suite). With it: the folder of this model, hook and config
+    under ``shared`` (the config names the suite, model, datasets, sizes and seed). The first SAE computes SAEBench's
     model-side files in a staging folder that becomes the keyed one by an atomic rename only when its suite
     succeeded, so a keyed folder is always complete, and every later SAE only loads from it, as SAEBench's own
-    `run_eval` does for the SAEs after its first. The SAE side draws no random numbers, so a loaded folder gives
-    exactly the numbers a fresh computation gives (tests/test_evaluate_suites.py)."""
+    `run_eval` does for the SAEs after its first. SCR's SAE side draws no random numbers; TPP's and sparse probing's start
+    from the state ``per_dataset_random_state`` records there. So a loaded folder gives exactly the numbers a fresh
+    computation gives (tests/test_evaluate_suites.py)."""
     if shared is None:
         private.mkdir(parents=True, exist_ok=True)
-        yield private, False, "computed by this run"
+        yield ModelSide(private, False, True, "computed by this run")
         return
     identity = {"hook_name": hook_name, "device": device, "config": dataclasses.asdict(config)}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     folder = Path(shared) / key
-    if folder.is_dir():
-        yield folder, True, f"loaded from {folder} (computed by an earlier run of this pipeline)"  # SAEBench only loads
+    if folder.is_dir():  # SAEBench only loads
+        yield ModelSide(folder, True, False, f"loaded from {folder} (computed by an earlier run of this pipeline)")
+        return
+    Path(shared).mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(shared).free
+    if free < bytes_needed + SHARED_FREE_MARGIN:
+        private.mkdir(parents=True, exist_ok=True)
+        why = f"not shared: it may take {bytes_needed / 1e9:.1f} GB and {shared} has {free / 1e9:.1f} GB free"
+        yield ModelSide(private, False, True, f"computed by this run ({why})")
         return
     staging = Path(shared) / f".{key}.{os.getpid()}.{threading.get_ident()}.partial"
     staging.mkdir(parents=True)
     try:
-        yield staging, True, f"computed by this run and shared in {folder}"
+        yield ModelSide(staging, True, True, f"computed by this run and shared in {folder}")
         try:
             os.replace(staging, folder)
         except OSError:  # another process published the same folder first
             pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _random_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_random_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def per_dataset_random_state(suite: str, side: ModelSide, seed: int) -> Iterator[None]:
+    """TPP and sparse probing (SAE_SIDE_DRAWS) with each dataset evaluated as SAEBench's ``run_eval_single_sae``
+    evaluates it alone, whether its model side is computed or loaded; other suites as they are.
+
+    - Where a dataset's model side starts, the global generators (Python, NumPy, torch with CUDA) are seeded with the
+      suite's ``random_seed``, as SAEBench seeds them at the start of its run (NumPy: as ``run_suite`` does). For the
+      first dataset this changes nothing; for the others it stops the SAE of the dataset before from steering their
+      probes.
+    - Where its SAE side starts, the run that computes a shared model side records the generators' state in the
+      shared folder, and a run that loads it sets that state: the state a computing run of any SAE has there.
+
+    SAEBench offers no way in between a dataset's model side and its SAE side, so for the duration of the suite the
+    first function of each (MODEL_SIDE_ENTRIES, SAE_SIDE_ENTRIES) is wrapped, the one place we do so."""
+    import importlib
+    import random
+
+    import numpy as np
+
+    if suite not in SAE_SIDE_DRAWS:
+        yield
+        return
+    wrapped = []
+
+    def wrap(entry: tuple[str, str], before) -> None:
+        module = importlib.import_module(entry[0])
+        original = getattr(module, entry[1])
+
+        def call(*args, **kwargs):
+            before()
+            return original(*args, **kwargs)
+
+        setattr(module, entry[1], call)
+        wrapped.append((module, entry[1], original))
+
+    def seed_all() -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # every device's generator
+
+    path = side.folder / RANDOM_STATES_FILE
+    states: list[dict] = [] if side.computing else torch.load(path, weights_only=False)
+    starts = 0
+
+    def sae_side_starts() -> None:
+        nonlocal starts
+        if side.computing:
+            states.append(_random_state())
+        elif starts < len(states):
+            _set_random_state(states[starts])
+        else:
+            raise RuntimeError(f"{path} records {len(states)} SAE-side starts of {suite}; this run reached a {starts + 1}th")
+        starts += 1
+
+    try:
+        wrap(MODEL_SIDE_ENTRIES[suite], seed_all)
+        wrap(SAE_SIDE_ENTRIES[suite], sae_side_starts)
+        yield
+    finally:
+        for module, name, original in reversed(wrapped):
+            setattr(module, name, original)
+    if side.computing and side.save:
+        torch.save(states, path)
+    elif not side.computing and starts != len(states):
+        raise RuntimeError(f"{path} records {len(states)} SAE-side starts of {suite}; this run made {starts}")
 
 
 def absorption_token_position(model: HookedTransformer, template: str) -> int:
@@ -818,8 +983,9 @@ def saebench_config(suite: str, ev, model_name: str, dtype: str, model: HookedTr
 def run_suite(
     suite: str, model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str, shared: Path | None = None
 ) -> SuiteResult:
-    """One of the probing suites (not core, which reads token windows) with its SAEBench ``config``; SCR shares its
-    model-side work with other SAEs through ``shared`` (``model_side_folder``; the others ignore it)."""
+    """One of the probing suites (not core, which reads token windows) with its SAEBench ``config``; SCR, TPP and
+    sparse probing share their model-side work with other SAEs through ``shared`` (``model_side_folder``; absorption
+    ignores it)."""
     import random
 
     import numpy as np

@@ -134,31 +134,95 @@ def test_probing_suites_write_saebench_json_with_finite_numbers(experiment, prun
 
 
 
-def test_saes_sharing_scrs_model_side_get_exactly_the_numbers_of_a_fresh_run(experiment, pruned, offline_data, tmp_path):
-    """The pipeline's SAEs on one model and hook share SCR's model-side work (activations and probes), as SAEBench's
-    run_eval does for its SAE list: the SAE that loads it scores exactly as if it had computed it. (TPP's would not:
-    its SAE side samples negatives from torch's generator, so TPP is never shared.)"""
-    suite = "scr"
+@pytest.mark.parametrize("suite", ["scr", "tpp", "sparse_probing"])
+def test_saes_sharing_the_model_side_get_exactly_the_numbers_of_a_fresh_run(experiment, pruned, offline_data, tmp_path, monkeypatch, suite):
+    """The pipeline's SAEs on one model and hook share the suite's model-side work (activations and probes), as
+    SAEBench's run_eval does for its SAE list: the SAE that loads it scores exactly as if it had computed it, though
+    another SAE computed it. TPP's and sparse probing's SAE sides draw random numbers after the model side, so this
+    holds only from the generators' state the computing run recorded (`per_dataset_random_state`): without it the
+    numbers move."""
     config = saebench_config(suite, experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
     shared = tmp_path / "shared"
     hook = "blocks.1.hook_resid_post"
     with offline_datasets(offline_data / "hf_datasets"):
         first = run_suite(suite, pruned.tl, topk_sae(hook, seed=1), config, tmp_path / "a", "first", shared=shared)
         (published,) = list(shared.iterdir())  # one complete keyed folder, no staging folder left behind
-        assert not published.name.startswith(".") and any(f.name.endswith("_probes.pkl") for f in published.iterdir())
+        assert not published.name.startswith(".") and any(f.name.endswith("_activations.pt") for f in published.iterdir())
+        assert first.tags[f"saecomp.{suite}.model_side"].startswith("computed by this run and shared")
         written = {f.name: f.stat().st_mtime_ns for f in published.iterdir()}
+        assert sum(f.stat().st_size for f in published.iterdir()) <= evaluate_lib.model_side_bytes(config, 32)  # its bound
         reused = run_suite(suite, pruned.tl, topk_sae(hook, seed=2), config, tmp_path / "b", "second", shared=shared)
         assert {f.name: f.stat().st_mtime_ns for f in published.iterdir()} == written  # only loaded
+        assert reused.tags[f"saecomp.{suite}.model_side"].startswith("loaded from")
         fresh = run_suite(suite, pruned.tl, topk_sae(hook, seed=2), config, tmp_path / "c", "second")
         run_suite(suite, pruned.tl, topk_sae("blocks.0.hook_resid_post", seed=2), config, tmp_path / "d", "other", shared=shared)
-    assert len(list(shared.iterdir())) == 2  # another hook reads other activations: its own folder
-    for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
-        assert reused.output[part] == fresh.output[part], part
-    assert first.output["eval_result_details"] != reused.output["eval_result_details"]  # the SAE side is each SAE's own
+        assert len(list(shared.iterdir())) == 2  # another hook reads other activations: its own folder
+        for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
+            assert reused.output[part] == fresh.output[part], part
+        assert first.output["eval_result_details"] != reused.output["eval_result_details"]  # the SAE side is each SAE's own
+        if suite != "scr":  # SCR's SAE side draws nothing; the others' numbers depend on the state handed over
+            states = published / evaluate_lib.RANDOM_STATES_FILE
+            recorded = states.read_bytes()
+            states.unlink()
+            with pytest.raises(FileNotFoundError):  # a folder without the states is refused, not silently used
+                run_suite(suite, pruned.tl, topk_sae(hook, seed=2), config, tmp_path / "e", "second", shared=shared)
+            torch.save([], states)  # nor is one that recorded fewer SAE-side starts than this run makes
+            with pytest.raises(RuntimeError, match="records 0 SAE-side starts"):
+                run_suite(suite, pruned.tl, topk_sae(hook, seed=2), config, tmp_path / "e", "second", shared=shared)
+            states.write_bytes(recorded)
+            monkeypatch.setattr(evaluate_lib, "_set_random_state", lambda state: None)  # loads the states, sets none
+            unpinned = run_suite(suite, pruned.tl, topk_sae(hook, seed=2), config, tmp_path / "f", "second", shared=shared).output
+            assert unpinned["eval_result_details"] != fresh.output["eval_result_details"]
+
+
+def test_a_model_side_the_disk_may_not_hold_is_computed_privately(experiment, pruned, tmp_path):
+    """SAEBench's saved model side runs to tens of GB at GPT-2 small's sizes: where the shared folder's disk lacks the
+    room its bound asks for, the run computes its own and shares (and writes there) nothing, rather than fail."""
+    import shutil
+
     config = saebench_config("tpp", experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    free = shutil.disk_usage(tmp_path).free
+    with evaluate_lib.model_side_folder(shared, config, "blocks.1.hook_resid_post", "cpu", private, free) as side:
+        assert side.folder == private and not side.save and side.computing and "not shared" in side.origin
+    assert not list(shared.iterdir())
+    with evaluate_lib.model_side_folder(shared, config, "blocks.1.hook_resid_post", "cpu", private, 1 << 20) as side:
+        assert side.folder.parent == shared and side.save and side.computing
+    gpt2_small = evaluate_lib._copy_config(config, train_set_size=4000, test_set_size=1000, context_length=128)
+    assert evaluate_lib.model_side_bytes(gpt2_small, 768) > 1e9 * len(config.dataset_names)  # SAEBench's sizes: GBs
+
+
+@pytest.mark.parametrize("suite", ["tpp", "sparse_probing"])
+def test_each_dataset_scores_as_saebench_scores_it_alone(experiment, pruned, offline_data, tmp_path, suite):
+    """TPP and sparse probing over several datasets: each dataset's numbers are those of SAEBench's own
+    run_eval_single_sae on that dataset alone, bit for bit (`per_dataset_random_state`): not steered by the SAE side
+    of the dataset before it, as in SAEBench's one generator threaded through all of them."""
+    import random
+
+    import numpy as np
+    from sae_bench.evals.scr_and_tpp.main import run_eval_single_sae as scr_tpp_single_sae
+    from sae_bench.evals.sparse_probing.main import run_eval_single_sae as sparse_probing_single_sae
+
+    from saecomp.saebench_data import default_datasets
+
+    config = saebench_config(suite, experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
+    field = "scr_tpp_datasets" if suite == "tpp" else "sparse_probing_datasets"
+    config = evaluate_lib._copy_config(config, dataset_names=default_datasets(field, tiny=True)[-2:])  # two kinds of text
+    hook = "blocks.1.hook_resid_post"
+    single_sae = scr_tpp_single_sae if suite == "tpp" else sparse_probing_single_sae
     with offline_datasets(offline_data / "hf_datasets"):
-        run_suite("tpp", pruned.tl, topk_sae(hook, seed=2), config, tmp_path / "e", "tpp", shared=shared)
-    assert len(list(shared.iterdir())) == 2  # TPP computed its own, shared nothing
+        ours = run_suite(suite, pruned.tl, topk_sae(hook, seed=3), config, tmp_path / "ours", "sae")
+        details = {d["dataset_name"]: d for d in ours.output["eval_result_details"]}
+        for i, name in enumerate(config.dataset_names):
+            random.seed(config.random_seed)
+            np.random.seed(config.random_seed)
+            torch.manual_seed(config.random_seed)
+            sae = evaluate_lib.prepared_for_saebench(topk_sae(hook, seed=3), config.model_name)
+            alone = evaluate_lib._copy_config(config, dataset_names=[name])
+            with torch.enable_grad():
+                results, _ = single_sae(alone, sae, pruned.tl, "cpu", str(tmp_path / f"alone{i}"), save_activations=False)
+            ((key, expected),) = [(k, v) for k, v in results.items() if isinstance(v, dict)]  # this dataset's numbers
+            assert {k: details[key][k] for k in expected} == expected, name
 
 
 def test_the_sae_memo_returns_what_the_sae_computes_and_never_a_stale_or_shared_tensor():

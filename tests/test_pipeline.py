@@ -32,7 +32,8 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
     # compare's report, built from the store, is among the pipeline run's artifacts; its Table 1 is the evaluations'
     report = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare")
-    cells = pd.read_csv(f"{report}/cells.csv", keep_default_na=False)
+    exact = {"float_precision": "round_trip"}  # pandas' default float parser can miss the last digit of what it wrote
+    cells = pd.read_csv(f"{report}/cells.csv", keep_default_na=False, **exact)
     assert os.path.exists(f"{report}/report.html") and set(cells.loc[cells["table"] == "table1", "status"]) == {"ok"}
     summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="summary.csv"))
     assert set(summary["hook"]) == {"blocks.1.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"}
@@ -40,7 +41,7 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     assert summary[["mse", "explained_variance", "cossim", "ce_loss_with_sae"]].notna().all().all()
     # SAEBench core for the four variants at every hook, on the pruned model: the paper's Table 1.
     assert "SAEBench core on the pruned model" in first.output
-    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation.csv"))
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation.csv"), **exact)
     assert len(table) >= 12 and {"pretrained", "pruned25", "pruned50", "trained"} <= set(table["variant"])
     assert table[["core.ce_loss_score", "core.kl_div_score", "core.explained_variance_centred"]].notna().all().all()
     mse = cells[(cells["table"] == "table1") & (cells["metric"] == "mse")].set_index(["hook", "variant"])["value"].astype(float)

@@ -54,6 +54,7 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
     by key lookups alone (nothing is computed or started). Steps downstream of one not run yet have no key yet."""
     from entrypoints import prune_llm, train_sae
     from entrypoints.common import world_step
+    from saecomp.config import SEEDED_SUITES
     from saecomp.names import TINY_MODELS, SAESource, hook_d_in
     from saecomp.tracking import find_finished_run
 
@@ -113,6 +114,9 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
                         f"RAVEL: up to {ev.ravel_pairs_per_attribute} pairs per attribute, top {ev.ravel_top_n_entities} entities "
                         "(hook_resid_post of Gemma-2 only)"
                     )
+                seeded = [s for s in suites if s in SEEDED_SUITES]
+                if ev.replicates > 1 and seeded:
+                    reads.append(f"{', '.join(seeded)} under seeds {', '.join(map(str, ev.replicate_seeds()))}")
                 tokens = "; ".join(reads)
                 lines.append(
                     f"  {cell}: evaluate {', '.join(suites)} for pretrained, pruned25, pruned50, trained (+ the selected level), {tokens}"
@@ -215,6 +219,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
 
     from entrypoints import evaluate, prune_sae
     from entrypoints.common import pruning_label
+    from saecomp.config import SEEDED_SUITES
     from saecomp.names import SAESource
     from saecomp.tracking import (
         STEP_TAG,
@@ -297,21 +302,27 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             # once the cell is done.
             shared = {"shared_activations": str(shared_root / f"blocks.{layer}.{hook}")} if shared_root else {}
 
-            def evaluation(item: tuple[str, str]) -> dict:
-                """One variant's row: its suites' finished runs, and one evaluate run for those without one."""
-                variant, ref = item
+            seeds = eval_exp.evaluation.replicate_seeds()
+
+            def evaluation(item: tuple[str, str, int]) -> dict:
+                """One variant's suites under one seed: their finished runs, and one evaluate run for those without
+                one. The first seed asks every suite; the others only the suites that read a seed."""
+                variant, ref, seed = item
                 source = SAESource.parse(ref)
+                asked = suites if seed == seeds[0] else [s for s in suites if s in SEEDED_SUITES]
+                seed_exp = load(experiment, {**runtime, "evaluation.suites": asked, "evaluation.seed": seed}, check_device=False)
                 # Each suite is reused alone: only the suites without a finished result run (in one evaluate run).
-                found = {s: find_finished_suite(s, k) for s, k in evaluate.suite_keys(eval_exp, experiment, source, model_label).items()}
+                found = {s: find_finished_suite(s, k) for s, k in evaluate.suite_keys(seed_exp, experiment, source, model_label).items()}
                 missing = [s for s, run_id in found.items() if run_id is None]
                 if missing:
-                    missing_exp = load(experiment, {**runtime, "evaluation.suites": missing}, check_device=False)
+                    missing_exp = load(experiment, {**runtime, "evaluation.suites": missing, "evaluation.seed": seed}, check_device=False)
                     key = evaluate.key_for(missing_exp, experiment, source, model_label)
                     parameters = {
                         "experiment": experiment,
                         "sae": source.describe(),
                         "variant": variant,
                         "suites": ",".join(missing),
+                        "seed": str(seed),
                         "inapplicable": "tag",  # the experiment's suites, not the user's request: RAVEL on GPT-2 is tagged
                         **shared,
                         **runtime,
@@ -321,7 +332,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                     found.update({s: new_run for s in missing})
                 else:
                     note_reused(parent, sorted(set(found.values())))
-                row = {"hook": f"blocks.{layer}.{hook}", "variant": variant, "runs": ",".join(sorted(set(found.values())))}
+                row = {"hook": f"blocks.{layer}.{hook}", "variant": variant, "seed": seed, "runs": sorted(set(found.values()))}
                 # One read per run, not per suite: a run holds several suites, and reading a run reads all its metrics.
                 datas = {run_id: mlflow.MlflowClient().get_run(run_id).data for run_id in set(found.values())}
                 for suite, run_id in found.items():
@@ -331,11 +342,26 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                         row[f"{suite}.not_applicable"] = data.tags[f"saecomp.{suite}.not_applicable"]
                 return row
 
-            # The first variant alone, so that it computes the shared model sides once (unless it is reused: then the
-            # others may each compute it, safely, see evaluate.model_side_folder); the others at once, as far as the
-            # executor runs steps side by side (one at a time in-process). Rows keep the variants' order.
-            first, *rest = variants.items()
-            out["evaluations"] = [evaluation(first), *side_by_side(evaluation, rest)]
+            def variant_row(rows: list[dict]) -> dict:
+                """A variant's row: the first seed's numbers, or for the seeded suites with several seeds their mean
+                over seeds (compare's report gives its standard error)."""
+                row = {**rows[0], "runs": ",".join(sorted({r for each in rows for r in each["runs"]}))}
+                del row["seed"]
+                if len(rows) > 1:
+                    row["seeds"] = len(rows)
+                    for name in {k for each in rows[1:] for k in each if k.split(".", 1)[0] in SEEDED_SUITES}:
+                        values = [each[name] for each in rows if isinstance(each.get(name), float)]
+                        if values and len(values) == len(rows):
+                            row[name] = sum(values) / len(values)
+                return row
+
+            # The first variant alone at the first seed, so that it computes the shared model sides once (unless it is
+            # reused: then the others may each compute it, safely, see evaluate.model_side_folder); the others at once,
+            # as far as the executor runs steps side by side (one at a time in-process). Rows keep the variants' order.
+            items = [(variant, ref, seed) for seed in seeds for variant, ref in variants.items()]
+            first, *rest = items
+            rows = [evaluation(first), *side_by_side(evaluation, rest)]
+            out["evaluations"] = [variant_row([r for r in rows if r["variant"] == variant]) for variant in variants]
             if shared:
                 shutil.rmtree(shared["shared_activations"], ignore_errors=True)
             return out

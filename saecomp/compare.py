@@ -39,6 +39,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from saecomp.config import SEEDED_SUITES
+
 VARIANTS = ("pretrained", "pruned25", "pruned50", "trained")
 """The paper's four SAE variants, in its column order; other variants (a selected level) follow them."""
 
@@ -205,6 +207,11 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                             run_ids = ",".join(r.run_id for r in seeds.values())
                             run_names = " | ".join(r.name for r in seeds.values())
                             note = f"mean over {len(seeds)} seeds ({', '.join(seeds)}) ± its standard error over seeds"
+                        elif len(seeds) == 1 and spec.suite in SEEDED_SUITES:
+                            asked_seeds = _newest_per_seed(asked_here)
+                            if len(asked_seeds) > 1:  # replicates ran, but only one seed's run has this number
+                                others = ", ".join(s for s in asked_seeds if s not in seeds)
+                                note = f"seed {next(iter(seeds))} only: the runs with seed {others} have no value for it"
                         rows.append(
                             {
                                 "table": spec.name,
@@ -231,9 +238,6 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-SEEDED_SUITES = ("absorption", "scr", "tpp", "sparse_probing", "ravel")
-"""The suites that read ``evaluation.seed`` (SAEBench's random_seed; core reads none): runs of one of them with
-different seeds are replicates of one cell."""
 
 
 def _newest_per_seed(candidates: list[RunRecord]) -> dict[str, RunRecord]:

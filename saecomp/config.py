@@ -210,6 +210,14 @@ class EvaluationConfig(Section):
     seed: int = 42
     """SAEBench's ``random_seed`` for every suite but core (its default, 42): the balanced samples, the probes, the
     pairs. Runs with other seeds that fill one table cell print as their mean and its standard error over seeds."""
+    replicates: int = 1
+    """Seeds the pipeline evaluates each SAE with in the suites that read one (``seed``, ``seed`` + 1, ...): with
+    2 or more, compare's cells for those suites are the mean over seeds with its standard error. Each seed's runs are
+    reused by their own keys, so raising it only adds the new seeds' runs."""
+
+    def replicate_seeds(self) -> list[int]:
+        """The seeds the pipeline evaluates the seeded suites with (SEEDED_SUITES), ``seed`` first."""
+        return [self.seed + i for i in range(self.replicates)]
     # the probing suites (SCR, TPP, sparse probing)
     probe_context_length: int = 128
     """Tokens per labelled text (longer ones are truncated, shorter padded; padding is masked out)."""
@@ -258,6 +266,10 @@ SUITE_FIELDS = {
     "absorption": ("seed", "llm_batch_size", "absorption_max_k", "absorption_min_letters"),
     "ravel": ("seed", "ravel_llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute", "ravel_data_revision"),
 }  # fmt: skip
+
+SEEDED_SUITES = tuple(suite for suite, fields in SUITE_FIELDS.items() if "seed" in fields)
+"""The suites that read ``evaluation.seed`` (SAEBench's random_seed; core reads none): runs of one of them with
+different seeds are replicates of one cell."""
 
 
 class Experiment(Section):
@@ -446,7 +458,7 @@ def validate(exp: Experiment) -> Experiment:
     ev = exp.evaluation
     sizes = ("n_sequences", "batch_size_prompts", "n_reconstruction_batches", "n_sparsity_variance_batches", "probe_context_length",
              "llm_batch_size", "sparse_probing_train_size", "sparse_probing_test_size", "scr_tpp_train_size", "scr_tpp_test_size",
-             "absorption_max_k", "absorption_min_letters")  # fmt: skip
+             "absorption_max_k", "absorption_min_letters", "replicates")  # fmt: skip
     for name in sizes:
         if getattr(ev, name) < 1:
             raise ConfigError(f"evaluation.{name}={getattr(ev, name)} must be at least 1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Tests never touch the user's store or cache.
-_SESSION_DIR = Path(os.environ.get("PYTEST_SAECOMP_DIR", "/tmp")) / f"saecomp-tests-{os.getpid()}"
-_SESSION_DIR.mkdir(parents=True, exist_ok=True)
+# A fresh folder per session: a session killed before its end leaves its folder, and a later one with the same pid
+# must not read that session's runs.
+_ROOT_DIR = Path(os.environ.get("PYTEST_SAECOMP_DIR", "/tmp"))
+_ROOT_DIR.mkdir(parents=True, exist_ok=True)
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix=f"saecomp-tests-{os.getpid()}-", dir=_ROOT_DIR))
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
 os.environ["SAECOMP_CACHE"] = str(_SESSION_DIR / "cache")
 os.environ["HF_HUB_OFFLINE"] = "1"

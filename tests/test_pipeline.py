@@ -111,6 +111,48 @@ def test_adding_a_suite_runs_that_suite_alone(small_experiment, tmp_path):
     assert all(len(runs.split(",")) == 2 for runs in table["runs"])  # core from before, SCR from now
 
 
+def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment, tmp_path):
+    """evaluation.replicates: 2 adds, per variant, one evaluate run of the suites that read a seed (SCR here, not
+    core) under the next seed, reusing everything else; compare's SCR cells become the mean over the two seeds with
+    its standard error, core's stay single runs with their bootstrap. A rerun adds nothing."""
+    import yaml
+
+    config = yaml.safe_load(small_experiment.read_text())
+    config["sae"]["hooks"] = ["hook_resid_post"]  # the previous test's cell, reused if it ran
+    config["evaluation"]["suites"] = ["core", "scr"]
+    path = tmp_path / "replicated.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
+    before = {r.info.run_id for r in step_runs("evaluate")}
+    config["evaluation"]["replicates"] = 2
+    path.write_text(yaml.safe_dump(config))
+    plan = CliRunner().invoke(pipeline.main, ["--experiment", str(path), "--dry-run"], catch_exceptions=False)
+    assert "scr under seeds 42, 43" in plan.output
+    result = CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    new = [r for r in step_runs("evaluate") if r.info.run_id not in before]
+    assert len(new) == 4 and {(r.data.params["suites"], r.data.params["evaluation.seed"]) for r in new} == {("scr", "43")}
+    run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
+    report = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare")
+    cells = pd.read_csv(f"{report}/cells.csv", keep_default_na=False)
+    scr = cells[(cells["table"] == "scr") & (cells["status"] == "ok")]
+    replicated = scr["note"].str.startswith("mean over 2 seeds (42, 43)")
+    assert replicated.sum() >= len(scr) / 2 and (scr.loc[replicated, "run_id"].str.count(",") == 1).all()
+    assert (scr.loc[replicated, "se"] != "").all()
+    # SAEBench gives scr_metric_threshold_n only where the two clean probes' accuracies differ: a seed can lack it,
+    # and the cell then says it holds one seed's number.
+    single = scr[~replicated]
+    assert single["note"].str.contains("only: the runs with seed").all(), single[["metric", "variant", "note"]].to_string()
+    assert single["metric"].str.startswith("scr_metric_threshold").all()
+    core = cells[(cells["table"] == "table1") & (cells["status"] == "ok")]
+    assert len(core) and not core["note"].str.contains("seeds").any() and (core["run_id"].str.count(",") == 0).all()
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation.csv"))
+    assert (table["seeds"] == 2).all() and all(len(runs.split(",")) >= 2 for runs in table["runs"])
+    again = {r.info.run_id for r in step_runs("evaluate")}
+    assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
+    assert {r.info.run_id for r in step_runs("evaluate")} == again  # every seed's runs reused
+
+
 def test_dry_run_prints_the_plan_and_computes_nothing(small_experiment, tracked_world, tmp_path):
     import yaml
 

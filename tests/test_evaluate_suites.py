@@ -225,6 +225,30 @@ def test_each_dataset_scores_as_saebench_scores_it_alone(experiment, pruned, off
             assert {k: details[key][k] for k in expected} == expected, name
 
 
+def test_saebench_scr_tpp_ablation_reaches_padded_positions():
+    """Pins the SAEBench behaviour the README documents ("Known SAEBench deviation"): its SCR/TPP ablation assumes
+    zeroed (padded) positions add nothing, but at such a position it adds decode(ablated f(0)) - decode(f(0)), so
+    ablating a latent that fires on a zero input (a TopK SAE always has k) moves every text's probe input with the
+    amount of padding. Without ablation the padding adds nothing, as SAEBench intends. If SAEBench fixes this, the
+    first assertion fails and the README's deviation and this test go."""
+    from sae_bench.evals.scr_and_tpp.main import ablated_precomputed_activations
+
+    sae = topk_sae("blocks.0.hook_resid_post", d_in=32, seed=4)
+    generator = torch.Generator().manual_seed(0)
+    acts = torch.randn(6, 20, 32, generator=generator)
+    acts[:, 12:] = 0.0  # texts of 12 tokens, padded and zeroed as SAEBench zeroes padding
+    padded = torch.cat([acts, torch.zeros(6, 44, 32)], dim=1)  # the same texts at a longer context: only more padding
+    with torch.no_grad():
+        on_zero = sae.encode(torch.zeros(1, 32))[0] != 0
+        assert on_zero.sum() == 8  # k latents fire on a zero input
+        ablate_zero_input_latents = on_zero.clone()
+        nothing = torch.zeros_like(on_zero)
+        short, long = (ablated_precomputed_activations(a, sae, ablate_zero_input_latents, 125) for a in (acts, padded))
+        assert (short - long).abs().max() > 0.1 * short.abs().max()  # the padding moved the probe input
+        short, long = (ablated_precomputed_activations(a, sae, nothing, 125) for a in (acts, padded))
+        torch.testing.assert_close(short, long)  # with nothing ablated, padding adds nothing
+
+
 def test_the_sae_memo_returns_what_the_sae_computes_and_never_a_stale_or_shared_tensor():
     """`RepeatedInputCache`: an input seen again gets the latents the SAE computes for it, as a copy its caller may
     zero in place; a reconstruction of untouched latents is the SAE's, of ablated ones recomputed; an input written

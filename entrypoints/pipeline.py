@@ -303,6 +303,8 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             shared = {"shared_activations": str(shared_root / f"blocks.{layer}.{hook}")} if shared_root else {}
 
             seeds = eval_exp.evaluation.replicate_seeds()
+            if not any(s in SEEDED_SUITES for s in suites):  # core alone reads no seed: one evaluation per variant
+                seeds = seeds[:1]
 
             def evaluation(item: tuple[str, str, int]) -> dict:
                 """One variant's suites under one seed: their finished runs, and one evaluate run for those without

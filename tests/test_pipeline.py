@@ -151,6 +151,10 @@ def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment
     again = {r.info.run_id for r in step_runs("evaluate")}
     assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
     assert {r.info.run_id for r in step_runs("evaluate")} == again  # every seed's runs reused
+    config["evaluation"]["suites"] = ["core"]  # no suite reads a seed: replicates add nothing
+    path.write_text(yaml.safe_dump(config))
+    assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
+    assert {r.info.run_id for r in step_runs("evaluate")} == again
 
 
 def test_dry_run_prints_the_plan_and_computes_nothing(small_experiment, tracked_world, tmp_path):

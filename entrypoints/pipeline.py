@@ -345,24 +345,27 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                 return row
 
             def variant_row(rows: list[dict]) -> dict:
-                """A variant's row: the first seed's numbers, or for the seeded suites with several seeds their mean
-                over seeds (compare's report gives its standard error)."""
+                """A variant's row: the first seed's numbers; for the seeded suites with several seeds, the mean over
+                the seeds whose run has the number, as compare's cells (which give its standard error and say where
+                only one seed has it)."""
                 row = {**rows[0], "runs": ",".join(sorted({r for each in rows for r in each["runs"]}))}
                 del row["seed"]
                 if len(rows) > 1:
                     row["seeds"] = len(rows)
-                    for name in {k for each in rows[1:] for k in each if k.split(".", 1)[0] in SEEDED_SUITES}:
+                    for name in {k for each in rows for k in each if k.split(".", 1)[0] in SEEDED_SUITES}:
                         values = [each[name] for each in rows if isinstance(each.get(name), float)]
-                        if values and len(values) == len(rows):
+                        if values:
                             row[name] = sum(values) / len(values)
                 return row
 
-            # The first variant alone at the first seed, so that it computes the shared model sides once (unless it is
-            # reused: then the others may each compute it, safely, see evaluate.model_side_folder); the others at once,
-            # as far as the executor runs steps side by side (one at a time in-process). Rows keep the variants' order.
-            items = [(variant, ref, seed) for seed in seeds for variant, ref in variants.items()]
-            first, *rest = items
-            rows = [evaluation(first), *side_by_side(evaluation, rest)]
+            # The first variant of each seed first (the seeds' model sides differ), so that each computes its shared
+            # model sides once (unless they are reused: then the others may each compute them, safely, see
+            # evaluate.model_side_folder); then the others, as far as the executor runs steps side by side (one at a
+            # time in-process). Rows keep the variants' order.
+            (first_variant, first_ref), *_ = variants.items()
+            firsts = [(first_variant, first_ref, seed) for seed in seeds]
+            rest = [(variant, ref, seed) for seed in seeds for variant, ref in variants.items() if variant != first_variant]
+            rows = [*side_by_side(evaluation, firsts), *side_by_side(evaluation, rest)]
             out["evaluations"] = [variant_row([r for r in rows if r["variant"] == variant]) for variant in variants]
             if shared:
                 shutil.rmtree(shared["shared_activations"], ignore_errors=True)

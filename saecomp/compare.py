@@ -208,7 +208,7 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                             run_names = " | ".join(r.name for r in seeds.values())
                             note = f"mean over {len(seeds)} seeds ({', '.join(seeds)}) ± its standard error over seeds"
                         elif len(seeds) == 1 and spec.suite in SEEDED_SUITES:
-                            asked_seeds = _newest_per_seed(asked_here)
+                            asked_seeds = _newest_per_seed(asked_here, like=candidates[-1])
                             if len(asked_seeds) > 1:  # replicates ran, but only one seed's run has this number
                                 others = ", ".join(s for s in asked_seeds if s not in seeds)
                                 note = f"seed {next(iter(seeds))} only: the runs with seed {others} have no value for it"
@@ -240,17 +240,18 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
 
 
 
-def _newest_per_seed(candidates: list[RunRecord]) -> dict[str, RunRecord]:
+def _newest_per_seed(candidates: list[RunRecord], like: RunRecord | None = None) -> dict[str, RunRecord]:
     """The newest of ``candidates`` (oldest first) per ``evaluation.seed``, by seed, among the runs that measured the
-    same thing as the newest one: the same SAE and the same evaluation settings but the seed (a setting one of them
-    did not log, its suite not asked, does not count). Runs from before the seed was logged used SAEBench's 42."""
+    same thing as ``like`` (default: the newest candidate): the same SAE and the same evaluation settings but the seed
+    (a setting one of them did not log, its suite not asked, does not count). Runs from before the seed was logged
+    used SAEBench's 42."""
     if not candidates:
         return {}
 
     def settings(run: RunRecord) -> dict[str, str]:
         return {k: v for k, v in run.params.items() if (k.startswith("evaluation.") or k == "sae") and k != "evaluation.seed"}
 
-    reference = settings(candidates[-1])
+    reference = settings(like or candidates[-1])
     newest = {}
     for run in candidates:
         own = settings(run)

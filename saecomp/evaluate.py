@@ -12,9 +12,9 @@ pack them, the way its top-level ``run_eval`` does; every cache folder it takes 
 is reused across runs and nothing is written inside site-packages. The one exception is SAEBench's own: the
 model-side work of SCR, TPP and sparse probing (activations on the labelled texts, probes trained on them) does not
 depend on the SAE, and `run_eval` computes it once for its whole list of SAEs. Given a ``shared`` folder, SAEs
-evaluated on the same model, hook and config share it the same way (``model_side_folder``, SHARED_MODEL_SIDE), with
-each dataset's random numbers made independent of the SAE and dataset before it (``per_dataset_random_state``), so
-that each SAE scores exactly as a fresh run; the pipeline passes one per run and deletes it.
+evaluated on the same model, hook and config share it the same way (``model_side_folder``, SHARED_MODEL_SIDE), each
+SAE side starting from the random state a fresh run has there (``per_dataset_random_state``), so that each SAE scores
+exactly as a fresh run; the pipeline passes one per run and deletes it.
 """
 
 from __future__ import annotations
@@ -40,29 +40,25 @@ from transformer_lens import HookedTransformer
 from saecomp.names import SUITES, check_suites  # noqa: F401, E402  (re-exported; torch-free there)
 
 SHARED_MODEL_SIDE = ("scr", "tpp", "sparse_probing")
-"""The suites whose model-side work SAEs on one model and hook share (``model_side_folder``); for TPP and sparse
-probing only with ``per_dataset_random_state``, see SAE_SIDE_DRAWS."""
+"""The suites whose model-side work SAEs on one model and hook share (``model_side_folder``), each with the random
+state its SAE side starts from (``per_dataset_random_state``)."""
 
-SAE_SIDE_DRAWS = ("tpp", "sparse_probing")
-"""The suites whose SAE side draws from the global generators: TPP samples the negatives it tests each probe on
-(`probe_training.prepare_probe_data`), sparse probing trains probes on the latents. SAEBench threads one generator
-through every dataset of a run, so a dataset's model side (its probes) would depend on the draws of the SAE side of the
-dataset before it, that is on the SAE, and a run that loads the model side would draw its SAE side from another state
-than a run that computes it. ``per_dataset_random_state`` evaluates each dataset as SAEBench evaluates it alone."""
-
-MODEL_SIDE_ENTRIES = {
-    "tpp": ("sae_bench.evals.scr_and_tpp.main", "get_dataset_activations"),
-    "sparse_probing": ("sae_bench.evals.sparse_probing.main", "get_dataset_activations"),
-}
-"""Per suite, the SAEBench function its ``run_eval_single_dataset`` calls first when it computes a dataset's model side
-(module, name; looked up at call time there)."""
 SAE_SIDE_ENTRIES = {
+    "scr": ("sae_bench.evals.scr_and_tpp.main", "get_all_node_effects_for_one_sae"),
     "tpp": ("sae_bench.evals.scr_and_tpp.main", "get_all_node_effects_for_one_sae"),
     "sparse_probing": ("sae_bench.sae_bench_utils.activation_collection", "get_sae_meaned_activations"),
 }
 """Per suite, the SAEBench function its ``run_eval_single_dataset`` calls first after the model side, computed or
-loaded: where the SAE side starts, once per dataset (sparse probing: twice, for its train and test texts, with no
-draw between)."""
+loaded (module, name; looked up at call time there): where the SAE side starts, once per dataset (sparse probing:
+twice, for its train and test texts, with no draw between). Every SAE side draws from the global generators
+(`probe_training.prepare_probe_data` samples and shuffles the texts each probe reads; sparse probing trains probes on
+the latents), from the state the model side left, which a run that loads the model side never reaches."""
+MODEL_SIDE_RESEEDED = {"sparse_probing": ("sae_bench.evals.sparse_probing.main", "get_dataset_activations")}
+"""The suites whose SAE side draws a number of values that depends on the SAE: sparse probing's probes on the
+latents stop early. SAEBench threads one generator through all datasets of a run, so there the next dataset's model
+side (its probes) would depend on the SAE before it. Each dataset's model side starts from the suite's seed instead,
+where this function (called first when it is computed) is called: SAEBench's numbers for the dataset evaluated
+alone. SCR's and TPP's SAE sides draw fixed amounts, so their datasets follow SAEBench's one generator unchanged."""
 RANDOM_STATES_FILE = "saecomp_sae_side_random_states.pt"
 
 
@@ -590,7 +586,8 @@ class ModelSide:
 
     folder: Path
     save: bool
-    """Whether SAEBench saves its model-side files there (it only loads them where they exist)."""
+    """Whether SAEBench saves its model-side files there (it loads them wherever they exist: a loading run saves
+    nothing, so a published folder is never written to)."""
     computing: bool
     """Whether this run computes the model side (else it loads a complete shared folder)."""
     origin: str
@@ -598,11 +595,11 @@ class ModelSide:
 
 
 def model_side_bytes(config, d_in: int) -> int:
-    """An upper bound on what SAEBench saves of one suite's model side for an SAE reading ``d_in`` activations: every
-    labelled text's activations at every position, train and test, per dataset (SCR: per class pair). Measured on the
-    tiny world at 1.8 (sparse probing), 2.5 (TPP) and 3.0 (SCR) times (train + test texts) x context x d_in x dtype
-    size per dataset, for the several class views of each text; counted here as 4 times. SAEBench's own sizes make
-    this several GB per dataset for GPT-2 small."""
+    """An estimate, with a margin, of what SAEBench saves of one suite's model side for an SAE reading ``d_in``
+    activations: every labelled text's activations at every position, train and test, per dataset (SCR: per class
+    pair). Measured on the tiny world at 1.8 (sparse probing), 2.5 (TPP) and 3.0 (SCR) times (train + test texts) x
+    context x d_in x dtype size per dataset, for the several class views of each text; counted here as 4 times.
+    SAEBench's own sizes make this several GB per dataset for GPT-2 small."""
     from sae_bench.sae_bench_utils.general_utils import str_to_dtype
 
     if hasattr(config, "probe_train_set_size"):  # sparse probing
@@ -630,9 +627,9 @@ def model_side_folder(
     under ``shared`` (the config names the suite, model, datasets, sizes and seed). The first SAE computes SAEBench's
     model-side files in a staging folder that becomes the keyed one by an atomic rename only when its suite
     succeeded, so a keyed folder is always complete, and every later SAE only loads from it, as SAEBench's own
-    `run_eval` does for the SAEs after its first. SCR's SAE side draws no random numbers; TPP's and sparse probing's start
-    from the state ``per_dataset_random_state`` records there. So a loaded folder gives exactly the numbers a fresh
-    computation gives (tests/test_evaluate_suites.py)."""
+    `run_eval` does for the SAEs after its first. Their SAE sides start from the random state
+    ``per_dataset_random_state`` records there, so a loaded folder gives exactly the numbers a fresh computation gives
+    (tests/test_evaluate_suites.py)."""
     if shared is None:
         private.mkdir(parents=True, exist_ok=True)
         yield ModelSide(private, False, True, "computed by this run")
@@ -641,7 +638,7 @@ def model_side_folder(
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
     folder = Path(shared) / key
     if folder.is_dir():  # SAEBench only loads
-        yield ModelSide(folder, True, False, f"loaded from {folder} (computed by an earlier run of this pipeline)")
+        yield ModelSide(folder, False, False, f"loaded from {folder} (computed by an earlier run of this pipeline)")
         return
     Path(shared).mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(shared).free
@@ -681,53 +678,45 @@ def _set_random_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state:  # per device this process sees (the pipeline shares folders on one machine only)
+        for index, device_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
+
+
+_WRAPPING = threading.Lock()  # the wrapped SAEBench functions are module attributes: one suite at a time per process
 
 
 @contextmanager
 def per_dataset_random_state(suite: str, side: ModelSide, seed: int) -> Iterator[None]:
-    """TPP and sparse probing (SAE_SIDE_DRAWS) with each dataset evaluated as SAEBench's ``run_eval_single_sae``
-    evaluates it alone, whether its model side is computed or loaded; other suites as they are.
+    """SCR, TPP and sparse probing with the random state of each dataset's SAE side independent of whether this run
+    computed the model side or loaded it (SHARED_MODEL_SIDE); other suites as they are.
 
-    - Where a dataset's model side starts, the global generators (Python, NumPy, torch with CUDA) are seeded with the
-      suite's ``random_seed``, as SAEBench seeds them at the start of its run (NumPy: as ``run_suite`` does). For the
-      first dataset this changes nothing; for the others it stops the SAE of the dataset before from steering their
-      probes.
-    - Where its SAE side starts, the run that computes a shared model side records the generators' state in the
-      shared folder, and a run that loads it sets that state: the state a computing run of any SAE has there.
+    - Where a dataset's SAE side starts (SAE_SIDE_ENTRIES), the run that computes a shared model side records the
+      global generators' state (Python, NumPy, torch with CUDA) in the shared folder, and a run that loads it sets
+      that state: the state a computing run of any SAE has there.
+    - For sparse probing (MODEL_SIDE_RESEEDED), the generators are seeded with the suite's ``random_seed`` where a
+      dataset's model side starts, as SAEBench seeds them at the start of its run (NumPy: as ``run_suite`` does), so
+      that the state recorded there does not depend on the SAE side of the dataset before it. For the first dataset
+      this changes nothing.
 
-    SAEBench offers no way in between a dataset's model side and its SAE side, so for the duration of the suite the
-    first function of each (MODEL_SIDE_ENTRIES, SAE_SIDE_ENTRIES) is wrapped, the one place we do so."""
+    SAEBench offers no way in between a dataset's model side and its SAE side, so for the duration of the suite those
+    functions are wrapped, the one place we do so."""
     import importlib
     import random
 
     import numpy as np
 
-    if suite not in SAE_SIDE_DRAWS:
+    if suite not in SAE_SIDE_ENTRIES:
         yield
         return
-    wrapped = []
-
-    def wrap(entry: tuple[str, str], before) -> None:
-        module = importlib.import_module(entry[0])
-        original = getattr(module, entry[1])
-
-        def call(*args, **kwargs):
-            before()
-            return original(*args, **kwargs)
-
-        setattr(module, entry[1], call)
-        wrapped.append((module, entry[1], original))
+    path = side.folder / RANDOM_STATES_FILE
+    states: list[dict] = [] if side.computing else torch.load(path, weights_only=False)
+    starts = 0
 
     def seed_all() -> None:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)  # every device's generator
-
-    path = side.folder / RANDOM_STATES_FILE
-    states: list[dict] = [] if side.computing else torch.load(path, weights_only=False)
-    starts = 0
 
     def sae_side_starts() -> None:
         nonlocal starts
@@ -739,13 +728,26 @@ def per_dataset_random_state(suite: str, side: ModelSide, seed: int) -> Iterator
             raise RuntimeError(f"{path} records {len(states)} SAE-side starts of {suite}; this run reached a {starts + 1}th")
         starts += 1
 
-    try:
-        wrap(MODEL_SIDE_ENTRIES[suite], seed_all)
-        wrap(SAE_SIDE_ENTRIES[suite], sae_side_starts)
-        yield
-    finally:
-        for module, name, original in reversed(wrapped):
-            setattr(module, name, original)
+    entries = [(SAE_SIDE_ENTRIES[suite], sae_side_starts)]
+    if suite in MODEL_SIDE_RESEEDED:
+        entries.append((MODEL_SIDE_RESEEDED[suite], seed_all))
+    wrapped = []
+    with _WRAPPING:
+        try:
+            for (module_name, name), before in entries:
+                module = importlib.import_module(module_name)
+                original = getattr(module, name)
+
+                def call(*args, _original=original, _before=before, **kwargs):
+                    _before()
+                    return _original(*args, **kwargs)
+
+                setattr(module, name, call)
+                wrapped.append((module, name, original))
+            yield
+        finally:
+            for module, name, original in reversed(wrapped):
+                setattr(module, name, original)
     if side.computing and side.save:
         torch.save(states, path)
     elif not side.computing and starts != len(states):

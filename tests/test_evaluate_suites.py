@@ -138,10 +138,15 @@ def test_probing_suites_write_saebench_json_with_finite_numbers(experiment, prun
 def test_saes_sharing_the_model_side_get_exactly_the_numbers_of_a_fresh_run(experiment, pruned, offline_data, tmp_path, monkeypatch, suite):
     """The pipeline's SAEs on one model and hook share the suite's model-side work (activations and probes), as
     SAEBench's run_eval does for its SAE list: the SAE that loads it scores exactly as if it had computed it, though
-    another SAE computed it. TPP's and sparse probing's SAE sides draw random numbers after the model side, so this
-    holds only from the generators' state the computing run recorded (`per_dataset_random_state`): without it the
-    numbers move."""
+    another SAE computed it, over several datasets (SCR: class pairs). The SAE sides draw random numbers after the
+    model side, so this holds only from the generators' state the computing run recorded (`per_dataset_random_state`):
+    without it TPP's and sparse probing's numbers move (SCR's draws only reorder its texts)."""
+    from saecomp.saebench_data import default_datasets
+
     config = saebench_config(suite, experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
+    if suite != "scr":  # two datasets, so that a second one's SAE side starts from a recorded state too
+        field = "scr_tpp_datasets" if suite == "tpp" else "sparse_probing_datasets"
+        config = evaluate_lib._copy_config(config, dataset_names=default_datasets(field, tiny=True)[-2:])
     shared = tmp_path / "shared"
     hook = "blocks.1.hook_resid_post"
     with offline_datasets(offline_data / "hf_datasets"):
@@ -160,7 +165,9 @@ def test_saes_sharing_the_model_side_get_exactly_the_numbers_of_a_fresh_run(expe
         for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
             assert reused.output[part] == fresh.output[part], part
         assert first.output["eval_result_details"] != reused.output["eval_result_details"]  # the SAE side is each SAE's own
-        if suite != "scr":  # SCR's SAE side draws nothing; the others' numbers depend on the state handed over
+        states = published / evaluate_lib.RANDOM_STATES_FILE
+        assert len(torch.load(states, weights_only=False)) >= 2  # one state per SAE-side start, several datasets
+        if suite != "scr":  # the numbers depend on the state handed over (SCR's draws only reorder texts)
             states = published / evaluate_lib.RANDOM_STATES_FILE
             recorded = states.read_bytes()
             states.unlink()
@@ -193,10 +200,11 @@ def test_a_model_side_the_disk_may_not_hold_is_computed_privately(experiment, pr
 
 
 @pytest.mark.parametrize("suite", ["tpp", "sparse_probing"])
-def test_each_dataset_scores_as_saebench_scores_it_alone(experiment, pruned, offline_data, tmp_path, suite):
-    """TPP and sparse probing over several datasets: each dataset's numbers are those of SAEBench's own
-    run_eval_single_sae on that dataset alone, bit for bit (`per_dataset_random_state`): not steered by the SAE side
-    of the dataset before it, as in SAEBench's one generator threaded through all of them."""
+def test_every_dataset_scores_as_saebench_scores_it(experiment, pruned, offline_data, tmp_path, suite):
+    """Over several datasets, bit for bit: TPP's numbers are those of SAEBench's own run_eval_single_sae on the same
+    datasets (its draws do not depend on the SAE, so its one generator is kept); sparse probing's are those of
+    SAEBench on each dataset alone (`MODEL_SIDE_RESEEDED`), since its probes on the latents stop early, so that in
+    SAEBench's one generator the next dataset's model probes would depend on the SAE before it."""
     import random
 
     import numpy as np
@@ -213,16 +221,19 @@ def test_each_dataset_scores_as_saebench_scores_it_alone(experiment, pruned, off
     with offline_datasets(offline_data / "hf_datasets"):
         ours = run_suite(suite, pruned.tl, topk_sae(hook, seed=3), config, tmp_path / "ours", "sae")
         details = {d["dataset_name"]: d for d in ours.output["eval_result_details"]}
-        for i, name in enumerate(config.dataset_names):
+        runs = [config] if suite == "tpp" else [evaluate_lib._copy_config(config, dataset_names=[n]) for n in config.dataset_names]
+        expected = {}
+        for i, saebench_config_run in enumerate(runs):
             random.seed(config.random_seed)
             np.random.seed(config.random_seed)
             torch.manual_seed(config.random_seed)
             sae = evaluate_lib.prepared_for_saebench(topk_sae(hook, seed=3), config.model_name)
-            alone = evaluate_lib._copy_config(config, dataset_names=[name])
             with torch.enable_grad():
-                results, _ = single_sae(alone, sae, pruned.tl, "cpu", str(tmp_path / f"alone{i}"), save_activations=False)
-            ((key, expected),) = [(k, v) for k, v in results.items() if isinstance(v, dict)]  # this dataset's numbers
-            assert {k: details[key][k] for k in expected} == expected, name
+                results, _ = single_sae(saebench_config_run, sae, pruned.tl, "cpu", str(tmp_path / f"saebench{i}"), save_activations=False)
+            expected.update({k: v for k, v in results.items() if isinstance(v, dict)})  # per dataset
+    assert len(expected) == 2
+    for key, numbers in expected.items():
+        assert {k: details[key][k] for k in numbers} == numbers, key
 
 
 def test_saebench_scr_tpp_ablation_reaches_padded_positions():

@@ -134,7 +134,8 @@ def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment
     assert len(new) == 4 and {(r.data.params["suites"], r.data.params["evaluation.seed"]) for r in new} == {("scr", "43")}
     run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
     report = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare")
-    cells = pd.read_csv(f"{report}/cells.csv", keep_default_na=False)
+    exact = {"float_precision": "round_trip"}
+    cells = pd.read_csv(f"{report}/cells.csv", keep_default_na=False, **exact)
     scr = cells[(cells["table"] == "scr") & (cells["status"] == "ok")]
     replicated = scr["note"].str.startswith("mean over 2 seeds (42, 43)")
     assert replicated.sum() >= len(scr) / 2 and (scr.loc[replicated, "run_id"].str.count(",") == 1).all()
@@ -146,8 +147,12 @@ def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment
     assert single["metric"].str.startswith("scr_metric_threshold").all()
     core = cells[(cells["table"] == "table1") & (cells["status"] == "ok")]
     assert len(core) and not core["note"].str.contains("seeds").any() and (core["run_id"].str.count(",") == 0).all()
-    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation.csv"))
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation.csv"), **exact)
     assert (table["seeds"] == 2).all() and all(len(runs.split(",")) >= 2 for runs in table["runs"])
+    client, name = mlflow.MlflowClient(), "scr.scr_dir1_threshold_2"  # a number every seed's run has
+    for _, row in table.iterrows():  # the pipeline's table shows the mean over the seeds, as compare does
+        values = [m[name] for m in (client.get_run(r).data.metrics for r in row["runs"].split(",")) if name in m]
+        assert len(values) == 2 and row[name] == sum(values) / 2
     again = {r.info.run_id for r in step_runs("evaluate")}
     assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
     assert {r.info.run_id for r in step_runs("evaluate")} == again  # every seed's runs reused

@@ -262,10 +262,11 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                     mlflow.set_tags(result.tags)
                     (tmp / f"{suite}.json").write_text(json.dumps(result.output, indent=1))
                     mlflow.log_artifact(str(tmp / f"{suite}.json"), "saebench")
-                    if result.uncertainty:  # the bootstrap behind <suite>.<metric>.bootstrap_se, every replicate
-                        (tmp / "uncertainty").mkdir(exist_ok=True)
-                        (tmp / "uncertainty" / f"{suite}.json").write_text(json.dumps(result.uncertainty))
-                        mlflow.log_artifact(str(tmp / "uncertainty" / f"{suite}.json"), "uncertainty")
+                    for folder, extra in (("uncertainty", result.uncertainty), ("corrected", result.corrected)):
+                        if extra:  # core's bootstrap behind <suite>.<metric>.bootstrap_se; SCR's/TPP's padding-masked values
+                            (tmp / folder).mkdir(exist_ok=True)
+                            (tmp / folder / f"{suite}.json").write_text(json.dumps(extra))
+                            mlflow.log_artifact(str(tmp / folder / f"{suite}.json"), folder)
                     headline = [k for k in HEADLINES.get(suite, ()) if k in result.metrics]
                     say(f"{suite}: done in {result.seconds:.1f} s; " + ", ".join(f"{k} {result.metrics[k]:.4f}" for k in headline))
         if failures:

@@ -99,15 +99,17 @@ TABLES = (
     ),  # fmt: skip
     TableSpec(
         "scr",
-        "SCR per number of ablated latents k (Figure 3: scr_metric; the appendix's Tables 9-10 add both directions)",
+        "SCR per number of ablated latents k (Figure 3: scr_metric; the appendix's Tables 9-10 add both directions; "
+        "rows ending _padding_masked are ours: SAEBench's ablation leaks into padded positions, README)",
         "scr",
-        pattern=r"scr_(?:metric|dir1|dir2)_threshold_(\d+)",
+        pattern=r"scr_(?:metric|dir1|dir2)_threshold_(\d+)(?:_padding_masked)?",
     ),
     TableSpec(
         "tpp",
-        "TPP per number of ablated latents k (Figure 4: total_metric; the appendix's Tables 11-12 add its two parts)",
+        "TPP per number of ablated latents k (Figure 4: total_metric; the appendix's Tables 11-12 add its two parts; "
+        "rows ending _padding_masked are ours: SAEBench's ablation leaks into padded positions, README)",
         "tpp",
-        pattern=r"tpp_threshold_(\d+)_(?:total_metric|intended_diff_only|unintended_diff_only)",
+        pattern=r"tpp_threshold_(\d+)_(?:total_metric|intended_diff_only|unintended_diff_only)(?:_padding_masked)?",
     ),
     TableSpec(
         "sparse_probing",
@@ -564,12 +566,17 @@ def figures(all_cells: pd.DataFrame, sweeps: dict[tuple[str, str], tuple[pd.Data
                 continue
             hooks = sorted(rows["hook"].unique(), key=hook_order)
             figure, axes = plt.subplots(1, len(hooks), figsize=(4.2 * len(hooks), 3.4), squeeze=False, layout="constrained")
+            masked = ok[(ok["table"] == table) & ok["metric"].str.fullmatch(headline + "_padding_masked")]
             for axis, hook in zip(axes[0], hooks, strict=True):
-                here = rows[rows["hook"] == hook]
+                here, here_masked = rows[rows["hook"] == hook], masked[masked["hook"] == hook]
                 for variant in _variant_order(here["variant"].unique()):
                     line = here[here["variant"] == variant]
                     ks = [int(re.findall(r"\d+", m)[0]) for m in line["metric"]]
-                    axis.plot(ks, line["value"], marker="o", label=variant)
+                    (drawn,) = axis.plot(ks, line["value"], marker="o", label=variant)
+                    twin = here_masked[here_masked["variant"] == variant]
+                    if len(twin):  # ours beside SAEBench's, dashed in the same colour
+                        ks = [int(re.findall(r"\d+", m)[0]) for m in twin["metric"]]
+                        axis.plot(ks, twin["value"], ls="--", marker=".", color=drawn.get_color(), label=f"{variant}, padding masked")
                 axis.set(xscale="log", title=hook, xlabel="latents ablated (k)", ylabel=label)
                 axis.legend(fontsize=7)
             figure.suptitle(f"Figure {number}: {label} against k, on {model}")

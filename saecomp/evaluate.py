@@ -4,7 +4,8 @@ SAEBench's top-level `run_eval` functions load the language model by name, which
 model. We call its inner functions that take a model object (GUIDE §5), so every number comes from SAEBench's
 code, measured on the model we pass: the pruned one. No metric is reimplemented. Where SAEBench is known to be
 wrong, its value is kept under its own name (comparable with the paper) and a correct one is logged beside it
-under a name that says what it is.
+under a name that says what it is: core's centred explained variance, SCR's and TPP's ``_padding_masked`` twins
+(``padding_masked_ablations``).
 
 Suites: ``core``, ``absorption``, ``scr``, ``tpp``, ``sparse_probing``, ``ravel`` (on the Hugging Face model, as
 SAEBench's RAVEL runs). For each, SAEBench's own inner function computes the numbers and SAEBench's own output classes
@@ -19,8 +20,10 @@ exactly as a fresh run; the pipeline passes one per run and deletes it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -91,6 +94,9 @@ class SuiteResult:
     uncertainty: dict | None = None
     """The bootstrap behind the ``<suite>.<metric>.bootstrap_se`` metrics (core only): its unit, size, seed, the
     full-sample values and every replicate, logged as ``uncertainty/<suite>.json``."""
+    corrected: dict | None = None
+    """Our corrected values beside SAEBench's, per dataset, logged as ``corrected/<suite>.json`` (SCR and TPP: with
+    the padded positions masked in the ablation, ``padding_masked_ablations``)."""
 
 
 def prepared_for_saebench(sae: SAE, model_name: str) -> SAE:
@@ -430,9 +436,11 @@ def run_scr_or_tpp(
         torch.enable_grad(),
         model_side_folder(shared, config, sae.cfg.hook_name, str(sae.device), workdir / suite, needed) as side,
         per_dataset_random_state(suite, side, config.random_seed),
+        padding_masked_ablations() as masked_runs,
         repeated_inputs_cached(sae),
     ):
         results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(side.folder), save_activations=side.save)
+    masked = padding_masked_results(suite, results, masked_runs)
     common = {
         "eval_config": config,
         "eval_id": get_eval_uuid(),
@@ -459,8 +467,12 @@ def run_scr_or_tpp(
         output_class = out.TppEvalOutput
     output = _output_of(eval_output, workdir)
     validate_output(output_class, output)
+    metrics = _scalar_metrics(suite, output)
+    for name in [m.split(".", 1)[1] for m in metrics]:  # SAEBench's metrics, each with its padding-masked twin
+        if isinstance(masked["averaged"].get(name), (int, float)):
+            metrics[f"{suite}.{name}{PADDING_MASKED}"] = float(masked["averaged"][name])
     seconds = time.perf_counter() - started
-    return SuiteResult(suite, output, _scalar_metrics(suite, output), seconds, {f"saecomp.{suite}.model_side": side.origin})
+    return SuiteResult(suite, output, metrics, seconds, {f"saecomp.{suite}.model_side": side.origin}, corrected=masked)
 
 
 class RepeatedInputCache:
@@ -700,7 +712,7 @@ def per_dataset_random_state(suite: str, side: ModelSide, seed: int) -> Iterator
       this changes nothing.
 
     SAEBench offers no way in between a dataset's model side and its SAE side, so for the duration of the suite those
-    functions are wrapped, the one place we do so."""
+    functions are wrapped; with ``padding_masked_ablations`` the only places we do so."""
     import importlib
     import random
 
@@ -752,6 +764,147 @@ def per_dataset_random_state(suite: str, side: ModelSide, seed: int) -> Iterator
         torch.save(states, path)
     elif not side.computing and starts != len(states):
         raise RuntimeError(f"{path} records {len(states)} SAE-side starts of {suite}; this run made {starts}")
+
+
+PADDING_MASKED = "_padding_masked"
+"""Suffix of SCR's and TPP's metrics computed with the padded positions masked in the ablation
+(``padding_masked_ablations``), logged beside SAEBench's own."""
+
+
+def padding_leak(
+    acts_BLD: torch.Tensor,
+    sae: SAE,
+    to_ablate: torch.Tensor,
+    at_padding_D: torch.Tensor | None = None,
+    real_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, D]``: what SAEBench's `scr_and_tpp.main.ablated_precomputed_activations` adds to each text's mean from
+    its zeroed (padded) positions when it ablates ``to_ablate``: at such a position it computes ``decode(ablated
+    f(0)) + (0 - decode(f(0)))``, the same vector at every one (``at_padding_D``, computed when not given), and sums it
+    with the real positions before dividing by their number (``real_B``, counted as SAEBench counts them when not
+    given). Exactly zero when no ablated latent fires on a zero input (the two decodes are then the same).
+    SAEBench's mean less this is the mean over the real positions up to float32 rounding of SAEBench's sum, which
+    carries every padded position's leak (measured 2e-5 at most for 57 padded positions of 60); a masked second
+    decode would be exact and cost as much again as SAEBench's ablation loop."""
+    if at_padding_D is None:
+        at_padding_D = ablation_at_padding(acts_BLD, sae, to_ablate)
+    if real_B is None:
+        real_B = real_positions(acts_BLD)
+    padded_B = acts_BLD.shape[1] - real_B
+    return padded_B[:, None] * at_padding_D[None, :] / real_B[:, None]
+
+
+def ablation_at_padding(acts_BLD: torch.Tensor, sae: SAE, to_ablate: torch.Tensor) -> torch.Tensor:
+    """``[D]``: SAEBench's ablated activation at a zeroed position, ``decode(ablated f(0)) + (0 - decode(f(0)))``,
+    for activations like ``acts_BLD`` (its dtype, device and width)."""
+    zero = acts_BLD.new_zeros(1, 1, acts_BLD.shape[-1])
+    latents = sae.encode(zero)
+    error = zero - sae.decode(latents)
+    latents[..., to_ablate] = 0.0
+    return (sae.decode(latents) + error)[0, 0]
+
+
+def real_positions(acts_BLD: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the positions SAEBench counts as real, those whose activations do not sum to zero (as it counts)."""
+    import einops
+
+    return (einops.reduce(acts_BLD, "B L D -> B L", "sum") != 0.0).to(acts_BLD.dtype).sum(dim=1)
+
+
+@contextmanager
+def padding_masked_ablations() -> Iterator[list[tuple[dict, dict]]]:
+    """SCR and TPP as SAEBench computes them, and beside them with the padded positions masked in the ablation: the
+    README's "Known SAEBench deviation". SAEBench masks padding everywhere else (its node effects and its meaned SAE
+    activations multiply by the mask), but `ablated_precomputed_activations` does not, so its numbers move with the
+    context's padding for any SAE that fires on a zero input.
+
+    SAEBench's `perform_feature_ablations` runs unchanged and its results are what SAEBench returns; it is then run
+    a second time from the same random state (its probe tests draw samples), on the same ablated means less their
+    padding leak (``padding_leak``; no second SAE pass), and the state SAEBench's pass left is restored, so
+    SAEBench's numbers stay bit for bit its own (tests/test_evaluate_suites.py). Yields, per dataset run in SAEBench's
+    order, the masked raw results with that dataset's clean model accuracies (``padding_masked_results`` turns them
+    into SAEBench's metrics). Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
+    from sae_bench.evals.scr_and_tpp import main as scr_tpp
+
+    ablate, ablations, one_dataset = (
+        scr_tpp.ablated_precomputed_activations, scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset
+    )  # fmt: skip
+    masked_runs: list[tuple[dict, dict]] = []
+    pending: list[dict] = []
+
+    def both_ablations(*args, **kwargs):
+        recorded: list[tuple[tuple, torch.Tensor]] = []  # per call: (its arguments' identity, masked mean [B, D])
+        at_padding: dict[bytes, torch.Tensor] = {}  # per ablated set (applied to every class's texts in turn)
+        reals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per test tensor (alive: SAEBench's dict holds it)
+
+        def recording(acts_BLD, sae, to_ablate, sae_batch_size):
+            pooled_BD = ablate(acts_BLD, sae, to_ablate, sae_batch_size)
+            key = (id(acts_BLD), to_ablate.cpu().numpy().tobytes())
+            if key[1] not in at_padding:
+                at_padding[key[1]] = ablation_at_padding(acts_BLD, sae, to_ablate)
+            if key[0] not in reals or reals[key[0]][0] is not acts_BLD:
+                reals[key[0]] = (acts_BLD, real_positions(acts_BLD))
+            leak_BD = padding_leak(acts_BLD, sae, to_ablate, at_padding[key[1]], reals[key[0]][1])
+            recorded.append((key, pooled_BD - leak_BD.to(pooled_BD.dtype)))
+            return pooled_BD
+
+        def replaying(acts_BLD, sae, to_ablate, sae_batch_size):
+            key, masked_BD = recorded.pop(0)
+            if key != (id(acts_BLD), to_ablate.cpu().numpy().tobytes()):
+                raise RuntimeError("SAEBench's ablation loop called its ablations in another order the second time")
+            return masked_BD
+
+        before = _random_state()
+        scr_tpp.ablated_precomputed_activations = recording
+        try:
+            results = ablations(*args, **kwargs)
+        finally:
+            scr_tpp.ablated_precomputed_activations = ablate
+        after = _random_state()
+        _set_random_state(before)  # the masked pass's probe tests draw the samples SAEBench's drew
+        scr_tpp.ablated_precomputed_activations = replaying
+        try:
+            pending.append(ablations(*args, **kwargs))
+        finally:
+            scr_tpp.ablated_precomputed_activations = ablate
+            _set_random_state(after)  # what follows draws as in SAEBench alone
+        if recorded:
+            raise RuntimeError(f"SAEBench's ablation loop made {len(recorded)} fewer ablations the second time")
+        return results
+
+    def dataset(*args, **kwargs):
+        raw, clean_accuracies = one_dataset(*args, **kwargs)
+        masked_runs.append((pending.pop(), clean_accuracies))
+        return raw, clean_accuracies
+
+    scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset = both_ablations, dataset
+    try:
+        yield masked_runs
+    finally:
+        scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset = ablations, one_dataset
+
+
+def padding_masked_results(suite: str, results: dict, masked_runs: list[tuple[dict, dict]]) -> dict:
+    """SAEBench's SCR or TPP metrics of the padding-masked ablations (``padding_masked_ablations``), per dataset run
+    and averaged over them, by SAEBench's own plotting and averaging functions as its `run_eval_single_sae` applies
+    them: ``{"datasets": {<SAEBench's per-dataset key>: metrics}, "averaged": metrics}``."""
+    from sae_bench.evals.scr_and_tpp.main import create_tpp_plotting_dict, get_scr_plotting_dict
+    from sae_bench.sae_bench_utils.general_utils import average_results_dictionaries
+
+    keys = [key for key, value in results.items() if isinstance(value, dict)]  # "<run name>_results", in run order
+    if len(keys) != len(masked_runs):
+        raise RuntimeError(f"{suite}: {len(keys)} dataset results from SAEBench, {len(masked_runs)} padding-masked ones")
+    with contextlib.redirect_stdout(io.StringIO()):  # SAEBench prints every score it plots; the log has SAEBench's own
+        per_dataset = {
+            key: get_scr_plotting_dict(raw, clean) if suite == "scr" else create_tpp_plotting_dict(raw, clean)[0]
+            for key, (raw, clean) in zip(keys, masked_runs, strict=True)
+        }
+    averaged = average_results_dictionaries(per_dataset, [key.removesuffix("_results") for key in keys])
+    return {
+        "what": "SAEBench's metrics with the padded positions masked in its ablation (saecomp.evaluate.padding_masked_ablations)",
+        "datasets": per_dataset,
+        "averaged": averaged,
+    }
 
 
 def absorption_token_position(model: HookedTransformer, template: str) -> int:

@@ -66,6 +66,7 @@ def store(tmp_path_factory):
             metrics = {f"core.{m}": 0.5 + n / 10 + v / 100 for m in core}
             metrics["core.ce_loss_score.bootstrap_se"] = 0.01  # pruned25 is within it of pretrained, the others are not
             metrics.update({f"scr.scr_{kind}_threshold_{k}": k / 1000 + v / 100 for k in (2, 20) for kind in ("metric", "dir1", "dir2")})
+            metrics.update({f"scr.scr_metric_threshold_{k}_padding_masked": k / 1000 + v / 100 + 0.001 for k in (2, 20)})  # ours
             tags = {"hook": hook, "layer": str(layer), "variant": variant}
             if hook == "attn.hook_z":
                 tags["saecomp.ravel.not_applicable"] = "RAVEL reads hook_resid_post"
@@ -119,8 +120,12 @@ def test_every_cell_is_the_metric_of_the_run_it_names(store):
     scr = cells[(cells["table"] == "scr") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "trained")]
     assert set(scr["run_id"]) == {store["runs"][("attn.hook_z", "trained")]}  # the newer run did not run SCR
     for kind in ("scr_metric", "scr_dir1", "scr_dir2"):  # the appendix's three rows per k, each with k ascending
-        rows = [m for m in scr["metric"] if m.startswith(f"{kind}_threshold_")]
+        rows = [m for m in scr["metric"] if m.startswith(f"{kind}_threshold_") and not m.endswith("_padding_masked")]
         assert rows and sorted(rows, key=lambda m: int(re.findall(r"\d+", m)[0])) == rows
+    order = list(scr["metric"])  # our padding-masked twins: rows of their own, k ascending, after SAEBench's kind
+    twins = [m for m in order if m.endswith("_padding_masked")]
+    assert twins == ["scr_metric_threshold_2_padding_masked", "scr_metric_threshold_20_padding_masked"]
+    assert order.index(twins[0]) == order.index("scr_metric_threshold_20") + 1
 
 
 def test_models_stay_apart_layers_sort_as_numbers_and_a_selected_level_shows_where_it_exists(store):

@@ -4,6 +4,7 @@ on the model we pass (the pruned one)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -164,6 +165,7 @@ def test_saes_sharing_the_model_side_get_exactly_the_numbers_of_a_fresh_run(expe
         assert len(list(shared.iterdir())) == 2  # another hook reads other activations: its own folder
         for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
             assert reused.output[part] == fresh.output[part], part
+        assert reused.metrics == fresh.metrics  # SCR's and TPP's padding-masked values too
         assert first.output["eval_result_details"] != reused.output["eval_result_details"]  # the SAE side is each SAE's own
         states = published / evaluate_lib.RANDOM_STATES_FILE
         assert len(torch.load(states, weights_only=False)) >= 2  # one state per SAE-side start, several datasets
@@ -258,6 +260,102 @@ def test_saebench_scr_tpp_ablation_reaches_padded_positions():
         assert (short - long).abs().max() > 0.1 * short.abs().max()  # the padding moved the probe input
         short, long = (ablated_precomputed_activations(a, sae, nothing, 125) for a in (acts, padded))
         torch.testing.assert_close(short, long)  # with nothing ablated, padding adds nothing
+
+
+def masked_ablation_reference(acts_BLD, sae, to_ablate, sae_batch_size):
+    """SAEBench's `ablated_precomputed_activations` with its one deviation fixed, written independently: the modified
+    activations are multiplied by the mask of real positions before the mean, as SAEBench's node effects and meaned
+    SAE activations multiply theirs."""
+    means = []
+    for start in range(0, acts_BLD.shape[0], sae_batch_size):
+        acts = acts_BLD[start : start + sae_batch_size]
+        real = (acts.sum(dim=-1) != 0).to(acts.dtype)  # [B, L]
+        latents = sae.encode(acts)
+        error = acts - sae.decode(latents)
+        latents[..., to_ablate] = 0.0
+        modified = (sae.decode(latents) + error) * real[:, :, None]
+        means.append(modified.sum(dim=1) / real.sum(dim=1)[:, None])
+    return torch.cat(means)
+
+
+@pytest.mark.parametrize("architecture,norm", [("topk", "none"), ("jumprelu", "none"), ("standard", "layer_norm")])
+def test_the_padding_leak_removed_each_text_gets_its_unpadded_ablated_mean(architecture, norm):
+    """SAEBench's ablated mean less ``padding_leak`` is the text's ablated mean without any padding, whatever the
+    context adds; SAEBench's own value is not (where the SAE fires on a zero input). A layer-norm SAE decodes a zero
+    input to zero (its scale is the input's), so it leaks nothing: exactly zero."""
+    from sae_bench.evals.scr_and_tpp.main import ablated_precomputed_activations
+
+    sae = random_sae(architecture, "blocks.0.hook_resid_post", norm, seed=5)
+    generator = torch.Generator().manual_seed(1)
+    lengths = [5, 12, 20, 9, 16, 3]
+    acts = torch.randn(len(lengths), 20, 32, generator=generator)
+    for text, length in enumerate(lengths):
+        acts[text, length:] = 0.0  # padding, zeroed as SAEBench zeroes it
+    longer = torch.cat([acts, torch.zeros(len(lengths), 37, 32)], dim=1)  # the same texts at a longer context
+    with torch.no_grad(), repeated_inputs_cached(sae):
+        fires_on_zero = sae.encode(torch.zeros(1, 1, 32))[0, 0] != 0
+        to_ablate = fires_on_zero.clone()
+        to_ablate[:10] = True  # and some that need not
+        alone = torch.cat([ablated_precomputed_activations(acts[t : t + 1, :n], sae, to_ablate, 4) for t, n in enumerate(lengths)])
+        for padded in (acts, longer):
+            saebench = ablated_precomputed_activations(padded, sae, to_ablate, 4)
+            leak = evaluate_lib.padding_leak(padded, sae, to_ablate)
+            # up to float32 rounding of SAEBench's sum, which carries the leak of every padded position (57 here)
+            torch.testing.assert_close(saebench - leak, alone, atol=1e-4, rtol=1e-4)
+            if norm == "layer_norm":
+                assert not leak.any()
+            else:
+                assert fires_on_zero.any() and (saebench - alone).abs().max() > 1e-3  # SAEBench's value moved
+            assert evaluate_lib.padding_leak(padded, sae, torch.zeros_like(to_ablate)).abs().max() == 0  # nothing ablated
+
+
+@pytest.mark.parametrize("suite", ["scr", "tpp"])
+def test_scr_and_tpp_log_saebenchs_numbers_and_beside_them_the_padding_masked_ones(
+    experiment, pruned, offline_data, tmp_path, monkeypatch, suite
+):
+    """Beside SAEBench's numbers (bit for bit those of SAEBench's own run_eval_single_sae), every SCR/TPP metric has
+    a ``_padding_masked`` twin: the number SAEBench gives with its ablation masked as the rest of SAEBench masks
+    (an independent reference patched into SAEBench), per dataset and averaged. A TopK SAE fires on a zero input, so
+    the ablations leak into the padding; TPP's twins differ from SAEBench's numbers at these sizes (SCR's test
+    accuracies here happen not to move; at the tiny pipeline's sizes 35 of 168 moved, README)."""
+    import random
+
+    import numpy as np
+    from sae_bench.evals.scr_and_tpp import main as scr_tpp
+
+    config = saebench_config(suite, experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
+    hook = "blocks.1.hook_resid_post"
+    expected, leaks = {}, []
+    leak = evaluate_lib.padding_leak
+    with offline_datasets(offline_data / "hf_datasets"):
+        with monkeypatch.context() as patch:
+            patch.setattr(evaluate_lib, "padding_leak", lambda *args: leaks.append(leak(*args)) or leaks[-1])  # all positional
+            ours = run_suite(suite, pruned.tl, topk_sae(hook, seed=6), config, tmp_path / "ours", "sae")
+        for kind in ("saebench", "masked"):
+            random.seed(config.random_seed)
+            np.random.seed(config.random_seed)
+            torch.manual_seed(config.random_seed)
+            sae = evaluate_lib.prepared_for_saebench(topk_sae(hook, seed=6), config.model_name)
+            with monkeypatch.context() as patch, torch.enable_grad():
+                if kind == "masked":
+                    patch.setattr(scr_tpp, "ablated_precomputed_activations", masked_ablation_reference)
+                expected[kind], _ = scr_tpp.run_eval_single_sae(config, sae, pruned.tl, "cpu", str(tmp_path / kind), save_activations=False)
+    details = {d["dataset_name"]: d for d in ours.output["eval_result_details"]}
+    averaged = {k: v for k, v in expected["saebench"].items() if not isinstance(v, dict)}
+    assert {k: ours.output["eval_result_metrics"][f"{suite}_metrics"].get(k, v) for k, v in averaged.items()} == averaged
+    per_dataset = {k: v for k, v in expected["saebench"].items() if isinstance(v, dict)}
+    assert per_dataset and all({n: details[k][n] for n in v} == v for k, v in per_dataset.items())
+    saebench_names = [m.removeprefix(f"{suite}.") for m in ours.metrics if not m.endswith(evaluate_lib.PADDING_MASKED)]
+    assert saebench_names and all(f"{suite}.{n}{evaluate_lib.PADDING_MASKED}" in ours.metrics for n in saebench_names)
+    for name in saebench_names:
+        assert ours.metrics[f"{suite}.{name}{evaluate_lib.PADDING_MASKED}"] == pytest.approx(expected["masked"][name], abs=1e-6), name
+    masked_datasets = {k: v for k, v in expected["masked"].items() if isinstance(v, dict)}
+    assert set(ours.corrected["datasets"]) == set(masked_datasets)
+    for key, numbers in masked_datasets.items():
+        assert ours.corrected["datasets"][key] == pytest.approx(numbers, abs=1e-6), key
+    assert any(x.abs().max() > 0.1 for x in leaks) and any(not x.any() for x in leaks)  # some ablations leak, some not
+    if suite == "tpp":
+        assert any(ours.metrics[f"{suite}.{n}"] != ours.metrics[f"{suite}.{n}{evaluate_lib.PADDING_MASKED}"] for n in saebench_names)
 
 
 def test_the_sae_memo_returns_what_the_sae_computes_and_never_a_stale_or_shared_tensor():
@@ -516,6 +614,11 @@ def test_evaluate_step_runs_every_built_suite_and_a_failed_suite_fails_the_run(s
         found = find_finished_suite(suite, key)  # the oldest run with that suite's key: core may come from an earlier test
         assert found == run.info.run_id or (suite == "core" and client.get_run(found).data.tags[f"saecomp.suite_key.{suite}"] == key)
     assert "sparse_probing.sae_top_1_test_accuracy" in run.data.metrics and "scr.scr_dir1_threshold_2" in run.data.metrics
+    # SCR's and TPP's padding-masked twins: a metric beside each of SAEBench's, per dataset in corrected/<suite>.json
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "corrected")} == {"corrected/scr.json", "corrected/tpp.json"}
+    assert {"scr.scr_dir1_threshold_2_padding_masked", "tpp.tpp_threshold_2_total_metric_padding_masked"} <= set(run.data.metrics)
+    corrected = json.loads(Path(client.download_artifacts(run.info.run_id, "corrected/tpp.json")).read_text())
+    assert corrected["averaged"]["tpp_threshold_2_total_metric"] == run.data.metrics["tpp.tpp_threshold_2_total_metric_padding_masked"]
 
     def broken(*args, **kwargs):
         raise RuntimeError("probe exploded")

@@ -1,0 +1,127 @@
+"""What SCR's and TPP's padding-masked twins cost: `evaluate.run_suite` with them against the same call without them
+(`evaluate.padding_masked_ablations` replaced by a no-op), side by side in one process, interleaved, as a ratio, on
+the tiny world's model and labelled data. Also checks that SAEBench's own numbers are bit for bit the same both ways.
+
+    python benchmarks/evaluate_scr_tpp.py --world path/to/world        # a built tiny world (the world step's artifact)
+    python benchmarks/evaluate_scr_tpp.py                              # builds one first (about 2 minutes on 2 cores)
+
+Each suite is timed in the pipeline's common case: a hook's later variants load the model side the first computed
+(`SHARED_MODEL_SIDE`), so what is measured is the SAE side, where the twin's cost falls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<this>.py` finds `benchmarks`
+
+from benchmarks.common import machine, write_json  # noqa: E402
+
+
+def topk_sae(hook_name: str, d_in: int, d_sae: int, k: int, seed: int = 0):
+    """A random TopK SAE, as wide and as sparse as the tiny experiment's: it fires on a zero input, so the twin works."""
+    from sae_lens import SAE
+
+    sae = SAE.from_dict({"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": k, "metadata": {"hook_name": hook_name}})
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * d_in**-0.5)
+    return sae
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=Path, help="a built tiny world (default: build one into a temporary folder)")
+    parser.add_argument("--experiment", default="experiments/tiny.yaml")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+
+    from saecomp import evaluate
+    from saecomp.config import load_experiment
+    from saecomp.models import load_model
+    from saecomp.saebench_data import offline_datasets, write_offline_datasets
+
+    exp = load_experiment(args.experiment)
+    ev = exp.evaluation
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        world = args.world
+        if world is None:
+            from saecomp.world.build import build_world
+
+            world = tmp / "world"
+            build_world(exp.world_config().only(exp.model), world, log=lambda line: print(f"world: {line}"))
+        loaded = load_model(exp.model, world / exp.model)
+        layer = exp.sae.layers[0]
+        hook = f"blocks.{layer}.hook_resid_post"
+        width = exp.sae.d_sae or exp.sae.expansion_factor * loaded.tl.cfg.d_model
+        sae = topk_sae(hook, loaded.tl.cfg.d_model, width, exp.sae.k)
+        write_offline_datasets(
+            exp.world_config().corpus,
+            tmp / "data",
+            max(ev.sparse_probing_train_size, ev.scr_tpp_train_size) // 4,
+            max(ev.sparse_probing_test_size, ev.scr_tpp_test_size) // 4,
+        )
+        rows = {}
+        with offline_datasets(tmp / "data" / "hf_datasets"):
+            for suite in ("scr", "tpp"):
+                config = evaluate.saebench_config(suite, ev, "bench", "float32", loaded.tl, tiny=True)
+                shared = tmp / "shared"
+                evaluate.run_suite(suite, loaded.tl, sae, config, tmp / suite / "first", "first", shared=shared)  # computes
+                times: dict[str, list[float]] = {"with_twins": [], "without_twins": []}
+                outputs = {}
+                for repeat in range(args.repeats):  # interleaved: two shared cores drift
+                    for kind in times:
+                        patch = contextlib.nullcontext()
+                        if kind == "without_twins":
+                            patch = _without_twins(evaluate)
+                        with patch:
+                            started = time.perf_counter()
+                            result = evaluate.run_suite(suite, loaded.tl, sae, config, tmp / suite / f"{kind}{repeat}", kind, shared=shared)
+                            times[kind].append(time.perf_counter() - started)
+                        outputs[kind] = {part: result.output[part] for part in ("eval_result_metrics", "eval_result_details")}
+                        if kind == "with_twins":
+                            metrics = result.metrics
+                identical = outputs["with_twins"] == outputs["without_twins"]
+                twins = {m: metrics[f"{m}{evaluate.PADDING_MASKED}"] for m in metrics if f"{m}{evaluate.PADDING_MASKED}" in metrics}
+                moved = sum(twins[m] != metrics[m] for m in twins)
+                ratio = statistics.median(times["with_twins"]) / statistics.median(times["without_twins"])
+                rows[suite] = {**times, "ratio_median": ratio, "saebench_numbers_identical": identical,
+                               "twins": len(twins), "twins_differing_from_saebench": moved}  # fmt: skip
+                print(
+                    f"{suite}: with twins median {statistics.median(times['with_twins']):.2f} s, without "
+                    f"{statistics.median(times['without_twins']):.2f} s, ratio {ratio:.3f}x; SAEBench's numbers identical: "
+                    f"{identical}; {moved} of {len(twins)} twins differ from SAEBench's"
+                )
+    write_json(args.json, {"machine": machine(), "experiment": args.experiment, "hook": hook, "d_sae": width, "suites": rows})
+
+
+@contextlib.contextmanager
+def _without_twins(evaluate):
+    """``run_scr_or_tpp`` as before the twins: no second ablation pass, no twin metrics."""
+
+    @contextlib.contextmanager
+    def nothing():
+        yield []
+
+    original = evaluate.padding_masked_ablations, evaluate.padding_masked_results
+    evaluate.padding_masked_ablations = nothing
+    evaluate.padding_masked_results = lambda suite, results, runs: {"averaged": {}}
+    try:
+        yield
+    finally:
+        evaluate.padding_masked_ablations, evaluate.padding_masked_results = original
+
+
+if __name__ == "__main__":
+    main()

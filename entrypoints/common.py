@@ -118,13 +118,14 @@ def flat_params(data: dict, prefix: str = "") -> dict[str, str]:
 
 def model_dims(exp: Experiment):
     """The base model's shape from configuration alone (nothing is built or downloaded but a config)."""
-    from saecomp.names import ModelDims
+    from saecomp.names import ModelDims, hf_model_dims
 
     if exp.model in TINY_MODELS:
         return ModelDims.from_tiny(exp.world_config().models[exp.model])
-    from transformers import AutoConfig
-
-    return ModelDims.from_hf_config(AutoConfig.from_pretrained(exp.model))
+    try:
+        return hf_model_dims(exp.model)
+    except ValueError as error:
+        fail(str(error))
 
 
 def resolve_base(exp: Experiment, experiment_path: str, base: str, name: str = "base") -> tuple[Path | None, str, str | None]:

@@ -11,6 +11,7 @@ new model name, a clearer error) leaves every finished run valid.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,6 +87,20 @@ class ModelDims:
         )
 
     @classmethod
+    def from_config_json(cls, data: dict) -> ModelDims | None:
+        """The shape from a checkpoint's ``config.json`` as written, or None where it leaves a field to transformers'
+        defaults (GPT-2's ``n_inner`` excepted: null or absent means 4 x ``n_embd`` there too)."""
+        from types import SimpleNamespace
+
+        gpt2 = data.get("model_type") == "gpt2"
+        needed = ("n_layer", "n_embd", "n_head", "n_positions") if gpt2 else (
+            "num_hidden_layers", "hidden_size", "num_attention_heads", "head_dim", "max_position_embeddings", "intermediate_size"
+        )  # fmt: skip
+        if any(data.get(name) is None for name in needed):
+            return None
+        return cls.from_hf_config(SimpleNamespace(**{"n_inner": None, **data}))
+
+    @classmethod
     def from_tiny(cls, model) -> ModelDims:
         """A tiny world model's shape from its `TinyModelConfig`, as `world.build.hf_config` lays it out (a test
         holds the two equal), without importing transformers (and with it torch)."""
@@ -95,6 +110,30 @@ class ModelDims:
         architecture = architectures[model.architecture]
         return cls(model.n_layers, model.d_model, model.n_heads, model.d_model // model.n_heads, model.n_ctx, model.d_mlp, architecture)
 
+
+
+def hf_model_dims(model: str) -> ModelDims:
+    """The shape of a Hub model (``gpt2``: from the Hugging Face cache, or downloaded) or of a checkpoint folder, from
+    its ``config.json`` read as JSON: transformers' ``AutoConfig`` would import torch (seconds of a cached run), and
+    is asked only where the file leaves a field to its defaults. A model without a readable config is a ValueError
+    naming it."""
+    folder = Path(model)
+    try:
+        if folder.is_dir():
+            path = folder / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(model, "config.json"))
+        data = json.loads(path.read_text())
+    except Exception as error:  # not found, offline without the cache, gated, unreadable
+        raise ValueError(f"model={model!r}: its config.json could not be read ({type(error).__name__}: {error})") from error
+    dims = ModelDims.from_config_json(data)
+    if dims is None:
+        from transformers import AutoConfig
+
+        dims = ModelDims.from_hf_config(AutoConfig.from_pretrained(model))
+    return dims
 
 # --- LLM pruning ---------------------------------------------------------------------------------------
 

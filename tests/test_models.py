@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from conftest import ROOT, random_hf_model, tokenizer_for
 
 from saecomp.models import load_model
+from saecomp.names import ModelDims, hf_model_dims
 
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -49,11 +51,44 @@ print(type(loaded.hf).__name__, float((loaded.tl(io['tokens']) - io['expected'])
     arch_name, max_diff = out.stdout.split()[-2:]
     assert arch_name == {"gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM"}[architecture]
     assert float(max_diff) < 1e-4
+    # The shape a pipeline validates with comes from the same cache's config.json, without importing torch.
+    dims_script = f"""
+import json, sys
+from dataclasses import asdict
+from saecomp.names import hf_model_dims
+print(json.dumps(asdict(hf_model_dims({repo_id!r}))), "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", dims_script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dims, torch_imported = out.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert json.loads(dims) == asdict(ModelDims.from_hf_config(hf_model.config)) and torch_imported == "False"
     # And the cache really was the source: without it, offline loading fails.
     env["HF_HUB_CACHE"] = str(tmp_path / "empty")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert snapshot.exists()
+
+
+# config.json as the Hub serves it: GPT-2's without n_inner (transformers' default: 4 x n_embd); Gemma-2-2B's in full
+GPT2_CONFIG_JSON = {"activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_ctx": 1024,
+                    "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024, "vocab_size": 50257}  # fmt: skip
+GEMMA2_CONFIG_JSON = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "head_dim": 256, "hidden_size": 2304,
+                      "intermediate_size": 9216, "max_position_embeddings": 8192, "num_attention_heads": 8,
+                      "num_hidden_layers": 26, "num_key_value_heads": 4, "vocab_size": 256000}  # fmt: skip
+
+
+@pytest.mark.parametrize("config_json", [GPT2_CONFIG_JSON, GEMMA2_CONFIG_JSON, {**GEMMA2_CONFIG_JSON, "head_dim": None}])
+def test_a_models_shape_read_from_its_config_json_is_what_transformers_reads(tmp_path, config_json):
+    """`hf_model_dims` reads config.json as JSON (no torch) and gets what `AutoConfig` gets, defaults included; where
+    the file leaves a field to transformers' defaults (a Gemma-2 config without head_dim) it asks transformers."""
+    from transformers import AutoConfig
+
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config_json.items() if v is not None}))
+    assert hf_model_dims(str(tmp_path)) == ModelDims.from_hf_config(AutoConfig.from_pretrained(tmp_path))
+    if config_json is GPT2_CONFIG_JSON:
+        assert hf_model_dims(str(tmp_path)).d_mlp == 3072
+    with pytest.raises(ValueError, match="config.json could not be read"):
+        hf_model_dims(str(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gemma2"])

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -468,11 +469,18 @@ def run_scr_or_tpp(
     output = _output_of(eval_output, workdir)
     validate_output(output_class, output)
     metrics = _scalar_metrics(suite, output)
-    for name in [m.split(".", 1)[1] for m in metrics]:  # SAEBench's metrics, each with its padding-masked twin
-        if isinstance(masked["averaged"].get(name), (int, float)):
-            metrics[f"{suite}.{name}{PADDING_MASKED}"] = float(masked["averaged"][name])
+    tags = {f"saecomp.{suite}.model_side": side.origin}
+    if masked is None:  # SAEBench's numbers stand; the run says why they have no twins
+        tags[f"saecomp.{suite}.padding_masked_failed"] = str(masked_runs.failed)
+        warnings.warn(
+            f"{suite}: the padding-masked twins could not be computed ({masked_runs.failed}); SAEBench's numbers are logged", stacklevel=2
+        )
+    else:
+        for name in [m.split(".", 1)[1] for m in metrics]:  # SAEBench's metrics, each with its padding-masked twin
+            if isinstance(masked["averaged"].get(name), (int, float)):
+                metrics[f"{suite}.{name}{PADDING_MASKED}"] = float(masked["averaged"][name])
     seconds = time.perf_counter() - started
-    return SuiteResult(suite, output, metrics, seconds, {f"saecomp.{suite}.model_side": side.origin}, corrected=masked)
+    return SuiteResult(suite, output, metrics, seconds, tags, corrected=masked)
 
 
 class RepeatedInputCache:
@@ -783,15 +791,16 @@ def padding_leak(
     f(0)) + (0 - decode(f(0)))``, the same vector at every one (``at_padding_D``, computed when not given), and sums it
     with the real positions before dividing by their number (``real_B``, counted as SAEBench counts them when not
     given). Exactly zero when no ablated latent fires on a zero input (the two decodes are then the same).
-    SAEBench's mean less this is the mean over the real positions up to float32 rounding of SAEBench's sum, which
-    carries every padded position's leak (measured 2e-5 at most for 57 padded positions of 60); a masked second
-    decode would be exact and cost as much again as SAEBench's ablation loop."""
+    Returned in float32. SAEBench's mean less this is the mean over the real positions up to the rounding of SAEBench's
+    sum in the activations' dtype, which carries every padded position's leak (in float32 measured 2.3e-5 at most for
+    54 padded positions of 57); a masked second decode would be exact and cost as much again as SAEBench's ablation
+    loop. A real position whose activations sum to exactly zero counts as padding here, as SAEBench counts it."""
     if at_padding_D is None:
         at_padding_D = ablation_at_padding(acts_BLD, sae, to_ablate)
     if real_B is None:
         real_B = real_positions(acts_BLD)
-    padded_B = acts_BLD.shape[1] - real_B
-    return padded_B[:, None] * at_padding_D[None, :] / real_B[:, None]
+    padded_share_B = ((acts_BLD.shape[1] - real_B) / real_B).float()  # in float32 whatever the model's dtype
+    return padded_share_B[:, None] * at_padding_D.float()[None, :]
 
 
 def ablation_at_padding(acts_BLD: torch.Tensor, sae: SAE, to_ablate: torch.Tensor) -> torch.Tensor:
@@ -811,8 +820,21 @@ def real_positions(acts_BLD: torch.Tensor) -> torch.Tensor:
     return (einops.reduce(acts_BLD, "B L D -> B L", "sum") != 0.0).to(acts_BLD.dtype).sum(dim=1)
 
 
+@dataclass
+class PaddingMaskedRuns:
+    """What ``padding_masked_ablations`` collects: per dataset run in SAEBench's order, the masked raw results with
+    that dataset's clean model accuracies; or why the twins could not be computed (SAEBench's numbers stand)."""
+
+    runs: list[tuple[dict, dict]] = field(default_factory=list)
+    failed: str | None = None
+
+    def fail(self, error: BaseException) -> None:
+        if self.failed is None:
+            self.failed = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+
+
 @contextmanager
-def padding_masked_ablations() -> Iterator[list[tuple[dict, dict]]]:
+def padding_masked_ablations() -> Iterator[PaddingMaskedRuns]:
     """SCR and TPP as SAEBench computes them, and beside them with the padded positions masked in the ablation: the
     README's "Known SAEBench deviation". SAEBench masks padding everywhere else (its node effects and its meaned SAE
     activations multiply by the mask), but `ablated_precomputed_activations` does not, so its numbers move with the
@@ -820,17 +842,18 @@ def padding_masked_ablations() -> Iterator[list[tuple[dict, dict]]]:
 
     SAEBench's `perform_feature_ablations` runs unchanged and its results are what SAEBench returns; it is then run
     a second time from the same random state (its probe tests draw samples), on the same ablated means less their
-    padding leak (``padding_leak``; no second SAE pass), and the state SAEBench's pass left is restored, so
-    SAEBench's numbers stay bit for bit its own (tests/test_evaluate_suites.py). Yields, per dataset run in SAEBench's
-    order, the masked raw results with that dataset's clean model accuracies (``padding_masked_results`` turns them
-    into SAEBench's metrics). Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
+    padding leak (``padding_leak``, in float32; no second SAE pass), and the state SAEBench's pass left is restored, so
+    SAEBench's numbers stay bit for bit its own (tests/test_evaluate_suites.py). The twins are ours, SAEBench's numbers
+    are the paper's: an error in computing the twins is recorded (``PaddingMaskedRuns.failed``), never raised.
+    ``padding_masked_results`` turns what this collects into SAEBench's metrics. Hold ``_WRAPPING`` (entered inside
+    ``per_dataset_random_state``)."""
     from sae_bench.evals.scr_and_tpp import main as scr_tpp
 
     ablate, ablations, one_dataset = (
         scr_tpp.ablated_precomputed_activations, scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset
     )  # fmt: skip
-    masked_runs: list[tuple[dict, dict]] = []
-    pending: list[dict] = []
+    collected = PaddingMaskedRuns()
+    pending: list[dict | None] = []
 
     def both_ablations(*args, **kwargs):
         recorded: list[tuple[tuple, torch.Tensor]] = []  # per call: (its arguments' identity, masked mean [B, D])
@@ -839,16 +862,22 @@ def padding_masked_ablations() -> Iterator[list[tuple[dict, dict]]]:
 
         def recording(acts_BLD, sae, to_ablate, sae_batch_size):
             pooled_BD = ablate(acts_BLD, sae, to_ablate, sae_batch_size)
-            key = (id(acts_BLD), to_ablate.cpu().numpy().tobytes())
-            if key[1] not in at_padding:
-                at_padding[key[1]] = ablation_at_padding(acts_BLD, sae, to_ablate)
-            if key[0] not in reals or reals[key[0]][0] is not acts_BLD:
-                reals[key[0]] = (acts_BLD, real_positions(acts_BLD))
-            leak_BD = padding_leak(acts_BLD, sae, to_ablate, at_padding[key[1]], reals[key[0]][1])
-            recorded.append((key, pooled_BD - leak_BD.to(pooled_BD.dtype)))
+            if collected.failed is None:
+                try:
+                    key = (id(acts_BLD), to_ablate.cpu().numpy().tobytes())
+                    if key[1] not in at_padding:
+                        at_padding[key[1]] = ablation_at_padding(acts_BLD, sae, to_ablate)
+                    if key[0] not in reals or reals[key[0]][0] is not acts_BLD:
+                        reals[key[0]] = (acts_BLD, real_positions(acts_BLD))
+                    leak_BD = padding_leak(acts_BLD, sae, to_ablate, at_padding[key[1]], reals[key[0]][1])
+                    recorded.append((key, (pooled_BD.float() - leak_BD).to(pooled_BD.dtype)))
+                except Exception as error:  # the twin only: SAEBench's pass goes on
+                    collected.fail(error)
             return pooled_BD
 
         def replaying(acts_BLD, sae, to_ablate, sae_batch_size):
+            if not recorded:
+                raise RuntimeError("SAEBench's ablation loop made more ablations the second time")
             key, masked_BD = recorded.pop(0)
             if key != (id(acts_BLD), to_ablate.cpu().numpy().tobytes()):
                 raise RuntimeError("SAEBench's ablation loop called its ablations in another order the second time")
@@ -860,46 +889,61 @@ def padding_masked_ablations() -> Iterator[list[tuple[dict, dict]]]:
             results = ablations(*args, **kwargs)
         finally:
             scr_tpp.ablated_precomputed_activations = ablate
-        after = _random_state()
-        _set_random_state(before)  # the masked pass's probe tests draw the samples SAEBench's drew
-        scr_tpp.ablated_precomputed_activations = replaying
-        try:
-            pending.append(ablations(*args, **kwargs))
-        finally:
-            scr_tpp.ablated_precomputed_activations = ablate
-            _set_random_state(after)  # what follows draws as in SAEBench alone
-        if recorded:
-            raise RuntimeError(f"SAEBench's ablation loop made {len(recorded)} fewer ablations the second time")
+        masked = None
+        if collected.failed is None:
+            after = _random_state()
+            _set_random_state(before)  # the masked pass's probe tests draw the samples SAEBench's drew
+            scr_tpp.ablated_precomputed_activations = replaying
+            try:
+                masked = ablations(*args, **kwargs)
+                if recorded:
+                    raise RuntimeError(f"SAEBench's ablation loop made {len(recorded)} fewer ablations the second time")
+            except Exception as error:
+                collected.fail(error)
+                masked = None
+            finally:
+                scr_tpp.ablated_precomputed_activations = ablate
+                _set_random_state(after)  # what follows draws as in SAEBench alone
+        pending.append(masked)
         return results
 
     def dataset(*args, **kwargs):
         raw, clean_accuracies = one_dataset(*args, **kwargs)
-        masked_runs.append((pending.pop(), clean_accuracies))
+        masked = pending.pop() if pending else None
+        if masked is not None:
+            collected.runs.append((masked, clean_accuracies))
         return raw, clean_accuracies
 
     scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset = both_ablations, dataset
     try:
-        yield masked_runs
+        yield collected
     finally:
         scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset = ablations, one_dataset
 
 
-def padding_masked_results(suite: str, results: dict, masked_runs: list[tuple[dict, dict]]) -> dict:
+def padding_masked_results(suite: str, results: dict, collected: PaddingMaskedRuns) -> dict | None:
     """SAEBench's SCR or TPP metrics of the padding-masked ablations (``padding_masked_ablations``), per dataset run
     and averaged over them, by SAEBench's own plotting and averaging functions as its `run_eval_single_sae` applies
-    them: ``{"datasets": {<SAEBench's per-dataset key>: metrics}, "averaged": metrics}``."""
+    them: ``{"datasets": {<SAEBench's per-dataset key>: metrics}, "averaged": metrics}``; None (and
+    ``collected.failed`` says why) where they could not be computed."""
     from sae_bench.evals.scr_and_tpp.main import create_tpp_plotting_dict, get_scr_plotting_dict
     from sae_bench.sae_bench_utils.general_utils import average_results_dictionaries
 
-    keys = [key for key, value in results.items() if isinstance(value, dict)]  # "<run name>_results", in run order
-    if len(keys) != len(masked_runs):
-        raise RuntimeError(f"{suite}: {len(keys)} dataset results from SAEBench, {len(masked_runs)} padding-masked ones")
-    with contextlib.redirect_stdout(io.StringIO()):  # SAEBench prints every score it plots; the log has SAEBench's own
-        per_dataset = {
-            key: get_scr_plotting_dict(raw, clean) if suite == "scr" else create_tpp_plotting_dict(raw, clean)[0]
-            for key, (raw, clean) in zip(keys, masked_runs, strict=True)
-        }
-    averaged = average_results_dictionaries(per_dataset, [key.removesuffix("_results") for key in keys])
+    if collected.failed is not None:
+        return None
+    try:
+        keys = [key for key, value in results.items() if isinstance(value, dict)]  # "<run name>_results", in run order
+        if len(keys) != len(collected.runs):
+            raise RuntimeError(f"{suite}: {len(keys)} dataset results from SAEBench, {len(collected.runs)} padding-masked ones")
+        with contextlib.redirect_stdout(io.StringIO()):  # SAEBench prints every score it plots; the log has SAEBench's own
+            per_dataset = {
+                key: get_scr_plotting_dict(raw, clean) if suite == "scr" else create_tpp_plotting_dict(raw, clean)[0]
+                for key, (raw, clean) in zip(keys, collected.runs, strict=True)
+            }
+        averaged = average_results_dictionaries(per_dataset, [key.removesuffix("_results") for key in keys])
+    except Exception as error:
+        collected.fail(error)
+        return None
     return {
         "what": "SAEBench's metrics with the padded positions masked in its ablation (saecomp.evaluate.padding_masked_ablations)",
         "datasets": per_dataset,

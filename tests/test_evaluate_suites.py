@@ -316,20 +316,44 @@ def test_scr_and_tpp_log_saebenchs_numbers_and_beside_them_the_padding_masked_on
     """Beside SAEBench's numbers (bit for bit those of SAEBench's own run_eval_single_sae), every SCR/TPP metric has
     a ``_padding_masked`` twin: the number SAEBench gives with its ablation masked as the rest of SAEBench masks
     (an independent reference patched into SAEBench), per dataset and averaged. A TopK SAE fires on a zero input, so
-    the ablations leak into the padding; TPP's twins differ from SAEBench's numbers at these sizes (SCR's test
-    accuracies here happen not to move; at the tiny pipeline's sizes 35 of 168 moved, README)."""
+    the ablations leak into the padding: the ablated means the twins' probes read differ from SAEBench's and equal the
+    reference's. TPP's twins differ from SAEBench's numbers at these sizes; SCR's few test texts happen not to flip a
+    probe decision here (at the tiny pipeline's sizes 18 of 21 SCR twins differ, benchmarks/README.md)."""
     import random
 
     import numpy as np
     from sae_bench.evals.scr_and_tpp import main as scr_tpp
 
+    def probe_inputs_per_pass(patch) -> list[list[dict]]:
+        """Spies on SAEBench: per pass of its ablation loop, the ablated means each of its probe tests reads."""
+        passes, inside = [], []
+        ablations, probe_tests = scr_tpp.perform_feature_ablations, scr_tpp.get_probe_test_accuracy
+
+        def ablation_pass(*args, **kwargs):
+            passes.append([])
+            inside.append(True)
+            try:
+                return ablations(*args, **kwargs)
+            finally:
+                inside.pop()
+
+        def probe_test(probes, classes, activations, *rest):
+            if inside:
+                passes[-1].append({k: v.clone() for k, v in activations.items()})
+            return probe_tests(probes, classes, activations, *rest)
+
+        patch.setattr(scr_tpp, "perform_feature_ablations", ablation_pass)
+        patch.setattr(scr_tpp, "get_probe_test_accuracy", probe_test)
+        return passes
+
     config = saebench_config(suite, experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
     hook = "blocks.1.hook_resid_post"
-    expected, leaks = {}, []
+    expected, inputs, leaks = {}, {}, []
     leak = evaluate_lib.padding_leak
     with offline_datasets(offline_data / "hf_datasets"):
         with monkeypatch.context() as patch:
             patch.setattr(evaluate_lib, "padding_leak", lambda *args: leaks.append(leak(*args)) or leaks[-1])  # all positional
+            inputs["ours"] = probe_inputs_per_pass(patch)
             ours = run_suite(suite, pruned.tl, topk_sae(hook, seed=6), config, tmp_path / "ours", "sae")
         for kind in ("saebench", "masked"):
             random.seed(config.random_seed)
@@ -337,9 +361,21 @@ def test_scr_and_tpp_log_saebenchs_numbers_and_beside_them_the_padding_masked_on
             torch.manual_seed(config.random_seed)
             sae = evaluate_lib.prepared_for_saebench(topk_sae(hook, seed=6), config.model_name)
             with monkeypatch.context() as patch, torch.enable_grad():
+                inputs[kind] = probe_inputs_per_pass(patch)
                 if kind == "masked":
                     patch.setattr(scr_tpp, "ablated_precomputed_activations", masked_ablation_reference)
                 expected[kind], _ = scr_tpp.run_eval_single_sae(config, sae, pruned.tl, "cpu", str(tmp_path / kind), save_activations=False)
+    # our run: per dataset SAEBench's pass, then the twins' pass; SAEBench's exactly, the twins' as the reference's
+    assert len(inputs["ours"]) == 2 * len(inputs["saebench"]) == 2 * len(inputs["masked"]) > 0
+    moved = 0.0
+    passes = zip(inputs["ours"][0::2], inputs["ours"][1::2], inputs["saebench"], inputs["masked"], strict=True)
+    for ours_pass, twin_pass, saebench_pass, reference_pass in passes:
+        for ours_means, twin, saebench_means, reference in zip(ours_pass, twin_pass, saebench_pass, reference_pass, strict=True):
+            for name in saebench_means:
+                assert torch.equal(ours_means[name], saebench_means[name])
+                torch.testing.assert_close(twin[name], reference[name], atol=1e-4, rtol=1e-4)
+                moved = max(moved, float((twin[name] - saebench_means[name]).abs().max()))
+    assert moved > 1e-2  # the twins' probes read other means than SAEBench's
     details = {d["dataset_name"]: d for d in ours.output["eval_result_details"]}
     averaged = {k: v for k, v in expected["saebench"].items() if not isinstance(v, dict)}
     assert {k: ours.output["eval_result_metrics"][f"{suite}_metrics"].get(k, v) for k, v in averaged.items()} == averaged
@@ -356,6 +392,32 @@ def test_scr_and_tpp_log_saebenchs_numbers_and_beside_them_the_padding_masked_on
     assert any(x.abs().max() > 0.1 for x in leaks) and any(not x.any() for x in leaks)  # some ablations leak, some not
     if suite == "tpp":
         assert any(ours.metrics[f"{suite}.{n}"] != ours.metrics[f"{suite}.{n}{evaluate_lib.PADDING_MASKED}"] for n in saebench_names)
+
+
+def test_an_error_in_the_twins_leaves_saebenchs_numbers_and_says_why(experiment, pruned, offline_data, tmp_path, monkeypatch):
+    """The twins are ours: if computing them fails, SAEBench's numbers and the random state after the suite are those
+    of a run whose twins succeeded, the run says why it has no twins, and SAEBench's functions are its own again."""
+    from sae_bench.evals.scr_and_tpp import main as scr_tpp
+
+    functions = (scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset, scr_tpp.ablated_precomputed_activations)
+    config = saebench_config("tpp", experiment.evaluation, "tiny-gpt2-pruned-test", "float32", pruned.tl, tiny=True)
+    hook = "blocks.1.hook_resid_post"
+
+    def broken(*args):
+        raise RuntimeError("leak exploded")
+
+    with offline_datasets(offline_data / "hf_datasets"):
+        fine = run_suite("tpp", pruned.tl, topk_sae(hook, seed=7), config, tmp_path / "fine", "sae")
+        state_after_fine = torch.get_rng_state()
+        monkeypatch.setattr(evaluate_lib, "padding_leak", broken)
+        with pytest.warns(UserWarning, match="padding-masked twins could not be computed"):
+            failed = run_suite("tpp", pruned.tl, topk_sae(hook, seed=7), config, tmp_path / "failed", "sae")
+        assert torch.equal(torch.get_rng_state(), state_after_fine)
+    for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
+        assert failed.output[part] == fine.output[part], part
+    assert failed.metrics == {k: v for k, v in fine.metrics.items() if not k.endswith(evaluate_lib.PADDING_MASKED)} != fine.metrics
+    assert failed.corrected is None and failed.tags["saecomp.tpp.padding_masked_failed"] == "RuntimeError: leak exploded"
+    assert (scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset, scr_tpp.ablated_precomputed_activations) == functions
 
 
 def test_the_sae_memo_returns_what_the_sae_computes_and_never_a_stale_or_shared_tensor():

@@ -578,7 +578,7 @@ def figures(all_cells: pd.DataFrame, sweeps: dict[tuple[str, str], tuple[pd.Data
                         ks = [int(re.findall(r"\d+", m)[0]) for m in twin["metric"]]
                         axis.plot(ks, twin["value"], ls="--", marker=".", color=drawn.get_color(), label=f"{variant}, padding masked")
                 axis.set(xscale="log", title=hook, xlabel="latents ablated (k)", ylabel=label)
-                axis.legend(fontsize=7)
+                axis.legend(fontsize=6, ncol=2 if len(here_masked) else 1)  # with the dashed twins: two columns
             figure.suptitle(f"Figure {number}: {label} against k, on {model}")
             out[f"figure{number}_{table}{suffix}.png"] = _figure_bytes(figure)
     return out

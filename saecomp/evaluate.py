@@ -799,7 +799,8 @@ def padding_leak(
         at_padding_D = ablation_at_padding(acts_BLD, sae, to_ablate)
     if real_B is None:
         real_B = real_positions(acts_BLD)
-    padded_share_B = ((acts_BLD.shape[1] - real_B) / real_B).float()  # in float32 whatever the model's dtype
+    real_B = real_B.float()  # in float32 whatever the model's dtype (bf16 cannot hold 1/3 to 3 digits)
+    padded_share_B = (acts_BLD.shape[1] - real_B) / real_B
     return padded_share_B[:, None] * at_padding_D.float()[None, :]
 
 

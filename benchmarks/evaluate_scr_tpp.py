@@ -19,23 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<this>.py` finds `benchmarks`
 
 from benchmarks.common import machine, write_json  # noqa: E402
-
-
-def topk_sae(hook_name: str, d_in: int, d_sae: int, k: int, seed: int = 0):
-    """A random TopK SAE, as wide and as sparse as the tiny experiment's: it fires on a zero input, so the twin works."""
-    from sae_lens import SAE
-
-    sae = SAE.from_dict({"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": k, "metadata": {"hook_name": hook_name}})
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * d_in**-0.5)
-    return sae
+from benchmarks.sae_memo import random_sae  # noqa: E402
 
 
 def main() -> None:
@@ -65,7 +52,9 @@ def main() -> None:
         layer = exp.sae.layers[0]
         hook = f"blocks.{layer}.hook_resid_post"
         width = exp.sae.d_sae or exp.sae.expansion_factor * loaded.tl.cfg.d_model
-        sae = topk_sae(hook, loaded.tl.cfg.d_model, width, exp.sae.k)
+        # a random TopK SAE as wide and as sparse as the experiment's: it fires on a zero input, so the twins work
+        sae = random_sae(loaded.tl.cfg.d_model, width, "topk", "none", "cpu", k=exp.sae.k)
+        sae.cfg.metadata.hook_name = hook
         write_offline_datasets(
             exp.world_config().corpus,
             tmp / "data",

@@ -30,10 +30,10 @@ SAES = {
 }
 
 
-def random_sae(d_in: int, d_sae: int, architecture: str, norm: str, device: str, seed: int = 0):
+def random_sae(d_in: int, d_sae: int, architecture: str, norm: str, device: str, seed: int = 0, k: int = 32):
     from sae_lens import SAE
 
-    extra = {"k": 32} if architecture == "topk" else {}
+    extra = {"k": k} if architecture == "topk" else {}
     sae = SAE.from_dict(
         {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "normalize_activations": norm,
          "metadata": {"hook_name": "blocks.6.hook_resid_post"}, "device": device, **extra}

@@ -318,7 +318,7 @@ def test_scr_and_tpp_log_saebenchs_numbers_and_beside_them_the_padding_masked_on
     (an independent reference patched into SAEBench), per dataset and averaged. A TopK SAE fires on a zero input, so
     the ablations leak into the padding: the ablated means the twins' probes read differ from SAEBench's and equal the
     reference's. TPP's twins differ from SAEBench's numbers at these sizes; SCR's few test texts happen not to flip a
-    probe decision here (at the tiny pipeline's sizes 18 of 21 SCR twins differ, benchmarks/README.md)."""
+    probe decision here (in the tiny pipeline's cold run 197 of 252 SCR twins differ, benchmarks/README.md)."""
     import random
 
     import numpy as np

@@ -155,7 +155,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
     from saecomp.models import NO_PROCESSING_KWARGS, TINY_MODELS, load_model
     from saecomp.saes import evaluate_sae
     from saecomp.tracking import CACHE_DIR, register_sae, step_run, training_metrics_logger
-    from saecomp.train_sae import train_sae
+    from saecomp.train_sae import latest_checkpoint, train_sae
 
     logging.getLogger("sae_lens").addFilter(_QuietViewFallback())
     key = key_for(exp, experiment_path, spec, model_label, like_source)
@@ -213,7 +213,11 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
             f"streamed from {plan['sae_train'].describe()}" + (", BOS first" if prepend_bos else "")
         )
         if checkpoint_dir.exists():
-            say(f"checkpoints of an interrupted run with the same inputs are in {checkpoint_dir}")
+            complete = latest_checkpoint(checkpoint_dir)
+            say(
+                f"checkpoints of an interrupted run with the same inputs are in {checkpoint_dir}: "
+                + (f"resuming from {complete.name} samples" if complete else "none complete, so training from the start")
+            )
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "sae"
             started = time.perf_counter()

@@ -133,16 +133,31 @@ class StreamingTrainer(SAETrainer):
         return output
 
 
+# Written into a checkpoint folder once SAELens has written all of it. SAELens writes a checkpoint file by file
+# (weights, trainer state, activation scaler, activation store, runner config) and a step can die between any two: a
+# folder without this file is half-written and is never resumed from.
+CHECKPOINT_COMPLETE = "saecomp_checkpoint_complete"
+
+
 def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     """The newest complete SAELens checkpoint under ``checkpoint_dir``. SAELens writes them to
-    ``<checkpoint_path>/<random run id>/<samples seen>/``, so we look two levels down."""
+    ``<checkpoint_path>/<random run id>/<samples seen>/``, so we look two levels down; only folders that
+    `save_checkpoint_marked` finished count."""
     root = Path(checkpoint_dir)
-    complete = [
-        state.parent
-        for state in root.glob("*/*/trainer_state.pt")
-        if state.parent.name.isdigit() and (state.parent / "sae_weights.safetensors").exists()
-    ]
+    complete = [marker.parent for marker in root.glob(f"*/*/{CHECKPOINT_COMPLETE}") if marker.parent.name.isdigit()]
     return max(complete, key=lambda p: int(p.name), default=None)
+
+
+def save_checkpoint_marked(save_checkpoint: Callable[..., None]) -> Callable[..., None]:
+    """SAELens's runner-side checkpoint save (the last part of a checkpoint it writes), followed by our completion
+    marker, so that `latest_checkpoint` never picks a folder whose writing was cut short."""
+
+    def save(checkpoint_path: Path | None) -> None:
+        save_checkpoint(checkpoint_path=checkpoint_path)
+        if checkpoint_path is not None:
+            (Path(checkpoint_path) / CHECKPOINT_COMPLETE).write_text("")
+
+    return save
 
 
 class _QuietOverrides(logging.Filter):
@@ -181,7 +196,7 @@ def train_sae(
         sae=runner.sae,
         data_provider=runner.activations_store,
         evaluator=runner.evaluator,
-        save_checkpoint_fn=runner.save_checkpoint,
+        save_checkpoint_fn=save_checkpoint_marked(runner.save_checkpoint),
         cfg=cfg.to_sae_trainer_config(),
         on_metrics=on_metrics,
         log_every=log_every,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from sae_lens import SAE, StandardSAEConfig
 from entrypoints import train_sae as train_sae_step
 from saecomp.models import ModelDims, load_model
 from saecomp.saes import evaluate_sae, load_sae, processing_kwargs
-from saecomp.train_sae import SAETrainingSpec, buffer_batches, check_spec, runner_config
+from saecomp.train_sae import CHECKPOINT_COMPLETE, SAETrainingSpec, buffer_batches, check_spec, latest_checkpoint, runner_config
 
 SMALL_TRAINING = ["--training_tokens", "30000", "--batch_size_tokens", "512", "--context_size", "64", "--expansion_factor", "4"]
 
@@ -248,24 +249,39 @@ def test_a_killed_training_continues_from_its_last_checkpoint(small_experiment, 
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     checkpoints = session_dir / "checkpoints" / "train_sae"
+    # The session's checkpoint folder is shared with other tests' steps (a step of a killed pipeline can leave its own
+    # behind): this test watches only the checkpoints its own training writes.
+    before = set(checkpoints.glob("*/*/[0-9]*"))
+    runs_before = {r.info.run_id for r in runs_of("train_sae")}
+
+    def complete_checkpoints():
+        return {p.parent for p in checkpoints.glob(f"*/*/[0-9]*/{CHECKPOINT_COMPLETE}")} - before
+
     log = session_dir / "killed-training.log"
     with open(log, "w") as stderr:  # a file, not a pipe: a full pipe would stall the child
         process = subprocess.Popen(args, cwd=ROOT, env=env, stderr=stderr)
     deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not list(checkpoints.glob("*/*/[0-9]*/trainer_state.pt")):
+    while time.time() < deadline and process.poll() is None and not complete_checkpoints():
         time.sleep(0.2)
     assert process.poll() is None, log.read_text()[-3000:]
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
     assert process.returncode != 0
-    killed = runs_of("train_sae")[-1]
+    (killed,) = [r for r in runs_of("train_sae") if r.info.run_id not in runs_before]
     assert killed.info.status == "FAILED"
-    saved = sorted(int(p.parent.name) for p in checkpoints.glob("*/*/[0-9]*/trainer_state.pt"))
-    assert saved and saved[-1] < 400000
+    saved = sorted(complete_checkpoints(), key=lambda p: int(p.name))
+    assert saved and int(saved[-1].name) < 400000
+    # A checkpoint whose writing was cut short (SAELens writes file by file; a step can die between two), further on
+    # than the complete ones: never resumed from.
+    torn = saved[-1].parent / str(int(saved[-1].name) + 512)
+    shutil.copytree(saved[-1], torn)
+    (torn / "activation_scaler.json").unlink()
+    (torn / CHECKPOINT_COMPLETE).unlink()
+    assert latest_checkpoint(checkpoints / saved[-1].parent.parent.name) == saved[-1]
 
     finished = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     resumed = runs_of("train_sae")[-1]
     assert resumed.info.status == "FINISHED"
-    assert int(resumed.data.tags["saecomp.resumed_from_samples"]) >= saved[0]
-    assert not list(checkpoints.glob("*/*/[0-9]*")), "checkpoints of a finished run are left behind"
+    assert int(resumed.data.tags["saecomp.resumed_from_samples"]) == int(saved[-1].name)
+    assert not list(checkpoints.glob(f"{saved[-1].parent.parent.name}/*/[0-9]*")), "checkpoints of a finished run are left behind"

@@ -3,6 +3,7 @@ and tokens, side by side in one process, interleaved, as a ratio (goal: at most 
 
     python benchmarks/evaluate_core.py                 # tiny shape, random weights, CPU
     python benchmarks/evaluate_core.py --shape gpt2-small --batches 2
+    python benchmarks/evaluate_core.py --shape gemma-2-2b --device cuda --dtype bfloat16   # on a GPU
 
 `run_core` calls `run_evals` itself; what it adds is SAEBench's own SAE preparation, the JSON output validated
 against SAEBench's pydantic class, and one pass up to the SAE's block for the centred explained variance.
@@ -11,8 +12,6 @@ against SAEBench's pydantic class, and one pass up to the SAE's block for the ce
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from sae_lens import SAE, TopKSAEConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<this>.py` finds `benchmarks`
 
-from benchmarks.common import build_model
+from benchmarks.common import DTYPES, SHAPES, build_model, machine, write_json
 from saecomp.evaluate import CoreSizes, core_config, prepared_for_saebench, run_core, token_activation_store
 
 
@@ -39,7 +38,9 @@ def saebench_alone(model, sae, tokens, special, sizes: CoreSizes) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=["tiny", "gpt2-small"], default="tiny")
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the model's; the SAE stays float32")
     parser.add_argument("--batches", type=int, default=8, help="reconstruction and sparsity batches each")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -47,10 +48,10 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model = build_model(args.shape)
+    model = build_model(args.shape, args.device, args.dtype)
     cfg = model.cfg
     layer = cfg.n_layers // 2
-    sae = SAE.from_dict(TopKSAEConfig(d_in=cfg.d_model, d_sae=8 * cfg.d_model, k=32).to_dict())
+    sae = SAE.from_dict(TopKSAEConfig(d_in=cfg.d_model, d_sae=8 * cfg.d_model, k=32, device=args.device).to_dict())
     sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
     sae.cfg.metadata.model_name = "bench"
     sizes = CoreSizes(args.batch_size, args.batches, args.batches)
@@ -58,34 +59,56 @@ def main() -> None:
     tokens[:, 0] = 0
     special = {0}
     ours, theirs = [], []
+    metrics = {}
     for _ in range(args.repeats):  # interleaved: two shared cores drift
         started = time.perf_counter()
         saebench_alone(model, sae, tokens, special, sizes)
+        _synchronize(args.device)
         theirs.append(time.perf_counter() - started)
         started = time.perf_counter()
-        run_core(model, sae, tokens, special, sizes)
+        result = run_core(model, sae, tokens, special, sizes)
+        _synchronize(args.device)
         ours.append(time.perf_counter() - started)
+        metrics = {name: result.metrics[name] for name in HEADLINE}
     ratio = statistics.median(ours) / statistics.median(theirs)
     figures = {
-        "machine": platform.platform(),
-        "processor": platform.processor(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "machine": machine(),
         "shape": args.shape,
+        "device": args.device,
+        "dtype": args.dtype,
         "layer": layer,
+        "d_sae": sae.cfg.d_sae,
         "tokens": tokens.numel(),
         "saebench_run_evals_seconds": theirs,
         "saecomp_run_core_seconds": ours,
         "ratio_median": ratio,
         "goal": 1.1,
+        "metrics": metrics,
     }
-    print(f"shape={args.shape} layer={layer}/{cfg.n_layers} tokens={tokens.numel()} threads={torch.get_num_threads()}")
+    print(f"shape={args.shape} {args.dtype} on {args.device} layer={layer}/{cfg.n_layers} tokens={tokens.numel()}", end=" ")
+    print(f"threads={torch.get_num_threads()}")
     print(f"SAEBench run_evals alone: median {statistics.median(theirs):7.2f} s  {[round(t, 2) for t in theirs]}")
     print(f"saecomp run_core:         median {statistics.median(ours):7.2f} s  {[round(t, 2) for t in ours]}")
     print(f"ratio {ratio:.3f}x (goal <= 1.1x: {'met' if ratio <= 1.1 else 'NOT met'})")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(figures, handle, indent=1)
+    print("metrics: " + ", ".join(f"{name.removeprefix('core.')} {value:.6g}" for name, value in metrics.items()))
+    write_json(args.json, figures)
+
+
+# Printed and recorded so that a device's run can be read against the CPU's (every one must be finite).
+HEADLINE = (
+    "core.kl_div_score",
+    "core.ce_loss_score",
+    "core.explained_variance",
+    "core.explained_variance_centred",
+    "core.mse",
+    "core.cossim",
+    "core.l0",
+)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the tiny world's model and labelled data. Also checks that SAEBench's own number
 
     python benchmarks/evaluate_scr_tpp.py --world path/to/world        # a built tiny world (the world step's artifact)
     python benchmarks/evaluate_scr_tpp.py                              # builds one first (about 2 minutes on 2 cores)
+    python benchmarks/evaluate_scr_tpp.py --world W --device cuda --dtype bfloat16   # the twins on a GPU, the model in bf16
 
 Each suite is timed in the pipeline's common case: a hook's later variants load the model side the first computed
 (`SHARED_MODEL_SIDE`), so what is measured is the SAE side, where the twin's cost falls.
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<this>.py` finds `benchmarks`
 
@@ -30,6 +34,8 @@ def main() -> None:
     parser.add_argument("--world", type=Path, help="a built tiny world (default: build one into a temporary folder)")
     parser.add_argument("--experiment", default="experiments/tiny.yaml")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="the model's; the SAE stays float32")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -48,12 +54,12 @@ def main() -> None:
 
             world = tmp / "world"
             build_world(exp.world_config().only(exp.model), world, log=lambda line: print(f"world: {line}"))
-        loaded = load_model(exp.model, world / exp.model)
+        loaded = load_model(exp.model, world / exp.model, args.dtype, device=args.device)
         layer = exp.sae.layers[0]
         hook = f"blocks.{layer}.hook_resid_post"
         width = exp.sae.d_sae or exp.sae.expansion_factor * loaded.tl.cfg.d_model
         # a random TopK SAE as wide and as sparse as the experiment's: it fires on a zero input, so the twins work
-        sae = random_sae(loaded.tl.cfg.d_model, width, "topk", "none", "cpu", k=exp.sae.k)
+        sae = random_sae(loaded.tl.cfg.d_model, width, "topk", "none", args.device, k=exp.sae.k)
         sae.cfg.metadata.hook_name = hook
         write_offline_datasets(
             exp.world_config().corpus,
@@ -64,7 +70,7 @@ def main() -> None:
         rows = {}
         with offline_datasets(tmp / "data" / "hf_datasets"):
             for suite in ("scr", "tpp"):
-                config = evaluate.saebench_config(suite, ev, "bench", "float32", loaded.tl, tiny=True)
+                config = evaluate.saebench_config(suite, ev, "bench", args.dtype, loaded.tl, tiny=True)
                 shared = tmp / "shared"
                 evaluate.run_suite(suite, loaded.tl, sae, config, tmp / suite / "first", "first", shared=shared)  # computes
                 times: dict[str, list[float]] = {"with_twins": [], "without_twins": []}
@@ -77,6 +83,8 @@ def main() -> None:
                         with patch:
                             started = time.perf_counter()
                             result = evaluate.run_suite(suite, loaded.tl, sae, config, tmp / suite / f"{kind}{repeat}", kind, shared=shared)
+                            if args.device.startswith("cuda"):
+                                torch.cuda.synchronize()
                             times[kind].append(time.perf_counter() - started)
                         outputs[kind] = {part: result.output[part] for part in ("eval_result_metrics", "eval_result_details")}
                         if kind == "with_twins":
@@ -84,15 +92,19 @@ def main() -> None:
                 identical = outputs["with_twins"] == outputs["without_twins"]
                 twins = {m: metrics[f"{m}{evaluate.PADDING_MASKED}"] for m in metrics if f"{m}{evaluate.PADDING_MASKED}" in metrics}
                 moved = sum(twins[m] != metrics[m] for m in twins)
+                finite = all(math.isfinite(v) for v in (*twins.values(), *(metrics[m] for m in twins)))
                 ratio = statistics.median(times["with_twins"]) / statistics.median(times["without_twins"])
                 rows[suite] = {**times, "ratio_median": ratio, "saebench_numbers_identical": identical,
-                               "twins": len(twins), "twins_differing_from_saebench": moved}  # fmt: skip
+                               "twins": len(twins), "twins_differing_from_saebench": moved, "all_finite": finite,
+                               "largest_twin_difference": max((abs(twins[m] - metrics[m]) for m in twins), default=None),
+                               "metrics": {m: metrics[m] for m in twins}, "twin_metrics": twins}  # fmt: skip
                 print(
                     f"{suite}: with twins median {statistics.median(times['with_twins']):.2f} s, without "
                     f"{statistics.median(times['without_twins']):.2f} s, ratio {ratio:.3f}x; SAEBench's numbers identical: "
-                    f"{identical}; {moved} of {len(twins)} twins differ from SAEBench's"
+                    f"{identical}; {moved} of {len(twins)} twins differ from SAEBench's; all finite: {finite}"
                 )
-    write_json(args.json, {"machine": machine(), "experiment": args.experiment, "hook": hook, "d_sae": width, "suites": rows})
+    write_json(args.json, {"machine": machine(), "experiment": args.experiment, "device": args.device, "dtype": args.dtype,
+                           "hook": hook, "d_sae": width, "suites": rows})  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 # The GPU checks recorded in benchmarks/README.md, as one command on a lent GPU machine (the `device` tool runs it
 # from the repository root with $OUT set). TransformerLens, SAELens, MLflow and what they need beyond that machine's
 # own torch and transformers travel as wheels in .whl/ (its README says how to fetch them); their versions are
-# printed first and recorded in every JSON. `bash benchmarks/gpu_checks.sh [fork] [step_server] [train_sae] [sweep] [memo]`.
+# printed first and recorded in every JSON. `bash benchmarks/gpu_checks.sh [fork] [step_server] [train_sae] [sweep] [memo]
+# [core] [twins]`. `twins` reads a built tiny world from .gpuworld/ (carried: copy a world step's artifact there).
 set -u -o pipefail
 OUT=${OUT:-/tmp/saecomp-gpu}
 mkdir -p "$OUT"
@@ -17,7 +18,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i -E "[a-z][0-9]{3}" | head -1 | tr 'A-Z' 'a-z')
 CARD=${CARD:-gpu}
 python3 -c "import sys; from importlib.metadata import version as v; print('Python', sys.version.split()[0], *(f'{n} {v(n)}' for n in ('torch', 'transformers', 'transformer-lens', 'sae-lens', 'mlflow-skinny')))"
-PARTS=${*:-fork step_server train_sae sweep memo}  # which checks: all by default
+PARTS=${*:-fork step_server train_sae sweep memo core twins}  # which checks: all by default
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 part fork && echo "== CUDA across fork (why the step server asks through NVML)" &&
@@ -37,4 +38,17 @@ timeout 240 python3 benchmarks/sae_sweep.py --shape gemma-2-2b --device cuda --d
 part memo && echo "== SCR's ablation loop with and without the SAE memo, at GPT-2 small's and Gemma-2-2B's SAE shapes" &&
 for shape in gpt2-small gemma-2-2b; do
   timeout 240 python3 benchmarks/sae_memo.py --device cuda --shape $shape --json "$OUT/sae_memo_${shape}_${CARD}.json" 2>&1 | tail -8
+done
+
+part twins && echo "== SCR's and TPP's padding-masked twins on the GPU, the tiny world's model in fp32 and bf16" &&
+for dtype in float32 bfloat16; do
+  timeout 180 python3 benchmarks/evaluate_scr_tpp.py --world .gpuworld --device cuda --dtype $dtype --repeats $([ $dtype = float32 ] && echo 2 || echo 1) \
+    --json "$OUT/evaluate_scr_tpp_twins_tiny_${dtype}_${CARD}.json" 2>&1 | tee -a "$OUT/full_log.txt" | grep -E "^(scr|tpp):|Error|Traceback"
+done
+
+part core && echo "== evaluate's core (run_core) against SAEBench's run_evals alone, GPT-2 small fp32 and Gemma-2-2B bf16" &&
+for case in "gpt2-small float32" "gemma-2-2b bfloat16"; do
+  set -- $case
+  timeout 150 python3 benchmarks/evaluate_core.py --shape $1 --device cuda --dtype $2 --repeats 3 \
+    --json "$OUT/evaluate_core_${1}_${CARD}.json" 2>&1 | tee -a "$OUT/full_log.txt" | grep -E "^(shape|SAEBench|saecomp|ratio|metrics)|Error|Traceback"
 done

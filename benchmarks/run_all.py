@@ -101,6 +101,22 @@ def main() -> None:
                 {"step": "prune_sae", "case": case, "figure": "speed-up over the seed code way (stats + whole model per level)",
                  "value": r["seed_way_over_sweep"], "goal": ">= 4", "met": r["seed_way_over_sweep"] >= 4}
             )  # fmt: skip
+    # prune_sae sweep on a GPU: the recorded runs (a GPU run takes longer than a device lease allows alongside the rest;
+    # `benchmarks/gpu_checks.sh sweep` and `sae_sweep.py --device cuda` measure it).
+    for recorded in sorted(RECORDED.glob("sae_sweep_*_h[0-9]*_layer*.json")):
+        record = json.loads(recorded.read_text())
+        on = record["machine"]
+        note = f"recorded {on['date']} on {on['gpu']}, torch {on['versions']['torch']} ({recorded.name})"
+        for r in record["layers"]:
+            case = f"{record['shape']} {record['dtype']} GPU layer {r['layer']}/{record['n_layers']}"
+            rows.append(
+                {"step": "prune_sae", "case": case, "figure": "sweep / floor", "value": r["sweep_over_floor"], "goal": "<= 1.2",
+                 "met": r["sweep_over_floor"] <= 1.2, "note": note}
+            )  # fmt: skip
+            rows.append(
+                {"step": "prune_sae", "case": case, "figure": "speed-up over the seed code way", "value": r["seed_way_over_sweep"],
+                 "goal": ">= 4", "met": r["seed_way_over_sweep"] >= 4, "note": note}
+            )  # fmt: skip
     record = run("train_sae", ["--shape", "tiny", "--repeats", "1" if args.quick else "3"], out / "train_sae_tiny.json")
     rows.append(
         {"step": "train_sae", "case": f"tiny {record['hook']}, {record['tokens']:,} tokens", "figure": "tokens/s / SAELens runner's",
@@ -136,6 +152,21 @@ def main() -> None:
                 "met": record["ratio_median"] <= 1.1,
             }
         )
+    # evaluate's core on a GPU: measured here if there is one, else as recorded on one.
+    for shape, dtype in gpu_cases:
+        if torch.cuda.is_available() and not args.quick:
+            record = run("evaluate_core", ["--shape", shape, "--device", "cuda", "--dtype", dtype], out / f"evaluate_core_{shape}_gpu.json")
+            note = "measured here"
+        else:
+            recorded = sorted(RECORDED.glob(f"evaluate_core_{shape}_h[0-9]*.json"))
+            record = json.loads(recorded[-1].read_text()) if recorded else None
+            note = f"recorded {record['machine']['date']} on {record['machine']['gpu']} ({recorded[-1].name})" if record else ""
+        rows.append(
+            {"step": "evaluate", "case": f"core, {shape} {dtype} GPU", "figure": "time / SAEBench run_evals alone",
+             "value": record["ratio_median"], "goal": "<= 1.1", "met": record["ratio_median"] <= 1.1, "note": note}
+            if record
+            else not_measured("evaluate", f"core, {shape} {dtype} GPU", "time / SAEBench run_evals alone", "<= 1.1", "none recorded")
+        )  # fmt: skip
     if args.pipeline:
         record = run("pipeline", [], out / "pipeline_tiny.json")
         if record:

@@ -236,7 +236,7 @@ class SplicedLossRecorder:
         for token in ignore_tokens:  # SAEBench's mask: drop positions holding an ignored token
             keep &= batch_tokens != token
         for name, values in per_token.items():  # [batch, pos] (KL) or [batch, pos - 1] (CE: no target for the last)
-            mask = keep[:, : values.shape[1]]
+            mask = keep[:, : values.shape[1]].to(values.device)
             self.sums.setdefault(name, []).append((values.double() * mask).sum(dim=1).cpu())
             self.counts.setdefault(name, []).append(mask.sum(dim=1).double().cpu())
 
@@ -253,7 +253,7 @@ class CentredVarianceSums:
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor, ordinary: torch.Tensor) -> None:
         """x, x_hat: [tokens, d], the ordinary tokens of one batch in sequence order; ordinary: [batch, pos]."""
-        per_sequence = ordinary.sum(dim=1)  # [batch]
+        per_sequence = ordinary.sum(dim=1).to(x.device)  # [batch]; the mask comes from CPU tokens, x from the model's device
         sequence_of = torch.repeat_interleave(torch.arange(len(per_sequence), device=x.device), per_sequence)  # [tokens]
         x, x_hat = x.double(), x_hat.double()
         rows = len(per_sequence)

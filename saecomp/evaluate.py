@@ -1201,10 +1201,36 @@ def run_suite(
     # SAEBench's run_eval casts the SAE to the model's dtype (its probes and ablations assume one dtype).
     sae = _copy(sae).to(dtype=str_to_dtype(config.llm_dtype))
     with flat_hook_z(model, sae) as hooked_sae:
+        if suite in ZERO_PADDED_SUITES and (reason := not_finite_at_zero_input(hooked_sae)):
+            raise NotApplicable(f"SAEBench's {suite} {reason}")
         extra = {"shared": shared} if suite in SHARED_MODEL_SIDE else {}
         result = runners[suite](model, hooked_sae, config, workdir, sae_name, **extra)
     result.output["sae_cfg_dict"] = sae.cfg.to_dict()  # the SAE as the user has it, not the flat view's copy
     return result
+
+
+ZERO_PADDED_SUITES = ("sparse_probing", "scr", "tpp")
+"""The suites whose SAEBench code zeroes the activations at padded positions, encodes them with the SAE and then
+masks the latents by multiplying with 0 (`get_sae_meaned_activations`, the node effects; SCR's and TPP's ablation does
+not mask at all)."""
+
+
+@torch.no_grad()
+def not_finite_at_zero_input(sae: SAE) -> str | None:
+    """Why an SAE cannot go through SAEBench's padded suites (`ZERO_PADDED_SUITES`), or None when it can: its latents
+    or reconstruction of a zero input are not finite. SAELens's `constant_norm_rescale` divides by the input's norm, so
+    every padded position encodes to NaN, and NaN × 0 is NaN: every mean SAEBench takes over such a text is NaN, and
+    its probes then score NaN inputs as if they were numbers."""
+    zero = torch.zeros(1, 1, sae.cfg.d_in, dtype=sae.dtype, device=sae.device)
+    latents = sae.encode(zero)
+    reconstruction = sae.decode(latents)
+    if bool(torch.isfinite(latents).all()) and bool(torch.isfinite(reconstruction).all()):
+        return None
+    return (
+        "zeroes the activations at padded positions and encodes them with the SAE, whose latents or reconstruction of "
+        f"a zero input are not finite (its input normalisation is {sae.cfg.normalize_activations!r}); SAEBench masks "
+        "them by multiplying with 0, which leaves NaN, so every number it would give for this SAE is read from NaN"
+    )
 
 
 RAVEL_ARCHITECTURES = ("Gemma2ForCausalLM", "GPTNeoXForCausalLM")

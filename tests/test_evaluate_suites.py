@@ -576,6 +576,48 @@ def test_attention_saes_are_probed_through_a_flat_view_that_leaves_the_model_unc
     assert all(math.isfinite(v) for v in result.metrics.values())
 
 
+@pytest.mark.parametrize(
+    "architecture,norm,finite",
+    [("topk", "none", True), ("jumprelu", "none", True), ("standard", "layer_norm", True),
+     ("standard", "expected_average_only_in", True), ("topk", "constant_norm_rescale", False),
+     ("standard", "constant_norm_rescale", False)],
+)  # fmt: skip
+def test_saebench_reads_nan_from_padding_exactly_where_the_zero_input_check_refuses(architecture, norm, finite):
+    """SAEBench zeroes padded positions, encodes them and masks the latents by multiplying with 0. A
+    constant_norm_rescale SAE encodes a zero input to NaN (it divides by the input's norm) and NaN × 0 is NaN: SAEBench's
+    meaned SAE activations (sparse probing's and the node effects' way) and SCR's and TPP's ablated means are NaN for
+    every padded text. ``not_finite_at_zero_input`` refuses exactly those SAEs; the others give finite means."""
+    from sae_bench.evals.scr_and_tpp.main import ablated_precomputed_activations
+    from sae_bench.sae_bench_utils.activation_collection import get_sae_meaned_activations
+
+    sae = random_sae(architecture, "blocks.1.hook_resid_post", norm, seed=3)
+    acts = torch.randn(4, 10, 32, generator=torch.Generator().manual_seed(2)) + 0.5
+    acts[:2, 6:] = 0.0  # two padded texts, zeroed as SAEBench zeroes them
+    ablate = torch.zeros(128, dtype=torch.bool)
+    ablate[:30] = True
+    with torch.no_grad(), repeated_inputs_cached(sae):  # the memo lets SAEBench decode stateful normalisations twice
+        meaned = get_sae_meaned_activations({"class": acts}, sae, 2)["class"]  # [4, d_sae]
+        ablated = ablated_precomputed_activations(acts, sae, ablate, 2)  # [4, d_in]
+    reason = evaluate_lib.not_finite_at_zero_input(sae)
+    assert (reason is None) == finite
+    for means in (meaned, ablated):
+        assert bool(torch.isfinite(means[2:]).all())  # unpadded texts are fine either way
+        assert bool(torch.isfinite(means[:2]).all()) == finite
+    if not finite:
+        assert "constant_norm_rescale" in reason
+
+
+@pytest.mark.parametrize("suite", ["sparse_probing", "scr", "tpp"])
+def test_saebenchs_padded_suites_are_not_applicable_to_an_sae_that_is_nan_at_zero(experiment, pruned, tmp_path, suite):
+    """Such an SAE gets no SCR, TPP or sparse-probing number (a tag with the reason; the run goes on), before any
+    compute: no folder of SAEBench's results is written."""
+    config = saebench_config(suite, experiment.evaluation, "m", "float32", pruned.tl, tiny=True)
+    sae = random_sae("topk", "blocks.1.hook_resid_post", "constant_norm_rescale", seed=4)
+    with pytest.raises(NotApplicable, match=rf"SAEBench's {suite} zeroes the activations at padded positions .*constant_norm_rescale"):
+        run_suite(suite, pruned.tl, sae, config, tmp_path / "work", "nan-at-zero")
+    assert not any(p.is_file() for p in (tmp_path / "work").rglob("*"))
+
+
 @pytest.mark.parametrize("hook", ["blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"])
 def test_absorption_is_not_applicable_to_saes_off_the_residual_stream(experiment, pruned, tmp_path, hook):
     """SAEBench's absorption feeds the SAE hook_resid_post whatever its hook: for any other SAE it would be wrong."""

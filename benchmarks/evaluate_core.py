@@ -12,6 +12,8 @@ against SAEBench's pydantic class, and one pass up to the SAE's block for the ce
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import statistics
 import sys
 import time
@@ -60,13 +62,15 @@ def main() -> None:
     special = {0}
     ours, theirs = [], []
     metrics = {}
+    parts: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # interleaved: two shared cores drift
         started = time.perf_counter()
         saebench_alone(model, sae, tokens, special, sizes)
         _synchronize(args.device)
         theirs.append(time.perf_counter() - started)
         started = time.perf_counter()
-        result = run_core(model, sae, tokens, special, sizes)
+        with timed_parts(args.device, parts):
+            result = run_core(model, sae, tokens, special, sizes)
         _synchronize(args.device)
         ours.append(time.perf_counter() - started)
         metrics = {name: result.metrics[name] for name in HEADLINE}
@@ -83,6 +87,7 @@ def main() -> None:
         "saecomp_run_core_seconds": ours,
         "ratio_median": ratio,
         "goal": 1.1,
+        "run_core_parts_seconds": parts,
         "metrics": metrics,
     }
     print(f"shape={args.shape} {args.dtype} on {args.device} layer={layer}/{cfg.n_layers} tokens={tokens.numel()}", end=" ")
@@ -91,6 +96,7 @@ def main() -> None:
     print(f"saecomp run_core:         median {statistics.median(ours):7.2f} s  {[round(t, 2) for t in ours]}")
     print(f"ratio {ratio:.3f}x (goal <= 1.1x: {'met' if ratio <= 1.1 else 'NOT met'})")
     print("metrics: " + ", ".join(f"{name.removeprefix('core.')} {value:.6g}" for name, value in metrics.items()))
+    print("run_core's parts, median s: " + ", ".join(f"{name} {statistics.median(times):.3f}" for name, times in parts.items()))
     write_json(args.json, figures)
 
 
@@ -104,6 +110,42 @@ HEADLINE = (
     "core.cossim",
     "core.l0",
 )
+
+
+# What run_core calls, by module: each timed inside the real run_core (the names are looked up at call time).
+PARTS = {
+    "saecomp.evaluate": (
+        "prepared_for_saebench", "token_activation_store", "validate_output", "centred_explained_variance", "core_bootstrap"
+    ),  # fmt: skip
+    "sae_bench.evals.core.main": ("run_evals", "calculate_misc_metrics", "save_single_eval_result"),
+}
+
+
+@contextlib.contextmanager
+def timed_parts(device: str, seconds: dict[str, list[float]]):
+    """Inside the block, each of ``PARTS`` appends its wall time (device synchronised) to ``seconds[name]``."""
+    originals = []
+    for module_name, names in PARTS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            original = getattr(module, name)
+            originals.append((module, name, original))
+
+            def timed(*args, _original=original, _name=name, **kwargs):
+                _synchronize(device)
+                started = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    _synchronize(device)
+                    seconds.setdefault(_name, []).append(time.perf_counter() - started)
+
+            setattr(module, name, timed)
+    try:
+        yield
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
 
 
 def _synchronize(device: str) -> None:

@@ -132,6 +132,11 @@ TABLES = (
 )
 
 
+EVERY_METRIC = "(every metric)"
+"""The one row of a table whose rows come from the runs' metric names (``TableSpec.pattern``) when none of its runs
+has a number, only a not-applicable reason: the cells then say why rather than the table vanishing."""
+
+
 def hook_of(record: RunRecord) -> str:
     return f"blocks.{record.tags.get('layer', '?')}.{record.tags.get('hook', '?')}"
 
@@ -185,6 +190,8 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
             if spec.pattern:
                 found = {m.split(".", 1)[1] for r in asked for m in r.metrics if m.startswith(f"{spec.suite}.")}
                 metrics = sorted((m for m in found if re.fullmatch(spec.pattern, m)), key=_k_sort)
+                if not metrics and any(f"saecomp.{spec.suite}.not_applicable" in r.tags for r in asked):
+                    metrics = [EVERY_METRIC]  # no run has a number to name the rows: one row per cell says why
             for hook in hooks:
                 here = {r.tags.get("variant", "unnamed") for r in on_model if hook_of(r) == hook}
                 for variant in _variant_order(set(VARIANTS) | here):

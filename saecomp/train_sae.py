@@ -192,11 +192,17 @@ def train_sae(
     runner = LanguageModelSAETrainingRunner(cfg, override_dataset=token_dataset, override_model=model)
     # What `runner.run()` does, with our trainer in place of SAETrainer.
     runner._set_sae_metadata()
+    save_runner_state = runner.save_checkpoint
+    # SAELens's interruption handler (`run_trainer_with_interruption_handling`) saves only the runner's part (activation
+    # store, runner config) into `<checkpoint_path>/<samples seen>`: never resumable without the trainer's state, and,
+    # when no step ran since the last checkpoint, that checkpoint's own folder, whose activation store it would rewrite
+    # after the completion marker. So that save does nothing; a killed run resumes from its last complete checkpoint.
+    runner.save_checkpoint = lambda checkpoint_path: None
     trainer = StreamingTrainer(
         sae=runner.sae,
         data_provider=runner.activations_store,
         evaluator=runner.evaluator,
-        save_checkpoint_fn=save_checkpoint_marked(runner.save_checkpoint),
+        save_checkpoint_fn=save_checkpoint_marked(save_runner_state),
         cfg=cfg.to_sae_trainer_config(),
         on_metrics=on_metrics,
         log_every=log_every,

@@ -251,6 +251,31 @@ def test_bad_selection_is_refused_before_any_run(store, small_experiment, tmp_pa
     assert len(mlflow.MlflowClient().search_runs([store["experiment_id"]], "tags.`saecomp.step` = 'compare'")) == before
 
 
+def test_a_suite_not_applicable_to_every_sae_keeps_its_table_and_says_why():
+    """SCR's rows are named after the metrics runs logged; when every SAE was refused (one that is NaN at a zero input)
+    no run logged any, and the table must still show each cell as not applicable with the reason, never vanish."""
+    reason = "SAEBench's scr zeroes the activations at padded positions ... 'constant_norm_rescale' ..."
+    records = [
+        compare.RunRecord(f"r{i}", "evaluate", f"evaluate {i}", i, params={"suites": "core,scr", "base_model": "tiny-gpt2"},
+                          metrics={"core.mse": 0.1 * (i + 1)}, tags={"hook": "hook_mlp_out", "layer": "1", "variant": variant,
+                                                                     "saecomp.scr.not_applicable": reason})
+        for i, variant in enumerate(["pretrained", "trained"])
+    ]  # fmt: skip
+    cells = compare.cells(records)
+    scr = cells[cells["table"] == "scr"].set_index("variant")
+    assert set(scr["metric"]) == {compare.EVERY_METRIC}
+    assert scr.loc["pretrained", "status"] == scr.loc["trained", "status"] == "not applicable"
+    assert scr.loc["trained", "note"] == reason and scr.loc["trained", "run_id"] == "r1"
+    assert set(scr.loc[["pruned25", "pruned50"], "status"]) == {"missing"}  # no run: a gap, not a reason
+    assert "scr" in compare.markdown(cells).lower() and compare.EVERY_METRIC in compare.markdown(cells)
+    # a suite with numbers somewhere keeps its metric rows and shows n/a only where refused
+    records.append(compare.RunRecord("r9", "evaluate", "evaluate 9", 9, params={"suites": "scr", "base_model": "tiny-gpt2"},
+                                     metrics={"scr.scr_metric_threshold_2": 0.3}, tags={"hook": "hook_mlp_out", "layer": "1",
+                                                                                         "variant": "pruned25"}))  # fmt: skip
+    scr = compare.cells(records).query("table == 'scr'").set_index("variant")
+    assert set(scr["metric"]) == {"scr_metric_threshold_2"} and scr.loc["trained", "status"] == "not applicable"
+
+
 def test_gemma_table1_prints_beside_the_papers_published_numbers():
     paper = compare.paper_table1()
     assert len(paper) == 3 * 8 * 4 and set(paper["variant"]) == set(compare.VARIANTS)

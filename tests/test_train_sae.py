@@ -271,6 +271,9 @@ def test_a_killed_training_continues_from_its_last_checkpoint(small_experiment, 
     assert killed.info.status == "FAILED"
     saved = sorted(complete_checkpoints(), key=lambda p: int(p.name))
     assert saved and int(saved[-1].name) < 400000
+    for folder in saved:  # nothing (SAELens's interruption save included) wrote into a checkpoint after its marker
+        marked = (folder / CHECKPOINT_COMPLETE).stat().st_mtime_ns
+        assert all(f.stat().st_mtime_ns <= marked for f in folder.iterdir()), folder
     # A checkpoint whose writing was cut short (SAELens writes file by file; a step can die between two), further on
     # than the complete ones: never resumed from.
     torn = saved[-1].parent / str(int(saved[-1].name) + 512)

@@ -394,21 +394,22 @@ def test_scr_and_tpp_log_saebenchs_numbers_and_beside_them_the_padding_masked_on
         assert any(ours.metrics[f"{suite}.{n}"] != ours.metrics[f"{suite}.{n}{evaluate_lib.PADDING_MASKED}"] for n in saebench_names)
 
 
+@pytest.mark.parametrize("suite", ["scr", "tpp"])
 def test_gemma2s_bos_and_a_jumprelu_hook_z_sae_share_the_model_side_exactly_and_get_their_twins(
-    experiment, small_world, offline_data, tmp_path
+    experiment, small_world, offline_data, tmp_path, suite
 ):
     """What Gemma Scope's experiment file meets: a BOS-first model (SAEBench zeroes BOS as it zeroes padding), a
     JumpReLU SAE at attn.hook_z (probed through the flat view). The SAE loading the shared model side scores exactly as
     a fresh run of it, its padding-masked twins included, and every number is finite."""
     loaded = load_model("tiny-gemma2", small_world / "tiny-gemma2")
     loaded.tl.cfg.model_name = "tiny-gemma2-test"
-    config = saebench_config("tpp", experiment.evaluation, "tiny-gemma2-test", "float32", loaded.tl, tiny=True)
+    config = saebench_config(suite, experiment.evaluation, "tiny-gemma2-test", "float32", loaded.tl, tiny=True)
     hook, shared = "blocks.1.attn.hook_z", tmp_path / "shared"
     with offline_datasets(offline_data / "hf_datasets"):
-        run_suite("tpp", loaded.tl, random_sae("jumprelu", hook, seed=1), config, tmp_path / "a", "first", shared=shared)
-        reused = run_suite("tpp", loaded.tl, random_sae("jumprelu", hook, seed=2), config, tmp_path / "b", "second", shared=shared)
-        fresh = run_suite("tpp", loaded.tl, random_sae("jumprelu", hook, seed=2), config, tmp_path / "c", "second")
-    assert reused.tags["saecomp.tpp.model_side"].startswith("loaded from")
+        run_suite(suite, loaded.tl, random_sae("jumprelu", hook, seed=1), config, tmp_path / "a", "first", shared=shared)
+        reused = run_suite(suite, loaded.tl, random_sae("jumprelu", hook, seed=2), config, tmp_path / "b", "second", shared=shared)
+        fresh = run_suite(suite, loaded.tl, random_sae("jumprelu", hook, seed=2), config, tmp_path / "c", "second")
+    assert reused.tags[f"saecomp.{suite}.model_side"].startswith("loaded from")
     for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
         assert reused.output[part] == fresh.output[part], part
     assert reused.metrics == fresh.metrics and all(math.isfinite(v) for v in reused.metrics.values())

@@ -176,7 +176,7 @@ def run_core(
     config = core_config(sizes, tokens.shape[1], model_name, str(next(model.parameters()).dtype).removeprefix("torch."))
     sae = prepared_for_saebench(sae, model_name)
     store = token_activation_store(model, sae, tokens)
-    with SplicedLossRecorder.recording() as spliced:
+    with SplicedLossRecorder.recording() as spliced, VarianceLoopSums.recording() as variance:
         scalar, features = run_evals(sae=sae, activation_store=store, model=model, eval_config=config, ignore_tokens=set(special_ids))
     from sae_bench.evals.core.main import calculate_misc_metrics
 
@@ -188,9 +188,8 @@ def run_core(
         output = json.loads(path.read_text())
     validate_output(CoreEvalOutput, output)
     metrics = {f"core.{name}": float(value) for group in output["eval_result_metrics"].values() for name, value in group.items()}
-    variance = CentredVarianceSums()
-    metrics["core.explained_variance_centred"] = centred_explained_variance(model, sae, tokens[: sizes.n_prompts], special_ids, variance)
     uncertainty = core_bootstrap(spliced, variance)
+    metrics["core.explained_variance_centred"] = uncertainty["full_sample"]["explained_variance_centred"]
     # which sequences were resampled: runs with the same sample id, seed and size drew the same resamples, so their
     # replicates pair (compare: the standard error of a difference between two variants)
     sample = hashlib.sha256(tokens[: sizes.n_prompts].cpu().numpy().tobytes() + json.dumps(sorted(special_ids)).encode()).hexdigest()
@@ -242,34 +241,117 @@ class SplicedLossRecorder:
 
 
 @dataclass
-class CentredVarianceSums:
-    """Per-sequence sufficient statistics of the centred explained variance: sum x, sum ||x||^2, sum ||x - x_hat||^2
-    and the token count (float64), so that a resample of sequences recomputes it exactly. One tensor per batch."""
+class VarianceLoopSums:
+    """Per-sequence sums, in float64, of what SAEBench core's sparsity-and-variance loop averages, so that the full
+    sample and any resample of sequences recompute each of its statistics (`core_bootstrap`). One tensor per batch.
 
-    x_sum: list[torch.Tensor] = field(default_factory=list)  # [batch, d]
-    x_squared: list[torch.Tensor] = field(default_factory=list)  # [batch]
-    error_squared: list[torch.Tensor] = field(default_factory=list)  # [batch]
-    tokens: list[torch.Tensor] = field(default_factory=list)  # [batch]
+    Besides SAEBench's own statistics, the sums of our centred explained variance ``1 - E||x - x_hat||^2 /
+    E||x - E x||^2`` (SAEBench 0.6's `explained_variance` puts E||x||^2 - (E||x||^2 / d)^2 in the denominator: not a
+    variance ratio). SAEBench averages some statistics per batch first (``mse`` divides by the batch's token count,
+    ``explained_variance`` averages per-batch means), so those sums carry the batch's token count ``N_b`` too."""
 
-    def add(self, x: torch.Tensor, x_hat: torch.Tensor, ordinary: torch.Tensor) -> None:
-        """x, x_hat: [tokens, d], the ordinary tokens of one batch in sequence order; ordinary: [batch, pos]."""
+    x_sum: list[torch.Tensor] = field(default_factory=list)  # [batch, d] per batch, on the model's device
+    sums: list[torch.Tensor] = field(default_factory=list)  # [batch, len(SUMS)] per batch, on the model's device
+    d_in: int = 0
+
+    SUMS = (
+        "tokens", "batch_share", "x_squared", "error_squared", "x_squared_over_batch", "error_squared_over_batch",
+        "cossim", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio",
+    )  # fmt: skip
+
+    def totals(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every sequence's sum of x ([n, d]) and its other sums by name ([n] each), on the CPU."""
+        sums = torch.cat(self.sums).cpu()  # [n, len(SUMS)]
+        return torch.cat(self.x_sum).cpu(), {name: sums[:, i] for i, name in enumerate(self.SUMS)}
+
+    @classmethod
+    @contextmanager
+    def recording(cls) -> Iterator[VarianceLoopSums]:
+        """Collects the sums inside SAEBench core's own sparsity-and-variance loop, from the very ``x`` it encodes, the
+        latents it decodes and the ``x_hat`` it gets back, masked as it masks them: no second pass of the model (a
+        separate pass for the centred variance cost GPT-2 small's core 1.19x SAEBench's alone), and O(sequences x d)
+        memory where keeping the activations would not fit at the experiment files' 32,000 sequences."""
+        import sae_bench.evals.core.main as core
+
+        from saecomp.saes import ordinary_positions
+
+        recorder, original = cls(), core.get_sparsity_and_variance_metrics
+
+        def recorded(sae, model, activation_store, *args, ignore_tokens=frozenset(), **kwargs):
+            batch_tokens, inputs = [], []
+            get_batch_tokens, encode, decode = activation_store.get_batch_tokens, sae.encode, sae.decode
+
+            def recording_get_batch_tokens(*a, **k):
+                batch_tokens.append(get_batch_tokens(*a, **k))  # [batch, pos]
+                return batch_tokens[-1]
+
+            def recording_encode(x, *a, **k):  # x: [batch, pos, d], the hook's activations as SAEBench feeds them
+                inputs.append(x)
+                return encode(x, *a, **k)
+
+            def recording_decode(latents, *a, **k):  # latents: [batch, pos, d_sae]; once per batch, after its encode
+                x_hat = decode(latents, *a, **k)  # [batch, pos, d]
+                ordinary = ordinary_positions(batch_tokens[-1], set(ignore_tokens) - {None})  # SAEBench's own mask
+                keep = ordinary.to(x_hat.device)
+                recorder.add(inputs.pop()[keep], x_hat[keep], latents[keep], ordinary)
+                return x_hat
+
+            # instance attributes shadow the methods for this call only
+            activation_store.get_batch_tokens, sae.encode, sae.decode = recording_get_batch_tokens, recording_encode, recording_decode
+            try:
+                return original(sae, model, activation_store, *args, ignore_tokens=ignore_tokens, **kwargs)
+            finally:
+                del activation_store.get_batch_tokens, sae.encode, sae.decode
+
+        core.get_sparsity_and_variance_metrics = recorded  # run_evals looks it up in its module when it runs
+        try:
+            yield recorder
+        finally:
+            core.get_sparsity_and_variance_metrics = original
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor, ordinary: torch.Tensor) -> None:
+        """x, x_hat: [tokens, d], latents: [tokens, d_sae], the ordinary tokens of one batch in sequence order, as
+        SAEBench's loop flattens them; ordinary: [batch, pos]."""
         per_sequence = ordinary.sum(dim=1).to(x.device)  # [batch]; the mask comes from CPU tokens, x from the model's device
         sequence_of = torch.repeat_interleave(torch.arange(len(per_sequence), device=x.device), per_sequence)  # [tokens]
         x, x_hat = x.double(), x_hat.double()
-        rows = len(per_sequence)
-        self.x_sum.append(torch.zeros(rows, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, sequence_of, x).cpu())
-        for target, per_token in ((self.x_squared, (x**2).sum(-1)), (self.error_squared, ((x - x_hat) ** 2).sum(-1))):
-            target.append(torch.zeros(rows, dtype=torch.float64, device=x.device).index_add_(0, sequence_of, per_token).cpu())
-        self.tokens.append(per_sequence.double().cpu())
+        rows, in_batch = len(per_sequence), float(x.shape[0])  # N_b: SAEBench's flattened_mask.sum()
+        self.d_in = x.shape[1]
+        # kept on the device until the end: a copy to the CPU per batch would stall a GPU's queue 2,000 times
+        self.x_sum.append(torch.zeros(rows, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, sequence_of, x))
+        x_squared, error_squared = (x**2).sum(-1), ((x - x_hat) ** 2).sum(-1)  # [tokens]
+        norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+        per_token = {  # each as SAEBench computes it per token (its float32, here in float64)
+            "tokens": torch.ones_like(x_squared),
+            "batch_share": torch.full_like(x_squared, 1 / in_batch),  # sums to 1 per batch
+            "x_squared": x_squared,
+            "error_squared": error_squared,
+            "x_squared_over_batch": x_squared / in_batch,
+            "error_squared_over_batch": error_squared / in_batch,  # SAEBench's per-token `mse`
+            "cossim": ((x / norm_in[:, None]) * (x_hat / norm_out[:, None])).sum(-1),
+            "l0": (latents != 0).sum(-1).double(),
+            "l1": latents.double().sum(-1),
+            "l2_norm_in": norm_in,
+            "l2_norm_out": norm_out,
+            "l2_ratio": norm_out / torch.where(norm_in.abs() < 1e-4, torch.ones_like(norm_in), norm_in),
+        }
+        values = torch.stack([per_token[name] for name in self.SUMS], dim=1)  # [tokens, len(SUMS)]
+        self.sums.append(torch.zeros(rows, len(self.SUMS), dtype=torch.float64, device=x.device).index_add_(0, sequence_of, values))
+
+
+TOKEN_MEANS = ("mse", "cossim", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio")
+"""SAEBench core's statistics that are plain means over the ordinary tokens of its variance loop (``mse``'s tokens
+already divided by their batch's count, as SAEBench divides them)."""
 
 
 def core_bootstrap(
-    spliced: SplicedLossRecorder, variance: CentredVarianceSums, replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED
+    spliced: SplicedLossRecorder, variance: VarianceLoopSums, replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED
 ) -> dict:
-    """Standard errors of core's spliced-loss metrics (SAEBench's own values, recomputed from its per-token losses)
-    and of our centred explained variance, by a bootstrap over the test sequences: sequences, not tokens, are
-    resampled, since the tokens of one text are not independent. SAEBench's ``mse``, ``cossim`` and
-    ``explained_variance`` come from a loop this adapter does not see, so they carry no uncertainty."""
+    """Standard errors of core's metrics by a bootstrap over the test sequences (sequences, not tokens, are
+    resampled, since the tokens of one text are not independent): the spliced-loss metrics, recomputed from SAEBench's
+    per-token losses; its sparsity-and-variance loop's token means and its ``explained_variance``; and our centred
+    explained variance. On the full sample each equals SAEBench's number (tests/test_evaluate.py). Not covered:
+    ``relative_reconstruction_bias`` and ``explained_variance_legacy`` (per-batch ratios) and the per-latent metrics."""
     generator = torch.Generator().manual_seed(seed)
     samples, full, n_sequences = {}, {}, {}
 
@@ -292,15 +374,21 @@ def core_bootstrap(
             if {"kl_div_with_sae", "kl_div_with_ablation"} <= set(means):
                 means["kl_div_score"] = (means["kl_div_with_ablation"] - means["kl_div_with_sae"]) / means["kl_div_with_ablation"]
             out.update(means)
-    if variance.tokens:
-        x_sum = torch.cat(variance.x_sum)  # [n, d]
-        x_sq, err, count = (torch.cat(part) for part in (variance.x_squared, variance.error_squared, variance.tokens))  # [n] each
-        n = n_sequences["explained_variance_centred"] = count.shape[0]
+    if variance.x_sum:
+        x_sum, sums = variance.totals()  # [n, d], {name: [n]}
+        n = n_sequences["sparsity_variance"] = x_sum.shape[0]
         for out, weights in zip((full, samples), multiplicities(n), strict=True):
-            tokens = weights @ count  # [r]
+            tokens = weights @ sums["tokens"]  # [r]
             mean = (weights @ x_sum) / tokens[:, None]  # [r, d]
-            total_variance = weights @ x_sq - tokens * (mean**2).sum(-1)
-            out["explained_variance_centred"] = 1 - (weights @ err) / total_variance
+            total_variance = weights @ sums["x_squared"] - tokens * (mean**2).sum(-1)
+            out["explained_variance_centred"] = 1 - (weights @ sums["error_squared"]) / total_variance
+            for name in TOKEN_MEANS:
+                out[name] = (weights @ sums["error_squared_over_batch" if name == "mse" else name]) / tokens
+            # SAEBench's: means over batches of each batch's token means, so weighted by 1 / N_b per token
+            batches = weights @ sums["batch_share"]
+            mean_squares = (weights @ sums["x_squared_over_batch"]) / batches
+            residual = (weights @ sums["error_squared_over_batch"]) / batches
+            out["explained_variance"] = 1 - residual / (mean_squares - (mean_squares / variance.d_in) ** 2)
     return {
         "unit": "sequence",
         "replicates": replicates,
@@ -317,35 +405,6 @@ def validate_output(output_class, output: dict) -> None:
     from pydantic import TypeAdapter
 
     TypeAdapter(output_class).validate_python(output)
-
-
-@torch.no_grad()
-def centred_explained_variance(
-    model: HookedTransformer,
-    sae: SAE,
-    tokens: torch.Tensor,
-    special_ids: set[int],
-    per_sequence: CentredVarianceSums | None = None,
-    batch_size: int = 16,
-) -> float:
-    """1 - E||x - x_hat||^2 / E||x - E x||^2 over the ordinary tokens core reads: the variance ratio that
-    SAEBench 0.6's `explained_variance` (E||x||^2 - (mean x^2)^2 in the denominator) is not. One pass of the
-    model up to the SAE's block, no splicing. ``per_sequence`` collects each sequence's sums for the bootstrap."""
-    from saecomp.saes import ordinary_positions, reconstruction_metrics
-
-    hook_name = sae.cfg.metadata.hook_name
-    layer = int(hook_name.split(".")[1])
-    xs, x_hats = [], []
-    for batch in tokens.split(batch_size):
-        _, cache = model.run_with_cache(batch, names_filter=hook_name, stop_at_layer=layer + 1)
-        ordinary = ordinary_positions(batch, special_ids)  # [batch, pos]
-        x = cache[hook_name][ordinary]  # [tokens, *hook_shape]
-        x_hat = sae.decode(sae.encode(x))
-        xs.append(x.reshape(x.shape[0], -1))
-        x_hats.append(x_hat.reshape(x.shape[0], -1))
-        if per_sequence is not None:
-            per_sequence.add(xs[-1], x_hats[-1], ordinary)
-    return reconstruction_metrics(torch.cat(xs), torch.cat(x_hats))["explained_variance"]
 
 
 def _output_of(eval_output, workdir: Path) -> dict:

@@ -17,6 +17,7 @@ from saecomp.data import DocumentPool, held_out_tokens, iter_documents, special_
 from saecomp.evaluate import CoreSizes, run_core
 from saecomp.models import load_model
 from saecomp.prune_llm import PruneSpec, prune_model
+from saecomp.saes import reconstruction_metrics
 
 SIZES = CoreSizes(batch_size_prompts=4, n_reconstruction_batches=2, n_sparsity_variance_batches=2)
 HOOK = "blocks.1.hook_resid_post"
@@ -91,10 +92,14 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
     assert set(boot["full_sample"]) == set(boot["se"]) == {
         "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation",
         "ce_loss_score", "kl_div_score", "explained_variance_centred",
+        "mse", "cossim", "explained_variance", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio",
     }  # fmt: skip
     for name, value in boot["full_sample"].items():
         assert value == pytest.approx(random[f"core.{name}"], rel=1e-5, abs=1e-6), name
     assert boot["n_sequences"]["spliced_losses"] == SIZES.batch_size_prompts * SIZES.n_reconstruction_batches
+    assert boot["n_sequences"]["sparsity_variance"] == SIZES.batch_size_prompts * SIZES.n_sparsity_variance_batches
+    assert perfect["core.cossim"] == pytest.approx(1.0, abs=1e-5) and perfect["core.cossim.bootstrap_se"] < 1e-6
+    assert random["core.cossim.bootstrap_se"] > 1e-4 and random["core.mse.bootstrap_se"] > 0
     assert all(len(samples) == boot["replicates"] for samples in boot["samples"].values())
     # compare pairs two variants' replicates: that needs the same sequences, in the same order, resampled alike. The
     # model-only losses then have identical replicates whatever the SAE (a store that shuffled would break this).
@@ -105,6 +110,34 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
     assert other["samples"]["ce_loss_with_sae"] != pytest.approx(boot["samples"]["ce_loss_with_sae"], rel=1e-3)
     # a standard error of a mean over the sequences: positive, and far below the CE itself
     assert 0 < random["core.ce_loss_without_sae.bootstrap_se"] < 0.2 * random["core.ce_loss_without_sae"]
+
+
+def centred_reference(model, sae: SAE, tokens: torch.Tensor, special: set[int]) -> float:
+    """The centred explained variance computed directly: every ordinary token's activation and reconstruction held
+    at once, the textbook formula (`reconstruction_metrics`), no SAEBench."""
+    hook_name = sae.cfg.metadata.hook_name
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=hook_name)
+        x = cache[hook_name][special_token_mask(tokens, special)]  # [tokens, *hook shape]
+        x_hat = sae.decode(sae.encode(x))
+    return reconstruction_metrics(x.reshape(x.shape[0], -1), x_hat.reshape(x.shape[0], -1))["explained_variance"]
+
+
+def test_the_centred_variance_covers_exactly_saebenchs_variance_batches(pruned_and_dense):
+    """It is gathered inside SAEBench's sparsity-and-variance loop, so it reads that loop's sequences: with fewer
+    variance than reconstruction batches, the first ones only; and the value equals the direct computation."""
+    pruned, _, tokens = pruned_and_dense
+    special = {pruned.tokenizer.bos_token_id, pruned.tokenizer.eos_token_id}
+    sizes = CoreSizes(batch_size_prompts=4, n_reconstruction_batches=2, n_sparsity_variance_batches=1)
+    sae = random_sae()
+    result = run_core(pruned.tl, sae, tokens, special, sizes)
+    read = tokens[: sizes.batch_size_prompts * sizes.n_sparsity_variance_batches]
+    assert result.metrics["core.explained_variance_centred"] == pytest.approx(centred_reference(pruned.tl, sae, read, special), rel=1e-6)
+    assert result.uncertainty["n_sequences"]["sparsity_variance"] == len(read)
+    # over all of core's sequences it would differ: the check above can tell which tokens were read
+    assert centred_reference(pruned.tl, sae, tokens[: sizes.n_prompts], special) != pytest.approx(
+        result.metrics["core.explained_variance_centred"], rel=1e-6
+    )
 
 
 def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_world):
@@ -135,6 +168,11 @@ def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_wo
         tolerance = 2e-4 if name.endswith("_score") else 1e-5
         assert value == pytest.approx(result.metrics[f"core.{name}"], rel=tolerance, abs=1e-6), name
     assert all(math.isfinite(se) and se > 0 for se in boot["se"].values())
+    # read from SAEBench's loop, which flattens hook_z's heads before the SAE (whose layer norm then sees one row per
+    # token): the same number as the SAE applied to the model's own [tokens, heads, d_head] activations
+    read = tokens[: SIZES.batch_size_prompts * SIZES.n_sparsity_variance_batches]
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    assert result.metrics["core.explained_variance_centred"] == pytest.approx(centred_reference(loaded.tl, sae, read, special), rel=1e-5)
 
 
 def test_core_measures_the_model_it_is_given(pruned_and_dense):

@@ -506,11 +506,11 @@ def test_saebench_ablation_decodes_stateful_normalisation_saes_with_their_inputs
                 assert torch.equal(ablated_precomputed_activations(acts, sae, ablate, 2), torch.cat(expected))
 
 
-def random_sae(architecture: str, hook_name: str, norm: str = "none", seed: int = 0) -> SAE:
+def random_sae(architecture: str, hook_name: str, norm: str = "none", seed: int = 0, **cfg) -> SAE:
     """A random SAE of SAELens's ``architecture`` (TopK, standard or JumpReLU) with ``norm`` input normalisation."""
     extra = {"k": 8} if architecture == "topk" else {}
     sae = SAE.from_dict({"architecture": architecture, "d_in": 32, "d_sae": 128, "normalize_activations": norm,
-                         "metadata": {"hook_name": hook_name}, **extra})  # fmt: skip
+                         "metadata": {"hook_name": hook_name}, **extra, **cfg})  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sae.named_parameters():
@@ -608,12 +608,42 @@ def test_saebench_reads_nan_from_padding_exactly_where_the_zero_input_check_refu
         assert "constant_norm_rescale" in reason
 
 
-@pytest.mark.parametrize("suite", ["sparse_probing", "scr", "tpp"])
-def test_saebenchs_padded_suites_are_not_applicable_to_an_sae_that_is_nan_at_zero(experiment, pruned, tmp_path, suite):
+@pytest.mark.parametrize("norm,finite", [("constant_norm_rescale", False), ("layer_norm", True), ("none", True)])
+def test_the_zero_input_check_holds_in_bfloat16_through_the_flat_hook_z_view(pruned, norm, finite):
+    """What run_suite checks for an attention SAE (reshaping hook_z, as the real files' are) in a bfloat16 model: the
+    SAE cast to bfloat16 and read through the flat hook_z view. SAEBench's own functions on that view, in bfloat16,
+    read NaN from padded texts exactly where the check refuses."""
+    from sae_bench.evals.scr_and_tpp.main import ablated_precomputed_activations
+    from sae_bench.sae_bench_utils.activation_collection import get_sae_meaned_activations
+
+    sae = random_sae("jumprelu", "blocks.1.attn.hook_z", norm, seed=5, reshape_activations="hook_z").to(dtype=torch.bfloat16)
+    acts = (torch.randn(4, 10, 32, generator=torch.Generator().manual_seed(2)) + 0.5).to(torch.bfloat16)  # [text, pos, heads x d_head]
+    acts[:2, 6:] = 0.0  # two padded texts, zeroed as SAEBench zeroes them
+    ablate = torch.zeros(128, dtype=torch.bool)
+    ablate[:30] = True
+    with torch.no_grad(), flat_hook_z(pruned.tl, sae) as flat, repeated_inputs_cached(flat):
+        assert flat is not sae and flat.dtype == torch.bfloat16 and flat.cfg.reshape_activations == "none"
+        reason = evaluate_lib.not_finite_at_zero_input(flat)
+        meaned = get_sae_meaned_activations({"class": acts}, flat, 2)["class"]  # [4, d_sae]
+        ablated = ablated_precomputed_activations(acts, flat, ablate, 2)  # [4, d_in]
+    assert (reason is None) == finite
+    for means in (meaned, ablated):
+        assert means.dtype == torch.bfloat16
+        assert bool(torch.isfinite(means[2:]).all())
+        assert bool(torch.isfinite(means[:2]).all()) == finite
+
+
+@pytest.mark.parametrize(
+    "suite,hook,dtype",
+    [("sparse_probing", "blocks.1.hook_resid_post", "float32"), ("scr", "blocks.1.hook_resid_post", "float32"),
+     ("tpp", "blocks.1.hook_resid_post", "float32"), ("tpp", "blocks.1.attn.hook_z", "bfloat16")],
+)  # fmt: skip
+def test_saebenchs_padded_suites_are_not_applicable_to_an_sae_that_is_nan_at_zero(experiment, pruned, tmp_path, suite, hook, dtype):
     """Such an SAE gets no SCR, TPP or sparse-probing number (a tag with the reason; the run goes on), before any
-    compute: no folder of SAEBench's results is written."""
-    config = saebench_config(suite, experiment.evaluation, "m", "float32", pruned.tl, tiny=True)
-    sae = random_sae("topk", "blocks.1.hook_resid_post", "constant_norm_rescale", seed=4)
+    compute: no folder of SAEBench's results is written. Also for an attention SAE in a bfloat16 evaluation."""
+    config = saebench_config(suite, experiment.evaluation, "m", dtype, pruned.tl, tiny=True)
+    extra = {"reshape_activations": "hook_z"} if hook.endswith("hook_z") else {}
+    sae = random_sae("topk", hook, "constant_norm_rescale", seed=4, **extra)
     with pytest.raises(NotApplicable, match=rf"SAEBench's {suite} zeroes the activations at padded positions .*constant_norm_rescale"):
         run_suite(suite, pruned.tl, sae, config, tmp_path / "work", "nan-at-zero")
     assert not any(p.is_file() for p in (tmp_path / "work").rglob("*"))

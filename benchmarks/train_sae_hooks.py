@@ -5,7 +5,11 @@ process, interleaved, medians of --repeats. It measures what sharing the forward
 use the multi-hook runner (its steps, keys and checkpoints are per hook).
 
     python benchmarks/train_sae_hooks.py                 # tiny shape, random weights, CPU
+    python benchmarks/train_sae_hooks.py --tokens 400000 --batch-size-tokens 4096 --threads 1   # tiny.yaml's sizes, a step's thread
     python benchmarks/train_sae_hooks.py --shape gpt2-small --tokens 100000
+
+Both ways train TopK SAEs of the same configuration (tiny.yaml's k 16 by default) without checkpoints (the step keeps
+some; the multi-hook runner has its own checkpoint format) and without excluding special tokens (random tokens).
 """
 
 from __future__ import annotations
@@ -61,15 +65,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=100_000, help="training tokens per SAE")
     parser.add_argument("--batch-size-tokens", type=int, default=1024)
     parser.add_argument("--expansion", type=int, default=8)
+    parser.add_argument("--k", type=int, default=16, help="TopK's active latents (tiny.yaml: 16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (a pipeline step beside another: 1)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(args.shape)
     layer = model.cfg.n_layers // 2
     specs = [
         SAETrainingSpec(hook=hook, layer=layer, training_tokens=args.tokens, batch_size_tokens=args.batch_size_tokens,
-                        expansion_factor=args.expansion, context_size=min(128, model.cfg.n_ctx), n_checkpoints=0)
+                        expansion_factor=args.expansion, k=args.k, context_size=min(128, model.cfg.n_ctx), n_checkpoints=0)
         for hook in HOOKS
     ]  # fmt: skip
     dataset = TokenRows(model.cfg.d_vocab, specs[0].context_size, args.tokens)
@@ -99,6 +107,11 @@ def main() -> None:
             "hooks": list(HOOKS),
             "tokens_per_sae": args.tokens,
             "batch_size_tokens": args.batch_size_tokens,
+            "architecture": specs[0].architecture,
+            "k": args.k,
+            "expansion_factor": args.expansion,
+            "n_checkpoints": 0,
+            "threads": torch.get_num_threads(),
             "seconds": times,
             "median_seconds": median,
             "speedup": ratio,

@@ -18,7 +18,7 @@ Tables (SAEBench metric names; each per model, rows hook x metric, columns the S
   (``saecomp/paper/``, ``paper_numbers``).
 
 Uncertainties: a cell carries the standard error its run logged as ``<suite>.<metric>.bootstrap_se`` (core's spliced
-losses and scores, its reconstruction and sparsity means, both explained variances: a bootstrap over the test
+losses and scores, its reconstruction and sparsity means, its explained variances: a bootstrap over the test
 sequences, ``evaluate.core_bootstrap``).
 A variant whose value differs from the pretrained SAE's in its row by no more than the standard error of that
 difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
@@ -432,7 +432,7 @@ def _display(cell: pd.Series) -> str:
 LEGEND = (
     "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one bootstrap standard "
     "error over the test sequences, where computed (core's spliced losses and scores, reconstruction and sparsity means, "
-    "both explained variances); "
+    "explained variances); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
     "over the same resampled test sequences where both runs logged their replicates; cells.csv: difference_se, paired): "
     "not a finding."
@@ -611,7 +611,7 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "<span style='background:#fde2e2'>&nbsp;—&nbsp;</span> no finished run fills the cell; "
         "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
         "± is one bootstrap standard error over the test sequences, where computed (core's spliced losses and scores, "
-        "reconstruction and sparsity means and both explained variances); "
+        "reconstruction and sparsity means and explained variances); "
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "
         "pretrained SAE's in its row by no more than the standard error of the difference (paired over the same resampled "
         "test sequences where both runs logged their replicates): not a finding. The other suites' "

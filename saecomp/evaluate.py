@@ -192,7 +192,9 @@ def run_core(
     metrics["core.explained_variance_centred"] = uncertainty["full_sample"]["explained_variance_centred"]
     # which sequences were resampled: runs with the same sample id, seed and size drew the same resamples, so their
     # replicates pair (compare: the standard error of a difference between two variants)
-    sample = hashlib.sha256(tokens[: sizes.n_prompts].cpu().numpy().tobytes() + json.dumps(sorted(special_ids)).encode()).hexdigest()
+    # (the sizes too: the spliced losses and the variance loop read different numbers of those sequences)
+    read = json.dumps([sorted(special_ids), dataclasses.asdict(sizes)]).encode()
+    sample = hashlib.sha256(tokens[: sizes.n_prompts].cpu().numpy().tobytes() + read).hexdigest()
     uncertainty["sample_id"] = sample[:20]
     metrics.update({f"core.{name}.bootstrap_se": se for name, se in uncertainty["se"].items()})
     return SuiteResult("core", output, metrics, time.perf_counter() - started, uncertainty=uncertainty)
@@ -201,6 +203,24 @@ def run_core(
 BOOTSTRAP_REPLICATES = 1000
 BOOTSTRAP_SEED = 0
 """Every variant's bootstrap draws the same resamples of the same sequences (same count, same seed)."""
+
+
+@contextmanager
+def shadowed(obj, **attributes) -> Iterator[None]:
+    """Inside the block, ``obj``'s attributes are ``attributes`` (instance attributes over its class's methods); after
+    it, exactly what was there before: an instance attribute of that name that already existed comes back."""
+    missing = object()
+    before = {name: vars(obj).get(name, missing) for name in attributes}
+    for name, value in attributes.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is missing:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
 
 
 class SplicedLossRecorder:
@@ -256,7 +276,7 @@ class VarianceLoopSums:
 
     SUMS = (
         "tokens", "batch_share", "x_squared", "error_squared", "x_squared_over_batch", "error_squared_over_batch",
-        "cossim", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio",
+        "cossim", "explained_variance_legacy", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio",
     )  # fmt: skip
 
     def totals(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -296,12 +316,10 @@ class VarianceLoopSums:
                 recorder.add(inputs.pop()[keep], x_hat[keep], latents[keep], ordinary)
                 return x_hat
 
-            # instance attributes shadow the methods for this call only
-            activation_store.get_batch_tokens, sae.encode, sae.decode = recording_get_batch_tokens, recording_encode, recording_decode
-            try:
+            with shadowed(activation_store, get_batch_tokens=recording_get_batch_tokens), shadowed(
+                sae, encode=recording_encode, decode=recording_decode
+            ):
                 return original(sae, model, activation_store, *args, ignore_tokens=ignore_tokens, **kwargs)
-            finally:
-                del activation_store.get_batch_tokens, sae.encode, sae.decode
 
         core.get_sparsity_and_variance_metrics = recorded  # run_evals looks it up in its module when it runs
         try:
@@ -313,7 +331,8 @@ class VarianceLoopSums:
         """x, x_hat: [tokens, d], latents: [tokens, d_sae], the ordinary tokens of one batch in sequence order, as
         SAEBench's loop flattens them; ordinary: [batch, pos]."""
         per_sequence = ordinary.sum(dim=1).to(x.device)  # [batch]; the mask comes from CPU tokens, x from the model's device
-        sequence_of = torch.repeat_interleave(torch.arange(len(per_sequence), device=x.device), per_sequence)  # [tokens]
+        # output_size: no device-to-host sync to learn the length (the GPU's queue keeps running)
+        sequence_of = torch.repeat_interleave(torch.arange(len(per_sequence), device=x.device), per_sequence, output_size=x.shape[0])
         x, x_hat = x.double(), x_hat.double()
         rows, in_batch = len(per_sequence), float(x.shape[0])  # N_b: SAEBench's flattened_mask.sum()
         self.d_in = x.shape[1]
@@ -329,8 +348,10 @@ class VarianceLoopSums:
             "x_squared_over_batch": x_squared / in_batch,
             "error_squared_over_batch": error_squared / in_batch,  # SAEBench's per-token `mse`
             "cossim": ((x / norm_in[:, None]) * (x_hat / norm_out[:, None])).sum(-1),
-            "l0": (latents != 0).sum(-1).double(),
-            "l1": latents.double().sum(-1),
+            # centred on the batch's own mean, per token (SAEBench's "old, incorrect" formula)
+            "explained_variance_legacy": 1 - error_squared / ((x - x.mean(0)) ** 2).sum(-1),
+            "l0": (latents != 0).sum(-1, dtype=torch.float64),  # no float64 copy of [tokens, d_sae]
+            "l1": latents.sum(-1, dtype=torch.float64),
             "l2_norm_in": norm_in,
             "l2_norm_out": norm_out,
             "l2_ratio": norm_out / torch.where(norm_in.abs() < 1e-4, torch.ones_like(norm_in), norm_in),
@@ -339,7 +360,7 @@ class VarianceLoopSums:
         self.sums.append(torch.zeros(rows, len(self.SUMS), dtype=torch.float64, device=x.device).index_add_(0, sequence_of, values))
 
 
-TOKEN_MEANS = ("mse", "cossim", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio")
+TOKEN_MEANS = ("mse", "cossim", "explained_variance_legacy", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio")
 """SAEBench core's statistics that are plain means over the ordinary tokens of its variance loop (``mse``'s tokens
 already divided by their batch's count, as SAEBench divides them)."""
 
@@ -350,8 +371,9 @@ def core_bootstrap(
     """Standard errors of core's metrics by a bootstrap over the test sequences (sequences, not tokens, are
     resampled, since the tokens of one text are not independent): the spliced-loss metrics, recomputed from SAEBench's
     per-token losses; its sparsity-and-variance loop's token means and its ``explained_variance``; and our centred
-    explained variance. On the full sample each equals SAEBench's number (tests/test_evaluate.py). Not covered:
-    ``relative_reconstruction_bias`` and ``explained_variance_legacy`` (per-batch ratios) and the per-latent metrics."""
+    explained variance. On the full sample each equals SAEBench's number in a float32 model (tests/test_evaluate.py);
+    in a bfloat16 one SAEBench sums in bfloat16 and these sums, in float64, are the more exact. Not covered:
+    ``relative_reconstruction_bias`` (a ratio of batch means, averaged over batches) and the per-latent metrics."""
     generator = torch.Generator().manual_seed(seed)
     samples, full, n_sequences = {}, {}, {}
 
@@ -651,11 +673,10 @@ def memo_budget(device: torch.device | str) -> int:
 def repeated_inputs_cached(sae: SAE, budget_bytes: int | None = None) -> Iterator[RepeatedInputCache]:
     """``sae.encode``/``sae.decode`` memoised by `RepeatedInputCache` inside the block, its own methods after it."""
     cache = RepeatedInputCache(sae, memo_budget(sae.device) if budget_bytes is None else budget_bytes)
-    sae.encode, sae.decode = cache.cached_encode, cache.cached_decode
     try:
-        yield cache
+        with shadowed(sae, encode=cache.cached_encode, decode=cache.cached_decode):
+            yield cache
     finally:
-        del sae.encode, sae.decode  # the instance attributes go; the class's methods show again
         cache.entries.clear()
 
 

@@ -14,7 +14,7 @@ from sae_lens import SAE, StandardSAEConfig
 
 from entrypoints import evaluate as evaluate_step
 from saecomp.data import DocumentPool, held_out_tokens, iter_documents, special_token_mask
-from saecomp.evaluate import CoreSizes, run_core
+from saecomp.evaluate import CoreSizes, SplicedLossRecorder, run_core
 from saecomp.models import load_model
 from saecomp.prune_llm import PruneSpec, prune_model
 from saecomp.saes import reconstruction_metrics
@@ -92,12 +92,16 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
     assert set(boot["full_sample"]) == set(boot["se"]) == {
         "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation",
         "ce_loss_score", "kl_div_score", "explained_variance_centred",
-        "mse", "cossim", "explained_variance", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio",
+        "mse", "cossim", "explained_variance", "explained_variance_legacy", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio",
     }  # fmt: skip
     for name, value in boot["full_sample"].items():
         assert value == pytest.approx(random[f"core.{name}"], rel=1e-5, abs=1e-6), name
     assert boot["n_sequences"]["spliced_losses"] == SIZES.batch_size_prompts * SIZES.n_reconstruction_batches
     assert boot["n_sequences"]["sparsity_variance"] == SIZES.batch_size_prompts * SIZES.n_sparsity_variance_batches
+    # SAEBench normalises mse and explained_variance per batch: the equality above tells that apart from a plain
+    # token mean only if the variance batches hold different numbers of ordinary tokens, as here
+    per_batch = special_token_mask(tokens[: boot["n_sequences"]["sparsity_variance"]], special).sum(1).reshape(-1, SIZES.batch_size_prompts)
+    assert len(set(per_batch.sum(1).tolist())) > 1
     assert perfect["core.cossim"] == pytest.approx(1.0, abs=1e-5) and perfect["core.cossim.bootstrap_se"] < 1e-6
     assert random["core.cossim.bootstrap_se"] > 1e-4 and random["core.mse.bootstrap_se"] > 0
     assert all(len(samples) == boot["replicates"] for samples in boot["samples"].values())
@@ -138,6 +142,108 @@ def test_the_centred_variance_covers_exactly_saebenchs_variance_batches(pruned_a
     assert centred_reference(pruned.tl, sae, tokens[: sizes.n_prompts], special) != pytest.approx(
         result.metrics["core.explained_variance_centred"], rel=1e-6
     )
+
+
+def saebench_variance_statistics(batches) -> dict[str, float]:
+    """SAEBench 0.6's sparsity-and-variance statistics (core/main.py, `get_sparsity_and_variance_metrics`), written
+    out from its code for batches of (x, x_hat, latents) already masked to the ordinary tokens, in float64."""
+    per_token, mean_squares, mean_per_dim, residuals = {}, [], [], []
+    for x, x_hat, latents in batches:
+        rss = (x - x_hat).pow(2).sum(-1)
+        norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
+        values = {
+            "mse": rss / x.shape[0],
+            "explained_variance_legacy": 1 - rss / (x - x.mean(0)).pow(2).sum(-1),
+            "cossim": ((x / x.norm(dim=-1, keepdim=True)) * (x_hat / x_hat.norm(dim=-1, keepdim=True))).sum(-1),
+            "l0": (latents != 0).sum(-1).double(),
+            "l1": latents.sum(-1),
+            "l2_norm_in": norm_in,
+            "l2_norm_out": norm_out,
+            "l2_ratio": norm_out / torch.where(norm_in.abs() < 1e-4, torch.ones_like(norm_in), norm_in),
+        }
+        for name, value in values.items():
+            per_token.setdefault(name, []).append(value)
+        mean_squares.append(x.pow(2).sum(-1).mean(0))
+        mean_per_dim.append(x.pow(2).mean(0))
+        residuals.append(rss.mean(0))
+    out = {name: float(torch.cat(parts).mean()) for name, parts in per_token.items()}
+    total = torch.stack(mean_squares).mean(0) - torch.cat(mean_per_dim).mean(0) ** 2
+    out["explained_variance"] = float(1 - torch.stack(residuals).mean(0) / total)
+    return out
+
+
+def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_sequences():
+    """Synthetic batches with unequal ordinary-token counts, latents of both signs and a near-zero input: on the full sample
+    every statistic is SAEBench's; each bootstrap replicate is the statistic of the resampled sequences' tokens,
+    recomputed directly (each drawn sequence's tokens repeated as often as it was drawn, within its own batch)."""
+    from saecomp.evaluate import VarianceLoopSums, core_bootstrap
+    from saecomp.saes import reconstruction_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    sums, batches, sequences = VarianceLoopSums(), [], []  # sequences: (batch index, x, x_hat, latents) per sequence
+    for b, (n_seq, pos) in enumerate([(3, 5), (3, 5), (2, 5)]):
+        ordinary = torch.rand(n_seq, pos, generator=generator) > 0.3
+        ordinary[:, 0] = True  # every sequence keeps a token
+        n = int(ordinary.sum())
+        x = torch.randn(n, 6, generator=generator, dtype=torch.float64) + 0.5
+        x[0] = 1e-6  # an activation of norm under 1e-4: l2_ratio's guard divides by 1 there
+        x_hat = x + 0.3 * torch.randn(n, 6, generator=generator, dtype=torch.float64)
+        latents = torch.randn(n, 10, generator=generator, dtype=torch.float64) * (torch.rand(n, 10, generator=generator) > 0.5)
+        sums.add(x, x_hat, latents, ordinary)
+        batches.append((x, x_hat, latents))
+        start = 0
+        for count in ordinary.sum(1).tolist():
+            sequences.append((b, x[start : start + count], x_hat[start : start + count], latents[start : start + count]))
+            start += count
+    assert len({len(x) for x, _, _ in batches}) > 1  # unequal batch counts: per-batch means differ from token means
+    assert any(bool((latents < 0).any()) for _, _, latents in batches)
+
+    boot = core_bootstrap(SplicedLossRecorder(), sums, replicates=4, seed=7)
+    expected = saebench_variance_statistics(batches)
+    every_x, every_x_hat = torch.cat([x for x, _, _ in batches]), torch.cat([x_hat for _, x_hat, _ in batches])
+    expected["explained_variance_centred"] = reconstruction_metrics(every_x, every_x_hat)["explained_variance"]
+    assert set(boot["full_sample"]) == set(expected)
+    for name, value in expected.items():
+        assert boot["full_sample"][name] == pytest.approx(value, rel=1e-9), name
+
+    # The same draws core_bootstrap made (the spliced losses were empty, so the variance sums drew first).
+    picks = torch.randint(len(sequences), (4, len(sequences)), generator=torch.Generator().manual_seed(7))
+    for r in range(4):
+        drawn = [sequences[i] for i in picks[r].tolist()]
+        x = torch.cat([s[1] for s in drawn])
+        x_hat = torch.cat([s[2] for s in drawn])
+        in_batch = torch.cat([torch.full((len(s[1]),), float(len(batches[s[0]][0])), dtype=torch.float64) for s in drawn])
+        rss = (x - x_hat).pow(2).sum(-1)
+        direct = {
+            "explained_variance_centred": reconstruction_metrics(x, x_hat)["explained_variance"],
+            "mse": float((rss / in_batch).mean()),
+            "l1": float(torch.cat([s[3] for s in drawn]).sum(-1).mean()),
+            # SAEBench's ratio of per-batch means: each token weighs 1 / its batch's count
+            "explained_variance": float(1 - ((rss / in_batch).sum() / (1 / in_batch).sum()) / (
+                (m := (x.pow(2).sum(-1) / in_batch).sum() / (1 / in_batch).sum()) - (m / x.shape[1]) ** 2)),
+        }  # fmt: skip
+        for name, value in direct.items():
+            assert boot["samples"][name][r] == pytest.approx(value, rel=1e-9), (name, r)
+    assert all(se > 0 for se in boot["se"].values())
+
+
+def test_shadowed_restores_what_was_there():
+    """The recorders shadow methods with instance attributes; one already there (another adapter's) comes back."""
+    from saecomp.evaluate import shadowed
+
+    class Thing:
+        def method(self):
+            return "class"
+
+    thing = Thing()
+    with shadowed(thing, method=lambda: "outer"):
+        with shadowed(thing, method=lambda: "inner"):
+            assert thing.method() == "inner"
+        assert thing.method() == "outer"
+    assert thing.method() == "class" and "method" not in vars(thing)
+    with pytest.raises(RuntimeError), shadowed(thing, method=lambda: "during"):
+        raise RuntimeError
+    assert "method" not in vars(thing)
 
 
 def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_world):

@@ -213,3 +213,49 @@ def test_pipeline_over_several_layers_draws_the_per_layer_sweeps(small_experimen
     assert "sweep_by_layer_hook_resid_post.png" in artifacts
     summary = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="summary.csv"))
     assert list(dict.fromkeys(summary["hook"])) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+
+
+def test_prune_sae_gets_the_sae_runs_the_pipelines_key_names(small_experiment, tmp_path, monkeypatch):
+    """The pipeline hands prune_sae the SAE runs its key names, and the step does not look them up again. A second
+    FINISHED train_sae run with the same key that counts as canonical by the time prune_sae starts (here: made just
+    before, older than the one the pipeline found, as a straggler of a killed pipeline can be) would otherwise become
+    its `trained` SAE, its key would differ from the pipeline's, and `run_step` would fail the pipeline."""
+    import yaml
+
+    from saecomp import tracking
+
+    config = yaml.safe_load(small_experiment.read_text())
+    config["sae"]["hooks"] = ["hook_resid_post"]
+    config["evaluation"]["suites"] = []
+    config["sae_pruning"]["tolerance"] = 0.37  # a prune_sae key of its own; the SAE trainings are reused
+    path = tmp_path / "handover.yaml"
+    path.write_text(yaml.safe_dump(config))
+    client, original, made = mlflow.MlflowClient(), tracking.run_step, {}
+
+    def older_twin(run_id: str) -> str:
+        run = client.get_run(run_id)
+        twin = client.create_run(run.info.experiment_id, start_time=run.info.start_time - 1,
+                                 tags={k: v for k, v in run.data.tags.items() if k.startswith("saecomp.")})  # fmt: skip
+        client.log_artifacts(twin.info.run_id, mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/sae"), "sae")
+        client.set_terminated(twin.info.run_id, "FINISHED")
+        return twin.info.run_id
+
+    def run_step(step, parameters, key, *args, **kwargs):
+        if step == "prune_sae" and not made:
+            made["handed"] = parameters["trained"]  # runs:/<id>/sae
+            trained_run = made["handed"].split("/")[1]
+            made["twin"] = older_twin(trained_run)
+            assert tracking.find_finished_run("train_sae", client.get_run(trained_run).data.tags[tracking.KEY_TAG]) == made["twin"]
+            made["key"] = key
+        return original(step, parameters, key, *args, **kwargs)
+
+    monkeypatch.setattr(tracking, "run_step", run_step)
+    try:
+        result = CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        (run,) = [r for r in step_runs("prune_sae") if r.data.tags.get(tracking.KEY_TAG) == made["key"]]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["trained"] == made["handed"] != f"runs:/{made['twin']}/sae"
+    finally:
+        if "twin" in made:  # later tests find the canonical runs they expect
+            client.delete_run(made["twin"])

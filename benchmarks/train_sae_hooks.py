@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/<this>.py` finds `benchmarks`
 
 from benchmarks.common import build_model, machine, write_json
-from benchmarks.train_sae import TokenRows, synchronize
+from benchmarks.train_sae import TokenRows
 from saecomp.train_sae import SAETrainingSpec, runner_config
 
 HOOKS = ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
@@ -87,7 +87,6 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for repeat in range(args.repeats):  # interleaved: a slow moment of a shared machine hits both alike
         for name, run in variants:
-            synchronize("cpu")
             started = time.perf_counter()
             run(specs, model, dataset, workdir / f"{name}-{repeat}")
             times[name].append(time.perf_counter() - started)

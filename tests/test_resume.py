@@ -29,6 +29,37 @@ def runs_of(step: str):
     ]
 
 
+def store_readable(seconds: float = 0.25) -> bool:
+    """Whether the test store can be read now. SQLite (in MLflow's default rollback-journal mode) makes readers wait
+    while a writer commits, so a step frozen with SIGSTOP mid-commit would block every read of the store until
+    MLflow's 20 s busy timeout fails it ("database is locked", met once in CI)."""
+    import sqlite3
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    assert uri.startswith("sqlite:///"), uri
+    connection = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=seconds)
+    try:
+        connection.execute("SELECT count(*) FROM runs").fetchone()
+        return True
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error):
+            raise
+        return False
+    finally:
+        connection.close()
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` at a moment it holds no lock that blocks readers of the store (else let it run a moment more)."""
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        if store_readable():
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} held the store's write lock through 200 tries")
+
+
 def start_and_kill_mid_run(small_experiment, sparsity: str):
     """Start prune_llm in its own process, freeze it (SIGSTOP) the moment it reports its calibration data (a line it
     writes inside its open run, before pruning), and SIGKILL it if its run is RUNNING then; None if it was not caught.
@@ -43,7 +74,7 @@ def start_and_kill_mid_run(small_experiment, sparsity: str):
     )  # fmt: skip
     for line in process.stderr:
         if line.startswith("[prune_llm] ") and "calibration tokens" in line:
-            os.kill(process.pid, signal.SIGSTOP)  # frozen: it cannot finish between this line and the kill
+            freeze(process.pid)  # frozen: it cannot finish between this line and the kill
             break
     started = [r for r in runs_of("prune_llm") if r.info.run_id not in before and r.data.tags.get(PID_TAG) == str(process.pid)]
     victim = started[0] if started else None
@@ -145,7 +176,10 @@ def kill_pipeline_during(step: str, experiment: Path, log: Path):
                 if run.info.run_id in before or run.info.status != "RUNNING" or HEARTBEAT_TAG not in run.data.tags:
                     continue
                 step_pid = int(run.data.tags[PID_TAG])
-                os.kill(step_pid, signal.SIGSTOP)
+                try:
+                    freeze(step_pid)
+                except ProcessLookupError:
+                    continue  # it finished meanwhile
                 try:
                     if client.get_run(run.info.run_id).info.status == "RUNNING":
                         os.kill(process.pid, signal.SIGKILL)

@@ -277,12 +277,18 @@ class VarianceLoopSums:
     SUMS = (
         "tokens", "batch_share", "x_squared", "error_squared", "x_squared_over_batch", "error_squared_over_batch",
         "cossim", "explained_variance_legacy", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio",
+        "x_hat_squared", "x_dot_x_hat",
     )  # fmt: skip
 
     def totals(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Every sequence's sum of x ([n, d]) and its other sums by name ([n] each), on the CPU."""
         sums = torch.cat(self.sums).cpu()  # [n, len(SUMS)]
         return torch.cat(self.x_sum).cpu(), {name: sums[:, i] for i, name in enumerate(self.SUMS)}
+
+    def batch_of_sequence(self) -> torch.Tensor:
+        """``[n]``: the index of the SAEBench batch each sequence was read in."""
+        rows = torch.tensor([len(part) for part in self.sums])
+        return torch.repeat_interleave(torch.arange(len(rows)), rows)
 
     @classmethod
     @contextmanager
@@ -355,6 +361,8 @@ class VarianceLoopSums:
             "l2_norm_in": norm_in,
             "l2_norm_out": norm_out,
             "l2_ratio": norm_out / torch.where(norm_in.abs() < 1e-4, torch.ones_like(norm_in), norm_in),
+            "x_hat_squared": norm_out**2,  # relative_reconstruction_bias: per batch, mean ||x_hat||^2 / mean x.x_hat
+            "x_dot_x_hat": (x * x_hat).sum(-1),
         }
         values = torch.stack([per_token[name] for name in self.SUMS], dim=1)  # [tokens, len(SUMS)]
         self.sums.append(torch.zeros(rows, len(self.SUMS), dtype=torch.float64, device=x.device).index_add_(0, sequence_of, values))
@@ -373,7 +381,11 @@ def core_bootstrap(
     per-token losses; its sparsity-and-variance loop's token means and its ``explained_variance``; and our centred
     explained variance. On the full sample each equals SAEBench's number in a float32 model (tests/test_evaluate.py);
     in a bfloat16 one SAEBench sums in bfloat16 and these sums, in float64, are the more exact. Not covered:
-    ``relative_reconstruction_bias`` (a ratio of batch means, averaged over batches) and the per-latent metrics."""
+    the per-latent metrics.
+
+    SAEBench's per-batch statistics (``explained_variance``, ``relative_reconstruction_bias``) are resampled within
+    SAEBench's own batches: a drawn sequence counts in the batch it was read in, each token weighing 1 / that batch's
+    token count as there, so every batch weighs by the share of its tokens drawn (1 each on the full sample)."""
     generator = torch.Generator().manual_seed(seed)
     samples, full, n_sequences = {}, {}, {}
 
@@ -411,6 +423,12 @@ def core_bootstrap(
             mean_squares = (weights @ sums["x_squared_over_batch"]) / batches
             residual = (weights @ sums["error_squared_over_batch"]) / batches
             out["explained_variance"] = 1 - residual / (mean_squares - (mean_squares / variance.d_in) ** 2)
+            # SAEBench's: per batch the ratio of its means of ||x_hat||^2 and x.x_hat (its 1 / N_b cancels), averaged
+            # over the batches; each batch weighs by the share of its tokens drawn
+            batch_of = variance.batch_of_sequence()  # [n]
+            share = _per_batch(weights, sums["batch_share"], batch_of)  # [r, batches]; 0 where none was drawn
+            ratio = _per_batch(weights, sums["x_hat_squared"], batch_of) / _per_batch(weights, sums["x_dot_x_hat"], batch_of)
+            out["relative_reconstruction_bias"] = (share * torch.where(share > 0, ratio, 0.0)).sum(1) / share.sum(1)
     return {
         "unit": "sequence",
         "replicates": replicates,
@@ -420,6 +438,12 @@ def core_bootstrap(
         "se": {name: float(v.std()) for name, v in samples.items()},
         "samples": {name: v.tolist() for name, v in samples.items()},
     }
+
+
+def _per_batch(weights: torch.Tensor, per_sequence: torch.Tensor, batch_of: torch.Tensor) -> torch.Tensor:
+    """``[r, batches]``: each batch's weighted sum of a per-sequence value (weights ``[r, n]``, the rest ``[n]``)."""
+    batches = int(batch_of[-1]) + 1
+    return torch.zeros(weights.shape[0], batches, dtype=torch.float64).index_add_(1, batch_of, weights * per_sequence)
 
 
 def validate_output(output_class, output: dict) -> None:

@@ -93,6 +93,7 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
         "ce_loss_with_sae", "ce_loss_without_sae", "ce_loss_with_ablation", "kl_div_with_sae", "kl_div_with_ablation",
         "ce_loss_score", "kl_div_score", "explained_variance_centred",
         "mse", "cossim", "explained_variance", "explained_variance_legacy", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio",
+        "relative_reconstruction_bias",
     }  # fmt: skip
     for name, value in boot["full_sample"].items():
         assert value == pytest.approx(random[f"core.{name}"], rel=1e-5, abs=1e-6), name
@@ -103,6 +104,8 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
     per_batch = special_token_mask(tokens[: boot["n_sequences"]["sparsity_variance"]], special).sum(1).reshape(-1, SIZES.batch_size_prompts)
     assert len(set(per_batch.sum(1).tolist())) > 1
     assert perfect["core.cossim"] == pytest.approx(1.0, abs=1e-5) and perfect["core.cossim.bootstrap_se"] < 1e-6
+    assert perfect["core.relative_reconstruction_bias"] == pytest.approx(1.0, abs=1e-5)
+    assert perfect["core.relative_reconstruction_bias.bootstrap_se"] < 1e-6 < random["core.relative_reconstruction_bias.bootstrap_se"]
     assert random["core.cossim.bootstrap_se"] > 1e-4 and random["core.mse.bootstrap_se"] > 0
     assert all(len(samples) == boot["replicates"] for samples in boot["samples"].values())
     # compare pairs two variants' replicates: that needs the same sequences, in the same order, resampled alike. The
@@ -147,8 +150,9 @@ def test_the_centred_variance_covers_exactly_saebenchs_variance_batches(pruned_a
 def saebench_variance_statistics(batches) -> dict[str, float]:
     """SAEBench 0.6's sparsity-and-variance statistics (core/main.py, `get_sparsity_and_variance_metrics`), written
     out from its code for batches of (x, x_hat, latents) already masked to the ordinary tokens, in float64."""
-    per_token, mean_squares, mean_per_dim, residuals = {}, [], [], []
+    per_token, mean_squares, mean_per_dim, residuals, biases = {}, [], [], [], []
     for x, x_hat, latents in batches:
+        biases.append(x_hat.norm(dim=-1).pow(2).mean() / (x * x_hat).sum(-1).mean())
         rss = (x - x_hat).pow(2).sum(-1)
         norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
         values = {
@@ -169,6 +173,7 @@ def saebench_variance_statistics(batches) -> dict[str, float]:
     out = {name: float(torch.cat(parts).mean()) for name, parts in per_token.items()}
     total = torch.stack(mean_squares).mean(0) - torch.cat(mean_per_dim).mean(0) ** 2
     out["explained_variance"] = float(1 - torch.stack(residuals).mean(0) / total)
+    out["relative_reconstruction_bias"] = float(torch.stack(biases).mean())
     return out
 
 
@@ -198,7 +203,8 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
     assert len({len(x) for x, _, _ in batches}) > 1  # unequal batch counts: per-batch means differ from token means
     assert any(bool((latents < 0).any()) for _, _, latents in batches)
 
-    boot = core_bootstrap(SplicedLossRecorder(), sums, replicates=4, seed=7)
+    boot = core_bootstrap(SplicedLossRecorder(), sums, replicates=12, seed=7)
+    batch_of = torch.tensor([s[0] for s in sequences])
     expected = saebench_variance_statistics(batches)
     every_x, every_x_hat = torch.cat([x for x, _, _ in batches]), torch.cat([x_hat for _, x_hat, _ in batches])
     expected["explained_variance_centred"] = reconstruction_metrics(every_x, every_x_hat)["explained_variance"]
@@ -207,8 +213,9 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
         assert boot["full_sample"][name] == pytest.approx(value, rel=1e-9), name
 
     # The same draws core_bootstrap made (the spliced losses were empty, so the variance sums drew first).
-    picks = torch.randint(len(sequences), (4, len(sequences)), generator=torch.Generator().manual_seed(7))
-    for r in range(4):
+    picks = torch.randint(len(sequences), (12, len(sequences)), generator=torch.Generator().manual_seed(7))
+    assert any(len(set(batch_of[p].tolist())) < len(batches) for p in picks)  # a resample that misses a whole batch
+    for r in range(12):
         drawn = [sequences[i] for i in picks[r].tolist()]
         x = torch.cat([s[1] for s in drawn])
         x_hat = torch.cat([s[2] for s in drawn])
@@ -222,6 +229,14 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
             "explained_variance": float(1 - ((rss / in_batch).sum() / (1 / in_batch).sum()) / (
                 (m := (x.pow(2).sum(-1) / in_batch).sum() / (1 / in_batch).sum()) - (m / x.shape[1]) ** 2)),
         }  # fmt: skip
+        # per original batch, the drawn tokens' ratio of means, the batches weighed by the share of their tokens drawn
+        of_batch = torch.cat([torch.full((len(s[1]),), s[0]) for s in drawn])
+        shares, ratios = [], []
+        for b in of_batch.unique().tolist():
+            here = of_batch == b
+            shares.append(float(here.sum()) / len(batches[b][0]))
+            ratios.append(float(x_hat[here].pow(2).sum() / (x[here] * x_hat[here]).sum()))
+        direct["relative_reconstruction_bias"] = sum(a * b for a, b in zip(shares, ratios, strict=True)) / sum(shares)
         for name, value in direct.items():
             assert boot["samples"][name][r] == pytest.approx(value, rel=1e-9), (name, r)
     assert all(se > 0 for se in boot["se"].values())

@@ -267,12 +267,15 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             """One hook at one layer: its SAEs (trained as needed), the sweep, the variants' evaluations."""
             # The SAE on the dense model (unless the experiment names a pretrained one) and the one trained on the pruned
             # model: side by side where the executor runs steps side by side.
+            # The layer's hooks read the same windows of the same model: their trainings share its forward passes
+            # through a folder on this machine (the same SAEs; train_sae --shared_forward).
+            forward = {"shared_forward": str(forward_root)} if forward_root else {}
             pretrained, trained = side_by_side(
                 lambda trainer: trainer(),
                 [
                     lambda: exp.pretrained_source(hook, layer)
-                    or prune_sae.dependency(exp, experiment, hook, layer, "dense", exp.model, parent, runtime),
-                    lambda: prune_sae.dependency(exp, experiment, hook, layer, prune_run, model_label, parent, runtime),
+                    or prune_sae.dependency(exp, experiment, hook, layer, "dense", exp.model, parent, runtime, **forward),
+                    lambda: prune_sae.dependency(exp, experiment, hook, layer, prune_run, model_label, parent, runtime, **forward),
                 ],
             )
             key = prune_sae.key_for(
@@ -377,11 +380,13 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         # Ctrl-C) and starts no new one.
         local = executor.name in ("in-process", "local pool")  # Ray's workers do not see this machine's folders
         shared_root = Path(tempfile.mkdtemp(prefix="saecomp-shared-activations-")) if local and suites else None
+        forward_root = Path(tempfile.mkdtemp(prefix="saecomp-shared-forward-")) if local and len(exp.sae.hooks) > 1 else None
         try:
             done = executor.map(lambda c: cell(*c), cells)  # in the order of `cells`
         finally:
-            if shared_root:
-                shutil.rmtree(shared_root, ignore_errors=True)
+            for root in (shared_root, forward_root):
+                if root:
+                    shutil.rmtree(root, ignore_errors=True)
         tables = [d["table"] for d in done]
         sae_runs = [d["run"] for d in done]
         evaluations = [e for d in done for e in d["evaluations"]]

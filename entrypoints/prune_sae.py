@@ -43,11 +43,20 @@ def parse_levels(value) -> list[float] | None:
 
 
 def dependency(
-    exp, experiment_path: str, hook: str, layer: int, base: str, model_label: str, parent_run_id: str | None = None, runtime=None
+    exp,
+    experiment_path: str,
+    hook: str,
+    layer: int,
+    base: str,
+    model_label: str,
+    parent_run_id: str | None = None,
+    runtime=None,
+    shared_forward: str | None = None,
 ) -> str:
     """``runs:/<id>/sae`` of the train_sae run for (hook, layer) on ``base``, run now if the experiment lives
     in the tiny world (minutes), else only found: real SAE training takes GPU-days and is started by hand.
-    ``parent_run_id`` and ``runtime`` (``--device``/``--dtype``) are for callers in worker threads."""
+    ``parent_run_id`` and ``runtime`` (``--device``/``--dtype``) are for callers in worker threads; ``shared_forward``
+    a folder where the layer's trainings share the model's forward passes (train_sae --shared_forward)."""
     from entrypoints.train_sae import build_spec, key_for
     from saecomp.names import TINY_MODELS
     from saecomp.tracking import find_finished_run, run_step
@@ -56,7 +65,14 @@ def dependency(
     if exp.model in TINY_MODELS:
         run_id = run_step(
             "train_sae",
-            {"experiment": experiment_path, "hook": hook, "layer": str(layer), "base": base, **(runtime or runtime_overrides())},
+            {
+                "experiment": experiment_path,
+                "hook": hook,
+                "layer": str(layer),
+                "base": base,
+                **(runtime or runtime_overrides()),
+                **({"shared_forward": shared_forward} if shared_forward else {}),
+            },
             key,
             exp.name,
             parent_run_id,

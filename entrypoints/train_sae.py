@@ -91,7 +91,12 @@ def build_spec(exp, hook: str | None, layer: int | None, like_sae):
 
 @click.command()
 @with_options
-def main(experiment, hook, layer, base, like, **fields) -> None:
+@click.option(
+    "--shared_forward",
+    help="A folder on this machine where the trainings of one layer's hooks share the model's forward passes "
+    "(the pipeline's; the same SAE either way).",
+)
+def main(experiment, hook, layer, base, like, shared_forward, **fields) -> None:
     exp = load(experiment, {SCHEMA_FIELD[k]: v for k, v in fields.items()})
     layer = parse_int("layer", layer)
     base = base or "pruned"
@@ -117,7 +122,7 @@ def main(experiment, hook, layer, base, like, **fields) -> None:
     except ValueError as error:
         fail(str(error))
     checkpoint, model_label, prune_run = resolve_base(exp, experiment, base)
-    run_train_sae(exp, experiment, spec, checkpoint, model_label, prune_run, like_source)
+    run_train_sae(exp, experiment, spec, checkpoint, model_label, prune_run, like_source, shared_forward)
 
 
 def key_for(exp, experiment_path: str, spec, model_label: str, like_source) -> str:
@@ -148,14 +153,14 @@ class _QuietViewFallback(logging.Filter):
         return "Error during view operation" not in record.getMessage() and "Attempting to use reshape" not in record.getMessage()
 
 
-def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run, like_source) -> str:
+def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run, like_source, shared_forward=None) -> str:
     import mlflow
 
     from saecomp.data import TokenStream, document_plan, held_out_tokens, iter_documents, model_prepends_bos, special_token_ids
     from saecomp.models import NO_PROCESSING_KWARGS, TINY_MODELS, load_model
     from saecomp.saes import evaluate_sae
     from saecomp.tracking import CACHE_DIR, register_sae, step_run, training_metrics_logger
-    from saecomp.train_sae import latest_checkpoint, train_sae
+    from saecomp.train_sae import SharedForward, latest_checkpoint, train_sae
 
     logging.getLogger("sae_lens").addFilter(_QuietViewFallback())
     key = key_for(exp, experiment_path, spec, model_label, like_source)
@@ -218,6 +223,17 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
                 f"checkpoints of an interrupted run with the same inputs are in {checkpoint_dir}: "
                 + (f"resuming from {complete.name} samples" if complete else "none complete, so training from the start")
             )
+        shared = None
+        if shared_forward:
+            # the layer's hooks this experiment trains on this model (the same windows: only their activations differ)
+            hooks = (spec.hook, *exp.sae.hooks)
+            # the model by what it is, not where this process downloaded it (each step has its own temporary copy)
+            world_run = world_step(exp, experiment_path)[0] if exp.model in TINY_MODELS else None
+            identity = json.dumps([model_label, prune_run, world_run, exp.dtype, exp.device])
+            shared, why_not = SharedForward.open(shared_forward, loaded.tl, identity, spec.layer, hooks, spec.training_tokens)
+            if shared is None:
+                mlflow.set_tag("saecomp.shared_forward", f"not shared: {why_not}")
+                say(f"the model's forward passes are not shared with the layer's other hooks: {why_not}")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "sae"
             started = time.perf_counter()
@@ -233,8 +249,12 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
                 on_metrics=training_metrics_logger(),
                 prepend_bos=prepend_bos,
                 special_ids=sorted(special),
+                shared_forward=shared,
             )
             train_seconds = time.perf_counter() - started
+            if shared is not None:
+                mlflow.set_tag("saecomp.shared_forward", shared.describe())
+                say(shared.describe())
             if resumed is not None:
                 say(f"resumed from the checkpoint at {resumed} samples")
                 mlflow.set_tag("saecomp.resumed_from_samples", str(resumed))

@@ -42,6 +42,7 @@ from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
 from saecomp.names import SUITES, check_suites  # noqa: F401, E402  (re-exported; torch-free there)
+from saecomp.saes import shadowed  # noqa: E402
 
 SHARED_MODEL_SIDE = ("scr", "tpp", "sparse_probing")
 """The suites whose model-side work SAEs on one model and hook share (``model_side_folder``), each with the random
@@ -203,24 +204,6 @@ def run_core(
 BOOTSTRAP_REPLICATES = 1000
 BOOTSTRAP_SEED = 0
 """Every variant's bootstrap draws the same resamples of the same sequences (same count, same seed)."""
-
-
-@contextmanager
-def shadowed(obj, **attributes) -> Iterator[None]:
-    """Inside the block, ``obj``'s attributes are ``attributes`` (instance attributes over its class's methods); after
-    it, exactly what was there before: an instance attribute of that name that already existed comes back."""
-    missing = object()
-    before = {name: vars(obj).get(name, missing) for name in attributes}
-    for name, value in attributes.items():
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is missing:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, value)
 
 
 class SplicedLossRecorder:

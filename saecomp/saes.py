@@ -8,6 +8,8 @@ SAELens folder), and one set of reconstruction metrics computed the same way for
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -161,3 +163,21 @@ def evaluate_sae(
     )
     metrics["ce_loss_increase"] = metrics["ce_loss_with_sae"] - metrics["ce_loss_without_sae"]
     return metrics
+
+
+@contextmanager
+def shadowed(obj, **attributes) -> Iterator[None]:
+    """Inside the block, ``obj``'s attributes are ``attributes`` (instance attributes over its class's methods); after
+    it, exactly what was there before: an instance attribute of that name that already existed comes back."""
+    missing = object()
+    before = {name: vars(obj).get(name, missing) for name in attributes}
+    for name, value in attributes.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is missing:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)

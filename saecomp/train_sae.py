@@ -8,9 +8,15 @@ checkpoint folder found and its three parts loaded, as `runner.run()` does when 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ from saecomp.names import (  # noqa: F401  (re-exported: the spec and its checks
     hook_d_in,
     resolved_d_sae,
 )
+from saecomp.saes import shadowed
 
 ARCHITECTURES = {
     "standard": StandardTrainingSAEConfig,
@@ -160,6 +167,90 @@ def save_checkpoint_marked(save_checkpoint: Callable[..., None]) -> Callable[...
     return save
 
 
+SHARED_FORWARD_MARGIN = 2 << 30
+"""Disk space a shared forward pass leaves free beyond its estimate (``SharedForward.open``)."""
+
+
+@dataclass
+class SharedForward:
+    """The model's forward pass shared by the SAEs of one layer, through a folder on this machine.
+
+    SAELens's activation store runs the model up to the hook's block for every batch of training tokens, and it does so
+    once per SAE: a layer's three hooks (``attn.hook_z``, ``hook_mlp_out``, ``hook_resid_post``) stop at the same block,
+    so two of their three forward passes repeat the first (about 60% of a tiny-world training). Here the first store
+    to meet a batch of tokens records every sibling hook's activations in one forward (the very call SAELens makes,
+    with the sibling hooks added to its names filter: the same computation), saved per batch under a digest of the
+    tokens; a store that meets the same tokens later reads them instead of running the model. Results are bit for bit
+    those of a store that runs the model (tests/test_train_sae.py), so neither keys nor runs change. Only where the model
+    runs on the CPU (on a GPU the forward is faster than the disk) and the activations fit on the disk.
+    SAELens's `MultiSAETrainingRunner` would share the forward within one process, but changes the data order and with
+    it every trained SAE (benchmarks/README.md)."""
+
+    folder: Path
+    hooks: tuple[str, ...]  # full hook names, all stopping at the same block
+    read: int = 0
+    computed: int = 0
+
+    @classmethod
+    def open(cls, root: str | Path, model: HookedTransformer, model_identity: str, layer: int, hooks, tokens: int):
+        """The folder of this model and layer under ``root``, or (None, why not)."""
+        from saecomp.names import hook_d_in
+
+        if str(model.cfg.device).split(":")[0] != "cpu":
+            return None, f"the model runs on {model.cfg.device}, where its forward is faster than reading the disk"
+        names = tuple(sorted({f"blocks.{layer}.{hook}" for hook in hooks}))  # one folder whichever hook asks first
+        itemsize = next(model.parameters()).element_size()
+        needed = 2 * tokens * sum(hook_d_in(model.cfg, hook) for hook in hooks) * itemsize  # 2x: buffer refills, evaluation
+        Path(root).mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        if free < needed + SHARED_FORWARD_MARGIN:
+            return None, f"it may take {needed / 1e9:.1f} GB and {root} has {free / 1e9:.1f} GB free"
+        identity = json.dumps([model_identity, layer, names, str(next(model.parameters()).dtype)])
+        folder = Path(root) / hashlib.sha256(identity.encode()).hexdigest()[:20]
+        folder.mkdir(exist_ok=True)
+        return cls(folder, names), None
+
+    @contextmanager
+    def serving(self, store) -> Iterator[SharedForward]:
+        """Shadows ``store``'s ``get_activations`` so that its model call is served from the folder where it can be."""
+        from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name
+
+        model, get_activations = store.model, store.get_activations
+        stop = {extract_stop_at_layer_from_tlens_hook_name(name) for name in self.hooks}
+        if store.hook_name not in self.hooks or len(stop) != 1:
+            yield self
+            return
+        run_with_cache = model.run_with_cache
+
+        def shared_run_with_cache(batch_tokens, *, names_filter, stop_at_layer, prepend_bos, **kwargs):
+            if kwargs or list(names_filter) != [store.hook_name] or stop_at_layer not in stop:
+                return run_with_cache(
+                    batch_tokens, names_filter=names_filter, stop_at_layer=stop_at_layer, prepend_bos=prepend_bos, **kwargs
+                )
+            tokens = batch_tokens.cpu().contiguous()
+            digest = hashlib.sha256(repr((tuple(tokens.shape), str(tokens.dtype), prepend_bos)).encode() + tokens.numpy().tobytes())
+            path = self.folder / f"{digest.hexdigest()}.pt"
+            if path.exists():
+                self.read += 1
+                return None, {store.hook_name: torch.load(path, map_location=batch_tokens.device)[store.hook_name]}
+            _, cache = run_with_cache(batch_tokens, names_filter=list(self.hooks), stop_at_layer=stop_at_layer, prepend_bos=prepend_bos)
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            torch.save({name: cache[name].cpu() for name in self.hooks}, partial)
+            os.replace(partial, path)  # whole or absent: a reader never sees half a batch
+            self.computed += 1
+            return None, {store.hook_name: cache[store.hook_name]}
+
+        def shared_get_activations(batch_tokens):
+            with shadowed(model, run_with_cache=shared_run_with_cache):
+                return get_activations(batch_tokens)
+
+        with shadowed(store, get_activations=shared_get_activations):
+            yield self
+
+    def describe(self) -> str:
+        return f"{self.read} batches of activations read from {self.folder}, {self.computed} computed there for {', '.join(self.hooks)}"
+
+
 class _QuietOverrides(logging.Filter):
     # SAELens warns that an overriding model or dataset makes the run irreproducible from its config alone; ours
     # are recorded by the step's key, params and tokens, so the warning says nothing here.
@@ -180,12 +271,14 @@ def train_sae(
     log_every: int = 5,
     prepend_bos: bool = False,
     special_ids: list[int] | None = None,
+    shared_forward: SharedForward | None = None,
 ):
     """Train one SAE with SAELens on activations of ``model`` over ``token_dataset`` (rows with an ``input_ids``
     list of ``context_size`` tokens: a `datasets.Dataset`, or a streamed `saecomp.data.TokenStream`). Resumes
-    from the newest checkpoint in ``checkpoint_dir`` if one exists. Saves the inference SAE to ``output_dir``
-    (SAELens format) and returns (that SAE as `SAE.load_from_disk` gives it, the number of samples it resumed
-    from or None)."""
+    from the newest checkpoint in ``checkpoint_dir`` if one exists. With ``shared_forward``, the model's forward
+    passes are shared with the other hooks' trainings of the layer (`SharedForward`; the same SAE either way). Saves
+    the inference SAE to ``output_dir`` (SAELens format) and returns (that SAE as `SAE.load_from_disk` gives it, the
+    number of samples it resumed from or None)."""
     cfg = runner_config(spec, model, model_name, model_kwargs, checkpoint_dir, dataset_name, prepend_bos, special_ids)
     logging.getLogger("sae_lens").addFilter(_QuietOverrides())
     torch.manual_seed(spec.seed)
@@ -213,7 +306,8 @@ def train_sae(
         runner.sae.load_weights_from_checkpoint(resume)
         runner.activations_store.load_from_checkpoint(resume)
         trainer.samples_at_start = trainer.n_training_samples
-    trained = runner.run_trainer_with_interruption_handling(trainer)
+    with shared_forward.serving(runner.activations_store) if shared_forward else nullcontext():
+        trained = runner.run_trainer_with_interruption_handling(trainer)
     trained.save_inference_model(str(output_dir))
     return SAE.load_from_disk(str(output_dir)), (int(resume.name) if resume is not None else None)
 

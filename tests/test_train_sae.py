@@ -288,3 +288,45 @@ def test_a_killed_training_continues_from_its_last_checkpoint(small_experiment, 
     assert resumed.info.status == "FINISHED"
     assert int(resumed.data.tags["saecomp.resumed_from_samples"]) == int(saved[-1].name)
     assert not list(checkpoints.glob(f"{saved[-1].parent.parent.name}/*/[0-9]*")), "checkpoints of a finished run are left behind"
+
+
+def test_a_layers_hooks_sharing_one_forward_train_bit_identical_saes(small_world, tmp_path):
+    """`SharedForward`: the first training of a layer records every hook's activations per batch of tokens, the others
+    read them instead of running the model, and each SAE is bit for bit the one its own forward passes give. On what
+    gemma-2-2b.yaml meets: BOS first in every window and left out of the training activations, hook_z reshaped."""
+    from datasets import Dataset
+
+    from saecomp.data import DocumentPool, held_out_tokens, iter_documents, special_token_ids
+    from saecomp.models import NO_PROCESSING_KWARGS
+    from saecomp.train_sae import SharedForward, train_sae
+
+    loaded = load_model("tiny-gemma2", small_world / "tiny-gemma2")
+    tokens = held_out_tokens(iter_documents(DocumentPool("tiny", "train", "text", 0, None), small_world), loaded.tokenizer, 400, 64, True)
+    assert (tokens[:, 0] == loaded.tokenizer.bos_token_id).all()
+    rows = Dataset.from_dict({"input_ids": tokens.tolist()})
+    special = sorted(special_token_ids(loaded.tokenizer))
+    hooks = ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
+
+    def trained(hook: str, shared: SharedForward | None, name: str) -> dict:
+        spec = SAETrainingSpec(hook, 1, training_tokens=6000, batch_size_tokens=512, context_size=64, expansion_factor=2, n_checkpoints=0)
+        sae, _ = train_sae(spec, loaded.tl, rows, "tiny-gemma2", NO_PROCESSING_KWARGS, tmp_path / name / "checkpoints",
+                           tmp_path / name / "sae", prepend_bos=True, special_ids=special, shared_forward=shared)  # fmt: skip
+        return sae.state_dict()
+
+    alone = {hook: trained(hook, None, f"alone-{hook}") for hook in ("attn.hook_z", "hook_mlp_out")}
+    shared, why_not = SharedForward.open(tmp_path / "shared", loaded.tl, "tiny-gemma2 dense", 1, hooks, 6000)
+    assert why_not is None
+    first = trained("attn.hook_z", shared, "shared-hook_z")
+    computed = shared.computed
+    assert computed > 0 and shared.read == 0
+    later = {hook: trained(hook, shared, f"shared-{hook}") for hook in ("hook_mlp_out", "hook_resid_post")}
+    assert shared.computed == computed and shared.read > 0  # the later hooks ran the model for no batch
+    assert len(list(shared.folder.glob("*.pt"))) == computed and not list(shared.folder.glob("*.partial"))
+    for hook, state in (("attn.hook_z", first), ("hook_mlp_out", later["hook_mlp_out"])):
+        assert state.keys() == alone[hook].keys()
+        assert all(torch.equal(state[name], alone[hook][name]) for name in state), hook
+    assert not torch.equal(later["hook_resid_post"]["W_dec"], later["hook_mlp_out"]["W_dec"])  # each read its own hook
+
+    # Activations that cannot fit the disk are not shared (and nothing is written).
+    refused, why_not = SharedForward.open(tmp_path / "other", loaded.tl, "tiny-gemma2 dense", 1, hooks, 10**15)
+    assert refused is None and "GB free" in why_not

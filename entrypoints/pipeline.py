@@ -309,7 +309,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             if not any(s in SEEDED_SUITES for s in suites):  # core alone reads no seed: one evaluation per variant
                 seeds = seeds[:1]
 
-            def evaluation(item: tuple[str, str, int]) -> dict:
+            def evaluation(item: tuple[str, str, int], priority: int = 1) -> dict:
                 """One variant's suites under one seed: their finished runs, and one evaluate run for those without
                 one. The first seed asks every suite; the others only the suites that read a seed."""
                 variant, ref, seed = item
@@ -333,7 +333,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                         **runtime,
                     }
                     note_reused(parent, sorted({run_id for run_id in found.values() if run_id is not None}))
-                    new_run = run_step("evaluate", parameters, key, exp.name, parent)
+                    new_run = run_step("evaluate", parameters, key, exp.name, parent, priority)
                     found.update({s: new_run for s in missing})
                 else:
                     note_reused(parent, sorted(set(found.values())))
@@ -368,7 +368,10 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             (first_variant, first_ref), *_ = variants.items()
             firsts = [(first_variant, first_ref, seed) for seed in seeds]
             rest = [(variant, ref, seed) for seed in seeds for variant, ref in variants.items() if variant != first_variant]
-            rows = [*side_by_side(evaluation, firsts), *side_by_side(evaluation, rest)]
+            # Waiting for a slot, a hook's first evaluation (about twice the others: it computes the model sides three
+            # more wait for) goes before the sweeps, which go before the later evaluations: the longest work that holds up
+            # other work first, so that the run does not end on one evaluation beside an idle core (benchmarks/README.md).
+            rows = [*side_by_side(lambda item: evaluation(item, 0), firsts), *side_by_side(lambda item: evaluation(item, 2), rest)]
             out["evaluations"] = [variant_row([r for r in rows if r["variant"] == variant]) for variant in variants]
             if shared:
                 shutil.rmtree(shared["shared_activations"], ignore_errors=True)

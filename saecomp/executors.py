@@ -16,6 +16,8 @@ The pipeline hands its cells to ``executor.map`` and every ``tracking.run_step``
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -63,7 +65,10 @@ class InProcess:
         self._server_lock = threading.Lock()
         self._server_started = False
 
-    def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str):
+    def launch(
+        self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str, priority: int = 1
+    ):
+        """Run one step; ``priority`` orders the steps waiting for a slot of a pool (lower first), ignored here."""
         from saecomp.tracking import launch_local
 
         if self.warm:
@@ -87,6 +92,35 @@ class InProcess:
             self._server_started = False
 
 
+class PrioritySlots:
+    """``n`` slots; a thread waiting for one gets it before every waiter of a higher ``priority`` number, and before
+    the later waiters of its own (a semaphore wakes its waiters in no set order). The pipeline gives the steps that
+    hold up others the lower numbers, so that the last minutes are not one long step beside an idle core."""
+
+    def __init__(self, n: int):
+        self.free = n
+        self._waiting: list[tuple[int, int]] = []  # heap of (priority, arrival)
+        self._arrivals = itertools.count()
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def taken(self, priority: int = 1) -> Iterator[None]:
+        with self._changed:
+            ticket = (priority, next(self._arrivals))
+            heapq.heappush(self._waiting, ticket)
+            while self.free == 0 or self._waiting[0] != ticket:
+                self._changed.wait()
+            heapq.heappop(self._waiting)
+            self.free -= 1
+            self._changed.notify_all()  # the next in line may find a slot free too
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.free += 1
+                self._changed.notify_all()
+
+
 class LocalPool(InProcess):
     """Up to ``jobs`` steps at once on this machine, drawn from every hook/layer cell (and, within a cell, from its
     variants' evaluations): a step waits for a free slot, not for its cell's turn, so the cores stay busy until the
@@ -100,14 +134,16 @@ class LocalPool(InProcess):
         self.jobs = jobs
         self.cores = available_cores()  # read once: launches set OMP_NUM_THREADS for their steps meanwhile
         self.concurrency = 64  # cells (and variants) all start; the slots decide which step runs
-        self._slots = threading.BoundedSemaphore(jobs)
+        self._slots = PrioritySlots(jobs)
         self._mapping = 0  # cells being computed now (their steps share the cores)
         self._mapping_lock = threading.Lock()
 
-    def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str):
+    def launch(
+        self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str, priority: int = 1
+    ):
         with self._mapping_lock:
             threads = max(1, self.cores // self.jobs) if self._mapping else self.cores
-        with self._slots:
+        with self._slots.taken(priority):
             from saecomp.tracking import STOPPING
 
             if STOPPING.is_set():  # a step failed (or Ctrl-C) while this one waited for its slot
@@ -246,7 +282,9 @@ class RayCluster:
     def nodes(self) -> int:
         return sum(1 for node in self._ray.nodes() if node.get("Alive"))
 
-    def launch(self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str):
+    def launch(
+        self, entry_point: str, parameters: dict[str, str], experiment_id: str | None, parent: str | None, key: str, priority: int = 1
+    ):
         import mlflow
 
         resources = step_resources(entry_point, self.device)

@@ -162,13 +162,19 @@ def note_reused(parent: str | None, run_ids: list[str]) -> None:
 
 
 def run_step(
-    entry_point: str, parameters: dict[str, str], key: str, experiment_name: str | None = None, parent_run_id: str | None = None
+    entry_point: str,
+    parameters: dict[str, str],
+    key: str,
+    experiment_name: str | None = None,
+    parent_run_id: str | None = None,
+    priority: int = 1,
 ) -> str:
     """Reuse the finished run of ``entry_point`` with ``key``, or run the entry point now (as its own
     MLflow run, in the experiment named ``experiment_name``, wherever the current executor puts it) and return its
     id. A new run is nested under ``parent_run_id`` (default: the active run, the pipeline's; worker threads have
     none and must name it); a reused one keeps its parent and is listed on the parent's ``saecomp.reused_runs`` tag.
-    Safe to call from several threads at once: each step is its own process."""
+    Safe to call from several threads at once: each step is its own process. ``priority``: among the steps waiting
+    for a slot of a local pool, lower numbers start first (`executors.PrioritySlots`)."""
     from saecomp import executors
 
     active = mlflow.active_run()
@@ -187,7 +193,8 @@ def run_step(
         experiment_id = experiment_id_for(experiment_name)
     else:
         experiment_id = active.info.experiment_id if active else None
-    run_id = executors.current().launch(entry_point, parameters, experiment_id, parent, key)
+    launch = executors.current().launch
+    run_id = launch(entry_point, parameters, experiment_id, parent, key, **({"priority": priority} if priority != 1 else {}))
     if client.get_run(run_id).data.tags.get(KEY_TAG) != key:
         raise RuntimeError(f"{entry_point} run {run_id} finished with another key than {key}: its inputs changed under it")
     return run_id

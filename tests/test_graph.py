@@ -218,3 +218,32 @@ def test_a_launch_hands_its_thread_count_to_its_step_alone(monkeypatch):
     assert tracking.LAUNCHER_ENV not in os.environ
     tracking.launch_local("evaluate", {}, None, None)  # no pool share: the process's own settings go through
     assert seen["OMP_NUM_THREADS"] == "7" and seen["MKL_NUM_THREADS"] is None
+
+
+def test_a_pool_slot_goes_to_the_lowest_priority_number_then_to_the_earliest():
+    """The pipeline starts a hook's first evaluation (it computes what three more wait for) before the waiting sweeps
+    and later evaluations: waiters take a freed slot by priority, then by arrival, whatever order the OS wakes them in."""
+    import threading
+
+    from saecomp.executors import PrioritySlots
+
+    slots, started, lock = PrioritySlots(1), [], threading.Lock()
+    hold = slots.taken(0)
+    hold.__enter__()  # the one slot is busy while the others queue
+
+    def waiter(name: str, priority: int):
+        with slots.taken(priority):
+            with lock:
+                started.append(name)
+
+    threads = []
+    for name, priority in (("later evaluation", 2), ("first evaluation a", 0), ("sweep", 1), ("first evaluation b", 0)):
+        threads.append(threading.Thread(target=waiter, args=(name, priority)))
+        threads[-1].start()
+        while len(slots._waiting) < len(threads):  # queued in this order
+            threading.Event().wait(0.005)
+    hold.__exit__(None, None, None)
+    for thread in threads:
+        thread.join(5)
+    assert started == ["first evaluation a", "first evaluation b", "sweep", "later evaluation"]
+    assert slots.free == 1 and not slots._waiting

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import click
@@ -269,15 +270,24 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             # model: side by side where the executor runs steps side by side.
             # The layer's hooks read the same windows of the same model: their trainings share its forward passes
             # through a folder on this machine (the same SAEs; train_sae --shared_forward).
-            forward = {"shared_forward": str(forward_root)} if forward_root else {}
-            pretrained, trained = side_by_side(
-                lambda trainer: trainer(),
-                [
-                    lambda: exp.pretrained_source(hook, layer)
-                    or prune_sae.dependency(exp, experiment, hook, layer, "dense", exp.model, parent, runtime, **forward),
-                    lambda: prune_sae.dependency(exp, experiment, hook, layer, prune_run, model_label, parent, runtime, **forward),
-                ],
-            )
+            # A layer's first hook trains first on each model and computes those passes; the layer's other hooks start
+            # their trainings on that model once it is done, and read them. Trainings go before any waiting sweep or
+            # evaluation (they unblock a whole cell).
+            forward = {"shared_forward": str(forward_root), "priority": -1} if forward_root else {}
+
+            def training(base: str, label: str) -> str:
+                gate, first = forward_gates[(layer, base == "dense")], hook == exp.sae.hooks[0]
+                if forward and not first:
+                    gate.wait()
+                try:
+                    if base == "dense" and exp.pretrained_source(hook, layer):
+                        return exp.pretrained_source(hook, layer)
+                    return prune_sae.dependency(exp, experiment, hook, layer, base, label, parent, runtime, **forward)
+                finally:
+                    if first:
+                        gate.set()  # also when it failed: the pipeline is stopping, and nothing may wait forever
+
+            pretrained, trained = side_by_side(lambda args: training(*args), [("dense", exp.model), (prune_run, model_label)])
             key = prune_sae.key_for(
                 exp, experiment, hook, layer, None, exp.sae_pruning.selection_metric, prune_run,
                 SAESource.parse(pretrained), SAESource.parse(trained),
@@ -384,6 +394,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         local = executor.name in ("in-process", "local pool")  # Ray's workers do not see this machine's folders
         shared_root = Path(tempfile.mkdtemp(prefix="saecomp-shared-activations-")) if local and suites else None
         forward_root = Path(tempfile.mkdtemp(prefix="saecomp-shared-forward-")) if local and len(exp.sae.hooks) > 1 else None
+        forward_gates = {(layer, dense): threading.Event() for layer in layers for dense in (True, False)}
         try:
             done = executor.map(lambda c: cell(*c), cells)  # in the order of `cells`
         finally:

@@ -52,11 +52,13 @@ def dependency(
     parent_run_id: str | None = None,
     runtime=None,
     shared_forward: str | None = None,
+    priority: int = 1,
 ) -> str:
     """``runs:/<id>/sae`` of the train_sae run for (hook, layer) on ``base``, run now if the experiment lives
     in the tiny world (minutes), else only found: real SAE training takes GPU-days and is started by hand.
     ``parent_run_id`` and ``runtime`` (``--device``/``--dtype``) are for callers in worker threads; ``shared_forward``
-    a folder where the layer's trainings share the model's forward passes (train_sae --shared_forward)."""
+    a folder where the layer's trainings share the model's forward passes (train_sae --shared_forward); ``priority``
+    its place among the steps waiting for a slot (tracking.run_step)."""
     from entrypoints.train_sae import build_spec, key_for
     from saecomp.names import TINY_MODELS
     from saecomp.tracking import find_finished_run, run_step
@@ -76,6 +78,7 @@ def dependency(
             key,
             exp.name,
             parent_run_id,
+            priority,
         )
     else:
         run_id = find_finished_run("train_sae", key)

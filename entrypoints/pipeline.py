@@ -221,9 +221,10 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
     from entrypoints import evaluate, prune_sae
     from entrypoints.common import pruning_label
     from saecomp.config import SEEDED_SUITES
-    from saecomp.names import SAESource
+    from saecomp.names import TINY_MODELS, SAESource
     from saecomp.tracking import (
         STEP_TAG,
+        STOPPING,
         alive,
         experiment_id_for,
         find_finished_suite,
@@ -267,22 +268,23 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         def cell(layer: int, hook: str) -> dict:
             """One hook at one layer: its SAEs (trained as needed), the sweep, the variants' evaluations."""
             # The SAE on the dense model (unless the experiment names a pretrained one) and the one trained on the pruned
-            # model: side by side where the executor runs steps side by side.
-            # The layer's hooks read the same windows of the same model: their trainings share its forward passes
-            # through a folder on this machine (the same SAEs; train_sae --shared_forward).
-            # A layer's first hook trains first on each model and computes those passes; the layer's other hooks start
-            # their trainings on that model once it is done, and read them. Trainings go before any waiting sweep or
+            # model: side by side where the executor runs steps side by side. Trainings go before any waiting sweep or
             # evaluation (they unblock a whole cell).
-            forward = {"shared_forward": str(forward_root), "priority": -1} if forward_root else {}
+            # The layer's hooks read the same windows of the same model: their trainings share its forward passes
+            # through a folder on this machine (the same SAEs; train_sae --shared_forward). A layer's first hook trains
+            # first on each model and computes those passes; the layer's other hooks start their trainings on that
+            # model once it is done, and read them.
+            forward = {"shared_forward": str(forward_root)} if forward_root else {}
 
             def training(base: str, label: str) -> str:
+                if base == "dense" and exp.pretrained_source(hook, layer):
+                    return exp.pretrained_source(hook, layer)
                 gate, first = forward_gates[(layer, base == "dense")], hook == exp.sae.hooks[0]
-                if forward and not first:
-                    gate.wait()
+                while forward and not first and not gate.wait(1):
+                    if STOPPING.is_set():  # the first hook's training may never start: a failed step stopped the pipeline
+                        raise RuntimeError(f"not training {hook}: the pipeline is stopping")
                 try:
-                    if base == "dense" and exp.pretrained_source(hook, layer):
-                        return exp.pretrained_source(hook, layer)
-                    return prune_sae.dependency(exp, experiment, hook, layer, base, label, parent, runtime, **forward)
+                    return prune_sae.dependency(exp, experiment, hook, layer, base, label, parent, runtime, **forward, priority=-1)
                 finally:
                     if first:
                         gate.set()  # also when it failed: the pipeline is stopping, and nothing may wait forever
@@ -393,7 +395,9 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         # Ctrl-C) and starts no new one.
         local = executor.name in ("in-process", "local pool")  # Ray's workers do not see this machine's folders
         shared_root = Path(tempfile.mkdtemp(prefix="saecomp-shared-activations-")) if local and suites else None
-        forward_root = Path(tempfile.mkdtemp(prefix="saecomp-shared-forward-")) if local and len(exp.sae.hooks) > 1 else None
+        # (only where train_sae trains here, on the CPU: SharedForward refuses a GPU, where the forward beats the disk)
+        sharing = local and len(exp.sae.hooks) > 1 and exp.model in TINY_MODELS and str(exp.device).startswith("cpu")
+        forward_root = Path(tempfile.mkdtemp(prefix="saecomp-shared-forward-")) if sharing else None
         forward_gates = {(layer, dense): threading.Event() for layer in layers for dense in (True, False)}
         try:
             done = executor.map(lambda c: cell(*c), cells)  # in the order of `cells`

@@ -108,8 +108,14 @@ class PrioritySlots:
         with self._changed:
             ticket = (priority, next(self._arrivals))
             heapq.heappush(self._waiting, ticket)
-            while self.free == 0 or self._waiting[0] != ticket:
-                self._changed.wait()
+            try:
+                while self.free == 0 or self._waiting[0] != ticket:
+                    self._changed.wait()
+            except BaseException:  # (Ctrl-C) a ticket left in the queue would hold up every later waiter
+                self._waiting.remove(ticket)
+                heapq.heapify(self._waiting)
+                self._changed.notify_all()
+                raise
             heapq.heappop(self._waiting)
             self.free -= 1
             self._changed.notify_all()  # the next in line may find a slot free too

@@ -198,7 +198,8 @@ class SharedForward:
 
         if str(model.cfg.device).split(":")[0] != "cpu":
             return None, f"the model runs on {model.cfg.device}, where its forward is faster than reading the disk"
-        names = tuple(sorted({f"blocks.{layer}.{hook}" for hook in hooks}))  # one folder whichever hook asks first
+        hooks = sorted(set(hooks))
+        names = tuple(f"blocks.{layer}.{hook}" for hook in hooks)  # one folder whichever hook asks first
         itemsize = next(model.parameters()).element_size()
         needed = 2 * tokens * sum(hook_d_in(model.cfg, hook) for hook in hooks) * itemsize  # 2x: buffer refills, evaluation
         Path(root).mkdir(parents=True, exist_ok=True)
@@ -217,7 +218,7 @@ class SharedForward:
 
         model, get_activations = store.model, store.get_activations
         stop = {extract_stop_at_layer_from_tlens_hook_name(name) for name in self.hooks}
-        if store.hook_name not in self.hooks or len(stop) != 1:
+        if store.hook_name not in self.hooks or len(stop) != 1 or store.autocast_lm:  # (autocast: not in the folder's identity)
             yield self
             return
         run_with_cache = model.run_with_cache
@@ -232,7 +233,8 @@ class SharedForward:
             path = self.folder / f"{digest.hexdigest()}.pt"
             if path.exists():
                 self.read += 1
-                return None, {store.hook_name: torch.load(path, map_location=batch_tokens.device)[store.hook_name]}
+                # mmap: only this hook's tensor is read of the file's three
+                return None, {store.hook_name: torch.load(path, map_location=batch_tokens.device, mmap=True)[store.hook_name]}
             _, cache = run_with_cache(batch_tokens, names_filter=list(self.hooks), stop_at_layer=stop_at_layer, prepend_bos=prepend_bos)
             partial = path.with_suffix(f".{os.getpid()}.partial")
             torch.save({name: cache[name].cpu() for name in self.hooks}, partial)

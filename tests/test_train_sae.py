@@ -313,7 +313,7 @@ def test_a_layers_hooks_sharing_one_forward_train_bit_identical_saes(small_world
                            tmp_path / name / "sae", prepend_bos=True, special_ids=special, shared_forward=shared)  # fmt: skip
         return sae.state_dict()
 
-    alone = {hook: trained(hook, None, f"alone-{hook}") for hook in ("attn.hook_z", "hook_mlp_out")}
+    alone = {hook: trained(hook, None, f"alone-{hook}") for hook in hooks}
     shared, why_not = SharedForward.open(tmp_path / "shared", loaded.tl, "tiny-gemma2 dense", 1, hooks, 6000)
     assert why_not is None
     first = trained("attn.hook_z", shared, "shared-hook_z")
@@ -322,7 +322,7 @@ def test_a_layers_hooks_sharing_one_forward_train_bit_identical_saes(small_world
     later = {hook: trained(hook, shared, f"shared-{hook}") for hook in ("hook_mlp_out", "hook_resid_post")}
     assert shared.computed == computed and shared.read > 0  # the later hooks ran the model for no batch
     assert len(list(shared.folder.glob("*.pt"))) == computed and not list(shared.folder.glob("*.partial"))
-    for hook, state in (("attn.hook_z", first), ("hook_mlp_out", later["hook_mlp_out"])):
+    for hook, state in (("attn.hook_z", first), *later.items()):
         assert state.keys() == alone[hook].keys()
         assert all(torch.equal(state[name], alone[hook][name]) for name in state), hook
     assert not torch.equal(later["hook_resid_post"]["W_dec"], later["hook_mlp_out"]["W_dec"])  # each read its own hook

@@ -193,8 +193,7 @@ def run_step(
         experiment_id = experiment_id_for(experiment_name)
     else:
         experiment_id = active.info.experiment_id if active else None
-    launch = executors.current().launch
-    run_id = launch(entry_point, parameters, experiment_id, parent, key, **({"priority": priority} if priority != 1 else {}))
+    run_id = executors.current().launch(entry_point, parameters, experiment_id, parent, key, priority=priority)
     if client.get_run(run_id).data.tags.get(KEY_TAG) != key:
         raise RuntimeError(f"{entry_point} run {run_id} finished with another key than {key}: its inputs changed under it")
     return run_id

@@ -261,22 +261,28 @@ def test_shadowed_restores_what_was_there():
     assert "method" not in vars(thing)
 
 
-def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_world):
-    """What the real Gemma files meet: BOS first and excluded, an attention-output SAE that reshapes hook_z, layer-norm
-    normalisation and JumpReLU. The bootstrap's full-sample statistics are still SAEBench's numbers."""
+def random_layer_norm_jumprelu_sae(d_in: int, hook_name: str, **config) -> SAE:
+    """A JumpReLU SAE with layer-norm input normalisation (Gemma Scope's architecture, GPT-2's normalisation) and random
+    weights (small thresholds, so that latents fire)."""
     from sae_lens import JumpReLUSAEConfig
 
-    loaded = load_model("tiny-gemma2", small_world / "tiny-gemma2")
-    cfg, tokenizer = loaded.tl.cfg, loaded.tokenizer
-    width = cfg.n_heads * cfg.d_head
-    sae = SAE.from_dict(
-        JumpReLUSAEConfig(d_in=width, d_sae=2 * width, normalize_activations="layer_norm", reshape_activations="hook_z").to_dict()
-    )
+    sae = SAE.from_dict(JumpReLUSAEConfig(d_in=d_in, d_sae=2 * d_in, normalize_activations="layer_norm", **config).to_dict())
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, param in sae.named_parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * (0.01 if "threshold" in name else 0.3))
-    sae.cfg.metadata.hook_name = "blocks.1.attn.hook_z"
+    sae.cfg.metadata.hook_name = hook_name
+    return sae
+
+
+def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_world):
+    """What the real Gemma files meet: BOS first and excluded, an attention-output SAE that reshapes hook_z, layer-norm
+    normalisation and JumpReLU. The bootstrap's full-sample statistics are still SAEBench's numbers."""
+
+    loaded = load_model("tiny-gemma2", small_world / "tiny-gemma2")
+    cfg, tokenizer = loaded.tl.cfg, loaded.tokenizer
+    width = cfg.n_heads * cfg.d_head
+    sae = random_layer_norm_jumprelu_sae(width, "blocks.1.attn.hook_z", reshape_activations="hook_z")
     tokens = held_out_tokens(
         iter_documents(DocumentPool("tiny", "test", "text", 0, None), small_world), tokenizer, SIZES.n_prompts, 64, prepend_bos=True
     )
@@ -301,19 +307,11 @@ def test_core_in_a_bfloat16_gemma2_with_a_layer_norm_jumprelu_sae(small_world):
     and sums in float64, so its full-sample values agree with SAEBench's bfloat16 ones only to that rounding. (At this
     tiny model's attention output, zero ablation moves its bfloat16 mean CE by less than bfloat16 resolves, and
     SAEBench's own ce_loss_score divides by zero: resid_post here.)"""
-    from sae_lens import JumpReLUSAEConfig
 
     loaded = load_model("tiny-gemma2", small_world / "tiny-gemma2", "bfloat16")
     assert next(loaded.tl.parameters()).dtype == torch.bfloat16
     cfg, tokenizer = loaded.tl.cfg, loaded.tokenizer
-    sae = SAE.from_dict(
-        JumpReLUSAEConfig(d_in=cfg.d_model, d_sae=2 * cfg.d_model, normalize_activations="layer_norm").to_dict()
-    )
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in sae.named_parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * (0.01 if "threshold" in name else 0.3))
-    sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    sae = random_layer_norm_jumprelu_sae(cfg.d_model, "blocks.1.hook_resid_post")
     tokens = held_out_tokens(
         iter_documents(DocumentPool("tiny", "test", "text", 0, None), small_world), tokenizer, SIZES.n_prompts, 64, prepend_bos=True
     )

@@ -22,10 +22,17 @@ os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
 os.environ["SAECOMP_CACHE"] = str(_SESSION_DIR / "cache")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`-n 2`, what the README's test command runs) two workers share the 2 cores: one thread each, in
+# this process and in every step it starts, so that neither oversubscribes the cores and numbers compared across
+# processes are summed in the same order.
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if _THREADS == 1:
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = "1"
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(_THREADS)
 
 SMALL_EXPERIMENT = """\
 name: small

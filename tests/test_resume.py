@@ -275,11 +275,17 @@ def test_the_launcher_watch_arms_only_for_a_real_ancestor():
     try:
         for value in (f"{unrelated.pid}:{_process_start(unrelated.pid)}", "not-a-pid", "", None, "999999999:1"):
             assert _LauncherWatch.of("run", value) is None, value
-        parent = os.getppid()
-        assert _LauncherWatch.of("run", f"{parent}:not-its-start-time") is None  # a reused pid: not the launcher
-        watch = _LauncherWatch.of("run", f"{parent}:{_process_start(parent)}")
-        assert watch is not None and not watch.gone()
-        watch.stop()
+        # The real ancestor, seen from a child of this process: the test's own parent may be init (pytest started
+        # detached, under nohup), which is never a launcher.
+        check = (
+            "import os, sys; from saecomp.tracking import _LauncherWatch, _process_start; parent = os.getppid(); "
+            "assert _LauncherWatch.of('run', f'{parent}:not-its-start-time') is None, 'a reused pid armed the watch'; "
+            "watch = _LauncherWatch.of('run', f'{parent}:{_process_start(parent)}'); "
+            "assert watch is not None and not watch.gone(), 'the real parent armed no watch'; watch.stop()"
+        )
+        root = Path(__file__).resolve().parents[1]
+        child = subprocess.run([sys.executable, "-c", check], cwd=root, capture_output=True, text=True, timeout=120)
+        assert child.returncode == 0, child.stderr[-2000:]
     finally:
         unrelated.kill()
         unrelated.wait()

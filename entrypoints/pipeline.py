@@ -262,8 +262,9 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         mlflow.log_metrics({f"prune_llm.{k}": llm[k] for k in ("ce_loss_dense", "ce_loss_pruned", "sparsity_actual")})
         parent = run.info.run_id
 
-        # Within a cell, steps side by side only on this machine's pool; on Ray one after another, as before (untested).
-        side_by_side = executor.map if executor.name == "local pool" else (lambda function, items: [function(i) for i in items])
+        # Within a cell, steps side by side where the executor runs several at once (this machine's pool: as its slots
+        # allow; Ray: as the cluster's resources allow); in-process one after another.
+        side_by_side = executor.map if executor.concurrency > 1 else (lambda function, items: [function(i) for i in items])
 
         def cell(layer: int, hook: str) -> dict:
             """One hook at one layer: its SAEs (trained as needed), the sweep, the variants' evaluations."""
@@ -373,17 +374,20 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                             row[name] = sum(values) / len(values)
                 return row
 
-            # The first variant of each seed first (the seeds' model sides differ), so that each computes its shared
-            # model sides once (unless they are reused: then the others may each compute them, safely, see
-            # evaluate.model_side_folder); then the others, as far as the executor runs steps side by side (one at a
-            # time in-process). Rows keep the variants' order.
+            # With a shared folder, the first variant of each seed first (the seeds' model sides differ), so that each
+            # computes its shared model sides once (unless they are reused: then the others may each compute them,
+            # safely, see evaluate.model_side_folder); then the others, as far as the executor runs steps side by side
+            # (one at a time in-process). Rows keep the variants' order.
             (first_variant, first_ref), *_ = variants.items()
             firsts = [(first_variant, first_ref, seed) for seed in seeds]
             rest = [(variant, ref, seed) for seed in seeds for variant, ref in variants.items() if variant != first_variant]
             # Waiting for a slot, a hook's first evaluation (about twice the others: it computes the model sides three
             # more wait for) goes before the sweeps, which go before the later evaluations: the longest work that holds up
             # other work first, so that the run does not end on one evaluation beside an idle core (benchmarks/README.md).
-            rows = [*side_by_side(lambda item: evaluation(item, 0), firsts), *side_by_side(lambda item: evaluation(item, 2), rest)]
+            if shared:
+                rows = [*side_by_side(lambda item: evaluation(item, 0), firsts), *side_by_side(lambda item: evaluation(item, 2), rest)]
+            else:  # no model sides to share (Ray's workers do not see this machine's folders): every evaluation at once
+                rows = side_by_side(lambda item: evaluation(*item), [*((f, 0) for f in firsts), *((r, 2) for r in rest)])
             out["evaluations"] = [variant_row([r for r in rows if r["variant"] == variant]) for variant in variants]
             if shared:
                 shutil.rmtree(shared["shared_activations"], ignore_errors=True)

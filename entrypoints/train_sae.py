@@ -160,7 +160,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
     from saecomp.models import NO_PROCESSING_KWARGS, TINY_MODELS, load_model
     from saecomp.saes import evaluate_sae
     from saecomp.tracking import CACHE_DIR, register_sae, step_run, training_metrics_logger
-    from saecomp.train_sae import SharedForward, latest_checkpoint, train_sae
+    from saecomp.train_sae import SharedForward, latest_checkpoint, store_tokens, train_sae
 
     logging.getLogger("sae_lens").addFilter(_QuietViewFallback())
     key = key_for(exp, experiment_path, spec, model_label, like_source)
@@ -230,7 +230,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
             # the model by what it is, not where this process downloaded it (each step has its own temporary copy)
             world_run = world_step(exp, experiment_path)[0] if exp.model in TINY_MODELS else None
             identity = json.dumps([model_label, prune_run, world_run, exp.dtype, exp.device])
-            shared, why_not = SharedForward.open(shared_forward, loaded.tl, identity, spec.layer, hooks, spec.training_tokens)
+            shared, why_not = SharedForward.open(shared_forward, loaded.tl, identity, spec.layer, hooks, store_tokens(spec))
             if shared is None:
                 mlflow.set_tag("saecomp.shared_forward", f"not shared: {why_not}")
                 say(f"the model's forward passes are not shared with the layer's other hooks: {why_not}")

@@ -171,6 +171,16 @@ SHARED_FORWARD_MARGIN = 2 << 30
 """Disk space a shared forward pass leaves free beyond its estimate (``SharedForward.open``)."""
 
 
+def store_tokens(spec: SAETrainingSpec) -> int:
+    """The tokens SAELens's activation store runs through the model for ``spec``: the training tokens, and before them,
+    for ``expected_average_only_in``, SAELens's norm estimate of ``n_batches_for_norm_estimate`` batches (1,000 by
+    default), drawn from the same stream: 10x tiny.yaml's training tokens."""
+    extra = 0
+    if spec.normalize_activations == "expected_average_only_in":
+        extra = LanguageModelSAERunnerConfig.__dataclass_fields__["n_batches_for_norm_estimate"].default * spec.batch_size_tokens
+    return spec.training_tokens + extra
+
+
 @dataclass
 class SharedForward:
     """The model's forward pass shared by the SAEs of one layer, through a folder on this machine.

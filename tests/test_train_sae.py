@@ -290,42 +290,59 @@ def test_a_killed_training_continues_from_its_last_checkpoint(small_experiment, 
     assert not list(checkpoints.glob(f"{saved[-1].parent.parent.name}/*/[0-9]*")), "checkpoints of a finished run are left behind"
 
 
-def test_a_layers_hooks_sharing_one_forward_train_bit_identical_saes(small_world, tmp_path):
+@pytest.mark.parametrize(
+    "architecture, normalization",
+    [("topk", "none"), ("jumprelu", "layer_norm"), ("standard", "expected_average_only_in")],
+)
+def test_a_layers_hooks_sharing_one_forward_train_bit_identical_saes(small_world, tmp_path, architecture, normalization):
     """`SharedForward`: the first training of a layer records every hook's activations per batch of tokens, the others
     read them instead of running the model, and each SAE is bit for bit the one its own forward passes give. On what
-    gemma-2-2b.yaml meets: BOS first in every window and left out of the training activations, hook_z reshaped."""
+    gemma-2-2b.yaml meets: BOS first in every window and left out of the training activations, hook_z reshaped; with
+    the architectures and input normalisations of the real experiment files (gemma-2-2b.yaml's JumpReLU, gpt2-small's
+    layer norm) and SAELens's norm estimate, which draws its own batches from the store before training."""
     from datasets import Dataset
 
     from saecomp.data import DocumentPool, held_out_tokens, iter_documents, special_token_ids
     from saecomp.models import NO_PROCESSING_KWARGS
-    from saecomp.train_sae import SharedForward, train_sae
+    from saecomp.train_sae import SharedForward, store_tokens, train_sae
 
     loaded = load_model("tiny-gemma2", small_world / "tiny-gemma2")
     tokens = held_out_tokens(iter_documents(DocumentPool("tiny", "train", "text", 0, None), small_world), loaded.tokenizer, 400, 64, True)
     assert (tokens[:, 0] == loaded.tokenizer.bos_token_id).all()
     rows = Dataset.from_dict({"input_ids": tokens.tolist()})
     special = sorted(special_token_ids(loaded.tokenizer))
-    hooks = ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
+    # Where the norm estimate reads 1,000 batches before training: batches of 128 tokens (2 windows, not 8), two hooks.
+    estimated = normalization == "expected_average_only_in"
+    batch_size_tokens = 128 if estimated else 512
+    hooks = ("attn.hook_z", "hook_resid_post") if estimated else ("attn.hook_z", "hook_mlp_out", "hook_resid_post")
+    spec_of = lambda hook: SAETrainingSpec(
+        hook, 1, architecture=architecture, normalize_activations=normalization, training_tokens=6000,
+        batch_size_tokens=batch_size_tokens, context_size=64, expansion_factor=2, n_checkpoints=0,
+    )  # fmt: skip
 
     def trained(hook: str, shared: SharedForward | None, name: str) -> dict:
-        spec = SAETrainingSpec(hook, 1, training_tokens=6000, batch_size_tokens=512, context_size=64, expansion_factor=2, n_checkpoints=0)
+        spec = spec_of(hook)
         sae, _ = train_sae(spec, loaded.tl, rows, "tiny-gemma2", NO_PROCESSING_KWARGS, tmp_path / name / "checkpoints",
                            tmp_path / name / "sae", prepend_bos=True, special_ids=special, shared_forward=shared)  # fmt: skip
         return sae.state_dict()
 
     alone = {hook: trained(hook, None, f"alone-{hook}") for hook in hooks}
-    shared, why_not = SharedForward.open(tmp_path / "shared", loaded.tl, "tiny-gemma2 dense", 1, hooks, 6000)
+    through_store = store_tokens(spec_of("attn.hook_z"))  # what the disk must hold: the norm estimate's batches too
+    assert through_store == 6000 + (1000 * batch_size_tokens if estimated else 0)
+    shared, why_not = SharedForward.open(tmp_path / "shared", loaded.tl, "tiny-gemma2 dense", 1, hooks, through_store)
     assert why_not is None
     first = trained("attn.hook_z", shared, "shared-hook_z")
     computed = shared.computed
-    assert computed > 0 and shared.read == 0
-    later = {hook: trained(hook, shared, f"shared-{hook}") for hook in ("hook_mlp_out", "hook_resid_post")}
+    assert computed > 0
+    if not estimated:
+        assert shared.read == 0  # (the norm estimate's 1,000 batches cycle through the 400 windows, and meet some again)
+    later = {hook: trained(hook, shared, f"shared-{hook}") for hook in hooks[1:]}
     assert shared.computed == computed and shared.read > 0  # the later hooks ran the model for no batch
     assert len(list(shared.folder.glob("*.pt"))) == computed and not list(shared.folder.glob("*.partial"))
     for hook, state in (("attn.hook_z", first), *later.items()):
         assert state.keys() == alone[hook].keys()
         assert all(torch.equal(state[name], alone[hook][name]) for name in state), hook
-    assert not torch.equal(later["hook_resid_post"]["W_dec"], later["hook_mlp_out"]["W_dec"])  # each read its own hook
+    assert not torch.equal(later["hook_resid_post"]["W_dec"], first["W_dec"])  # each read its own hook
 
     # Activations that cannot fit the disk are not shared (and nothing is written).
     refused, why_not = SharedForward.open(tmp_path / "other", loaded.tl, "tiny-gemma2 dense", 1, hooks, 10**15)

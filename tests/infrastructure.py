@@ -1,11 +1,13 @@
 """Real services on loopback for the scale tests: PostgreSQL (Debian's), an S3-compatible server (moto's server mode)
-and an MLflow tracking server over both, each its own process, all stopped and deleted afterwards."""
+and an MLflow tracking server over both, each its own process, all stopped and deleted afterwards; and freezing a step
+process without blocking the test's own reads of its SQLite store."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -146,3 +148,34 @@ def mlflow_server(backend_uri: str, s3_endpoint: str, bucket: str, log: Path):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def store_readable(seconds: float = 0.25) -> bool:
+    """Whether the test store can be read now. SQLite (in MLflow's default rollback-journal mode) makes readers wait
+    while a writer commits, so a step frozen with SIGSTOP mid-commit would block every read of the store until
+    MLflow's 20 s busy timeout fails it ("database is locked", met once in CI)."""
+    import sqlite3
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    assert uri.startswith("sqlite:///"), uri
+    connection = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=seconds)
+    try:
+        connection.execute("SELECT count(*) FROM runs").fetchone()
+        return True
+    except sqlite3.OperationalError as error:
+        if "locked" not in str(error):
+            raise
+        return False
+    finally:
+        connection.close()
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` at a moment it holds no lock that blocks readers of the store (else let it run a moment more)."""
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        if store_readable():
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} held the store's write lock through 200 tries")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 from click.testing import CliRunner
+from infrastructure import freeze
 
 from entrypoints import prune_llm
 from saecomp.tracking import HEARTBEAT_TAG, HOST_TAG, KILLED_REASON_TAG, PID_TAG, STEP_TAG, reap_dead_runs, step_run
@@ -27,37 +28,6 @@ def runs_of(step: str):
         for r in client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
         if r.data.tags.get(STEP_TAG) == step
     ]
-
-
-def store_readable(seconds: float = 0.25) -> bool:
-    """Whether the test store can be read now. SQLite (in MLflow's default rollback-journal mode) makes readers wait
-    while a writer commits, so a step frozen with SIGSTOP mid-commit would block every read of the store until
-    MLflow's 20 s busy timeout fails it ("database is locked", met once in CI)."""
-    import sqlite3
-
-    uri = os.environ["MLFLOW_TRACKING_URI"]
-    assert uri.startswith("sqlite:///"), uri
-    connection = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=seconds)
-    try:
-        connection.execute("SELECT count(*) FROM runs").fetchone()
-        return True
-    except sqlite3.OperationalError as error:
-        if "locked" not in str(error):
-            raise
-        return False
-    finally:
-        connection.close()
-
-
-def freeze(pid: int) -> None:
-    """SIGSTOP ``pid`` at a moment it holds no lock that blocks readers of the store (else let it run a moment more)."""
-    for _ in range(200):
-        os.kill(pid, signal.SIGSTOP)
-        if store_readable():
-            return
-        os.kill(pid, signal.SIGCONT)
-        time.sleep(0.01)
-    raise AssertionError(f"process {pid} held the store's write lock through 200 tries")
 
 
 def start_and_kill_mid_run(small_experiment, sparsity: str):

@@ -147,7 +147,17 @@ def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tr
 
 
 def _kill_ray_worker_of_first(step: str, before: set, found: dict, stop: threading.Event) -> None:
-    """Watch the store; SIGKILL the Ray worker that launched the first new ``step`` run once that run is computing."""
+    """Watch the store; SIGKILL the Ray worker that launched the first new ``step`` run once that run is computing.
+    An error here is reported in ``found`` (a thread's exception would go unseen)."""
+    try:
+        _watch_and_kill(step, before, found, stop)
+    except Exception as error:  # noqa: BLE001 - the test asserts on it
+        found["error"] = f"the watcher failed: {error!r}"
+
+
+def _watch_and_kill(step: str, before: set, found: dict, stop: threading.Event) -> None:
+    from infrastructure import freeze
+
     client = mlflow.MlflowClient()
     while not stop.is_set():
         for run in all_runs(client):
@@ -156,15 +166,22 @@ def _kill_ray_worker_of_first(step: str, before: set, found: dict, stop: threadi
                 continue
             step_pid = int(tags[PID_TAG])
             worker = step_pid
-            for _ in range(4):  # step <- (bash) <- `mlflow run` <- the Ray worker that launched it
-                worker = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
-                command = Path(f"/proc/{worker}/cmdline").read_bytes()
-                if command.startswith(b"ray::"):  # a worker's title names its task (the raylet's command names workers too)
-                    break
-            if not command.startswith(b"ray::"):
-                found["error"] = f"no Ray worker above step process {step_pid}: {command[:200]!r}"
-                return
-            os.kill(step_pid, signal.SIGSTOP)  # frozen, so that it cannot finish before its worker is gone
+            try:
+                # step <- (bash) <- `mlflow run` <- the Ray worker that launched it; or, forked by the worker's step
+                # server: step <- server <- the worker
+                for _ in range(4):
+                    worker = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                    command = Path(f"/proc/{worker}/cmdline").read_bytes()
+                    if command.startswith(b"ray::"):  # a worker's title names its task (the raylet's names workers too)
+                        break
+                if not command.startswith(b"ray::"):
+                    found["error"] = f"no Ray worker above step process {step_pid}: {command[:200]!r}"
+                    return
+                # Frozen, so that it cannot finish before its worker is gone; never mid-commit, which would lock the
+                # store against the reads below (SQLite's rollback journal: "database is locked", met in CI).
+                freeze(step_pid)
+            except (FileNotFoundError, ProcessLookupError):  # the step ended between the lookup and here
+                continue
             try:
                 if client.get_run(run.info.run_id).info.status != "RUNNING":
                     continue

@@ -16,6 +16,8 @@ The pipeline hands its cells to ``executor.map`` and every ``tracking.run_step``
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import heapq
 import itertools
 import os
@@ -244,15 +246,27 @@ FORWARDED_ENVIRONMENT = (
 )
 
 
+_WORKER_SERVER = contextlib.ExitStack()  # a Ray worker's step server: started with its first step, gone with the worker
+
+
 def _step_on_worker(entry_point: str, parameters: dict[str, str], experiment_id, parent, key: str, environment: dict[str, str]):
     """A Ray task: run one step on the node Ray picked, with the driver's tracking store and offline settings. A retry
-    (the first worker was lost) first looks for the run: the step may have finished just before its worker died."""
+    (the first worker was lost) first looks for the run: the step may have finished just before its worker died.
+
+    Ray keeps its worker processes for the next tasks, so each worker keeps a step server (`saecomp.step_server`) from
+    its first step on: the steps after it are forked with the libraries imported. The server and its steps are in a
+    session of their own, so that a step outlives its lost worker long enough to close its run as KILLED; the server
+    ends with the worker."""
     import mlflow
 
     os.environ.update(environment)
     mlflow.set_tracking_uri(environment["MLFLOW_TRACKING_URI"])
+    from saecomp.step_server import SERVER_ENV, serving
     from saecomp.tracking import find_finished_run, launch_local
 
+    if os.environ.get(SERVER_ENV) is None:  # the first step on this worker (its imports overlap that step)
+        _WORKER_SERVER.enter_context(serving(own_session=True))
+        atexit.register(_WORKER_SERVER.close)
     return find_finished_run(entry_point, key) or launch_local(entry_point, parameters, experiment_id, parent, own_session=True)
 
 
@@ -298,6 +312,8 @@ class RayCluster:
         environment["MLFLOW_TRACKING_URI"] = mlflow.get_tracking_uri()
         # torch threads = the CPUs the task holds (Ray sets OMP's alone; BLAS would take every core of the node)
         environment["OMP_NUM_THREADS"] = environment["MKL_NUM_THREADS"] = str(max(1, int(resources.cpus)))
+        if os.environ.get("SAECOMP_STEP_SERVER") == "0":  # no warm workers either (a socket path here means nothing there)
+            environment["SAECOMP_STEP_SERVER"] = "0"
         task = self._remote.options(
             num_cpus=resources.cpus,
             num_gpus=resources.gpus,

@@ -11,7 +11,7 @@ command line is the server's, is named after its step (``prune_sae`` in ``ps -o 
 its run with its pid.
 
 Whenever the server cannot run a step exactly as a fresh interpreter would, the step starts the usual way (imports
-included): no server (a step run by hand, a Ray worker), a server not ready yet or gone, another interpreter or
+included): no server (a step run by hand), a server not ready yet or gone, another interpreter or
 saecomp checkout, or an environment that differs in a variable the libraries read when imported (``HF_HOME``, say).
 Set ``SAECOMP_STEP_SERVER=0`` to never use one.
 
@@ -141,9 +141,11 @@ def _exit_like(status: int) -> None:
 
 
 @contextmanager
-def serving():
+def serving(own_session: bool = False):
     """A step server for the steps started inside the block (and their own nested steps), stopped after it; nothing
-    when ``SAECOMP_STEP_SERVER`` is 0 or a server is already set for this process."""
+    when ``SAECOMP_STEP_SERVER`` is 0 or a server is already set for this process. ``own_session``: the server and
+    the steps it forks in a session of their own, out of reach of signals for this process's group (a Ray worker's,
+    which Ray signals when the worker dies: its steps must outlive it to close their runs as KILLED)."""
     import shutil
     import subprocess
     import tempfile
@@ -154,7 +156,10 @@ def serving():
     folder = tempfile.mkdtemp(prefix="saecomp-steps-")
     path = os.path.join(folder, "socket")
     process = subprocess.Popen(
-        [sys.executable, "-m", "saecomp.step_server", path, str(os.getpid())], stdin=subprocess.DEVNULL, cwd=_saecomp_root()
+        [sys.executable, "-m", "saecomp.step_server", path, str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        cwd=_saecomp_root(),
+        start_new_session=own_session,
     )
     os.environ[SERVER_ENV] = path
     try:
@@ -230,6 +235,7 @@ def serve(path: str, parent: int) -> None:
         listener.close()
         try:
             os.unlink(path)
+            os.rmdir(os.path.dirname(path))  # its own folder (`serving`), left behind when the parent was killed
         except OSError:
             pass
 

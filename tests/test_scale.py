@@ -19,7 +19,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from saecomp.tracking import HEARTBEAT_TAG, KEY_TAG, KILLED_REASON_TAG, PID_TAG, STEP_TAG
+from saecomp.tracking import HEARTBEAT_TAG, KEY_TAG, KILLED_REASON_TAG, PID_TAG, PROCESS_TAG, STEP_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,6 +243,10 @@ def test_sae_steps_as_ray_tasks_match_in_process_and_survive_a_lost_worker(small
     # The cell's two trainings were submitted together, and the cluster (2 CPUs, 1 a step) ran them at once.
     (first, second) = sorted((r.info.start_time, r.info.end_time) for r in new_runs if r.data.tags.get(STEP_TAG) == "train_sae")
     assert second[0] < first[1], "the two SAE trainings ran one after the other on Ray"
+    # Warm workers: a worker's first step starts its step server, the steps after it on that worker are forked by it.
+    started = [(r.data.tags.get(STEP_TAG), r.data.tags.get(PROCESS_TAG)) for r in new_runs if r.data.tags.get(STEP_TAG) != "pipeline"]
+    forked = [step for step, process in started if (process or "").startswith("forked by the step server")]
+    assert len(forked) >= 2, started  # (of 9 steps; the first on each worker, and any that came before its server was up, cold)
 
     # Same inputs, same numbers: one thread per step on both sides; they agree to float rounding amplified by training
     # (seen: up to 1.1e-4 relative, on a centred explained variance of -13.4; 1.1e-5 absolute on a CE increase).

@@ -232,13 +232,17 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         local_artifacts,
         note_reused,
         reap_dead_runs,
+        remove_orphaned_scratch,
         run_step,
+        scratch_folder,
     )  # fmt: skip
 
     # Under `mlflow run`, MLflow has placed this run (`--experiment-name`); run directly, it goes to the
     # experiment named after the file. The steps it starts go there either way.
     placed = os.environ.get("MLFLOW_RUN_ID")
     reap_dead_runs()  # runs a killed pipeline left RUNNING: KILLED, with the reason, before anything is reused
+    for orphan in remove_orphaned_scratch():  # and the temporary folders it left
+        click.echo(f"[pipeline] deleted {orphan}: its pipeline is gone", err=True)
     with mlflow.start_run(experiment_id=None if placed else experiment_id_for(exp.name)) as run, alive(mlflow.active_run().info.run_id):
         mlflow.set_tags(
             {
@@ -398,10 +402,10 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         # A failed cell or Ctrl-C cancels the steps running now (their own process sessions never see the terminal's
         # Ctrl-C) and starts no new one.
         local = executor.name in ("in-process", "local pool")  # Ray's workers do not see this machine's folders
-        shared_root = Path(tempfile.mkdtemp(prefix="saecomp-shared-activations-")) if local and suites else None
+        shared_root = scratch_folder("shared-activations") if local and suites else None
         # (only where train_sae trains here, on the CPU: SharedForward refuses a GPU, where the forward beats the disk)
         sharing = local and len(exp.sae.hooks) > 1 and exp.model in TINY_MODELS and str(exp.device).startswith("cpu")
-        forward_root = Path(tempfile.mkdtemp(prefix="saecomp-shared-forward-")) if sharing else None
+        forward_root = scratch_folder("shared-forward") if sharing else None
         forward_gates = {(layer, dense): threading.Event() for layer in layers for dense in (True, False)}
         try:
             done = executor.map(lambda c: cell(*c), cells)  # in the order of `cells`

@@ -504,6 +504,40 @@ def _process_alive(pid: int) -> bool:
         return True
 
 
+SCRATCH_KINDS = ("shared-activations", "shared-forward")
+
+
+def scratch_folder(kind: str) -> Path:
+    """A temporary folder of this process (a pipeline's shared model sides or forward passes: up to GBs), named after
+    the process (pid namespace, pid, start time) so that the next pipeline on this machine deletes it if this one is
+    killed before it could (`remove_orphaned_scratch`)."""
+    import tempfile
+
+    assert kind in SCRATCH_KINDS, kind
+    owner = f"{_pid_namespace()}.{os.getpid()}.{_process_start(os.getpid()) or 'unknown'}"
+    return Path(tempfile.mkdtemp(prefix=f"saecomp-{kind}.{owner}."))
+
+
+def remove_orphaned_scratch() -> list[Path]:
+    """Delete the scratch folders (`scratch_folder`) whose process is gone: a pipeline killed (SIGKILL, a lost machine)
+    before its own clean-up. A folder of a live process, of another pid namespace or of an unknown start is kept."""
+    import re
+    import tempfile
+
+    pattern = re.compile(rf"^saecomp-({'|'.join(SCRATCH_KINDS)})\.(\d+)\.(\d+)\.(\d+)\.[^.]+$")
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob("saecomp-*"):
+        found = pattern.match(path.name)
+        if not found or found.group(2) != _pid_namespace() or not path.is_dir():
+            continue
+        pid, start = int(found.group(3)), found.group(4)
+        if _process_alive(pid) and _process_start(pid) == start:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def why_dead(run, now: float | None = None, host: str | None = None) -> str | None:
     """Why a RUNNING step run has no live process behind it, or None if it may be alive. Its own host can check the
     process; any host can see a heartbeat older than `STALE_AFTER_SECONDS` (also a run that never beat, by its

@@ -306,3 +306,40 @@ def test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed():
     for name in ("another machine's", "without a pid space"):  # not provably this machine's launcher: the step runs on
         code, finished, run = outcomes[name]
         assert (code, finished, run.info.status) == (0, True, "RUNNING"), name
+
+
+def test_a_killed_pipelines_scratch_folders_go_with_the_next_pipeline(tmp_path, monkeypatch):
+    """A pipeline's shared model sides and forward passes (GBs at real sizes) live in temporary folders it deletes at
+    its end; one SIGKILLed leaves them, so the next pipeline deletes every such folder whose process is gone, and
+    nothing of a live process, of another pid namespace or that is not a scratch folder."""
+    import tempfile
+
+    from saecomp.tracking import _pid_namespace, _process_start, remove_orphaned_scratch, scratch_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead_start = _process_start(dead.pid)
+    dead.kill()
+    dead.wait()
+    namespace, me = _pid_namespace(), os.getpid()
+
+    def folder(name: str) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "batch.pt").write_bytes(b"activations")
+        return path
+
+    live = scratch_folder("shared-forward")
+    assert live.parent == tmp_path and live.name.startswith(f"saecomp-shared-forward.{namespace}.{me}.")
+    orphans = {
+        folder(f"saecomp-shared-activations.{namespace}.{dead.pid}.{dead_start}.a1b2c3"),  # its pipeline was killed
+        folder(f"saecomp-shared-forward.{namespace}.{me}.{int(_process_start(me)) - 1}.d4e5f6"),  # a reused pid
+    }
+    kept = {
+        live,
+        folder(f"saecomp-shared-activations.{int(namespace) + 1}.{dead.pid}.{dead_start}.g7h8i9"),  # another namespace
+        folder(f"saecomp-shared-forward.{namespace}.{dead.pid}.unknown.j0k1l2"),  # no start time known
+        folder("saecomp-steps-m3n4o5"),  # not a scratch folder
+    }
+    assert set(remove_orphaned_scratch()) == orphans
+    assert not any(path.exists() for path in orphans) and all(path.exists() for path in kept)

@@ -213,7 +213,14 @@ def serve(path: str, parent: int) -> None:
         if torch.cuda.is_initialized() or asked_cuda:
             unusable = "CUDA was initialised while the step server imported its libraries; a forked step could not use it"
     set_by_imports = {k: v for k, v in os.environ.items() if before.get(k) != v}
-    own = {"env": before, "path": sys.path, "executable": sys.executable, "saecomp": _saecomp_root(), "unusable": unusable}
+    own = {
+        "env": before,
+        "path": sys.path,
+        "executable": sys.executable,
+        "saecomp": _saecomp_root(),
+        "unusable": unusable,
+        "set_by_imports": set_by_imports,
+    }
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path + ".partial")
@@ -305,10 +312,14 @@ def _why_cold(request: dict, own: dict) -> str | None:
     if request.get("path", [])[1:] != own["path"][1:]:
         return "another sys.path"
     env = request.get("env", {})
+    set_by_imports = own.get("set_by_imports", {})
     for variable in sorted(set(env) | set(own["env"])):
         read_at_import = variable.startswith(IMPORT_TIME_PREFIXES) and variable not in PER_STEP_VARIABLES
-        if read_at_import and env.get(variable) != own["env"].get(variable):
-            return f"environment variable {variable} differs"
+        if not read_at_import or env.get(variable) == own["env"].get(variable):
+            continue
+        if variable in set_by_imports and env.get(variable) == set_by_imports[variable]:
+            continue  # what these imports set (KMP_DUPLICATE_LIB_OK, by scikit-learn), inherited from a process that made them too
+        return f"environment variable {variable} differs"
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # a thread count set at import cannot be unset
         if variable in own["env"] and variable not in env:
             return f"{variable} unset"

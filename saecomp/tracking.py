@@ -421,8 +421,16 @@ class _LauncherWatch:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         try:
-            MlflowClient().set_tag(self.run_id, KILLED_REASON_TAG, reason)
-            MlflowClient().set_terminated(self.run_id, "KILLED")
+            for attempt in range(10):  # a busy store (SQLite's lock, a server's hiccup) must not leave the run open
+                try:
+                    client = MlflowClient()
+                    client.set_tag(self.run_id, KILLED_REASON_TAG, reason)
+                    client.set_terminated(self.run_id, "KILLED")
+                    break
+                except Exception as error:  # noqa: BLE001 - reported, then tried again
+                    print(f"[saecomp] run {self.run_id}: could not close it as KILLED ({error!r}); try {attempt + 1} of 10",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    time.sleep(1)
         finally:
             os._exit(137)  # nothing this process writes from now on is part of a finished run
 

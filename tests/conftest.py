@@ -79,6 +79,22 @@ def session_dir() -> Path:
     return _SESSION_DIR
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_step_server():
+    """One warm step server for every pipeline and step this test process starts (saecomp/step_server.py): a pipeline
+    would start its own, and its first steps would each pay the imports (~6 s) while it starts. A step whose
+    environment differs from this process's (HF_HUB_CACHE, say) starts the usual way, as it would under a pipeline's.
+    A test that kills or freezes a step process by pid, or that needs a pipeline's own server, starts it with
+    `infrastructure.without_session_step_server()`."""
+    from saecomp.step_server import SERVER_ENV, serving
+
+    if os.environ.get(SERVER_ENV):  # the person running the tests chose ("0": none)
+        yield
+        return
+    with serving():
+        yield
+
+
 @pytest.fixture(scope="session")
 def small_experiment(session_dir) -> Path:
     path = session_dir / "small.yaml"

@@ -19,6 +19,15 @@ PG_BIN = Path(os.environ.get("SAECOMP_PG_BIN", "/usr/lib/postgresql/15/bin"))
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "saecomp-test", "AWS_SECRET_ACCESS_KEY": "saecomp-test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def without_session_step_server(**changes: str) -> dict[str, str]:
+    """This process's environment (with ``changes``) less the session's step server (tests/conftest.py), for a
+    subprocess whose steps must be its own processes: one the test freezes or kills by pid, or a pipeline that starts
+    its own server (on Ray, each worker's)."""
+    from saecomp.step_server import SERVER_ENV
+
+    return {k: v for k, v in {**os.environ, **changes}.items() if k != SERVER_ENV}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import mlflow
 from click.testing import CliRunner
-from infrastructure import freeze
+from infrastructure import freeze, without_session_step_server
 
 from entrypoints import prune_llm
 from saecomp.tracking import HEARTBEAT_TAG, HOST_TAG, KILLED_REASON_TAG, PID_TAG, STEP_TAG, reap_dead_runs, step_run
@@ -40,7 +40,7 @@ def start_and_kill_mid_run(small_experiment, sparsity: str):
     before = {r.info.run_id for r in runs_of("prune_llm")}
     process = subprocess.Popen(
         [sys.executable, "-m", "entrypoints.prune_llm", *args],
-        cwd=ROOT, env=dict(os.environ), stderr=subprocess.PIPE, text=True, bufsize=1,
+        cwd=ROOT, env=without_session_step_server(), stderr=subprocess.PIPE, text=True, bufsize=1,
     )  # fmt: skip
     for line in process.stderr:
         if line.startswith("[prune_llm] ") and "calibration tokens" in line:
@@ -136,7 +136,7 @@ def kill_pipeline_during(step: str, experiment: Path, log: Path):
     before = {r.info.run_id for r in runs_of(step)}
     process = subprocess.Popen(
         [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(experiment)],
-        cwd=ROOT, env=dict(os.environ), stdout=log.open("w"), stderr=subprocess.STDOUT,
+        cwd=ROOT, env=without_session_step_server(), stdout=log.open("w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
     client = mlflow.MlflowClient()
     deadline = time.time() + 600

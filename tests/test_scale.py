@@ -61,7 +61,7 @@ def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tr
     """`--jobs 2` against `mlflow server` (PostgreSQL backend, artifacts proxied to an S3 server): every run, metric
     and artifact lands there, and two steps really wrote at the same time (a cell's two SAE trainings)."""
     psycopg2 = pytest.importorskip("psycopg2")
-    from infrastructure import PG_BIN, mlflow_server, postgres, s3_objects, s3_server
+    from infrastructure import PG_BIN, mlflow_server, postgres, s3_objects, s3_server, without_session_step_server
 
     if not (PG_BIN / "initdb").exists():
         pytest.skip(f"no PostgreSQL server binaries in {PG_BIN} (Debian: apt-get install postgresql; or set SAECOMP_PG_BIN)")
@@ -74,7 +74,7 @@ def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tr
 
         world_run = import_world(url, "small", world_step(load(str(path), {}), str(path))[0], tracked_world)
         # The client has no S3 credentials: every artifact goes through the server.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env = {k: v for k, v in without_session_step_server().items() if not k.startswith("AWS_")}
         env.update(MLFLOW_TRACKING_URI=url, SAECOMP_CACHE=str(tmp_path / "cache"))
         result = subprocess.run(
             [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--jobs", "2"],
@@ -195,13 +195,17 @@ def _watch_and_kill(step: str, before: set, found: dict, stop: threading.Event) 
 
 def test_sae_steps_as_ray_tasks_match_in_process_and_survive_a_lost_worker(small_experiment, tracked_world, tmp_path, monkeypatch):
     pytest.importorskip("ray")
+    from infrastructure import without_session_step_server
+
     from entrypoints import pipeline
+    from saecomp.step_server import SERVER_ENV
 
     path = variant_of(small_experiment, tmp_path, "ray", {"sae": {"hooks": ["hook_resid_post"]}})
     # The in-process results for this cell (reused when test_pipeline computed them already, with --jobs 2: one torch
     # thread per step, as Ray gives each one-CPU task). With another thread count, sums run in another order and SAE
     # training amplifies that: 2 threads against 1 flipped one latent of 128 between dead and alive.
     with monkeypatch.context() as threads:
+        threads.delenv(SERVER_ENV, raising=False)  # its own server, as the pipeline on Ray starts its workers' own
         threads.setenv("OMP_NUM_THREADS", "1")
         threads.setenv("MKL_NUM_THREADS", "1")
         result = CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False)
@@ -223,7 +227,7 @@ def test_sae_steps_as_ray_tasks_match_in_process_and_survive_a_lost_worker(small
     try:
         ray_run = subprocess.run(
             [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray"],
-            cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=1200,
+            cwd=ROOT, env=without_session_step_server(), capture_output=True, text=True, timeout=1200,
         )  # fmt: skip
     finally:
         stop.set()
@@ -234,7 +238,7 @@ def test_sae_steps_as_ray_tasks_match_in_process_and_survive_a_lost_worker(small
     # The lost worker: its step closed its own run as KILLED, Ray ran the task once more, and that one finished.
     assert killed and "error" not in killed, killed.get("error", "no prune_sae run was caught computing")
     victim = client.get_run(killed["run"])
-    assert victim.info.status == "KILLED", {k: v for k, v in victim.data.tags.items() if k.startswith("saecomp")}
+    assert victim.info.status == "KILLED", f"{victim.info.status}: {victim.data.tags}\n{killed}\n{ray_run.stderr[-8000:]}"
     assert f"its launcher (process {killed['worker']}" in victim.data.tags[KILLED_REASON_TAG]
     new_runs = [run for run in all_runs(client) if run.info.run_id not in before]
     retried = [r for r in new_runs if r.data.tags.get(KEY_TAG) == killed["key"] and r.info.status == "FINISHED"]

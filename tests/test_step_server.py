@@ -51,6 +51,9 @@ except KeyboardInterrupt:
 '''
 
 
+KMP = "KMP_DUPLICATE_LIB_OK"
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A step server whose interpreter finds the stand-in step (PYTHONPATH is read at start, so both need it)."""
@@ -58,6 +61,9 @@ def server(tmp_path_factory):
     (folder / "standin_step.py").write_text(textwrap.dedent(STEP))
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), str(ROOT), *([saved] if saved else [])])
+    session_server = os.environ.pop(SERVER_ENV, None)  # the test session's (tests/conftest.py): this module starts its own
+    # set by scikit-learn when imported (as this process may have done already): here only the server's imports set it
+    kmp = os.environ.pop(KMP, None)
     try:
         with serving() as process:
             path = Path(os.environ[SERVER_ENV])
@@ -68,6 +74,10 @@ def server(tmp_path_factory):
             yield process, dict(os.environ)
     finally:
         os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
+        if session_server is not None:
+            os.environ[SERVER_ENV] = session_server
+        if kmp is not None:
+            os.environ[KMP] = kmp
 
 
 def step(environment: dict, *args: str, cwd: Path | None = None, **kwargs) -> subprocess.Popen:
@@ -119,6 +129,19 @@ def test_what_the_server_cannot_run_exactly_starts_the_usual_way(server, tmp_pat
     assert "forked_from=None" in out and "environment variable HF_HOME differs" in err
     done = step({**environment, SERVER_ENV: "0"}, "exit", "0")
     assert "forked_from=None" in done.communicate(timeout=300)[0]
+
+
+def test_a_variable_the_servers_own_imports_set_alike_does_not_keep_a_step_cold(server):
+    """A step started by a process that imported scikit-learn (a test process, a notebook) inherits what that import
+    sets; the server's imports set the same value in the forked step, so it can run forked. Another value cannot."""
+    process, environment = server
+    assert KMP not in environment
+    done = step({**environment, KMP: "True"}, "exit", "0")  # scikit-learn's os.environ.setdefault(KMP, "True")
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 0 and f"forked_from={process.pid}" in out, err
+    done = step({**environment, KMP: "FALSE"}, "exit", "0")
+    out, err = done.communicate(timeout=300)
+    assert "forked_from=None" in out and f"environment variable {KMP} differs" in err
 
 
 def test_forked_steps_draw_their_own_unseeded_numbers(server):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import ROOT
+from infrastructure import without_session_step_server
 from sae_lens import SAE, StandardSAEConfig
 
 from entrypoints import train_sae as train_sae_step
@@ -247,7 +248,7 @@ def test_a_killed_training_continues_from_its_last_checkpoint(small_experiment, 
         "--max_passes",  # the small world holds ~60k training tokens: go round it (a named choice, never silent)
         "10",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env = without_session_step_server(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")  # killed by pid
     checkpoints = session_dir / "checkpoints" / "train_sae"
     # The session's checkpoint folder is shared with other tests' steps (a step of a killed pipeline can leave its own
     # behind): this test watches only the checkpoints its own training writes.

@@ -308,6 +308,40 @@ def test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed():
         assert (code, finished, run.info.status) == (0, True, "RUNNING"), name
 
 
+def test_a_step_closing_its_run_as_killed_tries_again_when_the_store_refuses():
+    """A busy store (SQLite's write lock held by another step, a tracking server's hiccup) must not leave the run of a
+    step whose launcher died RUNNING: the step tries again, and says so."""
+    from saecomp.tracking import LAUNCHER_ENV, _pid_space, _process_start
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    started = _process_start(launcher.pid)
+    launcher.kill()
+    launcher.wait()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("launcher-watch") or client.get_experiment(client.create_experiment("launcher-watch"))
+    run = client.create_run(experiment.experiment_id)
+    step = (
+        "import sys, time\n"
+        "from mlflow import MlflowClient\n"
+        "from saecomp.tracking import alive\n"
+        "real, refused = MlflowClient.set_terminated, []\n"
+        "def busy_once(self, *args, **kwargs):\n"
+        "    if not refused:\n"
+        "        refused.append(1)\n"
+        "        raise RuntimeError('database is locked')\n"
+        "    return real(self, *args, **kwargs)\n"
+        "MlflowClient.set_terminated = busy_once\n"
+        "with alive(sys.argv[1], watch_launcher=True) as watch:\n"
+        "    time.sleep(10)\n"
+        "print('finished')\n"
+    )
+    env = {**os.environ, LAUNCHER_ENV: f"{launcher.pid}:{started}:{_pid_space()}", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", step, run.info.run_id], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    closed = client.get_run(run.info.run_id)
+    assert (done.returncode, "finished" in done.stdout, closed.info.status) == (137, False, "KILLED"), done.stderr[-2000:]
+    assert "could not close it as KILLED (RuntimeError('database is locked')); try 1 of 10" in done.stderr
+
+
 def test_a_killed_pipelines_scratch_folders_go_with_the_next_pipeline(tmp_path, monkeypatch):
     """A pipeline's shared model sides and forward passes (GBs at real sizes) live in temporary folders it deletes at
     its end; one SIGKILLed leaves them, so the next pipeline deletes every such folder whose process is gone, and

@@ -263,7 +263,7 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                     (tmp / f"{suite}.json").write_text(json.dumps(result.output, indent=1))
                     mlflow.log_artifact(str(tmp / f"{suite}.json"), "saebench")
                     for folder, extra in (("uncertainty", result.uncertainty), ("corrected", result.corrected)):
-                        if extra:  # core's bootstrap behind <suite>.<metric>.bootstrap_se; SCR's/TPP's padding-masked values
+                        if extra:  # core's bootstrap, sparse probing's test counts (behind their *_se); SCR's/TPP's padding-masked values
                             (tmp / folder).mkdir(exist_ok=True)
                             (tmp / folder / f"{suite}.json").write_text(json.dumps(extra))
                             mlflow.log_artifact(str(tmp / folder / f"{suite}.json"), folder)

@@ -17,15 +17,17 @@ Tables (SAEBench metric names; each per model, rows hook x metric, columns the S
   Tables 4-13 and sparse-probing table): ours beside the paper's published number and the difference
   (``saecomp/paper/``, ``paper_numbers``).
 
-Uncertainties: a cell carries the standard error its run logged as ``<suite>.<metric>.bootstrap_se`` (core's spliced
-losses and scores, its reconstruction and sparsity means, its explained variances: a bootstrap over the test
-sequences, ``evaluate.core_bootstrap``).
+Uncertainties: a cell carries the standard error its run logged beside the value (``SE_KINDS``): core's
+``<metric>.bootstrap_se`` (its spliced losses and scores, reconstruction and sparsity means, explained variances: a
+bootstrap over the test sequences, ``evaluate.core_bootstrap``) and sparse probing's ``<metric>.binomial_se`` (its
+accuracies: binomial over the texts its probes were tested on, ``evaluate.sparse_probing_uncertainty``). The cell's
+``se_kind`` says which.
 A variant whose value differs from the pretrained SAE's in its row by no more than the standard error of that
 difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
 the same resamples of the same test sequences (the differences replicate by replicate), else sqrt(se_a^2 + se_b^2).
 Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
-cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. The other
-suites' single-seed numbers carry no uncertainty yet.
+cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. Absorption's,
+SCR's, TPP's and RAVEL's single-seed numbers carry no uncertainty yet.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ from saecomp.config import SEEDED_SUITES
 
 VARIANTS = ("pretrained", "pruned25", "pruned50", "trained")
 """The paper's four SAE variants, in its column order; other variants (a selected level) follow them."""
+
+SE_KINDS = {"bootstrap_se": "bootstrap over test sequences", "binomial_se": "binomial over test texts"}
+"""The standard errors evaluate logs as ``<suite>.<metric>.<kind>``, and what each is over."""
+SEED_SPREAD = "spread over seeds"
 
 HOOK_LABELS = {"attn.hook_z": "Attention", "hook_mlp_out": "MLP", "hook_resid_post": "Post Residual"}
 """The paper's names for the outputs an SAE reads."""
@@ -78,25 +84,61 @@ TABLES = (
         "table1",
         "Table 1: SAEBench core reconstruction metrics",
         "core",
-        ("kl_div_score", "kl_div_with_sae", "ce_loss_score", "ce_loss_with_sae", "ce_loss_without_sae", "explained_variance", "mse",
-         "cossim"),
+        (
+            "kl_div_score",
+            "kl_div_with_sae",
+            "ce_loss_score",
+            "ce_loss_with_sae",
+            "ce_loss_without_sae",
+            "explained_variance",
+            "mse",
+            "cossim",
+        ),
     ),  # fmt: skip
     TableSpec(
         "core",
         "Core metrics (the appendix's Tables 6-8; explained_variance_centred is ours, SAEBench's explained_variance does not centre)",
         "core",
-        ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae", "ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae",
-         "ce_loss_without_sae", "explained_variance", "explained_variance_centred", "explained_variance_legacy", "mse", "cossim",
-         "l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias", "l0", "l1", "freq_over_1_percent",
-         "freq_over_10_percent", "normalized_freq_over_1_percent", "normalized_freq_over_10_percent",
-         "average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim", "frac_alive"),
+        (
+            "kl_div_score",
+            "kl_div_with_ablation",
+            "kl_div_with_sae",
+            "ce_loss_score",
+            "ce_loss_with_ablation",
+            "ce_loss_with_sae",
+            "ce_loss_without_sae",
+            "explained_variance",
+            "explained_variance_centred",
+            "explained_variance_legacy",
+            "mse",
+            "cossim",
+            "l2_norm_in",
+            "l2_norm_out",
+            "l2_ratio",
+            "relative_reconstruction_bias",
+            "l0",
+            "l1",
+            "freq_over_1_percent",
+            "freq_over_10_percent",
+            "normalized_freq_over_1_percent",
+            "normalized_freq_over_10_percent",
+            "average_max_encoder_cosine_sim",
+            "average_max_decoder_cosine_sim",
+            "frac_alive",
+        ),
     ),  # fmt: skip
     TableSpec(
         "absorption",
         "Feature absorption (Figure 2; the appendix's Tables 4-5)",
         "absorption",
-        ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_num_split_features", "std_dev_absorption_fraction_score",
-         "std_dev_full_absorption_score", "std_dev_num_split_features"),
+        (
+            "mean_absorption_fraction_score",
+            "mean_full_absorption_score",
+            "mean_num_split_features",
+            "std_dev_absorption_fraction_score",
+            "std_dev_full_absorption_score",
+            "std_dev_num_split_features",
+        ),
     ),  # fmt: skip
     TableSpec(
         "scr",
@@ -205,7 +247,10 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                         candidates = [r for r in asked_here if name in r.metrics]
                         newest = candidates[-1] if candidates else (asked_here[-1] if asked_here else None)
                         value = newest.metrics.get(name) if newest else None
-                        se = newest.metrics.get(f"{name}.bootstrap_se") if value is not None else None
+                        se, se_kind = None, None
+                        if value is not None:
+                            se_kind = next((kind for kind in SE_KINDS if f"{name}.{kind}" in newest.metrics), None)
+                            se = newest.metrics[f"{name}.{se_kind}"] if se_kind else None
                         boot = newest.bootstrap.get(spec.suite, {}) if se is not None else {}
                         not_applicable = newest.tags.get(f"saecomp.{spec.suite}.not_applicable") if newest else None
                         status = "ok" if value is not None else "not applicable" if not_applicable else "missing"
@@ -214,6 +259,7 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                         if len(seeds) > 1:  # several seeds fill the cell: their mean, and its standard error over seeds
                             values = pd.Series([r.metrics[name] for r in seeds.values()], dtype=float)
                             value, se, boot = float(values.mean()), float(values.std() / len(values) ** 0.5), {}
+                            se_kind = SEED_SPREAD
                             run_ids = ",".join(r.run_id for r in seeds.values())
                             run_names = " | ".join(r.name for r in seeds.values())
                             note = f"mean over {len(seeds)} seeds ({', '.join(seeds)}) ± its standard error over seeds"
@@ -231,6 +277,7 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                                 "variant": variant,
                                 "value": value,
                                 "se": se,
+                                "se_kind": SE_KINDS.get(se_kind, se_kind),
                                 "_replicates": boot.get("samples", {}).get(metric),
                                 "_resamples": (boot.get("sample_id"), boot.get("seed"), boot.get("replicates")),
                                 "status": status,
@@ -243,11 +290,9 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
     _mark_within_uncertainty(rows)
     rows += _paper_cells(rows)
     rows += _llm_pruning_cells([r for r in records if r.step == "prune_llm"])
-    columns = ["table", "model", "hook", "metric", "variant", "value", "se", "difference_se", "paired", "within_uncertainty", "status",
-               "run_id", "run_name", "candidates", "note"]  # fmt: skip
+    columns = ["table", "model", "hook", "metric", "variant", "value", "se", "se_kind", "difference_se", "paired", "within_uncertainty",
+               "status", "run_id", "run_name", "candidates", "note"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
-
-
 
 
 def _newest_per_seed(candidates: list[RunRecord], like: RunRecord | None = None) -> dict[str, RunRecord]:
@@ -351,6 +396,7 @@ def _paper_cells(rows: list[dict]) -> list[dict]:
                     "variant": f"{row['variant']}: {column}",
                     "value": value,
                     "se": row["se"] if column == "ours" else None,
+                    "se_kind": row["se_kind"] if column == "ours" else None,
                     "difference_se": None,
                     "paired": None,
                     "within_uncertainty": None,
@@ -430,9 +476,10 @@ def _display(cell: pd.Series) -> str:
 
 
 LEGEND = (
-    "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one bootstrap standard "
-    "error over the test sequences, where computed (core's spliced losses and scores, reconstruction and sparsity means, "
-    "explained variances); "
+    "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one standard error, where "
+    "computed: a bootstrap over the test sequences for core (spliced losses and scores, reconstruction and sparsity means, "
+    "explained variances), binomial over the test texts for sparse probing's accuracies, the spread over seeds where "
+    "replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
     "over the same resampled test sequences where both runs logged their replicates; cells.csv: difference_se, paired): "
     "not a finding."
@@ -610,12 +657,13 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "<p>Every value comes from one finished MLflow run: hover a cell for its run, or see the sources below. "
         "<span style='background:#fde2e2'>&nbsp;—&nbsp;</span> no finished run fills the cell; "
         "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
-        "± is one bootstrap standard error over the test sequences, where computed (core's spliced losses and scores, "
-        "reconstruction and sparsity means and explained variances); "
+        "± is one standard error, where computed: a bootstrap over the test sequences for core (spliced losses and scores, "
+        "reconstruction and sparsity means and explained variances), binomial over the test texts for sparse probing's "
+        "accuracies, the spread over seeds where replicates ran (hover a cell for which); "
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "
         "pretrained SAE's in its row by no more than the standard error of the difference (paired over the same resampled "
-        "test sequences where both runs logged their replicates): not a finding. The other suites' "
-        "numbers carry no uncertainty yet.</p>",
+        "test sequences where both runs logged their replicates): not a finding. Absorption's, SCR's, TPP's and RAVEL's "
+        "single-seed numbers carry no uncertainty yet.</p>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in provenance) + "</ul>",
     ]
     for (table, model), group in _groups(all_cells):
@@ -633,6 +681,8 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
                 tip = f"run {cell['run_id']} · {cell['run_name']}" if cell["run_id"] else "no finished run"
                 if cell["candidates"] > 1 and "," not in cell["run_id"]:
                     tip += f" (newest of {cell['candidates']})"
+                if isinstance(cell.get("se_kind"), str) and pd.notna(cell.get("se")):
+                    tip += f" · ± one standard error, {cell['se_kind']}"
                 if cell["note"]:
                     tip += f" — {cell['note']}"
                 cells_html.append(f"<td class='{css}' title='{html.escape(tip, quote=True)}'>{html.escape(text)}</td>")

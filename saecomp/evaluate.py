@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -94,8 +95,9 @@ class SuiteResult:
     tags: dict[str, str] = field(default_factory=dict)
     """How it was computed, as MLflow tags (e.g. where SCR's model side came from)."""
     uncertainty: dict | None = None
-    """The bootstrap behind the ``<suite>.<metric>.bootstrap_se`` metrics (core only): its unit, size, seed, the
-    full-sample values and every replicate, logged as ``uncertainty/<suite>.json``."""
+    """What stands behind a suite's standard errors, logged as ``uncertainty/<suite>.json``: core's bootstrap behind
+    its ``core.<metric>.bootstrap_se`` (unit, size, seed, the full-sample values and every replicate); sparse
+    probing's test-set counts behind its ``sparse_probing.<metric>.binomial_se`` (``sparse_probing_uncertainty``)."""
     corrected: dict | None = None
     """Our corrected values beside SAEBench's, per dataset, logged as ``corrected/<suite>.json`` (SCR and TPP: with
     the padded positions masked in the ablation, ``padding_masked_ablations``)."""
@@ -305,8 +307,9 @@ class VarianceLoopSums:
                 recorder.add(inputs.pop()[keep], x_hat[keep], latents[keep], ordinary)
                 return x_hat
 
-            with shadowed(activation_store, get_batch_tokens=recording_get_batch_tokens), shadowed(
-                sae, encode=recording_encode, decode=recording_decode
+            with (
+                shadowed(activation_store, get_batch_tokens=recording_get_batch_tokens),
+                shadowed(sae, encode=recording_encode, decode=recording_decode),
             ):
                 return original(sae, model, activation_store, *args, ignore_tokens=ignore_tokens, **kwargs)
 
@@ -484,6 +487,7 @@ def run_sparse_probing(
         torch.enable_grad(),
         model_side_folder(shared, config, sae.cfg.hook_name, str(sae.device), workdir / "sparse_probing", needed) as side,
         per_dataset_random_state("sparse_probing", side, config.random_seed),
+        probe_test_sizes() as test_sizes,
     ):
         results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(side.folder), save_activations=side.save)
     eval_output = out.SparseProbingEvalOutput(
@@ -500,9 +504,86 @@ def run_sparse_probing(
     )
     output = _output_of(eval_output, workdir)
     validate_output(out.SparseProbingEvalOutput, output)
+    metrics = _scalar_metrics("sparse_probing", output)
+    uncertainty = sparse_probing_uncertainty(per_class, test_sizes)
+    metrics.update(
+        {f"sparse_probing.{name}.binomial_se": se for name, se in uncertainty["se"].items() if f"sparse_probing.{name}" in metrics}
+    )
     seconds = time.perf_counter() - started
     tags = {"saecomp.sparse_probing.model_side": side.origin}
-    return SuiteResult("sparse_probing", output, _scalar_metrics("sparse_probing", output), seconds, tags)
+    return SuiteResult("sparse_probing", output, metrics, seconds, tags, uncertainty=uncertainty)
+
+
+@contextmanager
+def probe_test_sizes() -> Iterator[dict[str, dict[str, int]]]:
+    """Per dataset (SAEBench's ``<dataset>_results`` key) and class, how many test texts sparse probing scores that
+    class's probes on: SAEBench returns only the accuracies. Its `probe_training.prepare_probe_data` tests a class's
+    probe on the class's texts and as many drawn from the other classes, so 2 x the class's test texts, counted here
+    from the test activations its `train_probe_on_activations` gets. The same for every probe of a dataset (the
+    model's and the SAE's, all k), or this raises. Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
+    from sae_bench.evals.sparse_probing import main as sparse_probing
+    from sae_bench.evals.sparse_probing import probe_training
+
+    one_dataset, train_probes = sparse_probing.run_eval_single_dataset, probe_training.train_probe_on_activations
+    sizes: dict[str, dict[str, int]] = {}
+    current: list[str] = []
+
+    def dataset(dataset_name, *args, **kwargs):
+        current.append(f"{dataset_name}_results")
+        try:
+            return one_dataset(dataset_name, *args, **kwargs)
+        finally:
+            current.pop()
+
+    def training(train_activations, test_activations, *args, **kwargs):
+        if kwargs.get("perform_scr"):
+            raise RuntimeError("probe_test_sizes counts sparse probing's one-against-the-rest probes, not SCR's paired ones")
+        counted = {str(name): 2 * len(acts) for name, acts in test_activations.items()}
+        if sizes.setdefault(current[-1], counted) != counted:
+            raise RuntimeError(f"{current[-1]}: probes tested on {counted} texts per class after {sizes[current[-1]]}")
+        return train_probes(train_activations, test_activations, *args, **kwargs)
+
+    sparse_probing.run_eval_single_dataset, probe_training.train_probe_on_activations = dataset, training
+    try:
+        yield sizes
+    finally:
+        sparse_probing.run_eval_single_dataset, probe_training.train_probe_on_activations = one_dataset, train_probes
+
+
+def sparse_probing_uncertainty(per_class: dict[str, dict[str, dict[str, float]]], test_sizes: dict[str, dict[str, int]]) -> dict:
+    """Standard errors of sparse probing's accuracies over the test texts. Each probe's test accuracy p on n texts
+    has the binomial standard error sqrt(p (1 - p) / n), which is also what a bootstrap over those texts gives (in
+    closed form: SAEBench returns accuracies, not which texts each probe got right). SAEBench's metric is the mean
+    over datasets of the mean over classes, so its standard error is sqrt(sum of the classes' variances) / classes
+    per dataset, and the same over datasets, treating the probes' test sets as independent (a class's negatives are
+    other classes' texts, so they are not quite). What it covers: which texts were drawn for the test. Not covered:
+    the probes' training (its seed; the spread over ``evaluation.seed`` replicates measures that), and the GPU probe's
+    choice of its best epoch by test accuracy (SAEBench's), which biases the accuracy up. A class whose accuracy is
+    not a proportion (SAEBench's -1 placeholder) leaves its metric without one.
+
+    ``per_class``: SAEBench's ``eval_result_unstructured`` (dataset -> metric -> class -> accuracy); ``test_sizes``:
+    ``probe_test_sizes``'s counts. Returns ``{"unit", "n_test", "se", "per_dataset_se"}``, ``se`` keyed by SAEBench's
+    metric name."""
+    variances: dict[str, list[float]] = {}  # metric -> per dataset: the variance of its mean over classes
+    broken: set[str] = set()
+    for dataset, metrics in per_class.items():
+        sizes = test_sizes.get(dataset)
+        if sizes is None:
+            raise RuntimeError(f"no test sizes were counted for {dataset}; counted: {sorted(test_sizes)}")
+        for metric, accuracies in metrics.items():
+            if set(accuracies) != set(sizes) or not all(0.0 <= p <= 1.0 for p in accuracies.values()):
+                broken.add(metric)
+                continue
+            variance = sum(p * (1.0 - p) / sizes[c] for c, p in accuracies.items()) / len(accuracies) ** 2
+            variances.setdefault(metric, []).append(variance)
+    n_datasets = len(per_class)
+    per_metric = {m: v for m, v in variances.items() if m not in broken and len(v) == n_datasets}
+    return {
+        "unit": "test text (binomial, per probe)",
+        "n_test": test_sizes,
+        "se": {metric: math.sqrt(sum(v)) / n_datasets for metric, v in per_metric.items()},
+        "per_dataset_se": {dataset: {metric: math.sqrt(v[i]) for metric, v in per_metric.items()} for i, dataset in enumerate(per_class)},
+    }
 
 
 def run_scr_or_tpp(
@@ -807,7 +888,7 @@ def per_dataset_random_state(suite: str, side: ModelSide, seed: int) -> Iterator
       this changes nothing.
 
     SAEBench offers no way in between a dataset's model side and its SAE side, so for the duration of the suite those
-    functions are wrapped; with ``padding_masked_ablations`` the only places we do so."""
+    functions are wrapped; with ``padding_masked_ablations`` and ``probe_test_sizes`` the only places we do so."""
     import importlib
     import random
 

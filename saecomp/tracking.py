@@ -747,12 +747,14 @@ def collect_runs(experiment_ids: list[str], pipeline_run: str | None = None, tag
 
 def bootstrap_replicates(client: MlflowClient, run) -> dict[str, dict]:
     """suite -> the run's ``uncertainty/<suite>.json`` (evaluate logs it beside ``<suite>.<metric>.bootstrap_se``): the
-    replicates that let compare pair two variants' bootstraps. Empty for runs that logged no standard error."""
-    if not any(name.endswith(".bootstrap_se") for name in run.data.metrics):
+    replicates that let compare pair two variants' bootstraps. Only the suites with a bootstrap (sparse probing's
+    binomial errors have no replicates); empty for runs that logged none."""
+    suites = {name.split(".", 1)[0] for name in run.data.metrics if name.endswith(".bootstrap_se")}
+    if not suites:
         return {}
     out = {}
     for artifact in client.list_artifacts(run.info.run_id, "uncertainty"):
-        if artifact.path.endswith(".json"):
+        if artifact.path.endswith(".json") and Path(artifact.path).stem in suites:
             local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=artifact.path)
             out[Path(artifact.path).stem] = json.loads(Path(local).read_text())
     return out

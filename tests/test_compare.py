@@ -170,6 +170,7 @@ def test_differences_smaller_than_their_uncertainty_are_marked(store):
     row = cells[(cells["table"] == "table1") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["metric"] == "ce_loss_score")]
     by_variant = row.set_index("variant")
     assert by_variant["se"].tolist() == [0.01] * 4  # the se of the run the value comes from
+    assert set(by_variant["se_kind"]) == {"bootstrap over test sequences"}
     # 0.51 against 0.50 with 0.01 each: |0.01| < sqrt(2) * 0.01; 0.52 and 0.53 are not within it
     assert by_variant.loc["pruned25", "within_uncertainty"] is True
     assert by_variant.loc["pruned50", "within_uncertainty"] is False and by_variant.loc["trained", "within_uncertainty"] is False
@@ -362,6 +363,7 @@ def test_runs_with_several_seeds_fill_a_cell_with_their_mean_and_its_standard_er
     assert abs(scr["value"] - 0.2) < 1e-12  # (0.10 + 0.20 + 0.30) / 3: the old run of seed 1 is replaced by its newer one
     assert abs(scr["se"] - 0.1 / 3**0.5) < 1e-12  # standard deviation 0.1 over 3 seeds
     assert scr["run_id"] == "new1,s2,s42" and "3 seeds (1, 2, 42)" in scr["note"] and scr["candidates"] == 5
+    assert scr["se_kind"] == "spread over seeds"
     trained = cells.loc[("scr", "scr_metric_threshold_2", "trained")]
     assert trained["value"] == 0.25 and trained["within_uncertainty"] is None  # one seed: no uncertainty to compare with
     mse = cells.loc[("table1", "mse", "pretrained")]
@@ -370,3 +372,33 @@ def test_runs_with_several_seeds_fill_a_cell_with_their_mean_and_its_standard_er
     sources = report.split("<h2>Sources</h2>")[1]
     assert all(f"<code>{r}</code>" in sources for r in ("new1", "s2", "s42", "t")) and "<code>old1</code>" not in sources
     assert "<code>other</code>" not in sources
+
+
+def test_sparse_probing_cells_carry_their_binomial_standard_errors_and_a_seed_spread_replaces_them():
+    """evaluate logs sparse probing's accuracies with ``<metric>.binomial_se``: the cell carries it, says what it is
+    over, and marks a difference within it; where several seeds ran, their spread is the cell's uncertainty instead."""
+    model = "tiny-gpt2+prune_llm:x"
+
+    def run(run_id, start, variant, accuracy, se, seed="42"):
+        metrics = {"sparse_probing.sae_top_1_test_accuracy": accuracy, "sparse_probing.llm_test_accuracy": 0.9}
+        if se is not None:
+            metrics["sparse_probing.sae_top_1_test_accuracy.binomial_se"] = se
+        params = {"suites": "sparse_probing", "base_model": model, "evaluation.seed": seed}
+        return compare.RunRecord(run_id, "evaluate", f"evaluate {run_id}", start, params=params, metrics=metrics,
+                                 tags={"hook": "hook_resid_post", "layer": "2", "variant": variant})  # fmt: skip
+
+    records = [run("p", 1, "pretrained", 0.80, 0.01), run("a", 2, "pruned25", 0.81, 0.01), run("b", 3, "pruned50", 0.70, 0.01)]
+    cells = compare.cells(records).set_index(["table", "metric", "variant"])
+    top1 = cells.loc["sparse_probing"].loc["sae_top_1_test_accuracy"]
+    assert top1["se"].dropna().tolist() == [0.01, 0.01, 0.01] and set(top1["se_kind"].dropna()) == {"binomial over test texts"}
+    assert top1.loc["pruned25", "within_uncertainty"] is True and top1.loc["pruned50", "within_uncertainty"] is False
+    assert top1.loc["pruned25", "paired"] is False  # no replicates: the conservative sqrt(se_a^2 + se_b^2)
+    llm = cells.loc[("sparse_probing", "llm_test_accuracy", "pretrained")]
+    assert pd.isna(llm["se"]) and llm["se_kind"] is None  # a number logged without its standard error claims none
+    line = next(x for x in compare.markdown(compare.cells(records)).splitlines() if "| sae_top_1_test_accuracy |" in x)
+    assert [c.strip() for c in line.split("|")[3:6]] == ["0.8000 ± 0.01", "0.8100 ± 0.01 ≈", "0.7000 ± 0.01"]
+    assert "± one standard error, binomial over test texts" in compare.html_report(compare.cells(records), {}, "t", [])
+    # two seeds of the pretrained SAE: their mean and the spread over seeds, not one run's binomial error
+    replicated = compare.cells([*records, run("p2", 4, "pretrained", 0.84, 0.01, seed="1")]).set_index(["table", "metric", "variant"])
+    cell = replicated.loc[("sparse_probing", "sae_top_1_test_accuracy", "pretrained")]
+    assert cell["value"] == pytest.approx(0.82) and cell["se"] == pytest.approx(0.02) and cell["se_kind"] == "spread over seeds"

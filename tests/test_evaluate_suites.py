@@ -126,6 +126,7 @@ def test_probing_suites_write_saebench_json_with_finite_numbers(experiment, prun
     assert result.output["eval_type_id"] == suite and result.output["eval_config"]["model_name"] == "tiny-gpt2-pruned-test"
     if suite == "sparse_probing":
         assert len(result.output["eval_result_details"]) == len(experiment.evaluation.sparse_probing_datasets)
+        check_sparse_probing_standard_errors(result, config, offline_data)
     if suite in ("scr", "tpp"):
         n_values = experiment.evaluation.scr_tpp_n_values
         # one number per n asked for (SCR's scr_metric needs the two clean accuracies to differ, which a
@@ -133,6 +134,37 @@ def test_probing_suites_write_saebench_json_with_finite_numbers(experiment, prun
         names = [f"scr.scr_dir1_threshold_{n}" if suite == "scr" else f"tpp.tpp_threshold_{n}_total_metric" for n in n_values]
         assert set(names) <= set(result.metrics)
 
+
+def check_sparse_probing_standard_errors(result, config, offline_data) -> None:
+    """Every sparse-probing accuracy SAEBench reports carries a binomial standard error over the texts its probes
+    were tested on, counted here independently from SAEBench's own data split (2 x each class's test texts)."""
+    from sae_bench.sae_bench_utils import dataset_info, dataset_utils
+
+    with offline_datasets(offline_data / "hf_datasets"):
+        expected_n = {}
+        for name in config.dataset_names:
+            _, test = dataset_utils.get_multi_label_train_test_data(
+                name, config.probe_train_set_size, config.probe_test_set_size, config.random_seed
+            )
+            test = dataset_utils.filter_dataset(test, dataset_info.chosen_classes_per_dataset[name])
+            expected_n[f"{name}_results"] = {str(c): 2 * len(texts) for c, texts in test.items()}
+    uncertainty = result.uncertainty
+    assert uncertainty["n_test"] == expected_n
+    per_class = result.output["eval_result_unstructured"]
+    accuracies = [name.removeprefix("sparse_probing.") for name in result.metrics if name.endswith("_accuracy")]
+    assert accuracies and set(uncertainty["se"]) == set(accuracies)
+    for metric in accuracies:
+        se = result.metrics[f"sparse_probing.{metric}.binomial_se"]
+        # the metric is a mean over datasets of means over classes: its variance, that of independent binomials
+        variance = sum(
+            p * (1 - p) / expected_n[dataset][c] / len(per_class[dataset][metric]) ** 2 / len(per_class) ** 2
+            for dataset in per_class
+            for c, p in per_class[dataset][metric].items()
+        )
+        assert se == pytest.approx(math.sqrt(variance), rel=1e-12)
+        mean = sum(sum(d[metric].values()) / len(d[metric]) for d in per_class.values()) / len(per_class)
+        assert result.metrics[f"sparse_probing.{metric}"] == pytest.approx(mean, rel=1e-12)  # the SE is of this number
+        assert (se > 0) == any(0 < p < 1 for d in per_class.values() for p in d[metric].values())
 
 
 @pytest.mark.parametrize("suite", ["scr", "tpp", "sparse_probing"])
@@ -771,6 +803,11 @@ def test_evaluate_step_runs_every_built_suite_and_a_failed_suite_fails_the_run(s
         found = find_finished_suite(suite, key)  # the oldest run with that suite's key: core may come from an earlier test
         assert found == run.info.run_id or (suite == "core" and client.get_run(found).data.tags[f"saecomp.suite_key.{suite}"] == key)
     assert "sparse_probing.sae_top_1_test_accuracy" in run.data.metrics and "scr.scr_dir1_threshold_2" in run.data.metrics
+    # sparse probing's standard errors, and the test-text counts behind them as an artifact
+    assert "uncertainty/sparse_probing.json" in {a.path for a in client.list_artifacts(run.info.run_id, "uncertainty")}
+    counted = json.loads(Path(client.download_artifacts(run.info.run_id, "uncertainty/sparse_probing.json")).read_text())
+    assert {f"sparse_probing.{m}.binomial_se" for m in counted["se"]} <= set(run.data.metrics)
+    assert "sae_top_1_test_accuracy" in counted["se"] and all(n > 0 for d in counted["n_test"].values() for n in d.values())
     # SCR's and TPP's padding-masked twins: a metric beside each of SAEBench's, per dataset in corrected/<suite>.json
     assert {a.path for a in client.list_artifacts(run.info.run_id, "corrected")} == {"corrected/scr.json", "corrected/tpp.json"}
     assert {"scr.scr_dir1_threshold_2_padding_masked", "tpp.tpp_threshold_2_total_metric_padding_masked"} <= set(run.data.metrics)

@@ -96,8 +96,9 @@ class SuiteResult:
     """How it was computed, as MLflow tags (e.g. where SCR's model side came from)."""
     uncertainty: dict | None = None
     """What stands behind a suite's standard errors, logged as ``uncertainty/<suite>.json``: core's bootstrap behind
-    its ``core.<metric>.bootstrap_se`` (unit, size, seed, the full-sample values and every replicate); sparse
-    probing's test-set counts behind its ``sparse_probing.<metric>.binomial_se`` (``sparse_probing_uncertainty``)."""
+    its ``core.<metric>.bootstrap_se`` (unit, size, seed, the full-sample values and every replicate); the test-set
+    counts behind sparse probing's, SCR's and TPP's ``<suite>.<metric>.binomial_se`` (``sparse_probing_uncertainty``,
+    ``scr_tpp_uncertainty``)."""
     corrected: dict | None = None
     """Our corrected values beside SAEBench's, per dataset, logged as ``corrected/<suite>.json`` (SCR and TPP: with
     the padded positions masked in the ablation, ``padding_masked_ablations``)."""
@@ -607,6 +608,7 @@ def run_scr_or_tpp(
         model_side_folder(shared, config, sae.cfg.hook_name, str(sae.device), workdir / suite, needed) as side,
         per_dataset_random_state(suite, side, config.random_seed),
         padding_masked_ablations() as masked_runs,
+        scr_tpp_accuracies() as accuracy_runs,
         repeated_inputs_cached(sae),
     ):
         results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(side.folder), save_activations=side.save)
@@ -648,8 +650,157 @@ def run_scr_or_tpp(
         for name in [m.split(".", 1)[1] for m in metrics]:  # SAEBench's metrics, each with its padding-masked twin
             if isinstance(masked["averaged"].get(name), (int, float)):
                 metrics[f"{suite}.{name}{PADDING_MASKED}"] = float(masked["averaged"][name])
+    keys = [key for key, value in results.items() if isinstance(value, dict)]  # "<run name>_results", in run order
+    uncertainty = scr_tpp_uncertainty(suite, keys, accuracy_runs, masked_runs.runs if masked is not None else None)
+    metrics.update({f"{suite}.{name}.binomial_se": se for name, se in uncertainty["se"].items() if f"{suite}.{name}" in metrics})
     seconds = time.perf_counter() - started
-    return SuiteResult(suite, output, metrics, seconds, tags, corrected=masked)
+    return SuiteResult(suite, output, metrics, seconds, tags, uncertainty=uncertainty, corrected=masked)
+
+
+@contextmanager
+def scr_tpp_accuracies() -> Iterator[list[dict]]:
+    """Per dataset run of SCR or TPP, in SAEBench's order: its ablated accuracies (``raw``), its clean ones
+    (``clean``) and how many test texts each accuracy is over (``n_test``, per accuracy name), which SAEBench does not
+    return. Its `probe_training.prepare_probe_data` tests a probe on the class's texts and as many of the other
+    classes' (TPP) or of the paired class's (SCR; "X probe on Y data" reads Y's), so 2 x that class's test texts,
+    counted from the activations its `get_probe_test_accuracy` gets: the same at every call for a dataset, or this
+    raises. Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
+    from sae_bench.evals.scr_and_tpp import main as scr_tpp
+
+    one_dataset, probe_test = scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy
+    runs: list[dict] = []
+    counting: list[dict[str, int]] = []
+
+    def dataset(*args, **kwargs):
+        counting.append({})
+        try:
+            raw, clean = one_dataset(*args, **kwargs)
+        finally:
+            n_test = counting.pop()
+        runs.append({"raw": raw, "clean": clean, "n_test": n_test})
+        return raw, clean
+
+    def test_accuracy(probes, all_class_list, all_activations, *args, **kwargs):
+        accuracies = probe_test(probes, all_class_list, all_activations, *args, **kwargs)
+        for name in accuracies if counting else ():
+            texts_of = name.split(" probe on ", 1)[1].removesuffix(" data") if " probe on " in name else name
+            n = 2 * len(all_activations[texts_of])
+            if counting[-1].setdefault(name, n) != n:
+                raise RuntimeError(f"{name}: probes tested on {n} texts after {counting[-1][name]}")
+        return accuracies
+
+    scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy = dataset, test_accuracy
+    try:
+        yield runs
+    finally:
+        scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy = one_dataset, probe_test
+
+
+def scr_tpp_uncertainty(
+    suite: str,
+    keys: list[str],
+    runs: list[dict],
+    masked_runs: list[tuple[dict, dict]] | None = None,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict:
+    """Standard errors of SCR's or TPP's metrics over the texts their probes were tested on, by a parametric
+    bootstrap: in each replicate every accuracy p on n texts (``scr_tpp_accuracies``) is redrawn as a binomial
+    proportion (n draws with probability p), and SAEBench's own scoring (`get_scr_plotting_dict`,
+    `create_tpp_plotting_dict`) and averaging over dataset runs (`average_results_dictionaries`) turn the redrawn
+    accuracies into metrics; the standard error is their spread over the replicates. Not the delta method: SCR is a
+    ratio of accuracy gaps with a guard (a gap under 0.001 scores 0) and a direction chosen by the clean accuracies,
+    and at small test sets the linearised error was a third of the simulated one.
+
+    The accuracies are redrawn independently. A clean and an ablated accuracy of one probe share their positive texts
+    and move together, and every metric is a difference of such pairs, so this overstates the error: conservative.
+    The clean accuracies are the same for every SAE on one model (a shared model side), so they count in each SAE's
+    error but not in a difference between two SAEs: a comparison within one row is more conservative still. Not
+    covered: the probes' training (the spread over ``evaluation.seed`` replicates measures that).
+
+    ``keys``: SAEBench's per-dataset keys, in run order; ``masked_runs``: the padding-masked raw results with their
+    clean accuracies (``PaddingMaskedRuns.runs``), whose metrics' errors are keyed ``<metric>_padding_masked``. A
+    metric some replicates lack (SCR's ``scr_metric`` where the redrawn clean accuracies of its two directions tie) is
+    over the replicates that have it. Returns ``{"unit", "method", "replicates", "seed", "n_test", "se",
+    "per_dataset_se", "accuracies"}``, the last SAEBench's ablated and clean accuracies per dataset run, which its
+    output does not keep."""
+    import numpy as np
+    from sae_bench.evals.scr_and_tpp.main import create_tpp_plotting_dict, get_scr_plotting_dict
+    from sae_bench.sae_bench_utils.general_utils import average_results_dictionaries
+
+    if len(keys) != len(runs):
+        raise RuntimeError(f"{suite}: {len(keys)} dataset results from SAEBench, accuracies of {len(runs)} dataset runs")
+    for run in runs:
+        for name, p in [*run["clean"].items(), *(item for by_k in run["raw"].values() for acc in by_k.values() for item in acc.items())]:
+            if name not in run["n_test"] or not 0.0 <= p <= 1.0:
+                counted = sorted(run["n_test"])
+                raise RuntimeError(f"{suite}: no test count for {name!r} (counted: {counted}) or accuracy {p} not a proportion")
+    generator = np.random.default_rng(seed)
+
+    def score(raw: dict, clean: dict) -> dict[str, float]:
+        with contextlib.redirect_stdout(io.StringIO()):  # SAEBench prints every score it computes
+            return get_scr_plotting_dict(raw, clean) if suite == "scr" else create_tpp_plotting_dict(raw, clean)[0]
+
+    def flat(raw: dict) -> list[tuple[tuple, float]]:
+        """raw (ablated class -> k -> measured accuracy name -> accuracy) as ((ablated, k, name), accuracy) pairs."""
+        return [((a, k, name), p) for a, by_k in raw.items() for k, acc in by_k.items() for name, p in acc.items()]
+
+    def nested(places: list[tuple], values) -> dict:
+        raw: dict = {}
+        for (a, k, name), value in zip(places, values, strict=True):
+            raw.setdefault(a, {}).setdefault(k, {})[name] = value
+        return raw
+
+    def draw(accuracies: list[tuple[tuple, float]], n_test: dict[str, int], from_generator) -> list[list[float]]:
+        if not accuracies:
+            return [[] for _ in range(replicates)]
+        n = np.array([n_test[place[-1]] for place, _ in accuracies])
+        return (from_generator.binomial(n, [p for _, p in accuracies], size=(replicates, len(accuracies))) / n).tolist()
+
+    # per run, every accuracy (clean, ablated, the twins' ablated) redrawn for all replicates at once: [replicates,
+    # accuracies]. The twins draw from a generator of their own, so SAEBench's metrics' errors are the same whether or
+    # not the twins could be computed.
+    twin_generator = np.random.default_rng([seed, 1])
+    redrawn = []
+    for run, masked in zip(runs, masked_runs or [None] * len(runs), strict=True):
+        parts = [[((name,), p) for name, p in run["clean"].items()], flat(run["raw"]), flat(masked[0]) if masked is not None else []]
+        saebenchs, twins = draw(parts[0] + parts[1], run["n_test"], generator), draw(parts[2], run["n_test"], twin_generator)
+        drawn = [own + twin for own, twin in zip(saebenchs, twins, strict=True)]
+        redrawn.append(([len(part) for part in parts], [[place for place, _ in part] for part in parts], drawn))
+
+    samples: dict[str, list[float]] = {}  # metric (twins: <metric>_padding_masked) -> its value per replicate
+    per_dataset_samples: dict[str, dict[str, list[float]]] = {key: {} for key in keys}
+    for replicate in range(replicates):
+        scored: dict[str, dict[str, float]] = {}
+        for key, (sizes, places, drawn) in zip(keys, redrawn, strict=True):
+            row = drawn[replicate]
+            clean = dict(zip((place[0] for place in places[0]), row[: sizes[0]], strict=True))
+            scored[key] = score(nested(places[1], row[sizes[0] : sizes[0] + sizes[1]]), clean)
+            if sizes[2]:
+                twins = score(nested(places[2], row[sizes[0] + sizes[1] :]), clean)
+                scored[key].update({f"{m}{PADDING_MASKED}": v for m, v in twins.items()})
+            for metric, value in scored[key].items():
+                per_dataset_samples[key].setdefault(metric, []).append(value)
+        for metric, value in average_results_dictionaries(scored, [key.removesuffix("_results") for key in keys]).items():
+            samples.setdefault(metric, []).append(value)
+
+    def spread(values: list[float]) -> float:
+        return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+    return {
+        "unit": "test text (binomial, per accuracy)",
+        "method": "parametric bootstrap: each accuracy redrawn as a binomial proportion, independently (conservative); "
+        "SAEBench's scoring and averaging",
+        "replicates": replicates,
+        "seed": seed,
+        "replicates_with_metric": {metric: len(values) for metric, values in samples.items() if len(values) < replicates},
+        "n_test": {key: run["n_test"] for key, run in zip(keys, runs, strict=True)},
+        "se": {metric: spread(values) for metric, values in sorted(samples.items()) if len(values) > 1},
+        "per_dataset_se": {
+            key: {m: spread(v) for m, v in sorted(metrics.items()) if len(v) > 1} for key, metrics in per_dataset_samples.items()
+        },
+        "accuracies": {key: {"raw": run["raw"], "clean": run["clean"]} for key, run in zip(keys, runs, strict=True)},
+    }
 
 
 class RepeatedInputCache:

@@ -4,6 +4,7 @@ on the model we pass (the pruned one)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import time
@@ -413,7 +414,7 @@ def test_scr_and_tpp_log_saebenchs_numbers_and_beside_them_the_padding_masked_on
     assert {k: ours.output["eval_result_metrics"][f"{suite}_metrics"].get(k, v) for k, v in averaged.items()} == averaged
     per_dataset = {k: v for k, v in expected["saebench"].items() if isinstance(v, dict)}
     assert per_dataset and all({n: details[k][n] for n in v} == v for k, v in per_dataset.items())
-    saebench_names = [m.removeprefix(f"{suite}.") for m in ours.metrics if not m.endswith(evaluate_lib.PADDING_MASKED)]
+    saebench_names = [m.removeprefix(f"{suite}.") for m in ours.metrics if not m.endswith((evaluate_lib.PADDING_MASKED, "_se"))]
     assert saebench_names and all(f"{suite}.{n}{evaluate_lib.PADDING_MASKED}" in ours.metrics for n in saebench_names)
     for name in saebench_names:
         assert ours.metrics[f"{suite}.{name}{evaluate_lib.PADDING_MASKED}"] == pytest.approx(expected["masked"][name], abs=1e-6), name
@@ -424,6 +425,73 @@ def test_scr_and_tpp_log_saebenchs_numbers_and_beside_them_the_padding_masked_on
     assert any(x.abs().max() > 0.1 for x in leaks) and any(not x.any() for x in leaks)  # some ablations leak, some not
     if suite == "tpp":
         assert any(ours.metrics[f"{suite}.{n}"] != ours.metrics[f"{suite}.{n}{evaluate_lib.PADDING_MASKED}"] for n in saebench_names)
+    check_scr_tpp_standard_errors(suite, ours, config, offline_data)
+
+
+def check_scr_tpp_standard_errors(suite, result, config, offline_data, draws: int = 2000) -> None:
+    """SCR's/TPP's metrics (SAEBench's and their twins) carry a standard error over the texts their probes were tested
+    on: the test counts are those of SAEBench's own data split, and the delta method through SAEBench's scoring agrees
+    with simulation: each accuracy redrawn as a binomial proportion, SAEBench's own scoring and averaging applied."""
+    import numpy as np
+    from sae_bench.evals.scr_and_tpp import dataset_creation
+    from sae_bench.evals.scr_and_tpp.main import COLUMN2_VALS_LOOKUP, create_tpp_plotting_dict, get_scr_plotting_dict
+    from sae_bench.sae_bench_utils import dataset_info, dataset_utils
+    from sae_bench.sae_bench_utils.general_utils import average_results_dictionaries
+
+    uncertainty = result.uncertainty
+    runs = []  # (SAEBench's per-dataset key, column1 values) in its order
+    for name in config.dataset_names:
+        if suite == "scr":
+            runs += [(f"{name}_scr_{a}_{b}_results", name, (a, b)) for a, b in config.column1_vals_lookup[name]]
+        else:
+            runs.append((f"{name}_tpp_results", name, None))
+    assert list(uncertainty["n_test"]) == [key for key, _, _ in runs]
+    with offline_datasets(offline_data / "hf_datasets"):
+        for key, name, column1 in runs:
+            _, test = dataset_creation.get_train_test_data(
+                name, suite == "scr", config.train_set_size, config.test_set_size, config.random_seed, column1, COLUMN2_VALS_LOOKUP[name]
+            )
+            if suite == "tpp":
+                test = dataset_utils.filter_dataset(test, dataset_info.chosen_classes_per_dataset[name])
+            counted = uncertainty["n_test"][key]
+            assert counted and all(n == 2 * len(test[a.split(" probe on ")[-1].removesuffix(" data")]) for a, n in counted.items())
+    names = [m.removeprefix(f"{suite}.") for m in result.metrics if not m.endswith("_se")]
+    assert names and all(f"{suite}.{n}.binomial_se" in result.metrics for n in names)  # twins included
+    assert any(result.metrics[f"{suite}.{n}.binomial_se"] > 0 for n in names)
+
+    def scored(accuracies) -> dict[str, float]:
+        with contextlib.redirect_stdout(io.StringIO()):
+            per_run = {
+                key: get_scr_plotting_dict(a["raw"], a["clean"]) if suite == "scr" else create_tpp_plotting_dict(a["raw"], a["clean"])[0]
+                for key, a in accuracies.items()
+            }
+        return average_results_dictionaries(per_run, [key.removesuffix("_results") for key in per_run])
+
+    rng = np.random.default_rng(12345)  # not the bootstrap's seed: an independent simulation
+    observed = scored(uncertainty["accuracies"])
+    drawn = {}  # per run, per accuracy (clean name, or ablated class, k, measured name): its redrawn values [draws]
+    for key, a in uncertainty["accuracies"].items():
+        n = uncertainty["n_test"][key]
+        places = [(c,) for c in a["clean"]] + [(ab, k, c) for ab, by_k in a["raw"].items() for k, acc in by_k.items() for c in acc]
+        p = [a["clean"][c[0]] if len(c) == 1 else a["raw"][c[0]][c[1]][c[2]] for c in places]
+        counts = np.array([n[c[-1]] for c in places])
+        drawn[key] = dict(zip(places, (rng.binomial(counts, p, size=(draws, len(places))) / counts).T.tolist(), strict=True))
+    samples = {name: [] for name in observed}
+    for i in range(draws):
+        redrawn = {}
+        for key, a in uncertainty["accuracies"].items():
+            clean = {c: drawn[key][(c,)][i] for c in a["clean"]}
+            raw = {ab: {k: {c: drawn[key][(ab, k, c)][i] for c in acc} for k, acc in by_k.items()} for ab, by_k in a["raw"].items()}
+            redrawn[key] = {"raw": raw, "clean": clean}
+        for name, value in scored(redrawn).items():
+            samples.setdefault(name, []).append(value)
+    compared = 0
+    for name, value in observed.items():
+        assert value == pytest.approx(result.metrics[f"{suite}.{name}"], abs=1e-12)  # the accuracies kept are SAEBench's
+        se, simulated = result.metrics[f"{suite}.{name}.binomial_se"], float(np.std(samples[name], ddof=1))
+        assert se == pytest.approx(simulated, rel=0.15, abs=1e-3), (name, se, simulated)
+        compared += simulated > 1e-3
+    assert compared >= len(observed) // 2, (compared, len(observed))  # most metrics move when their accuracies do
 
 
 @pytest.mark.parametrize("suite", ["scr", "tpp"])
@@ -446,7 +514,8 @@ def test_gemma2s_bos_and_a_jumprelu_hook_z_sae_share_the_model_side_exactly_and_
         assert reused.output[part] == fresh.output[part], part
     assert reused.metrics == fresh.metrics and all(math.isfinite(v) for v in reused.metrics.values())
     twins = [m for m in reused.metrics if m.endswith(evaluate_lib.PADDING_MASKED)]
-    assert twins and len(twins) * 2 == len(reused.metrics)
+    values = [m for m in reused.metrics if not m.endswith("_se")]
+    assert twins and len(twins) * 2 == len(values) and all(f"{m}.binomial_se" in reused.metrics for m in values)
 
 
 def test_an_error_in_the_twins_leaves_saebenchs_numbers_and_says_why(experiment, pruned, offline_data, tmp_path, monkeypatch):
@@ -470,7 +539,9 @@ def test_an_error_in_the_twins_leaves_saebenchs_numbers_and_says_why(experiment,
         assert torch.equal(torch.get_rng_state(), state_after_fine)
     for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
         assert failed.output[part] == fine.output[part], part
-    assert failed.metrics == {k: v for k, v in fine.metrics.items() if not k.endswith(evaluate_lib.PADDING_MASKED)} != fine.metrics
+    # SAEBench's numbers and their standard errors as with the twins (the twins' errors draw from their own generator)
+    twins = (evaluate_lib.PADDING_MASKED, f"{evaluate_lib.PADDING_MASKED}.binomial_se")
+    assert failed.metrics == {k: v for k, v in fine.metrics.items() if not k.endswith(twins)} != fine.metrics
     assert failed.corrected is None and failed.tags["saecomp.tpp.padding_masked_failed"] == "RuntimeError: leak exploded"
     assert (scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset, scr_tpp.ablated_precomputed_activations) == functions
 

@@ -98,7 +98,8 @@ class SuiteResult:
     """What stands behind a suite's standard errors, logged as ``uncertainty/<suite>.json``: core's bootstrap behind
     its ``core.<metric>.bootstrap_se`` (unit, size, seed, the full-sample values and every replicate); the test-set
     counts behind sparse probing's, SCR's and TPP's ``<suite>.<metric>.binomial_se`` (``sparse_probing_uncertainty``,
-    ``scr_tpp_uncertainty``)."""
+    ``scr_tpp_uncertainty``); absorption's word counts behind its ``absorption.<metric>.word_se``
+    (``absorption_uncertainty``)."""
     corrected: dict | None = None
     """Our corrected values beside SAEBench's, per dataset, logged as ``corrected/<suite>.json`` (SCR and TPP: with
     the padded positions masked in the ablation, ``padding_masked_ablations``)."""
@@ -1428,7 +1429,49 @@ def _absorption(model: HookedTransformer, sae: SAE, config, folders: dict, sae_n
     validate_output(out.AbsorptionEvalOutput, output)
     metrics = _scalar_metrics("absorption", output)
     metrics["absorption.n_letters_evaluated"] = float(len(rows))
-    return SuiteResult("absorption", output, metrics, time.perf_counter() - started)
+    uncertainty = absorption_uncertainty(raw, rows)
+    metrics.update({f"absorption.{name}.word_se": se for name, se in uncertainty["se"].items()})
+    return SuiteResult("absorption", output, metrics, time.perf_counter() - started, uncertainty=uncertainty)
+
+
+ABSORPTION_PER_WORD = {"mean_absorption_fraction_score": "absorption_fraction", "mean_full_absorption_score": "is_full_absorption"}
+"""SAEBench's absorption means over letters, each of a per-letter mean over the words its probe detects, and the
+per-word column of its raw results that mean is over."""
+
+
+def absorption_uncertainty(raw, letters: list) -> dict:
+    """Standard errors of absorption's two means over the words tested: SAEBench's per-letter score is the mean over
+    the letter's probe true positives of a per-word value (its raw results, one row per word: ``absorption_fraction``
+    in [0, 1], ``is_full_absorption`` 0 or 1), so its standard error is that of a mean, sqrt(mean squared deviation
+    / n) (what a bootstrap over those words gives, in closed form); the score is the mean over the letters
+    evaluated, so its error is sqrt(sum of the letters' variances) / letters. Not covered: the probes' training
+    and the choice of each letter's main latents (feature splitting), which every word of a letter shares; nor the
+    number of split latents and the spreads over letters, which are not means over words. ``letters``: SAEBench's
+    aggregated rows of the letters that passed its probe gate; a letter whose words do not reproduce SAEBench's
+    per-letter value leaves the metrics without an error. Returns ``{"unit", "n_words", "se", "per_letter_se"}``."""
+    per_letter: dict[str, dict[str, float]] = {}
+    n_words: dict[str, int] = {}
+    consistent = True
+    for row in letters:
+        letter, n = row["letter"], int(round(float(row["num_probe_true_positives"])))
+        words = raw[raw["letter"] == letter]
+        n_words[letter] = n
+        if n < 1 or len(words) > n:
+            consistent = False
+            continue
+        for metric, column in ABSORPTION_PER_WORD.items():
+            # SAEBench divides the sum over the rows by its count of true positives: a missing row counts as 0
+            values = [float(v) for v in words[column]] + [0.0] * (n - len(words))
+            mean = sum(values) / n
+            aggregated = float(row["mean_absorption_fraction" if column == "absorption_fraction" else "full_absorption_rate"])
+            if not math.isclose(mean, aggregated, rel_tol=1e-9, abs_tol=1e-12):
+                consistent = False
+            per_letter.setdefault(letter, {})[metric] = math.sqrt(sum((v - mean) ** 2 for v in values) / n / n)
+    se = {}
+    if consistent and per_letter:
+        for metric in ABSORPTION_PER_WORD:
+            se[metric] = math.sqrt(sum(errors[metric] ** 2 for errors in per_letter.values())) / len(per_letter)
+    return {"unit": "word (a probe true positive)", "n_words": n_words, "se": se, "per_letter_se": per_letter}
 
 
 def ground_truth_probe_f1(model: HookedTransformer, layer: int, config, probes_dir: Path, device: str) -> dict[str, float]:

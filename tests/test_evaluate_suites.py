@@ -802,6 +802,33 @@ def test_absorption_on_a_model_that_knows_first_letters(experiment, small_world,
     # every probe and result went to our folder, nothing into SAEBench's own (inside site-packages)
     assert list((tmp_path / "absorption" / "probes").rglob("probe.pth"))
     assert not [p for d in (RESULTS_DIR, PROBES_DIR) if d.exists() for p in d.rglob("*") if p.stat().st_mtime >= started]
+    check_absorption_standard_errors(result, tmp_path)
+
+
+def check_absorption_standard_errors(result, workdir: Path, replicates: int = 2000) -> None:
+    """Absorption's two means over words carry their standard error over the words tested: it agrees with a bootstrap
+    over the words of SAEBench's own raw results file (resampled within each letter evaluated)."""
+    import numpy as np
+    import pandas as pd
+
+    (raw_file,) = (workdir / "absorption" / "feature_absorption").rglob("layer_0_*.parquet")  # SAEBench's per-word results
+    raw = pd.read_parquet(raw_file)
+    details = {d["first_letter"]: d for d in result.output["eval_result_details"]}
+    assert result.uncertainty["n_words"] == {letter: d["num_probe_true_positives"] for letter, d in details.items()}
+    rng = np.random.default_rng(1)
+    for metric, column, per_letter in (
+        ("mean_absorption_fraction_score", "absorption_fraction", "mean_absorption_fraction"),
+        ("mean_full_absorption_score", "is_full_absorption", "full_absorption_rate"),
+    ):
+        means = np.zeros(replicates)
+        for letter, d in details.items():
+            values = raw.loc[raw["letter"] == letter, column].astype(float).to_numpy()
+            values = np.concatenate([values, np.zeros(d["num_probe_true_positives"] - len(values))])
+            assert values.mean() == pytest.approx(d[per_letter], rel=1e-9, abs=1e-12)  # SAEBench's per-letter score
+            means += values[rng.integers(len(values), size=(replicates, len(values)))].mean(axis=1) / len(details)
+        se = result.metrics[f"absorption.{metric}.word_se"]
+        assert se == pytest.approx(float(means.std()), rel=0.1, abs=1e-4), metric
+    assert result.metrics["absorption.mean_absorption_fraction_score.word_se"] > 0
 
 
 def test_absorption_is_not_applicable_where_saebench_prompts_overflow_the_context(experiment, pruned, tmp_path):

@@ -22,14 +22,16 @@ Uncertainties: a cell carries the standard error its run logged beside the value
 bootstrap over the test sequences, ``evaluate.core_bootstrap``) and the probing suites' ``<metric>.binomial_se``
 (binomial over the texts their probes were tested on: sparse probing's accuracies in closed form,
 ``evaluate.sparse_probing_uncertainty``; SCR's and TPP's scores by a parametric bootstrap through SAEBench's scoring,
-``evaluate.scr_tpp_uncertainty``, conservative), and absorption's ``<metric>.word_se`` (its means over words,
+``evaluate.scr_tpp_uncertainty``, conservative; RAVEL's over its validation pairs, ``evaluate.ravel_uncertainty``), and
+absorption's ``<metric>.word_se`` (its means over words,
 ``evaluate.absorption_uncertainty``). The cell's ``se_kind`` says which.
 A variant whose value differs from the pretrained SAE's in its row by no more than the standard error of that
 difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
 the same resamples of the same test sequences (the differences replicate by replicate), else sqrt(se_a^2 + se_b^2).
 Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
-cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. RAVEL's
-single-seed numbers carry no uncertainty yet.
+cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. The
+numbers that are not means over test items (RAVEL's fact counts, absorption's split latents, core's per-latent
+metrics) carry none.
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ from saecomp.config import SEEDED_SUITES
 VARIANTS = ("pretrained", "pruned25", "pruned50", "trained")
 """The paper's four SAE variants, in its column order; other variants (a selected level) follow them."""
 
-SE_KINDS = {"bootstrap_se": "bootstrap over test sequences", "binomial_se": "binomial over test texts", "word_se": "over the words tested"}
+SE_KINDS = {
+    "bootstrap_se": "bootstrap over test sequences",
+    "binomial_se": "binomial over test texts or pairs",
+    "word_se": "over the words tested",
+}
 """The standard errors evaluate logs as ``<suite>.<metric>.<kind>``, and what each is over."""
 SEED_SPREAD = "spread over seeds"
 
@@ -480,7 +486,8 @@ def _display(cell: pd.Series) -> str:
 LEGEND = (
     "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one standard error, where "
     "computed: a bootstrap over the test sequences for core (spliced losses and scores, reconstruction and sparsity means, "
-    "explained variances), binomial over the test texts for sparse probing's accuracies and SCR's and TPP's scores, over "
+    "explained variances), binomial over the test texts or pairs for sparse probing's accuracies, SCR's, TPP's and "
+    "RAVEL's scores, over "
     "the words tested for absorption's means, the spread over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
     "over the same resampled test sequences where both runs logged their replicates; cells.csv: difference_se, paired): "
@@ -661,12 +668,12 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
         "± is one standard error, where computed: a bootstrap over the test sequences for core (spliced losses and scores, "
         "reconstruction and sparsity means and explained variances), binomial over the test texts for sparse probing's "
-        "accuracies and SCR's and TPP's scores, over the words tested for absorption's means, the spread over seeds where "
+        "accuracies, SCR's, TPP's and RAVEL's scores, over the words tested for absorption's means, the spread over seeds where "
         "replicates ran (hover a cell for which); "
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "
         "pretrained SAE's in its row by no more than the standard error of the difference (paired over the same resampled "
-        "test sequences where both runs logged their replicates): not a finding. RAVEL's "
-        "single-seed numbers carry no uncertainty yet.</p>",
+        "test sequences where both runs logged their replicates): not a finding. Numbers "
+        "that are not means over test items (counts, core's per-latent metrics) carry none.</p>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in provenance) + "</ul>",
     ]
     for (table, model), group in _groups(all_cells):

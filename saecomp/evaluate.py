@@ -99,7 +99,7 @@ class SuiteResult:
     its ``core.<metric>.bootstrap_se`` (unit, size, seed, the full-sample values and every replicate); the test-set
     counts behind sparse probing's, SCR's and TPP's ``<suite>.<metric>.binomial_se`` (``sparse_probing_uncertainty``,
     ``scr_tpp_uncertainty``); absorption's word counts behind its ``absorption.<metric>.word_se``
-    (``absorption_uncertainty``)."""
+    (``absorption_uncertainty``); RAVEL's pair counts behind its ``ravel.<metric>.binomial_se`` (``ravel_uncertainty``)."""
     corrected: dict | None = None
     """Our corrected values beside SAEBench's, per dataset, logged as ``corrected/<suite>.json`` (SCR and TPP: with
     the padded positions masked in the ablation, ``padding_masked_ablations``)."""
@@ -1717,7 +1717,7 @@ def run_ravel(hf_model, sae: SAE, config, workdir: Path, sae_name: str, model_la
         kept = ravel_known_prompts(hf_model, config)
         check_ravel_facts(kept, config)
         ceiling = residual_patch_cause(hf_model, kept, config, sae.cfg.hook_layer)
-        with decoder_layers_as_tuples():
+        with decoder_layers_as_tuples(), ravel_pair_counts() as pair_counts:
             results, per_class = run_eval_single_sae(config, sae, hf_model, str(next(hf_model.parameters()).device), str(workdir))
     finally:
         torch.set_grad_enabled(grad_enabled)
@@ -1746,7 +1746,79 @@ def run_ravel(hf_model, sae: SAE, config, workdir: Path, sae_name: str, model_la
     metrics.update(ravel_per_attribute(per_class, config))
     metrics.update(ravel_fact_counts(config))
     metrics["ravel.residual_patch_cause"] = ceiling
-    return SuiteResult("ravel", output, metrics, time.perf_counter() - started)
+    uncertainty = ravel_uncertainty(pair_counts, per_class, config)
+    metrics.update({f"ravel.{name}.binomial_se": se for name, se in uncertainty["se"].items() if f"ravel.{name}" in metrics})
+    return SuiteResult("ravel", output, metrics, time.perf_counter() - started, uncertainty=uncertainty)
+
+
+@contextmanager
+def ravel_pair_counts() -> Iterator[list[dict]]:
+    """Per intervention run of SAEBench's RAVEL (one per entity class and cause attribute, in its order): how many
+    validation pairs its cause and its isolation scores are means over, with the two scores. SAEBench returns only
+    the means; its `intervention.generate_batched_interventions` counts a pair towards isolation where the base's and
+    the source's first predicted tokens agree and towards cause otherwise, which is counted here the same way from the
+    validation batches it receives (a list: reading it draws nothing)."""
+    from sae_bench.evals.ravel import intervention
+
+    generate = intervention.generate_batched_interventions
+    calls: list[dict] = []
+
+    def counted(model, mdbm, tokenizer, val_loader, *args, **kwargs):
+        n_isolation = n_cause = 0
+        for batch in val_loader:  # (base, source encodings, positions, base_pred_B, source_pred_B, texts, labels)
+            for base_pred, source_pred in zip(batch[4], batch[5], strict=True):
+                if base_pred == source_pred:
+                    n_isolation += 1
+                else:
+                    n_cause += 1
+        isolation, cause = generate(model, mdbm, tokenizer, val_loader, *args, **kwargs)
+        calls.append({"n_isolation": n_isolation, "n_cause": n_cause, "isolation_score": isolation, "cause_score": cause})
+        return isolation, cause
+
+    with _WRAPPING:
+        intervention.generate_batched_interventions = counted
+        try:
+            yield calls
+        finally:
+            intervention.generate_batched_interventions = generate
+
+
+def ravel_uncertainty(calls: list[dict], per_class: dict, config) -> dict:
+    """Binomial standard errors of RAVEL's scores over the validation pairs they are means over
+    (``ravel_pair_counts``): each pair's intervention succeeds or not, so a cause score c over n pairs has
+    sqrt(c (1 - c) / n), and likewise isolation; the disentanglement score is their mean, over disjoint pairs, so
+    sqrt(se_cause^2 + se_isolation^2) / 2. SAEBench averages over cause attributes per entity class and then over
+    entity classes, and the errors combine the same way. What it covers: which pairs were drawn for validation. Not
+    covered: the training of RAVEL's mask on the training pairs, which every validation pair shares. ``calls`` map
+    to SAEBench's per-attribute results in its order (entity classes, then cause attributes); a score a call does not
+    reproduce, or one over no pairs, leaves its metric and those averaging it without an error. Returns ``{"unit",
+    "pairs", "se"}``, ``se`` keyed by our metric names (``ravel.<class>.<attribute>.<score>`` and the headline
+    scores, without ``ravel.``)."""
+    order = [(entity, attribute) for entity, attributes in config.entity_attribute_selection.items() for attribute in attributes]
+    pairs, se, variances = {}, {}, {}  # variances: (entity, score) -> per attribute
+    if len(calls) != len(order):
+        unmatched = f"{len(calls)} intervention runs for {len(order)} attributes"
+        return {"unit": "validation pair", "pairs": {}, "se": {}, "unmatched": unmatched}
+    for (entity, attribute), call in zip(order, calls, strict=True):
+        scored = per_class.get(f"{entity}_results", {}).get(f"{entity}_{attribute}", {})
+        pairs[f"{entity}.{attribute}"] = {"cause": call["n_cause"], "isolation": call["n_isolation"]}
+        errors = {}
+        for score, n in (("cause_score", call["n_cause"]), ("isolation_score", call["n_isolation"])):
+            value = call[score]
+            if n > 0 and scored.get(score) == value and 0.0 <= value <= 1.0:
+                errors[score] = value * (1.0 - value) / n
+        if len(errors) == 2:
+            errors["disentangle_score"] = (errors["cause_score"] + errors["isolation_score"]) / 4
+        for theirs, ours in RAVEL_SCORES.items():
+            variances.setdefault((entity, ours), []).append(errors.get(theirs))
+            if theirs in errors:
+                se[f"{entity}.{attribute}.{ours}"] = math.sqrt(errors[theirs])
+    for ours in RAVEL_SCORES.values():
+        per_entity = [variances[(entity, ours)] for entity in config.entity_attribute_selection]
+        if all(v is not None for attributes in per_entity for v in attributes):
+            entity_variances = [sum(attributes) / len(attributes) ** 2 for attributes in per_entity]
+            se[ours] = math.sqrt(sum(entity_variances)) / len(entity_variances)
+    return {"unit": "validation pair", "pairs": pairs, "se": se}
 
 
 RAVEL_SCORES = {"cause_score": "cause_score", "isolation_score": "isolation_score", "disentangle_score": "disentanglement_score"}

@@ -390,14 +390,14 @@ def test_sparse_probing_cells_carry_their_binomial_standard_errors_and_a_seed_sp
     records = [run("p", 1, "pretrained", 0.80, 0.01), run("a", 2, "pruned25", 0.81, 0.01), run("b", 3, "pruned50", 0.70, 0.01)]
     cells = compare.cells(records).set_index(["table", "metric", "variant"])
     top1 = cells.loc["sparse_probing"].loc["sae_top_1_test_accuracy"]
-    assert top1["se"].dropna().tolist() == [0.01, 0.01, 0.01] and set(top1["se_kind"].dropna()) == {"binomial over test texts"}
+    assert top1["se"].dropna().tolist() == [0.01, 0.01, 0.01] and set(top1["se_kind"].dropna()) == {"binomial over test texts or pairs"}
     assert top1.loc["pruned25", "within_uncertainty"] is True and top1.loc["pruned50", "within_uncertainty"] is False
     assert top1.loc["pruned25", "paired"] is False  # no replicates: the conservative sqrt(se_a^2 + se_b^2)
     llm = cells.loc[("sparse_probing", "llm_test_accuracy", "pretrained")]
     assert pd.isna(llm["se"]) and llm["se_kind"] is None  # a number logged without its standard error claims none
     line = next(x for x in compare.markdown(compare.cells(records)).splitlines() if "| sae_top_1_test_accuracy |" in x)
     assert [c.strip() for c in line.split("|")[3:6]] == ["0.8000 ± 0.01", "0.8100 ± 0.01 ≈", "0.7000 ± 0.01"]
-    assert "± one standard error, binomial over test texts" in compare.html_report(compare.cells(records), {}, "t", [])
+    assert "± one standard error, binomial over test texts or pairs" in compare.html_report(compare.cells(records), {}, "t", [])
     # two seeds of the pretrained SAE: their mean and the spread over seeds, not one run's binomial error
     replicated = compare.cells([*records, run("p2", 4, "pretrained", 0.84, 0.01, seed="1")]).set_index(["table", "metric", "variant"])
     cell = replicated.loc[("sparse_probing", "sae_top_1_test_accuracy", "pretrained")]

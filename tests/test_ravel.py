@@ -132,6 +132,23 @@ def test_ravel_keeps_the_known_entities_and_gives_finite_validated_scores(fact_w
     for name in ("disentanglement_score", "cause_score", "isolation_score"):
         per_attribute = [metrics[f"ravel.city.{a}.{name}"] for a in RAVEL_ATTRIBUTE_TEMPLATES]
         assert metrics[f"ravel.{name}"] == pytest.approx(sum(per_attribute) / len(per_attribute))
+    # binomial standard errors over the validation pairs each score is a mean over: a score times its count of
+    # pairs is a whole number of successful interventions (a wrong count would not be), and the errors combine as
+    # SAEBench averages the scores
+    pairs = result.uncertainty["pairs"]
+    assert set(pairs) == {f"city.{a}" for a in RAVEL_ATTRIBUTE_TEMPLATES}
+    for attribute in RAVEL_ATTRIBUTE_TEMPLATES:
+        counts = pairs[f"city.{attribute}"]
+        assert counts["cause"] > 0 and counts["isolation"] > 0
+        for score, n in (("cause_score", counts["cause"]), ("isolation_score", counts["isolation"])):
+            value = metrics[f"ravel.city.{attribute}.{score}"]
+            assert value * n == pytest.approx(round(value * n), abs=1e-6), (attribute, score, value, n)
+            assert metrics[f"ravel.city.{attribute}.{score}.binomial_se"] == pytest.approx(math.sqrt(value * (1 - value) / n))
+        both = [metrics[f"ravel.city.{attribute}.{s}.binomial_se"] for s in ("cause_score", "isolation_score")]
+        assert metrics[f"ravel.city.{attribute}.disentanglement_score.binomial_se"] == pytest.approx(math.hypot(*both) / 2)
+    for name in ("disentanglement_score", "cause_score", "isolation_score"):
+        per_attribute = [metrics[f"ravel.city.{a}.{name}.binomial_se"] for a in RAVEL_ATTRIBUTE_TEMPLATES]
+        assert metrics[f"ravel.{name}.binomial_se"] == pytest.approx(math.hypot(*per_attribute) / len(per_attribute))
     # RAVEL switches gradients on and trains a mask: nothing of that leaks out
     assert all(p.requires_grad for p in loaded.hf.parameters()) and not loaded.hf.training
     assert {p.name for p in ravel_package.rglob("*")} == before  # every file went to our folders

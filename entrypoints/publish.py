@@ -169,7 +169,11 @@ def gather(exp, experiment: str, chosen, companion: str | None):
         evaluations = client.search_runs([run.info.experiment_id], query)
         evaluation = {}
         for evaluated in sorted(evaluations, key=lambda r: r.info.start_time):  # the newest wins
-            evaluation.update({k: v for k, v in evaluated.data.metrics.items() if k in CORE})
+            for name in (name for name in CORE if name in evaluated.data.metrics):
+                evaluation[name] = evaluated.data.metrics[name]
+                evaluation.pop(f"{name}.bootstrap_se", None)  # a value's standard error comes from the run of the value
+                if f"{name}.bootstrap_se" in evaluated.data.metrics:
+                    evaluation[f"{name}.bootstrap_se"] = evaluated.data.metrics[f"{name}.bootstrap_se"]
         provenance = {
             "prune_sae_run": run_id,
             "prune_llm_run": prune_llm,

@@ -192,12 +192,19 @@ def model_card(saes: list[PublishedSAE], repo_id: str, base_model: str, extra: s
         if pm.get("repo"):
             lines += [f"The pruned checkpoint itself is in [`{pm['repo']}`](https://huggingface.co/{pm['repo']}).", ""]
     lines += ["## Evaluation (SAEBench, on the pruned model; from the tracking store)", ""]
-    metrics = sorted({k for sae in saes for k in sae.evaluation})
+    metrics = sorted({k for sae in saes for k in sae.evaluation if not k.endswith(".bootstrap_se")})
+
+    def shown(sae: PublishedSAE, metric: str) -> str:
+        if metric not in sae.evaluation:
+            return "—"
+        se = sae.evaluation.get(f"{metric}.bootstrap_se")
+        return f"{sae.evaluation[metric]:.4f}" + (f" ± {se:.2g}" if se is not None else "")
+
     if metrics:
         lines += ["| sae_id | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-        for sae in saes:
-            values = [f"{sae.evaluation[m]:.4f}" if m in sae.evaluation else "—" for m in metrics]
-            lines.append(f"| `{sae.sae_id}` | " + " | ".join(values) + " |")
+        lines += [f"| `{sae.sae_id}` | " + " | ".join(shown(sae, m) for m in metrics) + " |" for sae in saes]
+        if any(k.endswith(".bootstrap_se") for sae in saes for k in sae.evaluation):
+            lines += ["", "± is one standard error, a bootstrap over the test sequences (SAEBench core's metrics)."]
     else:
         lines.append("No finished evaluation of these SAEs in the store.")
     lines += [

@@ -4,6 +4,7 @@ server on loopback (tests/hub_server.py). The store is synthetic (runs with real
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import mlflow
@@ -63,6 +64,17 @@ def store(tmp_path_factory):
         client.log_artifact(run.info.run_id, str(tmp / f"{hook}-selection" / "selection.json"))
         client.set_terminated(run.info.run_id, "FINISHED")
         saes[hook] = (run.info.run_id, sae)
+    # two evaluations of the published resid SAE on the pruned model: the card shows the newest value of each metric,
+    # with the standard error of the run that value comes from
+    source = f"runs:/{saes['hook_resid_post'][0]}/saes/pruned-0.25"
+    for metrics in ({"core.ce_loss_score": 0.5, "core.ce_loss_score.bootstrap_se": 0.01, "core.mse": 0.3},
+                    {"core.ce_loss_score": 0.6, "core.mse": 0.2, "core.mse.bootstrap_se": 0.003}):  # fmt: skip
+        tags = {"saecomp.step": "evaluate", "sae_source": source, "pruned_model_run": llm.info.run_id}
+        evaluated = client.create_run(experiment_id, tags=tags)
+        for key, value in metrics.items():
+            client.log_metric(evaluated.info.run_id, key, value)
+        client.set_terminated(evaluated.info.run_id, "FINISHED")
+        time.sleep(0.01)  # distinct start times: the newest wins
     # prune_sae registers each level's folder in the Model Registry: publish takes such a version too
     client.create_registered_model("publish-synthetic.resid")
     run_id = saes["hook_resid_post"][0]
@@ -116,6 +128,10 @@ def test_dry_run_writes_the_folder_saelens_loads_and_uploads_nothing(store, expe
     assert card.startswith("---\nlibrary_name: saelens")
     assert 'SAE.from_pretrained("someone/tiny-saes", "blocks.1.hook_resid_post/wanda-0.25")' in card
     assert store["saes"]["hook_resid_post"][0] in card and rebuild in card  # provenance and how to rebuild the model
+    evaluation = card.split("## Evaluation")[1].split("\n## ")[0]
+    row = next(line for line in evaluation.splitlines() if line.startswith("| `blocks.1.hook_resid_post/wanda-0.25` |"))
+    assert [c.strip() for c in row.split("|")[2:4]] == ["0.6000", "0.2000 ± 0.003"]  # ce_loss_score, mse: no stale ± from the older run
+    assert "± is one standard error, a bootstrap over the test sequences" in card
 
 
 def test_a_registered_version_publishes_its_run_folder(store, experiment_file, tmp_path):

@@ -234,10 +234,14 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             probing = [suite for suite in ev.suites if suite not in ("core", "ravel")]  # the suites that read labelled texts
-            adapter = contextlib.nullcontext()
+            adapter = contextlib.nullcontext({})
             if probing and tiny:
                 adapter = tiny_world_datasets(exp, world, tmp / "data", say)
-            with adapter:
+            elif probing:
+                from saecomp.saebench_data import pinned_labelled_data
+
+                adapter = pinned_labelled_data(ev.labelled_data_revisions)
+            with adapter as labelled_data:
                 for suite in ev.suites:
                     say(f"{suite}: running")
                     try:
@@ -260,10 +264,13 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                         continue
                     mlflow.log_metrics({**result.metrics, f"{suite}.seconds": result.seconds})
                     mlflow.set_tags(result.tags)
+                    if labelled_data:  # online: the commit of every labelled Hub dataset read so far
+                        read = ", ".join(f"{repo}@{commit}" for repo, commit in sorted(labelled_data.items()))
+                        mlflow.set_tag("saecomp.labelled_data", read)
                     (tmp / f"{suite}.json").write_text(json.dumps(result.output, indent=1))
                     mlflow.log_artifact(str(tmp / f"{suite}.json"), "saebench")
                     for folder, extra in (("uncertainty", result.uncertainty), ("corrected", result.corrected)):
-                        if extra:  # core's bootstrap, sparse probing's test counts (behind their *_se); SCR's/TPP's padding-masked values
+                        if extra:  # what stands behind the *_se metrics; SCR's/TPP's padding-masked values
                             (tmp / folder).mkdir(exist_ok=True)
                             (tmp / folder / f"{suite}.json").write_text(json.dumps(extra))
                             mlflow.log_artifact(str(tmp / folder / f"{suite}.json"), folder)

@@ -235,6 +235,11 @@ class EvaluationConfig(Section):
     """Numbers of latents ablated."""
     scr_tpp_datasets: StrList | None = None
     """SAEBench dataset names; default: SAEBench's two (bias_in_bios class set 1, Amazon reviews)."""
+    labelled_data_revisions: dict[str, str] = Field(default_factory=dict)
+    """Per Hub dataset the probing suites read online (`LabHC/bias_in_bios`, `canrager/amazon_reviews_mcauley_1and5`,
+    `codeparrot/github-code`, `fancyzhx/ag_news`, `Helsinki-NLP/europarl`), the branch, tag or commit to read; "main"
+    for any not named (not for a tiny model, whose labelled texts come from its world). The commits they resolved to
+    are tagged on the run (``saecomp.labelled_data``): set them here to rerun on exactly that data."""
     # absorption
     absorption_max_k: int = 10
     """Largest k of the k-sparse first-letter probes."""
@@ -260,9 +265,12 @@ class EvaluationConfig(Section):
 _LABELLED_DATA = ("sparse_probing_train_size", "sparse_probing_test_size", "scr_tpp_train_size", "scr_tpp_test_size")
 SUITE_FIELDS = {
     "core": ("n_sequences", "context_size", "batch_size_prompts", "n_reconstruction_batches", "n_sparsity_variance_batches"),
-    "sparse_probing": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "sparse_probing_k", "sparse_probing_datasets"),
-    "scr": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
-    "tpp": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets"),
+    "sparse_probing": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "sparse_probing_k", "sparse_probing_datasets",
+                       "labelled_data_revisions"),
+    "scr": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets",
+            "labelled_data_revisions"),
+    "tpp": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets",
+            "labelled_data_revisions"),
     "absorption": ("seed", "llm_batch_size", "absorption_max_k", "absorption_min_letters"),
     "ravel": ("seed", "ravel_llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute", "ravel_data_revision"),
 }  # fmt: skip
@@ -486,13 +494,17 @@ def validate(exp: Experiment) -> Experiment:
             f"world.corpus.profession_gender_correlation={correlation} leaves a gender without biographies of some professions, "
             "which SCR, TPP and sparse probing need; valid: a value strictly between 0 and 1"
         )
-    from saecomp.saebench_data import check_datasets
+    from saecomp.saebench_data import check_datasets, check_labelled_data_revisions
 
     for name in ("sparse_probing_datasets", "scr_tpp_datasets"):
         try:
             check_datasets(name, getattr(ev, name), tiny)
         except ValueError as error:
             raise ConfigError(f"evaluation.{error}") from None
+    try:
+        check_labelled_data_revisions(ev.labelled_data_revisions)
+    except ValueError as error:
+        raise ConfigError(f"evaluation.{error}") from None
     for sparsity in exp.sae_pruning.sparsities:
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"sae_pruning.sparsities contains {sparsity}; valid: numbers in [0, 1)")

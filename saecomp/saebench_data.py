@@ -21,6 +21,7 @@ and SCR pairs apply unchanged. There is no tiny-world counterpart of github-code
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,73 @@ SAEBENCH_SPARSE_PROBING_DATASETS = [
 ]
 """SAEBench's eight sparse-probing datasets (its default)."""
 GENDER_IDS = {"male": 0, "female": 1}
+
+
+def hub_repo_of(dataset: str) -> str:
+    """The Hub dataset SAEBench's loaders read for one of its dataset names: its bias_in_bios class sets and Amazon
+    sentiment task are views of one repository each (`dataset_utils`, `dataset_creation`)."""
+    return dataset.split("_class_set")[0].split("_sentiment")[0]
+
+
+LABELLED_DATA_REPOS = sorted({hub_repo_of(name) for name in SAEBENCH_SPARSE_PROBING_DATASETS + TINY_SCR_TPP_DATASETS})
+"""The Hub datasets SAEBench's probing suites read online (``evaluation.labelled_data_revisions`` pins them)."""
+
+
+def check_labelled_data_revisions(revisions: dict[str, str]) -> None:
+    """A ValueError naming the first repository the probing suites never read, or an empty revision."""
+    for repo, revision in revisions.items():
+        if repo not in LABELLED_DATA_REPOS:
+            raise ValueError(f"labelled_data_revisions names {repo!r}; valid: {', '.join(LABELLED_DATA_REPOS)}")
+        if not isinstance(revision, str) or not revision.strip():
+            raise ValueError(f"labelled_data_revisions[{repo!r}]={revision!r}; valid: a branch, tag or commit")
+
+
+@contextmanager
+def pinned_labelled_data(revisions: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Online, SAEBench's probing suites load each labelled Hub dataset with ``load_dataset(<repo>)``: whatever its
+    newest commit is that day. Inside, each such load gets ``revision=<commit>`` instead: the experiment's revision
+    for that repository (``evaluation.labelled_data_revisions``: branch, tag or commit; "main" where it names none),
+    resolved to a commit at its first load. Yields ``{repo: commit}`` as they are loaded (the run tags it:
+    ``saecomp.labelled_data``), so every number names exactly the data it comes from.
+
+    SAEBench's loaders take no revision, so for the duration the ``load_dataset`` its two loader modules imported is
+    wrapped (`sae_bench_utils.dataset_utils`, `scr_and_tpp.dataset_creation`): module attributes, so one evaluation
+    per process at a time (the evaluate step's). A load that passes its own revision is left as it is. Offline
+    (``HF_HUB_OFFLINE``) nothing can be resolved: a revision that is a full commit is passed as it is, else the load
+    is left to ``datasets``' cache, and the yielded value says so."""
+    import importlib
+
+    from huggingface_hub import HfApi
+    from huggingface_hub import constants as hub_constants
+
+    resolved: dict[str, str] = {}
+    wrapped = []
+    for module_name in ("sae_bench.sae_bench_utils.dataset_utils", "sae_bench.evals.scr_and_tpp.dataset_creation"):
+        module = importlib.import_module(module_name)
+        original = module.load_dataset
+
+        def load(path, *args, _load=original, **kwargs):
+            if "revision" in kwargs or path not in LABELLED_DATA_REPOS:
+                return _load(path, *args, **kwargs)
+            revision = revisions.get(path, "main")
+            if path not in resolved:
+                if not hub_constants.HF_HUB_OFFLINE:
+                    resolved[path] = HfApi().dataset_info(path, revision=revision).sha
+                elif re.fullmatch(r"[0-9a-f]{40}", revision):
+                    resolved[path] = revision
+                else:
+                    resolved[path] = f"{revision} (offline: not resolved, the datasets cache's copy)"
+            if re.fullmatch(r"[0-9a-f]{40}", resolved[path]):
+                kwargs["revision"] = resolved[path]
+            return _load(path, *args, **kwargs)
+
+        wrapped.append((module, original))
+        module.load_dataset = load
+    try:
+        yield resolved
+    finally:
+        for module, original in wrapped:
+            module.load_dataset = original
 
 
 def default_datasets(field: str, tiny: bool) -> list[str]:

@@ -66,6 +66,11 @@ ERRORS = [
     ({"evaluation.scr_tpp_train_size": 4}, "evaluation.scr_tpp_train_size=4 is too small"),
     ({"evaluation.absorption_min_letters": 1}, "evaluation.absorption_min_letters=1 is not valid; valid: 2 to 26 letters"),
     (
+        {"evaluation.labelled_data_revisions": {"LabHC/bios": "main"}},
+        "evaluation.labelled_data_revisions names 'LabHC/bios'; valid: Helsinki-NLP/europarl, LabHC/bias_in_bios",
+    ),
+    ({"evaluation.labelled_data_revisions": {"fancyzhx/ag_news": " "}}, "labelled_data_revisions['fancyzhx/ag_news']=' '; valid: a branch"),
+    (
         {"world.corpus.profession_gender_correlation": 1.0, "evaluation.suites": ["scr"]},
         "world.corpus.profession_gender_correlation=1.0 leaves a gender without biographies",
     ),

@@ -942,3 +942,59 @@ def test_more_latents_than_the_sae_has_are_refused_before_any_run(small_experime
     assert "evaluation.scr_tpp_n_values=[2, 500] asks for 500 latents, but the SAE has 128; valid: at most 128" in result.output
     # (the SAE itself may have been trained first: its width is what is checked) no evaluate run was opened
     assert len(evaluations()) == before
+
+
+def test_online_labelled_data_is_the_commit_asked_for(experiment, tmp_path, monkeypatch):
+    """Online, SAEBench's probing suites load their labelled Hub datasets unpinned (the newest commit). Inside
+    `pinned_labelled_data` each load reads the experiment's revision, resolved to a commit, and the commits read are
+    what the run tags; SAEBench's own loaders (both modules) are what read them. Through a local Hub, with the real
+    `huggingface_hub` and `datasets` clients."""
+    import dataclasses
+    import shutil
+
+    import datasets.config
+    from hub_server import HubServer, pointed_at
+    from huggingface_hub import HfApi
+    from sae_bench.evals.scr_and_tpp import dataset_creation
+    from sae_bench.sae_bench_utils import dataset_utils
+
+    from saecomp.saebench_data import pinned_labelled_data
+
+    token = "hf_labelledDataTestToken0123456789abcdef"
+    corpus = experiment.world_config().corpus
+    texts = []  # per commit: its training biographies
+    with HubServer(token=token) as hub, pointed_at(hub, tmp_path / "hf_cache", token=token):
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+        api = HfApi()
+        api.create_repo(BIAS_IN_BIOS, repo_type="dataset")
+        commits = []
+        for index, seed in enumerate((0, 1)):  # two versions of the dataset: two worlds' biographies
+            write_offline_datasets(dataclasses.replace(corpus, seed=seed), tmp_path / f"v{index}", 40, 10)
+            upload = tmp_path / f"upload{index}" / "data"
+            upload.mkdir(parents=True)
+            for split in ("train", "test"):
+                written = tmp_path / f"v{index}" / "parquet" / "LabHC__bias_in_bios" / f"{split}.parquet"
+                shutil.copy(written, upload / f"{split}-00000-of-00001.parquet")
+            commits.append(api.upload_folder(repo_id=BIAS_IN_BIOS, repo_type="dataset", folder_path=str(upload.parent)).oid)
+            texts.append(set(pq.read_table(upload / "train-00000-of-00001.parquet").column("hard_text").to_pylist()))
+        assert texts[0] != texts[1]
+        originals = (dataset_utils.load_dataset, dataset_creation.load_dataset)
+        for revisions, expected in (({BIAS_IN_BIOS: commits[0]}, 0), ({}, 1), ({BIAS_IN_BIOS: "main"}, 1)):
+            with pinned_labelled_data(revisions) as read:
+                train, _ = dataset_utils.get_multi_label_train_test_data("LabHC/bias_in_bios_class_set1", 40, 8, 42)  # sparse probing's
+                scr_train, _ = dataset_creation.get_train_test_data(  # SCR's, through its own module
+                    "LabHC/bias_in_bios_class_set1", True, 40, 8, 42, ("professor", "nurse"), ("male", "female")
+                )
+            assert read == {BIAS_IN_BIOS: commits[expected]}, revisions
+            for drawn in (train, scr_train):
+                drawn_texts = {t for class_texts in drawn.values() for t in class_texts}
+                assert drawn_texts and drawn_texts <= texts[expected] and not drawn_texts <= texts[1 - expected]
+        assert (dataset_utils.load_dataset, dataset_creation.load_dataset) == originals  # restored
+    # every repository SAEBench's loaders read for one of its datasets can be pinned, and no other
+    from sae_bench.sae_bench_utils import dataset_info
+
+    from saecomp.saebench_data import LABELLED_DATA_REPOS, hub_repo_of
+
+    assert LABELLED_DATA_REPOS == sorted({hub_repo_of(name) for name in dataset_info.chosen_classes_per_dataset})

@@ -470,6 +470,21 @@ def _scalar_metrics(suite: str, output: dict) -> dict[str, float]:
     }
 
 
+def standard_errors(suite: str, kind: str, metrics: dict[str, float], compute) -> tuple[dict | None, dict[str, str]]:
+    """Our standard errors beside SAEBench's numbers: adds ``<suite>.<metric>.<kind>`` to ``metrics`` for each metric
+    there that ``compute()``'s ``se`` covers, and returns what stands behind them (``uncertainty/<suite>.json``) with
+    no tags. They are ours, SAEBench's numbers are the paper's: an error in computing them is returned as the tag
+    ``saecomp.<suite>.se_failed`` and warned, never raised."""
+    try:
+        uncertainty = compute()
+    except Exception as error:
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        warnings.warn(f"{suite}: no standard errors ({reason}); SAEBench's numbers are logged", stacklevel=2)
+        return None, {f"saecomp.{suite}.se_failed": reason}
+    metrics.update({f"{suite}.{name}.{kind}": se for name, se in uncertainty["se"].items() if f"{suite}.{name}" in metrics})
+    return uncertainty, {}
+
+
 def run_sparse_probing(
     model: HookedTransformer, sae: SAE, config, workdir: Path, sae_name: str = "sae", shared: Path | None = None
 ) -> SuiteResult:
@@ -507,12 +522,9 @@ def run_sparse_probing(
     output = _output_of(eval_output, workdir)
     validate_output(out.SparseProbingEvalOutput, output)
     metrics = _scalar_metrics("sparse_probing", output)
-    uncertainty = sparse_probing_uncertainty(per_class, test_sizes)
-    metrics.update(
-        {f"sparse_probing.{name}.binomial_se": se for name, se in uncertainty["se"].items() if f"sparse_probing.{name}" in metrics}
-    )
+    uncertainty, tags = standard_errors("sparse_probing", "binomial_se", metrics, lambda: sparse_probing_uncertainty(per_class, test_sizes))
     seconds = time.perf_counter() - started
-    tags = {"saecomp.sparse_probing.model_side": side.origin}
+    tags["saecomp.sparse_probing.model_side"] = side.origin
     return SuiteResult("sparse_probing", output, metrics, seconds, tags, uncertainty=uncertainty)
 
 
@@ -522,7 +534,8 @@ def probe_test_sizes() -> Iterator[dict[str, dict[str, int]]]:
     class's probes on: SAEBench returns only the accuracies. Its `probe_training.prepare_probe_data` tests a class's
     probe on the class's texts and as many drawn from the other classes, so 2 x the class's test texts, counted here
     from the test activations its `train_probe_on_activations` gets. The same for every probe of a dataset (the
-    model's and the SAE's, all k), or this raises. Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
+    model's and the SAE's, all k): where it is not, or cannot be counted, the dataset's count is None (no standard
+    error; never an error in SAEBench's run). Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
     from sae_bench.evals.sparse_probing import main as sparse_probing
     from sae_bench.evals.sparse_probing import probe_training
 
@@ -538,11 +551,13 @@ def probe_test_sizes() -> Iterator[dict[str, dict[str, int]]]:
             current.pop()
 
     def training(train_activations, test_activations, *args, **kwargs):
-        if kwargs.get("perform_scr"):
-            raise RuntimeError("probe_test_sizes counts sparse probing's one-against-the-rest probes, not SCR's paired ones")
-        counted = {str(name): 2 * len(acts) for name, acts in test_activations.items()}
-        if sizes.setdefault(current[-1], counted) != counted:
-            raise RuntimeError(f"{current[-1]}: probes tested on {counted} texts per class after {sizes[current[-1]]}")
+        if current:  # never raises into SAEBench's run: a count that does not hold leaves the dataset without one
+            try:
+                counted = None if kwargs.get("perform_scr") else {str(name): 2 * len(acts) for name, acts in test_activations.items()}
+            except Exception:
+                counted = None
+            if sizes.setdefault(current[-1], counted) != counted:
+                sizes[current[-1]] = None
         return train_probes(train_activations, test_activations, *args, **kwargs)
 
     sparse_probing.run_eval_single_dataset, probe_training.train_probe_on_activations = dataset, training
@@ -571,7 +586,8 @@ def sparse_probing_uncertainty(per_class: dict[str, dict[str, dict[str, float]]]
     for dataset, metrics in per_class.items():
         sizes = test_sizes.get(dataset)
         if sizes is None:
-            raise RuntimeError(f"no test sizes were counted for {dataset}; counted: {sorted(test_sizes)}")
+            counted = sorted(test_sizes)
+            raise RuntimeError(f"no test sizes were counted for {dataset} (counted: {counted}), or they differed between its probes")
         for metric, accuracies in metrics.items():
             if set(accuracies) != set(sizes) or not all(0.0 <= p <= 1.0 for p in accuracies.values()):
                 broken.add(metric)
@@ -652,8 +668,9 @@ def run_scr_or_tpp(
             if isinstance(masked["averaged"].get(name), (int, float)):
                 metrics[f"{suite}.{name}{PADDING_MASKED}"] = float(masked["averaged"][name])
     keys = [key for key, value in results.items() if isinstance(value, dict)]  # "<run name>_results", in run order
-    uncertainty = scr_tpp_uncertainty(suite, keys, accuracy_runs, masked_runs.runs if masked is not None else None)
-    metrics.update({f"{suite}.{name}.binomial_se": se for name, se in uncertainty["se"].items() if f"{suite}.{name}" in metrics})
+    twins = masked_runs.runs if masked is not None else None
+    uncertainty, se_tags = standard_errors(suite, "binomial_se", metrics, lambda: scr_tpp_uncertainty(suite, keys, accuracy_runs, twins))
+    tags.update(se_tags)
     seconds = time.perf_counter() - started
     return SuiteResult(suite, output, metrics, seconds, tags, uncertainty=uncertainty, corrected=masked)
 
@@ -664,8 +681,9 @@ def scr_tpp_accuracies() -> Iterator[list[dict]]:
     (``clean``) and how many test texts each accuracy is over (``n_test``, per accuracy name), which SAEBench does not
     return. Its `probe_training.prepare_probe_data` tests a probe on the class's texts and as many of the other
     classes' (TPP) or of the paired class's (SCR; "X probe on Y data" reads Y's), so 2 x that class's test texts,
-    counted from the activations its `get_probe_test_accuracy` gets: the same at every call for a dataset, or this
-    raises. Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
+    counted from the activations its `get_probe_test_accuracy` gets: the same at every call for a dataset, else None
+    (no standard error; never an error in SAEBench's run). Hold ``_WRAPPING`` (entered inside
+    ``per_dataset_random_state``)."""
     from sae_bench.evals.scr_and_tpp import main as scr_tpp
 
     one_dataset, probe_test = scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy
@@ -683,11 +701,11 @@ def scr_tpp_accuracies() -> Iterator[list[dict]]:
 
     def test_accuracy(probes, all_class_list, all_activations, *args, **kwargs):
         accuracies = probe_test(probes, all_class_list, all_activations, *args, **kwargs)
-        for name in accuracies if counting else ():
+        for name in accuracies if counting else ():  # never raises into SAEBench's run: a count that does not hold is None
             texts_of = name.split(" probe on ", 1)[1].removesuffix(" data") if " probe on " in name else name
-            n = 2 * len(all_activations[texts_of])
+            n = 2 * len(all_activations[texts_of]) if texts_of in all_activations else None
             if counting[-1].setdefault(name, n) != n:
-                raise RuntimeError(f"{name}: probes tested on {n} texts after {counting[-1][name]}")
+                counting[-1][name] = None
         return accuracies
 
     scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy = dataset, test_accuracy
@@ -733,7 +751,7 @@ def scr_tpp_uncertainty(
         raise RuntimeError(f"{suite}: {len(keys)} dataset results from SAEBench, accuracies of {len(runs)} dataset runs")
     for run in runs:
         for name, p in [*run["clean"].items(), *(item for by_k in run["raw"].values() for acc in by_k.values() for item in acc.items())]:
-            if name not in run["n_test"] or not 0.0 <= p <= 1.0:
+            if not run["n_test"].get(name) or not 0.0 <= p <= 1.0:
                 counted = sorted(run["n_test"])
                 raise RuntimeError(f"{suite}: no test count for {name!r} (counted: {counted}) or accuracy {p} not a proportion")
     generator = np.random.default_rng(seed)
@@ -1429,9 +1447,8 @@ def _absorption(model: HookedTransformer, sae: SAE, config, folders: dict, sae_n
     validate_output(out.AbsorptionEvalOutput, output)
     metrics = _scalar_metrics("absorption", output)
     metrics["absorption.n_letters_evaluated"] = float(len(rows))
-    uncertainty = absorption_uncertainty(raw, rows)
-    metrics.update({f"absorption.{name}.word_se": se for name, se in uncertainty["se"].items()})
-    return SuiteResult("absorption", output, metrics, time.perf_counter() - started, uncertainty=uncertainty)
+    uncertainty, tags = standard_errors("absorption", "word_se", metrics, lambda: absorption_uncertainty(raw, rows))
+    return SuiteResult("absorption", output, metrics, time.perf_counter() - started, tags, uncertainty=uncertainty)
 
 
 ABSORPTION_PER_WORD = {"mean_absorption_fraction_score": "absorption_fraction", "mean_full_absorption_score": "is_full_absorption"}
@@ -1746,9 +1763,8 @@ def run_ravel(hf_model, sae: SAE, config, workdir: Path, sae_name: str, model_la
     metrics.update(ravel_per_attribute(per_class, config))
     metrics.update(ravel_fact_counts(config))
     metrics["ravel.residual_patch_cause"] = ceiling
-    uncertainty = ravel_uncertainty(pair_counts, per_class, config)
-    metrics.update({f"ravel.{name}.binomial_se": se for name, se in uncertainty["se"].items() if f"ravel.{name}" in metrics})
-    return SuiteResult("ravel", output, metrics, time.perf_counter() - started, uncertainty=uncertainty)
+    uncertainty, tags = standard_errors("ravel", "binomial_se", metrics, lambda: ravel_uncertainty(pair_counts, per_class, config))
+    return SuiteResult("ravel", output, metrics, time.perf_counter() - started, tags, uncertainty=uncertainty)
 
 
 @contextmanager
@@ -1765,12 +1781,15 @@ def ravel_pair_counts() -> Iterator[list[dict]]:
 
     def counted(model, mdbm, tokenizer, val_loader, *args, **kwargs):
         n_isolation = n_cause = 0
-        for batch in val_loader:  # (base, source encodings, positions, base_pred_B, source_pred_B, texts, labels)
-            for base_pred, source_pred in zip(batch[4], batch[5], strict=True):
-                if base_pred == source_pred:
-                    n_isolation += 1
-                else:
-                    n_cause += 1
+        try:  # never raises into SAEBench's run: uncounted, the scores get no standard error (0 pairs)
+            for batch in val_loader:  # (base, source encodings, positions, base_pred_B, source_pred_B, texts, labels)
+                for base_pred, source_pred in zip(batch[4], batch[5], strict=True):
+                    if base_pred == source_pred:
+                        n_isolation += 1
+                    else:
+                        n_cause += 1
+        except Exception:
+            n_isolation = n_cause = 0
         isolation, cause = generate(model, mdbm, tokenizer, val_loader, *args, **kwargs)
         calls.append({"n_isolation": n_isolation, "n_cause": n_cause, "isolation_score": isolation, "cause_score": cause})
         return isolation, cause

@@ -544,6 +544,14 @@ def test_an_error_in_the_twins_leaves_saebenchs_numbers_and_says_why(experiment,
     assert failed.metrics == {k: v for k, v in fine.metrics.items() if not k.endswith(twins)} != fine.metrics
     assert failed.corrected is None and failed.tags["saecomp.tpp.padding_masked_failed"] == "RuntimeError: leak exploded"
     assert (scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset, scr_tpp.ablated_precomputed_activations) == functions
+    # the standard errors are ours too: if computing them fails, every number stands without them and the run says why
+    monkeypatch.undo()
+    monkeypatch.setattr(evaluate_lib, "scr_tpp_uncertainty", lambda *args: broken())
+    with offline_datasets(offline_data / "hf_datasets"), pytest.warns(UserWarning, match="tpp: no standard errors"):
+        no_errors = run_suite("tpp", pruned.tl, topk_sae(hook, seed=7), config, tmp_path / "no_errors", "sae")
+    assert no_errors.metrics == {k: v for k, v in fine.metrics.items() if not k.endswith(".binomial_se")} != fine.metrics
+    assert no_errors.uncertainty is None and no_errors.tags["saecomp.tpp.se_failed"] == "RuntimeError: leak exploded"
+    assert scr_tpp.get_probe_test_accuracy.__module__ == scr_tpp.__name__  # SAEBench's own again
 
 
 def test_the_sae_memo_returns_what_the_sae_computes_and_never_a_stale_or_shared_tensor():

@@ -246,9 +246,17 @@ def test_sae_steps_as_ray_tasks_match_in_process_and_survive_a_lost_worker(small
     retried = [r for r in new_runs if r.data.tags.get(KEY_TAG) == killed["key"] and r.info.status == "FINISHED"]
     assert len(retried) == 1
     assert not [run for run in all_runs(client) if run.info.status == "RUNNING"]
-    # The cell's two trainings were submitted together, and the cluster (2 CPUs, 1 a step) ran them at once.
-    (first, second) = sorted((r.info.start_time, r.info.end_time) for r in new_runs if r.data.tags.get(STEP_TAG) == "train_sae")
-    assert second[0] < first[1], "the two SAE trainings ran one after the other on Ray"
+    # The cluster (2 CPUs, 1 a step) ran steps at once. Not asserted on one pair: the two trainings are submitted
+    # together, but on a loaded machine Ray's second worker can take longer to start than the first training takes,
+    # and Ray then gives the second training the first worker (seen in CI: it started 0.2 s after the first ended).
+    # The killed sweep is left out: its retry overlaps it by design.
+    spans = sorted(
+        (r.info.start_time, r.info.end_time, r.data.tags.get(STEP_TAG))
+        for r in new_runs
+        if r.data.tags.get(STEP_TAG) not in (None, "pipeline") and r.info.end_time and r.info.run_id != killed["run"]
+    )
+    overlapping = [(a[2], b[2]) for i, a in enumerate(spans) for b in spans[i + 1 :] if b[0] < a[1]]
+    assert overlapping, f"no two steps ran at once on Ray: {spans}"
     # Warm workers: a worker's first step starts its step server, the steps after it on that worker are forked by it.
     started = [(r.data.tags.get(STEP_TAG), r.data.tags.get(PROCESS_TAG)) for r in new_runs if r.data.tags.get(STEP_TAG) != "pipeline"]
     forked = [step for step, process in started if (process or "").startswith("forked by the step server")]

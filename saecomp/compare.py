@@ -30,7 +30,7 @@ difference is marked ``≈``: not a finding. That standard error is paired where
 the same resamples of the same test sequences (the differences replicate by replicate), else sqrt(se_a^2 + se_b^2).
 Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
 cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. The
-numbers that are not means over test items (RAVEL's fact counts, absorption's split latents, core's per-latent
+numbers that are not means over test items (RAVEL's entities kept, absorption's split latents, core's per-latent
 metrics) carry none.
 """
 

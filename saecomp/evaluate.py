@@ -1733,7 +1733,7 @@ def run_ravel(hf_model, sae: SAE, config, workdir: Path, sae_name: str, model_la
     try:
         kept = ravel_known_prompts(hf_model, config)
         check_ravel_facts(kept, config)
-        ceiling = residual_patch_cause(hf_model, kept, config, sae.cfg.hook_layer)
+        ceiling, ceiling_pairs = residual_patch_cause(hf_model, kept, config, sae.cfg.hook_layer)
         with decoder_layers_as_tuples(), ravel_pair_counts() as pair_counts:
             results, per_class = run_eval_single_sae(config, sae, hf_model, str(next(hf_model.parameters()).device), str(workdir))
     finally:
@@ -1764,6 +1764,12 @@ def run_ravel(hf_model, sae: SAE, config, workdir: Path, sae_name: str, model_la
     metrics.update(ravel_fact_counts(config))
     metrics["ravel.residual_patch_cause"] = ceiling
     uncertainty, tags = standard_errors("ravel", "binomial_se", metrics, lambda: ravel_uncertainty(pair_counts, per_class, config))
+    # ours, shares too: the model's known facts over all prompts, the whole-residual swap's hits over its pairs
+    for name, n in (("fact_accuracy", metrics["ravel.n_prompts"]), ("residual_patch_cause", ceiling_pairs)):
+        if n > 0 and 0.0 <= metrics[f"ravel.{name}"] <= 1.0:
+            metrics[f"ravel.{name}.binomial_se"] = math.sqrt(metrics[f"ravel.{name}"] * (1.0 - metrics[f"ravel.{name}"]) / n)
+    if uncertainty is not None:
+        uncertainty.update(n_prompts=metrics["ravel.n_prompts"], residual_patch_pairs=ceiling_pairs)
     return SuiteResult("ravel", output, metrics, time.perf_counter() - started, tags, uncertainty=uncertainty)
 
 
@@ -1860,8 +1866,8 @@ def ravel_per_attribute(per_class: dict, config) -> dict[str, float]:
 
 
 @torch.no_grad()
-def residual_patch_cause(hf_model, kept: dict[str, list], config, layer: int, pairs_per_attribute: int = 64) -> float:
-    """RAVEL's ceiling at ``layer``, ours (SAEBench has none): the share of cause pairs (one attribute, two entities
+def residual_patch_cause(hf_model, kept: dict[str, list], config, layer: int, pairs_per_attribute: int = 64) -> tuple[float, int]:
+    """(share, pairs): RAVEL's ceiling at ``layer``, ours (SAEBench has none): the share of cause pairs (one attribute, two entities
     with different values and different first answer tokens) in which swapping the *whole* residual stream after
     block ``layer`` at the base prompt's entity token for the source prompt's makes the model answer with the
     source's first token (argmax, not RAVEL's graded 6-token generation, so an approximate ceiling). Where the model has
@@ -1898,7 +1904,7 @@ def residual_patch_cause(hf_model, kept: dict[str, list], config, layer: int, pa
                         handle.remove()
                     hits += int(logits.argmax()) == source.first_generated_token_id
                     total += 1
-    return hits / total if total else float("nan")
+    return (hits / total if total else float("nan")), total
 
 
 def ravel_known_prompts(hf_model, config) -> dict[str, list]:

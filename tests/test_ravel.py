@@ -149,6 +149,13 @@ def test_ravel_keeps_the_known_entities_and_gives_finite_validated_scores(fact_w
     for name in ("disentanglement_score", "cause_score", "isolation_score"):
         per_attribute = [metrics[f"ravel.city.{a}.{name}.binomial_se"] for a in RAVEL_ATTRIBUTE_TEMPLATES]
         assert metrics[f"ravel.{name}.binomial_se"] == pytest.approx(math.hypot(*per_attribute) / len(per_attribute))
+    # ours: the facts known over all prompts, the whole-residual swap's hits over its pairs (64 per attribute at most)
+    accuracy = metrics["ravel.fact_accuracy"]
+    assert metrics["ravel.fact_accuracy.binomial_se"] == pytest.approx(math.sqrt(accuracy * (1 - accuracy) / 360))
+    pairs, ceiling = result.uncertainty["residual_patch_pairs"], metrics["ravel.residual_patch_cause"]
+    assert 0 < pairs <= 64 * len(RAVEL_ATTRIBUTE_TEMPLATES) and ceiling * pairs == pytest.approx(round(ceiling * pairs), abs=1e-9)
+    if 0 < ceiling < 1:
+        assert metrics["ravel.residual_patch_cause.binomial_se"] == pytest.approx(math.sqrt(ceiling * (1 - ceiling) / pairs))
     # RAVEL switches gradients on and trains a mask: nothing of that leaks out
     assert all(p.requires_grad for p in loaded.hf.parameters()) and not loaded.hf.training
     assert {p.name for p in ravel_package.rglob("*")} == before  # every file went to our folders
@@ -195,7 +202,8 @@ def test_residual_patch_cause_is_zero_after_the_last_block(fact_world, tmp_path)
     from saecomp.evaluate import ravel_known_prompts
 
     kept = ravel_known_prompts(loaded.hf, config)
-    assert residual_patch_cause(loaded.hf, kept, config, layer=1, pairs_per_attribute=16) == 0.0
+    share, pairs = residual_patch_cause(loaded.hf, kept, config, layer=1, pairs_per_attribute=16)
+    assert share == 0.0 and 0 < pairs <= 16 * len(RAVEL_ATTRIBUTE_TEMPLATES)
 
 
 def test_online_ravel_data_is_the_commit_asked_for_and_saebench_downloads_nothing_more(tmp_path):

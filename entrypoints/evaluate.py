@@ -238,10 +238,20 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
             if probing and tiny:
                 adapter = tiny_world_datasets(exp, world, tmp / "data", say)
             elif probing:
-                from saecomp.saebench_data import pinned_labelled_data
+                from saecomp.saebench_data import default_datasets, hub_repo_of, pinned_labelled_data
 
-                adapter = pinned_labelled_data(ev.labelled_data_revisions)
+                read = set()
+                if "sparse_probing" in probing:
+                    read |= set(ev.sparse_probing_datasets or default_datasets("sparse_probing_datasets", tiny))
+                if {"scr", "tpp"} & set(probing):
+                    read |= set(ev.scr_tpp_datasets or default_datasets("scr_tpp_datasets", tiny))
+                adapter = pinned_labelled_data(ev.labelled_data_revisions, sorted({hub_repo_of(name) for name in read}))
             with adapter as labelled_data:
+                if labelled_data:  # online: the commit of every labelled Hub dataset the suites read
+                    mlflow.set_tag("saecomp.labelled_data", ", ".join(f"{repo}@{commit}" for repo, commit in sorted(labelled_data.items())))
+                    if shared is not None:  # a shared model side holds activations of exactly these commits' texts
+                        commits = json.dumps(labelled_data, sort_keys=True)
+                        shared = shared / f"labelled-{hashlib.sha256(commits.encode()).hexdigest()[:12]}"
                 for suite in ev.suites:
                     say(f"{suite}: running")
                     try:
@@ -264,9 +274,6 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                         continue
                     mlflow.log_metrics({**result.metrics, f"{suite}.seconds": result.seconds})
                     mlflow.set_tags(result.tags)
-                    if labelled_data:  # online: the commit of every labelled Hub dataset read so far
-                        read = ", ".join(f"{repo}@{commit}" for repo, commit in sorted(labelled_data.items()))
-                        mlflow.set_tag("saecomp.labelled_data", read)
                     (tmp / f"{suite}.json").write_text(json.dumps(result.output, indent=1))
                     mlflow.log_artifact(str(tmp / f"{suite}.json"), "saebench")
                     for folder, extra in (("uncertainty", result.uncertainty), ("corrected", result.corrected)):

@@ -373,6 +373,9 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                 if len(rows) > 1:
                     row["seeds"] = len(rows)
                     for name in {k for each in rows for k in each if k.split(".", 1)[0] in SEEDED_SUITES}:
+                        if name.endswith("_se"):  # one run's standard error is not that of the mean over seeds (compare's)
+                            row.pop(name, None)
+                            continue
                         values = [each[name] for each in rows if isinstance(each.get(name), float)]
                         if values:
                             row[name] = sum(values) / len(values)

@@ -739,8 +739,12 @@ def scr_tpp_uncertainty(
 
     ``keys``: SAEBench's per-dataset keys, in run order; ``masked_runs``: the padding-masked raw results with their
     clean accuracies (``PaddingMaskedRuns.runs``), whose metrics' errors are keyed ``<metric>_padding_masked``. A
-    metric some replicates lack (SCR's ``scr_metric`` where the redrawn clean accuracies of its two directions tie) is
-    over the replicates that have it. Returns ``{"unit", "method", "replicates", "seed", "n_test", "se",
+    replicate is SAEBench's whole statistic on the redrawn accuracies, so a metric is averaged over the dataset runs
+    that have it in that replicate, as SAEBench would (SCR's ``scr_metric`` is missing where the clean accuracies of
+    its two directions tie), and its error is over the replicates that have it at all. SCR's ``scr_metric`` follows
+    the direction the redrawn clean accuracies choose, so where the two directions' clean accuracies are close its
+    replicates mix both directions' scores: its error then includes that the direction itself is uncertain, and can
+    be far wider than either direction's. Returns ``{"unit", "method", "replicates", "seed", "n_test", "se",
     "per_dataset_se", "accuracies"}``, the last SAEBench's ablated and clean accuracies per dataset run, which its
     output does not keep."""
     import numpy as np

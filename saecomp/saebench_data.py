@@ -68,50 +68,59 @@ def check_labelled_data_revisions(revisions: dict[str, str]) -> None:
 
 
 @contextmanager
-def pinned_labelled_data(revisions: dict[str, str]) -> Iterator[dict[str, str]]:
+def pinned_labelled_data(revisions: dict[str, str], repos: list[str] = ()) -> Iterator[dict[str, str]]:
     """Online, SAEBench's probing suites load each labelled Hub dataset with ``load_dataset(<repo>)``: whatever its
     newest commit is that day. Inside, each such load gets ``revision=<commit>`` instead: the experiment's revision
     for that repository (``evaluation.labelled_data_revisions``: branch, tag or commit; "main" where it names none),
-    resolved to a commit at its first load. Yields ``{repo: commit}`` as they are loaded (the run tags it:
-    ``saecomp.labelled_data``), so every number names exactly the data it comes from.
+    resolved to a commit on entry for ``repos`` (those the suites will read; any other at its first load). Yields
+    ``{repo: commit}`` (the run tags it, ``saecomp.labelled_data``, and it keys the shared model side), so every number
+    names exactly the data it comes from, also where SAEBench loads saved activations and never calls the loader.
 
     SAEBench's loaders take no revision, so for the duration the ``load_dataset`` its two loader modules imported is
     wrapped (`sae_bench_utils.dataset_utils`, `scr_and_tpp.dataset_creation`): module attributes, so one evaluation
     per process at a time (the evaluate step's). A load that passes its own revision is left as it is. Offline
-    (``HF_HUB_OFFLINE``) nothing can be resolved: a revision that is a full commit is passed as it is, else the load
-    is left to ``datasets``' cache, and the yielded value says so."""
+    (``datasets``' or the Hub client's offline mode) nothing is resolved and no revision is passed: ``datasets`` then
+    reads its cache's newest copy whatever the revision, and the yielded value says that it was not verified."""
     import importlib
 
+    import datasets.config
     from huggingface_hub import HfApi
     from huggingface_hub import constants as hub_constants
 
+    offline = bool(datasets.config.HF_HUB_OFFLINE or hub_constants.HF_HUB_OFFLINE)
     resolved: dict[str, str] = {}
-    wrapped = []
-    for module_name in ("sae_bench.sae_bench_utils.dataset_utils", "sae_bench.evals.scr_and_tpp.dataset_creation"):
-        module = importlib.import_module(module_name)
-        original = module.load_dataset
 
-        def load(path, *args, _load=original, **kwargs):
+    def resolve(repo: str) -> None:
+        revision = revisions.get(repo, "main")
+        if offline:
+            resolved[repo] = f"{revision} asked; offline, the datasets cache's newest copy (not verified)"
+        else:
+            resolved[repo] = HfApi().dataset_info(repo, revision=revision).sha
+
+    for repo in repos:
+        resolve(repo)
+    loaders = ("sae_bench.sae_bench_utils.dataset_utils", "sae_bench.evals.scr_and_tpp.dataset_creation")
+    modules = [importlib.import_module(name) for name in loaders]
+    originals = [module.load_dataset for module in modules]
+
+    def wrapped(original):
+        def load(path, *args, **kwargs):
             if "revision" in kwargs or path not in LABELLED_DATA_REPOS:
-                return _load(path, *args, **kwargs)
-            revision = revisions.get(path, "main")
+                return original(path, *args, **kwargs)
             if path not in resolved:
-                if not hub_constants.HF_HUB_OFFLINE:
-                    resolved[path] = HfApi().dataset_info(path, revision=revision).sha
-                elif re.fullmatch(r"[0-9a-f]{40}", revision):
-                    resolved[path] = revision
-                else:
-                    resolved[path] = f"{revision} (offline: not resolved, the datasets cache's copy)"
+                resolve(path)
             if re.fullmatch(r"[0-9a-f]{40}", resolved[path]):
                 kwargs["revision"] = resolved[path]
-            return _load(path, *args, **kwargs)
+            return original(path, *args, **kwargs)
 
-        wrapped.append((module, original))
-        module.load_dataset = load
+        return load
+
     try:
+        for module, original in zip(modules, originals, strict=True):
+            module.load_dataset = wrapped(original)
         yield resolved
     finally:
-        for module, original in wrapped:
+        for module, original in zip(modules, originals, strict=True):
             module.load_dataset = original
 
 

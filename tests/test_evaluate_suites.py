@@ -1000,6 +1000,17 @@ def test_online_labelled_data_is_the_commit_asked_for(experiment, tmp_path, monk
                 drawn_texts = {t for class_texts in drawn.values() for t in class_texts}
                 assert drawn_texts and drawn_texts <= texts[expected] and not drawn_texts <= texts[1 - expected]
         assert (dataset_utils.load_dataset, dataset_creation.load_dataset) == originals  # restored
+        # the repositories the suites will read are resolved on entry: a run that loads saved activations (a shared
+        # model side) and never calls the loader still names its data
+        with pinned_labelled_data({BIAS_IN_BIOS: commits[0]}, [BIAS_IN_BIOS]) as read:
+            assert read == {BIAS_IN_BIOS: commits[0]}
+        # offline (datasets' own flag) nothing is resolved or asked of the Hub, and the data is not claimed to be a commit
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        asked = len(hub.requests)
+        with pinned_labelled_data({BIAS_IN_BIOS: commits[0]}, [BIAS_IN_BIOS]) as read:
+            train, _ = dataset_utils.get_multi_label_train_test_data("LabHC/bias_in_bios_class_set1", 40, 8, 42)
+        assert train and len(hub.requests) == asked
+        assert read[BIAS_IN_BIOS].startswith(commits[0]) and "not verified" in read[BIAS_IN_BIOS]
     # every repository SAEBench's loaders read for one of its datasets can be pinned, and no other
     from sae_bench.sae_bench_utils import dataset_info
 

@@ -342,6 +342,33 @@ def test_a_step_closing_its_run_as_killed_tries_again_when_the_store_refuses():
     assert "could not close it as KILLED (RuntimeError('database is locked')); try 1 of 10" in done.stderr
 
 
+def test_a_step_whose_launcher_died_keeps_its_run_killed_against_a_late_failed():
+    """What is left of a dead launcher's chain (a lost Ray worker's `mlflow run`, in a session of its own) can write
+    FAILED after the step closed its run as KILLED (seen in CI): for a while the step writes KILLED back, with the
+    reason it gave."""
+    from saecomp.tracking import KILLED_REASON_TAG, LAUNCHER_ENV, _pid_space, _process_start
+
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    started = _process_start(launcher.pid)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("launcher-watch") or client.get_experiment(client.create_experiment("launcher-watch"))
+    run = client.create_run(experiment.experiment_id)
+    step = "import sys, time\nfrom saecomp.tracking import alive\nwith alive(sys.argv[1], watch_launcher=True):\n    time.sleep(60)\n"
+    env = {**os.environ, LAUNCHER_ENV: f"{launcher.pid}:{started}:{_pid_space()}", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", step, run.info.run_id], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # the step is watching
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while client.get_run(run.info.run_id).info.status != "KILLED" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    client.set_terminated(run.info.run_id, "FAILED")  # the launcher chain's late write
+    assert process.wait(timeout=60) == 137
+    closed = client.get_run(run.info.run_id)
+    assert closed.info.status == "KILLED" and "is gone" in closed.data.tags[KILLED_REASON_TAG]
+    assert "closed as KILLED again" in process.stderr.read()
+
+
 def test_a_killed_pipelines_scratch_folders_go_with_the_next_pipeline(tmp_path, monkeypatch):
     """A pipeline's shared model sides and forward passes (GBs at real sizes) live in temporary folders it deletes at
     its end; one SIGKILLed leaves them, so the next pipeline deletes every such folder whose process is gone, and

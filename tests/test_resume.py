@@ -348,20 +348,22 @@ def test_a_step_whose_launcher_died_keeps_its_run_killed_against_a_late_failed()
     reason it gave."""
     from saecomp.tracking import KILLED_REASON_TAG, LAUNCHER_ENV, _pid_space, _process_start
 
+    # A launcher that died as the step started (a step watches only a launcher heading its own chain, so this is how a
+    # test process can give it a dead one; test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed)
     launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     started = _process_start(launcher.pid)
+    launcher.kill()
+    launcher.wait()
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("launcher-watch") or client.get_experiment(client.create_experiment("launcher-watch"))
     run = client.create_run(experiment.experiment_id)
     step = "import sys, time\nfrom saecomp.tracking import alive\nwith alive(sys.argv[1], watch_launcher=True):\n    time.sleep(60)\n"
     env = {**os.environ, LAUNCHER_ENV: f"{launcher.pid}:{started}:{_pid_space()}", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-c", step, run.info.run_id], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # the step is watching
-    launcher.kill()
-    launcher.wait()
     deadline = time.monotonic() + 30
     while client.get_run(run.info.run_id).info.status != "KILLED" and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
     client.set_terminated(run.info.run_id, "FAILED")  # the launcher chain's late write
     assert process.wait(timeout=60) == 137
     closed = client.get_run(run.info.run_id)

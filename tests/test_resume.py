@@ -308,9 +308,10 @@ def test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed():
         assert (code, finished, run.info.status) == (0, True, "RUNNING"), name
 
 
-def test_a_step_closing_its_run_as_killed_tries_again_when_the_store_refuses():
-    """A busy store (SQLite's write lock held by another step, a tracking server's hiccup) must not leave the run of a
-    step whose launcher died RUNNING: the step tries again, and says so."""
+def run_with_a_dead_launcher():
+    """(client, a new run, the environment of a step whose launcher died as it started). A step watches only a launcher
+    heading its own chain, so a dead one is how a test process can give it a launcher to lose
+    (test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed)."""
     from saecomp.tracking import LAUNCHER_ENV, _pid_space, _process_start
 
     launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -320,6 +321,14 @@ def test_a_step_closing_its_run_as_killed_tries_again_when_the_store_refuses():
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name("launcher-watch") or client.get_experiment(client.create_experiment("launcher-watch"))
     run = client.create_run(experiment.experiment_id)
+    env = {**os.environ, LAUNCHER_ENV: f"{launcher.pid}:{started}:{_pid_space()}", "PYTHONPATH": str(ROOT)}
+    return client, run, env
+
+
+def test_a_step_closing_its_run_as_killed_tries_again_when_the_store_refuses():
+    """A busy store (SQLite's write lock held by another step, a tracking server's hiccup) must not leave the run of a
+    step whose launcher died RUNNING: the step tries again, and says so."""
+    client, run, env = run_with_a_dead_launcher()
     step = (
         "import sys, time\n"
         "from mlflow import MlflowClient\n"
@@ -335,7 +344,6 @@ def test_a_step_closing_its_run_as_killed_tries_again_when_the_store_refuses():
         "    time.sleep(10)\n"
         "print('finished')\n"
     )
-    env = {**os.environ, LAUNCHER_ENV: f"{launcher.pid}:{started}:{_pid_space()}", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", step, run.info.run_id], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     closed = client.get_run(run.info.run_id)
     assert (done.returncode, "finished" in done.stdout, closed.info.status) == (137, False, "KILLED"), done.stderr[-2000:]
@@ -346,19 +354,10 @@ def test_a_step_whose_launcher_died_keeps_its_run_killed_against_a_late_failed()
     """What is left of a dead launcher's chain (a lost Ray worker's `mlflow run`, in a session of its own) can write
     FAILED after the step closed its run as KILLED (seen in CI): for a while the step writes KILLED back, with the
     reason it gave."""
-    from saecomp.tracking import KILLED_REASON_TAG, LAUNCHER_ENV, _pid_space, _process_start
+    from saecomp.tracking import KILLED_REASON_TAG
 
-    # A launcher that died as the step started (a step watches only a launcher heading its own chain, so this is how a
-    # test process can give it a dead one; test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed)
-    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    started = _process_start(launcher.pid)
-    launcher.kill()
-    launcher.wait()
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name("launcher-watch") or client.get_experiment(client.create_experiment("launcher-watch"))
-    run = client.create_run(experiment.experiment_id)
+    client, run, env = run_with_a_dead_launcher()
     step = "import sys, time\nfrom saecomp.tracking import alive\nwith alive(sys.argv[1], watch_launcher=True):\n    time.sleep(60)\n"
-    env = {**os.environ, LAUNCHER_ENV: f"{launcher.pid}:{started}:{_pid_space()}", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-c", step, run.info.run_id], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while client.get_run(run.info.run_id).info.status != "KILLED" and time.monotonic() < deadline:

@@ -29,9 +29,11 @@ A variant whose value differs from the pretrained SAE's in its row by no more th
 difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
 the same resamples of the same test sequences (the differences replicate by replicate), else sqrt(se_a^2 + se_b^2).
 Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
-cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. The
-numbers that are not means over test items (RAVEL's entities kept, absorption's split latents, core's per-latent
-metrics) carry none.
+cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. Core's
+summaries of the per-latent densities (``frac_alive``, ``freq_over_1_percent``, ...) carry the same bootstrap, rougher
+for shares of latents over a threshold (``evaluate.core_bootstrap``). RAVEL's entities kept and absorption's split
+latents carry none; the numbers computed from the SAE's weights alone (``FROM_WEIGHTS``) have no sampling error, and
+their cells say so.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ SE_KINDS = {
 }
 """The standard errors evaluate logs as ``<suite>.<metric>.<kind>``, and what each is over."""
 SEED_SPREAD = "spread over seeds"
+FROM_WEIGHTS = {"average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim"}
+"""Core's numbers computed from the SAE's weights alone: no test text enters them, so no sampling error."""
 
 HOOK_LABELS = {"attn.hook_z": "Attention", "hook_mlp_out": "MLP", "hook_resid_post": "Post Residual"}
 """The paper's names for the outputs an SAE reads."""
@@ -227,6 +231,8 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                         not_applicable = newest.tags.get(f"saecomp.{spec.suite}.not_applicable") if newest else None
                         status = "ok" if value is not None else "not applicable" if not_applicable else "missing"
                         run_ids, run_names, note = (newest.run_id, newest.name, "") if newest and status != "missing" else ("", "", "")
+                        if status == "ok" and metric in FROM_WEIGHTS:
+                            note = "from the SAE's weights alone: no sampling error"
                         seeds = _newest_per_seed(candidates) if spec.suite in SEEDED_SUITES else {}
                         if len(seeds) > 1:  # several seeds fill the cell: their mean, and its standard error over seeds
                             values = pd.Series([r.metrics[name] for r in seeds.values()], dtype=float)
@@ -450,7 +456,8 @@ def _display(cell: pd.Series) -> str:
 LEGEND = (
     "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one standard error, where "
     "computed: a bootstrap over the test sequences for core (spliced losses and scores, reconstruction and sparsity means, "
-    "explained variances), binomial over the test texts or pairs for sparse probing's accuracies, SCR's, TPP's and "
+    "explained variances, the per-latent densities' summaries), binomial over the test texts or pairs for sparse "
+    "probing's accuracies, SCR's, TPP's and "
     "RAVEL's scores, over "
     "the words tested for absorption's means, the spread over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
@@ -636,8 +643,8 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "replicates ran (hover a cell for which); "
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "
         "pretrained SAE's in its row by no more than the standard error of the difference (paired over the same resampled "
-        "test sequences where both runs logged their replicates): not a finding. Numbers "
-        "that are not means over test items (counts, core's per-latent metrics) carry none.</p>",
+        "test sequences where both runs logged their replicates): not a finding. RAVEL's entities kept and absorption's "
+        "split latents carry none; core's numbers from the SAE's weights alone have no sampling error.</p>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in provenance) + "</ul>",
     ]
     for (table, model), group in _groups(all_cells):

@@ -181,7 +181,13 @@ def run_core(
     config = core_config(sizes, tokens.shape[1], model_name, str(next(model.parameters()).dtype).removeprefix("torch."))
     sae = prepared_for_saebench(sae, model_name)
     store = token_activation_store(model, sae, tokens)
-    with SplicedLossRecorder.recording() as spliced, VarianceLoopSums.recording() as variance:
+    # The per-latent densities are resampled inside the loop (their per-sequence counts, [sequences, d_sae], would not be
+    # kept at the experiment files' sizes), so the variance loop's resamples are drawn before it: core_bootstrap's own.
+    loops = [sizes.batch_size_prompts * n for n in (sizes.n_reconstruction_batches, sizes.n_sparsity_variance_batches) if n]
+    density_draws = None
+    if sizes.n_sparsity_variance_batches:
+        density_draws = resampled_sequences(loops, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED)[-1][: density_replicates(sae.cfg.d_sae)]
+    with SplicedLossRecorder.recording() as spliced, VarianceLoopSums.recording(density_draws) as variance:
         scalar, features = run_evals(sae=sae, activation_store=store, model=model, eval_config=config, ignore_tokens=set(special_ids))
     from sae_bench.evals.core.main import calculate_misc_metrics
 
@@ -208,6 +214,27 @@ def run_core(
 BOOTSTRAP_REPLICATES = 1000
 BOOTSTRAP_SEED = 0
 """Every variant's bootstrap draws the same resamples of the same sequences (same count, same seed)."""
+DENSITY_BOOTSTRAP_BYTES = 1 << 30
+"""Memory for the per-latent densities' replicates (``[replicates, d_sae]`` float64 firing counts): 1,000 replicates up
+to d_sae 134,217; wider SAEs resample the densities with fewer of the same draws (`density_replicates`)."""
+
+
+def density_replicates(d_sae: int, replicates: int = BOOTSTRAP_REPLICATES) -> int:
+    """How many of the bootstrap's replicates resample the per-latent densities of an SAE ``d_sae`` wide: all of them
+    where their firing counts fit ``DENSITY_BOOTSTRAP_BYTES``, else the first that do (at least 100)."""
+    return min(replicates, max(100, DENSITY_BOOTSTRAP_BYTES // (8 * d_sae)))
+
+
+def resampled_sequences(loops: list[int], replicates: int, seed: int) -> list[torch.Tensor]:
+    """For each of core's loops over ``n`` test sequences (in this order: the spliced losses', the variance loop's),
+    how often each sequence is drawn in each bootstrap replicate: ``[replicates, n]`` float64, one generator drawing
+    the loops in turn."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = []
+    for n in loops:
+        picks = torch.randint(n, (replicates, n), generator=generator)  # [replicates, n]
+        draws.append(torch.zeros(replicates, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(replicates, n, dtype=torch.float64)))
+    return draws
 
 
 class SplicedLossRecorder:
@@ -260,6 +287,12 @@ class VarianceLoopSums:
     x_sum: list[torch.Tensor] = field(default_factory=list)  # [batch, d] per batch, on the model's device
     sums: list[torch.Tensor] = field(default_factory=list)  # [batch, len(SUMS)] per batch, on the model's device
     d_in: int = 0
+    density_draws: torch.Tensor | None = None
+    """``[replicates, n]``: how often each of the loop's sequences is drawn in each replicate (`resampled_sequences`), set
+    before the loop, for the per-latent densities' bootstrap; None: the densities are not resampled."""
+    fired: torch.Tensor | None = None  # [d_sae] float64: each latent's count of tokens where it is above 0 (SAEBench's)
+    fired_resampled: torch.Tensor | None = None  # [replicates, d_sae] float64: the same counts in each resample
+    sequences_seen: int = 0
 
     SUMS = (
         "tokens", "batch_share", "x_squared", "error_squared", "x_squared_over_batch", "error_squared_over_batch",
@@ -279,16 +312,17 @@ class VarianceLoopSums:
 
     @classmethod
     @contextmanager
-    def recording(cls) -> Iterator[VarianceLoopSums]:
+    def recording(cls, density_draws: torch.Tensor | None = None) -> Iterator[VarianceLoopSums]:
         """Collects the sums inside SAEBench core's own sparsity-and-variance loop, from the very ``x`` it encodes, the
         latents it decodes and the ``x_hat`` it gets back, masked as it masks them: no second pass of the model (a
         separate pass for the centred variance cost GPT-2 small's core 1.19x SAEBench's alone), and O(sequences x d)
-        memory where keeping the activations would not fit at the experiment files' 32,000 sequences."""
+        memory where keeping the activations would not fit at the experiment files' 32,000 sequences. With
+        ``density_draws`` (``[replicates, n]``), each latent's firing count in each of those resamples too."""
         import sae_bench.evals.core.main as core
 
         from saecomp.saes import ordinary_positions
 
-        recorder, original = cls(), core.get_sparsity_and_variance_metrics
+        recorder, original = cls(density_draws=density_draws), core.get_sparsity_and_variance_metrics
 
         def recorded(sae, model, activation_store, *args, ignore_tokens=frozenset(), **kwargs):
             batch_tokens, inputs = [], []
@@ -354,6 +388,30 @@ class VarianceLoopSums:
         }
         values = torch.stack([per_token[name] for name in self.SUMS], dim=1)  # [tokens, len(SUMS)]
         self.sums.append(torch.zeros(rows, len(self.SUMS), dtype=torch.float64, device=x.device).index_add_(0, sequence_of, values))
+        self.add_firing(latents, sequence_of, rows)
+
+    def add_firing(self, latents: torch.Tensor, sequence_of: torch.Tensor, rows: int) -> None:
+        """Each latent's count of ordinary tokens where it is above 0 (SAEBench's feature density counts ``> 0``, not
+        ``!= 0`` as its l0), over the whole sample and, with ``density_draws``, in each resample of sequences.
+        latents: [tokens, d_sae]; sequence_of: [tokens], each token's sequence within the batch of ``rows``."""
+        device, d_sae = latents.device, latents.shape[1]
+        # float32 is exact here: a sequence's count is at most its length, a resample's within a batch at most
+        # (batch size x draws x length), far below 2^24; the running totals are float64
+        per_sequence = torch.zeros(rows, d_sae, dtype=torch.float32, device=device).index_add_(0, sequence_of, (latents > 0).float())
+        counts = per_sequence.sum(0, dtype=torch.float64)  # [d_sae]
+        self.fired = counts if self.fired is None else self.fired + counts
+        if self.density_draws is not None:
+            first, self.sequences_seen = self.sequences_seen, self.sequences_seen + rows
+            if self.sequences_seen > self.density_draws.shape[1]:
+                raise RuntimeError(
+                    f"SAEBench's variance loop read {self.sequences_seen} sequences, but the per-latent bootstrap drew "
+                    f"resamples of {self.density_draws.shape[1]} (CoreSizes and SAEBench's loop disagree)"
+                )
+            if self.density_draws.device != device:  # once: the draws live beside the latents (a GPU's queue keeps running)
+                self.density_draws = self.density_draws.to(device)
+            weights = self.density_draws[:, first : self.sequences_seen].float()  # [replicates, rows]
+            resampled = (weights @ per_sequence).double()  # [replicates, d_sae]
+            self.fired_resampled = resampled if self.fired_resampled is None else self.fired_resampled.add_(resampled)
 
 
 TOKEN_MEANS = ("mse", "cossim", "explained_variance_legacy", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio")
@@ -368,20 +426,26 @@ def core_bootstrap(
     resampled, since the tokens of one text are not independent): the spliced-loss metrics, recomputed from SAEBench's
     per-token losses; its sparsity-and-variance loop's token means and its ``explained_variance``; and our centred
     explained variance. On the full sample each equals SAEBench's number in a float32 model (tests/test_evaluate.py);
-    in a bfloat16 one SAEBench sums in bfloat16 and these sums, in float64, are the more exact. Not covered:
-    the per-latent metrics.
+    in a bfloat16 one SAEBench sums in bfloat16 and these sums, in float64, are the more exact. The per-latent
+    densities' summaries (``frac_alive``, ``freq_over_1_percent`` and the others of SAEBench's
+    `calculate_misc_metrics`, which scores each replicate) where the loop recorded the densities in each resample
+    (``density_draws``): these are shares of latents over a threshold, so their bootstrap is rougher than a mean's
+    (a resample never revives a latent dead in the sample, and a latent that fired in one sequence only is dead in
+    about a third of the resamples: ``frac_alive``'s replicates lie at or below its value, and its error gives an
+    order of magnitude, not a symmetric interval). Not covered: the SAE's weights
+    alone (``average_max_*_cosine_sim``: no sampling error) and the per-latent details.
 
     SAEBench's per-batch statistics (``explained_variance``, ``relative_reconstruction_bias``) are resampled within
     SAEBench's own batches: a drawn sequence counts in the batch it was read in, each token weighing 1 / that batch's
     token count as there, so every batch weighs by the share of its tokens drawn (1 each on the full sample)."""
-    generator = torch.Generator().manual_seed(seed)
     samples, full, n_sequences = {}, {}, {}
+    loops = [int(sum(len(part) for part in spliced.sums[next(iter(spliced.sums))]))] if spliced.sums else []
+    loops += [sum(len(part) for part in variance.sums)] if variance.x_sum else []
+    draws = iter(resampled_sequences(loops, replicates, seed))
 
     def multiplicities(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """How often each sequence is drawn: [1, n] for the full sample, [replicates, n] for the resamples."""
-        picks = torch.randint(n, (replicates, n), generator=generator)  # [replicates, n]
-        drawn = torch.zeros(replicates, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(replicates, n, dtype=torch.float64))
-        return torch.ones(1, n, dtype=torch.float64), drawn
+        return torch.ones(1, n, dtype=torch.float64), next(draws)
 
     if spliced.sums:
         sums = {name: torch.cat(parts) for name, parts in spliced.sums.items()}  # [n sequences]
@@ -399,7 +463,8 @@ def core_bootstrap(
     if variance.x_sum:
         x_sum, sums = variance.totals()  # [n, d], {name: [n]}
         n = n_sequences["sparsity_variance"] = x_sum.shape[0]
-        for out, weights in zip((full, samples), multiplicities(n), strict=True):
+        once, drawn = multiplicities(n)
+        for out, weights in zip((full, samples), (once, drawn), strict=True):
             tokens = weights @ sums["tokens"]  # [r]
             mean = (weights @ x_sum) / tokens[:, None]  # [r, d]
             total_variance = weights @ sums["x_squared"] - tokens * (mean**2).sum(-1)
@@ -417,6 +482,12 @@ def core_bootstrap(
             share = _per_batch(weights, sums["batch_share"], batch_of)  # [r, batches]; 0 where none was drawn
             ratio = _per_batch(weights, sums["x_hat_squared"], batch_of) / _per_batch(weights, sums["x_dot_x_hat"], batch_of)
             out["relative_reconstruction_bias"] = (share * torch.where(share > 0, ratio, 0.0)).sum(1) / share.sum(1)
+        if variance.fired_resampled is not None:
+            full.update(_density_summaries(variance.fired[None].cpu(), once @ sums["tokens"]))
+            used = variance.density_draws.shape[0]  # the first of the replicates (density_replicates)
+            if not torch.equal(variance.density_draws.cpu(), drawn[:used]):
+                raise RuntimeError("the per-latent densities were resampled with other draws than core's bootstrap")
+            samples.update(_density_summaries(variance.fired_resampled.cpu(), drawn[:used] @ sums["tokens"]))
     return {
         "unit": "sequence",
         "replicates": replicates,
@@ -426,6 +497,23 @@ def core_bootstrap(
         "se": {name: float(v.std()) for name, v in samples.items()},
         "samples": {name: v.tolist() for name, v in samples.items()},
     }
+
+
+def _density_summaries(fired: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SAEBench's summaries of the per-latent densities (`calculate_misc_metrics`: ``frac_alive``,
+    ``freq_over_1_percent``, ...), one per row: fired ``[rows, d_sae]`` firing counts over ``tokens`` ``[rows]``. Each
+    row's densities are divided in float32, as SAEBench divides them, and scored by SAEBench's own function."""
+    from sae_bench.evals.core.main import calculate_misc_metrics
+
+    weights_only = {"max_encoder_cosine_sim": [0.0], "max_decoder_cosine_sim": [0.0]}  # not resampled: the weights'
+    scored = [calculate_misc_metrics({"feature_density": row, **weights_only}) for row in fired.float() / tokens.float()[:, None]]
+    return {name: torch.tensor([s[name] for s in scored], dtype=torch.float64) for name in DENSITY_SUMMARIES}
+
+
+DENSITY_SUMMARIES = (
+    "frac_alive", "freq_over_1_percent", "freq_over_10_percent", "normalized_freq_over_1_percent", "normalized_freq_over_10_percent",
+)  # fmt: skip
+"""SAEBench core's summaries of the per-latent densities, bootstrapped from each resample's firing counts."""
 
 
 def _per_batch(weights: torch.Tensor, per_sequence: torch.Tensor, batch_of: torch.Tensor) -> torch.Tensor:

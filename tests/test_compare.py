@@ -65,6 +65,7 @@ def store(tmp_path_factory):
             core = ("kl_div_score", "ce_loss_score", "mse", "cossim", "explained_variance")
             metrics = {f"core.{m}": 0.5 + n / 10 + v / 100 for m in core}
             metrics["core.ce_loss_score.bootstrap_se"] = 0.01  # pruned25 is within it of pretrained, the others are not
+            metrics.update({"core.frac_alive": 0.9 - v / 10, "core.frac_alive.bootstrap_se": 0.02, "core.average_max_decoder_cosine_sim": 0.3})
             metrics.update({f"scr.scr_{kind}_threshold_{k}": k / 1000 + v / 100 for k in (2, 20) for kind in ("metric", "dir1", "dir2")})
             metrics.update({f"scr.scr_metric_threshold_{k}_padding_masked": k / 1000 + v / 100 + 0.001 for k in (2, 20)})  # ours
             tags = {"hook": hook, "layer": str(layer), "variant": variant}
@@ -126,6 +127,17 @@ def test_every_cell_is_the_metric_of_the_run_it_names(store):
     twins = [m for m in order if m.endswith("_padding_masked")]
     assert twins == ["scr_metric_threshold_2_padding_masked", "scr_metric_threshold_20_padding_masked"]
     assert order.index(twins[0]) == order.index("scr_metric_threshold_20") + 1
+
+
+def test_per_latent_summaries_carry_their_bootstrap_and_the_weights_alone_say_they_have_no_sampling_error(store):
+    cells = compare.cells(collect_runs([store["experiment_id"]]))
+    core = cells[(cells["table"] == "core") & (cells["model"] == store["model"]) & (cells["status"] == "ok")]
+    alive = core[core["metric"] == "frac_alive"]
+    assert len(alive) == 7 and set(alive["se"]) == {0.02} and set(alive["se_kind"]) == {compare.SE_KINDS["bootstrap_se"]}
+    weights = core[core["metric"] == "average_max_decoder_cosine_sim"]
+    assert len(weights) == 7 and weights["se"].isna().all()
+    assert set(weights["note"]) == {"from the SAE's weights alone: no sampling error"}
+    assert not alive["note"].str.contains("weights").any()
 
 
 def test_models_stay_apart_layers_sort_as_numbers_and_a_selected_level_shows_where_it_exists(store):

@@ -94,9 +94,17 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
         "ce_loss_score", "kl_div_score", "explained_variance_centred",
         "mse", "cossim", "explained_variance", "explained_variance_legacy", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio",
         "relative_reconstruction_bias",
+        "frac_alive", "freq_over_1_percent", "freq_over_10_percent", "normalized_freq_over_1_percent", "normalized_freq_over_10_percent",
     }  # fmt: skip
     for name, value in boot["full_sample"].items():
         assert value == pytest.approx(random[f"core.{name}"], rel=1e-5, abs=1e-6), name
+    # the per-latent densities' summaries: some of the random SAE's latents are over 10% and some under, so the share of
+    # all firing those over it make moves with the resampled densities (a count of latents over it may not: none need
+    # lie near the threshold)
+    assert 0 < random["core.freq_over_10_percent"] < 1 and random["core.normalized_freq_over_10_percent.bootstrap_se"] > 0
+    assert len(boot["samples"]["frac_alive"]) == boot["replicates"]  # 64 latents: every replicate resamples them
+    # the SAE's weights alone are not resampled
+    assert "core.average_max_encoder_cosine_sim.bootstrap_se" not in random
     assert boot["n_sequences"]["spliced_losses"] == SIZES.batch_size_prompts * SIZES.n_reconstruction_batches
     assert boot["n_sequences"]["sparsity_variance"] == SIZES.batch_size_prompts * SIZES.n_sparsity_variance_batches
     # SAEBench normalises mse and explained_variance per batch: the equality above tells that apart from a plain
@@ -181,11 +189,14 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
     """Synthetic batches with unequal ordinary-token counts, latents of both signs and a near-zero input: on the full sample
     every statistic is SAEBench's; each bootstrap replicate is the statistic of the resampled sequences' tokens,
     recomputed directly (each drawn sequence's tokens repeated as often as it was drawn, within its own batch)."""
-    from saecomp.evaluate import VarianceLoopSums, core_bootstrap
+    from saecomp.evaluate import VarianceLoopSums, core_bootstrap, resampled_sequences
     from saecomp.saes import reconstruction_metrics
 
     generator = torch.Generator().manual_seed(0)
-    sums, batches, sequences = VarianceLoopSums(), [], []  # sequences: (batch index, x, x_hat, latents) per sequence
+    # the per-latent densities resampled with the first 10 of core_bootstrap's own 12 draws (density_replicates)
+    draws = resampled_sequences([8], 12, 7)[0][:10]
+    sums, batches, sequences = VarianceLoopSums(density_draws=draws), [], []  # sequences: (batch, x, x_hat, latents) each
+    firing = torch.tensor([0.0, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.6, 0.8, 0.9])  # each latent's chance to be non-zero
     for b, (n_seq, pos) in enumerate([(3, 5), (3, 5), (2, 5)]):
         ordinary = torch.rand(n_seq, pos, generator=generator) > 0.3
         ordinary[:, 0] = True  # every sequence keeps a token
@@ -193,7 +204,7 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
         x = torch.randn(n, 6, generator=generator, dtype=torch.float64) + 0.5
         x[0] = 1e-6  # an activation of norm under 1e-4: l2_ratio's guard divides by 1 there
         x_hat = x + 0.3 * torch.randn(n, 6, generator=generator, dtype=torch.float64)
-        latents = torch.randn(n, 10, generator=generator, dtype=torch.float64) * (torch.rand(n, 10, generator=generator) > 0.5)
+        latents = torch.randn(n, 10, generator=generator, dtype=torch.float64) * (torch.rand(n, 10, generator=generator) < firing)
         sums.add(x, x_hat, latents, ordinary)
         batches.append((x, x_hat, latents))
         start = 0
@@ -208,9 +219,10 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
     expected = saebench_variance_statistics(batches)
     every_x, every_x_hat = torch.cat([x for x, _, _ in batches]), torch.cat([x_hat for _, x_hat, _ in batches])
     expected["explained_variance_centred"] = reconstruction_metrics(every_x, every_x_hat)["explained_variance"]
+    expected.update(density_summaries(torch.cat([latents for _, _, latents in batches])))
     assert set(boot["full_sample"]) == set(expected)
-    for name, value in expected.items():
-        assert boot["full_sample"][name] == pytest.approx(value, rel=1e-9), name
+    for name, value in expected.items():  # (SAEBench's density summaries are float32 means)
+        assert boot["full_sample"][name] == pytest.approx(value, rel=1e-6 if "alive" in name or "freq" in name else 1e-9), name
 
     # The same draws core_bootstrap made (the spliced losses were empty, so the variance sums drew first).
     picks = torch.randint(len(sequences), (12, len(sequences)), generator=torch.Generator().manual_seed(7))
@@ -239,7 +251,30 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
         direct["relative_reconstruction_bias"] = sum(a * b for a, b in zip(shares, ratios, strict=True)) / sum(shares)
         for name, value in direct.items():
             assert boot["samples"][name][r] == pytest.approx(value, rel=1e-9), (name, r)
+        if r < len(draws):  # the densities' replicates: the drawn sequences' own latents, counted anew
+            for name, value in density_summaries(torch.cat([s[3] for s in drawn])).items():
+                assert boot["samples"][name][r] == pytest.approx(value, rel=1e-6), (name, r)
+    assert all(len(boot["samples"][name]) == len(draws) for name in density_summaries(latents))
     assert all(se > 0 for se in boot["se"].values())
+    # a latent that fired never is dead in every resample; one that fired in a few sequences is alive in some resamples
+    assert max(boot["samples"]["frac_alive"]) <= boot["full_sample"]["frac_alive"] < 1
+    # the densities' resamples must be core's own: other draws are refused, not silently mixed
+    sums.density_draws = resampled_sequences([8], 12, 8)[0][:10]
+    with pytest.raises(RuntimeError, match="other draws"):
+        core_bootstrap(SplicedLossRecorder(), sums, replicates=12, seed=7)
+
+
+def density_summaries(latents: torch.Tensor) -> dict[str, float]:
+    """SAEBench's summaries of per-latent densities, from the latents themselves ([tokens, d_sae]): the share of
+    tokens where each latent is above 0, then the share of latents alive / over 1% / over 10%, and the share of all
+    firing that those over 1% / 10% make."""
+    density = (latents > 0).double().mean(0)
+    out = {"frac_alive": float((density > 0).double().mean())}
+    for percent in (1, 10):
+        over = density > percent / 100
+        out[f"freq_over_{percent}_percent"] = float(over.double().mean())
+        out[f"normalized_freq_over_{percent}_percent"] = float(density[over].sum() / density.sum())
+    return out
 
 
 def test_shadowed_restores_what_was_there():
@@ -294,7 +329,9 @@ def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_wo
         # (here far from 1: the random SAE wrecks the model), which amplifies that rounding
         tolerance = 2e-4 if name.endswith("_score") else 1e-5
         assert value == pytest.approx(result.metrics[f"core.{name}"], rel=tolerance, abs=1e-6), name
-    assert all(math.isfinite(se) and se > 0 for se in boot["se"].values())
+    assert all(math.isfinite(se) for se in boot["se"].values())
+    # (a count of latents over a threshold may not move in any resample: none need lie near it)
+    assert all(se > 0 for name, se in boot["se"].items() if "alive" not in name and not name.startswith("freq_over")), boot["se"]
     # read from SAEBench's loop, which flattens hook_z's heads before the SAE (whose layer norm then sees one row per
     # token): the same number as the SAE applied to the model's own [tokens, heads, d_head] activations
     read = tokens[: SIZES.batch_size_prompts * SIZES.n_sparsity_variance_batches]

@@ -249,3 +249,53 @@ def test_online_ravel_data_is_the_commit_asked_for_and_saebench_downloads_nothin
             constants.HF_HUB_OFFLINE = False
         assert {f.name: f.read_bytes() for f in (tmp_path / "offline" / "base").iterdir()} == versions[0]
         assert len(hub.requests) == asked
+
+
+def test_ravel_standard_errors_over_several_entity_classes_are_the_spread_of_saebenchs_own_averaging():
+    """The real Gemma-2 file scores several entity classes with unequal numbers of cause attributes (the tiny world
+    has only `city`): the headline errors must follow SAEBench's averaging (attributes within a class, then classes
+    with SAEBench's own `average_results_dictionaries`), not a flat mean over attributes. Checked against a simulation
+    that redraws every validation pair's outcome and scores it with that averaging."""
+    from sae_bench.evals.ravel.eval_config import RAVELEvalConfig
+    from sae_bench.sae_bench_utils.general_utils import average_results_dictionaries
+
+    from saecomp.evaluate import RAVEL_SCORES, ravel_uncertainty
+
+    selection = {"city": ["Country", "Continent", "Language"], "nobel_prize_winner": ["Country of Birth"]}
+    config = RAVELEvalConfig(entity_attribute_selection=selection)
+    truth = {  # (entity, attribute) -> (cause score, cause pairs, isolation score, isolation pairs)
+        ("city", "Country"): (0.6, 200, 0.9, 150),
+        ("city", "Continent"): (0.3, 120, 0.7, 300),
+        ("city", "Language"): (0.5, 80, 0.8, 60),
+        ("nobel_prize_winner", "Country of Birth"): (0.4, 40, 0.95, 90),
+    }
+    calls, per_class = [], {}
+    for (entity, attribute), (cause, n_cause, isolation, n_isolation) in truth.items():  # SAEBench's order
+        calls.append({"cause_score": cause, "isolation_score": isolation, "n_cause": n_cause, "n_isolation": n_isolation})
+        per_class.setdefault(f"{entity}_results", {})[f"{entity}_{attribute}"] = {
+            "cause_score": cause, "isolation_score": isolation, "disentangle_score": (cause + isolation) / 2,
+        }  # fmt: skip
+    errors = ravel_uncertainty(calls, per_class, config)["se"]
+
+    generator = torch.Generator().manual_seed(0)
+    draws = 40_000
+
+    def redrawn(p: float, n: int) -> torch.Tensor:  # [draws] shares of n pairs that succeed
+        return torch.binomial(torch.full((draws,), float(n)), torch.full((draws,), p), generator=generator) / n
+
+    per_entity: dict[str, dict[str, torch.Tensor]] = {}
+    for (entity, attribute), (cause, n_cause, isolation, n_isolation) in truth.items():
+        scores = {"cause_score": redrawn(cause, n_cause), "isolation_score": redrawn(isolation, n_isolation)}
+        scores["disentangle_score"] = (scores["cause_score"] + scores["isolation_score"]) / 2
+        for name, values in scores.items():
+            assert errors[f"{entity}.{attribute}.{RAVEL_SCORES[name]}"] == pytest.approx(float(values.std()), rel=0.03), (entity, attribute)
+            per_entity.setdefault(entity, {}).setdefault(name, []).append(values)
+    # each class: the mean over its cause attributes (SAEBench's run_eval_single_dataset); then SAEBench's own averaging
+    classes = {f"{entity}_results": {name: torch.stack(v).mean(0) for name, v in scores.items()} for entity, scores in per_entity.items()}
+    headline = average_results_dictionaries(classes, list(selection))
+    for theirs, ours in RAVEL_SCORES.items():
+        assert errors[ours] == pytest.approx(float(headline[theirs].std()), rel=0.03), ours
+    # what the simulation tells apart: a flat mean over the four attributes would weigh nobel_prize_winner's one
+    # attribute a quarter, not a half, and its error would be far smaller
+    flat = torch.cat([torch.stack(s["cause_score"]) for s in per_entity.values()]).mean(0)
+    assert float(flat.std()) < 0.8 * errors["cause_score"]

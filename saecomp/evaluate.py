@@ -397,7 +397,10 @@ class VarianceLoopSums:
         device, d_sae = latents.device, latents.shape[1]
         # float32 is exact here: a sequence's count is at most its length, a resample's within a batch at most
         # (batch size x draws x length), far below 2^24; the running totals are float64
-        per_sequence = torch.zeros(rows, d_sae, dtype=torch.float32, device=device).index_add_(0, sequence_of, (latents > 0).float())
+        per_sequence = torch.zeros(rows, d_sae, dtype=torch.float32, device=device)  # [rows, d_sae]
+        chunk = max(1, FIRING_CHUNK_ELEMENTS // d_sae)  # tokens at a time
+        for start in range(0, latents.shape[0], chunk):
+            per_sequence.index_add_(0, sequence_of[start : start + chunk], (latents[start : start + chunk] > 0).float())
         counts = per_sequence.sum(0, dtype=torch.float64)  # [d_sae]
         self.fired = counts if self.fired is None else self.fired + counts
         if self.density_draws is not None:
@@ -412,6 +415,11 @@ class VarianceLoopSums:
             weights = self.density_draws[:, first : self.sequences_seen].float()  # [replicates, rows]
             resampled = (weights @ per_sequence).double()  # [replicates, d_sae]
             self.fired_resampled = resampled if self.fired_resampled is None else self.fired_resampled.add_(resampled)
+
+
+FIRING_CHUNK_ELEMENTS = 1 << 24
+"""Latents counted at a time for the firing counts (64 MB as float32): a float copy of a whole batch's latents would be
+1 GB for Gemma Scope's 16k latents over 16 x 1024 tokens, beside SAEBench's own."""
 
 
 TOKEN_MEANS = ("mse", "cossim", "explained_variance_legacy", "l0", "l1", "l2_norm_in", "l2_norm_out", "l2_ratio")

@@ -65,7 +65,8 @@ def store(tmp_path_factory):
             core = ("kl_div_score", "ce_loss_score", "mse", "cossim", "explained_variance")
             metrics = {f"core.{m}": 0.5 + n / 10 + v / 100 for m in core}
             metrics["core.ce_loss_score.bootstrap_se"] = 0.01  # pruned25 is within it of pretrained, the others are not
-            metrics.update({"core.frac_alive": 0.9 - v / 10, "core.frac_alive.bootstrap_se": 0.02, "core.average_max_decoder_cosine_sim": 0.3})
+            metrics.update({"core.frac_alive": 0.9 - v / 10, "core.frac_alive.bootstrap_se": 0.02})
+            metrics["core.average_max_decoder_cosine_sim"] = 0.3
             metrics.update({f"scr.scr_{kind}_threshold_{k}": k / 1000 + v / 100 for k in (2, 20) for kind in ("metric", "dir1", "dir2")})
             metrics.update({f"scr.scr_metric_threshold_{k}_padding_masked": k / 1000 + v / 100 + 0.001 for k in (2, 20)})  # ours
             tags = {"hook": hook, "layer": str(layer), "variant": variant}

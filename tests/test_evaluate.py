@@ -185,12 +185,15 @@ def saebench_variance_statistics(batches) -> dict[str, float]:
     return out
 
 
-def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_sequences():
+def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_sequences(monkeypatch):
     """Synthetic batches with unequal ordinary-token counts, latents of both signs and a near-zero input: on the full sample
     every statistic is SAEBench's; each bootstrap replicate is the statistic of the resampled sequences' tokens,
     recomputed directly (each drawn sequence's tokens repeated as often as it was drawn, within its own batch)."""
+    from saecomp import evaluate
     from saecomp.evaluate import VarianceLoopSums, core_bootstrap, resampled_sequences
     from saecomp.saes import reconstruction_metrics
+
+    monkeypatch.setattr(evaluate, "FIRING_CHUNK_ELEMENTS", 30)  # latents counted 3 tokens at a time: chunks split sequences
 
     generator = torch.Generator().manual_seed(0)
     # the per-latent densities resampled with the first 10 of core_bootstrap's own 12 draws (density_replicates)

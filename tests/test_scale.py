@@ -59,7 +59,8 @@ def import_world(tracking_uri: str, experiment_name: str, world_key: str, world_
 
 def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tracked_world, tmp_path):
     """`--jobs 2` against `mlflow server` (PostgreSQL backend, artifacts proxied to an S3 server): every run, metric
-    and artifact lands there, and two steps really wrote at the same time (a cell's two SAE trainings)."""
+    and artifact lands there, and two steps really wrote at the same time (a cell's two SAE trainings). Then Ray
+    tasks against the same server, one of them losing its worker (`ray_steps_on_the_server`)."""
     psycopg2 = pytest.importorskip("psycopg2")
     from infrastructure import PG_BIN, mlflow_server, postgres, s3_objects, s3_server, without_session_step_server
 
@@ -145,20 +146,82 @@ def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tr
                 cursor.execute("select count(*) from metrics")
                 assert cursor.fetchone()[0] >= sum(len(r.data.metrics) for r in runs)
 
+        ray_steps_on_the_server(small_experiment, tmp_path, url, env, by_step, s3, bucket)
 
-def _kill_ray_worker_of_first(step: str, before: set, found: dict, stop: threading.Event) -> None:
-    """Watch the store; SIGKILL the Ray worker that launched the first new ``step`` run once that run is computing.
-    An error here is reported in ``found`` (a thread's exception would go unseen)."""
+
+def ray_steps_on_the_server(small_experiment: Path, tmp_path: Path, url: str, env: dict, first: dict, s3: str, bucket: str) -> None:
+    """What several machines run: steps as Ray tasks (`--executor ray`) writing to the shared tracking server, and a Ray
+    worker lost there mid-step. The Ray workers get the server's address from the pipeline, and no S3 credentials (every
+    artifact through the server). Another sweep of the same cell (other levels): the world, the pruned model and both
+    trainings are reused from the server, and the sweep is computed on Ray, its first worker killed while it computes."""
+    pytest.importorskip("ray")
+    from infrastructure import s3_objects
+
+    changes = {"sae": {"hooks": ["attn.hook_z"]}, "sae_pruning": {"sparsities": [0.25, 0.5, 0.8]}}
+    path = variant_of(small_experiment, tmp_path, "server-ray", changes)
+    client = mlflow.MlflowClient(url)
+    before = {run.info.run_id for run in all_runs(client)}
+    killed: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_ray_worker_of_first, args=("prune_sae", before, killed, stop, url), daemon=True)
+    watcher.start()
     try:
-        _watch_and_kill(step, before, found, stop)
+        on_ray = subprocess.run(
+            [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert on_ray.returncode == 0, on_ray.stderr[-4000:]
+    assert "executor: ray, 1 node(s)" in on_ray.stderr
+
+    # The lost worker: its step closed its own run as KILLED on the server, and stayed KILLED; Ray ran the task again.
+    assert killed and "error" not in killed, killed.get("error", "no prune_sae run was caught computing")
+    victim = client.get_run(killed["run"])
+    assert victim.info.status == "KILLED", f"{victim.info.status}: {victim.data.tags}\n{killed}\n{on_ray.stderr[-8000:]}"
+    assert f"its launcher (process {killed['worker']}" in victim.data.tags[KILLED_REASON_TAG]
+    new = [run for run in all_runs(client) if run.info.run_id not in before]
+    assert not [run for run in all_runs(client) if run.info.status == "RUNNING"]
+    (retried,) = [r for r in new if r.data.tags.get(KEY_TAG) == killed["key"] and r.info.status == "FINISHED"]
+    by_step: dict[str, list] = {}
+    for run in new:
+        by_step.setdefault(run.data.tags.get(STEP_TAG), []).append(run)
+    counts = {step: len(runs) for step, runs in by_step.items()}
+    assert {"pipeline", "prune_sae", "evaluate", "compare"} <= set(by_step) and "train_sae" not in by_step, counts
+    assert len(by_step["prune_sae"]) == 2 and len(by_step["pipeline"]) == 1  # the killed sweep and its retry
+    pipeline = by_step["pipeline"][0]
+    reused = set(pipeline.data.tags["saecomp.reused_runs"].split(","))
+    assert {run.info.run_id for step in ("build_world", "prune_llm", "train_sae") for run in first[step]} <= reused
+    assert all(run.data.tags.get("mlflow.parentRunId") == pipeline.info.run_id for run in new if run is not pipeline)
+    # every finished run's artifacts reached S3 through the server; the sweep's selection is there
+    objects = s3_objects(s3, bucket)
+    for run in new:
+        if run.info.status == "FINISHED":
+            prefix = f"{run.info.experiment_id}/{run.info.run_id}/artifacts/"
+            assert any(key.startswith(prefix) for key in objects), run.data.tags.get(STEP_TAG)
+    assert 0 <= retried.data.metrics["selected_sparsity"] < 1
+    import pandas as pd
+
+    table = mlflow.artifacts.download_artifacts(f"runs:/{retried.info.run_id}/sweep.csv", tracking_uri=url, dst_path=str(tmp_path))
+    sweep = pd.read_csv(table)
+    assert 0.8 in set(sweep["sparsity"]) and 0.9 not in set(sweep["sparsity"])
+
+
+def _kill_ray_worker_of_first(step: str, before: set, found: dict, stop: threading.Event, tracking_uri: str | None = None) -> None:
+    """Watch the store (this process's, or ``tracking_uri``); SIGKILL the Ray worker that launched the first new
+    ``step`` run once that run is computing. An error here is reported in ``found`` (a thread's exception would go
+    unseen)."""
+    try:
+        _watch_and_kill(step, before, found, stop, tracking_uri)
     except Exception as error:  # noqa: BLE001 - the test asserts on it
         found["error"] = f"the watcher failed: {error!r}"
 
 
-def _watch_and_kill(step: str, before: set, found: dict, stop: threading.Event) -> None:
+def _watch_and_kill(step: str, before: set, found: dict, stop: threading.Event, tracking_uri: str | None) -> None:
     from infrastructure import freeze
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri)
     while not stop.is_set():
         for run in all_runs(client):
             tags = run.data.tags
@@ -179,7 +242,7 @@ def _watch_and_kill(step: str, before: set, found: dict, stop: threading.Event) 
                     return
                 # Frozen, so that it cannot finish before its worker is gone; never mid-commit, which would lock the
                 # store against the reads below (SQLite's rollback journal: "database is locked", met in CI).
-                freeze(step_pid)
+                freeze(step_pid, tracking_uri)
             except (FileNotFoundError, ProcessLookupError):  # the step ended between the lookup and here
                 continue
             try:

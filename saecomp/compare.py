@@ -31,9 +31,9 @@ the same resamples of the same test sequences (the differences replicate by repl
 Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
 cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. Core's
 summaries of the per-latent densities (``frac_alive``, ``freq_over_1_percent``, ...) carry the same bootstrap, rougher
-for shares of latents over a threshold (``evaluate.core_bootstrap``). RAVEL's entities kept and absorption's split
-latents carry none; the numbers computed from the SAE's weights alone (``FROM_WEIGHTS``) have no sampling error, and
-their cells say so.
+for shares of latents over a threshold, and low for ``frac_alive`` (``evaluate.core_bootstrap``). RAVEL's entities
+kept and absorption's split latents carry none; the numbers computed from the SAE's weights alone (``FROM_WEIGHTS``)
+have no sampling error, and their cells say so.
 """
 
 from __future__ import annotations

@@ -186,7 +186,8 @@ def run_core(
     loops = [sizes.batch_size_prompts * n for n in (sizes.n_reconstruction_batches, sizes.n_sparsity_variance_batches) if n]
     density_draws = None
     if sizes.n_sparsity_variance_batches:
-        density_draws = resampled_sequences(loops, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED)[-1][: density_replicates(sae.cfg.d_sae)]
+        # float32: small whole numbers, exact; half the memory of float64 on the model's device (128 MB at 32,000 sequences)
+        density_draws = resampled_sequences(loops, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED)[-1][: density_replicates(sae.cfg.d_sae)].float()
     with SplicedLossRecorder.recording() as spliced, VarianceLoopSums.recording(density_draws) as variance:
         scalar, features = run_evals(sae=sae, activation_store=store, model=model, eval_config=config, ignore_tokens=set(special_ids))
     from sae_bench.evals.core.main import calculate_misc_metrics
@@ -216,7 +217,9 @@ BOOTSTRAP_SEED = 0
 """Every variant's bootstrap draws the same resamples of the same sequences (same count, same seed)."""
 DENSITY_BOOTSTRAP_BYTES = 1 << 30
 """Memory for the per-latent densities' replicates (``[replicates, d_sae]`` float64 firing counts): 1,000 replicates up
-to d_sae 134,217; wider SAEs resample the densities with fewer of the same draws (`density_replicates`)."""
+to d_sae 134,217; wider SAEs resample the densities with fewer of the same draws (`density_replicates`). At its peak,
+while pending counts are added, the table is joined by their float32 product (half its size), the pending counts
+(`DENSITY_FLUSH_SEQUENCES`) and the draws (``[replicates, sequences]`` float32)."""
 
 
 def density_replicates(d_sae: int, replicates: int = BOOTSTRAP_REPLICATES) -> int:
@@ -292,7 +295,10 @@ class VarianceLoopSums:
     before the loop, for the per-latent densities' bootstrap; None: the densities are not resampled."""
     fired: torch.Tensor | None = None  # [d_sae] float64: each latent's count of tokens where it is above 0 (SAEBench's)
     fired_resampled: torch.Tensor | None = None  # [replicates, d_sae] float64: the same counts in each resample
+    pending: list[torch.Tensor] = field(default_factory=list)  # [batch, d_sae] float32 per batch, not yet resampled
     sequences_seen: int = 0
+    sequences_flushed: int = 0
+    density_skipped: str | None = None  # why the densities were not resampled, where they were to be
 
     SUMS = (
         "tokens", "batch_share", "x_squared", "error_squared", "x_squared_over_batch", "error_squared_over_batch",
@@ -395,26 +401,60 @@ class VarianceLoopSums:
         ``!= 0`` as its l0), over the whole sample and, with ``density_draws``, in each resample of sequences.
         latents: [tokens, d_sae]; sequence_of: [tokens], each token's sequence within the batch of ``rows``."""
         device, d_sae = latents.device, latents.shape[1]
-        # float32 is exact here: a sequence's count is at most its length, a resample's within a batch at most
-        # (batch size x draws x length), far below 2^24; the running totals are float64
+        # float32 is exact here: a sequence's count is at most its length, far below 2^24; the totals are float64
         per_sequence = torch.zeros(rows, d_sae, dtype=torch.float32, device=device)  # [rows, d_sae]
         chunk = max(1, FIRING_CHUNK_ELEMENTS // d_sae)  # tokens at a time
         for start in range(0, latents.shape[0], chunk):
             per_sequence.index_add_(0, sequence_of[start : start + chunk], (latents[start : start + chunk] > 0).float())
         counts = per_sequence.sum(0, dtype=torch.float64)  # [d_sae]
         self.fired = counts if self.fired is None else self.fired + counts
-        if self.density_draws is not None:
-            first, self.sequences_seen = self.sequences_seen, self.sequences_seen + rows
-            if self.sequences_seen > self.density_draws.shape[1]:
-                raise RuntimeError(
-                    f"SAEBench's variance loop read {self.sequences_seen} sequences, but the per-latent bootstrap drew "
-                    f"resamples of {self.density_draws.shape[1]} (CoreSizes and SAEBench's loop disagree)"
-                )
-            if self.density_draws.device != device:  # once: the draws live beside the latents (a GPU's queue keeps running)
-                self.density_draws = self.density_draws.to(device)
-            weights = self.density_draws[:, first : self.sequences_seen].float()  # [replicates, rows]
-            resampled = (weights @ per_sequence).double()  # [replicates, d_sae]
-            self.fired_resampled = resampled if self.fired_resampled is None else self.fired_resampled.add_(resampled)
+        if self.density_draws is None:
+            return
+        if self.sequences_seen + rows > self.density_draws.shape[1]:
+            # ours, beside SAEBench's numbers: never an error inside SAEBench's loop
+            self.stop_resampling(
+                f"SAEBench's variance loop read more than the {self.density_draws.shape[1]} sequences the per-latent "
+                "bootstrap drew resamples of (CoreSizes and SAEBench's loop disagree)"
+            )
+            return
+        self.pending.append(per_sequence)
+        self.sequences_seen += rows
+        if sum(len(part) for part in self.pending) >= DENSITY_FLUSH_SEQUENCES:
+            self.flush_firing()
+
+    def flush_firing(self) -> None:
+        """Add the pending sequences' firing counts, as drawn in each resample, to ``fired_resampled``: one product
+        ``[replicates, sequences] @ [sequences, d_sae]`` for many batches, since the table's update (``[replicates,
+        d_sae]`` float64, read and written) costs more than the product on a CPU."""
+        if not self.pending or self.density_draws is None:
+            return
+        block = torch.cat(self.pending)  # [sequences, d_sae]
+        self.pending.clear()
+        first = self.sequences_flushed
+        self.sequences_flushed += len(block)
+        if self.density_draws.device != block.device:  # once: the draws live beside the latents (a GPU's queue keeps running)
+            self.density_draws = self.density_draws.to(block.device)
+        weights = self.density_draws[:, first : self.sequences_flushed]  # [replicates, sequences]
+        if self.fired_resampled is None:
+            self.fired_resampled = torch.zeros(len(weights), block.shape[1], dtype=torch.float64, device=block.device)
+        # float32 where every sum is an integer below 2^24 (then exact), else float64; either way exact
+        if float(weights.sum(1).max()) * float(block.max()) < FLOAT32_EXACT_BELOW:
+            self.fired_resampled.add_(weights.float() @ block)  # in place: float32 product, float64 table
+        else:
+            self.fired_resampled.add_(weights.double() @ block.double())
+
+    def stop_resampling(self, reason: str) -> None:
+        """No errors for the per-latent summaries, and why: ours, so warned, never raised into SAEBench's loop."""
+        warnings.warn(f"core: no standard errors for the per-latent density summaries ({reason})", stacklevel=2)
+        self.density_skipped, self.density_draws, self.fired_resampled = reason, None, None
+        self.pending.clear()
+
+
+FLOAT32_EXACT_BELOW = 2**24
+"""Whole numbers below this are exact in float32, and so are their sums while they stay below it."""
+DENSITY_FLUSH_SEQUENCES = 256
+"""Sequences whose firing counts are added to the resampled table at once (`VarianceLoopSums.flush_firing`): 16
+batches of 16; 256 x 32,768 latents is 34 MB of pending float32 counts."""
 
 
 FIRING_CHUNK_ELEMENTS = 1 << 24
@@ -437,16 +477,17 @@ def core_bootstrap(
     in a bfloat16 one SAEBench sums in bfloat16 and these sums, in float64, are the more exact. The per-latent
     densities' summaries (``frac_alive``, ``freq_over_1_percent`` and the others of SAEBench's
     `calculate_misc_metrics`, which scores each replicate) where the loop recorded the densities in each resample
-    (``density_draws``): these are shares of latents over a threshold, so their bootstrap is rougher than a mean's
-    (a resample never revives a latent dead in the sample, and a latent that fired in one sequence only is dead in
-    about a third of the resamples: ``frac_alive``'s replicates lie at or below its value, and its error gives an
-    order of magnitude, not a symmetric interval). Not covered: the SAE's weights
+    (``density_draws``): these are shares of latents over a threshold, so their bootstrap is rougher than a mean's.
+    ``frac_alive``'s error runs low (a resample never revives a latent dead in the sample, so those latents add no
+    spread, and a latent that fired in one sequence only is dead in about a third of the resamples: its replicates
+    lie at or below its value; in a simulation with mostly rare latents its error was about a fifth below the true
+    spread): read it as an order of magnitude, and a difference it calls real with care. Not covered: the SAE's weights
     alone (``average_max_*_cosine_sim``: no sampling error) and the per-latent details.
 
     SAEBench's per-batch statistics (``explained_variance``, ``relative_reconstruction_bias``) are resampled within
     SAEBench's own batches: a drawn sequence counts in the batch it was read in, each token weighing 1 / that batch's
     token count as there, so every batch weighs by the share of its tokens drawn (1 each on the full sample)."""
-    samples, full, n_sequences = {}, {}, {}
+    samples, full, n_sequences, density = {}, {}, {}, {}
     loops = [int(sum(len(part) for part in spliced.sums[next(iter(spliced.sums))]))] if spliced.sums else []
     loops += [sum(len(part) for part in variance.sums)] if variance.x_sum else []
     draws = iter(resampled_sequences(loops, replicates, seed))
@@ -490,12 +531,19 @@ def core_bootstrap(
             share = _per_batch(weights, sums["batch_share"], batch_of)  # [r, batches]; 0 where none was drawn
             ratio = _per_batch(weights, sums["x_hat_squared"], batch_of) / _per_batch(weights, sums["x_dot_x_hat"], batch_of)
             out["relative_reconstruction_bias"] = (share * torch.where(share > 0, ratio, 0.0)).sum(1) / share.sum(1)
+        variance.flush_firing()
         if variance.fired_resampled is not None:
-            full.update(_density_summaries(variance.fired[None].cpu(), once @ sums["tokens"]))
             used = variance.density_draws.shape[0]  # the first of the replicates (density_replicates)
-            if not torch.equal(variance.density_draws.cpu(), drawn[:used]):
-                raise RuntimeError("the per-latent densities were resampled with other draws than core's bootstrap")
-            samples.update(_density_summaries(variance.fired_resampled.cpu(), drawn[:used] @ sums["tokens"]))
+            if variance.sequences_flushed != n:
+                variance.stop_resampling(f"{variance.sequences_flushed} of the loop's {n} sequences were resampled")
+            elif not torch.equal(variance.density_draws.cpu().double(), drawn[:used]):
+                variance.stop_resampling("the densities were resampled with other draws than core's bootstrap")
+            else:
+                full.update(_density_summaries(variance.fired[None].cpu(), once @ sums["tokens"]))
+                samples.update(_density_summaries(variance.fired_resampled.cpu(), drawn[:used] @ sums["tokens"]))
+                density["density_replicates"] = used
+        if variance.density_skipped:
+            density["density_skipped"] = variance.density_skipped
     return {
         "unit": "sequence",
         "replicates": replicates,
@@ -504,6 +552,7 @@ def core_bootstrap(
         "full_sample": {name: float(v[0]) for name, v in full.items()},
         "se": {name: float(v.std()) for name, v in samples.items()},
         "samples": {name: v.tolist() for name, v in samples.items()},
+        **density,
     }
 
 

@@ -185,7 +185,8 @@ def saebench_variance_statistics(batches) -> dict[str, float]:
     return out
 
 
-def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_sequences(monkeypatch):
+@pytest.mark.parametrize("flush_every, float32_exact_below", [(256, 2**24), (3, 1)])  # one product; a product per batch, float64
+def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_sequences(monkeypatch, flush_every, float32_exact_below):
     """Synthetic batches with unequal ordinary-token counts, latents of both signs and a near-zero input: on the full sample
     every statistic is SAEBench's; each bootstrap replicate is the statistic of the resampled sequences' tokens,
     recomputed directly (each drawn sequence's tokens repeated as often as it was drawn, within its own batch)."""
@@ -194,11 +195,13 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
     from saecomp.saes import reconstruction_metrics
 
     monkeypatch.setattr(evaluate, "FIRING_CHUNK_ELEMENTS", 30)  # latents counted 3 tokens at a time: chunks split sequences
+    monkeypatch.setattr(evaluate, "DENSITY_FLUSH_SEQUENCES", flush_every)
+    monkeypatch.setattr(evaluate, "FLOAT32_EXACT_BELOW", float32_exact_below)
 
     generator = torch.Generator().manual_seed(0)
     # the per-latent densities resampled with the first 10 of core_bootstrap's own 12 draws (density_replicates)
     draws = resampled_sequences([8], 12, 7)[0][:10]
-    sums, batches, sequences = VarianceLoopSums(density_draws=draws), [], []  # sequences: (batch, x, x_hat, latents) each
+    sums, batches, sequences, added = VarianceLoopSums(density_draws=draws), [], [], []  # sequences: (batch, x, x_hat, latents)
     firing = torch.tensor([0.0, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.6, 0.8, 0.9])  # each latent's chance to be non-zero
     for b, (n_seq, pos) in enumerate([(3, 5), (3, 5), (2, 5)]):
         ordinary = torch.rand(n_seq, pos, generator=generator) > 0.3
@@ -209,6 +212,7 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
         x_hat = x + 0.3 * torch.randn(n, 6, generator=generator, dtype=torch.float64)
         latents = torch.randn(n, 10, generator=generator, dtype=torch.float64) * (torch.rand(n, 10, generator=generator) < firing)
         sums.add(x, x_hat, latents, ordinary)
+        added.append((x, x_hat, latents, ordinary))
         batches.append((x, x_hat, latents))
         start = 0
         for count in ordinary.sum(1).tolist():
@@ -261,10 +265,20 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
     assert all(se > 0 for se in boot["se"].values())
     # a latent that fired never is dead in every resample; one that fired in a few sequences is alive in some resamples
     assert max(boot["samples"]["frac_alive"]) <= boot["full_sample"]["frac_alive"] < 1
-    # the densities' resamples must be core's own: other draws are refused, not silently mixed
+    assert boot["density_replicates"] == len(draws) and "density_skipped" not in boot
+    # the densities' resamples must be core's own: other draws are not silently mixed in, and (ours, beside SAEBench's
+    # numbers) a mismatch is warned, never raised: the other errors stand
     sums.density_draws = resampled_sequences([8], 12, 8)[0][:10]
-    with pytest.raises(RuntimeError, match="other draws"):
-        core_bootstrap(SplicedLossRecorder(), sums, replicates=12, seed=7)
+    with pytest.warns(UserWarning, match="other draws"):
+        mixed = core_bootstrap(SplicedLossRecorder(), sums, replicates=12, seed=7)
+    assert "frac_alive" not in mixed["se"] and mixed["se"]["mse"] == boot["se"]["mse"] and "other draws" in mixed["density_skipped"]
+    # draws for fewer sequences than SAEBench's loop reads: the loop goes on, warned, without the densities' errors
+    short = VarianceLoopSums(density_draws=resampled_sequences([4], 12, 7)[0])
+    with pytest.warns(UserWarning, match="more than the 4 sequences"):
+        for x, x_hat, latents, ordinary in added:
+            short.add(x, x_hat, latents, ordinary)
+    cut = core_bootstrap(SplicedLossRecorder(), short, replicates=12, seed=7)
+    assert "frac_alive" not in cut["se"] and cut["se"]["mse"] == boot["se"]["mse"] and "density_skipped" in cut
 
 
 def density_summaries(latents: torch.Tensor) -> dict[str, float]:

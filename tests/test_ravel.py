@@ -252,10 +252,12 @@ def test_online_ravel_data_is_the_commit_asked_for_and_saebench_downloads_nothin
 
 
 def test_ravel_standard_errors_over_several_entity_classes_are_the_spread_of_saebenchs_own_averaging():
-    """The real Gemma-2 file scores several entity classes with unequal numbers of cause attributes (the tiny world
-    has only `city`): the headline errors must follow SAEBench's averaging (attributes within a class, then classes
-    with SAEBench's own `average_results_dictionaries`), not a flat mean over attributes. Checked against a simulation
-    that redraws every validation pair's outcome and scores it with that averaging."""
+    """The real Gemma-2 file scores several entity classes (SAEBench's default selection: city and
+    nobel_prize_winner, three cause attributes each), and a user's selection may give classes unequal numbers of
+    attributes (the tiny world has only `city`). The headline errors must follow SAEBench's averaging (attributes
+    within a class, then classes with SAEBench's own `average_results_dictionaries`), which differs from a flat mean
+    over attributes exactly when the counts are unequal, as here. Checked against a simulation that redraws every
+    validation pair's outcome and scores it with that averaging."""
     from sae_bench.evals.ravel.eval_config import RAVELEvalConfig
     from sae_bench.sae_bench_utils.general_utils import average_results_dictionaries
 

@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the model's; the SAE stays float32")
     parser.add_argument("--batches", type=int, default=8, help="reconstruction and sparsity batches each")
+    parser.add_argument("--sparsity-batches", type=int, default=None, help="sparsity-and-variance batches (default: --batches)")
+    parser.add_argument("--d-sae", type=int, default=None, help="the SAE's width (default: 8 x d_model)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -65,10 +67,11 @@ def main() -> None:
     model = build_model(args.shape, args.device, args.dtype)
     cfg = model.cfg
     layer = cfg.n_layers // 2
-    sae = SAE.from_dict(TopKSAEConfig(d_in=cfg.d_model, d_sae=8 * cfg.d_model, k=32, device=args.device).to_dict())
+    d_sae = args.d_sae or 8 * cfg.d_model
+    sae = SAE.from_dict(TopKSAEConfig(d_in=cfg.d_model, d_sae=d_sae, k=32, device=args.device).to_dict())
     sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
     sae.cfg.metadata.model_name = "bench"
-    sizes = CoreSizes(args.batch_size, args.batches, args.batches)
+    sizes = CoreSizes(args.batch_size, args.batches, args.sparsity_batches or args.batches)
     tokens = torch.randint(1, cfg.d_vocab, (sizes.n_prompts, min(args.seq_len, cfg.n_ctx)))
     tokens[:, 0] = 0
     special = {0}
@@ -96,6 +99,8 @@ def main() -> None:
         "dtype": args.dtype,
         "layer": layer,
         "d_sae": sae.cfg.d_sae,
+        "core_sizes": {"batch_size_prompts": sizes.batch_size_prompts, "n_reconstruction_batches": sizes.n_reconstruction_batches,
+                       "n_sparsity_variance_batches": sizes.n_sparsity_variance_batches},
         "tokens": tokens.numel(),
         "saebench_run_evals_seconds": theirs,
         "saebench_core_per_sae_seconds": theirs_whole,

@@ -200,16 +200,21 @@ def run_core(
         output = json.loads(path.read_text())
     validate_output(CoreEvalOutput, output)
     metrics = {f"core.{name}": float(value) for group in output["eval_result_metrics"].values() for name, value in group.items()}
-    uncertainty = core_bootstrap(spliced, variance)
-    metrics["core.explained_variance_centred"] = uncertainty["full_sample"]["explained_variance_centred"]
-    # which sequences were resampled: runs with the same sample id, seed and size drew the same resamples, so their
-    # replicates pair (compare: the standard error of a difference between two variants)
-    # (the sizes too: the spliced losses and the variance loop read different numbers of those sequences)
-    read = json.dumps([sorted(special_ids), dataclasses.asdict(sizes)]).encode()
-    sample = hashlib.sha256(tokens[: sizes.n_prompts].cpu().numpy().tobytes() + read).hexdigest()
-    uncertainty["sample_id"] = sample[:20]
-    metrics.update({f"core.{name}.bootstrap_se": se for name, se in uncertainty["se"].items()})
-    return SuiteResult("core", output, metrics, time.perf_counter() - started, uncertainty=uncertainty)
+
+    def bootstrap() -> dict:
+        found = core_bootstrap(spliced, variance)
+        metrics["core.explained_variance_centred"] = found["full_sample"]["explained_variance_centred"]
+        # which sequences were resampled: runs with the same sample id, seed and size drew the same resamples, so their
+        # replicates pair (compare: the standard error of a difference between two variants)
+        # (the sizes too: the spliced losses and the variance loop read different numbers of those sequences)
+        read = json.dumps([sorted(special_ids), dataclasses.asdict(sizes)]).encode()
+        found["sample_id"] = hashlib.sha256(tokens[: sizes.n_prompts].cpu().numpy().tobytes() + read).hexdigest()[:20]
+        return found
+
+    # ours beside SAEBench's numbers (the errors and the centred explained variance, from the same sums): a failure
+    # there leaves SAEBench's numbers logged and says why
+    uncertainty, tags = standard_errors("core", "bootstrap_se", metrics, bootstrap)
+    return SuiteResult("core", output, metrics, time.perf_counter() - started, tags=tags, uncertainty=uncertainty)
 
 
 BOOTSTRAP_REPLICATES = 1000

@@ -127,6 +127,21 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
     assert 0 < random["core.ce_loss_without_sae.bootstrap_se"] < 0.2 * random["core.ce_loss_without_sae"]
 
 
+def test_a_failed_bootstrap_leaves_saebenchs_core_numbers_and_says_why(pruned_and_dense, monkeypatch):
+    from saecomp import evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("resampling went wrong")
+
+    pruned, _, tokens = pruned_and_dense
+    monkeypatch.setattr(evaluate, "core_bootstrap", broken)
+    with pytest.warns(UserWarning, match="core: no standard errors"):
+        result = run_core(pruned.tl, random_sae(), tokens, {pruned.tokenizer.bos_token_id}, SIZES)
+    assert math.isfinite(result.metrics["core.ce_loss_score"]) and math.isfinite(result.metrics["core.frac_alive"])
+    assert not [name for name in result.metrics if name.endswith("_se") or name.endswith("_centred")]
+    assert result.uncertainty is None and "resampling went wrong" in result.tags["saecomp.core.se_failed"]
+
+
 def centred_reference(model, sae: SAE, tokens: torch.Tensor, special: set[int]) -> float:
     """The centred explained variance computed directly: every ordinary token's activation and reconstruction held
     at once, the textbook formula (`reconstruction_metrics`), no SAEBench."""

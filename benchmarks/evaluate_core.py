@@ -61,6 +61,10 @@ def main() -> None:
     parser.add_argument(
         "--parts", action="store_true", help="also time run_core's parts (a device sync around each, in run_core only: off by default)"
     )
+    parser.add_argument(
+        "--density-cost", action="store_true",
+        help="also time run_core with the per-latent firing counts (the densities' bootstrap) left out, interleaved",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -75,7 +79,7 @@ def main() -> None:
     tokens = torch.randint(1, cfg.d_vocab, (sizes.n_prompts, min(args.seq_len, cfg.n_ctx)))
     tokens[:, 0] = 0
     special = {0}
-    ours, theirs, theirs_whole = [], [], []
+    ours, theirs, theirs_whole, without_densities = [], [], [], []
     metrics = {}
     parts: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # interleaved: two shared cores drift
@@ -90,6 +94,17 @@ def main() -> None:
         _synchronize(args.device)
         ours.append(time.perf_counter() - started)
         metrics = {name: result.metrics[name] for name in HEADLINE}
+        if args.density_cost:  # the same call with VarianceLoopSums.add_firing doing nothing
+            from saecomp.evaluate import VarianceLoopSums
+
+            counting, VarianceLoopSums.add_firing = VarianceLoopSums.add_firing, lambda self, latents, lengths: None
+            try:
+                started = time.perf_counter()
+                run_core(model, sae, tokens, special, sizes)
+                _synchronize(args.device)
+                without_densities.append(time.perf_counter() - started)
+            finally:
+                VarianceLoopSums.add_firing = counting
     ratio = statistics.median(ours) / statistics.median(theirs)
     ratio_whole = statistics.median(ours) / statistics.median(theirs_whole)
     figures = {
@@ -109,6 +124,7 @@ def main() -> None:
         "ratio_median_to_saebench_core_per_sae": ratio_whole,
         "goal": 1.1,
         "run_core_parts_seconds": parts,
+        "run_core_without_firing_counts_seconds": without_densities,
         "metrics": metrics,
     }
     print(f"shape={args.shape} {args.dtype} on {args.device} layer={layer}/{cfg.n_layers} tokens={tokens.numel()}", end=" ")
@@ -119,6 +135,10 @@ def main() -> None:
     print(f"ratio to run_evals alone {ratio:.3f}x (goal <= 1.1x: {'met' if ratio <= 1.1 else 'NOT met'}); "
           f"to SAEBench's core per SAE (with its JSON) {ratio_whole:.3f}x")  # fmt: skip
     print("metrics: " + ", ".join(f"{name.removeprefix('core.')} {value:.6g}" for name, value in metrics.items()))
+    if without_densities:
+        print(f"run_core without the firing counts: median {statistics.median(without_densities):7.2f} s  "
+              f"{[round(t, 2) for t in without_densities]}; the counts cost "
+              f"{statistics.median(ours) / statistics.median(without_densities):.3f}x")  # fmt: skip
     if parts:
         print("run_core's parts, median s: " + ", ".join(f"{name} {statistics.median(times):.3f}" for name, times in parts.items()))
     write_json(args.json, figures)

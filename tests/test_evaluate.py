@@ -209,7 +209,6 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
     from saecomp.evaluate import VarianceLoopSums, core_bootstrap, resampled_sequences
     from saecomp.saes import reconstruction_metrics
 
-    monkeypatch.setattr(evaluate, "FIRING_CHUNK_ELEMENTS", 30)  # latents counted 3 tokens at a time: chunks split sequences
     monkeypatch.setattr(evaluate, "DENSITY_FLUSH_SEQUENCES", flush_every)
     monkeypatch.setattr(evaluate, "FLOAT32_EXACT_BELOW", float32_exact_below)
 

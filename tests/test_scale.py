@@ -162,29 +162,8 @@ def ray_steps_on_the_server(small_experiment: Path, tmp_path: Path, url: str, en
     path = variant_of(small_experiment, tmp_path, "server-ray", changes)
     client = mlflow.MlflowClient(url)
     before = {run.info.run_id for run in all_runs(client)}
-    killed: dict = {}
-    stop = threading.Event()
-    watcher = threading.Thread(target=_kill_ray_worker_of_first, args=("prune_sae", before, killed, stop, url), daemon=True)
-    watcher.start()
-    try:
-        on_ray = subprocess.run(
-            [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray"],
-            cwd=ROOT, env={**env, "SAECOMP_CACHE": str(tmp_path / "ray-cache")}, capture_output=True, text=True, timeout=1200,
-        )  # fmt: skip
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
-    assert on_ray.returncode == 0, on_ray.stderr[-4000:]
-    assert "executor: ray, 1 node(s)" in on_ray.stderr
-
-    # The lost worker: its step closed its own run as KILLED on the server, and stayed KILLED; Ray ran the task again.
-    assert killed and "error" not in killed, killed.get("error", "no prune_sae run was caught computing")
-    victim = client.get_run(killed["run"])
-    assert victim.info.status == "KILLED", f"{victim.info.status}: {victim.data.tags}\n{killed}\n{on_ray.stderr[-8000:]}"
-    assert f"its launcher (process {killed['worker']}" in victim.data.tags[KILLED_REASON_TAG]
-    new = [run for run in all_runs(client) if run.info.run_id not in before]
-    assert not [run for run in all_runs(client) if run.info.status == "RUNNING"]
-    (retried,) = [r for r in new if r.data.tags.get(KEY_TAG) == killed["key"] and r.info.status == "FINISHED"]
+    env = {**env, "SAECOMP_CACHE": str(tmp_path / "ray-cache")}
+    _, _, new, retried = ray_pipeline_losing_a_sweep_worker(path, env, before, url)
     by_step: dict[str, list] = {}
     for run in new:
         by_step.setdefault(run.data.tags.get(STEP_TAG), []).append(run)
@@ -259,6 +238,38 @@ def _watch_and_kill(step: str, before: set, found: dict, stop: threading.Event, 
         time.sleep(0.05)
 
 
+def ray_pipeline_losing_a_sweep_worker(path: Path, env: dict, before: set, tracking_uri: str | None = None):
+    """Run the pipeline of ``path`` on Ray (a local one-node cluster) while a watcher SIGKILLs the Ray worker of its
+    first sweep (`prune_sae`) as it computes. Asserts what a lost worker must leave: the pipeline finished, the
+    sweep's run closed as KILLED by its own step (naming the dead launcher) and kept so against the launcher's own
+    late FAILED, exactly one finished retry of the same key, nothing RUNNING. Returns (the pipeline's completed
+    process, what the watcher killed, the runs not in ``before``, the retry)."""
+    client = mlflow.MlflowClient(tracking_uri)
+    killed: dict = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=_kill_ray_worker_of_first, args=("prune_sae", before, killed, stop, tracking_uri), daemon=True)
+    watcher.start()
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "executor: ray, 1 node(s)" in completed.stderr
+    # the lost worker: its step closed its own run as KILLED, Ray ran the task once more, and that one finished
+    assert killed and "error" not in killed, killed.get("error", "no prune_sae run was caught computing")
+    victim = client.get_run(killed["run"])
+    assert victim.info.status == "KILLED", f"{victim.info.status}: {victim.data.tags}\n{killed}\n{completed.stderr[-8000:]}"
+    assert f"its launcher (process {killed['worker']}" in victim.data.tags[KILLED_REASON_TAG]
+    new = [run for run in all_runs(client) if run.info.run_id not in before]
+    (retried,) = [r for r in new if r.data.tags.get(KEY_TAG) == killed["key"] and r.info.status == "FINISHED"]
+    assert not [run for run in all_runs(client) if run.info.status == "RUNNING"]
+    return completed, killed, new, retried
+
+
 def test_sae_steps_as_ray_tasks_match_in_process_and_survive_a_lost_worker(small_experiment, tracked_world, tmp_path, monkeypatch):
     pytest.importorskip("ray")
     from infrastructure import without_session_step_server
@@ -286,32 +297,9 @@ def test_sae_steps_as_ray_tasks_match_in_process_and_survive_a_lost_worker(small
         client.set_tag(run.info.run_id, KEY_TAG, f"{run.data.tags[KEY_TAG]}.in-process")
 
     before = {run.info.run_id for run in all_runs(client)}
-    killed: dict = {}
-    stop = threading.Event()
     # The sweep's worker: a redone sweep starts from scratch (an SAE training would continue from its checkpoint, whose
     # data order cannot be replayed; test_resume covers that), so every number must still match.
-    watcher = threading.Thread(target=_kill_ray_worker_of_first, args=("prune_sae", before, killed, stop), daemon=True)
-    watcher.start()
-    try:
-        ray_run = subprocess.run(
-            [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray"],
-            cwd=ROOT, env=without_session_step_server(), capture_output=True, text=True, timeout=1200,
-        )  # fmt: skip
-    finally:
-        stop.set()
-        watcher.join(timeout=10)
-    assert ray_run.returncode == 0, ray_run.stderr[-4000:]
-    assert "executor: ray, 1 node(s)" in ray_run.stderr
-
-    # The lost worker: its step closed its own run as KILLED, Ray ran the task once more, and that one finished.
-    assert killed and "error" not in killed, killed.get("error", "no prune_sae run was caught computing")
-    victim = client.get_run(killed["run"])
-    assert victim.info.status == "KILLED", f"{victim.info.status}: {victim.data.tags}\n{killed}\n{ray_run.stderr[-8000:]}"
-    assert f"its launcher (process {killed['worker']}" in victim.data.tags[KILLED_REASON_TAG]
-    new_runs = [run for run in all_runs(client) if run.info.run_id not in before]
-    retried = [r for r in new_runs if r.data.tags.get(KEY_TAG) == killed["key"] and r.info.status == "FINISHED"]
-    assert len(retried) == 1
-    assert not [run for run in all_runs(client) if run.info.status == "RUNNING"]
+    _, killed, new_runs, _ = ray_pipeline_losing_a_sweep_worker(path, without_session_step_server(), before)
     # The cluster (2 CPUs, 1 a step) ran steps at once. Not asserted on one pair: the two trainings are submitted
     # together, but on a loaded machine Ray's second worker can take longer to start than the first training takes,
     # and Ray then gives the second training the first worker (seen in CI: it started 0.2 s after the first ended).

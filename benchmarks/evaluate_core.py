@@ -167,8 +167,10 @@ PARTS = {
 
 @contextlib.contextmanager
 def timed_parts(device: str, seconds: dict[str, list[float]]):
-    """Inside the block, each of ``PARTS`` appends its wall time (device synchronised) to ``seconds[name]``."""
-    originals = []
+    """Inside the block, each of ``PARTS`` adds up its wall time (device synchronised); on leaving it, each part's total
+    is appended to ``seconds[name]``: one figure per `run_core` call, however often the part ran in it (the bootstrap
+    calls `calculate_misc_metrics` once per replicate, inside `core_bootstrap`'s own time)."""
+    originals, block = [], {}
     for module_name, names in PARTS.items():
         module = importlib.import_module(module_name)
         for name in names:
@@ -182,7 +184,7 @@ def timed_parts(device: str, seconds: dict[str, list[float]]):
                     return _original(*args, **kwargs)
                 finally:
                     _synchronize(device)
-                    seconds.setdefault(_name, []).append(time.perf_counter() - started)
+                    block[_name] = block.get(_name, 0.0) + time.perf_counter() - started
 
             setattr(module, name, timed)
     try:
@@ -190,6 +192,8 @@ def timed_parts(device: str, seconds: dict[str, list[float]]):
     finally:
         for module, name, original in originals:
             setattr(module, name, original)
+        for name, total in block.items():
+            seconds.setdefault(name, []).append(total)
 
 
 def _synchronize(device: str) -> None:

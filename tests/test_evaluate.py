@@ -388,6 +388,11 @@ def test_core_in_a_bfloat16_gemma2_with_a_layer_norm_jumprelu_sae(small_world):
     full = result.uncertainty["full_sample"]
     for name in ("mse", "cossim", "l0", "l2_norm_in", "l2_norm_out", "explained_variance_centred", "ce_loss_without_sae"):
         assert full[name] == pytest.approx(result.metrics[f"core.{name}"], rel=2e-2), name
+    # the firing counts come from the very latents SAEBench counts (the float32 SAE's): its density summaries exactly
+    from saecomp.evaluate import DENSITY_SUMMARIES
+
+    for name in DENSITY_SUMMARIES:
+        assert full[name] == pytest.approx(result.metrics[f"core.{name}"], rel=1e-6), name
     se = result.uncertainty["se"]
     assert all(math.isfinite(v) and v >= 0 for v in se.values())
     assert min(se["mse"], se["cossim"], se["explained_variance_centred"], se["ce_loss_with_sae"]) > 0

@@ -2,9 +2,10 @@
 real ``huggingface_hub`` client (2.4.0) and SAELens.
 
 It answers the requests that client sends for model and dataset repos: create a repo, upload (preupload, the Git LFS batch API with
-the "basic" transfer and its PUT and verify, the NDJSON commit), download (HEAD and GET on /resolve), repo info, the
-file tree and whoami. One user owns every namespace: a request carrying ``Authorization: Bearer <token>`` is that
-user, one without it is anonymous, and one with another token is refused as the Hub refuses a bad token (401).
+the "basic" transfer and its PUT and verify, the NDJSON commit), download (HEAD and GET on /resolve, whole or one byte
+range, as `datasets`' streaming reads a parquet file through HfFileSystem), repo info, the file tree and whoami. One
+user owns every namespace: a request carrying ``Authorization: Bearer <token>`` is that user, one without it is
+anonymous, and one with another token is refused as the Hub refuses a bad token (401).
 Everything lives in memory and goes with the server.
 
     with HubServer(token="hf_test") as hub, pointed_at(hub, tmp_path / "hf_cache", token="hf_test"):
@@ -65,6 +66,7 @@ class RecordedRequest:
     method: str
     path: str  # percent-decoded, without the query string
     authorized: bool  # carried the server's token
+    byte_range: str | None = None  # the Range header of a GET on /resolve ("bytes=0-1023"), None when whole
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,7 @@ class HubServer:
         auth = headers.get("Authorization")
         authorized = auth == f"Bearer {self.token}"
         with self._lock:
-            self.requests.append(RecordedRequest(method, unquote(url.path), authorized))
+            self.requests.append(RecordedRequest(method, unquote(url.path), authorized, headers.get("Range")))
             try:
                 # The Hub refuses a wrong token outright, even where no token is needed. The LFS upload URL stands for
                 # a signed storage URL: huggingface_hub sends no token there.
@@ -233,7 +235,7 @@ class HubServer:
                         params = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
                         if params.pop("kind", "models") == "datasets":
                             params["repo"] = DATASET + params["repo"]
-                        return route(authorized=authorized, query=query, body=body, **params)
+                        return route(authorized=authorized, query=query, body=body, byte_range=headers.get("Range"), **params)
                 raise HubError(404, f"no such endpoint on this test hub: {method} {url.path}")
             except HubError as error:
                 reply = _json_reply({"error": error.message}, error.status)
@@ -489,7 +491,7 @@ class HubServer:
             raise HubError(404, f"LFS object {request['oid']} was not uploaded")
         return _json_reply({"success": True})
 
-    def _resolve(self, repo: str, rev: str, path: str, authorized: bool, **_) -> _Reply:
+    def _resolve(self, repo: str, rev: str, path: str, authorized: bool, byte_range: str | None = None, **_) -> _Reply:
         commit = self._commit_at(self._visible(repo, authorized), rev)
         content = commit.files.get(path)
         if content is None:
@@ -505,7 +507,29 @@ class HubServer:
             headers["X-Linked-Size"] = str(len(content))
         else:
             headers["ETag"] = f'"{_git_blob_sha1(content)}"'
-        return _Reply(200, content, headers)
+        if byte_range is None:
+            return _Reply(200, content, headers)
+        # One range, as HfFileSystem asks for it (RFC 9110 §14.1.2): a 206 with that slice, or 416 outside the file.
+        # A server that ignored it would send the whole file where the client expects the slice.
+        first, last = _byte_range(byte_range, len(content), path)
+        headers["Content-Range"] = f"bytes {first}-{last}/{len(content)}"
+        return _Reply(206, content[first : last + 1], headers)
+
+
+def _byte_range(header: str, size: int, path: str) -> tuple[int, int]:
+    """The first and last byte (inclusive) of a ``Range: bytes=<first>-[<last>]`` or ``bytes=-<suffix>`` header over a
+    file of ``size`` bytes; HubError 416 when it asks for nothing inside the file or for several ranges."""
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        raise HubError(416, f"unsupported Range {header!r} for {path}", headers={"Content-Range": f"bytes */{size}"})
+    if match.group(1) == "":  # the last n bytes
+        first, last = max(size - int(match.group(2)), 0), size - 1
+    else:
+        first = int(match.group(1))
+        last = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+    if first >= size or last < first:
+        raise HubError(416, f"Range {header!r} is outside {path} ({size} bytes)", headers={"Content-Range": f"bytes */{size}"})
+    return first, last
 
 
 class _Handler(BaseHTTPRequestHandler):

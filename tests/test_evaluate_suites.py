@@ -1017,3 +1017,118 @@ def test_online_labelled_data_is_the_commit_asked_for(experiment, tmp_path, monk
     from saecomp.saebench_data import LABELLED_DATA_REPOS, hub_repo_of
 
     assert LABELLED_DATA_REPOS == sorted({hub_repo_of(name) for name in dataset_info.chosen_classes_per_dataset})
+
+
+# A stand-in for codeparrot/github-code's loading script (the real one cannot be downloaded here), with the interface
+# SAEBench's loader uses: a `languages` config argument and parquet shards under data/, relative to the script, which
+# `datasets` resolves at the script's own revision and, streaming, reads through HfFileSystem in byte ranges.
+GITHUB_CODE_STAND_IN = """
+import pyarrow.parquet as pq
+import datasets
+
+
+class GithubCodeConfig(datasets.BuilderConfig):
+    def __init__(self, *args, languages=("all",), **kwargs):
+        super().__init__(*args, name="+".join(languages), **kwargs)
+        self.languages = set(languages)
+
+
+class GithubCode(datasets.GeneratorBasedBuilder):
+    BUILDER_CONFIG_CLASS = GithubCodeConfig
+    BUILDER_CONFIGS = [GithubCodeConfig(languages=["all"])]
+    DEFAULT_CONFIG_NAME = "all"
+
+    def _info(self):
+        return datasets.DatasetInfo(features=datasets.Features({"code": datasets.Value("string"), "language": datasets.Value("string")}))
+
+    def _split_generators(self, dl_manager):
+        files = dl_manager.download(["data/train-00000-of-00001.parquet"])
+        return [datasets.SplitGenerator(name=datasets.Split.TRAIN, gen_kwargs={"files": files})]
+
+    def _generate_examples(self, files):
+        key = 0
+        for file in files:
+            with open(file, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=64):
+                    for row in batch.to_pylist():
+                        if "all" in self.config.languages or row["language"] in self.config.languages:
+                            yield key, {"code": row["content"], "language": row["language"]}
+                            key += 1
+"""
+
+
+def test_online_streamed_and_scripted_labelled_data_is_the_commit_asked_for(tmp_path, monkeypatch):
+    """The three labelled datasets a real model's sparse probing reads besides bias_in_bios and Amazon, each loaded by
+    SAEBench's own loader (`get_multi_label_train_test_data`) inside `pinned_labelled_data`, through a local Hub with
+    the real `huggingface_hub` and `datasets` clients: europarl streamed from per-language-pair parquet configs,
+    github-code streamed through a loading script with `trust_remote_code` and a `languages` argument, ag_news loaded
+    whole. Each repository gets two commits of different text; pinned to the first, every text drawn is the first's,
+    and the streamed parquet is read in byte ranges (a server that ignored them would hand back the whole file as the
+    slice asked for)."""
+    import random
+
+    import pyarrow as pa
+    from hub_server import HubServer, pointed_at
+    from huggingface_hub import HfApi
+    from sae_bench.sae_bench_utils import dataset_info, dataset_utils
+
+    from saecomp.saebench_data import pinned_labelled_data
+
+    europarl, github_code, ag_news = "Helsinki-NLP/europarl", "codeparrot/github-code", "fancyzhx/ag_news"
+    pairs = ["en-fr", "fr-it", "de-en", "es-fr", "nl-pt"]  # SAEBench's get_europarl_dataset reads one pair per language
+
+    def words(rng: random.Random, version: int, count: int) -> str:
+        return " ".join(f"v{version}{rng.choice('abcdefgh')}{rng.randrange(1000)}" for _ in range(count))
+
+    def write_versions(folder: Path, version: int) -> dict[str, set[str]]:
+        """The three repositories' files for one commit, under folder/<repo>; returns each one's texts."""
+        rng = random.Random(version)
+        texts: dict[str, set[str]] = {europarl: set(), github_code: set(), ag_news: set()}
+        configs = []
+        for pair in pairs:
+            rows = [{language: words(rng, version, 8) for language in pair.split("-")} for _ in range(30)]
+            texts[europarl] |= {text for row in rows for text in row.values()}
+            (folder / europarl / pair).mkdir(parents=True)
+            pq.write_table(pa.table({"translation": rows}), folder / europarl / pair / "train-00000-of-00001.parquet")
+            configs.append(f"- config_name: {pair}\n  data_files:\n  - split: train\n    path: {pair}/train-*\n")
+        (folder / europarl / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
+        languages = dataset_info.chosen_classes_per_dataset[github_code] + ["Rust"]  # one SAEBench does not choose
+        code = [words(rng, version, 120) for _ in range(60 * len(languages))]  # over the 534 characters SAEBench needs
+        texts[github_code] = {c[150:] for c in code}  # SAEBench skips each file's first 150 characters
+        (folder / github_code / "data").mkdir(parents=True)
+        table = pa.table({"content": code, "language": [languages[i % len(languages)] for i in range(len(code))]})
+        pq.write_table(table, folder / github_code / "data" / "train-00000-of-00001.parquet", row_group_size=32)
+        (folder / github_code / "github-code.py").write_text(GITHUB_CODE_STAND_IN)
+        (folder / ag_news / "data").mkdir(parents=True)
+        for split, size in (("train", 80), ("test", 40)):
+            news = [words(rng, version, 10) for _ in range(size)]
+            texts[ag_news] |= set(news)
+            labels = pa.array([i % 4 for i in range(size)], pa.int64())
+            pq.write_table(pa.table({"text": news, "label": labels}), folder / ag_news / "data" / f"{split}-00000-of-00001.parquet")
+        return texts
+
+    token = "hf_streamedDataTestToken0123456789abcdef"
+    with HubServer(token=token) as hub, pointed_at(hub, tmp_path / "hf_cache", token=token):
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+        monkeypatch.setattr(datasets.config, "HF_MODULES_CACHE", tmp_path / "modules")  # the script's import, off ~/.cache
+        api = HfApi()
+        commits: dict[str, list[str]] = {europarl: [], github_code: [], ag_news: []}
+        texts = [write_versions(tmp_path / f"v{version}", version) for version in (0, 1)]
+        for repo in commits:
+            api.create_repo(repo, repo_type="dataset")
+            for version in (0, 1):
+                upload = api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(tmp_path / f"v{version}" / repo))
+                commits[repo].append(upload.oid)
+        for revisions, expected in (({repo: versions[0] for repo, versions in commits.items()}, 0), ({}, 1)):
+            for repo in commits:
+                with pinned_labelled_data(revisions) as read:
+                    train, test = dataset_utils.get_multi_label_train_test_data(repo, 40, 10, 42)  # sparse probing's call
+                assert read == {repo: commits[repo][expected]}, (repo, revisions)
+                assert sorted(train) == sorted(dataset_info.chosen_classes_per_dataset[repo]), repo
+                assert all(len(class_texts) == 20 for class_texts in train.values()), repo  # binary tasks: half each
+                drawn = {text for split in (train, test) for class_texts in split.values() for text in class_texts}
+                assert drawn <= texts[expected][repo] and not drawn & texts[1 - expected][repo], repo
+        ranged = [r for r in hub.requests if r.byte_range and r.path.endswith(".parquet") and f"/{github_code}/" in r.path]
+        assert ranged and all(commits[github_code][0] in r.path or commits[github_code][1] in r.path for r in ranged)

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import requests
 import torch
 from hub_server import HubServer, RecordedRequest, pointed_at
 from huggingface_hub import HfApi, constants, hf_hub_download
@@ -61,6 +62,33 @@ def test_private_upload_takes_lfs_for_weights_and_downloads_back(hub, folder, tm
     assert RecordedRequest("PUT", f"/someone/saes.git/info/lfs/objects/upload/{oid}", False) in hub.requests
     assert hub.commits("someone/saes")[-1].lfs_paths == {WEIGHTS}  # cfg.json and README.md were inline
     assert not any("xet" in request.path.lower() for request in hub.requests)
+
+
+def test_a_byte_range_gets_that_slice_and_one_outside_the_file_is_refused(hub, folder, tmp_path):
+    """HfFileSystem (datasets' streaming) reads a file in byte ranges: each must come back as a 206 with exactly that
+    slice and its Content-Range, an open-ended or suffix range included; one past the end is a 416."""
+    from huggingface_hub import HfFileSystem
+
+    weights = (folder / WEIGHTS).read_bytes()
+    with pointed_at(hub, tmp_path / "hf_cache", token=TOKEN):
+        HfApi().create_repo("someone/saes")
+        HfApi().upload_folder(repo_id="someone/saes", folder_path=str(folder))
+        url = f"{hub.endpoint}/someone/saes/resolve/main/{WEIGHTS}"
+        answers = {}
+        for asked in ("bytes=0-9", "bytes=100-", "bytes=-16", f"bytes=5-{10 * len(weights)}", f"bytes={len(weights)}-"):
+            response = requests.get(url, headers={"Range": asked, "Authorization": f"Bearer {TOKEN}"}, timeout=10)
+            answers[asked] = (response.status_code, response.content, response.headers.get("Content-Range"))
+        with HfFileSystem(endpoint=hub.endpoint, token=TOKEN).open(f"someone/saes/{WEIGHTS}", "rb", block_size=64) as f:
+            f.seek(len(weights) - 40)
+            tail = f.read()
+    size = len(weights)
+    assert answers["bytes=0-9"] == (206, weights[:10], f"bytes 0-9/{size}")
+    assert answers["bytes=100-"] == (206, weights[100:], f"bytes 100-{size - 1}/{size}")
+    assert answers["bytes=-16"] == (206, weights[-16:], f"bytes {size - 16}-{size - 1}/{size}")
+    assert answers[f"bytes=5-{10 * size}"] == (206, weights[5:], f"bytes 5-{size - 1}/{size}")
+    assert answers[f"bytes={size}-"][0] == 416 and answers[f"bytes={size}-"][2] == f"bytes */{size}"
+    assert tail == weights[-40:]
+    assert any(r.byte_range and r.path.endswith(WEIGHTS) for r in hub.requests[-3:])  # HfFileSystem asked for a range
 
 
 def test_without_the_token_a_private_repo_does_not_exist_and_nothing_is_written(hub, folder, tmp_path):

@@ -51,7 +51,10 @@ def test_rescaled_topk_sae_gets_the_masks_of_wanda_on_its_plain_form():
     with torch.no_grad():
         sae.W_dec.mul_(torch.linspace(0.2, 5.0, 128)[:, None])  # uneven decoder norms
     x = torch.randn(512, 32, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.2, 5.0, 32)
+    source = {name: value.clone() for name, value in sae.state_dict().items()}
     pruned = prune_sae(sae, sae_statistics(sae, x), 0.5, "wanda")
+    # the source keeps its weights and its rescaling: the plain form is folded into copies only
+    assert sae.cfg.rescale_acts_by_decoder_norm and all(torch.equal(sae.state_dict()[n], v) for n, v in source.items())
     # Independent reference: fold the decoder norms by hand, then WANDA by its definition.
     with torch.no_grad():
         norms = sae.W_dec.norm(dim=1)  # [d_sae]

@@ -1057,6 +1057,52 @@ class GithubCode(datasets.GeneratorBasedBuilder):
 """
 
 
+EUROPARL, GITHUB_CODE, AG_NEWS = "Helsinki-NLP/europarl", "codeparrot/github-code", "fancyzhx/ag_news"
+EUROPARL_PAIRS = ["en-fr", "fr-it", "de-en", "es-fr", "nl-pt"]  # SAEBench's get_europarl_dataset reads one pair per language
+
+
+def _words(rng, version: int, count: int) -> str:
+    return " ".join(f"v{version}{rng.choice('abcdefgh')}{rng.randrange(1000)}" for _ in range(count))
+
+
+def write_streamed_labelled_data(folder: Path, version: int) -> dict[str, set[str]]:
+    """Version ``version`` of the three labelled Hub datasets the tiny world has no counterpart of, under
+    folder/<repo>, in the layouts SAEBench's calls imply (the real repositories cannot be read here): europarl as one
+    parquet config per language pair, github-code as a loading script (`GITHUB_CODE_STAND_IN`) over parquet shards
+    under data/, ag_news as train and test parquet. Enough rows for sparse probing at 40 train and 10 test examples.
+    Returns each repository's texts as SAEBench draws them."""
+    import random
+
+    import pyarrow as pa
+
+    rng = random.Random(version)
+    texts: dict[str, set[str]] = {EUROPARL: set(), GITHUB_CODE: set(), AG_NEWS: set()}
+    configs = []
+    for pair in EUROPARL_PAIRS:
+        rows = [{language: _words(rng, version, 8) for language in pair.split("-")} for _ in range(30)]
+        texts[EUROPARL] |= {text for row in rows for text in row.values()}
+        (folder / EUROPARL / pair).mkdir(parents=True)
+        pq.write_table(pa.table({"translation": rows}), folder / EUROPARL / pair / "train-00000-of-00001.parquet")
+        configs.append(f"- config_name: {pair}\n  data_files:\n  - split: train\n    path: {pair}/train-*\n")
+    (folder / EUROPARL / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
+    from sae_bench.sae_bench_utils import dataset_info
+
+    languages = dataset_info.chosen_classes_per_dataset[GITHUB_CODE] + ["Rust"]  # one SAEBench does not choose
+    code = [_words(rng, version, 120) for _ in range(60 * len(languages))]  # over the 534 characters SAEBench needs
+    texts[GITHUB_CODE] = {c[150:] for c in code}  # SAEBench skips each file's first 150 characters
+    (folder / GITHUB_CODE / "data").mkdir(parents=True)
+    table = pa.table({"content": code, "language": [languages[i % len(languages)] for i in range(len(code))]})
+    pq.write_table(table, folder / GITHUB_CODE / "data" / "train-00000-of-00001.parquet", row_group_size=32)
+    (folder / GITHUB_CODE / "github-code.py").write_text(GITHUB_CODE_STAND_IN)
+    (folder / AG_NEWS / "data").mkdir(parents=True)
+    for split, size in (("train", 80), ("test", 40)):
+        news = [_words(rng, version, 10) for _ in range(size)]
+        texts[AG_NEWS] |= set(news)
+        labels = pa.array([i % 4 for i in range(size)], pa.int64())
+        pq.write_table(pa.table({"text": news, "label": labels}), folder / AG_NEWS / "data" / f"{split}-00000-of-00001.parquet")
+    return texts
+
+
 def test_online_streamed_and_scripted_labelled_data_is_the_commit_asked_for(tmp_path, monkeypatch):
     """The three labelled datasets a real model's sparse probing reads besides bias_in_bios and Amazon, each loaded by
     SAEBench's own loader (`get_multi_label_train_test_data`) inside `pinned_labelled_data`, through a local Hub with
@@ -1065,47 +1111,11 @@ def test_online_streamed_and_scripted_labelled_data_is_the_commit_asked_for(tmp_
     whole. Each repository gets two commits of different text; pinned to the first, every text drawn is the first's,
     and the streamed parquet is read in byte ranges (a server that ignored them would hand back the whole file as the
     slice asked for)."""
-    import random
-
-    import pyarrow as pa
     from hub_server import HubServer, pointed_at
     from huggingface_hub import HfApi
     from sae_bench.sae_bench_utils import dataset_info, dataset_utils
 
     from saecomp.saebench_data import pinned_labelled_data
-
-    europarl, github_code, ag_news = "Helsinki-NLP/europarl", "codeparrot/github-code", "fancyzhx/ag_news"
-    pairs = ["en-fr", "fr-it", "de-en", "es-fr", "nl-pt"]  # SAEBench's get_europarl_dataset reads one pair per language
-
-    def words(rng: random.Random, version: int, count: int) -> str:
-        return " ".join(f"v{version}{rng.choice('abcdefgh')}{rng.randrange(1000)}" for _ in range(count))
-
-    def write_versions(folder: Path, version: int) -> dict[str, set[str]]:
-        """The three repositories' files for one commit, under folder/<repo>; returns each one's texts."""
-        rng = random.Random(version)
-        texts: dict[str, set[str]] = {europarl: set(), github_code: set(), ag_news: set()}
-        configs = []
-        for pair in pairs:
-            rows = [{language: words(rng, version, 8) for language in pair.split("-")} for _ in range(30)]
-            texts[europarl] |= {text for row in rows for text in row.values()}
-            (folder / europarl / pair).mkdir(parents=True)
-            pq.write_table(pa.table({"translation": rows}), folder / europarl / pair / "train-00000-of-00001.parquet")
-            configs.append(f"- config_name: {pair}\n  data_files:\n  - split: train\n    path: {pair}/train-*\n")
-        (folder / europarl / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
-        languages = dataset_info.chosen_classes_per_dataset[github_code] + ["Rust"]  # one SAEBench does not choose
-        code = [words(rng, version, 120) for _ in range(60 * len(languages))]  # over the 534 characters SAEBench needs
-        texts[github_code] = {c[150:] for c in code}  # SAEBench skips each file's first 150 characters
-        (folder / github_code / "data").mkdir(parents=True)
-        table = pa.table({"content": code, "language": [languages[i % len(languages)] for i in range(len(code))]})
-        pq.write_table(table, folder / github_code / "data" / "train-00000-of-00001.parquet", row_group_size=32)
-        (folder / github_code / "github-code.py").write_text(GITHUB_CODE_STAND_IN)
-        (folder / ag_news / "data").mkdir(parents=True)
-        for split, size in (("train", 80), ("test", 40)):
-            news = [words(rng, version, 10) for _ in range(size)]
-            texts[ag_news] |= set(news)
-            labels = pa.array([i % 4 for i in range(size)], pa.int64())
-            pq.write_table(pa.table({"text": news, "label": labels}), folder / ag_news / "data" / f"{split}-00000-of-00001.parquet")
-        return texts
 
     token = "hf_streamedDataTestToken0123456789abcdef"
     with HubServer(token=token) as hub, pointed_at(hub, tmp_path / "hf_cache", token=token):
@@ -1114,8 +1124,8 @@ def test_online_streamed_and_scripted_labelled_data_is_the_commit_asked_for(tmp_
         monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
         monkeypatch.setattr(datasets.config, "HF_MODULES_CACHE", tmp_path / "modules")  # the script's import, off ~/.cache
         api = HfApi()
-        commits: dict[str, list[str]] = {europarl: [], github_code: [], ag_news: []}
-        texts = [write_versions(tmp_path / f"v{version}", version) for version in (0, 1)]
+        commits: dict[str, list[str]] = {EUROPARL: [], GITHUB_CODE: [], AG_NEWS: []}
+        texts = [write_streamed_labelled_data(tmp_path / f"v{version}", version) for version in (0, 1)]
         for repo in commits:
             api.create_repo(repo, repo_type="dataset")
             for version in (0, 1):
@@ -1130,5 +1140,114 @@ def test_online_streamed_and_scripted_labelled_data_is_the_commit_asked_for(tmp_
                 assert all(len(class_texts) == 20 for class_texts in train.values()), repo  # binary tasks: half each
                 drawn = {text for split in (train, test) for class_texts in split.values() for text in class_texts}
                 assert drawn <= texts[expected][repo] and not drawn & texts[1 - expected][repo], repo
-        ranged = [r for r in hub.requests if r.byte_range and r.path.endswith(".parquet") and f"/{github_code}/" in r.path]
-        assert ranged and all(commits[github_code][0] in r.path or commits[github_code][1] in r.path for r in ranged)
+        ranged = [r for r in hub.requests if r.byte_range and r.path.endswith(".parquet") and f"/{GITHUB_CODE}/" in r.path]
+        assert ranged and all(commits[GITHUB_CODE][0] in r.path or commits[GITHUB_CODE][1] in r.path for r in ranged)
+
+
+def test_evaluate_online_reads_the_model_the_text_and_all_eight_labelled_datasets_from_the_hub(experiment, tmp_path):
+    """The evaluate step as gemma-2-2b.yaml runs it online (not the tiny world's path), end to end in its own process,
+    against a local Hub with the real clients: the model `google/gemma-2-2b` (random weights in a small Gemma-2
+    config), core's test text streamed from `monology/pile-uncopyrighted`, and sparse probing on all eight of SAEBench's
+    default datasets, pinned: bias_in_bios and Amazon loaded whole, europarl and github-code streamed (github-code
+    through its loading script), ag_news whole. Each labelled repository has two commits; the experiment pins the
+    first, and the run names exactly those commits. No file of the model or data is in any cache beforehand."""
+    import dataclasses
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import yaml
+    from conftest import ROOT, random_hf_model, tokenizer_for
+    from hub_server import HubServer, pointed_at
+    from huggingface_hub import HfApi
+    from sae_lens import JumpReLUSAEConfig
+
+    token = "hf_onlineEvaluateTestToken0123456789abcd"
+    corpus = experiment.world_config().corpus
+    with HubServer(token=token) as hub, pointed_at(hub, tmp_path / "hf_cache", token=token):
+        api = HfApi()
+        model_folder = tmp_path / "gemma"
+        random_hf_model("gemma2").save_pretrained(model_folder)
+        tokenizer_for().save_pretrained(model_folder)
+        api.create_repo("google/gemma-2-2b")
+        api.upload_folder(repo_id="google/gemma-2-2b", folder_path=str(model_folder))
+        pile = tmp_path / "pile" / "data"
+        pile.mkdir(parents=True)
+        documents = [" ".join(f"the quick brown fox {i} jumps over the lazy dog {j}" for j in range(6)) for i in range(120)]
+        pq.write_table(pa.table({"text": documents}), pile / "train-00000-of-00001.parquet")
+        api.create_repo("monology/pile-uncopyrighted", repo_type="dataset")
+        api.upload_folder(repo_id="monology/pile-uncopyrighted", repo_type="dataset", folder_path=str(pile.parent))
+        commits: dict[str, list[str]] = {}
+        for version in (0, 1):
+            folder = tmp_path / f"v{version}"
+            write_streamed_labelled_data(folder, version)
+            write_offline_datasets(dataclasses.replace(corpus, seed=version), tmp_path / f"bios{version}", 40, 10)
+            for repo in (BIAS_IN_BIOS, AMAZON):
+                (folder / repo / "data").mkdir(parents=True)
+                for split in ("train", "test"):
+                    written = tmp_path / f"bios{version}" / "parquet" / repo.replace("/", "__") / f"{split}.parquet"
+                    shutil.copy(written, folder / repo / "data" / f"{split}-00000-of-00001.parquet")
+            for repo in (BIAS_IN_BIOS, AMAZON, EUROPARL, GITHUB_CODE, AG_NEWS):
+                if version == 0:
+                    api.create_repo(repo, repo_type="dataset")
+                upload = api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(folder / repo))
+                commits.setdefault(repo, []).append(upload.oid)
+        sae = SAE.from_dict(JumpReLUSAEConfig(d_in=32, d_sae=64).to_dict())
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in sae.named_parameters():
+                values = torch.rand(p.shape, generator=generator)  # a threshold: small and positive
+                p.copy_(values * 0.1 if name == "threshold" else torch.randn(p.shape, generator=generator))
+        sae.cfg.metadata.hook_name, sae.cfg.metadata.model_name = "blocks.1.hook_resid_post", "google/gemma-2-2b"
+        sae.cfg.metadata.prepend_bos, sae.cfg.metadata.context_size = True, 16
+        sae.save_model(str(tmp_path / "sae"))
+        config = yaml.safe_load((ROOT / "experiments" / "gemma-2-2b.yaml").read_text())
+        config.update(
+            name="online-gemma", device="cpu", dtype="float32",
+            calibration={**config["calibration"], "documents": 30, "n_sequences": 8, "seq_len": 32},
+            held_out={"documents": 30, "n_sequences": 4, "seq_len": 32},
+            sae={**config["sae"], "hooks": ["hook_resid_post"], "layers": [1], "context_size": 16},
+        )  # fmt: skip
+        config["evaluation"] = {
+            "suites": ["core", "sparse_probing"], "n_sequences": 16, "context_size": 16, "batch_size_prompts": 4,
+            "n_reconstruction_batches": 2, "n_sparsity_variance_batches": 2, "probe_context_length": 32,
+            "sparse_probing_train_size": 40, "sparse_probing_test_size": 10, "sparse_probing_k": [1, 2],
+            "labelled_data_revisions": {repo: versions[0] for repo, versions in commits.items()},
+        }  # fmt: skip
+        (tmp_path / "online.yaml").write_text(yaml.safe_dump(config))
+        env = {
+            **os.environ,  # pointed_at's: the local Hub's endpoint, online, the token, a fresh Hugging Face cache
+            "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"),
+            "HF_MODULES_CACHE": str(tmp_path / "modules"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "SAECOMP_CACHE": str(tmp_path / "cache"),
+            "PYTHONPATH": str(ROOT),
+        }
+        command = [sys.executable, "-m", "entrypoints.evaluate", "--experiment", str(tmp_path / "online.yaml"),
+                   "--sae", str(tmp_path / "sae"), "--model", "dense", "--variant", "pretrained"]  # fmt: skip
+        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        requests = list(hub.requests)
+    assert out.returncode == 0, out.stderr[-6000:]
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("online-gemma").experiment_id])
+    (run,) = [r for r in runs if r.data.tags.get("saecomp.step") == "evaluate"]
+    assert run.info.status == "FINISHED"
+    pinned = dict(entry.split("@") for entry in run.data.tags["saecomp.labelled_data"].split(", "))
+    assert pinned == {repo: versions[0] for repo, versions in commits.items()}
+    metrics = run.data.metrics
+    assert math.isfinite(metrics["core.ce_loss_score"]) and math.isfinite(metrics["core.explained_variance"])
+    assert 0 <= metrics["sparse_probing.sae_top_1_test_accuracy"] <= 1
+    output = json.loads(Path(client.download_artifacts(run.info.run_id, "saebench/sparse_probing.json", str(tmp_path / "out"))).read_text())
+    from saecomp.saebench_data import SAEBENCH_SPARSE_PROBING_DATASETS
+
+    evaluated = sorted(detail["dataset_name"].removesuffix("_results") for detail in output["eval_result_details"])  # SAEBench names
+    assert evaluated == sorted(SAEBENCH_SPARSE_PROBING_DATASETS)
+    paths = {r.path for r in requests}
+    assert any("/google/gemma-2-2b/resolve/" in p for p in paths)
+    assert any("/datasets/monology/pile-uncopyrighted/resolve/" in p for p in paths)
+    for repo in commits:  # every labelled dataset was read at its first commit, none at its second
+        read = {p for p in paths if p.startswith(f"/datasets/{repo}/resolve/")}
+        assert any(commits[repo][0] in p for p in read) and not any(commits[repo][1] in p for p in read), repo
+    assert any(r.byte_range for r in requests if f"/datasets/{GITHUB_CODE}/" in r.path)

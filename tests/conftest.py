@@ -21,6 +21,9 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix=f"saecomp-tests-{os.getpid()}-", dir
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_DIR / 'mlflow.db'}"
 os.environ["SAECOMP_CACHE"] = str(_SESSION_DIR / "cache")
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Where `datasets` imports a dataset's loading script from (tests serve one from the local Hub). It is read once, at
+# import, and the package it builds there stays in sys.modules: a test cannot move it later in the same process.
+os.environ["HF_MODULES_CACHE"] = str(_SESSION_DIR / "hf_modules")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Under pytest-xdist (`-n 2`, what the README's test command runs) two workers share the 2 cores: one thread each, in
 # this process and in every step it starts, so that neither oversubscribes the cores and numbers compared across

@@ -1122,7 +1122,6 @@ def test_online_streamed_and_scripted_labelled_data_is_the_commit_asked_for(tmp_
         monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(datasets.config, "HF_ENDPOINT", hub.endpoint)
         monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
-        monkeypatch.setattr(datasets.config, "HF_MODULES_CACHE", tmp_path / "modules")  # the script's import, off ~/.cache
         api = HfApi()
         commits: dict[str, list[str]] = {EUROPARL: [], GITHUB_CODE: [], AG_NEWS: []}
         texts = [write_streamed_labelled_data(tmp_path / f"v{version}", version) for version in (0, 1)]

@@ -258,11 +258,15 @@ def _step_on_worker(entry_point: str, parameters: dict[str, str], experiment_id,
     session of their own, so that a step outlives its lost worker long enough to close its run as KILLED; the server
     ends with the worker."""
     import mlflow
+    import ray
+
+    from saecomp.tracking import RAY_NODE_ENV, find_finished_run, launch_local
 
     os.environ.update(environment)
+    # The node, for the step's run (saecomp.ray_node); before the step server starts, whose steps inherit it.
+    os.environ[RAY_NODE_ENV] = ray.get_runtime_context().get_node_id()
     mlflow.set_tracking_uri(environment["MLFLOW_TRACKING_URI"])
     from saecomp.step_server import SERVER_ENV, serving
-    from saecomp.tracking import find_finished_run, launch_local
 
     if os.environ.get(SERVER_ENV) is None:  # the first step on this worker (its imports overlap that step)
         _WORKER_SERVER.enter_context(serving(own_session=True))

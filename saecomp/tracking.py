@@ -320,6 +320,8 @@ PID_START_TAG = "saecomp.pid_start"  # the process's start (clock ticks after bo
 KILLED_REASON_TAG = "saecomp.killed_reason"
 THREADS_TAG = "saecomp.torch_threads"  # torch's intra-op threads in the step's process
 PROCESS_TAG = "saecomp.process"  # how the step's process started: its own interpreter, or forked by a step server
+RAY_NODE_TAG = "saecomp.ray_node"  # the Ray node a step ran on (a Ray task's): several nodes may share one host
+RAY_NODE_ENV = "SAECOMP_RAY_NODE"  # set by the Ray task for the step it launches
 HEARTBEAT_SECONDS = float(os.environ.get("SAECOMP_HEARTBEAT_SECONDS", 30))
 # A run whose process is on another host counts as dead only when its heartbeat is this old.
 STALE_AFTER_SECONDS = float(os.environ.get("SAECOMP_STALE_AFTER_SECONDS", 600))
@@ -358,6 +360,8 @@ def alive(run_id: str, watch_launcher: bool = False):
     from saecomp.step_server import forked_from
 
     server = forked_from()
+    if os.environ.get(RAY_NODE_ENV):
+        MlflowClient().set_tag(run_id, RAY_NODE_TAG, os.environ[RAY_NODE_ENV])
     MlflowClient().set_tag(run_id, PROCESS_TAG, f"forked by the step server (pid {server})" if server else "own interpreter")
     if "torch" in sys.modules:  # CPU results depend on it (the order of float sums), and a local pool shares the cores out
         MlflowClient().set_tag(run_id, THREADS_TAG, str(sys.modules["torch"].get_num_threads()))

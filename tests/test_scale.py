@@ -4,6 +4,7 @@ world (and, when test_pipeline ran first, its dense and pruned models)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -19,7 +20,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from saecomp.tracking import HEARTBEAT_TAG, KEY_TAG, KILLED_REASON_TAG, PID_TAG, PROCESS_TAG, STEP_TAG
+from saecomp.tracking import HEARTBEAT_TAG, KEY_TAG, KILLED_REASON_TAG, PID_TAG, PROCESS_TAG, RAY_NODE_TAG, STEP_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,8 +152,9 @@ def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tr
 
 
 def ray_steps_on_the_server(small_experiment: Path, tmp_path: Path, url: str, env: dict, first: dict, s3: str, bucket: str) -> None:
-    """What several machines run: steps as Ray tasks (`--executor ray`) writing to the shared tracking server, and a Ray
-    worker lost there mid-step. The Ray workers get the server's address from the pipeline, and no S3 credentials (every
+    """What several machines run: steps as Ray tasks (`--executor ray --address`) on a cluster of two nodes, writing to
+    the shared tracking server, and a Ray worker lost there mid-step (the same pipeline with a SQLite store refused on
+    those nodes first). The Ray workers get the server's address from the pipeline, and no S3 credentials (every
     artifact through the server). Another sweep of the same cell (other levels): the world, the pruned model and both
     trainings are reused from the server (an empty local cache: their SAEs come through it), and the sweep is computed
     on Ray, its first worker killed while it computes."""
@@ -163,7 +165,20 @@ def ray_steps_on_the_server(small_experiment: Path, tmp_path: Path, url: str, en
     client = mlflow.MlflowClient(url)
     before = {run.info.run_id for run in all_runs(client)}
     env = {**env, "SAECOMP_CACHE": str(tmp_path / "ray-cache")}
-    _, _, new, retried = ray_pipeline_losing_a_sweep_worker(path, env, before, url)
+    with ray_cluster_of_two_nodes(env) as (address, head, worker):
+        # A cluster of several nodes with a store only this machine has: refused before any run.
+        sqlite = f"sqlite:///{tmp_path / 'ray-local.db'}"
+        refused = subprocess.run(
+            [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray", "--address", address],
+            cwd=ROOT, env={**env, "MLFLOW_TRACKING_URI": sqlite}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert refused.returncode == 2 and "--executor ray on 2 nodes needs a tracking server" in refused.stderr, refused.stderr[-3000:]
+        assert not all_runs(mlflow.MlflowClient(sqlite))
+        completed, _, new, retried = ray_pipeline_losing_a_sweep_worker(path, env, before, url, address)
+    assert "executor: ray, 2 node(s)" in completed.stderr
+    # The driver's node has no CPU for tasks: every step ran on the other node, its run naming it (the retry too).
+    steps = [run for run in new if run.data.tags.get(STEP_TAG) != "pipeline"]
+    assert steps and {run.data.tags.get(RAY_NODE_TAG) for run in steps} == {worker} != {head}
     by_step: dict[str, list] = {}
     for run in new:
         by_step.setdefault(run.data.tags.get(STEP_TAG), []).append(run)
@@ -186,6 +201,31 @@ def ray_steps_on_the_server(small_experiment: Path, tmp_path: Path, url: str, en
     table = mlflow.artifacts.download_artifacts(f"runs:/{retried.info.run_id}/sweep.csv", tracking_uri=url, dst_path=str(tmp_path))
     sweep = pd.read_csv(table)
     assert 0.8 in set(sweep["sparsity"]) and 0.9 not in set(sweep["sparsity"])
+
+
+@contextlib.contextmanager
+def ray_cluster_of_two_nodes(env: dict):
+    """A Ray cluster of two nodes on this machine (`ray.cluster_utils.Cluster`: a raylet and object store each), as
+    `ray start --head --num-cpus 0` and `ray start --address <head> --num-cpus 2` would make it: the head takes no
+    tasks, so every step lands on the other node. Started with ``env`` as its environment (the Ray workers inherit it
+    from their raylet: no S3 credentials, not the test session's step server). Yields (address, head's node id,
+    worker's node id)."""
+    from ray.cluster_utils import Cluster
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        worker = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        yield cluster.address, cluster.head_node.node_id, worker.node_id
+    finally:
+        cluster.shutdown()
 
 
 def _kill_ray_worker_of_first(step: str, before: set, found: dict, stop: threading.Event, tracking_uri: str | None = None) -> None:
@@ -238,27 +278,30 @@ def _watch_and_kill(step: str, before: set, found: dict, stop: threading.Event, 
         time.sleep(0.05)
 
 
-def ray_pipeline_losing_a_sweep_worker(path: Path, env: dict, before: set, tracking_uri: str | None = None):
-    """Run the pipeline of ``path`` on Ray (a local one-node cluster) while a watcher SIGKILLs the Ray worker of its
-    first sweep (`prune_sae`) as it computes. Asserts what a lost worker must leave: the pipeline finished, the
-    sweep's run closed as KILLED by its own step (naming the dead launcher) and kept so against the launcher's own
-    late FAILED, exactly one finished retry of the same key, nothing RUNNING. Returns (the pipeline's completed
-    process, what the watcher killed, the runs not in ``before``, the retry)."""
+def ray_pipeline_losing_a_sweep_worker(
+    path: Path, env: dict, before: set, tracking_uri: str | None = None, address: str | None = None
+):
+    """Run the pipeline of ``path`` on Ray (a local one-node cluster it starts, or the cluster at ``address``) while a
+    watcher SIGKILLs the Ray worker of its first sweep (`prune_sae`) as it computes. Asserts what a lost worker must
+    leave: the pipeline finished, the sweep's run closed as KILLED by its own step (naming the dead launcher) and kept
+    so against the launcher's own late FAILED, exactly one finished retry of the same key, nothing RUNNING. Returns
+    (the pipeline's completed process, what the watcher killed, the runs not in ``before``, the retry)."""
     client = mlflow.MlflowClient(tracking_uri)
     killed: dict = {}
     stop = threading.Event()
     watcher = threading.Thread(target=_kill_ray_worker_of_first, args=("prune_sae", before, killed, stop, tracking_uri), daemon=True)
     watcher.start()
     try:
+        on = ["--address", address] if address else []
         completed = subprocess.run(
-            [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray"],
+            [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray", *on],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
         )  # fmt: skip
     finally:
         stop.set()
         watcher.join(timeout=10)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    assert "executor: ray, 1 node(s)" in completed.stderr
+    assert address or "executor: ray, 1 node(s)" in completed.stderr
     # the lost worker: its step closed its own run as KILLED, Ray ran the task once more, and that one finished
     assert killed and "error" not in killed, killed.get("error", "no prune_sae run was caught computing")
     victim = client.get_run(killed["run"])

@@ -336,6 +336,10 @@ def run_ravel_on(exp, loaded, sae, tokenizer_source: str, source, model_label, f
         say(f"ravel: {RAVEL_PROMPTS_REPO} at {exp.evaluation.ravel_data_revision} = commit {commit}")
         mlflow.set_tag("saecomp.ravel.data", f"{RAVEL_PROMPTS_REPO}@{commit}")
     config = ravel_config(exp.evaluation, tokenizer_source, exp.dtype, folder, tiny)
+    if not tiny:  # every class asked for must be in the pinned files: SAEBench would download the newest for one that is not
+        from saecomp.saebench_data import check_ravel_files
+
+        check_ravel_files(folder, config.entity_attribute_selection)
     hf_model = loaded.hf.to(exp.device)
     try:
         return run_ravel(hf_model, sae, config, folder / "out", source.describe(), model_label)

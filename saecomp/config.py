@@ -257,6 +257,11 @@ class EvaluationConfig(Section):
     """Branch, tag or commit of the Hub dataset SAEBench's RAVEL reads (`adamkarvonen/ravel_prompts`; not for a tiny
     model, whose facts come from its world). The commit it resolved to is tagged on the run (``saecomp.ravel.data``):
     set it here to rerun on exactly that data."""
+    ravel_entity_attribute_selection: dict[str, list[str]] | None = None
+    """RAVEL's entity classes, each with the attribute classes to disentangle (at least two; SAEBench's
+    ``entity_attribute_selection``). Default: SAEBench's own (city: Country, Continent, Language; nobel_prize_winner:
+    Country of Birth, Field, Gender), which `ravel_data_revision`'s files must hold; for a tiny model, the world's
+    city facts, of which a selection must be a part."""
 
 
 # Which evaluation fields each suite reads: a suite's finished result is reused unless one of its own fields changed.
@@ -272,7 +277,8 @@ SUITE_FIELDS = {
     "tpp": ("seed", "probe_context_length", "llm_batch_size", *_LABELLED_DATA, "scr_tpp_n_values", "scr_tpp_datasets",
             "labelled_data_revisions"),
     "absorption": ("seed", "llm_batch_size", "absorption_max_k", "absorption_min_letters"),
-    "ravel": ("seed", "ravel_llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute", "ravel_data_revision"),
+    "ravel": ("seed", "ravel_llm_batch_size", "ravel_top_n_entities", "ravel_pairs_per_attribute", "ravel_data_revision",
+              "ravel_entity_attribute_selection"),
 }  # fmt: skip
 
 SEEDED_SUITES = tuple(suite for suite, fields in SUITE_FIELDS.items() if "seed" in fields)
@@ -494,7 +500,7 @@ def validate(exp: Experiment) -> Experiment:
             f"world.corpus.profession_gender_correlation={correlation} leaves a gender without biographies of some professions, "
             "which SCR, TPP and sparse probing need; valid: a value strictly between 0 and 1"
         )
-    from saecomp.saebench_data import check_datasets, check_labelled_data_revisions
+    from saecomp.saebench_data import check_datasets, check_labelled_data_revisions, check_ravel_selection
 
     for name in ("sparse_probing_datasets", "scr_tpp_datasets"):
         try:
@@ -503,6 +509,10 @@ def validate(exp: Experiment) -> Experiment:
             raise ConfigError(f"evaluation.{error}") from None
     try:
         check_labelled_data_revisions(ev.labelled_data_revisions)
+    except ValueError as error:
+        raise ConfigError(f"evaluation.{error}") from None
+    try:
+        check_ravel_selection(ev.ravel_entity_attribute_selection, tiny)
     except ValueError as error:
         raise ConfigError(f"evaluation.{error}") from None
     for sparsity in exp.sae_pruning.sparsities:

@@ -1806,7 +1806,8 @@ def ravel_config(ev, tokenizer_source: str, dtype: str, artifact_dir: Path, tiny
 
     from saecomp.saebench_data import TINY_RAVEL_SELECTION
 
-    kwargs = {"entity_attribute_selection": TINY_RAVEL_SELECTION} if tiny else {}
+    selection = ev.ravel_entity_attribute_selection or (TINY_RAVEL_SELECTION if tiny else None)
+    kwargs = {"entity_attribute_selection": selection} if selection else {}  # none: SAEBench's default
     return RAVELEvalConfig(
         model_name=str(tokenizer_source),
         llm_dtype=dtype,

@@ -271,6 +271,48 @@ TINY_RAVEL_SELECTION = {RAVEL_ENTITY: list(RAVEL_ATTRIBUTE_TEMPLATES)}
 """SAEBench's ``entity_attribute_selection`` for the tiny world: its city class (it has no Nobel laureates)."""
 
 
+def check_ravel_selection(selection: dict[str, list[str]] | None, tiny: bool) -> None:
+    """A ValueError naming the first entity class of ``selection`` (``evaluation.ravel_entity_attribute_selection``)
+    with fewer than two distinct attribute classes, or, for a tiny model, one the world does not have. Which classes a
+    Hub revision holds is checked once its files are fetched (`check_ravel_files`)."""
+    if selection is None:
+        return
+    field = "ravel_entity_attribute_selection"
+    if not selection:
+        raise ValueError(f"{field}={{}} selects nothing; valid: entity classes, each with two or more attribute classes")
+    for entity, attributes in selection.items():
+        if len(set(attributes)) < 2:
+            raise ValueError(f"{field}[{entity!r}]={attributes!r}; valid: two or more distinct attribute classes")
+        if tiny:
+            have = TINY_RAVEL_SELECTION.get(entity)
+            if have is None:
+                raise ValueError(f"{field} names {entity!r}, which the tiny world has no facts of; valid: {RAVEL_ENTITY}")
+            unknown = [a for a in attributes if a not in have]
+            if unknown:
+                raise ValueError(f"{field}[{entity!r}] names {unknown[0]!r}; valid: {', '.join(have)}")
+
+
+def check_ravel_files(folder: str | Path, selection: dict[str, list[str]]) -> None:
+    """A ValueError unless ``<folder>/base`` holds SAEBench's four RAVEL files of every entity class in ``selection``,
+    with every attribute class it names. Checked before RAVEL runs: for a class whose files are missing SAEBench would
+    download the dataset's newest commit over the pinned one."""
+    import json
+
+    base = Path(folder) / "base"
+    suffix = "_entity_attributes.json"
+    have = sorted(p.name.removeprefix("ravel_").removesuffix(suffix) for p in base.glob(f"ravel_*{suffix}"))
+    for entity, attributes in selection.items():
+        names = ("attribute_to_prompts", "prompt_to_split", "entity_attributes", "entity_to_split")  # SAEBench's load_files
+        files = [base / f"ravel_{entity}_{name}.json" for name in names]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ValueError(f"RAVEL's data has no entity class {entity!r} ({missing[0]} is missing); it has: {', '.join(have) or 'none'}")
+        prompts = json.loads(files[0].read_text())
+        unknown = [a for a in attributes if a not in prompts]
+        if unknown:
+            raise ValueError(f"RAVEL's data has no attribute {unknown[0]!r} of {entity!r}; it has: {', '.join(sorted(prompts))}")
+
+
 def ravel_templates(corpus_cfg, n_contexts: int = 3) -> dict[str, list[str]]:
     """Per attribute, its template bare and after ``n_contexts`` context sentences from the world's stories (RAVEL
     asks for each fact in several contexts)."""

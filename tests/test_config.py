@@ -71,6 +71,18 @@ ERRORS = [
     ),
     ({"evaluation.labelled_data_revisions": {"fancyzhx/ag_news": " "}}, "labelled_data_revisions['fancyzhx/ag_news']=' '; valid: a branch"),
     (
+        {"evaluation.ravel_entity_attribute_selection": {"city": ["Country"]}},
+        "evaluation.ravel_entity_attribute_selection['city']=['Country']; valid: two or more distinct attribute classes",
+    ),
+    (
+        {"evaluation.ravel_entity_attribute_selection": {"nobel_prize_winner": ["Field", "Gender"]}},
+        "evaluation.ravel_entity_attribute_selection names 'nobel_prize_winner', which the tiny world has no facts of; valid: city",
+    ),
+    (
+        {"evaluation.ravel_entity_attribute_selection": {"city": ["Country", "Population"]}},
+        "evaluation.ravel_entity_attribute_selection['city'] names 'Population'; valid: Country, Continent, Language",
+    ),
+    (
         {"world.corpus.profession_gender_correlation": 1.0, "evaluation.suites": ["scr"]},
         "world.corpus.profession_gender_correlation=1.0 leaves a gender without biographies",
     ),

@@ -301,3 +301,73 @@ def test_ravel_standard_errors_over_several_entity_classes_are_the_spread_of_sae
     # attribute a quarter, not a half, and its error would be far smaller
     flat = torch.cat([torch.stack(s["cause_score"]) for s in per_entity.values()]).mean(0)
     assert float(flat.std()) < 0.8 * errors["cause_score"]
+
+
+def test_ravel_online_reads_the_model_and_the_pinned_prompts_from_the_hub(fact_world, tmp_path):
+    """The evaluate step's RAVEL as gemma-2-2b.yaml runs it online, end to end in its own process against a local Hub
+    with the real clients: the model `google/gemma-2-2b` (here the fact world's tiny Gemma-2, which knows its cities)
+    and RAVEL's prompts from `adamkarvonen/ravel_prompts` at the experiment's pinned commit, not the newer one, the
+    run tagging it. With SAEBench's default selection, whose `nobel_prize_winner` class that commit does not hold, the
+    suite fails naming it, before SAEBench could download the newest commit in its place."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+    import yaml
+    from conftest import ROOT
+    from hub_server import HubServer, pointed_at
+    from huggingface_hub import HfApi
+
+    from saecomp.evaluate import RAVEL_PROMPTS_REPO
+
+    token = "hf_ravelOnlineTestToken0123456789abcdef"
+    for name, corpus in (("first", FACT_CORPUS), ("second", CorpusConfig(n_documents=100, n_cities=12))):
+        write_ravel_files(corpus, tmp_path / name)
+    sae = resid_sae(0)
+    sae.cfg.metadata.model_name = "google/gemma-2-2b"
+    sae.save_model(str(tmp_path / "sae"))
+    with HubServer(token=token) as hub, pointed_at(hub, tmp_path / "hf_cache", token=token):
+        api = HfApi()
+        api.create_repo("google/gemma-2-2b")
+        api.upload_folder(repo_id="google/gemma-2-2b", folder_path=str(fact_world / "tiny-gemma2"))
+        api.create_repo(RAVEL_PROMPTS_REPO, repo_type="dataset")
+        commits = [api.upload_folder(repo_id=RAVEL_PROMPTS_REPO, repo_type="dataset", folder_path=str(tmp_path / name / "base")).oid
+                   for name in ("first", "second")]  # fmt: skip
+        config = yaml.safe_load((ROOT / "experiments" / "gemma-2-2b.yaml").read_text())
+        sae_section = {**config["sae"], "hooks": ["hook_resid_post"], "layers": [0]}
+        config.update(name="online-ravel", device="cpu", dtype="float32", sae=sae_section)
+        config["evaluation"] = {"suites": ["ravel"], "ravel_pairs_per_attribute": 100, "ravel_data_revision": commits[0],
+                                "ravel_entity_attribute_selection": {"city": list(RAVEL_ATTRIBUTE_TEMPLATES)}}  # fmt: skip
+        env = {
+            **os.environ,  # pointed_at's: the local Hub's endpoint, online, the token, a fresh Hugging Face cache
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "SAECOMP_CACHE": str(tmp_path / "cache"),
+            "PYTHONPATH": str(ROOT),
+        }
+        outs, requests = [], []
+        for selection in ({"city": list(RAVEL_ATTRIBUTE_TEMPLATES)}, None):  # the experiment's, then SAEBench's default
+            config["evaluation"]["ravel_entity_attribute_selection"] = selection
+            (tmp_path / "online.yaml").write_text(yaml.safe_dump(config))
+            command = [sys.executable, "-m", "entrypoints.evaluate", "--experiment", str(tmp_path / "online.yaml"),
+                       "--sae", str(tmp_path / "sae"), "--model", "dense", "--variant", "pretrained"]  # fmt: skip
+            asked = len(hub.requests)
+            outs.append(subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900))
+            requests.append(hub.requests[asked:])
+    assert outs[0].returncode == 0, outs[0].stderr[-6000:]
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("online-ravel").experiment_id], order_by=["attributes.start_time ASC"])
+    finished, failed = [r for r in runs if r.data.tags.get("saecomp.step") == "evaluate"]
+    assert finished.info.status == "FINISHED" and finished.data.tags["saecomp.ravel.data"] == f"{RAVEL_PROMPTS_REPO}@{commits[0]}"
+    metrics = finished.data.metrics
+    assert metrics["ravel.n_entities_kept"] >= 20 and metrics["ravel.n_prompts"] == 360  # the first commit's 30 cities
+    assert 0.0 <= metrics["ravel.disentanglement_score"] <= 1.0
+    assert any("/google/gemma-2-2b/resolve/" in r.path for r in requests[0])
+    # SAEBench's default selection: refused on the pinned files, and nothing more downloaded
+    assert outs[1].returncode != 0 and failed.info.status == "FAILED"
+    reason = failed.data.tags["saecomp.ravel.failed"]
+    assert "RAVEL's data has no entity class 'nobel_prize_winner'" in reason and "it has: city" in reason, reason
+    # RAVEL's data only ever at the pinned commit (the second run finds it in the Hugging Face cache), never at main
+    # as SAEBench's own download asks for it
+    read = [[r.path for r in asked if RAVEL_PROMPTS_REPO in r.path] for asked in requests]
+    assert read[0] and all(commits[0] in path for path in read[0] + read[1]), read

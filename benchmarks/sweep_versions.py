@@ -84,30 +84,38 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    def short(revision: str) -> str:
+        found = subprocess.run(["git", "rev-parse", "--short", f"{revision}^{{commit}}"], cwd=ROOT, capture_output=True, text=True)
+        if found.returncode:
+            raise SystemExit(f"--against {revision!r} is not a commit here; valid: a commit, branch or tag of this repository")
+        return found.stdout.strip()
+
+    against, head = short(args.against), short("HEAD")  # recorded as commits: "HEAD" would mean another commit tomorrow
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "saecomp/prune_sae.py"], cwd=ROOT, capture_output=True, text=True).stdout)
     this_name = f"{head}+uncommitted" if dirty else head
-    versions = {args.against: prune_sae_at(args.against), this_name: this_version}
+    if this_name == against:
+        raise SystemExit(f"--against {args.against} is this checkout's own prune_sae.py ({head}, unchanged): nothing to compare")
+    versions = {against: prune_sae_at(against), this_name: this_version}
     torch.manual_seed(0)
     model = build_model(args.shape, args.device)
     cfg = model.cfg
     layers = [int(x) for x in args.layers.split(",")] if args.layers else sorted({cfg.n_layers // 2, cfg.n_layers - 1})
     tokens = torch.randint(0, cfg.d_vocab, (args.sequences, min(args.seq_len, cfg.n_ctx)), device=args.device)
     print(f"shape={args.shape} device={args.device} tokens={tokens.numel()} levels={len(LEVELS)} threads={torch.get_num_threads()}")
-    print(f"| layer | {args.against} s | {this_name} s | speed-up | largest metric difference |")
+    print(f"| layer | {against} s | {this_name} s | speed-up | largest metric difference |")
     print("|---|---|---|---|---|")
     with torch.no_grad():
         model(tokens[:8], return_type="loss")  # warm-up
     records = []
     for layer in layers:
         r = compare_layer(model, layer, tokens, args.expansion, args.rounds, versions)
-        old, new = r["seconds"][args.against], r["seconds"][this_name]
+        old, new = r["seconds"][against], r["seconds"][this_name]
         r["speed_up"] = old / new
         worst = max(r["largest_metric_difference"].values())
         print(f"| {layer}/{cfg.n_layers} | {old:.2f} | {new:.2f} | {old / new:.3f}x | {worst:.2e} |", flush=True)
         records.append(r)
         write_json(args.json, {
-            "benchmark": "sweep_versions", "against": args.against, "this": this_name, "shape": args.shape,
+            "benchmark": "sweep_versions", "against": against, "this": this_name, "shape": args.shape,
             "device": args.device, "tokens": tokens.numel(), "levels": LEVELS, "rounds": args.rounds,
             "expansion": args.expansion, "layers": records, "machine": machine(),
         })  # fmt: skip

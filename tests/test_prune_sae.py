@@ -61,6 +61,34 @@ def test_exact_zeros_and_untouched_biases(method, kind):
     assert torch.equal(sae.W_enc, random_sae(kind).W_enc), "the source SAE was modified"
 
 
+@pytest.mark.parametrize(
+    "kind, extra",
+    [("topk", {"reshape_activations": "hook_z"}), ("jumprelu", {"normalize_activations": "layer_norm"}),
+     ("standard", {"normalize_activations": "constant_norm_rescale"})],
+)  # fmt: skip
+def test_pruned_copies_run_alone_and_leave_the_source_as_it_was(kind, extra, tmp_path):
+    """SAELens builds each SAE with functions bound to it (hook_z reshaping, input normalisation): a pruned copy must get
+    its own, run on its own, and write nothing into the SAE it was copied from, also when the statistics came from
+    another object (as when they are loaded, not computed from this one)."""
+    cfg = {"standard": StandardSAEConfig, "jumprelu": JumpReLUSAEConfig, "topk": TopKSAEConfig}[kind]
+    hook_z = extra.get("reshape_activations") == "hook_z"
+    source = SAE.from_dict(cfg(d_in=32, d_sae=128, **({"k": 8} if kind == "topk" else {}), **extra).to_dict())
+    source.cfg.metadata.hook_name = "blocks.1.attn.hook_z" if hook_z else "blocks.1.hook_resid_post"
+    source.save_model(str(tmp_path / "sae"))
+    other = SAE.load_from_disk(str(tmp_path / "sae"))  # the statistics' SAE: the same weights, another object
+    x = activations().reshape(-1, 4, 8) if hook_z else activations()  # hook_z: [tokens, heads, d_head]
+    stats = sae_statistics(other, x)
+    attributes = dict(vars(source))
+    weights = {name: value.clone() for name, value in source.state_dict().items()}
+    pruned = prune_sae(source, stats, 0.5, "wanda")
+    with torch.no_grad():
+        out = pruned(x)
+    assert torch.isfinite(out).all()
+    assert vars(source).keys() == attributes.keys()  # nothing (d_head, ln_mu, ...) set on the source
+    assert all(torch.equal(source.state_dict()[name], value) for name, value in weights.items())
+    assert pruned.cfg.device == str(source.device) and pruned.W_enc.dtype == source.W_enc.dtype
+
+
 def test_wanda_scores_by_the_true_inputs():
     sae = random_sae("standard")
     x = activations()

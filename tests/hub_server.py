@@ -66,7 +66,7 @@ class RecordedRequest:
     method: str
     path: str  # percent-decoded, without the query string
     authorized: bool  # carried the server's token
-    byte_range: str | None = None  # the Range header of a GET on /resolve ("bytes=0-1023"), None when whole
+    byte_range: str | None = None  # the request's Range header ("bytes=0-1023"), None without one
 
 
 @dataclass(frozen=True)
@@ -507,29 +507,35 @@ class HubServer:
             headers["X-Linked-Size"] = str(len(content))
         else:
             headers["ETag"] = f'"{_git_blob_sha1(content)}"'
-        if byte_range is None:
+        asked = None if byte_range is None else _byte_range(byte_range, len(content), path)
+        if asked is None:
             return _Reply(200, content, headers)
         # One range, as HfFileSystem asks for it (RFC 9110 §14.1.2): a 206 with that slice, or 416 outside the file.
-        # A server that ignored it would send the whole file where the client expects the slice.
-        first, last = _byte_range(byte_range, len(content), path)
+        # (This server must not ignore a valid one: it would send the whole file where the client expects the slice.)
+        first, last = asked
         headers["Content-Range"] = f"bytes {first}-{last}/{len(content)}"
         return _Reply(206, content[first : last + 1], headers)
 
 
-def _byte_range(header: str, size: int, path: str) -> tuple[int, int]:
+def _byte_range(header: str, size: int, path: str) -> tuple[int, int] | None:
     """The first and last byte (inclusive) of a ``Range: bytes=<first>-[<last>]`` or ``bytes=-<suffix>`` header over a
-    file of ``size`` bytes; HubError 416 when it asks for nothing inside the file or for several ranges."""
+    file of ``size`` bytes. None for a header that is not one valid range (several ranges, a last byte before the
+    first, another unit): RFC 9110 lets a server ignore it and send the whole file, as this one does. HubError 416
+    when a valid range starts past the end of the file, or a suffix range is empty."""
     match = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
     if match is None or match.group(1) == match.group(2) == "":
-        raise HubError(416, f"unsupported Range {header!r} for {path}", headers={"Content-Range": f"bytes */{size}"})
+        return None
+    unsatisfiable = HubError(416, f"Range {header!r} is outside {path} ({size} bytes)", headers={"Content-Range": f"bytes */{size}"})
     if match.group(1) == "":  # the last n bytes
-        first, last = max(size - int(match.group(2)), 0), size - 1
-    else:
-        first = int(match.group(1))
-        last = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
-    if first >= size or last < first:
-        raise HubError(416, f"Range {header!r} is outside {path} ({size} bytes)", headers={"Content-Range": f"bytes */{size}"})
-    return first, last
+        if int(match.group(2)) == 0 or size == 0:
+            raise unsatisfiable
+        return max(size - int(match.group(2)), 0), size - 1
+    first = int(match.group(1))
+    if match.group(2) and int(match.group(2)) < first:
+        return None
+    if first >= size:
+        raise unsatisfiable
+    return first, min(int(match.group(2)), size - 1) if match.group(2) else size - 1
 
 
 class _Handler(BaseHTTPRequestHandler):

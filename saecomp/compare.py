@@ -27,7 +27,8 @@ absorption's ``<metric>.word_se`` (its means over words,
 ``evaluate.absorption_uncertainty``). The cell's ``se_kind`` says which.
 A variant whose value differs from the pretrained SAE's in its row by no more than the standard error of that
 difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
-the same resamples of the same test sequences (the differences replicate by replicate), else sqrt(se_a^2 + se_b^2).
+the same resamples of the same test sequences (the differences replicate by replicate; for SCR and TPP over the same
+draws of the clean accuracies, which every SAE on one model shares), else sqrt(se_a^2 + se_b^2).
 Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
 cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. Core's
 summaries of the per-latent densities (``frac_alive``, ``freq_over_1_percent``, ...) carry the same bootstrap, rougher
@@ -303,8 +304,11 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
 
     Where both runs logged their bootstrap replicates over the same resamples of the same test sequences
     (``paired``), the standard error is that of the replicate-wise differences: both variants read the same texts,
-    so most of each one's sampling error (which texts are hard) cancels in the difference. Otherwise it is the
-    conservative sqrt(se_a^2 + se_b^2)."""
+    so most of each one's sampling error (which texts are hard) cancels in the difference. For SCR and TPP the shared
+    draws are those of the clean accuracies, which every SAE on one model shares (``evaluate.scr_tpp_uncertainty``):
+    their error cancels, the SAEs' own ablated accuracies stay independent (still conservative). A replicate that
+    lacks the metric in either run (None: SCR's direction tied) is left out. Otherwise it is the conservative
+    sqrt(se_a^2 + se_b^2)."""
     reference = {(r["table"], r["model"], r["hook"], r["metric"]): r for r in rows if r["variant"] == REFERENCE_VARIANT}
     bootstrap = {id(r): (r.pop("_replicates", None), r.pop("_resamples", None)) for r in rows}
     for row in rows:
@@ -314,8 +318,10 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
             continue
         (replicates, resamples), (ref_replicates, ref_resamples) = bootstrap[id(row)], bootstrap[id(ref)]
         same_resamples = resamples is not None and resamples[0] is not None and resamples == ref_resamples
-        if same_resamples and replicates is not None and ref_replicates is not None and len(replicates) == len(ref_replicates) > 1:
-            differences = pd.Series(replicates) - pd.Series(ref_replicates)
+        differences = None
+        if same_resamples and replicates is not None and ref_replicates is not None and len(replicates) == len(ref_replicates):
+            differences = (pd.Series(replicates, dtype=float) - pd.Series(ref_replicates, dtype=float)).dropna()
+        if differences is not None and len(differences) > 1:
             row.update(difference_se=float(differences.std()), paired=True)
         else:
             row.update(difference_se=(row["se"] ** 2 + ref["se"] ** 2) ** 0.5, paired=False)
@@ -461,8 +467,8 @@ LEGEND = (
     "RAVEL's scores, over "
     "the words tested for absorption's means, the spread over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
-    "over the same resampled test sequences where both runs logged their replicates; cells.csv: difference_se, paired): "
-    "not a finding."
+    "over the same resampled test sequences where both runs logged their replicates, and for SCR and TPP over the same "
+    "draws of the clean accuracies they share; cells.csv: difference_se, paired): not a finding."
 )
 
 
@@ -643,7 +649,8 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "replicates ran (hover a cell for which); "
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "
         "pretrained SAE's in its row by no more than the standard error of the difference (paired over the same resampled "
-        "test sequences where both runs logged their replicates): not a finding. RAVEL's entities kept and absorption's "
+        "test sequences where both runs logged their replicates, and for SCR and TPP over the same draws of the clean "
+        "accuracies they share): not a finding. RAVEL's entities kept and absorption's "
         "split latents carry none; core's numbers from the SAE's weights alone have no sampling error.</p>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in provenance) + "</ul>",
     ]

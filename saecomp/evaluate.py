@@ -881,20 +881,30 @@ def scr_tpp_uncertainty(
 
     The accuracies are redrawn independently. A clean and an ablated accuracy of one probe share their positive texts
     and move together, and every metric is a difference of such pairs, so this overstates the error: conservative.
-    The clean accuracies are the same for every SAE on one model (a shared model side), so they count in each SAE's
-    error but not in a difference between two SAEs: a comparison within one row is more conservative still. Not
-    covered: the probes' training (the spread over ``evaluation.seed`` replicates measures that).
+    Not covered: the probes' training (the spread over ``evaluation.seed`` replicates measures that).
+
+    Two SAEs on one model, compared (compare's ``difference_se``): their clean accuracies are the same numbers, the
+    model's probes on the model's own texts (a shared model side), so they are the same draws too. They are redrawn
+    from ``seed`` alone, in run order, and ``sample_id`` names what they are drawn from (the suite, the dataset runs,
+    the clean accuracies and the test counts): two runs with the same ``sample_id``, seed and replicates drew the same
+    clean accuracies in every replicate, and the replicate-wise difference of a metric (``samples``) leaves out the
+    clean accuracies' error, which both share, instead of counting it twice. The ablated accuracies are each SAE's
+    own and are redrawn from a stream of their own (seeded by the accuracies themselves, so a rerun draws the same),
+    independently of the other SAE's: their texts are the same, so the two SAEs' ablated accuracies move together and
+    a difference's error is still overstated, never understated (drawing them from one stream too would couple them
+    as if every text that one SAE's probe gets right the other's did too).
 
     ``keys``: SAEBench's per-dataset keys, in run order; ``masked_runs``: the padding-masked raw results with their
     clean accuracies (``PaddingMaskedRuns.runs``), whose metrics' errors are keyed ``<metric>_padding_masked``. A
     replicate is SAEBench's whole statistic on the redrawn accuracies, so a metric is averaged over the dataset runs
     that have it in that replicate, as SAEBench would (SCR's ``scr_metric`` is missing where the clean accuracies of
-    its two directions tie), and its error is over the replicates that have it at all. SCR's ``scr_metric`` follows
+    its two directions tie), and its error is over the replicates that have it at all (``samples`` holds None in the
+    others, so that replicate i is the same draw of the clean accuracies in every run). SCR's ``scr_metric`` follows
     the direction the redrawn clean accuracies choose, so where the two directions' clean accuracies are close its
     replicates mix both directions' scores: its error then includes that the direction itself is uncertain, and can
-    be far wider than either direction's. Returns ``{"unit", "method", "replicates", "seed", "n_test", "se",
-    "per_dataset_se", "accuracies"}``, the last SAEBench's ablated and clean accuracies per dataset run, which its
-    output does not keep."""
+    be far wider than either direction's. Returns ``{"unit", "method", "replicates", "seed", "sample_id", "n_test",
+    "se", "per_dataset_se", "samples", "accuracies"}``, the last SAEBench's ablated and clean accuracies per dataset
+    run, which its output does not keep."""
     import numpy as np
     from sae_bench.evals.scr_and_tpp.main import create_tpp_plotting_dict, get_scr_plotting_dict
     from sae_bench.sae_bench_utils.general_utils import average_results_dictionaries
@@ -906,7 +916,6 @@ def scr_tpp_uncertainty(
             if not run["n_test"].get(name) or not 0.0 <= p <= 1.0:
                 counted = sorted(run["n_test"])
                 raise RuntimeError(f"{suite}: no test count for {name!r} (counted: {counted}) or accuracy {p} not a proportion")
-    generator = np.random.default_rng(seed)
 
     def score(raw: dict, clean: dict) -> dict[str, float]:
         with contextlib.redirect_stdout(io.StringIO()):  # SAEBench prints every score it computes
@@ -928,18 +937,32 @@ def scr_tpp_uncertainty(
         n = np.array([n_test[place[-1]] for place, _ in accuracies])
         return (from_generator.binomial(n, [p for _, p in accuracies], size=(replicates, len(accuracies))) / n).tolist()
 
-    # per run, every accuracy (clean, ablated, the twins' ablated) redrawn for all replicates at once: [replicates,
-    # accuracies]. The twins draw from a generator of their own, so SAEBench's metrics' errors are the same whether or
-    # not the twins could be computed.
-    twin_generator = np.random.default_rng([seed, 1])
-    redrawn = []
-    for run, masked in zip(runs, masked_runs or [None] * len(runs), strict=True):
-        parts = [[((name,), p) for name, p in run["clean"].items()], flat(run["raw"]), flat(masked[0]) if masked is not None else []]
-        saebenchs, twins = draw(parts[0] + parts[1], run["n_test"], generator), draw(parts[2], run["n_test"], twin_generator)
-        drawn = [own + twin for own, twin in zip(saebenchs, twins, strict=True)]
-        redrawn.append(([len(part) for part in parts], [[place for place, _ in part] for part in parts], drawn))
+    def stream(part: int, accuracies: list) -> np.random.Generator:
+        """A generator for one SAE's own accuracies: seeded by them, so a rerun draws the same and another SAE (other
+        accuracies) draws independently."""
+        digest = hashlib.sha256(json.dumps(accuracies, sort_keys=True, default=str).encode()).digest()
+        return np.random.default_rng([seed, part, int.from_bytes(digest[:8], "little")])
 
-    samples: dict[str, list[float]] = {}  # metric (twins: <metric>_padding_masked) -> its value per replicate
+    # per run, every accuracy redrawn for all replicates at once: [replicates, accuracies]: the clean ones from one
+    # stream over all runs (seed alone: the same draws for every SAE on the model), SAEBench's ablated ones and the
+    # twins' ablated ones from streams of their own (so SAEBench's metrics' errors are the same whether or not the twins
+    # could be computed)
+    cleans = [[((name,), p) for name, p in run["clean"].items()] for run in runs]
+    ablated = [flat(run["raw"]) for run in runs]
+    twins_ablated = [flat(masked[0]) if masked is not None else [] for masked in masked_runs or [None] * len(runs)]
+    clean_generator = np.random.default_rng([seed, 0])
+    ablated_generator, twin_generator = stream(2, ablated), stream(1, twins_ablated)
+    redrawn = []
+    for run, parts in zip(runs, zip(cleans, ablated, twins_ablated, strict=True), strict=True):
+        generators = (clean_generator, ablated_generator, twin_generator)
+        drawn_parts = [draw(part, run["n_test"], generator) for part, generator in zip(parts, generators, strict=True)]
+        drawn = [clean + own + twin for clean, own, twin in zip(*drawn_parts, strict=True)]
+        redrawn.append(([len(part) for part in parts], [[place for place, _ in part] for part in parts], drawn))
+    sample_id = hashlib.sha256(
+        json.dumps([suite, keys, [run["clean"] for run in runs], [run["n_test"] for run in runs]], sort_keys=True).encode()
+    ).hexdigest()[:20]
+
+    samples: dict[str, list[float | None]] = {}  # metric (twins: <metric>_padding_masked) -> its value per replicate
     per_dataset_samples: dict[str, dict[str, list[float]]] = {key: {} for key in keys}
     for replicate in range(replicates):
         scored: dict[str, dict[str, float]] = {}
@@ -953,23 +976,28 @@ def scr_tpp_uncertainty(
             for metric, value in scored[key].items():
                 per_dataset_samples[key].setdefault(metric, []).append(value)
         for metric, value in average_results_dictionaries(scored, [key.removesuffix("_results") for key in keys]).items():
-            samples.setdefault(metric, []).append(value)
+            samples.setdefault(metric, [None] * replicate).append(float(value))
+        for values in samples.values():  # a metric this replicate lacks: None, so that position i is replicate i
+            values.extend([None] * (replicate + 1 - len(values)))
 
     def spread(values: list[float]) -> float:
         return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
+    present = {metric: [v for v in values if v is not None] for metric, values in samples.items()}
     return {
         "unit": "test text (binomial, per accuracy)",
         "method": "parametric bootstrap: each accuracy redrawn as a binomial proportion, independently (conservative); "
-        "SAEBench's scoring and averaging",
+        "SAEBench's scoring and averaging; the clean accuracies' draws shared by every SAE with the same sample_id",
         "replicates": replicates,
         "seed": seed,
-        "replicates_with_metric": {metric: len(values) for metric, values in samples.items() if len(values) < replicates},
+        "sample_id": sample_id,
+        "replicates_with_metric": {metric: len(values) for metric, values in present.items() if len(values) < replicates},
         "n_test": {key: run["n_test"] for key, run in zip(keys, runs, strict=True)},
-        "se": {metric: spread(values) for metric, values in sorted(samples.items()) if len(values) > 1},
+        "se": {metric: spread(values) for metric, values in sorted(present.items()) if len(values) > 1},
         "per_dataset_se": {
             key: {m: spread(v) for m, v in sorted(metrics.items()) if len(v) > 1} for key, metrics in per_dataset_samples.items()
         },
+        "samples": {metric: [None if v is None else round(v, 9) for v in values] for metric, values in sorted(samples.items())},
         "accuracies": {key: {"raw": run["raw"], "clean": run["clean"]} for key, run in zip(keys, runs, strict=True)},
     }
 

@@ -768,10 +768,15 @@ def collect_runs(experiment_ids: list[str], pipeline_run: str | None = None, tag
 
 
 def bootstrap_replicates(client: MlflowClient, run) -> dict[str, dict]:
-    """suite -> the run's ``uncertainty/<suite>.json`` (evaluate logs it beside ``<suite>.<metric>.bootstrap_se``): the
-    replicates that let compare pair two variants' bootstraps. Only the suites with a bootstrap (sparse probing's
-    binomial errors have no replicates); empty for runs that logged none."""
-    suites = {name.split(".", 1)[0] for name in run.data.metrics if name.endswith(".bootstrap_se")}
+    """suite -> the run's ``uncertainty/<suite>.json`` (evaluate logs it beside ``<suite>.<metric>.<kind>_se``): the
+    replicates that let compare pair two variants' bootstraps. Only the suites with replicates: core's bootstrap, and
+    SCR's and TPP's parametric one (sparse probing's, absorption's and RAVEL's closed-form binomial errors have none);
+    empty for runs that logged none."""
+    suites = {
+        name.split(".", 1)[0]
+        for name in run.data.metrics
+        if name.endswith(".bootstrap_se") or (name.endswith(".binomial_se") and name.split(".", 1)[0] in ("scr", "tpp"))
+    }
     if not suites:
         return {}
     out = {}

@@ -80,6 +80,7 @@ def store(tmp_path_factory):
             pattern = [0.02 * ((i % 7) - 3) for i in range(50)]
             if hook == "hook_resid_post":
                 metrics["core.ce_loss_score.bootstrap_se"] = float(pd.Series(pattern).std())
+                metrics["scr.scr_metric_threshold_2.binomial_se"] = 0.05
             runs[(hook, variant)] = _run(experiment_id, "evaluate", f"evaluate · {hook} · {variant}", tags, params, metrics)
             if hook == "hook_resid_post":
                 value = metrics["core.ce_loss_score"]
@@ -87,6 +88,16 @@ def store(tmp_path_factory):
                 (tmp / variant).mkdir()
                 (tmp / variant / "core.json").write_text(json.dumps(boot))
                 client.log_artifact(runs[(hook, variant)], str(tmp / variant / "core.json"), "uncertainty")
+                # SCR's replicates: the clean accuracies' draws shared (the same pattern) where the sample id is the same;
+                # the trained SAE's run drew from other clean accuracies; pruned25's replicate 7 has no value (a tie)
+                value = metrics["scr.scr_metric_threshold_2"]
+                samples = [value + 3 * d for d in pattern]
+                if variant == "pruned25":
+                    samples[7] = None
+                sample_id = "other-clean" if variant == "trained" else "same-clean"
+                scr = {"sample_id": sample_id, "seed": 0, "replicates": 50, "samples": {"scr_metric_threshold_2": samples}}
+                (tmp / variant / "scr.json").write_text(json.dumps(scr))
+                client.log_artifact(runs[(hook, variant)], str(tmp / variant / "scr.json"), "uncertainty")
     # A newer run for one cell (core only, without kl_div_score): it wins mse; kl_div_score and SCR stay the older run's.
     tags = {"hook": "attn.hook_z", "layer": "2", "variant": "trained"}
     newer = _run(experiment_id, "evaluate", "evaluate · newer", tags, {"suites": "core", "base_model": model}, {"core.mse": 0.123})
@@ -198,6 +209,15 @@ def test_differences_smaller_than_their_uncertainty_are_marked(store):
     assert resid.loc["pruned25", "se"] > 0.03  # unpaired, sqrt(2) * 0.04 would have called it no finding
     mse = cells[(cells["table"] == "table1") & (cells["metric"] == "mse")]
     assert mse["se"].isna().all() and mse["within_uncertainty"].isna().all()  # no standard error: nothing is claimed
+    # SCR: where the runs drew the same clean accuracies (the same sample id), the difference pairs over the replicates
+    # both have (pruned25's replicate 7 has none); 0.01 against a shared 0.05 is then a finding. Other clean
+    # accuracies (trained): the conservative combination
+    scr = cells[(cells["table"] == "scr") & (cells["model"] == store["model"]) & (cells["metric"] == "scr_metric_threshold_2")]
+    scr = scr[scr["hook"] == "blocks.2.hook_resid_post"].set_index("variant")
+    assert scr.loc["pruned25", "paired"] is True and scr.loc["pruned25", "difference_se"] == pytest.approx(0, abs=1e-9)
+    assert scr.loc["pruned25", "within_uncertainty"] is False and scr.loc["pruned25", "se"] == 0.05
+    assert scr.loc["trained", "paired"] is False and scr.loc["trained", "difference_se"] == pytest.approx(0.05 * 2**0.5)
+    assert scr.loc["trained", "within_uncertainty"] is True  # 0.03 against 0.0707
     line = next(x for x in compare.markdown(cells).splitlines() if x.startswith("| blocks.2.attn.hook_z | ce_loss_score |"))
     shown = [c.strip() for c in line.split("|")[3:7]]
     assert shown == ["0.5000 ± 0.01", "0.5100 ± 0.01 ≈", "0.5200 ± 0.01", "0.5300 ± 0.01"]

@@ -200,6 +200,9 @@ def test_saes_sharing_the_model_side_get_exactly_the_numbers_of_a_fresh_run(expe
             assert reused.output[part] == fresh.output[part], part
         assert reused.metrics == fresh.metrics  # SCR's and TPP's padding-masked values too
         assert first.output["eval_result_details"] != reused.output["eval_result_details"]  # the SAE side is each SAE's own
+        if suite != "sparse_probing":  # the same clean accuracies, so the same draws of them: compare pairs the two SAEs
+            assert first.uncertainty["sample_id"] == reused.uncertainty["sample_id"] == fresh.uncertainty["sample_id"]
+            assert first.uncertainty["samples"] != reused.uncertainty["samples"] == fresh.uncertainty["samples"]
         states = published / evaluate_lib.RANDOM_STATES_FILE
         assert len(torch.load(states, weights_only=False)) >= 2  # one state per SAE-side start, several datasets
         if suite != "scr":  # the numbers depend on the state handed over (SCR's draws only reorder texts)
@@ -269,6 +272,47 @@ def test_every_dataset_scores_as_saebench_scores_it(experiment, pruned, offline_
     assert len(expected) == 2
     for key, numbers in expected.items():
         assert {k: details[key][k] for k in numbers} == numbers, key
+
+
+def test_two_saes_on_one_model_share_their_clean_accuracies_draws_and_not_their_ablated_ones():
+    """SCR's and TPP's bootstrap, as compare pairs it: two SAEs on one model have the same clean accuracies (the
+    model's probes on its own texts), so every replicate draws them the same and a replicate-wise difference leaves
+    their error out; each SAE's ablated accuracies are drawn independently of the other's. TPP's
+    ``intended_diff_only`` is the mean over classes of clean minus ablated, so the difference between two SAEs is
+    the mean of their ablated accuracies' differences, whose standard error is known in closed form. Drawing the
+    clean accuracies apart would add theirs twice; drawing the ablated ones from one stream would couple them (their
+    accuracies are close here, so the difference would nearly vanish)."""
+    import numpy as np
+
+    classes, n, key = ["0", "1", "2"], 40, "tiny_tpp_results"
+    clean = {"0": 0.6, "1": 0.55, "2": 0.7}  # far from 0 and 1: the clean accuracies' error is the larger part
+
+    def run(ablated: float, clean=clean) -> dict:  # TPP's raw: ablated class -> k -> measured class -> accuracy
+        accuracy = {c: {u: round(ablated - 0.05 * (u == c) + 0.01 * classes.index(u), 3) for u in classes} for c in classes}
+        raw = {c: {k: dict(accuracy[c]) for k in (2, 20)} for c in classes}
+        return {"raw": raw, "clean": dict(clean), "n_test": {c: n for c in classes}}
+
+    first, second = run(0.9), run(0.88)
+    a = evaluate_lib.scr_tpp_uncertainty("tpp", [key], [first])
+    b = evaluate_lib.scr_tpp_uncertainty("tpp", [key], [second])
+    assert a["sample_id"] == b["sample_id"] and a["seed"] == b["seed"] and a["replicates"] == b["replicates"] == 1000
+    assert evaluate_lib.scr_tpp_uncertainty("tpp", [key], [run(0.9)])["samples"] == a["samples"]  # a rerun draws the same
+    assert evaluate_lib.scr_tpp_uncertainty("tpp", [key], [run(0.9, {**clean, "2": 0.65})])["sample_id"] != a["sample_id"]
+
+    metric = "tpp_threshold_2_intended_diff_only"
+    differences = np.array(a["samples"][metric], dtype=float) - np.array(b["samples"][metric], dtype=float)
+
+    def variance(p: float) -> float:
+        return p * (1 - p) / n
+
+    ablated_only = math.sqrt(sum(variance(r["raw"][c][2][c]) for r in (first, second) for c in classes)) / len(classes)
+    assert float(differences.std(ddof=1)) == pytest.approx(ablated_only, rel=0.1)
+    each = math.sqrt(sum(variance(clean[c]) + variance(first["raw"][c][2][c]) for c in classes)) / len(classes)
+    assert a["se"][metric] == pytest.approx(each, rel=0.1)  # one SAE's own error still counts its clean accuracies
+    unpaired = math.hypot(a["se"][metric], b["se"][metric])
+    assert ablated_only < 0.7 * unpaired  # what pairing gains here (0.59 of it)
+    # SCR's metric is missing where its directions' clean accuracies tie: None keeps replicate i at position i
+    assert all(len(values) == 1000 for values in a["samples"].values())
 
 
 def test_saebench_scr_tpp_ablation_reaches_padded_positions():

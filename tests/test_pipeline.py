@@ -139,6 +139,13 @@ def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment
     path.write_text(yaml.safe_dump(config))
     assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
     before = {r.info.run_id for r in step_runs("evaluate")}
+    # one seed: each SAE's SCR error is its own, and against the pretrained SAE's the difference pairs over the clean
+    # accuracies' draws, which the SAEs on one model share (the same sample id in their uncertainty/scr.json)
+    run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
+    report = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare")
+    cells = pd.read_csv(f"{report}/cells.csv", keep_default_na=False, float_precision="round_trip")
+    compared = cells[(cells["table"] == "scr") & (cells["difference_se"] != "")]
+    assert len(compared) and set(compared["paired"].astype(str)) == {"True"}, compared[["metric", "variant", "paired"]].to_string()
     config["evaluation"]["replicates"] = 2
     path.write_text(yaml.safe_dump(config))
     plan = CliRunner().invoke(pipeline.main, ["--experiment", str(path), "--dry-run"], catch_exceptions=False)

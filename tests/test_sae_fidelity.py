@@ -334,30 +334,36 @@ def test_wanda_seed_scores_gemma_w_o_by_hook_attn_out_after_ln1_post(tmp_path):
 # --- 7. the GPT-2 experiment's path, end to end, offline ---------------------------------------------------
 
 
-def test_prune_sae_runs_on_a_hub_named_gpt2_with_a_layer_norm_topk_sae(tmp_path):
-    """Hub name `gpt2` read from a Hugging Face cache layout (HF_HUB_OFFLINE=1), a one-split local dataset read
-    by `load_dataset` (the Hub's OpenWebText cannot be cached for `datasets` offline here), and layer-norm TopK
-    SAEs as `gpt2-small-resid-post-v5-32k` is: prune_llm runs first, then the sweep, all through the entry point."""
+def test_prune_sae_runs_on_a_hub_named_gpt2_with_its_layer_norm_topk_release(tmp_path):
+    """Hub name `gpt2` read from a Hugging Face cache layout (HF_HUB_OFFLINE=1) at GPT-2 small's widths, a one-split
+    local dataset read by `load_dataset` (the Hub's OpenWebText cannot be cached for `datasets` offline here), and
+    the pretrained SAE experiments/gpt2-small.yaml names, `gpt2-small-resid-post-v5-32k` (TopK, 32,768 latents,
+    layer-norm inputs; built at its real shape by `tests/releases.py`), loaded through SAELens's registry: prune_llm
+    runs first, then the sweep, all through the entry point, and the pruned SAEs keep the layer norm."""
     import json
     import os
     import subprocess
     import sys
 
     import mlflow
+    import yaml
     from conftest import ROOT
+    from releases import wide_hf_model, write_release
     from test_models import place_in_hf_cache
 
-    place_in_hf_cache(tmp_path / "hub", "gpt2", random_hf_model("gpt2"), tokenizer_for())
+    place_in_hf_cache(tmp_path / "hub", "gpt2", wide_hf_model("gpt2"), tokenizer_for())
+    release = yaml.safe_load((ROOT / "experiments" / "gpt2-small.yaml").read_text())["sae"]["pretrained"]["hook_resid_post"]
+    assert release == {"release": "gpt2-small-resid-post-v5-32k", "sae_id": "blocks.{layer}.hook_resid_post"}  # the file's own
+    write_release(tmp_path / "hub", release["release"], release["sae_id"].format(layer=1), layer=1)
     data = one_split_dataset(tmp_path / "owt", n_documents=200, words=30)
-    for name, seed in (("pretrained", 0), ("trained", 1)):
-        sae = topk_sae(normalize_activations="layer_norm", seed=seed)
-        sae.cfg.metadata.context_size = 32
-        sae.save_model(str(tmp_path / name))
+    trained = topk_sae(d_in=768, d_sae=1536, k=32, normalize_activations="layer_norm", seed=1)
+    trained.cfg.metadata.context_size = 32
+    trained.save_model(str(tmp_path / "trained"))
     (tmp_path / "gpt2.yaml").write_text(
         f"name: hub-gpt2\nmodel: gpt2\n"
         f"data: {{dataset: {data}, split: train, heldout_split: train, test_split: train}}\n"
         f"calibration: {{documents: 30, n_sequences: 8}}\nheld_out: {{documents: 30, n_sequences: 4}}\n"
-        f"sae: {{hooks: [hook_resid_post], layers: [1], pretrained: {{hook_resid_post: {tmp_path / 'pretrained'}}}}}\n"
+        f"sae: {{hooks: [hook_resid_post], layers: [1], pretrained: {{hook_resid_post: {json.dumps(release)}}}}}\n"
         f"sae_pruning: {{sparsities: [0.25, 0.5, 0.9]}}\n"
     )
     env = {
@@ -388,7 +394,9 @@ def test_prune_sae_runs_on_a_hub_named_gpt2_with_a_layer_norm_topk_sae(tmp_path)
     assert metrics["test.pruned50.mse"] != metrics["test.pretrained.mse"]
     folder = client.download_artifacts(runs["prune_sae"].info.run_id, "saes/pruned-0.5", str(tmp_path / "out"))
     assert json.loads((tmp_path / "out" / "pruned-0.5" / "cfg.json").read_text())["normalize_activations"] == "layer_norm"
-    assert SAE.load_from_disk(folder).cfg.metadata.model_name.startswith("gpt2+prune_llm:")
+    pruned = SAE.load_from_disk(folder)
+    assert pruned.cfg.metadata.model_name.startswith("gpt2+prune_llm:") and (pruned.cfg.d_in, pruned.cfg.d_sae) == (768, 32768)
+    assert float((pruned.W_enc == 0).float().mean()) >= 0.5  # the release's encoder, pruned to half
 
 
 def seed_compute_norms(model, sae, hook_name, loader):

@@ -334,12 +334,19 @@ def test_wanda_seed_scores_gemma_w_o_by_hook_attn_out_after_ln1_post(tmp_path):
 # --- 7. the GPT-2 experiment's path, end to end, offline ---------------------------------------------------
 
 
-def test_prune_sae_runs_on_a_hub_named_gpt2_with_its_layer_norm_topk_release(tmp_path):
-    """Hub name `gpt2` read from a Hugging Face cache layout (HF_HUB_OFFLINE=1) at GPT-2 small's widths, a one-split
-    local dataset read by `load_dataset` (the Hub's OpenWebText cannot be cached for `datasets` offline here), and
-    the pretrained SAE experiments/gpt2-small.yaml names, `gpt2-small-resid-post-v5-32k` (TopK, 32,768 latents,
-    layer-norm inputs; built at its real shape by `tests/releases.py`), loaded through SAELens's registry: prune_llm
-    runs first, then the sweep, all through the entry point, and the pruned SAEs keep the layer norm."""
+@pytest.mark.parametrize(
+    "file,architecture,hook,normalize",
+    [("gpt2-small.yaml", "gpt2", "hook_resid_post", "layer_norm"), ("gemma-2-2b.yaml", "gemma2", "attn.hook_z", "none")],
+)
+def test_prune_sae_runs_the_experiment_files_own_releases_on_their_hub_models(tmp_path, file, architecture, hook, normalize):
+    """The experiment file itself, with only its sizes, data, device and layer changed: its Hub model read from a
+    Hugging Face cache layout (HF_HUB_OFFLINE=1) at the real model's widths, a one-split local dataset read by
+    `load_dataset` (the Hub's OpenWebText and Pile cannot be cached for `datasets` offline here), and the pretrained
+    SAE the file names at that hook, built at its real shape by `tests/releases.py` and loaded through SAELens's
+    registry: GPT-2's `gpt2-small-resid-post-v5-32k` (TopK, 32,768 latents, layer-norm inputs) and Gemma-2-2B's
+    `gemma-scope-2b-pt-att-canonical` (JumpReLU over 8 heads x 256, every sequence opening with BOS; the model in the
+    file's bfloat16). prune_llm runs first, then the sweep, all through the entry point; the pruned SAEs keep their
+    normalisation and reshaping."""
     import json
     import os
     import subprocess
@@ -348,24 +355,26 @@ def test_prune_sae_runs_on_a_hub_named_gpt2_with_its_layer_norm_topk_release(tmp
     import mlflow
     import yaml
     from conftest import ROOT
-    from releases import wide_hf_model, write_release
+    from releases import RELEASES, wide_hf_model, write_release
     from test_models import place_in_hf_cache
 
-    place_in_hf_cache(tmp_path / "hub", "gpt2", wide_hf_model("gpt2"), tokenizer_for())
-    release = yaml.safe_load((ROOT / "experiments" / "gpt2-small.yaml").read_text())["sae"]["pretrained"]["hook_resid_post"]
-    assert release == {"release": "gpt2-small-resid-post-v5-32k", "sae_id": "blocks.{layer}.hook_resid_post"}  # the file's own
+    config = yaml.safe_load((ROOT / "experiments" / file).read_text())
+    model, release = config["model"], config["sae"]["pretrained"][hook]
+    place_in_hf_cache(tmp_path / "hub", model, wide_hf_model(architecture), tokenizer_for())
     write_release(tmp_path / "hub", release["release"], release["sae_id"].format(layer=1), layer=1)
-    data = one_split_dataset(tmp_path / "owt", n_documents=200, words=30)
-    trained = topk_sae(d_in=768, d_sae=1536, k=32, normalize_activations="layer_norm", seed=1)
+    shape = RELEASES[release["release"]]
+    assert shape.normalize_activations == normalize
+    data = str(one_split_dataset(tmp_path / "text", n_documents=200, words=30))
+    trained = topk_sae(d_in=shape.d_in, d_sae=1536, k=32, hook=f"blocks.1.{hook}", seed=1, normalize_activations=normalize,
+                       reshape_activations="hook_z" if hook == "attn.hook_z" else "none")  # fmt: skip
     trained.cfg.metadata.context_size = 32
     trained.save_model(str(tmp_path / "trained"))
-    (tmp_path / "gpt2.yaml").write_text(
-        f"name: hub-gpt2\nmodel: gpt2\n"
-        f"data: {{dataset: {data}, split: train, heldout_split: train, test_split: train}}\n"
-        f"calibration: {{documents: 30, n_sequences: 8}}\nheld_out: {{documents: 30, n_sequences: 4}}\n"
-        f"sae: {{hooks: [hook_resid_post], layers: [1], pretrained: {{hook_resid_post: {json.dumps(release)}}}}}\n"
-        f"sae_pruning: {{sparsities: [0.25, 0.5, 0.9]}}\n"
-    )
+    config.update(name=f"hub-{architecture}", device="cpu", sae_pruning={**config["sae_pruning"], "sparsities": [0.25, 0.5, 0.9]})
+    config["data"]["dataset"] = data
+    config["calibration"] = {**config["calibration"], "dataset": data, "documents": 30, "n_sequences": 8, "seq_len": 32}
+    config["held_out"] = {"documents": 30, "n_sequences": 4, "seq_len": 32}
+    config["sae"] = {**config["sae"], "hooks": [hook], "layers": [1], "context_size": 32}
+    (tmp_path / file).write_text(yaml.safe_dump(config))
     env = {
         **os.environ,
         "HF_HUB_CACHE": str(tmp_path / "hub"),
@@ -374,28 +383,23 @@ def test_prune_sae_runs_on_a_hub_named_gpt2_with_its_layer_norm_topk_release(tmp
         "SAECOMP_CACHE": str(tmp_path / "cache"),
         "PYTHONPATH": str(ROOT),
     }
-    command = [
-        sys.executable,
-        "-m",
-        "entrypoints.prune_sae",
-        "--experiment",
-        str(tmp_path / "gpt2.yaml"),
-        "--trained",
-        str(tmp_path / "trained"),
-    ]
+    command = [sys.executable, "-m", "entrypoints.prune_sae", "--experiment", str(tmp_path / file), "--trained", str(tmp_path / "trained")]
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name("hub-gpt2")  # the experiment file's name
+    experiment = client.get_experiment_by_name(f"hub-{architecture}")  # the experiment file's name
     runs = {r.data.tags["saecomp.step"]: r for r in client.search_runs([experiment.experiment_id]) if "saecomp.step" in r.data.tags}
     assert {"prune_llm", "prune_sae"} <= set(runs) and all(r.info.status == "FINISHED" for r in runs.values())
+    assert runs["prune_llm"].data.params["dtype"] == config.get("dtype", "float32")  # Gemma: the file's bfloat16
     metrics = runs["prune_sae"].data.metrics
     assert all(torch.isfinite(torch.tensor(metrics[f"test.{v}.mse"])) for v in ("pretrained", "pruned25", "pruned50", "trained"))
     assert metrics["test.pruned50.mse"] != metrics["test.pretrained.mse"]
     folder = client.download_artifacts(runs["prune_sae"].info.run_id, "saes/pruned-0.5", str(tmp_path / "out"))
-    assert json.loads((tmp_path / "out" / "pruned-0.5" / "cfg.json").read_text())["normalize_activations"] == "layer_norm"
+    cfg = json.loads((tmp_path / "out" / "pruned-0.5" / "cfg.json").read_text())
+    assert cfg["normalize_activations"] == normalize and cfg["reshape_activations"] == ("hook_z" if hook == "attn.hook_z" else "none")
     pruned = SAE.load_from_disk(folder)
-    assert pruned.cfg.metadata.model_name.startswith("gpt2+prune_llm:") and (pruned.cfg.d_in, pruned.cfg.d_sae) == (768, 32768)
+    assert pruned.cfg.metadata.model_name.startswith(f"{model}+prune_llm:")
+    assert (pruned.cfg.architecture(), pruned.cfg.d_in, pruned.cfg.d_sae) == (shape.architecture, shape.d_in, shape.d_sae)
     assert float((pruned.W_enc == 0).float().mean()) >= 0.5  # the release's encoder, pruned to half
 
 

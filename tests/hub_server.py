@@ -53,7 +53,8 @@ LFS_SIZE_THRESHOLD = 10_000_000
 # The error message huggingface_hub reads as "bad token" rather than "repository not found".
 INVALID_TOKEN_MESSAGE = "Invalid credentials in Authorization header"
 
-_REPO = r"(?P<repo>[^/]+/[^/]+)"
+# owner/name, or a name alone: the old ids of the Hub's first models (`gpt2`), answered through `add_alias`
+_REPO = r"(?P<repo>(?:[^/]+/)?[^/]+)"
 _REV = r"(?P<rev>[^/]+)"
 _KIND = r"(?P<kind>models|datasets)"  # /api/models/... or /api/datasets/...
 _PREFIX = r"(?:(?P<kind>datasets)/)?"  # a dataset's files live under /datasets/<repo>/..., a model's under /<repo>/...
@@ -151,6 +152,7 @@ class HubServer:
         self.user = user
         self.requests: list[RecordedRequest] = []
         self._repos: dict[str, _Repo] = {}
+        self._aliases: dict[str, str] = {}  # a moved repository's old id -> its id (`add_alias`)
         self._upload_tickets: dict[str, tuple[str, str, int]] = {}  # ticket -> (repo_id, sha256, size) of an LFS PUT
         self._lock = threading.Lock()
         self._http: ThreadingHTTPServer | None = None
@@ -199,6 +201,16 @@ class HubServer:
             raise RuntimeError("the hub server is not started")
         return f"http://127.0.0.1:{self._http.server_address[1]}"
 
+    def add_alias(self, old_id: str, repo_id: str) -> None:
+        """Answer for ``old_id`` as for ``repo_id``, as the Hub answers a moved repository's old id: `gpt2`, the id
+        experiments/gpt2-small.yaml names, is `openai-community/gpt2` since 2024. (The Hub redirects; here the old id
+        is served as the new one directly, and commit URLs name the new one, as the Hub's do.)"""
+        with self._lock:
+            self._existing(repo_id)
+            if old_id in self._repos:
+                raise ValueError(f"{old_id} is a repo of its own on the test hub")
+            self._aliases[old_id] = repo_id
+
     # -- what tests read --------------------------------------------------------------------------------------------
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
@@ -235,6 +247,8 @@ class HubServer:
                         params = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
                         if params.pop("kind", "models") == "datasets":
                             params["repo"] = DATASET + params["repo"]
+                        if "repo" in params:
+                            params["repo"] = self._aliases.get(params["repo"], params["repo"])
                         return route(authorized=authorized, query=query, body=body, byte_range=headers.get("Range"), **params)
                 raise HubError(404, f"no such endpoint on this test hub: {method} {url.path}")
             except HubError as error:
@@ -316,10 +330,13 @@ class HubServer:
             reply = _json_reply({"error": "You already created this model repo", "url": url}, 409)
             reply.headers["X-Error-Message"] = "You already created this model repo"
             return reply
-        repo = _Repo(private=request.get("visibility") == "private", created=datetime.now(UTC), commits=[])
+        self._add_repo(repo_id, private=request.get("visibility") == "private")
+        return _json_reply({"url": url, "name": repo_id.removeprefix(DATASET)})
+
+    def _add_repo(self, repo_id: str, private: bool) -> None:
+        repo = _Repo(private=private, created=datetime.now(UTC), commits=[])
         self._new_commit(repo, "initial commit", {".gitattributes": INITIAL_GITATTRIBUTES}, set())
         self._repos[repo_id] = repo
-        return _json_reply({"url": url, "name": repo_id.removeprefix(DATASET)})
 
     def _validate_yaml(self, **_) -> _Reply:
         # huggingface_hub checks README.md's metadata before uploading it; any metadata passes here.

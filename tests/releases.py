@@ -69,15 +69,22 @@ def write_release(cache: Path, name: str, sae_id: str, layer: int, seed: int = 0
     """Write release ``name``'s ``sae_id`` (at ``layer``) into the Hugging Face cache at ``cache`` as its loader
     reads it; returns the weights written, in SAELens's names and layout."""
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    return write_release_files(snapshot_of(cache, get_pretrained_saes_directory()[name].repo_id), name, sae_id, layer, seed)
+
+
+def write_release_files(root: Path, name: str, sae_id: str, layer: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The files of release ``name``'s ``sae_id`` under ``root``, the root of its repository (a snapshot in a
+    cache, or a folder to upload); returns the weights written."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     from safetensors.torch import save_file
 
     entry = get_pretrained_saes_directory()[name]
     path, release = entry.saes_map[sae_id], RELEASES[name]
     hook = release.hook.format(layer=layer)
     weights = random_weights(release, seed)
-    snapshot = snapshot_of(cache, entry.repo_id)
     if entry.conversion_func is None:  # SAELens's own format, written by SAELens < 6
-        folder = snapshot / path
+        folder = root / path
         folder.mkdir(parents=True, exist_ok=True)
         cfg = {
             "model_name": "gpt2-small",
@@ -97,12 +104,12 @@ def write_release(cache: Path, name: str, sae_id: str, layer: int, seed: int = 0
         (folder / "cfg.json").write_text(json.dumps(cfg))
         save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "sae_weights.safetensors"))
     elif entry.conversion_func == "connor_rob_hook_z":  # a torch state dict and its config beside it
-        snapshot.mkdir(parents=True, exist_ok=True)
-        torch.save(weights, snapshot / path)
+        root.mkdir(parents=True, exist_ok=True)
+        torch.save(weights, root / path)
         cfg = {"act_name": hook, "act_size": release.d_in, "dict_size": release.d_sae, "layer": layer, "site": "z"}
-        (snapshot / (path.split(".pt")[0] + "_cfg.json")).write_text(json.dumps(cfg))
+        (root / (path.split(".pt")[0] + "_cfg.json")).write_text(json.dumps(cfg))
     elif entry.conversion_func == "gemma_2":  # Gemma Scope: params.npz under the path, its arrays named as SAELens's
-        folder = snapshot / path
+        folder = root / path
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "params.npz", **{k: v.numpy() for k, v in weights.items()})
     else:

@@ -1187,6 +1187,44 @@ def test_online_streamed_and_scripted_labelled_data_is_the_commit_asked_for(tmp_
             assert any(r.byte_range and r.path.endswith(".parquet") and f"/{repo}/" in r.path for r in hub.requests), repo
 
 
+def serve_text(api, repo: str, folder: Path) -> None:
+    """A text dataset repository on the local Hub (one parquet shard of a `train` split): core's test text."""
+    import pyarrow as pa
+
+    (folder / "data").mkdir(parents=True)
+    documents = [" ".join(f"the quick brown fox {i} jumps over the lazy dog {j}" for j in range(6)) for i in range(120)]
+    pq.write_table(pa.table({"text": documents}), folder / "data" / "train-00000-of-00001.parquet")
+    api.create_repo(repo, repo_type="dataset")
+    api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(folder))
+
+
+def serve_labelled_data(api, corpus, tmp_path: Path, streamed: bool = False) -> dict[str, list[str]]:
+    """Two commits each of SAEBench's labelled repositories on the local Hub: bias_in_bios and Amazon reviews from
+    the tiny world (its seed 0, then 1), and with ``streamed`` europarl, github-code and ag_news. Returns each
+    repository's commits, oldest first."""
+    import dataclasses
+    import shutil
+
+    commits: dict[str, list[str]] = {}
+    for version in (0, 1):
+        folder = tmp_path / f"v{version}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if streamed:
+            write_streamed_labelled_data(folder, version)
+        write_offline_datasets(dataclasses.replace(corpus, seed=version), tmp_path / f"bios{version}", 40, 10)
+        for repo in (BIAS_IN_BIOS, AMAZON):
+            (folder / repo / "data").mkdir(parents=True)
+            for split in ("train", "test"):
+                written = tmp_path / f"bios{version}" / "parquet" / repo.replace("/", "__") / f"{split}.parquet"
+                shutil.copy(written, folder / repo / "data" / f"{split}-00000-of-00001.parquet")
+        for repo in (BIAS_IN_BIOS, AMAZON, *((EUROPARL, GITHUB_CODE, AG_NEWS) if streamed else ())):
+            if version == 0:
+                api.create_repo(repo, repo_type="dataset")
+            upload = api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(folder / repo))
+            commits.setdefault(repo, []).append(upload.oid)
+    return commits
+
+
 def test_evaluate_online_reads_the_model_the_text_and_all_eight_labelled_datasets_from_the_hub(experiment, tmp_path):
     """The evaluate step as gemma-2-2b.yaml runs it online (not the tiny world's path), end to end in its own process,
     against a local Hub with the real clients: the model `google/gemma-2-2b` (random weights in a small Gemma-2
@@ -1194,13 +1232,7 @@ def test_evaluate_online_reads_the_model_the_text_and_all_eight_labelled_dataset
     default datasets, pinned: bias_in_bios and Amazon loaded whole, europarl and github-code streamed (github-code
     through its loading script), ag_news whole. Each labelled repository has two commits; the experiment pins the
     first, and the run names exactly those commits. No file of the model or data is in any cache beforehand."""
-    import dataclasses
-    import os
-    import shutil
-    import subprocess
-    import sys
 
-    import pyarrow as pa
     import yaml
     from conftest import ROOT, random_hf_model, tokenizer_for
     from hub_server import HubServer, pointed_at
@@ -1216,27 +1248,8 @@ def test_evaluate_online_reads_the_model_the_text_and_all_eight_labelled_dataset
         tokenizer_for().save_pretrained(model_folder)
         api.create_repo("google/gemma-2-2b")
         api.upload_folder(repo_id="google/gemma-2-2b", folder_path=str(model_folder))
-        pile = tmp_path / "pile" / "data"
-        pile.mkdir(parents=True)
-        documents = [" ".join(f"the quick brown fox {i} jumps over the lazy dog {j}" for j in range(6)) for i in range(120)]
-        pq.write_table(pa.table({"text": documents}), pile / "train-00000-of-00001.parquet")
-        api.create_repo("monology/pile-uncopyrighted", repo_type="dataset")
-        api.upload_folder(repo_id="monology/pile-uncopyrighted", repo_type="dataset", folder_path=str(pile.parent))
-        commits: dict[str, list[str]] = {}
-        for version in (0, 1):
-            folder = tmp_path / f"v{version}"
-            write_streamed_labelled_data(folder, version)
-            write_offline_datasets(dataclasses.replace(corpus, seed=version), tmp_path / f"bios{version}", 40, 10)
-            for repo in (BIAS_IN_BIOS, AMAZON):
-                (folder / repo / "data").mkdir(parents=True)
-                for split in ("train", "test"):
-                    written = tmp_path / f"bios{version}" / "parquet" / repo.replace("/", "__") / f"{split}.parquet"
-                    shutil.copy(written, folder / repo / "data" / f"{split}-00000-of-00001.parquet")
-            for repo in (BIAS_IN_BIOS, AMAZON, EUROPARL, GITHUB_CODE, AG_NEWS):
-                if version == 0:
-                    api.create_repo(repo, repo_type="dataset")
-                upload = api.upload_folder(repo_id=repo, repo_type="dataset", folder_path=str(folder / repo))
-                commits.setdefault(repo, []).append(upload.oid)
+        serve_text(api, "monology/pile-uncopyrighted", tmp_path / "pile")
+        commits = serve_labelled_data(api, corpus, tmp_path, streamed=True)
         sae = SAE.from_dict(JumpReLUSAEConfig(d_in=32, d_sae=64).to_dict())
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -1259,24 +1272,8 @@ def test_evaluate_online_reads_the_model_the_text_and_all_eight_labelled_dataset
             "sparse_probing_train_size": 40, "sparse_probing_test_size": 10, "sparse_probing_k": [1, 2],
             "labelled_data_revisions": {repo: versions[0] for repo, versions in commits.items()},
         }  # fmt: skip
-        (tmp_path / "online.yaml").write_text(yaml.safe_dump(config))
-        env = {
-            **os.environ,  # pointed_at's: the local Hub's endpoint, online, the token, a fresh Hugging Face cache
-            "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"),
-            "HF_MODULES_CACHE": str(tmp_path / "modules"),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "SAECOMP_CACHE": str(tmp_path / "cache"),
-            "PYTHONPATH": str(ROOT),
-        }
-        command = [sys.executable, "-m", "entrypoints.evaluate", "--experiment", str(tmp_path / "online.yaml"),
-                   "--sae", str(tmp_path / "sae"), "--model", "dense", "--variant", "pretrained"]  # fmt: skip
-        out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        client, run = evaluate_in_its_own_process(tmp_path, config, str(tmp_path / "sae"))
         requests = list(hub.requests)
-    assert out.returncode == 0, out.stderr[-6000:]
-    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([client.get_experiment_by_name("online-gemma").experiment_id])
-    (run,) = [r for r in runs if r.data.tags.get("saecomp.step") == "evaluate"]
-    assert run.info.status == "FINISHED"
     pinned = dict(entry.split("@") for entry in run.data.tags["saecomp.labelled_data"].split(", "))
     assert pinned == {repo: versions[0] for repo, versions in commits.items()}
     metrics = run.data.metrics
@@ -1290,7 +1287,103 @@ def test_evaluate_online_reads_the_model_the_text_and_all_eight_labelled_dataset
     paths = {r.path for r in requests}
     assert any("/google/gemma-2-2b/resolve/" in p for p in paths)
     assert any("/datasets/monology/pile-uncopyrighted/resolve/" in p for p in paths)
+    assert_read_at_their_first_commits(paths, commits)
+    assert any(r.byte_range for r in requests if f"/datasets/{GITHUB_CODE}/" in r.path)
+
+
+def evaluate_in_its_own_process(tmp_path: Path, config: dict, sae: str):
+    """`python -m entrypoints.evaluate` on the experiment ``config`` (written to ``online.yaml``) and ``sae``, against
+    the dense model, in the environment `hub_server.pointed_at` set (the local Hub, online, the token, a fresh Hugging
+    Face cache) with fresh datasets and modules caches and its own store. Returns the store's client and the
+    FINISHED evaluate run."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import ROOT
+
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump(config))
+    env = {
+        **os.environ,
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache"),
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "SAECOMP_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "entrypoints.evaluate", "--experiment", str(tmp_path / "online.yaml"),
+               "--sae", sae, "--model", "dense", "--variant", "pretrained"]  # fmt: skip
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-6000:]
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name(config["name"]).experiment_id])
+    (run,) = [r for r in runs if r.data.tags.get("saecomp.step") == "evaluate"]
+    assert run.info.status == "FINISHED"
+    return client, run
+
+
+def assert_read_at_their_first_commits(paths: set[str], commits: dict[str, list[str]]) -> None:
     for repo in commits:  # every labelled dataset was read at its first commit, none at its second
         read = {p for p in paths if p.startswith(f"/datasets/{repo}/resolve/")}
         assert read and all(commits[repo][0] in p for p in read), (repo, read)
-    assert any(r.byte_range for r in requests if f"/datasets/{GITHUB_CODE}/" in r.path)
+
+
+def test_evaluate_online_splices_gpt2s_layer_norm_release_in_and_scores_scr_and_tpp_on_pinned_data(experiment, tmp_path):
+    """The evaluate step as gpt2-small.yaml runs it online, in its own process against a local Hub with the real
+    clients: `gpt2` at GPT-2 small's widths (random weights, two blocks), core's text from `Skylion007/openwebtext`, and
+    the SAE named as the file names it, the release `gpt2-small-resid-post-v5-32k` (TopK, 32,768 latents, layer-norm
+    inputs, at its real shape: `tests/releases.py`), fetched through SAELens's registry; SCR and TPP on bias_in_bios
+    and Amazon reviews pinned to the first of two commits. A layer-norm SAE must decode what it just encoded: core's
+    splice and SCR's and TPP's ablations do, and the padding-masked twins and the standard errors come out too."""
+    import yaml
+    from conftest import ROOT, tokenizer_for
+    from hub_server import HubServer, pointed_at
+    from huggingface_hub import HfApi
+    from releases import wide_hf_model, write_release_files
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    token = "hf_onlineEvaluateTestToken0123456789abcd"
+    config = yaml.safe_load((ROOT / "experiments" / "gpt2-small.yaml").read_text())
+    release = config["sae"]["pretrained"]["hook_resid_post"]
+    sae_id = release["sae_id"].format(layer=1)
+    with HubServer(token=token) as hub, pointed_at(hub, tmp_path / "hf_cache", token=token):
+        api = HfApi()
+        wide_hf_model("gpt2").save_pretrained(tmp_path / "gpt2")
+        tokenizer_for().save_pretrained(tmp_path / "gpt2")
+        api.create_repo("openai-community/gpt2")
+        hub.add_alias("gpt2", "openai-community/gpt2")  # the file's `gpt2`, as the Hub answers it
+        api.upload_folder(repo_id="gpt2", folder_path=str(tmp_path / "gpt2"))
+        serve_text(api, config["data"]["dataset"], tmp_path / "owt")
+        commits = serve_labelled_data(api, experiment.world_config().corpus, tmp_path)
+        repo_id = get_pretrained_saes_directory()[release["release"]].repo_id
+        write_release_files(tmp_path / "release", release["release"], sae_id, layer=1)
+        api.create_repo(repo_id)
+        api.upload_folder(repo_id=repo_id, folder_path=str(tmp_path / "release"))
+        config.update(
+            name="online-gpt2", device="cpu",
+            calibration={**config["calibration"], "documents": 30, "n_sequences": 8, "seq_len": 32},
+            held_out={"documents": 30, "n_sequences": 4, "seq_len": 32},
+            sae={**config["sae"], "hooks": ["hook_resid_post"], "layers": [1], "context_size": 16},
+        )  # fmt: skip
+        config["evaluation"] = {
+            "suites": ["core", "scr", "tpp"], "n_sequences": 16, "context_size": 16, "batch_size_prompts": 4,
+            "n_reconstruction_batches": 2, "n_sparsity_variance_batches": 2, "probe_context_length": 16,
+            "scr_tpp_train_size": 32, "scr_tpp_test_size": 16, "scr_tpp_n_values": [2, 5],
+            "labelled_data_revisions": {repo: versions[0] for repo, versions in commits.items()},
+        }  # fmt: skip
+        client, run = evaluate_in_its_own_process(tmp_path, config, f"{release['release']}:{sae_id}")
+        requests = list(hub.requests)
+    tags, metrics = run.data.tags, run.data.metrics
+    assert dict(entry.split("@") for entry in tags["saecomp.labelled_data"].split(", ")) == {r: v[0] for r, v in commits.items()}
+    assert not [name for name in tags if name.endswith((".failed", ".se_failed", ".padding_masked_failed"))], tags
+    assert math.isfinite(metrics["core.ce_loss_score"]) and metrics["core.l0"] == pytest.approx(32)  # TopK k 32
+    for suite, name in (("scr", "scr_dir1_threshold_2"), ("tpp", "tpp_threshold_2_total_metric")):
+        for metric in (name, f"{name}{evaluate_lib.PADDING_MASKED}"):
+            assert math.isfinite(metrics[f"{suite}.{metric}"]) and metrics[f"{suite}.{metric}.binomial_se"] >= 0, metric
+    saebench_core = json.loads(Path(client.download_artifacts(run.info.run_id, "saebench/core.json", str(tmp_path / "out"))).read_text())
+    assert saebench_core["sae_cfg_dict"]["normalize_activations"] == "layer_norm"  # the release's, as SAEBench saw it
+    paths = {r.path for r in requests}
+    assert any(f"/{repo_id}/resolve/" in p for p in paths) and any("/gpt2/resolve/" in p for p in paths)
+    assert any(f"/datasets/{config['data']['dataset']}/resolve/" in p for p in paths)
+    assert_read_at_their_first_commits(paths, commits)

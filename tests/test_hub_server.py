@@ -64,6 +64,26 @@ def test_private_upload_takes_lfs_for_weights_and_downloads_back(hub, folder, tm
     assert not any("xet" in request.path.lower() for request in hub.requests)
 
 
+def test_gpt2_answers_as_the_repository_it_moved_to_and_is_not_the_users_own(hub, folder, tmp_path):
+    """`gpt2` has no owner on the Hub: it is the old id of `openai-community/gpt2`, and create_repo("gpt2") makes the
+    user's own `someone/gpt2`, here as on the Hub. Reads and writes through the old id reach the moved repository."""
+    with pointed_at(hub, tmp_path / "hf_cache", token=TOKEN):
+        api = HfApi()
+        api.create_repo("openai-community/gpt2")
+        hub.add_alias("gpt2", "openai-community/gpt2")
+        assert api.create_repo("gpt2").repo_id == "someone/gpt2"
+        for repo_id in ("gpt2", "someone/gpt2"):
+            (folder / "README.md").write_text(f"# {repo_id}\n")
+            commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder))
+            assert commit.repo_url.repo_id == ("openai-community/gpt2" if repo_id == "gpt2" else repo_id)
+        read = {repo_id: open(hf_hub_download(repo_id, "README.md")).read() for repo_id in ("gpt2", "someone/gpt2")}
+        weights = hf_hub_download("gpt2", WEIGHTS)
+        assert api.list_repo_files("gpt2") == api.list_repo_files("openai-community/gpt2") == api.list_repo_files("someone/gpt2")
+    assert read == {"gpt2": "# gpt2\n", "someone/gpt2": "# someone/gpt2\n"}
+    assert open(weights, "rb").read() == hub.files("openai-community/gpt2")[WEIGHTS] == (folder / WEIGHTS).read_bytes()
+    assert any(r.path.startswith("/gpt2/resolve/") for r in hub.requests)  # asked for by the old id
+
+
 def test_a_byte_range_gets_that_slice_and_one_outside_the_file_is_refused(hub, folder, tmp_path):
     """HfFileSystem (datasets' streaming) reads a file in byte ranges: each must come back as a 206 with exactly that
     slice and its Content-Range, an open-ended or suffix range included; one past the end is a 416; a header that is

@@ -95,7 +95,9 @@ def test_world_is_built_once_and_reused(small_experiment, tracked_world):
     from entrypoints.common import load, resolve_world
 
     worlds = [r for r in all_runs() if r.data.tags.get("saecomp.step") == "build_world"]
-    assert len(worlds) == 1 and worlds[0].info.status == "FINISHED"
+    seen = [(r.info.run_name, r.info.status, r.info.start_time, r.data.tags.get("saecomp.key"), r.data.tags.get("mlflow.parentRunId"),
+             r.data.tags.get("saecomp.process"), r.data.tags.get("mlflow.source.name")) for r in worlds]  # fmt: skip
+    assert len(worlds) == 1 and worlds[0].info.status == "FINISHED", seen
     assert "tiny-gpt2.train_loss" in worlds[0].data.metrics
     assert resolve_world(load(str(small_experiment), {}), str(small_experiment)) == tracked_world
     assert len([r for r in all_runs() if r.data.tags.get("saecomp.step") == "build_world"]) == 1

@@ -92,15 +92,17 @@ def test_mlflow_run_with_bad_input_leaves_a_failed_run(small_experiment):
 
 
 def test_world_is_built_once_and_reused(small_experiment, tracked_world):
-    from entrypoints.common import load, resolve_world
+    from entrypoints.common import load, resolve_world, world_step
 
-    worlds = [r for r in all_runs() if r.data.tags.get("saecomp.step") == "build_world"]
-    seen = [(r.info.run_name, r.info.status, r.info.start_time, r.data.tags.get("saecomp.key"), r.data.tags.get("mlflow.parentRunId"),
-             r.data.tags.get("saecomp.process"), r.data.tags.get("mlflow.source.name")) for r in worlds]  # fmt: skip
+    # The world of this experiment's model (other tests build the world of another model, tiny-gemma2: its own key).
+    exp = load(str(small_experiment), {})
+    key = world_step(exp, str(small_experiment))[0]
+    worlds = [r for r in all_runs() if r.data.tags.get("saecomp.step") == "build_world" and r.data.tags.get("saecomp.key") == key]
+    seen = [(r.info.run_name, r.info.status, r.data.tags.get("mlflow.parentRunId"), r.data.tags.get("saecomp.process")) for r in worlds]
     assert len(worlds) == 1 and worlds[0].info.status == "FINISHED", seen
     assert "tiny-gpt2.train_loss" in worlds[0].data.metrics
-    assert resolve_world(load(str(small_experiment), {}), str(small_experiment)) == tracked_world
-    assert len([r for r in all_runs() if r.data.tags.get("saecomp.step") == "build_world"]) == 1
+    assert resolve_world(exp, str(small_experiment)) == tracked_world
+    assert len([r for r in all_runs() if r.data.tags.get("saecomp.key") == key]) == 1  # reused, not built again
     assert (tracked_world / "tiny-gpt2" / "config.json").exists()
 
 

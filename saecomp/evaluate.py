@@ -817,7 +817,14 @@ def run_scr_or_tpp(
                 metrics[f"{suite}.{name}{PADDING_MASKED}"] = float(masked["averaged"][name])
     keys = [key for key, value in results.items() if isinstance(value, dict)]  # "<run name>_results", in run order
     twins = masked_runs.runs if masked is not None else None
-    uncertainty, se_tags = standard_errors(suite, "binomial_se", metrics, lambda: scr_tpp_uncertainty(suite, keys, accuracy_runs, twins))
+    # the SAE's identity seeds its ablated accuracies' draws; SAEBench's seed and sizes decide which texts were tested
+    identity = hashlib.sha256(sae.W_enc.detach().float().sum(0).cpu().numpy().tobytes() + sae_name.encode()).hexdigest()[:20]
+    drawn_from = {name: getattr(config, name, None) for name in ("random_seed", "train_set_size", "test_set_size", "context_length")}
+
+    def uncertainty_of_runs() -> dict:
+        return scr_tpp_uncertainty(suite, keys, accuracy_runs, twins, sae_identity=identity, drawn_from=drawn_from)
+
+    uncertainty, se_tags = standard_errors(suite, "binomial_se", metrics, uncertainty_of_runs)
     tags.update(se_tags)
     seconds = time.perf_counter() - started
     return SuiteResult(suite, output, metrics, seconds, tags, uncertainty=uncertainty, corrected=masked)
@@ -870,6 +877,8 @@ def scr_tpp_uncertainty(
     masked_runs: list[tuple[dict, dict]] | None = None,
     replicates: int = BOOTSTRAP_REPLICATES,
     seed: int = BOOTSTRAP_SEED,
+    sae_identity: str = "",
+    drawn_from: object = None,
 ) -> dict:
     """Standard errors of SCR's or TPP's metrics over the texts their probes were tested on, by a parametric
     bootstrap: in each replicate every accuracy p on n texts (``scr_tpp_accuracies``) is redrawn as a binomial
@@ -885,14 +894,17 @@ def scr_tpp_uncertainty(
 
     Two SAEs on one model, compared (compare's ``difference_se``): their clean accuracies are the same numbers, the
     model's probes on the model's own texts (a shared model side), so they are the same draws too. They are redrawn
-    from ``seed`` alone, in run order, and ``sample_id`` names what they are drawn from (the suite, the dataset runs,
-    the clean accuracies and the test counts): two runs with the same ``sample_id``, seed and replicates drew the same
-    clean accuracies in every replicate, and the replicate-wise difference of a metric (``samples``) leaves out the
-    clean accuracies' error, which both share, instead of counting it twice. The ablated accuracies are each SAE's
-    own and are redrawn from a stream of their own (seeded by the accuracies themselves, so a rerun draws the same),
-    independently of the other SAE's: their texts are the same, so the two SAEs' ablated accuracies move together and
-    a difference's error is still overstated, never understated (drawing them from one stream too would couple them
-    as if every text that one SAE's probe gets right the other's did too).
+    from ``seed`` alone, in run order and by name, and ``sample_id`` names what they are drawn from (the suite, the
+    dataset runs, the clean accuracies, the test counts and ``drawn_from``: what else decides which texts were
+    tested, SAEBench's seed and sizes): two runs with the same ``sample_id``, seed and replicates drew the same clean
+    accuracies in every replicate, and the replicate-wise difference of a metric (``samples``) leaves out the clean
+    accuracies' error, which both share, instead of counting it twice. The ablated accuracies are each SAE's own and
+    are redrawn from a stream of their own, seeded by ``sae_identity`` and the accuracies (so a rerun draws the same,
+    and two SAEs whose ablated accuracies happen to be equal still draw independently). Their texts are the same, so
+    where two SAEs' probes tend to get the same texts right their ablated accuracies move together and independent
+    draws overstate a difference's error: conservative for TPP, whose metrics are linear in the accuracies, and
+    approximately so for SCR's ratio (drawing them from one stream too would couple them as if every text that one
+    SAE's probe gets right the other's did too).
 
     ``keys``: SAEBench's per-dataset keys, in run order; ``masked_runs``: the padding-masked raw results with their
     clean accuracies (``PaddingMaskedRuns.runs``), whose metrics' errors are keyed ``<metric>_padding_masked``. A
@@ -940,14 +952,14 @@ def scr_tpp_uncertainty(
     def stream(part: int, accuracies: list) -> np.random.Generator:
         """A generator for one SAE's own accuracies: seeded by them, so a rerun draws the same and another SAE (other
         accuracies) draws independently."""
-        digest = hashlib.sha256(json.dumps(accuracies, sort_keys=True, default=str).encode()).digest()
+        digest = hashlib.sha256(json.dumps([sae_identity, accuracies], sort_keys=True, default=str).encode()).digest()
         return np.random.default_rng([seed, part, int.from_bytes(digest[:8], "little")])
 
     # per run, every accuracy redrawn for all replicates at once: [replicates, accuracies]: the clean ones from one
     # stream over all runs (seed alone: the same draws for every SAE on the model), SAEBench's ablated ones and the
     # twins' ablated ones from streams of their own (so SAEBench's metrics' errors are the same whether or not the twins
     # could be computed)
-    cleans = [[((name,), p) for name, p in run["clean"].items()] for run in runs]
+    cleans = [[((name,), p) for name, p in sorted(run["clean"].items())] for run in runs]  # by name: one draw per accuracy
     ablated = [flat(run["raw"]) for run in runs]
     twins_ablated = [flat(masked[0]) if masked is not None else [] for masked in masked_runs or [None] * len(runs)]
     clean_generator = np.random.default_rng([seed, 0])
@@ -958,9 +970,8 @@ def scr_tpp_uncertainty(
         drawn_parts = [draw(part, run["n_test"], generator) for part, generator in zip(parts, generators, strict=True)]
         drawn = [clean + own + twin for clean, own, twin in zip(*drawn_parts, strict=True)]
         redrawn.append(([len(part) for part in parts], [[place for place, _ in part] for part in parts], drawn))
-    sample_id = hashlib.sha256(
-        json.dumps([suite, keys, [run["clean"] for run in runs], [run["n_test"] for run in runs]], sort_keys=True).encode()
-    ).hexdigest()[:20]
+    drawn_on = [suite, keys, [run["clean"] for run in runs], [run["n_test"] for run in runs], drawn_from]
+    sample_id = hashlib.sha256(json.dumps(drawn_on, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     samples: dict[str, list[float | None]] = {}  # metric (twins: <metric>_padding_masked) -> its value per replicate
     per_dataset_samples: dict[str, dict[str, list[float]]] = {key: {} for key in keys}

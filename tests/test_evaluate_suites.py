@@ -311,8 +311,38 @@ def test_two_saes_on_one_model_share_their_clean_accuracies_draws_and_not_their_
     assert a["se"][metric] == pytest.approx(each, rel=0.1)  # one SAE's own error still counts its clean accuracies
     unpaired = math.hypot(a["se"][metric], b["se"][metric])
     assert ablated_only < 0.7 * unpaired  # what pairing gains here (0.59 of it)
-    # SCR's metric is missing where its directions' clean accuracies tie: None keeps replicate i at position i
     assert all(len(values) == 1000 for values in a["samples"].values())
+    # Two SAEs whose ablated accuracies happen to be equal still draw them independently (their identities differ):
+    # their difference keeps its error rather than being exactly zero in every replicate; the same SAE draws the same
+    same, other = (evaluate_lib.scr_tpp_uncertainty("tpp", [key], [run(0.9)], sae_identity=name)["samples"][metric] for name in "ab")
+    independent = math.sqrt(2 * sum(variance(first["raw"][c][2][c]) for c in classes)) / len(classes)
+    assert float(np.std(np.array(same) - np.array(other), ddof=1)) == pytest.approx(independent, rel=0.1)
+    assert evaluate_lib.scr_tpp_uncertainty("tpp", [key], [run(0.9)], sae_identity="a")["samples"][metric] == same
+    # what decides which texts were tested (SAEBench's seed) is part of what the clean accuracies are drawn from
+    assert evaluate_lib.scr_tpp_uncertainty("tpp", [key], [run(0.9)], drawn_from={"random_seed": 43})["sample_id"] != a["sample_id"]
+
+
+def test_scrs_replicates_without_a_direction_are_none_at_the_same_places_for_every_sae_on_the_model():
+    """SCR's ``scr_metric`` is missing in a replicate where its two directions' redrawn clean accuracies tie; the clean
+    accuracies are drawn the same for every SAE on the model, so the same replicates lack it for each, None keeps
+    replicate i at position i, and compare pairs the replicates both have."""
+    import numpy as np
+
+    probe = "male_professor / female_nurse"
+    names = ["male / female", "professor / nurse", f"{probe} probe on professor / nurse data", f"{probe} probe on male / female data"]
+    clean = {names[0]: 0.9, names[1]: 0.92, names[2]: 0.6, names[3]: 0.6}  # the two directions' clean accuracies tie often
+
+    def run(ablated: float) -> dict:
+        raw = {names[0]: {2: {names[2]: ablated}}, names[1]: {2: {names[3]: ablated - 0.05}}}
+        return {"raw": raw, "clean": dict(clean), "n_test": {name: 10 for name in names}}
+
+    a, b = (evaluate_lib.scr_tpp_uncertainty("scr", ["x_scr_results"], [run(p)], sae_identity=str(p), replicates=400) for p in (0.8, 0.7))
+    lacking = [[i for i, v in enumerate(u["samples"]["scr_metric_threshold_2"]) if v is None] for u in (a, b)]
+    assert lacking[0] and lacking[0] == lacking[1] and len(lacking[0]) < 400, lacking  # ties: about one replicate in ten
+    assert a["replicates_with_metric"]["scr_metric_threshold_2"] == 400 - len(lacking[0])
+    assert all(len(u["samples"][m]) == 400 and None not in u["samples"][m] for u in (a, b) for m in ("scr_dir1_threshold_2",))
+    present = [v for v in a["samples"]["scr_metric_threshold_2"] if v is not None]
+    assert a["se"]["scr_metric_threshold_2"] == pytest.approx(float(np.std(present, ddof=1)), rel=1e-6)  # samples: 9 decimals
 
 
 def test_saebench_scr_tpp_ablation_reaches_padded_positions():
@@ -590,7 +620,7 @@ def test_an_error_in_the_twins_leaves_saebenchs_numbers_and_says_why(experiment,
     assert (scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset, scr_tpp.ablated_precomputed_activations) == functions
     # the standard errors are ours too: if computing them fails, every number stands without them and the run says why
     monkeypatch.undo()
-    monkeypatch.setattr(evaluate_lib, "scr_tpp_uncertainty", lambda *args: broken())
+    monkeypatch.setattr(evaluate_lib, "scr_tpp_uncertainty", lambda *args, **kwargs: broken())
     with offline_datasets(offline_data / "hf_datasets"), pytest.warns(UserWarning, match="tpp: no standard errors"):
         no_errors = run_suite("tpp", pruned.tl, topk_sae(hook, seed=7), config, tmp_path / "no_errors", "sae")
     assert no_errors.metrics == {k: v for k, v in fine.metrics.items() if not k.endswith(".binomial_se")} != fine.metrics
@@ -1385,6 +1415,6 @@ def test_evaluate_online_splices_gpt2s_layer_norm_release_in_and_scores_tpp_on_p
     saebench_core = json.loads(Path(client.download_artifacts(run.info.run_id, "saebench/core.json", str(tmp_path / "out"))).read_text())
     assert saebench_core["sae_cfg_dict"]["normalize_activations"] == "layer_norm"  # the release's, as SAEBench saw it
     paths = {r.path for r in requests}
-    assert any(f"/{repo_id}/resolve/" in p for p in paths) and any("/gpt2/resolve/" in p for p in paths)
+    assert any(f"/{repo_id}/resolve/" in p for p in paths) and any(p.startswith("/gpt2/resolve/") for p in paths)  # by its old id
     assert any(f"/datasets/{config['data']['dataset']}/resolve/" in p for p in paths)
     assert_read_at_their_first_commits(paths, commits)

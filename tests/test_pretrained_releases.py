@@ -8,6 +8,7 @@ layer is set to 1 (the releases have every layer; the sae_id templates are the f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ LAYER = 1
 
 
 SCRIPT = """
-import json, math, sys
+import hashlib, json, math, sys
 import torch
 from saecomp.config import load_experiment
 from saecomp.data import special_token_ids
@@ -52,12 +53,17 @@ for hook in exp.sae.hooks:
         "normalize_activations": sae.cfg.normalize_activations,
         "hook_name": check_sae_fits(sae, loaded.tl),
         "reshape_activations": sae.cfg.reshape_activations,
-        "checksums": {name: float(p.detach().double().sum()) for name, p in sae.state_dict().items()},
+        "digests": {name: hashlib.sha256(p.detach().float().contiguous().numpy().tobytes()).hexdigest() + str(tuple(p.shape))
+                    for name, p in sae.state_dict().items()},
         "finite": all(math.isfinite(v) for v in metrics.values()),
         "metrics": metrics,
     }
 print("RESULT " + json.dumps(found))
 """
+
+
+def digest(tensor) -> str:
+    return hashlib.sha256(tensor.detach().float().contiguous().numpy().tobytes()).hexdigest() + str(tuple(tensor.shape))
 
 
 @pytest.mark.parametrize("file,architecture", [("gpt2-small.yaml", "gpt2"), ("gemma-2-2b.yaml", "gemma2")])
@@ -77,7 +83,7 @@ def test_the_experiment_files_pretrained_saes_load_offline_at_their_real_shapes_
         source = exp.pretrained_source(hook, LAYER)
         assert source["release"] in RELEASES, source  # the file names a release this test builds
         weights = write_release(cache, source["release"], source["sae_id"], LAYER, seed)
-        written[hook] = {name: float(value.double().sum()) for name, value in weights.items()}
+        written[hook] = {name: digest(value) for name, value in weights.items()}
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "SAECOMP_CACHE": str(tmp_path / "c")}
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT % {"layer": LAYER}, str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
@@ -92,7 +98,7 @@ def test_the_experiment_files_pretrained_saes_load_offline_at_their_real_shapes_
         assert sae["normalize_activations"] == release.normalize_activations, hook  # GPT-2's v5 SAEs: layer_norm
         assert sae["hook_name"] == release.hook.format(layer=LAYER) == f"blocks.{LAYER}.{hook}"
         assert sae["reshape_activations"] == ("hook_z" if hook == "attn.hook_z" else "none"), hook
-        assert sae["checksums"] == written[hook], hook  # the weights written, loaded unchanged
+        assert sae["digests"] == written[hook], hook  # the weights written, loaded unchanged: every value in its place
         assert sae["finite"] and sae["metrics"]["l0"] > 0, (hook, sae["metrics"])
         if release.k is not None:  # TopK: k latents fire at every ordinary token
             assert sae["metrics"]["l0"] == pytest.approx(release.k), hook

@@ -580,7 +580,7 @@ def test_gemma2s_bos_and_a_jumprelu_hook_z_sae_share_the_model_side_exactly_and_
     config = saebench_config(suite, experiment.evaluation, "tiny-gemma2-test", "float32", loaded.tl, tiny=True)
     hook, shared = "blocks.1.attn.hook_z", tmp_path / "shared"
     with offline_datasets(offline_data / "hf_datasets"):
-        run_suite(suite, loaded.tl, random_sae("jumprelu", hook, seed=1), config, tmp_path / "a", "first", shared=shared)
+        first = run_suite(suite, loaded.tl, random_sae("jumprelu", hook, seed=1), config, tmp_path / "a", "first", shared=shared)
         reused = run_suite(suite, loaded.tl, random_sae("jumprelu", hook, seed=2), config, tmp_path / "b", "second", shared=shared)
         fresh = run_suite(suite, loaded.tl, random_sae("jumprelu", hook, seed=2), config, tmp_path / "c", "second")
     assert reused.tags[f"saecomp.{suite}.model_side"].startswith("loaded from")
@@ -590,6 +590,9 @@ def test_gemma2s_bos_and_a_jumprelu_hook_z_sae_share_the_model_side_exactly_and_
     twins = [m for m in reused.metrics if m.endswith(evaluate_lib.PADDING_MASKED)]
     values = [m for m in reused.metrics if not m.endswith("_se")]
     assert twins and len(twins) * 2 == len(values) and all(f"{m}.binomial_se" in reused.metrics for m in values)
+    # the two SAEs drew the model side's clean accuracies the same (compare pairs them), their own ablated ones apart
+    assert first.uncertainty["sample_id"] == reused.uncertainty["sample_id"] == fresh.uncertainty["sample_id"]
+    assert first.uncertainty["samples"] != reused.uncertainty["samples"] == fresh.uncertainty["samples"]
 
 
 def test_an_error_in_the_twins_leaves_saebenchs_numbers_and_says_why(experiment, pruned, offline_data, tmp_path, monkeypatch):

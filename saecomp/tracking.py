@@ -376,7 +376,10 @@ def alive(run_id: str, watch_launcher: bool = False):
 
 
 LAUNCHER_CHAIN_GRACE_S = 10.0
-"""How long a step whose launcher died keeps its run KILLED against a late FAILED from the launcher's own chain."""
+"""How long a step whose launcher died keeps its run KILLED against a late FAILED from the launcher's own chain (a later
+one is undone by the next step or pipeline to start: `reap_dead_runs`)."""
+LAUNCHER_GONE = "its launcher (process"
+"""How the killed reason of a step that closed its own run because its launcher died begins."""
 
 
 class _LauncherWatch:
@@ -422,7 +425,7 @@ class _LauncherWatch:
 
     def close_run_and_exit(self):
         self._closing.acquire()  # never released: this process ends here
-        reason = f"its launcher (process {self.pid} on {socket.gethostname()}) is gone"
+        reason = f"{LAUNCHER_GONE} {self.pid} on {socket.gethostname()}) is gone"
         print(f"[saecomp] run {self.run_id}: {reason}; closing it as KILLED", file=sys.stderr, flush=True)
         for pid, start in self.between:
             if start is not None and _process_start(pid) == start:
@@ -590,7 +593,8 @@ def why_dead(run, now: float | None = None, host: str | None = None) -> str | No
 
 def reap_dead_runs(experiment_ids: list[str] | None = None) -> list[str]:
     """Mark the step runs left RUNNING by dead processes KILLED, with the reason as a tag; live runs, this process's
-    own (``MLFLOW_RUN_ID``) and other users' live ones, are left alone. Returns the ids marked."""
+    own (``MLFLOW_RUN_ID``) and other users' live ones, are left alone; and mark KILLED again the runs a step closed as
+    KILLED when its launcher died, which its launcher's chain later marked FAILED. Returns the ids marked."""
     client = MlflowClient()
     ids = experiment_ids or [e.experiment_id for e in client.search_experiments()]
     mine = {os.environ.get("MLFLOW_RUN_ID"), *(r.info.run_id for r in [mlflow.active_run()] if r)}
@@ -604,6 +608,18 @@ def reap_dead_runs(experiment_ids: list[str] | None = None) -> list[str]:
         client.set_tag(run.info.run_id, KILLED_REASON_TAG, f"{reason} (found by pid {os.getpid()} on {socket.gethostname()})")
         client.set_terminated(run.info.run_id, "KILLED")
         print(f"[saecomp] marked run {run.info.run_id} ({run.data.tags.get(STEP_TAG)}) KILLED: {reason}", file=sys.stderr, flush=True)
+        reaped.append(run.info.run_id)
+    # A step whose launcher died closed its run as KILLED and exited (137); FAILED on such a run was written after that
+    # by what was left of the launcher's chain, later than the step's grace (`LAUNCHER_CHAIN_GRACE_S`): the run was
+    # killed, as its reason says. (A run KILLED by the loop above keeps a FAILED its process may write after all: that
+    # process was alive and its own end is the truth.)
+    overwritten = f"attributes.status = 'FAILED' and tags.`{KILLED_REASON_TAG}` LIKE '{LAUNCHER_GONE}%'"
+    for run in client.search_runs(ids, filter_string=overwritten, max_results=1000):
+        if STEP_TAG not in run.data.tags:
+            continue
+        client.set_terminated(run.info.run_id, "KILLED", end_time=run.info.end_time)
+        print(f"[saecomp] run {run.info.run_id} ({run.data.tags.get(STEP_TAG)}) KILLED again: FAILED was written over it after "
+              f"{run.data.tags[KILLED_REASON_TAG]}", file=sys.stderr, flush=True)  # fmt: skip
         reaped.append(run.info.run_id)
     return reaped
 

@@ -368,6 +368,35 @@ def test_a_step_whose_launcher_died_keeps_its_run_killed_against_a_late_failed()
     closed = client.get_run(run.info.run_id)
     assert closed.info.status == "KILLED" and "is gone" in closed.data.tags[KILLED_REASON_TAG]
     assert "closed as KILLED again" in process.stderr.read()
+    # A FAILED later than the step's grace: the next step or pipeline to start marks the run KILLED again.
+    client.set_tag(run.info.run_id, STEP_TAG, "train_sae")  # what a step's run carries (this bare one did not need it)
+    client.set_terminated(run.info.run_id, "FAILED")
+    assert run.info.run_id in reap_dead_runs([run.info.experiment_id])
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_only_a_run_its_step_closed_for_a_dead_launcher_is_killed_again():
+    """The next start undoes a late FAILED only where the step itself closed its run because its launcher died. A run
+    the reaper found silent keeps a FAILED its process wrote after all (it was alive, and its end is the truth), as do
+    a plain failure and a run that is not a step's."""
+    from saecomp.tracking import LAUNCHER_GONE, experiment_id_for
+
+    client = mlflow.MlflowClient()
+    experiment = experiment_id_for("late-failed")
+
+    def failed(tags: dict) -> str:
+        run = client.create_run(experiment, tags=tags)
+        client.set_terminated(run.info.run_id, "FAILED", end_time=1_700_000_000_000)
+        return run.info.run_id
+
+    overwritten = failed({STEP_TAG: "train_sae", KILLED_REASON_TAG: f"{LAUNCHER_GONE} 4242 on node-3) is gone"})
+    alive_after_all = failed({STEP_TAG: "train_sae", KILLED_REASON_TAG: "no heartbeat from node-4 for 700 s (found by pid 1 on x)"})
+    plain = failed({STEP_TAG: "prune_sae"})
+    not_a_step = failed({KILLED_REASON_TAG: f"{LAUNCHER_GONE} 4243 on node-3) is gone"})
+    assert reap_dead_runs([experiment]) == [overwritten]
+    again = client.get_run(overwritten).info
+    assert again.status == "KILLED" and again.end_time == 1_700_000_000_000  # when it ended, not when it was corrected
+    assert [client.get_run(r).info.status for r in (alive_after_all, plain, not_a_step)] == ["FAILED"] * 3
 
 
 def test_a_killed_pipelines_scratch_folders_go_with_the_next_pipeline(tmp_path, monkeypatch):

@@ -24,15 +24,18 @@ bootstrap over the test sequences, ``evaluate.core_bootstrap``) and the probing 
 ``evaluate.sparse_probing_uncertainty``; SCR's and TPP's scores by a parametric bootstrap through SAEBench's scoring,
 ``evaluate.scr_tpp_uncertainty``, conservative; RAVEL's over its validation pairs, ``evaluate.ravel_uncertainty``), and
 absorption's ``<metric>.word_se`` (its means over words,
-``evaluate.absorption_uncertainty``). The cell's ``se_kind`` says which.
+``evaluate.absorption_uncertainty``), and core's ``frac_alive.jackknife_se`` (a delete-one jackknife over the test
+sequences, ``evaluate.frac_alive_jackknife``). The cell's ``se_kind`` says which.
 A variant whose value differs from the pretrained SAE's in its row by no more than the standard error of that
 difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
 the same resamples of the same test sequences (the differences replicate by replicate; for SCR and TPP over the same
-draws of the clean accuracies, which every SAE on one model shares), else sqrt(se_a^2 + se_b^2).
+draws of the clean accuracies, which every SAE on one model shares; for frac_alive's jackknife deletion by deletion),
+else sqrt(se_a^2 + se_b^2).
 Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
 cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. Core's
-summaries of the per-latent densities (``frac_alive``, ``freq_over_1_percent``, ...) carry the same bootstrap, rougher
-for shares of latents over a threshold, and low for ``frac_alive`` (``evaluate.core_bootstrap``). RAVEL's entities
+summaries of the per-latent densities (``freq_over_1_percent``, ...) carry the same bootstrap, rougher for shares of
+latents over a threshold; ``frac_alive`` carries the jackknife, conservative where a bootstrap runs low (older runs'
+bootstrap is read as logged). RAVEL's entities
 kept and absorption's split latents carry none; the numbers computed from the SAE's weights alone (``FROM_WEIGHTS``)
 have no sampling error, and their cells say so.
 """
@@ -56,6 +59,7 @@ VARIANTS = ("pretrained", "pruned25", "pruned50", "trained")
 
 SE_KINDS = {
     "bootstrap_se": "bootstrap over test sequences",
+    "jackknife_se": "delete-one jackknife over test sequences (conservative)",
     "binomial_se": "binomial over test texts or pairs",
     "word_se": "over the words tested",
 }
@@ -257,8 +261,8 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                                 "value": value,
                                 "se": se,
                                 "se_kind": SE_KINDS.get(se_kind, se_kind),
-                                "_replicates": boot.get("samples", {}).get(metric),
-                                "_resamples": (boot.get("sample_id"), boot.get("seed"), boot.get("replicates")),
+                                "_replicates": boot.get("jackknife" if se_kind == "jackknife_se" else "samples", {}).get(metric),
+                                "_resamples": (boot.get("sample_id"), se_kind, boot.get("seed"), boot.get("replicates")),
                                 "status": status,
                                 "run_id": run_ids,
                                 "run_name": run_names,
@@ -307,7 +311,8 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
     so most of each one's sampling error (which texts are hard) cancels in the difference. For SCR and TPP the shared
     draws are those of the clean accuracies, which every SAE on one model shares (``evaluate.scr_tpp_uncertainty``):
     their error cancels, the SAEs' own ablated accuracies stay independent (still conservative). A replicate that
-    lacks the metric in either run (None: SCR's direction tied) is left out. Otherwise it is the conservative
+    lacks the metric in either run (None: SCR's direction tied) is left out. frac_alive's jackknife pairs deletion by
+    deletion where both runs read the same sequences (`_jackknife_difference_se`). Otherwise it is the conservative
     sqrt(se_a^2 + se_b^2)."""
     reference = {(r["table"], r["model"], r["hook"], r["metric"]): r for r in rows if r["variant"] == REFERENCE_VARIANT}
     bootstrap = {id(r): (r.pop("_replicates", None), r.pop("_resamples", None)) for r in rows}
@@ -318,14 +323,30 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
             continue
         (replicates, resamples), (ref_replicates, ref_resamples) = bootstrap[id(row)], bootstrap[id(ref)]
         same_resamples = resamples is not None and resamples[0] is not None and resamples == ref_resamples
-        differences = None
-        if same_resamples and replicates is not None and ref_replicates is not None and len(replicates) == len(ref_replicates):
-            differences = (pd.Series(replicates, dtype=float) - pd.Series(ref_replicates, dtype=float)).dropna()
-        if differences is not None and len(differences) > 1:
+        jackknives = isinstance(replicates, dict) and isinstance(ref_replicates, dict)  # frac_alive's
+        jackknives = jackknives and replicates["n_sequences"] == ref_replicates["n_sequences"]
+        lists = isinstance(replicates, list) and isinstance(ref_replicates, list) and len(replicates) == len(ref_replicates)
+        differences = (pd.Series(replicates, dtype=float) - pd.Series(ref_replicates, dtype=float)).dropna() if lists else None
+        if same_resamples and jackknives:
+            row.update(difference_se=_jackknife_difference_se(replicates, ref_replicates), paired=True)
+        elif same_resamples and differences is not None and len(differences) > 1:
             row.update(difference_se=float(differences.std()), paired=True)
         else:
             row.update(difference_se=(row["se"] ** 2 + ref["se"] ** 2) ** 0.5, paired=False)
         row["within_uncertainty"] = bool(abs(row["value"] - ref["value"]) <= row["difference_se"])
+
+
+def _jackknife_difference_se(a: dict, b: dict) -> float:
+    """The delete-one jackknife's standard error of the difference between two SAEs' frac_alive on the same sequences
+    (`evaluate.frac_alive_jackknife`): deleting sequence i moves each by its own latents alive through i alone."""
+    import numpy as np
+
+    n = a["n_sequences"]
+    moved = np.zeros(n)  # [n]: a's frac_alive without sequence i minus b's, less their full-sample difference
+    for record, sign in ((a, -1.0), (b, 1.0)):
+        for sequence, count in record["dies_without"].items():
+            moved[int(sequence)] += sign * count / record["d_sae"]
+    return float(((n - 1) / n * ((moved - moved.mean()) ** 2).sum()) ** 0.5)
 
 
 PAPER_FOLDER = Path(__file__).parent / "paper"

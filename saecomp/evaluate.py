@@ -214,6 +214,9 @@ def run_core(
     # ours beside SAEBench's numbers (the errors and the centred explained variance, from the same sums): a failure
     # there leaves SAEBench's numbers logged and says why
     uncertainty, tags = standard_errors("core", "bootstrap_se", metrics, bootstrap)
+    for name, jackknife in (uncertainty or {}).get("jackknife", {}).items():
+        if f"core.{name}" in metrics:
+            metrics[f"core.{name}.jackknife_se"] = jackknife["se"]
     return SuiteResult("core", output, metrics, time.perf_counter() - started, tags=tags, uncertainty=uncertainty)
 
 
@@ -300,6 +303,9 @@ class VarianceLoopSums:
     before the loop, for the per-latent densities' bootstrap; None: the densities are not resampled."""
     fired: torch.Tensor | None = None  # [d_sae] float64: each latent's count of tokens where it is above 0 (SAEBench's)
     fired_resampled: torch.Tensor | None = None  # [replicates, d_sae] float64: the same counts in each resample
+    sequences_fired: torch.Tensor | None = None  # [d_sae] int64: in how many sequences each latent is above 0 somewhere
+    last_fired_in: torch.Tensor | None = None  # [d_sae] int64: the last such sequence (its index in the loop); -1: none
+    sequences_counted: int = 0
     pending: list[torch.Tensor] = field(default_factory=list)  # [batch, d_sae] float32 per batch, not yet resampled
     sequences_seen: int = 0
     sequences_flushed: int = 0
@@ -416,6 +422,7 @@ class VarianceLoopSums:
             start += length
         counts = per_sequence.sum(0, dtype=torch.float64)  # [d_sae]
         self.fired = counts if self.fired is None else self.fired + counts
+        self.count_sequences_fired(per_sequence > 0)
         if self.density_draws is None:
             return
         if self.sequences_seen + rows > self.density_draws.shape[1]:
@@ -429,6 +436,21 @@ class VarianceLoopSums:
         self.sequences_seen += rows
         if sum(len(part) for part in self.pending) >= DENSITY_FLUSH_SEQUENCES:
             self.flush_firing()
+
+    def count_sequences_fired(self, fired: torch.Tensor) -> None:
+        """``fired`` [rows, d_sae]: whether each latent is above 0 somewhere in each of the batch's sequences. Keeps, per
+        latent, how many sequences it fired in and the last of them: what frac_alive's jackknife needs
+        (`frac_alive_jackknife`), in O(d_sae) memory."""
+        rows = fired.shape[0]
+        order = torch.arange(self.sequences_counted, self.sequences_counted + rows, device=fired.device)[:, None]  # [rows, 1]
+        last = torch.where(fired, order, -1).amax(0)  # [d_sae]
+        here = fired.sum(0)  # [d_sae] int64
+        if self.sequences_fired is None:
+            self.sequences_fired, self.last_fired_in = here, last
+        else:
+            self.sequences_fired += here
+            self.last_fired_in = torch.maximum(self.last_fired_in, last)
+        self.sequences_counted += rows
 
     def flush_firing(self) -> None:
         """Add the pending sequences' firing counts, as drawn in each resample, to ``fired_resampled``: one product
@@ -478,14 +500,11 @@ def core_bootstrap(
     per-token losses; its sparsity-and-variance loop's token means and its ``explained_variance``; and our centred
     explained variance. On the full sample each equals SAEBench's number in a float32 model (tests/test_evaluate.py);
     in a bfloat16 one SAEBench sums in bfloat16 and these sums, in float64, are the more exact. The per-latent
-    densities' summaries (``frac_alive``, ``freq_over_1_percent`` and the others of SAEBench's
-    `calculate_misc_metrics`, which scores each replicate) where the loop recorded the densities in each resample
-    (``density_draws``): these are shares of latents over a threshold, so their bootstrap is rougher than a mean's.
-    ``frac_alive``'s error runs low (a resample never revives a latent dead in the sample, so those latents add no
-    spread, and a latent that fired in one sequence only is dead in about a third of the resamples: its replicates
-    lie at or below its value; in a simulation with mostly rare latents its error was about a fifth below the true
-    spread): read it as an order of magnitude, and a difference it calls real with care. Not covered: the SAE's weights
-    alone (``average_max_*_cosine_sim``: no sampling error) and the per-latent details.
+    densities' summaries (``freq_over_1_percent`` and the others of SAEBench's `calculate_misc_metrics`, which scores
+    each replicate) where the loop recorded the densities in each resample (``density_draws``): these are shares of
+    latents over a threshold, so their bootstrap is rougher than a mean's. ``frac_alive`` has a jackknife instead
+    (``jackknife``, `frac_alive_jackknife`): its bootstrap runs low. Not covered: the SAE's weights alone
+    (``average_max_*_cosine_sim``: no sampling error) and the per-latent details.
 
     SAEBench's per-batch statistics (``explained_variance``, ``relative_reconstruction_bias``) are resampled within
     SAEBench's own batches: a drawn sequence counts in the batch it was read in, each token weighing 1 / that batch's
@@ -547,6 +566,11 @@ def core_bootstrap(
                 density["density_replicates"] = used
         if variance.density_skipped:
             density["density_skipped"] = variance.density_skipped
+        # frac_alive by the jackknife, not the bootstrap (whose resamples never revive a dead latent: it runs low)
+        for out in (full, samples):
+            out.pop("frac_alive", None)
+        if variance.sequences_fired is not None and variance.sequences_counted == n:
+            density["jackknife"] = {"frac_alive": frac_alive_jackknife(variance.sequences_fired, variance.last_fired_in, n)}
     return {
         "unit": "sequence",
         "replicates": replicates,
@@ -556,6 +580,37 @@ def core_bootstrap(
         "se": {name: float(v.std()) for name, v in samples.items()},
         "samples": {name: v.tolist() for name, v in samples.items()},
         **density,
+    }
+
+
+def frac_alive_jackknife(sequences_fired: torch.Tensor, last_fired_in: torch.Tensor, n: int) -> dict:
+    """frac_alive's standard error by the delete-one jackknife over the ``n`` test sequences. Deleting sequence i kills
+    exactly the latents that fired in it alone, ``dies_without[i]`` of them, so frac_alive without it is (alive -
+    dies_without[i]) / d_sae, and the jackknife's variance is (n - 1) / n * sum_i (dies_without[i] - mean)^2 / d_sae^2.
+
+    Why not the bootstrap: a resample never revives a latent the sample saw dead, and keeps a rare one alive in most
+    draws, so its replicates lie at or below frac_alive and its error runs low (0.69-0.73x the true spread in the
+    simulations of ``tests/test_evaluate.py``, where the jackknife's came out 1.15-1.24x). The jackknife's variance
+    estimate is biased upward instead (Efron and Stein, 1981: for any symmetric statistic of independent sequences,
+    strictly of n - 1 of them). For latents firing independently in Poisson-many sequences (mean lambda_j) its
+    expectation is about that of the count of latents seen in one sequence only, sum_j lambda_j e^-lambda_j, at least the
+    true variance of the alive count, sum_j e^-lambda_j (1 - e^-lambda_j), latent by latent.
+
+    Returns the error, the full-sample value and ``dies_without`` (sparse: sequence -> count), through which two SAEs
+    read on the same sequences pair (compare)."""
+    d_sae = len(sequences_fired)
+    only = last_fired_in[sequences_fired == 1].cpu()
+    dies_without = torch.bincount(only, minlength=n).double()  # [n]
+    variance = (n - 1) / n * float(((dies_without - dies_without.mean()) ** 2).sum()) if n > 1 else float("nan")
+    alive = int((sequences_fired > 0).sum())
+    return {
+        "method": "delete-one jackknife over test sequences",
+        "full_sample": alive / d_sae,
+        "se": variance**0.5 / d_sae,
+        "n_sequences": n,
+        "d_sae": d_sae,
+        "alive": alive,
+        "dies_without": {str(i): int(count) for i, count in enumerate(dies_without.tolist()) if count},
     }
 
 

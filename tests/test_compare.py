@@ -42,6 +42,21 @@ def _run(experiment_id: str, step: str, name: str, tags: dict, params: dict, met
     return run.info.run_id
 
 
+FRAC_ALIVE_ONLY_IN = {"pretrained": {0: 2, 3: 1, 7: 1}, "pruned25": {0: 2, 3: 1, 7: 1, 9: 1}, "trained": {1: 1, 2: 1, 5: 3}}
+"""At hook_resid_post, each variant's latents alive through one of its 20 test sequences alone (of 100 latents):
+pruned25 shares the pretrained SAE's but one."""
+
+
+def frac_alive_without_each(only_in: dict[int, int], alive: float, n: int = 20, d_sae: int = 100) -> list[float]:
+    """frac_alive with each sequence deleted in turn (the delete-one jackknife's values)."""
+    return [alive - only_in.get(i, 0) / d_sae for i in range(n)]
+
+
+def jackknife_se(only_in: dict[int, int], n: int = 20) -> float:
+    values = pd.Series(frac_alive_without_each(only_in, 0.0))
+    return float(((n - 1) / n * ((values - values.mean()) ** 2).sum()) ** 0.5)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """Evaluate runs for every (hook, variant) but pruned50 at hook_resid_post; one cell filled twice (older, newer);
@@ -81,10 +96,16 @@ def store(tmp_path_factory):
             if hook == "hook_resid_post":
                 metrics["core.ce_loss_score.bootstrap_se"] = float(pd.Series(pattern).std())
                 metrics["scr.scr_metric_threshold_2.binomial_se"] = 0.05
+                # frac_alive's jackknife (as evaluate logs it now): its 20 sequences, the latents alive through each alone
+                del metrics["core.frac_alive.bootstrap_se"]
+                metrics["core.frac_alive.jackknife_se"] = jackknife_se(FRAC_ALIVE_ONLY_IN[variant])
             runs[(hook, variant)] = _run(experiment_id, "evaluate", f"evaluate · {hook} · {variant}", tags, params, metrics)
             if hook == "hook_resid_post":
                 value = metrics["core.ce_loss_score"]
                 boot = {"sample_id": "same-texts", "seed": 0, "replicates": 50, "samples": {"ce_loss_score": [value + d for d in pattern]}}
+                only_in = {str(i): c for i, c in FRAC_ALIVE_ONLY_IN[variant].items()}
+                jackknife = {"se": metrics["core.frac_alive.jackknife_se"], "n_sequences": 20, "d_sae": 100, "dies_without": only_in}
+                boot["jackknife"] = {"frac_alive": jackknife}
                 (tmp / variant).mkdir()
                 (tmp / variant / "core.json").write_text(json.dumps(boot))
                 client.log_artifact(runs[(hook, variant)], str(tmp / variant / "core.json"), "uncertainty")
@@ -145,7 +166,20 @@ def test_per_latent_summaries_carry_their_bootstrap_and_the_weights_alone_say_th
     cells = compare.cells(collect_runs([store["experiment_id"]]))
     core = cells[(cells["table"] == "core") & (cells["model"] == store["model"]) & (cells["status"] == "ok")]
     alive = core[core["metric"] == "frac_alive"]
-    assert len(alive) == 7 and set(alive["se"]) == {0.02} and set(alive["se_kind"]) == {compare.SE_KINDS["bootstrap_se"]}
+    # runs before frac_alive had its jackknife logged a bootstrap; compare reads either, and says which
+    older = alive[alive["hook"] != "blocks.2.hook_resid_post"]
+    assert len(older) == 4 and set(older["se"]) == {0.02} and set(older["se_kind"]) == {compare.SE_KINDS["bootstrap_se"]}
+    now = alive[alive["hook"] == "blocks.2.hook_resid_post"].set_index("variant")
+    assert set(now["se_kind"]) == {compare.SE_KINDS["jackknife_se"]} and len(now) == 3
+    # paired deletion by deletion: the difference's values with each of the same 20 sequences deleted, by hand
+    for variant in ("pruned25", "trained"):
+        ours = pd.Series(frac_alive_without_each(FRAC_ALIVE_ONLY_IN[variant], now.loc[variant, "value"]))
+        theirs = pd.Series(frac_alive_without_each(FRAC_ALIVE_ONLY_IN["pretrained"], now.loc["pretrained", "value"]))
+        moved = ours - theirs
+        expected = float((19 / 20 * ((moved - moved.mean()) ** 2).sum()) ** 0.5)
+        assert now.loc[variant, "paired"] is True and now.loc[variant, "difference_se"] == pytest.approx(expected, rel=1e-12)
+    # pruned25's latents alive through one sequence are the pretrained SAE's but one: their shared ones cancel
+    assert now.loc["pruned25", "difference_se"] < 0.5 * (now.loc["pruned25", "se"] ** 2 + now.loc["pretrained", "se"] ** 2) ** 0.5
     weights = core[core["metric"] == "average_max_decoder_cosine_sim"]
     assert len(weights) == 7 and weights["se"].isna().all()
     assert set(weights["note"]) == {"from the SAE's weights alone: no sampling error"}

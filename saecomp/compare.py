@@ -36,7 +36,7 @@ cell is their mean (the newest run per seed) with the standard error over seeds,
 summaries of the per-latent densities (``freq_over_1_percent``, ...) carry the same bootstrap, rougher for shares of
 latents over a threshold; ``frac_alive`` carries the jackknife, conservative where a bootstrap runs low (older runs'
 bootstrap is read as logged). RAVEL's entities
-kept and absorption's split latents carry none; the numbers computed from the SAE's weights alone (``FROM_WEIGHTS``)
+kept carry none; the numbers computed from the SAE's weights alone (``FROM_WEIGHTS``)
 have no sampling error, and their cells say so.
 """
 
@@ -671,8 +671,8 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "
         "pretrained SAE's in its row by no more than the standard error of the difference (paired over the same resampled "
         "test sequences where both runs logged their replicates, and for SCR and TPP over the same draws of the clean "
-        "accuracies they share): not a finding. RAVEL's entities kept and absorption's "
-        "split latents carry none; core's numbers from the SAE's weights alone have no sampling error.</p>",
+        "accuracies they share): not a finding. RAVEL's entities kept carry none; core's numbers "
+        "from the SAE's weights alone have no sampling error.</p>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in provenance) + "</ul>",
     ]
     for (table, model), group in _groups(all_cells):

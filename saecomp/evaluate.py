@@ -1693,7 +1693,20 @@ def _absorption(model: HookedTransformer, sae: SAE, config, folders: dict, sae_n
     validate_output(out.AbsorptionEvalOutput, output)
     metrics = _scalar_metrics("absorption", output)
     metrics["absorption.n_letters_evaluated"] = float(len(rows))
-    uncertainty, tags = standard_errors("absorption", "word_se", metrics, lambda: absorption_uncertainty(raw, rows))
+    def uncertainty() -> dict:
+        import pandas as pd
+        from sae_bench.evals.absorption.k_sparse_probing import get_sparse_probing_raw_results_filename
+
+        found = absorption_uncertainty(raw, rows)
+        name = common["sae_name"]  # SAEBench's per-test-word scores of the k-sparse probes, where it wrote them
+        scores = pd.read_parquet(folders["k_sparse_probing"] / name / get_sparse_probing_raw_results_filename(name, common["layer"]))
+        splits = split_features_uncertainty(scores, {row["letter"]: int(row["num_split_feats"]) for row in rows}, config.max_k_value,
+                                            config.f1_jump_threshold)  # fmt: skip
+        found["se"].update(splits.pop("se"))
+        found["split_features"] = splits
+        return found
+
+    uncertainty, tags = standard_errors("absorption", "word_se", metrics, uncertainty)
     return SuiteResult("absorption", output, metrics, time.perf_counter() - started, tags, uncertainty=uncertainty)
 
 
@@ -1709,7 +1722,8 @@ def absorption_uncertainty(raw, letters: list) -> dict:
     / n) (what a bootstrap over those words gives, in closed form); the score is the mean over the letters
     evaluated, so its error is sqrt(sum of the letters' variances) / letters. Not covered: the probes' training
     and the choice of each letter's main latents (feature splitting), which every word of a letter shares; nor the
-    number of split latents and the spreads over letters, which are not means over words. ``letters``: SAEBench's
+    spreads over letters, which are not means over words (the number of split latents: `split_features_uncertainty`,
+    over other words). ``letters``: SAEBench's
     aggregated rows of the letters that passed its probe gate; a letter whose words do not reproduce SAEBench's
     per-letter value leaves the metrics without an error. Returns ``{"unit", "n_words", "se", "per_letter_se"}``."""
     per_letter: dict[str, dict[str, float]] = {}
@@ -1735,6 +1749,60 @@ def absorption_uncertainty(raw, letters: list) -> dict:
         for metric in ABSORPTION_PER_WORD:
             se[metric] = math.sqrt(sum(errors[metric] ** 2 for errors in per_letter.values())) / len(per_letter)
     return {"unit": "word (a probe true positive)", "n_words": n_words, "se": se, "per_letter_se": per_letter}
+
+
+SPLIT_REPLICATES = 1000
+SPLIT_SEED = 0
+
+
+def split_feature_counts(scores, letters: list[str], max_k: int, threshold: float, weights: torch.Tensor) -> torch.Tensor:
+    """``[rows of weights, letters]``: SAEBench's count of split latents per letter (`add_feature_splits_to_metrics_df`:
+    the k of the last k-sparse probe whose F1 rose by more than ``threshold`` over the one before, counting from k = 1)
+    with the k-sparse probes' test words weighted by ``weights`` ``[replicates, words]`` (how often each word is
+    drawn; ones: SAEBench's own sample). ``scores``: SAEBench's raw k-sparse probing results, one row per test word
+    (``answer_letter``, ``score_sparse_sae_<letter>_k_<k>``), scored as its `build_metrics_df` scores them: a yes
+    where the score is above 0, F1 0 where a letter has neither a yes nor a positive (sklearn's zero division)."""
+    answers = scores["answer_letter"].to_numpy()
+    counts = torch.zeros(weights.shape[0], len(letters), dtype=torch.long)
+    for column, letter in enumerate(letters):
+        positive = torch.tensor(answers == letter, dtype=torch.float64)  # [words]
+        best = torch.full((weights.shape[0],), -100.0, dtype=torch.float64)  # SAEBench's starting prev_best
+        rising = torch.ones(weights.shape[0], dtype=torch.bool)  # the replicates whose F1 has risen at every k so far
+        for k in range(1, max_k + 1):
+            said_yes = torch.tensor(scores[f"score_sparse_sae_{letter}_k_{k}"].to_numpy() > 0.0, dtype=torch.float64)
+            true_pos = weights @ (positive * said_yes)
+            wrong = weights @ ((1 - positive) * said_yes) + weights @ (positive * (1 - said_yes))  # false yes + false no
+            f1 = torch.where(2 * true_pos + wrong > 0, 2 * true_pos / (2 * true_pos + wrong).clamp_min(1e-300), 0.0)
+            rising &= f1 > best + threshold
+            counts[rising, column] = k
+            best = torch.where(rising, f1, best)
+    return counts
+
+
+def split_features_uncertainty(
+    scores, expected: dict[str, int], max_k: int, threshold: float, replicates: int = SPLIT_REPLICATES, seed: int = SPLIT_SEED
+) -> dict:
+    """The standard error of absorption's ``mean_num_split_features`` over the k-sparse probes' test words: a bootstrap
+    of those words (one draw shared by every letter, since they are one test set), SAEBench's split rule applied to
+    each resample's F1 scores (`split_feature_counts`), averaged over the letters evaluated (``expected``: SAEBench's
+    count per letter). Not covered: the k-sparse probes' training, on their own training words, which every resample
+    shares. Where the full sample does not reproduce SAEBench's counts, no error (``inconsistent``)."""
+    letters = sorted(expected)
+    n = len(scores)
+    full = split_feature_counts(scores, letters, max_k, threshold, torch.ones(1, n, dtype=torch.float64))[0]
+    ours = dict(zip(letters, full.tolist(), strict=True))
+    mismatched = {letter: (count, expected[letter]) for letter, count in ours.items() if count != expected[letter]}
+    out = {"unit": "k-sparse probe test word", "n_words": n, "replicates": replicates, "seed": seed}
+    if mismatched or not letters:
+        return {**out, "se": {}, "inconsistent": mismatched or "no letters"}
+    picks = torch.randint(n, (replicates, n), generator=torch.Generator().manual_seed(seed))
+    weights = torch.zeros(replicates, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(replicates, n, dtype=torch.float64))
+    counts = split_feature_counts(scores, letters, max_k, threshold, weights).double()  # [replicates, letters]
+    return {
+        **out,
+        "se": {"mean_num_split_features": float(counts.mean(1).std())},
+        "per_letter_se": {letter: float(se) for letter, se in zip(letters, counts.std(0), strict=True)},
+    }
 
 
 def ground_truth_probe_f1(model: HookedTransformer, layer: int, config, probes_dir: Path, device: str) -> dict[str, float]:

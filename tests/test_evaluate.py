@@ -533,3 +533,64 @@ def test_bad_input_is_rejected_before_any_run(small_experiment, tmp_path, args, 
     assert result.exit_code == 2, result.output
     assert f"saecomp: error: {message}" in result.output
     assert len(all_runs()) == before
+
+
+def k_sparse_probe_scores(n_per_letter: int = 20, max_k: int = 5, seed: int = 0):
+    """SAEBench's raw k-sparse probing results and metadata in its columns, for 26 letters of ``n_per_letter`` test
+    words each: letter i's k-sparse probe finds a share of its words that grows with k by a step of its own (large for
+    some letters, so that their F1 keeps rising by more than SAEBench's 0.03 and they split; none for others), and says
+    yes to a few other words."""
+    import numpy as np
+    import pandas as pd
+    from sae_bench.evals.absorption.vocab import LETTERS
+
+    rng = np.random.default_rng(seed)
+    answers = np.repeat(list(LETTERS), n_per_letter)
+    scores, metadata = {"answer_letter": answers}, []
+    for i, letter in enumerate(LETTERS):
+        mine = answers == letter
+        scores[f"score_probe_{letter}"] = np.where(mine, 1.0, -1.0) + rng.normal(0, 0.5, len(answers))
+        step = (0.0, 0.04, 0.12)[i % 3]
+        for k in range(1, max_k + 1):
+            found = mine & (rng.random(len(answers)) < min(1.0, 0.5 + step * k))
+            false_yes = ~mine & (rng.random(len(answers)) < 0.01)
+            scores[f"score_sparse_sae_{letter}_k_{k}"] = np.where(found | false_yes, 1.0, -1.0) * rng.uniform(0.1, 2, len(answers))
+            scores[f"sum_sparse_sae_{letter}_k_{k}"] = scores[f"score_sparse_sae_{letter}_k_{k}"] + rng.normal(0, 0.1, len(answers))
+            unused = {"cos_probe_sae_enc": np.zeros(k), "cos_probe_sae_dec": np.zeros(k), "weights": np.ones(k), "bias": 0.0}
+            metadata.append({"letter": letter, "k": k, "feats": np.arange(k), "layer": 0, "sae_name": "sae", **unused})
+    return pd.DataFrame(scores), pd.DataFrame(metadata)
+
+
+def test_split_latent_counts_under_resampled_test_words_are_saebenchs_own():
+    """Absorption's count of split latents per letter, recomputed under weights on the k-sparse probes' test words, is
+    what SAEBench's own `build_metrics_df` and `add_feature_splits_to_metrics_df` give on the resampled words; its
+    bootstrap over those words gives mean_num_split_features an error, and none where the full sample does not
+    reproduce SAEBench's counts."""
+    from sae_bench.evals.absorption.k_sparse_probing import add_feature_splits_to_metrics_df, build_metrics_df
+    from sae_bench.evals.absorption.vocab import LETTERS
+
+    from saecomp.evaluate import split_feature_counts, split_features_uncertainty
+
+    scores, metadata = k_sparse_probe_scores(max_k=4)
+    letters, n = list(LETTERS), len(scores)
+
+    def saebench(rows) -> list[int]:
+        frame = build_metrics_df(scores.iloc[rows].reset_index(drop=True), metadata, max_k_value=4)
+        add_feature_splits_to_metrics_df(frame, max_k_value=4, f1_jump_threshold=0.03)
+        return [len(frame.loc[frame["letter"] == letter, "split_feats"].iloc[0]) for letter in letters]
+
+    picks = torch.randint(n, (2, n), generator=torch.Generator().manual_seed(3))  # (SAEBench's scoring: 4 s a sample)
+    weights = torch.zeros(3, n, dtype=torch.float64)
+    weights[0] = 1  # the full sample
+    weights[1:].scatter_add_(1, picks, torch.ones(2, n, dtype=torch.float64))
+    ours = split_feature_counts(scores, letters, 4, 0.03, weights)
+    full = saebench(list(range(n)))
+    assert ours[0].tolist() == full and len(set(full)) > 1  # some letters split more than others
+    for r in range(2):
+        resampled = saebench(picks[r].tolist())
+        assert ours[r + 1].tolist() == resampled and resampled != full, r  # a resample moves some letter's count
+
+    found = split_features_uncertainty(scores, dict(zip(letters, full, strict=True)), 4, 0.03, replicates=200)
+    assert found["se"]["mean_num_split_features"] > 0 and "inconsistent" not in found
+    wrong = split_features_uncertainty(scores, {**dict(zip(letters, full, strict=True)), "b": full[1] + 1}, 4, 0.03, replicates=20)
+    assert wrong["se"] == {} and wrong["inconsistent"] == {"b": (full[1], full[1] + 1)}

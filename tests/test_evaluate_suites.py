@@ -914,6 +914,11 @@ def check_absorption_standard_errors(result, workdir: Path, replicates: int = 20
         se = result.metrics[f"absorption.{metric}.word_se"]
         assert se == pytest.approx(float(means.std()), rel=0.1, abs=1e-4), metric
     assert result.metrics["absorption.mean_absorption_fraction_score.word_se"] > 0
+    # the split-latent count's bootstrap over the k-sparse probes' test words reproduced SAEBench's counts on the full
+    # sample (else it would log no error: tests/test_evaluate.py checks the rule against SAEBench's own code)
+    splits = result.uncertainty["split_features"]
+    assert "inconsistent" not in splits and set(splits["per_letter_se"]) == set(details)
+    assert result.metrics["absorption.mean_num_split_features.word_se"] >= 0
 
 
 def test_absorption_is_not_applicable_where_saebench_prompts_overflow_the_context(experiment, pruned, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -49,8 +50,20 @@ def pruning_label(exp: Experiment) -> str:
 
 
 def fail(message: str) -> None:
-    """One clear line on stderr and a non-zero exit, before any compute."""
+    """One clear line on stderr and a non-zero exit, before any compute. Under `mlflow run`, whose run exists before
+    the step can check its input (MLflow closes it FAILED), that run also says why, in the UI: a tag and its
+    description."""
     click.echo(f"saecomp: error: {message}", err=True)
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        import contextlib
+
+        from mlflow import MlflowClient
+
+        with contextlib.suppress(Exception):  # the line above said it; a store that refuses the tag must not hide that
+            client = MlflowClient()
+            client.set_tag(run_id, "saecomp.error", message[:4000])
+            client.set_tag(run_id, "mlflow.note.content", f"Stopped before any compute, on bad input: {message}")
     sys.exit(2)
 
 

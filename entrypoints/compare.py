@@ -91,7 +91,7 @@ def run_compare(exp, records, pipeline_run: str | None, tags: dict) -> str:
     description = f"The paper's tables and figures from {sum(counts.values())} finished runs of {scope}; see report/report.html."
     with step_run("compare", key, params, exp.name, f"compare · {scope}", description) as run:
         say(f"{counts['evaluate']} evaluate, {counts['prune_sae']} prune_sae and {counts['prune_llm']} prune_llm runs of {scope}")
-        cells = compare.cells(records)
+        cells = compare.cells(records, variants=[tags["variant"]] if "variant" in tags else None)
         sweeps = {}
         for record in sorted((r for r in records if r.step == "prune_sae"), key=lambda r: r.start_time):
             levels = {v: record.metrics.get(f"validation.{v}.mse") for v in ("pretrained", "trained")}

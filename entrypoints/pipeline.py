@@ -306,8 +306,11 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             run_id = run_step("prune_sae", parameters, key, exp.name, parent)
             table = pd.read_csv(local_artifacts(run_id, "test_table.csv"))
             table.insert(0, "hook", f"blocks.{layer}.{hook}")
-            selected = mlflow.MlflowClient().get_run(run_id).data.metrics["selected_sparsity"]
+            chosen = mlflow.MlflowClient().get_run(run_id).data.metrics
+            selected = chosen["selected_sparsity"]
             table.insert(2, "selected", selected)
+            # whether that level met the selection rule (else it is the fallback, and publish leaves it out)
+            table.insert(3, "selection_met", bool(chosen.get("selection_met", 1.0)))
             out = {"run": run_id, "table": table, "sweep": pd.read_csv(local_artifacts(run_id, "sweep.csv")), "evaluations": []}
             if not suites:
                 return out
@@ -446,23 +449,30 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         compare_key = compare_step.key_for(compared, parent, {})
         compare_run = run_step("compare", {"experiment": experiment, "pipeline_run": parent, **runtime}, compare_key, exp.name, parent)
         mlflow.log_artifacts(str(local_artifacts(compare_run, "report")), "compare")
-        columns = ["hook", "variant", "selected", "mse", "explained_variance", "cossim", "l0", "ce_loss_with_sae", "ce_loss_without_sae"]
+        columns = ["hook", "variant", "selected", "selection_met", "mse", "explained_variance", "cossim", "l0", "ce_loss_with_sae",
+                   "ce_loss_without_sae"]  # fmt: skip
         core_text = ""
         if evaluations:
             shown = core_table[["hook", "variant", *[c for c in core_columns if c in core_table]]].round(4)
             if len(shown.columns) > 2:
-                core_text = f"SAEBench core on the pruned model (test tokens; the paper's Table 1):\n{shown.to_string(index=False)}\n\n"
-            others = [c for suite in suites if suite != "core" for c in (*evaluate.HEADLINES.get(suite, ()), f"{suite}.not_applicable")]
-            others = [c for c in others if c in core_table]
-            if others:
-                shown = core_table[["hook", "variant", *others]].rename(
-                    columns=lambda c: c.replace("_threshold", "@").replace("_test_accuracy", "")
+                core_text = (
+                    "SAEBench core on the pruned model (the paper's Table 1: SAEBench's run_evals on evaluate's own test windows, "
+                    f"so its clean cross-entropy is not the table above's):\n{shown.to_string(index=False)}\n\n"
                 )
-                core_text += f"SAEBench's other suites on the pruned model:\n{shown.round(4).to_string(index=False, max_colwidth=40)}\n\n"
+            others = [c for suite in suites if suite != "core" for c in evaluate.HEADLINES.get(suite, ()) if c in core_table]
+            if others:  # under the metrics' own names, as MLflow's search and evaluation.csv know them
+                shown = core_table[["hook", "variant", *others]].round(4).fillna("—")
+                core_text += f"SAEBench's other suites on the pruned model:\n{shown.to_string(index=False)}\n\n"
+            for suite in suites:  # one line per reason, not a column of cut-off reasons
+                reasons = core_table.get(f"{suite}.not_applicable", pd.Series(dtype=object)).dropna()
+                for reason, hooks in core_table.loc[reasons.index].groupby(reasons)["hook"]:
+                    core_text += f"{suite}: not applicable at {', '.join(sorted(set(hooks)))}: {reason}\n"
+            core_text += "\n" if "not applicable at" in core_text else ""
         click.echo(
             f"\n{exp.name}: {exp.model} pruned with {exp.llm_pruning.method} to sparsity {llm['sparsity_actual']:.3f}: "
             f"held-out cross-entropy {llm['ce_loss_dense']:.4f} (dense) -> {llm['ce_loss_pruned']:.4f} (pruned)\n\n"
-            f"SAEs on the pruned model (test tokens):\n{summary[columns].round(4).to_string(index=False)}\n\n"
+            f"SAEs on the pruned model (test tokens: prune_sae's held-out windows; summary.csv):\n"
+            f"{summary[columns].round(4).to_string(index=False)}\n\n"
             f"{core_text}"
             f"pipeline run {run.info.run_id} (summary.csv, evaluation.csv, compare/report.html); prune_llm run {prune_run}; "
             f"prune_sae runs {', '.join(sae_runs)}\n"

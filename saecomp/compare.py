@@ -195,12 +195,14 @@ def _k_sort(metric: str):
     return (re.sub(r"\d+", "", metric), tuple(int(n) for n in re.findall(r"\d+", metric)))
 
 
-def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
+def cells(records: Iterable[RunRecord], variants: Iterable[str] | None = None) -> pd.DataFrame:
     """Every cell of every table, one row each: table, model, hook, metric, variant, value, status, run_id,
     run_name, candidates (finished runs that filled it), note. Expected cells are the tables' metrics for every
     (model, hook) an evaluate run covers, for the paper's four variants and any other variant a run there has (a
-    selected level): what no run fills is a ``missing`` row, never a number. A cell is filled by the newest finished
-    run that has its value; failing that, it is ``not applicable`` when the newest run asked for it says so."""
+    selected level), or for ``variants`` alone where the selection named them (``--tag variant=...``: the others were
+    left out, not lost): what no run fills is a ``missing`` row, never a number. A cell is filled by the newest
+    finished run that has its value; failing that, it is ``not applicable`` when the newest run asked for it says so."""
+    expected = set(VARIANTS) if variants is None else set(variants)
     evaluations = [r for r in records if r.step == "evaluate"]
     rows = []
     for model in sorted({model_of(r) for r in evaluations}):
@@ -218,7 +220,7 @@ def cells(records: Iterable[RunRecord]) -> pd.DataFrame:
                     metrics = [EVERY_METRIC]  # no run has a number to name the rows: one row per cell says why
             for hook in hooks:
                 here = {r.tags.get("variant", "unnamed") for r in on_model if hook_of(r) == hook}
-                for variant in _variant_order(set(VARIANTS) | here):
+                for variant in _variant_order(expected | (here if variants is None else set())):
                     asked_here = sorted(
                         (r for r in asked if hook_of(r) == hook and r.tags.get("variant", "unnamed") == variant),
                         key=lambda r: r.start_time,
@@ -452,12 +454,24 @@ def _llm_pruning_cells(runs: list[RunRecord]) -> list[dict]:
 
 
 def wide(table_cells: pd.DataFrame) -> pd.DataFrame:
-    """One table's cells as the paper prints it: rows (hook, metric), a column per variant; missing cells NaN."""
+    """One table's cells as the paper prints it: rows (hook, metric; for ``llm_pruning`` the pruning, metric), per
+    variant its value, ``<variant>_se`` (the standard error, NaN where none) and ``<variant>_status`` (ok, missing,
+    not applicable: the value is NaN for both of the last two, and this says which). Numbers stay numbers, so pandas
+    reads the values back as floats."""
     variants = _variant_order(table_cells["variant"].unique())
     order = {key: i for i, key in enumerate(dict.fromkeys(zip(table_cells["hook"], table_cells["metric"], strict=True)))}
-    frame = table_cells.pivot_table(index=["hook", "metric"], columns="variant", values="value", aggfunc="first", dropna=False)
-    frame = frame.reindex(columns=variants)
-    return frame.reindex(sorted(frame.index, key=lambda k: order.get(k, len(order))))
+    parts = {}
+    for column in ("value", "se", "status"):
+        pivoted = table_cells.pivot_table(index=["hook", "metric"], columns="variant", values=column, aggfunc="first", dropna=False)
+        parts[column] = pivoted.reindex(columns=variants)
+    frame = pd.concat(
+        {f"{v}{'' if column == 'value' else '_' + column}": parts[column][v] for v in variants for column in ("value", "se", "status")},
+        axis=1,
+    )
+    frame = frame.reindex(sorted(frame.index, key=lambda k: order.get(k, len(order))))
+    if table_cells["table"].iloc[0] == "llm_pruning":  # its rows are pruned models, not hooks (as the Markdown says)
+        frame = frame.rename_axis(index=["pruning", "metric"])
+    return frame
 
 
 def _number(value: float) -> str:
@@ -483,10 +497,10 @@ def _display(cell: pd.Series) -> str:
 LEGEND = (
     "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one standard error, where "
     "computed: a bootstrap over the test sequences for core (spliced losses and scores, reconstruction and sparsity means, "
-    "explained variances, the per-latent densities' summaries), binomial over the test texts or pairs for sparse "
-    "probing's accuracies, SCR's, TPP's and "
-    "RAVEL's scores, over "
-    "the words tested for absorption's means, the spread over seeds where replicates ran (cells.csv: se_kind); "
+    "explained variances, the per-latent densities' summaries but frac_alive), a delete-one jackknife over the test "
+    "sequences for frac_alive (conservative), binomial over the test texts or pairs for sparse probing's accuracies, SCR's, "
+    "TPP's and RAVEL's scores, over the words tested for absorption's means and its count of split latents, the spread "
+    "over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
     "over the same resampled test sequences where both runs logged their replicates, and for SCR and TPP over the same "
     "draws of the clean accuracies they share; cells.csv: difference_se, paired): not a finding."

@@ -211,6 +211,14 @@ def test_a_missing_variant_shows_as_a_gap_never_filled(store):
     assert len(gap) and set(gap["status"]) == {"missing"} and gap["value"].isna().all() and set(gap["run_id"]) == {""}
     table1 = compare.wide(cells[cells["table"] == "table1"])
     assert table1.loc[("blocks.2.hook_resid_post", "mse"), "pruned50"] != table1.loc[("blocks.2.hook_resid_post", "mse"), "pruned50"]  # NaN
+    # the wide CSV says why a value is NaN, and carries each cell's standard error beside it
+    assert table1.loc[("blocks.2.hook_resid_post", "mse"), "pruned50_status"] == "missing"
+    ce = table1.loc[("blocks.2.attn.hook_z", "ce_loss_score")]
+    assert ce["pruned25"] == pytest.approx(0.51) and ce["pruned25_se"] == 0.01 and ce["pruned25_status"] == "ok"
+    ravel_wide = compare.wide(cells[(cells["table"] == "ravel") & (cells["model"] == store["model"])])
+    assert set(ravel_wide.loc["blocks.2.attn.hook_z", "trained_status"]) == {"not applicable"}
+    assert ravel_wide.loc["blocks.2.attn.hook_z", "trained"].isna().all() and ravel_wide["trained"].dtype == float
+    assert compare.wide(cells[cells["table"] == "llm_pruning"]).index.names == ["pruning", "metric"]
     row = next(line for line in compare.markdown(cells).splitlines() if line.startswith("| blocks.2.hook_resid_post | mse |"))
     assert row.split("|")[1 + 2 + compare.VARIANTS.index("pruned50")].strip() == "—"
     ravel = cells[(cells["table"] == "ravel") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["variant"] == "pretrained")]
@@ -469,3 +477,14 @@ def test_sparse_probing_cells_carry_their_binomial_standard_errors_and_a_seed_sp
     replicated = compare.cells([*records, run("p2", 4, "pretrained", 0.84, 0.01, seed="1")]).set_index(["table", "metric", "variant"])
     cell = replicated.loc[("sparse_probing", "sae_top_1_test_accuracy", "pretrained")]
     assert cell["value"] == pytest.approx(0.82) and cell["se"] == pytest.approx(0.02) and cell["se_kind"] == "spread over seeds"
+
+
+def test_a_selection_by_variant_expects_that_variant_alone(store):
+    """`compare --tag variant=pruned25` leaves the other variants out on purpose: their cells are not expected, so
+    they are not reported missing; a pruned25 cell that no run fills still is."""
+    selected = collect_runs([store["experiment_id"]], None, {"variant": "pruned25"})
+    cells = compare.cells(selected, variants=["pruned25"])
+    mine = cells[cells["model"] == store["model"]]
+    assert set(mine["variant"]) == {"pruned25"} and (mine["status"] == "ok").any()
+    everything = compare.cells(selected)  # without the selection's variants: the paper's four expected
+    assert {"pretrained", "pruned50", "trained"} <= set(everything[everything["status"] == "missing"]["variant"])

@@ -29,7 +29,7 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     # Two cells at a time: the parallel path builds what the sequential one reuses below.
     first = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment), "--jobs", "2"], catch_exceptions=False)
     assert first.exit_code == 0, first.output
-    assert "SAEs on the pruned model (test tokens)" in first.output
+    assert "SAEs on the pruned model (test tokens: " in first.output
     counts = {step: len(step_runs(step)) for step in ("build_world", "prune_llm", "train_sae", "prune_sae", "evaluate", "compare")}
     run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
     # compare's report, built from the store, is among the pipeline run's artifacts; its Table 1 is the evaluations'
@@ -54,6 +54,9 @@ def test_pipeline_runs_every_step_then_reuses_them(small_experiment):
     client = mlflow.MlflowClient()
     used = json.loads(open(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="runs.json")).read())
     assert set(used) == {"prune_llm", "prune_sae", "evaluate"} and len(used["prune_sae"]) == 3 and len(used["evaluate"]) >= 12
+    # each cell's selected level says whether it met the selection rule (publish leaves out one that did not)
+    met = {f"blocks.1.{r.data.params['hook']}": bool(r.data.metrics["selection_met"]) for r in map(client.get_run, used["prune_sae"])}
+    assert all(met[row.hook] == row.selection_met for row in summary.itertuples()), summary[["hook", "selection_met"]]
     for child in [client.get_run(run_id) for run_id in used["prune_sae"] + used["evaluate"]]:
         assert client.get_experiment(child.info.experiment_id).name == "small"
         assert child.data.tags["mlflow.runName"].startswith(("prune_sae · blocks.1.", "evaluate · blocks.1."))
@@ -124,6 +127,8 @@ def test_adding_a_suite_runs_that_suite_alone(small_experiment, tmp_path):
     table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="evaluation.csv"))
     assert table[["core.ce_loss_score", "scr.scr_dir1_threshold_2"]].notna().all().all()
     assert all(len(runs.split(",")) == 2 for runs in table["runs"])  # core from before, SCR from now
+    # the printed table names the metrics as MLflow's search and evaluation.csv do
+    assert "SAEBench's other suites on the pruned model" in result.output and "scr.scr_metric_threshold_10" in result.output
 
 
 def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment, tmp_path):

@@ -89,6 +89,9 @@ def test_mlflow_run_with_bad_input_leaves_a_failed_run(small_experiment):
     assert run.data.tags["mlflow.project.entryPoint"] == "prune_llm"
     assert run.info.status == "FAILED"
     assert mlflow.MlflowClient().list_artifacts(run.info.run_id) == []
+    # and it says why, where the UI shows it
+    assert run.data.tags["saecomp.error"] == "llm_pruning.sparsity='abc' is not a number"
+    assert run.data.tags["mlflow.note.content"].endswith("llm_pruning.sparsity='abc' is not a number")
 
 
 def test_world_is_built_once_and_reused(small_experiment, tracked_world):

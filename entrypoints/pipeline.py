@@ -460,6 +460,15 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                     f"so its clean cross-entropy is not the table above's):\n{shown.to_string(index=False)}\n\n"
                 )
             others = [c for suite in suites if suite != "core" for c in evaluate.HEADLINES.get(suite, ()) if c in core_table]
+            # SCR's and TPP's headline k (10, 50) where the file's k list has them, else its own smallest and largest k
+            ks = exp.evaluation.scr_tpp_n_values
+            others += [
+                name
+                for suite, name_at in (("scr", "scr.scr_metric_threshold_{}"), ("tpp", "tpp.tpp_threshold_{}_total_metric"))
+                if not any(c.startswith(f"{suite}.") for c in others)
+                for name in dict.fromkeys(name_at.format(k) for k in (ks[0], ks[-1]))
+                if name in core_table
+            ]
             if others:  # under the metrics' own names, as MLflow's search and evaluation.csv know them
                 shown = core_table[["hook", "variant", *others]].round(4).fillna("—")
                 core_text += f"SAEBench's other suites on the pruned model:\n{shown.to_string(index=False)}\n\n"

@@ -128,7 +128,8 @@ def test_adding_a_suite_runs_that_suite_alone(small_experiment, tmp_path):
     assert table[["core.ce_loss_score", "scr.scr_dir1_threshold_2"]].notna().all().all()
     assert all(len(runs.split(",")) == 2 for runs in table["runs"])  # core from before, SCR from now
     # the printed table names the metrics as MLflow's search and evaluation.csv do
-    assert "SAEBench's other suites on the pruned model" in result.output and "scr.scr_metric_threshold_10" in result.output
+    assert "SAEBench's other suites on the pruned model" in result.output
+    assert "scr.scr_metric_threshold_2 " in result.output and "scr.scr_metric_threshold_20" in result.output  # the file's k list
 
 
 def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment, tmp_path):

@@ -246,6 +246,15 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                 if {"scr", "tpp"} & set(probing):
                     read |= set(ev.scr_tpp_datasets or default_datasets("scr_tpp_datasets", tiny))
                 adapter = pinned_labelled_data(ev.labelled_data_revisions, sorted({hub_repo_of(name) for name in read}))
+
+            def run_one(suite: str):
+                if suite == "core":
+                    return run_core_on_test_tokens(exp, world, loaded, sae, source, model_label, tmp, say)
+                if suite == "ravel":
+                    return run_ravel_on(exp, loaded, sae, str(checkpoint or exp.model), source, model_label, tmp / "ravel", say)
+                config = saebench_config(suite, ev, model_label, exp.dtype, loaded.tl, tiny)
+                return run_suite(suite, loaded.tl, sae, config, tmp / "saebench" / suite, source.describe(), shared)
+
             with adapter as labelled_data:
                 if labelled_data:  # online: the commit of every labelled Hub dataset the suites read
                     mlflow.set_tag("saecomp.labelled_data", ", ".join(f"{repo}@{commit}" for repo, commit in sorted(labelled_data.items())))
@@ -254,14 +263,13 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                         shared = shared / f"labelled-{hashlib.sha256(commits.encode()).hexdigest()[:12]}"
                 for suite in ev.suites:
                     say(f"{suite}: running")
+                    output_log = tmp / "saebench_output" / f"{suite}.log"
+                    output_log.parent.mkdir(exist_ok=True)
                     try:
-                        if suite == "core":
-                            result = run_core_on_test_tokens(exp, world, loaded, sae, source, model_label, tmp, say)
-                        elif suite == "ravel":
-                            result = run_ravel_on(exp, loaded, sae, str(checkpoint or exp.model), source, model_label, tmp / "ravel", say)
-                        else:
-                            config = saebench_config(suite, ev, model_label, exp.dtype, loaded.tl, tiny)
-                            result = run_suite(suite, loaded.tl, sae, config, tmp / "saebench" / suite, source.describe(), shared)
+                        # SAEBench prints a line per probe and per score (thousands per pipeline): into the run's
+                        # saebench_output/<suite>.log artifact, not over the steps' progress on the terminal
+                        with output_log.open("w") as log, contextlib.redirect_stdout(log):
+                            result = run_one(suite)
                     except NotApplicable as reason:  # no number, not a failure
                         not_applicable[suite] = str(reason)
                         mlflow.set_tag(f"saecomp.{suite}.not_applicable", str(reason)[:5000])
@@ -272,6 +280,9 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                         mlflow.set_tag(f"saecomp.{suite}.failed", failures[suite])
                         say(f"{suite}: failed ({failures[suite]})")
                         continue
+                    finally:
+                        if output_log.stat().st_size:
+                            mlflow.log_artifact(str(output_log), "saebench_output")
                     mlflow.log_metrics({**result.metrics, f"{suite}.seconds": result.seconds})
                     mlflow.set_tags(result.tags)
                     (tmp / f"{suite}.json").write_text(json.dumps(result.output, indent=1))

@@ -991,6 +991,10 @@ def test_evaluate_step_runs_every_built_suite_and_a_failed_suite_fails_the_run(s
         found = find_finished_suite(suite, key)  # the oldest run with that suite's key: core may come from an earlier test
         assert found == run.info.run_id or (suite == "core" and client.get_run(found).data.tags[f"saecomp.suite_key.{suite}"] == key)
     assert "sparse_probing.sae_top_1_test_accuracy" in run.data.metrics and "scr.scr_dir1_threshold_2" in run.data.metrics
+    # SAEBench's own prints (a line per probe and score) go to the run's saebench_output/, not to the terminal
+    printed = Path(client.download_artifacts(run.info.run_id, "saebench_output/scr.log")).read_text()
+    marker = next(line for line in printed.splitlines() if line.strip())  # SAEBench's first line
+    assert len(printed.splitlines()) > 10 and marker not in result.output
     # sparse probing's standard errors, and the test-text counts behind them as an artifact
     assert "uncertainty/sparse_probing.json" in {a.path for a in client.list_artifacts(run.info.run_id, "uncertainty")}
     counted = json.loads(Path(client.download_artifacts(run.info.run_id, "uncertainty/sparse_probing.json")).read_text())

@@ -50,10 +50,56 @@ def per_layer_figure(curves, title: str, path: Path) -> list[str]:
     return labels
 
 
+def evaluation_seeds(exp, suites: list[str]) -> list[int]:
+    """The seeds each variant is evaluated under: the replicates' where a suite reads a seed, else the first alone."""
+    from saecomp.config import SEEDED_SUITES
+
+    seeds = exp.evaluation.replicate_seeds()
+    return seeds if any(s in SEEDED_SUITES for s in suites) else seeds[:1]
+
+
+def finished_suites(experiment: str, runtime: dict, suites: list[str], seeds: list[int], seed: int, source, model_label: str):
+    """(the experiment as evaluated under ``seed``, suite -> its finished evaluate run or None) for one variant's SAE
+    (``source``) on ``model_label``: the first seed asks every suite, the others only those that read a seed. What the
+    pipeline reuses, and what its dry run reports."""
+    from entrypoints import evaluate
+    from saecomp.config import SEEDED_SUITES
+    from saecomp.tracking import find_finished_suite
+
+    asked = suites if seed == seeds[0] else [s for s in suites if s in SEEDED_SUITES]
+    seed_exp = load(experiment, {**runtime, "evaluation.suites": asked, "evaluation.seed": seed}, check_device=False)
+    return seed_exp, {s: find_finished_suite(s, k) for s, k in evaluate.suite_keys(seed_exp, experiment, source, model_label).items()}
+
+
+def evaluations_status(exp, experiment: str, suites: list[str], pretrained: str, trained: str, sweep: str, model_label: str) -> str:
+    """How many of a cell's suite results (every variant, every seed) its finished evaluate runs hold, as the pipeline
+    would find them, and how many will run."""
+    import mlflow
+
+    from saecomp.saes import SAESource
+
+    selected = mlflow.MlflowClient().get_run(sweep).data.metrics["selected_sparsity"]
+    variants = [pretrained, f"runs:/{sweep}/saes/pruned-0.25", f"runs:/{sweep}/saes/pruned-0.5", trained]
+    if selected not in (0.25, 0.5):
+        variants.append(f"runs:/{sweep}/saes/pruned-{selected:g}")
+    runtime = runtime_overrides()
+    seeds = evaluation_seeds(exp, suites)
+    found = [
+        run_id
+        for ref in variants
+        for seed in seeds
+        for run_id in finished_suites(experiment, runtime, suites, seeds, seed, SAESource.parse(ref), model_label)[1].values()
+    ]
+    missing = sum(run_id is None for run_id in found)
+    if not missing:
+        return f"reuses finished runs for all {len(found)} suite results"
+    return f"{missing} of {len(found)} suite results will run"
+
+
 def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dims) -> list[str]:
     """The pipeline's steps in order, each with what it processes and whether a finished run will be reused: found
     by key lookups alone (nothing is computed or started). Steps downstream of one not run yet have no key yet."""
-    from entrypoints import prune_llm, train_sae
+    from entrypoints import prune_llm, prune_sae, train_sae
     from entrypoints.common import world_step
     from saecomp.config import SEEDED_SUITES
     from saecomp.names import TINY_MODELS, SAESource, hook_d_in
@@ -93,10 +139,25 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
             else:
                 dense = train_sae.key_for(exp, experiment, spec, exp.model, None)
                 lines.append(f"  {cell}: train_sae on the dense model ({what}): {training(dense)}")
+                found = find_finished_run("train_sae", dense)
+                source = f"runs:/{found}/sae" if found else None
             pruned = train_sae.key_for(exp, experiment, spec, pruned_label, None) if pruned_label else None
             lines.append(f"  {cell}: train_sae on the pruned model ({what}): {training(pruned)}")
+            found = find_finished_run("train_sae", pruned) if pruned else None
+            trained = f"runs:/{found}/sae" if found else None
+            # the sweep's key names the SAEs it prunes and compares: known once both exist (as the pipeline finds them)
+            sweep_key = (
+                prune_sae.key_for(exp, experiment, hook, layer, None, exp.sae_pruning.selection_metric, prune_run,
+                                  SAESource.parse(source), SAESource.parse(trained))  # fmt: skip
+                if source and trained
+                else None
+            )
             levels = ", ".join(f"{s:g}" for s in exp.sae_pruning.sparsities)
-            lines.append(f"  {cell}: prune_sae {exp.sae_pruning.method} at {levels}, select by {exp.sae_pruning.selection_metric}")
+            lines.append(
+                f"  {cell}: prune_sae {exp.sae_pruning.method} at {levels}, select by {exp.sae_pruning.selection_metric}: "
+                f"{status('prune_sae', sweep_key)}"
+            )
+            sweep = find_finished_run("prune_sae", sweep_key) if sweep_key else None
             if suites:
                 ev = exp.evaluation
                 reads = []
@@ -120,7 +181,9 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
                     reads.append(f"{', '.join(seeded)} under seeds {', '.join(map(str, ev.replicate_seeds()))}")
                 tokens = "; ".join(reads)
                 lines.append(
-                    f"  {cell}: evaluate {', '.join(suites)} for pretrained, pruned25, pruned50, trained (+ the selected level), {tokens}"
+                    f"  {cell}: evaluate {', '.join(suites)} for pretrained, pruned25, pruned50, trained (+ the selected level), {tokens}: "
+                    + (evaluations_status(exp, experiment, suites, source, trained, sweep, pruned_label) if sweep else
+                       "will run (after its upstream steps)")  # fmt: skip
                 )
     lines.append("  compare          the paper's tables and figures from this pipeline's runs (report.html, tables.md/.tex, cells.csv)")
     return lines
@@ -227,7 +290,6 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         STOPPING,
         alive,
         experiment_id_for,
-        find_finished_suite,
         library_versions,
         local_artifacts,
         note_reused,
@@ -325,19 +387,15 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             # once the cell is done.
             shared = {"shared_activations": str(shared_root / f"blocks.{layer}.{hook}")} if shared_root else {}
 
-            seeds = eval_exp.evaluation.replicate_seeds()
-            if not any(s in SEEDED_SUITES for s in suites):  # core alone reads no seed: one evaluation per variant
-                seeds = seeds[:1]
+            seeds = evaluation_seeds(eval_exp, suites)  # core alone reads no seed: one evaluation per variant
 
             def evaluation(item: tuple[str, str, int], priority: int = 1) -> dict:
                 """One variant's suites under one seed: their finished runs, and one evaluate run for those without
                 one. The first seed asks every suite; the others only the suites that read a seed."""
                 variant, ref, seed = item
                 source = SAESource.parse(ref)
-                asked = suites if seed == seeds[0] else [s for s in suites if s in SEEDED_SUITES]
-                seed_exp = load(experiment, {**runtime, "evaluation.suites": asked, "evaluation.seed": seed}, check_device=False)
                 # Each suite is reused alone: only the suites without a finished result run (in one evaluate run).
-                found = {s: find_finished_suite(s, k) for s, k in evaluate.suite_keys(seed_exp, experiment, source, model_label).items()}
+                _, found = finished_suites(experiment, runtime, suites, seeds, seed, source, model_label)
                 missing = [s for s, run_id in found.items() if run_id is None]
                 if missing:
                     missing_exp = load(experiment, {**runtime, "evaluation.suites": missing, "evaluation.seed": seed}, check_device=False)
@@ -357,6 +415,8 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                     found.update({s: new_run for s in missing})
                 else:
                     note_reused(parent, sorted(set(found.values())))
+                    reused = ", ".join(sorted(set(found.values())))
+                    print(f"[saecomp] reusing finished evaluate run {reused} ({variant} at blocks.{layer}.{hook}, seed {seed})", flush=True)
                 row = {"hook": f"blocks.{layer}.{hook}", "variant": variant, "seed": seed, "runs": sorted(set(found.values()))}
                 # One read per run, not per suite: a run holds several suites, and reading a run reads all its metrics.
                 datas = {run_id: mlflow.MlflowClient().get_run(run_id).data for run_id in set(found.values())}

@@ -156,6 +156,11 @@ def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment
     path.write_text(yaml.safe_dump(config))
     plan = CliRunner().invoke(pipeline.main, ["--experiment", str(path), "--dry-run"], catch_exceptions=False)
     assert "scr under seeds 42, 43" in plan.output
+    # what the dry run knows from the store: the sweep is done, and of each variant's core + SCR (seed 42) + SCR (seed
+    # 43) only the new seed's SCR will run
+    assert re.search(r"prune_sae .*: reuses finished run \w+", plan.output), plan.output
+    counts = re.search(r"evaluate core, scr .*: (\d+) of (\d+) suite results will run", plan.output)
+    assert counts and int(counts[1]) >= 4 and int(counts[2]) == 3 * int(counts[1]), plan.output
     result = CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     new = [r for r in step_runs("evaluate") if r.info.run_id not in before]
@@ -182,8 +187,10 @@ def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment
         values = [m[name] for m in (client.get_run(r).data.metrics for r in row["runs"].split(",")) if name in m]
         assert len(values) == 2 and row[name] == sum(values) / 2
     again = {r.info.run_id for r in step_runs("evaluate")}
+    plan = CliRunner().invoke(pipeline.main, ["--experiment", str(path), "--dry-run"], catch_exceptions=False)
+    assert re.search(rf"evaluate core, scr .*: reuses finished runs for all {counts[2]} suite results", plan.output), plan.output
     assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
-    assert {r.info.run_id for r in step_runs("evaluate")} == again  # every seed's runs reused
+    assert {r.info.run_id for r in step_runs("evaluate")} == again  # every seed's runs reused, as the dry run said
     config["evaluation"]["suites"] = ["core"]  # no suite reads a seed: replicates add nothing
     path.write_text(yaml.safe_dump(config))
     assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0

@@ -63,7 +63,9 @@ def fail(message: str) -> None:
         with contextlib.suppress(Exception):  # the line above said it; a store that refuses the tag must not hide that
             client = MlflowClient()
             client.set_tag(run_id, "saecomp.error", message[:4000])
-            client.set_tag(run_id, "mlflow.note.content", f"Stopped before any compute, on bad input: {message}")
+            before = client.get_run(run_id).data.tags.get("mlflow.note.content")  # a description the run had: kept below
+            note = f"Stopped before any compute, on bad input: {message}"
+            client.set_tag(run_id, "mlflow.note.content", f"{note}\n\n{before}" if before else note)
     sys.exit(2)
 
 

@@ -526,7 +526,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                 name
                 for suite, name_at in (("scr", "scr.scr_metric_threshold_{}"), ("tpp", "tpp.tpp_threshold_{}_total_metric"))
                 if not any(c.startswith(f"{suite}.") for c in others)
-                for name in dict.fromkeys(name_at.format(k) for k in (ks[0], ks[-1]))
+                for name in dict.fromkeys(name_at.format(k) for k in (min(ks), max(ks)))
                 if name in core_table
             ]
             if others:  # under the metrics' own names, as MLflow's search and evaluation.csv know them

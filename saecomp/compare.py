@@ -321,12 +321,13 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
     for row in rows:
         row.update(difference_se=None, paired=None, within_uncertainty=None)
         ref = reference.get((row["table"], row["model"], row["hook"], row["metric"]))
-        if row["variant"] == REFERENCE_VARIANT or ref is None or row["se"] is None or ref["se"] is None:
-            continue
+        if row["variant"] == REFERENCE_VARIANT or ref is None or not _finite(row["se"]) or not _finite(ref["se"]):
+            continue  # no standard error (or a NaN one): nothing can be said
         (replicates, resamples), (ref_replicates, ref_resamples) = bootstrap[id(row)], bootstrap[id(ref)]
         same_resamples = resamples is not None and resamples[0] is not None and resamples == ref_resamples
         jackknives = isinstance(replicates, dict) and isinstance(ref_replicates, dict)  # frac_alive's
-        jackknives = jackknives and replicates["n_sequences"] == ref_replicates["n_sequences"]
+        n = replicates.get("n_sequences", 0) if jackknives else 0
+        jackknives = jackknives and n > 1 and n == ref_replicates.get("n_sequences")
         lists = isinstance(replicates, list) and isinstance(ref_replicates, list) and len(replicates) == len(ref_replicates)
         differences = (pd.Series(replicates, dtype=float) - pd.Series(ref_replicates, dtype=float)).dropna() if lists else None
         if same_resamples and jackknives:
@@ -336,6 +337,10 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
         else:
             row.update(difference_se=(row["se"] ** 2 + ref["se"] ** 2) ** 0.5, paired=False)
         row["within_uncertainty"] = bool(abs(row["value"] - ref["value"]) <= row["difference_se"])
+
+
+def _finite(value) -> bool:
+    return value is not None and pd.notna(value) and abs(float(value)) != float("inf")
 
 
 def _jackknife_difference_se(a: dict, b: dict) -> float:

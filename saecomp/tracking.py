@@ -791,7 +791,7 @@ def bootstrap_replicates(client: MlflowClient, run) -> dict[str, dict]:
     suites = {
         name.split(".", 1)[0]
         for name in run.data.metrics
-        if name.endswith(".bootstrap_se") or (name.endswith(".binomial_se") and name.split(".", 1)[0] in ("scr", "tpp"))
+        if name.endswith((".bootstrap_se", ".jackknife_se")) or (name.endswith(".binomial_se") and name.split(".", 1)[0] in ("scr", "tpp"))
     }
     if not suites:
         return {}

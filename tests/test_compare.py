@@ -488,3 +488,20 @@ def test_a_selection_by_variant_expects_that_variant_alone(store):
     assert set(mine["variant"]) == {"pruned25"} and (mine["status"] == "ok").any()
     everything = compare.cells(selected)  # without the selection's variants: the paper's four expected
     assert {"pretrained", "pruned50", "trained"} <= set(everything[everything["status"] == "missing"]["variant"])
+
+
+def test_a_jackknife_never_pairs_with_a_bootstrap_and_a_nan_error_claims_nothing():
+    """An older run's frac_alive (bootstrap replicates) beside a newer run's (jackknife): not the same resamples, so
+    the conservative sqrt(se_a^2 + se_b^2); a NaN standard error says nothing rather than marking a finding."""
+    base = {"table": "core", "model": "m", "hook": "h", "metric": "frac_alive", "status": "ok"}
+    jackknife = {"n_sequences": 20, "d_sae": 100, "dies_without": {"3": 1}}
+    rows = [
+        {**base, "variant": "pretrained", "value": 0.9, "se": 0.02, "_replicates": [0.9, 0.88, 0.91],
+         "_resamples": ("texts", "bootstrap_se", 0, 3)},
+        {**base, "variant": "pruned25", "value": 0.8, "se": 0.03, "_replicates": jackknife, "_resamples": ("texts", "jackknife_se", 0, 3)},
+        {**base, "variant": "trained", "value": 0.85, "se": float("nan"), "_replicates": None, "_resamples": (None, None, None, None)},
+    ]  # fmt: skip
+    compare._mark_within_uncertainty(rows)
+    pruned, trained = rows[1], rows[2]
+    assert pruned["paired"] is False and pruned["difference_se"] == pytest.approx((0.02**2 + 0.03**2) ** 0.5)
+    assert trained["difference_se"] is None and trained["within_uncertainty"] is None

@@ -325,6 +325,7 @@ def test_frac_alives_jackknife_covers_its_true_spread_where_the_bootstrap_runs_l
     samples, n, d_sae, resamples = 300, 300, 300, 200
     chance = 10 ** (torch.rand(d_sae, generator=generator) * 2.5 - 3.5)  # [d_sae]: per sequence
     half = torch.arange(d_sae) % 2
+    VarianceLoopSums().count_sequences_fired(torch.zeros(0, d_sae, dtype=torch.bool))  # an empty batch: nothing, no error
     values, jackknife, bootstrap = [], [], []
     for _ in range(samples):
         topic = (torch.rand(n, 1, generator=generator) < 0.5).long()  # [n, 1]
@@ -590,7 +591,12 @@ def test_split_latent_counts_under_resampled_test_words_are_saebenchs_own():
         resampled = saebench(picks[r].tolist())
         assert ours[r + 1].tolist() == resampled and resampled != full, r  # a resample moves some letter's count
 
-    found = split_features_uncertainty(scores, dict(zip(letters, full, strict=True)), 4, 0.03, replicates=200)
+    found = split_features_uncertainty(scores, dict(zip(letters, full, strict=True)), 4, 0.03, replicates=200, seed=5)
     assert found["se"]["mean_num_split_features"] > 0 and "inconsistent" not in found
+    # the error is the spread over the replicates of the mean over letters, each replicate one draw of the test words
+    draws = torch.randint(n, (200, n), generator=torch.Generator().manual_seed(5))
+    weights = torch.zeros(200, n, dtype=torch.float64).scatter_add_(1, draws, torch.ones(200, n, dtype=torch.float64))
+    means = split_feature_counts(scores, letters, 4, 0.03, weights).double().mean(1)
+    assert found["se"]["mean_num_split_features"] == pytest.approx(float(means.std()), rel=1e-12)
     wrong = split_features_uncertainty(scores, {**dict(zip(letters, full, strict=True)), "b": full[1] + 1}, 4, 0.03, replicates=20)
     assert wrong["se"] == {} and wrong["inconsistent"] == {"b": (full[1], full[1] + 1)}

@@ -574,7 +574,10 @@ def core_bootstrap(
         if variance.sequences_fired is not None and variance.sequences_counted == n and n > 1:
             density["jackknife"] = {"frac_alive": frac_alive_jackknife(variance.sequences_fired, variance.last_fired_in, n)}
         elif variance.sequences_fired is not None:
-            density["jackknife_skipped"] = f"frac_alive's jackknife counted {variance.sequences_counted} of the loop's {n} sequences"
+            density["jackknife_skipped"] = (
+                f"frac_alive's jackknife needs every one of the loop's sequences, two or more: it counted "
+                f"{variance.sequences_counted} of {n}"
+            )
     return {
         "unit": "sequence",
         "replicates": replicates,
@@ -598,9 +601,9 @@ def frac_alive_jackknife(sequences_fired: torch.Tensor, last_fired_in: torch.Ten
     independent latents and with 1,000 sequences, run by hand). The jackknife's variance estimate is biased upward
     instead (Efron and Stein, 1981, for any symmetric statistic of i.i.d. sequences; strictly, the bound is on the
     variance of the statistic of n - 1 sequences, a factor (n - 1) / n from ours). For latents firing independently in
-    Poisson-many sequences (mean lambda_j) its
-    expectation is about that of the count of latents seen in one sequence only, sum_j lambda_j e^-lambda_j, at least the
-    true variance of the alive count, sum_j e^-lambda_j (1 - e^-lambda_j), latent by latent.
+    Poisson-many sequences (mean lambda_j) its expectation is about that of the count of latents seen in one sequence
+    only, sum_j lambda_j e^-lambda_j, at least the true variance of the alive count, sum_j e^-lambda_j (1 -
+    e^-lambda_j), latent by latent.
 
     Returns the error, the full-sample value and ``dies_without`` (sparse: sequence -> count), through which two SAEs
     read on the same sequences pair (compare)."""

@@ -19,17 +19,19 @@ Tables (SAEBench metric names; each per model, rows hook x metric, columns the S
 
 Uncertainties: a cell carries the standard error its run logged beside the value (``SE_KINDS``): core's
 ``<metric>.bootstrap_se`` (its spliced losses and scores, reconstruction and sparsity means, explained variances: a
-bootstrap over the test sequences, ``evaluate.core_bootstrap``) and the probing suites' ``<metric>.binomial_se``
-(binomial over the texts their probes were tested on: sparse probing's accuracies in closed form,
-``evaluate.sparse_probing_uncertainty``; SCR's and TPP's scores by a parametric bootstrap through SAEBench's scoring,
-``evaluate.scr_tpp_uncertainty``, conservative; RAVEL's over its validation pairs, ``evaluate.ravel_uncertainty``), and
+bootstrap over the test sequences, ``evaluate.core_bootstrap``), SCR's and TPP's ``<metric>.bootstrap_se`` (a bootstrap
+of the texts their probes were tested on, through SAEBench's scoring, ``evaluate.scr_tpp_uncertainty``; older runs'
+``binomial_se``, a conservative parametric one), the probing suites' ``<metric>.binomial_se`` (binomial over the texts
+their probes were tested on: sparse probing's accuracies in closed form, ``evaluate.sparse_probing_uncertainty``;
+RAVEL's over its validation pairs, ``evaluate.ravel_uncertainty``), and
 absorption's ``<metric>.word_se`` (its means over words,
 ``evaluate.absorption_uncertainty``), and core's ``frac_alive.jackknife_se`` (a delete-one jackknife over the test
 sequences, ``evaluate.frac_alive_jackknife``). The cell's ``se_kind`` says which.
 A variant whose value differs from the pretrained SAE's in its row by no more than the standard error of that
 difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
-the same resamples of the same test sequences (the differences replicate by replicate; for SCR and TPP over the same
-draws of the clean accuracies, which every SAE on one model shares; for frac_alive's jackknife deletion by deletion),
+the same resamples of the same test sequences or texts (the differences replicate by replicate; for older SCR and TPP
+runs over the same draws of the clean accuracies, which every SAE on one model shares; for frac_alive's jackknife
+deletion by deletion),
 else sqrt(se_a^2 + se_b^2).
 Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
 cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. Core's
@@ -64,6 +66,13 @@ SE_KINDS = {
     "word_se": "over the words tested",
 }
 """The standard errors evaluate logs as ``<suite>.<metric>.<kind>``, and what each is over."""
+SE_KINDS_OF_SUITE = {
+    ("scr", "bootstrap_se"): "bootstrap over test texts",
+    ("tpp", "bootstrap_se"): "bootstrap over test texts",
+    ("scr", "binomial_se"): "binomial draws per accuracy over test texts (conservative)",
+    ("tpp", "binomial_se"): "binomial draws per accuracy over test texts (conservative)",
+}
+"""Where a suite's standard error of one kind is over something else than ``SE_KINDS`` says."""
 SEED_SPREAD = "spread over seeds"
 FROM_WEIGHTS = {"average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim"}
 """Core's numbers computed from the SAE's weights alone: no test text enters them, so no sampling error."""
@@ -262,7 +271,7 @@ def cells(records: Iterable[RunRecord], variants: Iterable[str] | None = None) -
                                 "variant": variant,
                                 "value": value,
                                 "se": se,
-                                "se_kind": SE_KINDS.get(se_kind, se_kind),
+                                "se_kind": SE_KINDS_OF_SUITE.get((spec.suite, se_kind), SE_KINDS.get(se_kind, se_kind)),
                                 "_replicates": boot.get("jackknife" if se_kind == "jackknife_se" else "samples", {}).get(metric),
                                 "_resamples": (boot.get("sample_id"), se_kind, boot.get("seed"), boot.get("replicates")),
                                 "status": status,
@@ -310,9 +319,10 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
 
     Where both runs logged their bootstrap replicates over the same resamples of the same test sequences
     (``paired``), the standard error is that of the replicate-wise differences: both variants read the same texts,
-    so most of each one's sampling error (which texts are hard) cancels in the difference. For SCR and TPP the shared
-    draws are those of the clean accuracies, which every SAE on one model shares (``evaluate.scr_tpp_uncertainty``):
-    their error cancels, the SAEs' own ablated accuracies stay independent (still conservative). A replicate that
+    so most of each one's sampling error (which texts are hard) cancels in the difference. SCR's and TPP's bootstrap
+    resamples the test texts the same way for every SAE on one model (``evaluate.scr_tpp_uncertainty``), so it pairs
+    text by text too; their older parametric draws shared only the clean accuracies (the ablated ones independent,
+    still conservative). A replicate that
     lacks the metric in either run (None: SCR's direction tied) is left out. frac_alive's jackknife pairs deletion by
     deletion where both runs read the same sequences (`_jackknife_difference_se`). Otherwise it is the conservative
     sqrt(se_a^2 + se_b^2)."""
@@ -503,12 +513,13 @@ LEGEND = (
     "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one standard error, where "
     "computed: a bootstrap over the test sequences for core (spliced losses and scores, reconstruction and sparsity means, "
     "explained variances, the per-latent densities' summaries but frac_alive), a delete-one jackknife over the test "
-    "sequences for frac_alive (conservative), binomial over the test texts or pairs for sparse probing's accuracies, SCR's, "
-    "TPP's and RAVEL's scores, over the words tested for absorption's means and its count of split latents, the spread "
+    "sequences for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores (binomial draws in "
+    "older runs), binomial over the test texts or pairs for sparse probing's accuracies and RAVEL's scores, over the words "
+    "tested for absorption's means and its count of split latents, the spread "
     "over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
-    "over the same resampled test sequences where both runs logged their replicates, and for SCR and TPP over the same "
-    "draws of the clean accuracies they share; cells.csv: difference_se, paired): not a finding."
+    "over the same resampled test sequences or texts where both runs logged their replicates; cells.csv: difference_se, "
+    "paired): not a finding."
 )
 
 
@@ -684,13 +695,14 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "<span style='background:#fde2e2'>&nbsp;—&nbsp;</span> no finished run fills the cell; "
         "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
         "± is one standard error, where computed: a bootstrap over the test sequences for core (spliced losses and scores, "
-        "reconstruction and sparsity means and explained variances), binomial over the test texts for sparse probing's "
-        "accuracies, SCR's, TPP's and RAVEL's scores, over the words tested for absorption's means, the spread over seeds where "
+        "reconstruction and sparsity means and explained variances) and over the test texts for SCR's and TPP's scores, binomial "
+        "over the test texts for sparse probing's accuracies and RAVEL's scores, over the words tested for absorption's means, "
+        "a delete-one jackknife for frac_alive, the spread over seeds where "
         "replicates ran (hover a cell for which); "
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "
         "pretrained SAE's in its row by no more than the standard error of the difference (paired over the same resampled "
-        "test sequences where both runs logged their replicates, and for SCR and TPP over the same draws of the clean "
-        "accuracies they share): not a finding. RAVEL's entities kept carry none; core's numbers "
+        "test sequences or texts where both runs logged their replicates): not a finding. RAVEL's entities kept carry none; "
+        "core's numbers "
         "from the SAE's weights alone have no sampling error.</p>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in provenance) + "</ul>",
     ]

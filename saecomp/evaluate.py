@@ -66,6 +66,9 @@ side (its probes) would depend on the SAE before it. Each dataset's model side s
 where this function (called first when it is computed) is called: SAEBench's numbers for the dataset evaluated
 alone. SCR's and TPP's SAE sides draw fixed amounts, so their datasets follow SAEBench's one generator unchanged."""
 RANDOM_STATES_FILE = "saecomp_sae_side_random_states.pt"
+CLEAN_OUTCOMES_FILE = "saecomp_clean_test_outcomes.pt"
+"""Per dataset run of SCR or TPP, the texts its clean accuracies were tested on and the probes' answers, kept beside
+SAEBench's model side for the runs that load it (``scr_tpp_accuracies``)."""
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,9 @@ class SuiteResult:
     uncertainty: dict | None = None
     """What stands behind a suite's standard errors, logged as ``uncertainty/<suite>.json``: core's bootstrap behind
     its ``core.<metric>.bootstrap_se`` (unit, size, seed, the full-sample values and every replicate); the test-set
-    counts behind sparse probing's, SCR's and TPP's ``<suite>.<metric>.binomial_se`` (``sparse_probing_uncertainty``,
-    ``scr_tpp_uncertainty``); absorption's word counts behind its ``absorption.<metric>.word_se``
+    counts behind sparse probing's ``sparse_probing.<metric>.binomial_se`` (``sparse_probing_uncertainty``); SCR's and
+    TPP's bootstrap of the test texts behind their ``<suite>.<metric>.bootstrap_se`` (``binomial_se`` where the
+    probe tests could not be traced; ``scr_tpp_uncertainty``); absorption's word counts behind its ``absorption.<metric>.word_se``
     (``absorption_uncertainty``); RAVEL's pair counts behind its ``ravel.<metric>.binomial_se`` (``ravel_uncertainty``)."""
     corrected: dict | None = None
     """Our corrected values beside SAEBench's, per dataset, logged as ``corrected/<suite>.json`` (SCR and TPP: with
@@ -693,6 +697,7 @@ def standard_errors(suite: str, kind: str, metrics: dict[str, float], compute) -
         reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
         warnings.warn(f"{suite}: no standard errors ({reason}); SAEBench's numbers are logged", stacklevel=2)
         return None, {f"saecomp.{suite}.se_failed": reason}
+    kind = uncertainty.get("se_kind", kind)  # SCR's and TPP's: a bootstrap of texts, or binomial draws where untraced
     metrics.update({f"{suite}.{name}.{kind}": se for name, se in uncertainty["se"].items() if f"{suite}.{name}" in metrics})
     return uncertainty, {}
 
@@ -837,7 +842,7 @@ def run_scr_or_tpp(
         model_side_folder(shared, config, sae.cfg.hook_name, str(sae.device), workdir / suite, needed) as side,
         per_dataset_random_state(suite, side, config.random_seed),
         padding_masked_ablations() as masked_runs,
-        scr_tpp_accuracies() as accuracy_runs,
+        scr_tpp_accuracies(side) as accuracy_runs,
         repeated_inputs_cached(sae),
     ):
         results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(side.folder), save_activations=side.save)
@@ -895,36 +900,59 @@ def run_scr_or_tpp(
 
 
 @contextmanager
-def scr_tpp_accuracies() -> Iterator[list[dict]]:
+def scr_tpp_accuracies(side: ModelSide | None = None) -> Iterator[list[dict]]:
     """Per dataset run of SCR or TPP, in SAEBench's order: its ablated accuracies (``raw``), its clean ones
-    (``clean``) and how many test texts each accuracy is over (``n_test``, per accuracy name), which SAEBench does not
-    return. Its `probe_training.prepare_probe_data` tests a probe on the class's texts and as many of the other
+    (``clean``), how many test texts each accuracy is over (``n_test``, per accuracy name), and which texts those
+    were and whether the probe got each right (``outcomes``, ``_traced_probe_tests``), none of which SAEBench
+    returns. Its `probe_training.prepare_probe_data` tests a probe on the class's texts and as many of the other
     classes' (TPP) or of the paired class's (SCR; "X probe on Y data" reads Y's), so 2 x that class's test texts,
     counted from the activations its `get_probe_test_accuracy` gets: the same at every call for a dataset, else None
-    (no standard error; never an error in SAEBench's run). Hold ``_WRAPPING`` (entered inside
-    ``per_dataset_random_state``)."""
+    (no standard error; never an error in SAEBench's run).
+
+    A run that loads a shared model side (``side``) gets SAEBench's clean accuracies from its pickle, not from a probe
+    test, so the run that computes the side keeps their outcomes there (CLEAN_OUTCOMES_FILE) and a loading run reads
+    them. Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
     from sae_bench.evals.scr_and_tpp import main as scr_tpp
 
     one_dataset, probe_test = scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy
     runs: list[dict] = []
     counting: list[dict[str, int]] = []
+    traced: list[list] = []  # per dataset run in progress: (accuracies dict SAEBench got, its outcomes or None)
+    saved_cleans: list = torch.load(side.folder / CLEAN_OUTCOMES_FILE, weights_only=False) if _loads_clean_outcomes(side) else []
+    kept_cleans: list = []
 
     def dataset(*args, **kwargs):
         counting.append({})
+        traced.append([])
         try:
             raw, clean = one_dataset(*args, **kwargs)
         finally:
-            n_test = counting.pop()
-        runs.append({"raw": raw, "clean": clean, "n_test": n_test})
+            n_test, tests = counting.pop(), traced.pop()
+        # SAEBench keeps the very dicts its probe tests returned (raw[ablated][k], the clean accuracies when computed,
+        # the twins' raw), so each is found by identity; the dicts are held, so no id is reused meanwhile
+        by_id = {id(accuracies): (accuracies, outcomes) for accuracies, outcomes in tests}
+        computed_clean = by_id.get(id(clean), (None, None))[1]
+        index = len(runs)
+        clean_outcomes = (
+            computed_clean
+            if computed_clean is not None or side is None or side.computing
+            else (saved_cleans[index] if index < len(saved_cleans) else None)
+        )
+        kept_cleans.append(computed_clean)
+        runs.append({"raw": raw, "clean": clean, "n_test": n_test, "outcomes": {"clean": clean_outcomes, "tests": by_id}})
         return raw, clean
 
     def test_accuracy(probes, all_class_list, all_activations, *args, **kwargs):
-        accuracies = probe_test(probes, all_class_list, all_activations, *args, **kwargs)
+        tests: list[dict] = []
+        with _traced_probe_tests(tests) if counting else contextlib.nullcontext():
+            accuracies = probe_test(probes, all_class_list, all_activations, *args, **kwargs)
         for name in accuracies if counting else ():  # never raises into SAEBench's run: a count that does not hold is None
             texts_of = name.split(" probe on ", 1)[1].removesuffix(" data") if " probe on " in name else name
             n = 2 * len(all_activations[texts_of]) if texts_of in all_activations else None
             if counting[-1].setdefault(name, n) != n:
                 counting[-1][name] = None
+        if counting:
+            traced[-1].append((accuracies, _outcomes_by_name(accuracies, tests)))
         return accuracies
 
     scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy = dataset, test_accuracy
@@ -932,6 +960,91 @@ def scr_tpp_accuracies() -> Iterator[list[dict]]:
         yield runs
     finally:
         scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy = one_dataset, probe_test
+    if side is not None and side.computing and side.save:  # only after a suite that finished (else nothing is published)
+        torch.save(kept_cleans, side.folder / CLEAN_OUTCOMES_FILE)
+
+
+def _loads_clean_outcomes(side: ModelSide | None) -> bool:
+    return side is not None and not side.computing and (side.folder / CLEAN_OUTCOMES_FILE).is_file()
+
+
+@contextmanager
+def _traced_probe_tests(tests: list[dict]) -> Iterator[None]:
+    """Within one call of SAEBench's `get_probe_test_accuracy`: for each of its probe tests (`test_probe_gpu`, in
+    order) which test texts it read and whether the probe got each right, appended to ``tests`` as ``{"texts": [2n]
+    int64 or None, "correct": [2n] bool, "accuracy": float, "pools": ...}``.
+
+    Which texts: `prepare_probe_data` picks negatives and shuffles by the global torch generator, so it is run first
+    on each pool's text indices in place of activations ([rows, 1], the same dict order and sizes, so the same draws),
+    the generator's state is put back, and then SAEBench's call runs on the activations: its draws, and everything
+    after, are unchanged. Whether right: the probe's own logits as SAEBench's test computes them (its ``forward`` is
+    recorded for the call), thresholded as it does; the mean of ``correct`` is checked against its accuracy by the
+    reader. A text is ``pool offset + row``, pools in sorted key order. SAEBench offers no way in."""
+    from sae_bench.evals.sparse_probing import probe_training
+
+    prepare, test = probe_training.prepare_probe_data, probe_training.test_probe_gpu
+    current: dict = {"texts": None, "pools": None}
+
+    def traced_prepare(all_activations, class_name, perform_scr=False):
+        pools = tuple(sorted((key, len(acts)) for key, acts in all_activations.items()))
+        offsets, start = {}, 0
+        for key, size in pools:
+            offsets[key], start = start, start + size
+        state = torch.get_rng_state()
+        current["texts"], current["pools"] = None, pools
+        try:
+            ids = {key: (torch.arange(len(acts), dtype=torch.float64) + offsets[key]).unsqueeze(1) for key, acts in all_activations.items()}
+            id_acts, id_labels = prepare(ids, class_name, perform_scr=perform_scr)
+            after_ids = torch.get_rng_state()
+        except Exception:  # no outcomes for this test; SAEBench's call below is untouched
+            id_acts = id_labels = after_ids = None
+        torch.set_rng_state(state)
+        acts, labels = prepare(all_activations, class_name, perform_scr=perform_scr)
+        if after_ids is not None and torch.equal(torch.get_rng_state(), after_ids) and torch.equal(labels.cpu().long(), id_labels.long()):
+            current["texts"] = id_acts[:, 0].long().numpy()
+        return acts, labels
+
+    def traced_test(inputs, labels, batch_size, probe):
+        logits: list[torch.Tensor] = []
+
+        def forward(x, _forward=probe.forward):
+            out = _forward(x)
+            logits.append(out.detach())
+            return out
+
+        probe.forward = forward  # an instance attribute, deleted after: the probe SAEBench pickles is its own
+        try:
+            accuracy = test(inputs, labels, batch_size, probe)
+        finally:
+            del probe.forward
+        correct = ((torch.cat(logits) > 0.0).long() == labels).cpu().numpy() if logits else None  # as test_probe_gpu
+        tests.append({"texts": current["texts"], "correct": correct, "accuracy": accuracy, "pools": current["pools"]})
+        return accuracy
+
+    probe_training.prepare_probe_data, probe_training.test_probe_gpu = traced_prepare, traced_test
+    try:
+        yield
+    finally:
+        probe_training.prepare_probe_data, probe_training.test_probe_gpu = prepare, test
+
+
+def _outcomes_by_name(accuracies: dict[str, float], tests: list[dict]) -> dict | None:
+    """The traced tests (``_traced_probe_tests``) by accuracy name: `get_probe_test_accuracy` fills its dict in the
+    order it tests, so the i-th name is the i-th test; None unless every test was traced, its correct answers average
+    to SAEBench's accuracy and all read the same pools."""
+    import numpy as np
+
+    if len(tests) != len(accuracies) or not tests:
+        return None
+    by_name = {}
+    for name, traced in zip(accuracies, tests, strict=True):
+        texts, correct = traced["texts"], traced["correct"]
+        if texts is None or correct is None or len(texts) != len(correct) or traced["pools"] != tests[0]["pools"]:
+            return None
+        if abs(float(np.mean(correct)) - accuracies[name]) > 1e-6 or traced["accuracy"] != accuracies[name]:
+            return None
+        by_name[name] = (texts, correct)
+    return {"pools": tests[0]["pools"], "by_name": by_name}
 
 
 def scr_tpp_uncertainty(
@@ -944,43 +1057,47 @@ def scr_tpp_uncertainty(
     sae_identity: str = "",
     drawn_from: object = None,
 ) -> dict:
-    """Standard errors of SCR's or TPP's metrics over the texts their probes were tested on, by a parametric
-    bootstrap: in each replicate every accuracy p on n texts (``scr_tpp_accuracies``) is redrawn as a binomial
-    proportion (n draws with probability p), and SAEBench's own scoring (`get_scr_plotting_dict`,
-    `create_tpp_plotting_dict`) and averaging over dataset runs (`average_results_dictionaries`) turn the redrawn
-    accuracies into metrics; the standard error is their spread over the replicates. Not the delta method: SCR is a
-    ratio of accuracy gaps with a guard (a gap under 0.001 scores 0) and a direction chosen by the clean accuracies,
-    and at small test sets the linearised error was a third of the simulated one.
+    """Standard errors of SCR's or TPP's metrics over the texts their probes were tested on, by a bootstrap through
+    SAEBench's own scoring (`get_scr_plotting_dict`, `create_tpp_plotting_dict`) and averaging over dataset runs
+    (`average_results_dictionaries`): each replicate redraws every accuracy, SAEBench turns them into metrics, and the
+    standard error is their spread over the replicates. Not the delta method: SCR is a ratio of accuracy gaps with a
+    guard (a gap under 0.001 scores 0) and a direction chosen by the clean accuracies, and at small test sets the
+    linearised error was a third of the simulated one. Not covered: the probes' training (the spread over
+    ``evaluation.seed`` replicates measures that).
 
-    The accuracies are redrawn independently. A clean and an ablated accuracy of one probe share their positive texts
-    and move together, and every metric is a difference of such pairs, so this overstates the error: conservative.
-    Not covered: the probes' training (the spread over ``evaluation.seed`` replicates measures that).
+    **Where every probe test was traced** (``scr_tpp_accuracies``: which texts each test read and whether the probe got
+    each right), the texts themselves are resampled (``se_kind`` ``bootstrap_se``): each class's test texts with
+    replacement to their own count (``_resampled_text_counts``), and every accuracy recomputed from its answers on the
+    resampled texts. A clean and an ablated accuracy of one probe read the same texts, so a text both get right (or
+    both wrong) moves neither's difference: the error is carried by the answers the ablation flips, where the
+    parametric draw below counted both accuracies' whole errors. The resamples depend only on ``seed``, the dataset run
+    and the texts (not on the SAE), so two SAEs evaluated on the same texts draw the same resamples (the same
+    ``sample_id``), and compare's replicate-wise difference of a metric is paired text by text, clean and ablated
+    alike.
 
-    Two SAEs on one model, compared (compare's ``difference_se``): their clean accuracies are the same numbers, the
-    model's probes on the model's own texts (a shared model side), so they are the same draws too. They are redrawn
-    from ``seed`` alone, in run order and by name, and ``sample_id`` names what they are drawn from (the suite, the
-    dataset runs, the clean accuracies, the test counts and ``drawn_from``: what else decides which texts were
-    tested, SAEBench's seed and sizes): two runs with the same ``sample_id``, seed and replicates drew the same clean
-    accuracies in every replicate, and the replicate-wise difference of a metric (``samples``) leaves out the clean
-    accuracies' error, which both share, instead of counting it twice. The ablated accuracies are each SAE's own and
-    are redrawn from a stream of their own, seeded by ``sae_identity`` and the accuracies (so a rerun draws the same,
-    and two SAEs whose ablated accuracies happen to be equal still draw independently). Their texts are the same, so
-    where two SAEs' probes tend to get the same texts right their ablated accuracies move together and independent
-    draws overstate a difference's error: conservative for TPP, whose metrics are linear in the accuracies, and
-    approximately so for SCR's ratio (drawing them from one stream too would couple them as if every text that one
-    SAE's probe gets right the other's did too).
+    **Otherwise** (runs recorded without traced tests, or answers that do not give SAEBench's accuracies: ``untraced``
+    says why), a parametric bootstrap (``se_kind`` ``binomial_se``): every accuracy p on n texts is redrawn as a
+    binomial proportion, independently. A clean and an ablated accuracy of one probe share their texts and move
+    together, and every metric is a difference of such pairs, so this overstates the error: conservative. Two SAEs on
+    one model share their clean accuracies (a shared model side), so those are drawn from ``seed`` alone, in run order
+    and by name, and ``sample_id`` names what they are drawn from (the suite, the dataset runs, the clean accuracies,
+    the test counts and ``drawn_from``: SAEBench's seed and sizes, which decide the texts); the replicate-wise
+    difference of two such runs leaves out the clean accuracies' error instead of counting it twice. The ablated
+    accuracies are drawn from a stream seeded by ``sae_identity`` and the accuracies (a rerun draws the same; two SAEs
+    with equal ablated accuracies still draw independently), which overstates a difference's error where two SAEs'
+    probes get the same texts right. A traced and a parametric run never share a ``sample_id``.
 
     ``keys``: SAEBench's per-dataset keys, in run order; ``masked_runs``: the padding-masked raw results with their
     clean accuracies (``PaddingMaskedRuns.runs``), whose metrics' errors are keyed ``<metric>_padding_masked``. A
     replicate is SAEBench's whole statistic on the redrawn accuracies, so a metric is averaged over the dataset runs
     that have it in that replicate, as SAEBench would (SCR's ``scr_metric`` is missing where the clean accuracies of
     its two directions tie), and its error is over the replicates that have it at all (``samples`` holds None in the
-    others, so that replicate i is the same draw of the clean accuracies in every run). SCR's ``scr_metric`` follows
+    others, so that replicate i is the same resample in every run on the texts). SCR's ``scr_metric`` follows
     the direction the redrawn clean accuracies choose, so where the two directions' clean accuracies are close its
     replicates mix both directions' scores: its error then includes that the direction itself is uncertain, and can
-    be far wider than either direction's. Returns ``{"unit", "method", "replicates", "seed", "sample_id", "n_test",
-    "se", "per_dataset_se", "samples", "accuracies"}``, the last SAEBench's ablated and clean accuracies per dataset
-    run, which its output does not keep."""
+    be far wider than either direction's. Returns ``{"unit", "method", "se_kind", ["untraced",] "replicates", "seed",
+    "sample_id", "n_test", "se", "per_dataset_se", "samples", "accuracies"}``, the last SAEBench's ablated and clean
+    accuracies per dataset run, which its output does not keep."""
     import numpy as np
     from sae_bench.evals.scr_and_tpp.main import create_tpp_plotting_dict, get_scr_plotting_dict
     from sae_bench.sae_bench_utils.general_utils import average_results_dictionaries
@@ -1026,15 +1143,40 @@ def scr_tpp_uncertainty(
     cleans = [[((name,), p) for name, p in sorted(run["clean"].items())] for run in runs]  # by name: one draw per accuracy
     ablated = [flat(run["raw"]) for run in runs]
     twins_ablated = [flat(masked[0]) if masked is not None else [] for masked in masked_runs or [None] * len(runs)]
-    clean_generator = np.random.default_rng([seed, 0])
-    ablated_generator, twin_generator = stream(2, ablated), stream(1, twins_ablated)
+    traced, untraced = _traced_outcomes(runs, masked_runs)
     redrawn = []
-    for run, parts in zip(runs, zip(cleans, ablated, twins_ablated, strict=True), strict=True):
-        generators = (clean_generator, ablated_generator, twin_generator)
-        drawn_parts = [draw(part, run["n_test"], generator) for part, generator in zip(parts, generators, strict=True)]
-        drawn = [clean + own + twin for clean, own, twin in zip(*drawn_parts, strict=True)]
-        redrawn.append(([len(part) for part in parts], [[place for place, _ in part] for part in parts], drawn))
+    if traced is not None:  # the texts themselves resampled: every accuracy of a run, and every SAE on the model, alike
+        for index, (parts, (pools, outcomes)) in enumerate(zip(zip(cleans, ablated, twins_ablated, strict=True), traced, strict=True)):
+            counts = _resampled_text_counts(pools, replicates, [seed, 3, index])  # [replicates, texts]
+            tests = [outcomes[(i, place)] for i, part in enumerate(parts) for place, _ in part]
+            drawn = _reweighted_accuracies(counts, tests).tolist() if tests else [[] for _ in range(replicates)]
+            redrawn.append(([len(part) for part in parts], [[place for place, _ in part] for part in parts], drawn))
+        method = (
+            "bootstrap of the test texts, resampled within each class's texts; each accuracy recomputed from the probes' "
+            "answers text by text (clean and ablated on the same texts), the same resamples for every SAE with the same "
+            "sample_id; SAEBench's scoring and averaging"
+        )
+        unit, kind = "test text (resampled within its class)", "bootstrap_se"
+    else:
+        # per run, every accuracy redrawn for all replicates at once: [replicates, accuracies]: the clean ones from one
+        # stream over all runs (seed alone: the same draws for every SAE on the model), SAEBench's ablated ones and the
+        # twins' ablated ones from streams of their own (so SAEBench's metrics' errors are the same whether or not the
+        # twins could be computed)
+        clean_generator = np.random.default_rng([seed, 0])
+        ablated_generator, twin_generator = stream(2, ablated), stream(1, twins_ablated)
+        for run, parts in zip(runs, zip(cleans, ablated, twins_ablated, strict=True), strict=True):
+            generators = (clean_generator, ablated_generator, twin_generator)
+            drawn_parts = [draw(part, run["n_test"], generator) for part, generator in zip(parts, generators, strict=True)]
+            drawn = [clean + own + twin for clean, own, twin in zip(*drawn_parts, strict=True)]
+            redrawn.append(([len(part) for part in parts], [[place for place, _ in part] for part in parts], drawn))
+        method = (
+            "parametric bootstrap: each accuracy redrawn as a binomial proportion, independently (conservative); "
+            "SAEBench's scoring and averaging; the clean accuracies' draws shared by every SAE with the same sample_id"
+        )
+        unit, kind = "test text (binomial, per accuracy)", "binomial_se"
     drawn_on = [suite, keys, [run["clean"] for run in runs], [run["n_test"] for run in runs], drawn_from]
+    if traced is not None:  # never the same sample_id as a parametric draw: compare pairs only like with like
+        drawn_on += ["texts", [pools for pools, _ in traced]]
     sample_id = hashlib.sha256(json.dumps(drawn_on, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     samples: dict[str, list[float | None]] = {}  # metric (twins: <metric>_padding_masked) -> its value per replicate
@@ -1060,9 +1202,10 @@ def scr_tpp_uncertainty(
 
     present = {metric: [v for v in values if v is not None] for metric, values in samples.items()}
     return {
-        "unit": "test text (binomial, per accuracy)",
-        "method": "parametric bootstrap: each accuracy redrawn as a binomial proportion, independently (conservative); "
-        "SAEBench's scoring and averaging; the clean accuracies' draws shared by every SAE with the same sample_id",
+        "unit": unit,
+        "method": method,
+        "se_kind": kind,
+        **({"untraced": untraced} if untraced else {}),
         "replicates": replicates,
         "seed": seed,
         "sample_id": sample_id,
@@ -1075,6 +1218,63 @@ def scr_tpp_uncertainty(
         "samples": {metric: [None if v is None else round(v, 9) for v in values] for metric, values in sorted(samples.items())},
         "accuracies": {key: {"raw": run["raw"], "clean": run["clean"]} for key, run in zip(keys, runs, strict=True)},
     }
+
+
+def _traced_outcomes(runs: list[dict], masked_runs: list[tuple[dict, dict]] | None) -> tuple[list | None, str | None]:
+    """Per dataset run, its pools and each accuracy's traced texts and answers by part and place, as
+    ``scr_tpp_uncertainty`` lays them out: ``(0, (name,))`` clean, ``(1, (ablated, k, name))`` SAEBench's ablated,
+    ``(2, (ablated, k, name))`` the twins'; from ``scr_tpp_accuracies``. Or None and why not, if any accuracy lacks
+    them (then every run falls back to the parametric draw)."""
+    import numpy as np
+
+    traced = []
+    for index, run in enumerate(runs):
+        recorded = run.get("outcomes")
+        if recorded is None:
+            return None, "no traced probe tests (runs recorded without them)"
+        by_place: dict[tuple, tuple] = {}
+        tests = recorded["tests"]
+        groups = [(0, (), recorded["clean"], run["clean"])]
+        for part, raw in [(1, run["raw"]), *([(2, masked_runs[index][0])] if masked_runs is not None else [])]:
+            groups += [(part, (a, k), tests.get(id(acc), (None, None))[1], acc) for a, by_k in raw.items() for k, acc in by_k.items()]
+        pools = None
+        for part, prefix, outcomes, accuracies in groups:
+            if outcomes is None or set(outcomes["by_name"]) != set(accuracies):
+                return None, f"dataset run {index}: a probe test was not traced ({['clean', 'ablated', 'twin'][part]} {prefix})"
+            if pools is not None and outcomes["pools"] != pools:
+                return None, f"dataset run {index}: probe tests over different texts"
+            pools = outcomes["pools"]
+            for name, (texts, correct) in outcomes["by_name"].items():
+                if abs(float(np.mean(correct)) - accuracies[name]) > 1e-6:  # a loaded clean side must be this run's
+                    return None, f"dataset run {index}: traced answers to {name!r} do not give SAEBench's accuracy"
+                by_place[(part, (*prefix, name))] = (np.asarray(texts), np.asarray(correct, dtype=bool))
+        traced.append((pools, by_place))
+    return traced, None
+
+
+def _resampled_text_counts(pools: tuple, replicates: int, seed: list[int]):
+    """[replicates, texts] int32: how often each test text is drawn in each replicate, resampling each class's texts
+    (``pools``: (class, count) in sorted order) with replacement to its own count, as SAEBench tests every class on a
+    fixed number of its texts. Seeded by ``seed`` and the pools alone, so two SAEs tested on the same texts draw the same."""
+    import numpy as np
+
+    digest = hashlib.sha256(json.dumps(pools).encode()).digest()
+    generator = np.random.default_rng([*seed, int.from_bytes(digest[:8], "little")])
+    return np.concatenate([generator.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.int32) for _, n in pools], axis=1)
+
+
+def _reweighted_accuracies(counts, tests: list[tuple]):
+    """[replicates, tests] each probe test's accuracy in each resample: its texts weighted by how often each was drawn.
+    ``tests``: (texts, correct) per test. One matrix product: per test, its right answers and its texts as columns
+    over all texts ([texts, tests], a text read twice counted twice)."""
+    import numpy as np
+
+    right, read = np.zeros((counts.shape[1], len(tests))), np.zeros((counts.shape[1], len(tests)))
+    for column, (texts, correct) in enumerate(tests):
+        np.add.at(right[:, column], texts, correct)
+        np.add.at(read[:, column], texts, 1.0)
+    weights = counts.astype(np.float64)
+    return (weights @ right) / (weights @ read)
 
 
 class RepeatedInputCache:
@@ -1702,6 +1902,7 @@ def _absorption(model: HookedTransformer, sae: SAE, config, folders: dict, sae_n
     validate_output(out.AbsorptionEvalOutput, output)
     metrics = _scalar_metrics("absorption", output)
     metrics["absorption.n_letters_evaluated"] = float(len(rows))
+
     def uncertainty() -> dict:
         import pandas as pd
         from sae_bench.evals.absorption.k_sparse_probing import get_sparse_probing_raw_results_filename

@@ -95,7 +95,9 @@ def store(tmp_path_factory):
             pattern = [0.02 * ((i % 7) - 3) for i in range(50)]
             if hook == "hook_resid_post":
                 metrics["core.ce_loss_score.bootstrap_se"] = float(pd.Series(pattern).std())
-                metrics["scr.scr_metric_threshold_2.binomial_se"] = 0.05
+                # SCR's bootstrap of the test texts, as evaluate logs it now; the trained SAE's run is an older one, with
+                # the parametric draws (binomial_se)
+                metrics[f"scr.scr_metric_threshold_2.{'binomial_se' if variant == 'trained' else 'bootstrap_se'}"] = 0.05
                 # frac_alive's jackknife (as evaluate logs it now): its 20 sequences, the latents alive through each alone
                 del metrics["core.frac_alive.bootstrap_se"]
                 metrics["core.frac_alive.jackknife_se"] = jackknife_se(FRAC_ALIVE_ONLY_IN[variant])
@@ -109,13 +111,14 @@ def store(tmp_path_factory):
                 (tmp / variant).mkdir()
                 (tmp / variant / "core.json").write_text(json.dumps(boot))
                 client.log_artifact(runs[(hook, variant)], str(tmp / variant / "core.json"), "uncertainty")
-                # SCR's replicates: the clean accuracies' draws shared (the same pattern) where the sample id is the same;
-                # the trained SAE's run drew from other clean accuracies; pruned25's replicate 7 has no value (a tie)
+                # SCR's replicates: the same resampled texts (the same pattern) where the sample id is the same; the
+                # trained SAE's older run has the same id but the other kind, which never pairs; pruned25's replicate 7
+                # has no value (a tie)
                 value = metrics["scr.scr_metric_threshold_2"]
                 samples = [value + 3 * d for d in pattern]
                 if variant == "pruned25":
                     samples[7] = None
-                sample_id = "other-clean" if variant == "trained" else "same-clean"
+                sample_id = "same-texts"
                 scr = {"sample_id": sample_id, "seed": 0, "replicates": 50, "samples": {"scr_metric_threshold_2": samples}}
                 (tmp / variant / "scr.json").write_text(json.dumps(scr))
                 client.log_artifact(runs[(hook, variant)], str(tmp / variant / "scr.json"), "uncertainty")
@@ -251,15 +254,17 @@ def test_differences_smaller_than_their_uncertainty_are_marked(store):
     assert resid.loc["pruned25", "se"] > 0.03  # unpaired, sqrt(2) * 0.04 would have called it no finding
     mse = cells[(cells["table"] == "table1") & (cells["metric"] == "mse")]
     assert mse["se"].isna().all() and mse["within_uncertainty"].isna().all()  # no standard error: nothing is claimed
-    # SCR: where the runs drew the same clean accuracies (the same sample id), the difference pairs over the replicates
-    # both have (pruned25's replicate 7 has none); 0.01 against a shared 0.05 is then a finding. Other clean
-    # accuracies (trained): the conservative combination
+    # SCR: where the runs resampled the same texts (the same sample id and kind), the difference pairs over the
+    # replicates both have (pruned25's replicate 7 has none); 0.01 against a shared 0.05 is then a finding. A parametric
+    # run beside a bootstrap (trained): the conservative combination
     scr = cells[(cells["table"] == "scr") & (cells["model"] == store["model"]) & (cells["metric"] == "scr_metric_threshold_2")]
     scr = scr[scr["hook"] == "blocks.2.hook_resid_post"].set_index("variant")
     assert scr.loc["pruned25", "paired"] is True and scr.loc["pruned25", "difference_se"] == pytest.approx(0, abs=1e-9)
     assert scr.loc["pruned25", "within_uncertainty"] is False and scr.loc["pruned25", "se"] == 0.05
     assert scr.loc["trained", "paired"] is False and scr.loc["trained", "difference_se"] == pytest.approx(0.05 * 2**0.5)
     assert scr.loc["trained", "within_uncertainty"] is True  # 0.03 against 0.0707
+    assert scr.loc["pruned25", "se_kind"] == "bootstrap over test texts"
+    assert scr.loc["trained", "se_kind"] == "binomial draws per accuracy over test texts (conservative)"
     line = next(x for x in compare.markdown(cells).splitlines() if x.startswith("| blocks.2.attn.hook_z | ce_loss_score |"))
     shown = [c.strip() for c in line.split("|")[3:7]]
     assert shown == ["0.5000 ± 0.01", "0.5100 ± 0.01 ≈", "0.5200 ± 0.01", "0.5300 ± 0.01"]

@@ -322,6 +322,120 @@ def test_two_saes_on_one_model_share_their_clean_accuracies_draws_and_not_their_
     assert evaluate_lib.scr_tpp_uncertainty("tpp", [key], [run(0.9)], drawn_from={"random_seed": 43})["sample_id"] != a["sample_id"]
 
 
+@pytest.mark.parametrize("perform_scr", [False, True])
+def test_a_traced_probe_test_names_the_texts_each_probe_read_and_leaves_saebench_unchanged(monkeypatch, perform_scr):
+    """`evaluate._traced_probe_tests` around SAEBench's own `get_probe_test_accuracy` (TPP's classes, or SCR's paired
+    ones with its "X probe on Y data" tests), on pools of unequal sizes: each traced text is exactly the activation row
+    the probe read, the positives are the tested class's whole pool, each answer is the probe's own, and SAEBench's
+    accuracies and the random state after the call (its negatives and shuffles) are those of an untraced call."""
+    import numpy as np
+    from sae_bench.evals.scr_and_tpp import main as scr_tpp
+    from sae_bench.evals.sparse_probing import probe_training
+    from sae_bench.sae_bench_utils import dataset_info
+
+    if perform_scr:
+        chosen = list(dataset_info.PAIRED_CLASS_KEYS)
+        paired_with = list(dataset_info.PAIRED_CLASS_KEYS.values())
+        sizes = {key: 18 + 3 * i for i, key in enumerate(chosen)} | {v: 18 + 3 * i for i, v in enumerate(paired_with)}
+    else:
+        chosen = ["0", "1", "2", "6"]
+        sizes = {key: 20 + 3 * i for i, key in enumerate(chosen)}
+    generator = torch.Generator().manual_seed(1)
+    acts = {key: torch.randn(n, 8, generator=generator) for key, n in sizes.items()}  # [texts, d]
+    torch.manual_seed(5)
+    probes = {key: probe_training.Probe(8, torch.float32) for key in chosen}
+    state = torch.get_rng_state()
+    with contextlib.redirect_stdout(io.StringIO()):
+        plain = scr_tpp.get_probe_test_accuracy(probes, chosen, acts, 7, perform_scr)
+    plain_after = torch.get_rng_state()
+    torch.set_rng_state(state)
+    read, tests = [], []  # what SAEBench's test reads (a spy inside the tracing); what the tracing records
+    test, prepare = probe_training.test_probe_gpu, probe_training.prepare_probe_data
+    spy = lambda x, y, b, probe: read.append((x.clone(), y.clone(), probe)) or test(x, y, b, probe)  # noqa: E731
+    monkeypatch.setattr(probe_training, "test_probe_gpu", spy)
+    with evaluate_lib._traced_probe_tests(tests), contextlib.redirect_stdout(io.StringIO()):
+        traced = scr_tpp.get_probe_test_accuracy(probes, chosen, acts, 7, perform_scr)
+    monkeypatch.undo()
+    assert traced == plain and torch.equal(torch.get_rng_state(), plain_after)
+    assert (probe_training.test_probe_gpu, probe_training.prepare_probe_data) == (test, prepare)
+    outcomes = evaluate_lib._outcomes_by_name(traced, tests)
+    pools = tuple(sorted(sizes.items()))
+    assert outcomes is not None and outcomes["pools"] == pools and list(outcomes["by_name"]) == list(traced) and len(read) == len(traced)
+    assert len(traced) == (len(chosen) + 6 if perform_scr else len(chosen))  # SCR: each paired class's data under the other probes
+    offsets = dict(zip([key for key, _ in pools], np.cumsum([0] + [n for _, n in pools]).tolist(), strict=False))
+    rows = torch.cat([acts[key] for key, _ in pools])  # [all texts, d], pools in sorted order
+    for (name, (texts, correct)), (inputs, labels, probe) in zip(outcomes["by_name"].items(), read, strict=True):
+        assert torch.equal(rows[torch.as_tensor(texts)], inputs), name  # each traced text is the row the probe read
+        data = name.split(" probe on ", 1)[1].removesuffix(" data") if " probe on " in name else name
+        positives = set(texts[labels.numpy() == dataset_info.POSITIVE_CLASS_LABEL].tolist())
+        assert positives == set(range(offsets[data], offsets[data] + sizes[data])), name
+        with torch.no_grad():
+            assert np.array_equal(correct, ((probe(inputs) > 0).long() == labels).numpy()), name
+        assert float(np.mean(correct)) == pytest.approx(traced[name], abs=1e-7)
+
+
+def test_the_bootstrap_of_texts_pairs_clean_with_ablated_and_two_saes_on_the_same_texts():
+    """SCR's and TPP's bootstrap where every probe test was traced: the texts are resampled within each class, and
+    every accuracy is recomputed from the probes' answers on the resampled texts. Here each TPP test reads two whole
+    pools, so a metric is linear in the draw counts and its bootstrap variance is known in closed form: the sum over
+    pools of n x the population variance of each text's coefficient. It equals that for one SAE (clean and ablated on
+    the same texts: the few flipped answers carry the error), and for the difference of two SAEs replicate by
+    replicate (the same resamples: same sample_id); the parametric fallback, which draws each accuracy on its own, is
+    far wider. A run without traced answers, or whose answers do not give SAEBench's accuracy, falls back and says why."""
+    import numpy as np
+
+    classes, n, ks, key = ["0", "1", "2"], 60, (2, 20), "tiny_tpp_results"
+    pools = tuple((c, n) for c in classes)
+    texts = {c: np.concatenate([np.arange(n) + n * i, np.arange(n) + n * ((i + 1) % 3)]) for i, c in enumerate(classes)}
+    rng = np.random.default_rng(3)
+    clean_right = {c: rng.random(2 * n) < 0.8 for c in classes}
+
+    def sae(flip: float, seed: int, like: dict | None = None) -> tuple[dict, dict]:
+        """A run of TPP for an SAE whose ablation flips each answer with probability ``flip`` (twice that on the ablated
+        class's own test), or ``like``'s answers with those flips on top; and its answers."""
+        flips = np.random.default_rng(seed)
+        before = like or {a: {k: clean_right for k in ks} for a in classes}
+        answers = {
+            a: {k: {u: before[a][k][u] ^ (flips.random(2 * n) < flip * (1 + (u == a))) for u in classes} for k in ks} for a in classes
+        }
+        raw = {a: {k: {u: float(np.mean(answers[a][k][u])) for u in classes} for k in ks} for a in classes}
+        outcome = {"pools": pools, "by_name": {c: (texts[c], clean_right[c]) for c in classes}}
+        traced = {(a, k): {"pools": pools, "by_name": {u: (texts[u], answers[a][k][u]) for u in classes}} for a in classes for k in ks}
+        tests = {id(raw[a][k]): (raw[a][k], traced[(a, k)]) for a in classes for k in ks}  # the dicts SAEBench keeps, by identity
+        clean = {c: float(np.mean(clean_right[c])) for c in classes}
+        return {"raw": raw, "clean": clean, "n_test": {c: 2 * n for c in classes}, "outcomes": {"clean": outcome, "tests": tests}}, answers
+
+    def closed_form_se(coefficient_of) -> float:
+        """The bootstrap SE of sum_i w_i a_i, w multinomial within each pool: sqrt(sum over pools of n x popvar(a))."""
+        a = np.zeros(3 * n)
+        for c in classes:
+            np.add.at(a, texts[c], coefficient_of(c))
+        return float(np.sqrt(sum(n * a[i * n : (i + 1) * n].var() for i in range(3))))
+
+    metric = "tpp_threshold_2_intended_diff_only"  # the mean over classes of clean minus ablated on the class's own test
+    first, first_answers = sae(0.06, 1)
+    second, second_answers = sae(0.02, 2, like=first_answers)  # an SAE much like the first: most of its flips are the first's
+    a, b = (evaluate_lib.scr_tpp_uncertainty("tpp", [key], [run], sae_identity=name) for run, name in ((first, "a"), (second, "b")))
+    assert a["se_kind"] == b["se_kind"] == "bootstrap_se" and a["sample_id"] == b["sample_id"] and "untraced" not in a
+
+    def own(answers):
+        return lambda c: (clean_right[c].astype(float) - answers[c][2][c]) / (2 * n * len(classes))
+
+    assert a["se"][metric] == pytest.approx(closed_form_se(own(first_answers)), rel=0.1)
+    differences = np.array(a["samples"][metric]) - np.array(b["samples"][metric])
+    paired = closed_form_se(lambda c: (second_answers[c][2][c].astype(float) - first_answers[c][2][c]) / (2 * n * len(classes)))
+    assert float(differences.std(ddof=1)) == pytest.approx(paired, rel=0.1)
+    assert paired < 0.7 * math.hypot(a["se"][metric], b["se"][metric])  # what the same resamples gain (0.6 of it here)
+    assert evaluate_lib.scr_tpp_uncertainty("tpp", [key], [sae(0.06, 1)[0]], sae_identity="other")["samples"] == a["samples"]
+    # the parametric fallback draws each accuracy alone: several times wider here
+    untraced = {k: v for k, v in first.items() if k != "outcomes"}
+    fallback = evaluate_lib.scr_tpp_uncertainty("tpp", [key], [untraced], sae_identity="a")
+    assert fallback["se_kind"] == "binomial_se" and fallback["untraced"].startswith("no traced probe tests")
+    assert fallback["sample_id"] != a["sample_id"] and fallback["se"][metric] > 2 * a["se"][metric]
+    wrong = {**first, "clean": {**first["clean"], "0": first["clean"]["0"] + 0.05}}  # answers not giving SAEBench's accuracy
+    assert "do not give SAEBench's accuracy" in evaluate_lib.scr_tpp_uncertainty("tpp", [key], [wrong])["untraced"]
+
+
 def test_scrs_replicates_without_a_direction_are_none_at_the_same_places_for_every_sae_on_the_model():
     """SCR's ``scr_metric`` is missing in a replicate where its two directions' redrawn clean accuracies tie; the clean
     accuracies are drawn the same for every SAE on the model, so the same replicates lack it for each, None keeps
@@ -504,8 +618,10 @@ def test_scr_and_tpp_log_saebenchs_numbers_and_beside_them_the_padding_masked_on
 
 def check_scr_tpp_standard_errors(suite, result, config, offline_data, draws: int = 2000) -> None:
     """SCR's/TPP's metrics (SAEBench's and their twins) carry a standard error over the texts their probes were tested
-    on: the test counts are those of SAEBench's own data split, and the delta method through SAEBench's scoring agrees
-    with simulation: each accuracy redrawn as a binomial proportion, SAEBench's own scoring and averaging applied."""
+    on: the test counts are those of SAEBench's own data split, every probe test was traced text by text (a bootstrap
+    of the texts, not the parametric fallback), and since a clean and an ablated accuracy are read on the same texts,
+    TPP's differences of them have a smaller error than an independent simulation gives, which redraws each accuracy
+    as a binomial proportion on its own and applies SAEBench's own scoring and averaging (what the fallback does)."""
     import numpy as np
     from sae_bench.evals.scr_and_tpp import dataset_creation
     from sae_bench.evals.scr_and_tpp.main import COLUMN2_VALS_LOOKUP, create_tpp_plotting_dict, get_scr_plotting_dict
@@ -530,8 +646,8 @@ def check_scr_tpp_standard_errors(suite, result, config, offline_data, draws: in
             counted = uncertainty["n_test"][key]
             assert counted and all(n == 2 * len(test[a.split(" probe on ")[-1].removesuffix(" data")]) for a, n in counted.items())
     names = [m.removeprefix(f"{suite}.") for m in result.metrics if not m.endswith("_se")]
-    assert names and all(f"{suite}.{n}.binomial_se" in result.metrics for n in names)  # twins included
-    assert any(result.metrics[f"{suite}.{n}.binomial_se"] > 0 for n in names)
+    assert names and all(f"{suite}.{n}.bootstrap_se" in result.metrics for n in names)  # twins included
+    assert any(result.metrics[f"{suite}.{n}.bootstrap_se"] > 0 for n in names)
 
     def scored(accuracies) -> dict[str, float]:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -559,13 +675,17 @@ def check_scr_tpp_standard_errors(suite, result, config, offline_data, draws: in
             redrawn[key] = {"raw": raw, "clean": clean}
         for name, value in scored(redrawn).items():
             samples.setdefault(name, []).append(value)
-    compared = 0
+    assert uncertainty["se_kind"] == "bootstrap_se" and "untraced" not in uncertainty, uncertainty.get("untraced")
+    assert uncertainty["method"].startswith("bootstrap of the test texts")
+    ratios = []
     for name, value in observed.items():
         assert value == pytest.approx(result.metrics[f"{suite}.{name}"], abs=1e-12)  # the accuracies kept are SAEBench's
-        se, simulated = result.metrics[f"{suite}.{name}.binomial_se"], float(np.std(samples[name], ddof=1))
-        assert se == pytest.approx(simulated, rel=0.15, abs=1e-3), (name, se, simulated)
-        compared += simulated > 1e-3
-    assert compared >= len(observed) // 2, (compared, len(observed))  # most metrics move when their accuracies do
+        se, independent = result.metrics[f"{suite}.{name}.bootstrap_se"], float(np.std(samples[name], ddof=1))
+        assert math.isfinite(se) and se >= 0, name
+        if suite == "tpp":  # linear in the accuracies: pairing clean with ablated on the same texts can only help
+            assert se < independent, (name, se, independent)
+            ratios.append(se / independent)
+    assert suite != "tpp" or 0.3 < float(np.median(ratios)) < 0.9, ratios  # 0.63-0.72 here
 
 
 @pytest.mark.parametrize("suite", ["scr", "tpp"])
@@ -589,8 +709,8 @@ def test_gemma2s_bos_and_a_jumprelu_hook_z_sae_share_the_model_side_exactly_and_
     assert reused.metrics == fresh.metrics and all(math.isfinite(v) for v in reused.metrics.values())
     twins = [m for m in reused.metrics if m.endswith(evaluate_lib.PADDING_MASKED)]
     values = [m for m in reused.metrics if not m.endswith("_se")]
-    assert twins and len(twins) * 2 == len(values) and all(f"{m}.binomial_se" in reused.metrics for m in values)
-    # the two SAEs drew the model side's clean accuracies the same (compare pairs them), their own ablated ones apart
+    assert twins and len(twins) * 2 == len(values) and all(f"{m}.bootstrap_se" in reused.metrics for m in values)
+    # the two SAEs resampled the same texts (compare pairs them replicate by replicate), with their own answers
     assert first.uncertainty["sample_id"] == reused.uncertainty["sample_id"] == fresh.uncertainty["sample_id"]
     assert first.uncertainty["samples"] != reused.uncertainty["samples"] == fresh.uncertainty["samples"]
 
@@ -617,7 +737,7 @@ def test_an_error_in_the_twins_leaves_saebenchs_numbers_and_says_why(experiment,
     for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
         assert failed.output[part] == fine.output[part], part
     # SAEBench's numbers and their standard errors as with the twins (the twins' errors draw from their own generator)
-    twins = (evaluate_lib.PADDING_MASKED, f"{evaluate_lib.PADDING_MASKED}.binomial_se")
+    twins = (evaluate_lib.PADDING_MASKED, f"{evaluate_lib.PADDING_MASKED}.bootstrap_se")
     assert failed.metrics == {k: v for k, v in fine.metrics.items() if not k.endswith(twins)} != fine.metrics
     assert failed.corrected is None and failed.tags["saecomp.tpp.padding_masked_failed"] == "RuntimeError: leak exploded"
     assert (scr_tpp.perform_feature_ablations, scr_tpp.run_eval_single_dataset, scr_tpp.ablated_precomputed_activations) == functions
@@ -626,7 +746,7 @@ def test_an_error_in_the_twins_leaves_saebenchs_numbers_and_says_why(experiment,
     monkeypatch.setattr(evaluate_lib, "scr_tpp_uncertainty", lambda *args, **kwargs: broken())
     with offline_datasets(offline_data / "hf_datasets"), pytest.warns(UserWarning, match="tpp: no standard errors"):
         no_errors = run_suite("tpp", pruned.tl, topk_sae(hook, seed=7), config, tmp_path / "no_errors", "sae")
-    assert no_errors.metrics == {k: v for k, v in fine.metrics.items() if not k.endswith(".binomial_se")} != fine.metrics
+    assert no_errors.metrics == {k: v for k, v in fine.metrics.items() if not k.endswith(".bootstrap_se")} != fine.metrics
     assert no_errors.uncertainty is None and no_errors.tags["saecomp.tpp.se_failed"] == "RuntimeError: leak exploded"
     assert scr_tpp.get_probe_test_accuracy.__module__ == scr_tpp.__name__  # SAEBench's own again
 
@@ -1425,7 +1545,7 @@ def test_evaluate_online_splices_gpt2s_layer_norm_release_in_and_scores_tpp_on_p
     assert not [name for name in tags if name.endswith((".failed", ".se_failed", ".padding_masked_failed"))], tags
     assert math.isfinite(metrics["core.ce_loss_score"]) and metrics["core.l0"] == pytest.approx(32)  # TopK k 32
     for metric in ("tpp_threshold_2_total_metric", f"tpp_threshold_2_total_metric{evaluate_lib.PADDING_MASKED}"):
-        assert math.isfinite(metrics[f"tpp.{metric}"]) and metrics[f"tpp.{metric}.binomial_se"] >= 0, metric
+        assert math.isfinite(metrics[f"tpp.{metric}"]) and metrics[f"tpp.{metric}.bootstrap_se"] >= 0, metric
     saebench_core = json.loads(Path(client.download_artifacts(run.info.run_id, "saebench/core.json", str(tmp_path / "out"))).read_text())
     assert saebench_core["sae_cfg_dict"]["normalize_activations"] == "layer_norm"  # the release's, as SAEBench saw it
     paths = {r.path for r in requests}

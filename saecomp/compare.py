@@ -19,20 +19,19 @@ Tables (SAEBench metric names; each per model, rows hook x metric, columns the S
 
 Uncertainties: a cell carries the standard error its run logged beside the value (``SE_KINDS``): core's
 ``<metric>.bootstrap_se`` (its spliced losses and scores, reconstruction and sparsity means, explained variances: a
-bootstrap over the test sequences, ``evaluate.core_bootstrap``), SCR's and TPP's ``<metric>.bootstrap_se`` (a bootstrap
-of the texts their probes were tested on, through SAEBench's scoring, ``evaluate.scr_tpp_uncertainty``; older runs'
-``binomial_se``, a conservative parametric one), the probing suites' ``<metric>.binomial_se`` (binomial over the texts
-their probes were tested on: sparse probing's accuracies in closed form, ``evaluate.sparse_probing_uncertainty``;
-RAVEL's over its validation pairs, ``evaluate.ravel_uncertainty``), and
-absorption's ``<metric>.word_se`` (its means over words,
+bootstrap over the test sequences, ``evaluate.core_bootstrap``), SCR's and TPP's ``<metric>.bootstrap_se`` (a
+bootstrap of the texts their probes were tested on, through SAEBench's scoring, ``evaluate.scr_tpp_uncertainty``;
+where the tests could not be traced, and in older runs, ``binomial_se``, a conservative parametric one), the probing
+suites' ``<metric>.binomial_se`` (binomial over the texts their probes were tested on: sparse probing's accuracies in
+closed form, ``evaluate.sparse_probing_uncertainty``; RAVEL's over its validation pairs,
+``evaluate.ravel_uncertainty``), and absorption's ``<metric>.word_se`` (its means over words,
 ``evaluate.absorption_uncertainty``), and core's ``frac_alive.jackknife_se`` (a delete-one jackknife over the test
 sequences, ``evaluate.frac_alive_jackknife``). The cell's ``se_kind`` says which.
 A variant whose value differs from the pretrained SAE's in its row by no more than the standard error of that
 difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
-the same resamples of the same test sequences or texts (the differences replicate by replicate; for older SCR and TPP
-runs over the same draws of the clean accuracies, which every SAE on one model shares; for frac_alive's jackknife
-deletion by deletion),
-else sqrt(se_a^2 + se_b^2).
+the same resamples of the same test sequences or texts (the differences replicate by replicate; for SCR's and TPP's
+parametric draws over the same draws of the clean accuracies, which every SAE on one model shares; for frac_alive's
+jackknife deletion by deletion), else sqrt(se_a^2 + se_b^2).
 Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
 cell is their mean (the newest run per seed) with the standard error over seeds, and it names every run. Core's
 summaries of the per-latent densities (``freq_over_1_percent``, ...) carry the same bootstrap, rougher for shares of
@@ -69,8 +68,8 @@ SE_KINDS = {
 SE_KINDS_OF_SUITE = {
     ("scr", "bootstrap_se"): "bootstrap over test texts",
     ("tpp", "bootstrap_se"): "bootstrap over test texts",
-    ("scr", "binomial_se"): "binomial draws per accuracy over test texts (conservative)",
-    ("tpp", "binomial_se"): "binomial draws per accuracy over test texts (conservative)",
+    ("scr", "binomial_se"): "binomial draws per accuracy over test texts (conservative; tests not traced)",
+    ("tpp", "binomial_se"): "binomial draws per accuracy over test texts (conservative; tests not traced)",
 }
 """Where a suite's standard error of one kind is over something else than ``SE_KINDS`` says."""
 SEED_SPREAD = "spread over seeds"
@@ -513,9 +512,9 @@ LEGEND = (
     "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one standard error, where "
     "computed: a bootstrap over the test sequences for core (spliced losses and scores, reconstruction and sparsity means, "
     "explained variances, the per-latent densities' summaries but frac_alive), a delete-one jackknife over the test "
-    "sequences for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores (binomial draws in "
-    "older runs), binomial over the test texts or pairs for sparse probing's accuracies and RAVEL's scores, over the words "
-    "tested for absorption's means and its count of split latents, the spread "
+    "sequences for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores (binomial draws "
+    "where the tests could not be traced), binomial over the test texts or pairs for sparse probing's accuracies and "
+    "RAVEL's scores, over the words tested for absorption's means and its count of split latents, the spread "
     "over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
     "over the same resampled test sequences or texts where both runs logged their replicates; cells.csv: difference_se, "

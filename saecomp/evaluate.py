@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -895,6 +896,9 @@ def run_scr_or_tpp(
 
     uncertainty, se_tags = standard_errors(suite, "binomial_se", metrics, uncertainty_of_runs)
     tags.update(se_tags)
+    if uncertainty is not None and uncertainty.get("untraced"):  # said on the run, not only inside its JSON
+        tags[f"saecomp.{suite}.se_untraced"] = uncertainty["untraced"][:500]
+        warnings.warn(f"{suite}: the probe tests could not be traced ({uncertainty['untraced']}); parametric errors logged", stacklevel=2)
     seconds = time.perf_counter() - started
     return SuiteResult(suite, output, metrics, seconds, tags, uncertainty=uncertainty, corrected=masked)
 
@@ -909,37 +913,60 @@ def scr_tpp_accuracies(side: ModelSide | None = None) -> Iterator[list[dict]]:
     counted from the activations its `get_probe_test_accuracy` gets: the same at every call for a dataset, else None
     (no standard error; never an error in SAEBench's run).
 
+    Which texts those are (``outcomes["texts"]``: per class, a digest of each test text, in SAEBench's row order)
+    comes from SAEBench's `dataset_creation.get_train_test_data`: SCR's classes hold the same bios under different
+    labels (its "male / female" and "female_data_only" are the four quadrants that "professor / nurse" and
+    "nurse_data_only" regroup), so a text is known by its content, not by its class and row.
+
     A run that loads a shared model side (``side``) gets SAEBench's clean accuracies from its pickle, not from a probe
-    test, so the run that computes the side keeps their outcomes there (CLEAN_OUTCOMES_FILE) and a loading run reads
-    them. Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
+    test, and its activations without reading the texts, so the run that computes the side keeps both there
+    (CLEAN_OUTCOMES_FILE) and a loading run reads them; a file that cannot be read or written only costs the traced
+    errors (``scr_tpp_uncertainty`` falls back). Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
+    from sae_bench.evals.scr_and_tpp import dataset_creation
     from sae_bench.evals.scr_and_tpp import main as scr_tpp
 
     one_dataset, probe_test = scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy
+    get_data = dataset_creation.get_train_test_data
     runs: list[dict] = []
     counting: list[dict[str, int]] = []
     traced: list[list] = []  # per dataset run in progress: (accuracies dict SAEBench got, its outcomes or None)
-    saved_cleans: list = torch.load(side.folder / CLEAN_OUTCOMES_FILE, weights_only=False) if _loads_clean_outcomes(side) else []
-    kept_cleans: list = []
+    texts_read: list[dict | None] = []  # per dataset run in progress: class -> digest per test text
+    saved: list = []
+    if side is not None and not side.computing and (side.folder / CLEAN_OUTCOMES_FILE).is_file():
+        try:
+            saved = torch.load(side.folder / CLEAN_OUTCOMES_FILE, weights_only=False)
+        except Exception as error:  # the traced errors only: SAEBench's run is untouched
+            warnings.warn(f"{side.folder / CLEAN_OUTCOMES_FILE} could not be read ({error}); SCR/TPP errors fall back", stacklevel=2)
+    kept: list = []
+
+    def data(*args, **kwargs):
+        train, test = get_data(*args, **kwargs)
+        if texts_read:
+            try:
+                texts_read[-1] = {key: [_text_digest(text) for text in texts] for key, texts in test.items()}
+            except Exception:  # no identities: this run's errors fall back
+                texts_read[-1] = None
+        return train, test
 
     def dataset(*args, **kwargs):
         counting.append({})
         traced.append([])
+        texts_read.append(None)
         try:
             raw, clean = one_dataset(*args, **kwargs)
         finally:
-            n_test, tests = counting.pop(), traced.pop()
+            n_test, tests, texts = counting.pop(), traced.pop(), texts_read.pop()
         # SAEBench keeps the very dicts its probe tests returned (raw[ablated][k], the clean accuracies when computed,
         # the twins' raw), so each is found by identity; the dicts are held, so no id is reused meanwhile
         by_id = {id(accuracies): (accuracies, outcomes) for accuracies, outcomes in tests}
         computed_clean = by_id.get(id(clean), (None, None))[1]
         index = len(runs)
-        clean_outcomes = (
-            computed_clean
-            if computed_clean is not None or side is None or side.computing
-            else (saved_cleans[index] if index < len(saved_cleans) else None)
-        )
-        kept_cleans.append(computed_clean)
-        runs.append({"raw": raw, "clean": clean, "n_test": n_test, "outcomes": {"clean": clean_outcomes, "tests": by_id}})
+        kept.append({"clean": computed_clean, "texts": texts})
+        if computed_clean is None and side is not None and not side.computing:  # loaded: what the computing run kept
+            earlier = saved[index] if index < len(saved) and isinstance(saved[index], dict) else {}
+            computed_clean, texts = earlier.get("clean"), texts if texts is not None else earlier.get("texts")
+        outcomes = {"clean": computed_clean, "tests": by_id, "texts": texts}
+        runs.append({"raw": raw, "clean": clean, "n_test": n_test, "outcomes": outcomes})
         return raw, clean
 
     def test_accuracy(probes, all_class_list, all_activations, *args, **kwargs):
@@ -956,16 +983,30 @@ def scr_tpp_accuracies(side: ModelSide | None = None) -> Iterator[list[dict]]:
         return accuracies
 
     scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy = dataset, test_accuracy
+    dataset_creation.get_train_test_data = data
     try:
         yield runs
     finally:
         scr_tpp.run_eval_single_dataset, scr_tpp.get_probe_test_accuracy = one_dataset, probe_test
+        dataset_creation.get_train_test_data = get_data
     if side is not None and side.computing and side.save:  # only after a suite that finished (else nothing is published)
-        torch.save(kept_cleans, side.folder / CLEAN_OUTCOMES_FILE)
+        try:  # plain lists: no numpy pickled into a folder other runs read
+            plain = [{"clean": _plain_outcomes(k["clean"]), "texts": k["texts"]} for k in kept]
+            torch.save(plain, side.folder / CLEAN_OUTCOMES_FILE)
+        except Exception as error:  # the loading runs' traced errors only
+            (side.folder / CLEAN_OUTCOMES_FILE).unlink(missing_ok=True)
+            warnings.warn(f"{CLEAN_OUTCOMES_FILE} could not be written ({error}); later SAEs' SCR/TPP errors fall back", stacklevel=2)
 
 
-def _loads_clean_outcomes(side: ModelSide | None) -> bool:
-    return side is not None and not side.computing and (side.folder / CLEAN_OUTCOMES_FILE).is_file()
+def _text_digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _plain_outcomes(outcomes: dict | None) -> dict | None:
+    if outcomes is None:
+        return None
+    by_name = {name: ([int(t) for t in texts], [bool(c) for c in correct]) for name, (texts, correct) in outcomes["by_name"].items()}
+    return {"pools": [list(pool) for pool in outcomes["pools"]], "by_name": by_name}
 
 
 @contextmanager
@@ -979,29 +1020,36 @@ def _traced_probe_tests(tests: list[dict]) -> Iterator[None]:
     the generator's state is put back, and then SAEBench's call runs on the activations: its draws, and everything
     after, are unchanged. Whether right: the probe's own logits as SAEBench's test computes them (its ``forward`` is
     recorded for the call), thresholded as it does; the mean of ``correct`` is checked against its accuracy by the
-    reader. A text is ``pool offset + row``, pools in sorted key order. SAEBench offers no way in."""
+    reader. An entry is ``pool offset + row``, pools in sorted key order (which text it is: ``scr_tpp_accuracies``).
+    SAEBench offers no way in."""
     from sae_bench.evals.sparse_probing import probe_training
 
     prepare, test = probe_training.prepare_probe_data, probe_training.test_probe_gpu
     current: dict = {"texts": None, "pools": None}
 
     def traced_prepare(all_activations, class_name, perform_scr=False):
-        pools = tuple(sorted((key, len(acts)) for key, acts in all_activations.items()))
-        offsets, start = {}, 0
-        for key, size in pools:
-            offsets[key], start = start, start + size
         state = torch.get_rng_state()
-        current["texts"], current["pools"] = None, pools
+        current["texts"] = current["pools"] = id_acts = id_labels = after_ids = None
         try:
-            ids = {key: (torch.arange(len(acts), dtype=torch.float64) + offsets[key]).unsqueeze(1) for key, acts in all_activations.items()}
+            pools = tuple(sorted((key, len(acts)) for key, acts in all_activations.items()))
+            offsets = dict(zip([key for key, _ in pools], itertools.accumulate([0] + [n for _, n in pools]), strict=False))
+            ids = {  # [rows, 1] on the CPU, whose generator SAEBench's randperm draws from
+                key: (torch.arange(len(acts), dtype=torch.float64, device="cpu") + offsets[key]).unsqueeze(1)
+                for key, acts in all_activations.items()
+            }
+            current["pools"] = pools
             id_acts, id_labels = prepare(ids, class_name, perform_scr=perform_scr)
             after_ids = torch.get_rng_state()
         except Exception:  # no outcomes for this test; SAEBench's call below is untouched
-            id_acts = id_labels = after_ids = None
+            pass
         torch.set_rng_state(state)
         acts, labels = prepare(all_activations, class_name, perform_scr=perform_scr)
-        if after_ids is not None and torch.equal(torch.get_rng_state(), after_ids) and torch.equal(labels.cpu().long(), id_labels.long()):
-            current["texts"] = id_acts[:, 0].long().numpy()
+        try:
+            same_draws = after_ids is not None and torch.equal(torch.get_rng_state(), after_ids)
+            if same_draws and torch.equal(labels.cpu().long(), id_labels.long()):
+                current["texts"] = id_acts[:, 0].long().numpy()
+        except Exception:
+            pass
         return acts, labels
 
     def traced_test(inputs, labels, batch_size, probe):
@@ -1012,11 +1060,14 @@ def _traced_probe_tests(tests: list[dict]) -> Iterator[None]:
             logits.append(out.detach())
             return out
 
-        probe.forward = forward  # an instance attribute, deleted after: the probe SAEBench pickles is its own
+        own = probe.__dict__.get("forward")  # an instance attribute, removed after: the probe SAEBench pickles is its own
+        probe.forward = forward
         try:
             accuracy = test(inputs, labels, batch_size, probe)
         finally:
             del probe.forward
+            if own is not None:
+                probe.forward = own
         correct = ((torch.cat(logits) > 0.0).long() == labels).cpu().numpy() if logits else None  # as test_probe_gpu
         tests.append({"texts": current["texts"], "correct": correct, "accuracy": accuracy, "pools": current["pools"]})
         return accuracy
@@ -1066,18 +1117,22 @@ def scr_tpp_uncertainty(
     ``evaluation.seed`` replicates measures that).
 
     **Where every probe test was traced** (``scr_tpp_accuracies``: which texts each test read and whether the probe got
-    each right), the texts themselves are resampled (``se_kind`` ``bootstrap_se``): each class's test texts with
-    replacement to their own count (``_resampled_text_counts``), and every accuracy recomputed from its answers on the
-    resampled texts. A clean and an ablated accuracy of one probe read the same texts, so a text both get right (or
-    both wrong) moves neither's difference: the error is carried by the answers the ablation flips, where the
-    parametric draw below counted both accuracies' whole errors. The resamples depend only on ``seed``, the dataset run
-    and the texts (not on the SAE), so two SAEs evaluated on the same texts draw the same resamples (the same
-    ``sample_id``), and compare's replicate-wise difference of a metric is paired text by text, clean and ablated
-    alike.
+    each right), the texts themselves are resampled (``se_kind`` ``bootstrap_se``): the distinct test texts of a
+    dataset run, with replacement, within the texts that are entries of the same classes (``TextUnits``: SCR's classes
+    regroup the same bios, so a bio is one text however many classes hold it, and every class keeps its number of
+    entries), and every accuracy recomputed from its answers on the resample (``_resampled_text_counts``,
+    ``_reweighted_accuracies``). A clean and an ablated test of one probe read the same positives (SCR: and the same
+    negatives, the whole paired class; TPP draws its negatives from the other classes afresh at every test, so they
+    overlap in part), so a text both get right (or both wrong) moves neither's difference: the error is carried by the
+    answers the ablation flips and the negatives the tests do not share, where the parametric draw below counted both
+    accuracies' whole errors. The resamples depend only on ``seed``, the dataset run and the texts (not on the SAE), so
+    two SAEs evaluated on the same texts draw the same resamples (the same ``sample_id``, which includes a digest of
+    every text), and compare's replicate-wise difference of a metric is paired text by text.
 
-    **Otherwise** (runs recorded without traced tests, or answers that do not give SAEBench's accuracies: ``untraced``
-    says why), a parametric bootstrap (``se_kind`` ``binomial_se``): every accuracy p on n texts is redrawn as a
-    binomial proportion, independently. A clean and an ablated accuracy of one probe share their texts and move
+    **Otherwise** (runs recorded without traced tests, a test not traced (a twin's too), unknown texts, or answers that do
+    not give SAEBench's accuracies: ``untraced`` says why, and the run's tag ``saecomp.<suite>.se_untraced``), a
+    parametric bootstrap (``se_kind`` ``binomial_se``): every accuracy p on n texts is redrawn as a binomial proportion,
+    independently. A clean and an ablated accuracy of one probe share their texts and move
     together, and every metric is a difference of such pairs, so this overstates the error: conservative. Two SAEs on
     one model share their clean accuracies (a shared model side), so those are drawn from ``seed`` alone, in run order
     and by name, and ``sample_id`` names what they are drawn from (the suite, the dataset runs, the clean accuracies,
@@ -1104,11 +1159,6 @@ def scr_tpp_uncertainty(
 
     if len(keys) != len(runs):
         raise RuntimeError(f"{suite}: {len(keys)} dataset results from SAEBench, accuracies of {len(runs)} dataset runs")
-    for run in runs:
-        for name, p in [*run["clean"].items(), *(item for by_k in run["raw"].values() for acc in by_k.values() for item in acc.items())]:
-            if not run["n_test"].get(name) or not 0.0 <= p <= 1.0:
-                counted = sorted(run["n_test"])
-                raise RuntimeError(f"{suite}: no test count for {name!r} (counted: {counted}) or accuracy {p} not a proportion")
 
     def score(raw: dict, clean: dict) -> dict[str, float]:
         with contextlib.redirect_stdout(io.StringIO()):  # SAEBench prints every score it computes
@@ -1146,18 +1196,24 @@ def scr_tpp_uncertainty(
     traced, untraced = _traced_outcomes(runs, masked_runs)
     redrawn = []
     if traced is not None:  # the texts themselves resampled: every accuracy of a run, and every SAE on the model, alike
-        for index, (parts, (pools, outcomes)) in enumerate(zip(zip(cleans, ablated, twins_ablated, strict=True), traced, strict=True)):
-            counts = _resampled_text_counts(pools, replicates, [seed, 3, index])  # [replicates, texts]
+        for index, (parts, (units, outcomes)) in enumerate(zip(zip(cleans, ablated, twins_ablated, strict=True), traced, strict=True)):
+            counts = _resampled_text_counts(units, replicates, [seed, 3, index])  # [replicates, entries]
             tests = [outcomes[(i, place)] for i, part in enumerate(parts) for place, _ in part]
             drawn = _reweighted_accuracies(counts, tests).tolist() if tests else [[] for _ in range(replicates)]
             redrawn.append(([len(part) for part in parts], [[place for place, _ in part] for part in parts], drawn))
         method = (
-            "bootstrap of the test texts, resampled within each class's texts; each accuracy recomputed from the probes' "
-            "answers text by text (clean and ablated on the same texts), the same resamples for every SAE with the same "
-            "sample_id; SAEBench's scoring and averaging"
+            "bootstrap of the test texts (distinct bios, resampled within the texts of the same classes); each accuracy "
+            "recomputed from the probes' answers text by text, the same resamples for every SAE with the same sample_id; "
+            "SAEBench's scoring and averaging"
         )
-        unit, kind = "test text (resampled within its class)", "bootstrap_se"
+        unit, kind = "test text (a distinct bio or review, resampled within the texts of its classes)", "bootstrap_se"
     else:
+        for run in runs:  # the draws need every accuracy's test count
+            ablated_accuracies = (item for by_k in run["raw"].values() for acc in by_k.values() for item in acc.items())
+            for name, p in [*run["clean"].items(), *ablated_accuracies]:
+                if not run["n_test"].get(name) or not 0.0 <= p <= 1.0:
+                    counted = sorted(run["n_test"])
+                    raise RuntimeError(f"{suite}: no test count for {name!r} (counted: {counted}) or accuracy {p} not a proportion")
         # per run, every accuracy redrawn for all replicates at once: [replicates, accuracies]: the clean ones from one
         # stream over all runs (seed alone: the same draws for every SAE on the model), SAEBench's ablated ones and the
         # twins' ablated ones from streams of their own (so SAEBench's metrics' errors are the same whether or not the
@@ -1176,7 +1232,7 @@ def scr_tpp_uncertainty(
         unit, kind = "test text (binomial, per accuracy)", "binomial_se"
     drawn_on = [suite, keys, [run["clean"] for run in runs], [run["n_test"] for run in runs], drawn_from]
     if traced is not None:  # never the same sample_id as a parametric draw: compare pairs only like with like
-        drawn_on += ["texts", [pools for pools, _ in traced]]
+        drawn_on += ["texts", [units.digest for units, _ in traced]]
     sample_id = hashlib.sha256(json.dumps(drawn_on, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     samples: dict[str, list[float | None]] = {}  # metric (twins: <metric>_padding_masked) -> its value per replicate
@@ -1206,6 +1262,7 @@ def scr_tpp_uncertainty(
         "method": method,
         "se_kind": kind,
         **({"untraced": untraced} if untraced else {}),
+        **({"texts": [units.summary() for units, _ in traced]} if traced is not None else {}),
         "replicates": replicates,
         "seed": seed,
         "sample_id": sample_id,
@@ -1221,10 +1278,10 @@ def scr_tpp_uncertainty(
 
 
 def _traced_outcomes(runs: list[dict], masked_runs: list[tuple[dict, dict]] | None) -> tuple[list | None, str | None]:
-    """Per dataset run, its pools and each accuracy's traced texts and answers by part and place, as
+    """Per dataset run, its ``TextUnits`` and each accuracy's traced entries and answers by part and place, as
     ``scr_tpp_uncertainty`` lays them out: ``(0, (name,))`` clean, ``(1, (ablated, k, name))`` SAEBench's ablated,
     ``(2, (ablated, k, name))`` the twins'; from ``scr_tpp_accuracies``. Or None and why not, if any accuracy lacks
-    them (then every run falls back to the parametric draw)."""
+    them or which texts were read is unknown (then every run falls back to the parametric draw)."""
     import numpy as np
 
     traced = []
@@ -1241,26 +1298,69 @@ def _traced_outcomes(runs: list[dict], masked_runs: list[tuple[dict, dict]] | No
         for part, prefix, outcomes, accuracies in groups:
             if outcomes is None or set(outcomes["by_name"]) != set(accuracies):
                 return None, f"dataset run {index}: a probe test was not traced ({['clean', 'ablated', 'twin'][part]} {prefix})"
-            if pools is not None and outcomes["pools"] != pools:
+            tested_on = tuple(tuple(pool) for pool in outcomes["pools"])  # a loaded side's are lists
+            if pools is not None and tested_on != pools:
                 return None, f"dataset run {index}: probe tests over different texts"
-            pools = outcomes["pools"]
+            pools = tested_on
             for name, (texts, correct) in outcomes["by_name"].items():
                 if abs(float(np.mean(correct)) - accuracies[name]) > 1e-6:  # a loaded clean side must be this run's
                     return None, f"dataset run {index}: traced answers to {name!r} do not give SAEBench's accuracy"
-                by_place[(part, (*prefix, name))] = (np.asarray(texts), np.asarray(correct, dtype=bool))
-        traced.append((pools, by_place))
+                by_place[(part, (*prefix, name))] = (np.asarray(texts, dtype=np.int64), np.asarray(correct, dtype=bool))
+        units = TextUnits.of(pools, recorded.get("texts"))
+        if units is None:
+            return None, f"dataset run {index}: which texts SAEBench tested was not recorded"
+        traced.append((units, by_place))
     return traced, None
 
 
-def _resampled_text_counts(pools: tuple, replicates: int, seed: list[int]):
-    """[replicates, texts] int32: how often each test text is drawn in each replicate, resampling each class's texts
-    (``pools``: (class, count) in sorted order) with replacement to its own count, as SAEBench tests every class on a
-    fixed number of its texts. Seeded by ``seed`` and the pools alone, so two SAEs tested on the same texts draw the same."""
+@dataclass(frozen=True)
+class TextUnits:
+    """What SCR's and TPP's bootstrap resamples: the distinct test texts of one dataset run. A probe test reads entries
+    (class, row); one bio can be an entry of several classes (SCR regroups the same four quadrants under its labels),
+    so entries are mapped to texts by content (``scr_tpp_accuracies``), and texts are resampled within their
+    ``strata``: the texts that are entries of the same classes. Every class then keeps its own number of entries in
+    every resample, as SAEBench tests every class on a fixed number of texts, and the entries of one text move
+    together."""
+
+    pools: tuple  # ((class, entries), ...) in sorted order: entry i is pool offset + row
+    entry_text: tuple  # [entries] the text each entry is
+    strata: tuple  # ((texts, ...), ...): the texts that are entries of the same classes, in a fixed order
+    digest: str  # of every entry's text, in order: two runs resample alike only on the same texts
+
+    @classmethod
+    def of(cls, pools: tuple, texts: dict[str, list[str]] | None) -> TextUnits | None:
+        if texts is None or any(len(texts.get(key) or ()) != n for key, n in pools):
+            return None
+        entries = [digest for key, _ in pools for digest in texts[key]]
+        distinct = sorted(set(entries))
+        number = {digest: i for i, digest in enumerate(distinct)}
+        classes_of: dict[int, list[str]] = {}
+        for key, _ in pools:
+            for digest in texts[key]:
+                classes_of.setdefault(number[digest], []).append(key)
+        strata: dict[tuple, list[int]] = {}
+        for text in range(len(distinct)):
+            strata.setdefault(tuple(classes_of[text]), []).append(text)
+        digest = hashlib.sha256(json.dumps([pools, entries]).encode()).hexdigest()[:20]
+        ordered = tuple(tuple(strata[signature]) for signature in sorted(strata))
+        return cls(pools, tuple(number[d] for d in entries), ordered, digest)
+
+    def summary(self) -> dict:
+        return {"entries": len(self.entry_text), "texts": sum(map(len, self.strata)), "strata": len(self.strata)}
+
+
+def _resampled_text_counts(units: TextUnits, replicates: int, seed: list[int]):
+    """[replicates, entries] int32: how often each entry's text is drawn in each replicate, the texts of each stratum
+    (``TextUnits``) resampled with replacement to the stratum's size. Seeded by ``seed`` and the texts alone, so two
+    SAEs tested on the same texts draw the same."""
     import numpy as np
 
-    digest = hashlib.sha256(json.dumps(pools).encode()).digest()
-    generator = np.random.default_rng([*seed, int.from_bytes(digest[:8], "little")])
-    return np.concatenate([generator.multinomial(n, np.full(n, 1.0 / n), size=replicates).astype(np.int32) for _, n in pools], axis=1)
+    generator = np.random.default_rng([*seed, int(units.digest[:15], 16)])
+    per_text = np.zeros((replicates, sum(map(len, units.strata))), dtype=np.int32)
+    for texts in units.strata:
+        n = len(texts)
+        per_text[:, list(texts)] = generator.multinomial(n, np.full(n, 1.0 / n), size=replicates)
+    return per_text[:, list(units.entry_text)]
 
 
 def _reweighted_accuracies(counts, tests: list[tuple]):
@@ -1513,7 +1613,8 @@ def per_dataset_random_state(suite: str, side: ModelSide, seed: int) -> Iterator
       this changes nothing.
 
     SAEBench offers no way in between a dataset's model side and its SAE side, so for the duration of the suite those
-    functions are wrapped; with ``padding_masked_ablations`` and ``probe_test_sizes`` the only places we do so."""
+    functions are wrapped; as are SCR's and TPP's in ``padding_masked_ablations`` and ``scr_tpp_accuracies``, and
+    sparse probing's in ``probe_test_sizes``."""
     import importlib
     import random
 

@@ -264,7 +264,7 @@ def test_differences_smaller_than_their_uncertainty_are_marked(store):
     assert scr.loc["trained", "paired"] is False and scr.loc["trained", "difference_se"] == pytest.approx(0.05 * 2**0.5)
     assert scr.loc["trained", "within_uncertainty"] is True  # 0.03 against 0.0707
     assert scr.loc["pruned25", "se_kind"] == "bootstrap over test texts"
-    assert scr.loc["trained", "se_kind"] == "binomial draws per accuracy over test texts (conservative)"
+    assert scr.loc["trained", "se_kind"] == "binomial draws per accuracy over test texts (conservative; tests not traced)"
     line = next(x for x in compare.markdown(cells).splitlines() if x.startswith("| blocks.2.attn.hook_z | ce_loss_score |"))
     shown = [c.strip() for c in line.split("|")[3:7]]
     assert shown == ["0.5000 ± 0.01", "0.5100 ± 0.01 ≈", "0.5200 ± 0.01", "0.5300 ± 0.01"]

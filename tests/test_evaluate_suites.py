@@ -381,7 +381,7 @@ def test_the_bootstrap_of_texts_pairs_clean_with_ablated_and_two_saes_on_the_sam
     pools of n x the population variance of each text's coefficient. It equals that for one SAE (clean and ablated on
     the same texts: the few flipped answers carry the error), and for the difference of two SAEs replicate by
     replicate (the same resamples: same sample_id); the parametric fallback, which draws each accuracy on its own, is
-    far wider. A run without traced answers, or whose answers do not give SAEBench's accuracy, falls back and says why."""
+    wider. A run without traced answers, or whose answers do not give SAEBench's accuracy, falls back and says why."""
     import numpy as np
 
     classes, n, ks, key = ["0", "1", "2"], 60, (2, 20), "tiny_tpp_results"
@@ -403,7 +403,9 @@ def test_the_bootstrap_of_texts_pairs_clean_with_ablated_and_two_saes_on_the_sam
         traced = {(a, k): {"pools": pools, "by_name": {u: (texts[u], answers[a][k][u]) for u in classes}} for a in classes for k in ks}
         tests = {id(raw[a][k]): (raw[a][k], traced[(a, k)]) for a in classes for k in ks}  # the dicts SAEBench keeps, by identity
         clean = {c: float(np.mean(clean_right[c])) for c in classes}
-        return {"raw": raw, "clean": clean, "n_test": {c: 2 * n for c in classes}, "outcomes": {"clean": outcome, "tests": tests}}, answers
+        bios = {c: [f"bio {c}.{i}" for i in range(n)] for c in classes}  # every class's own texts (as TPP's are)
+        outcomes = {"clean": outcome, "tests": tests, "texts": bios}
+        return {"raw": raw, "clean": clean, "n_test": {c: 2 * n for c in classes}, "outcomes": outcomes}, answers
 
     def closed_form_se(coefficient_of) -> float:
         """The bootstrap SE of sum_i w_i a_i, w multinomial within each pool: sqrt(sum over pools of n x popvar(a))."""
@@ -427,13 +429,50 @@ def test_the_bootstrap_of_texts_pairs_clean_with_ablated_and_two_saes_on_the_sam
     assert float(differences.std(ddof=1)) == pytest.approx(paired, rel=0.1)
     assert paired < 0.7 * math.hypot(a["se"][metric], b["se"][metric])  # what the same resamples gain (0.6 of it here)
     assert evaluate_lib.scr_tpp_uncertainty("tpp", [key], [sae(0.06, 1)[0]], sae_identity="other")["samples"] == a["samples"]
-    # the parametric fallback draws each accuracy alone: several times wider here
+    # the parametric fallback draws each accuracy alone: wider (1.9 times here)
     untraced = {k: v for k, v in first.items() if k != "outcomes"}
     fallback = evaluate_lib.scr_tpp_uncertainty("tpp", [key], [untraced], sae_identity="a")
     assert fallback["se_kind"] == "binomial_se" and fallback["untraced"].startswith("no traced probe tests")
-    assert fallback["sample_id"] != a["sample_id"] and fallback["se"][metric] > 2 * a["se"][metric]
+    assert fallback["sample_id"] != a["sample_id"] and fallback["se"][metric] > 1.5 * a["se"][metric]
     wrong = {**first, "clean": {**first["clean"], "0": first["clean"]["0"] + 0.05}}  # answers not giving SAEBench's accuracy
     assert "do not give SAEBench's accuracy" in evaluate_lib.scr_tpp_uncertainty("tpp", [key], [wrong])["untraced"]
+    unknown = {**first, "outcomes": {**first["outcomes"], "texts": None}}  # which texts were tested is not known
+    assert "which texts" in evaluate_lib.scr_tpp_uncertainty("tpp", [key], [unknown])["untraced"]
+    assert a["texts"] == [{"entries": 3 * n, "texts": 3 * n, "strata": 3}]
+
+
+def test_a_text_that_is_an_entry_of_several_classes_is_resampled_once():
+    """SCR's classes regroup the same bios ("male / female" and "female_data_only" are the four quadrants that
+    "professor / nurse" and "nurse_data_only" hold again), so the bootstrap resamples distinct texts, not class
+    entries: every entry of one text is drawn as often as the text, and every class keeps its number of entries in
+    every resample (texts are resampled within the texts of the same classes). Drawing the classes apart would draw
+    one bio differently in two of them."""
+    import numpy as np
+
+    quadrant = {q: [f"{q} bio {i}" for i in range(5)] for q in ("mp", "mn", "fp", "fn")}  # male/female x prof/nurse
+    texts = {
+        "male / female": quadrant["mp"] + quadrant["mn"],
+        "female_data_only": quadrant["fp"] + quadrant["fn"],
+        "professor / nurse": quadrant["mp"] + quadrant["fp"],
+        "nurse_data_only": quadrant["mn"] + quadrant["fn"],
+        "male_professor / female_nurse": quadrant["mp"] + [f"more mp bio {i}" for i in range(5)],
+    }
+    pools = tuple(sorted((key, len(rows)) for key, rows in texts.items()))
+    units = evaluate_lib.TextUnits.of(pools, texts)
+    assert units.summary() == {"entries": 50, "texts": 25, "strata": 5}  # mp; mn; fp; fn; the extra male professors
+    counts = evaluate_lib._resampled_text_counts(units, 400, [0, 3, 0])  # [replicates, entries]
+    entries = [digest for key, _ in pools for digest in texts[key]]
+    for text in set(entries):
+        where = [i for i, d in enumerate(entries) if d == text]
+        assert all(np.array_equal(counts[:, where[0]], counts[:, i]) for i in where), text  # its entries move together
+    start = 0
+    for _, size in pools:
+        assert (counts[:, start : start + size].sum(axis=1) == size).all()  # every class keeps its number of entries
+        start += size
+    assert counts.std(axis=0).min() > 0.5  # every text is resampled
+    assert evaluate_lib.TextUnits.of(pools, {**texts, "nurse_data_only": texts["nurse_data_only"][:-1]}) is None
+    other = {**texts, "male / female": [*texts["male / female"][:-1], "another bio"]}
+    assert evaluate_lib.TextUnits.of(pools, other).digest != units.digest  # other texts: never the same resamples
 
 
 def test_scrs_replicates_without_a_direction_are_none_at_the_same_places_for_every_sae_on_the_model():
@@ -677,6 +716,9 @@ def check_scr_tpp_standard_errors(suite, result, config, offline_data, draws: in
             samples.setdefault(name, []).append(value)
     assert uncertainty["se_kind"] == "bootstrap_se" and "untraced" not in uncertainty, uncertainty.get("untraced")
     assert uncertainty["method"].startswith("bootstrap of the test texts")
+    # SCR's classes regroup the same bios: fewer distinct texts than entries (SAEBench's own split, read by content)
+    for summary in uncertainty["texts"]:
+        assert (summary["texts"] < summary["entries"]) if suite == "scr" else (summary["texts"] == summary["entries"]), summary
     ratios = []
     for name, value in observed.items():
         assert value == pytest.approx(result.metrics[f"{suite}.{name}"], abs=1e-12)  # the accuracies kept are SAEBench's

@@ -205,6 +205,21 @@ def test_saes_sharing_the_model_side_get_exactly_the_numbers_of_a_fresh_run(expe
             assert first.uncertainty["samples"] != reused.uncertainty["samples"] == fresh.uncertainty["samples"]
         states = published / evaluate_lib.RANDOM_STATES_FILE
         assert len(torch.load(states, weights_only=False)) >= 2  # one state per SAE-side start, several datasets
+        if suite != "sparse_probing":  # the loading run's traced errors need the computing run's answers and texts
+            assert reused.uncertainty["se_kind"] == "bootstrap_se" and f"saecomp.{suite}.se_untraced" not in reused.tags
+            outcomes = published / evaluate_lib.CLEAN_OUTCOMES_FILE
+            kept = outcomes.read_bytes()
+            for damage in ("missing", "truncated"):  # costs only the traced errors: SAEBench's numbers stand, the run says why
+                outcomes.unlink() if damage == "missing" else outcomes.write_bytes(kept[: len(kept) // 2])
+                with pytest.warns(UserWarning, match="could not be traced"):
+                    fallen = run_suite(suite, pruned.tl, topk_sae(hook, seed=2), config, tmp_path / damage, "second", shared=shared)
+                assert fallen.output["eval_result_metrics"] == fresh.output["eval_result_metrics"]
+                assert {k: v for k, v in fallen.metrics.items() if not k.endswith("_se")} == {
+                    k: v for k, v in fresh.metrics.items() if not k.endswith("_se")
+                }
+                assert fallen.uncertainty["se_kind"] == "binomial_se" and fallen.tags[f"saecomp.{suite}.se_untraced"]
+                assert fallen.uncertainty["sample_id"] != fresh.uncertainty["sample_id"]  # never paired with a traced run
+            outcomes.write_bytes(kept)
         if suite != "scr":  # the numbers depend on the state handed over (SCR's draws only reorder texts)
             states = published / evaluate_lib.RANDOM_STATES_FILE
             recorded = states.read_bytes()

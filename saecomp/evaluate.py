@@ -101,10 +101,11 @@ class SuiteResult:
     uncertainty: dict | None = None
     """What stands behind a suite's standard errors, logged as ``uncertainty/<suite>.json``: core's bootstrap behind
     its ``core.<metric>.bootstrap_se`` (unit, size, seed, the full-sample values and every replicate); the test-set
-    counts behind sparse probing's ``sparse_probing.<metric>.binomial_se`` (``sparse_probing_uncertainty``); SCR's and
-    TPP's bootstrap of the test texts behind their ``<suite>.<metric>.bootstrap_se`` (``binomial_se`` where the
-    probe tests could not be traced; ``scr_tpp_uncertainty``); absorption's word counts behind its ``absorption.<metric>.word_se``
-    (``absorption_uncertainty``); RAVEL's pair counts behind its ``ravel.<metric>.binomial_se`` (``ravel_uncertainty``)."""
+    counts behind sparse probing's ``sparse_probing.<metric>.binomial_se`` (``sparse_probing_uncertainty``); SCR's
+    and TPP's bootstrap of the test texts behind their ``<suite>.<metric>.bootstrap_se`` (``binomial_se`` where the
+    probe tests could not be traced; ``scr_tpp_uncertainty``); absorption's word counts behind its
+    ``absorption.<metric>.word_se`` (``absorption_uncertainty``); RAVEL's pair counts behind its
+    ``ravel.<metric>.binomial_se`` (``ravel_uncertainty``)."""
     corrected: dict | None = None
     """Our corrected values beside SAEBench's, per dataset, logged as ``corrected/<suite>.json`` (SCR and TPP: with
     the padded positions masked in the ablation, ``padding_masked_ablations``)."""
@@ -1129,18 +1130,19 @@ def scr_tpp_uncertainty(
     two SAEs evaluated on the same texts draw the same resamples (the same ``sample_id``, which includes a digest of
     every text), and compare's replicate-wise difference of a metric is paired text by text.
 
-    **Otherwise** (runs recorded without traced tests, a test not traced (a twin's too), unknown texts, or answers that do
-    not give SAEBench's accuracies: ``untraced`` says why, and the run's tag ``saecomp.<suite>.se_untraced``), a
-    parametric bootstrap (``se_kind`` ``binomial_se``): every accuracy p on n texts is redrawn as a binomial proportion,
-    independently. A clean and an ablated accuracy of one probe share their texts and move
-    together, and every metric is a difference of such pairs, so this overstates the error: conservative. Two SAEs on
-    one model share their clean accuracies (a shared model side), so those are drawn from ``seed`` alone, in run order
-    and by name, and ``sample_id`` names what they are drawn from (the suite, the dataset runs, the clean accuracies,
-    the test counts and ``drawn_from``: SAEBench's seed and sizes, which decide the texts); the replicate-wise
-    difference of two such runs leaves out the clean accuracies' error instead of counting it twice. The ablated
-    accuracies are drawn from a stream seeded by ``sae_identity`` and the accuracies (a rerun draws the same; two SAEs
-    with equal ablated accuracies still draw independently), which overstates a difference's error where two SAEs'
-    probes get the same texts right. A traced and a parametric run never share a ``sample_id``.
+    **Otherwise** (runs recorded without traced tests, a test not traced (a twin's too), unknown texts, or answers
+    that do not give SAEBench's accuracies: ``untraced`` says why, and the run's tag
+    ``saecomp.<suite>.se_untraced``), a parametric bootstrap (``se_kind`` ``binomial_se``): every accuracy p on n
+    texts is redrawn as a binomial proportion, independently. A clean and an ablated accuracy of one probe share
+    their texts and move together, and every metric is a difference of such pairs, so this overstates the error:
+    conservative. Two SAEs on one model share their clean accuracies (a shared model side), so those are drawn from
+    ``seed`` alone, in run order and by name, and ``sample_id`` names what they are drawn from (the suite, the
+    dataset runs, the clean accuracies, the test counts and ``drawn_from``: SAEBench's seed and sizes, which decide
+    the texts); the replicate-wise difference of two such runs leaves out the clean accuracies' error instead of
+    counting it twice. The ablated accuracies are drawn from a stream seeded by ``sae_identity`` and the accuracies
+    (a rerun draws the same; two SAEs with equal ablated accuracies still draw independently), which overstates a
+    difference's error where two SAEs' probes get the same texts right. A traced and a parametric run never share a
+    ``sample_id``.
 
     ``keys``: SAEBench's per-dataset keys, in run order; ``masked_runs``: the padding-masked raw results with their
     clean accuracies (``PaddingMaskedRuns.runs``), whose metrics' errors are keyed ``<metric>_padding_masked``. A

@@ -24,6 +24,27 @@ import click
 from entrypoints.common import experiment_option, fail, load, load_source, model_dims, resolve_base, world_step
 
 
+@contextlib.contextmanager
+def library_warnings_to(log):
+    """The libraries' warnings during a suite (scikit-learn's deprecations, about a thousand per cold pipeline; SAEBench's
+    decoder-norm notes) into the suite's log with SAEBench's prints; saecomp's own (a suite's errors falling back, twins
+    not computed) still reach the terminal."""
+    import warnings
+
+    shown = warnings.showwarning
+    ours = str(Path(__file__).resolve().parents[1] / "saecomp")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(ours):
+            shown(message, category, filename, lineno, file, line)
+        else:
+            log.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 @click.command()
 @experiment_option
 @click.option("--sae", help="The SAE: release:sae_id, runs:/<id>/<path>, models:/<name>/<version>, or a SAELens folder.")
@@ -268,7 +289,7 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                     try:
                         # SAEBench prints a line per probe and per score (thousands per pipeline): into the run's
                         # saebench_output/<suite>.log artifact, not over the steps' progress on the terminal
-                        with output_log.open("w") as log, contextlib.redirect_stdout(log):
+                        with output_log.open("w") as log, contextlib.redirect_stdout(log), library_warnings_to(log):
                             result = run_one(suite)
                     except NotApplicable as reason:  # no number, not a failure
                         not_applicable[suite] = str(reason)

@@ -1204,7 +1204,7 @@ def scr_tpp_uncertainty(
             drawn = _reweighted_accuracies(counts, tests).tolist() if tests else [[] for _ in range(replicates)]
             redrawn.append(([len(part) for part in parts], [[place for place, _ in part] for part in parts], drawn))
         method = (
-            "bootstrap of the test texts (distinct bios, resampled within the texts of the same classes); each accuracy "
+            "bootstrap of the test texts (distinct bios or reviews, resampled within the texts of the same classes); each accuracy "
             "recomputed from the probes' answers text by text, the same resamples for every SAE with the same sample_id; "
             "SAEBench's scoring and averaging"
         )

@@ -1139,6 +1139,26 @@ def all_runs():
     return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=2000)
 
 
+def test_a_suites_library_warnings_go_to_its_log_and_saecomps_own_to_the_terminal(tmp_path):
+    """During a suite, the libraries' warnings (scikit-learn's deprecations: about a thousand lines per cold pipeline)
+    go to the suite's saebench_output log beside SAEBench's prints; saecomp's own (an error falling back, twins not
+    computed) still reach the terminal."""
+    import warnings
+
+    from entrypoints.evaluate import library_warnings_to
+
+    ours = str(Path(evaluate_lib.__file__).resolve())
+    log_path = tmp_path / "suite.log"
+    with pytest.warns(UserWarning, match="could not be traced") as shown, log_path.open("w") as log:
+        warnings.simplefilter("always")
+        with library_warnings_to(log):
+            warnings.warn_explicit("'penalty' was deprecated", FutureWarning, "/venv/site-packages/sklearn/linear_model/_logistic.py", 1)
+            warnings.warn_explicit("tpp: the probe tests could not be traced (x)", UserWarning, ours, 1)
+    logged = log_path.read_text()
+    assert "FutureWarning: 'penalty' was deprecated" in logged and "could not be traced" not in logged
+    assert [str(w.message) for w in shown] == ["tpp: the probe tests could not be traced (x)"]
+
+
 def test_evaluate_step_runs_every_built_suite_and_a_failed_suite_fails_the_run(small_experiment, monkeypatch):
     from saecomp import evaluate as evaluate_lib
     from saecomp.tracking import find_finished_suite

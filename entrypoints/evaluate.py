@@ -28,17 +28,21 @@ from entrypoints.common import experiment_option, fail, load, load_source, model
 def library_warnings_to(log):
     """The libraries' warnings during a suite (scikit-learn's deprecations, about a thousand per cold pipeline; SAEBench's
     decoder-norm notes) into the suite's log with SAEBench's prints; saecomp's own (a suite's errors falling back, twins
-    not computed) still reach the terminal."""
+    not computed) still reach the terminal. Warnings are process-wide: where steps run as threads of one process, a
+    warning may land in another suite's log, never in none."""
     import warnings
 
     shown = warnings.showwarning
     ours = str(Path(__file__).resolve().parents[1] / "saecomp")
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if str(filename).startswith(ours):
-            shown(message, category, filename, lineno, file, line)
-        else:
-            log.write(warnings.formatwarning(message, category, filename, lineno, line))
+        try:
+            if not str(filename).startswith(ours):
+                log.write(warnings.formatwarning(message, category, filename, lineno, line))
+                return
+        except (ValueError, OSError):  # a log closed meanwhile (steps in threads of one process): the terminal then
+            pass
+        shown(message, category, filename, lineno, file, line)
 
     with warnings.catch_warnings():
         warnings.showwarning = show

@@ -1324,8 +1324,7 @@ class TextUnits:
     every resample, as SAEBench tests every class on a fixed number of texts, and the entries of one text move
     together."""
 
-    pools: tuple  # ((class, entries), ...) in sorted order: entry i is pool offset + row
-    entry_text: tuple  # [entries] the text each entry is
+    entry_text: tuple  # [entries] the text each entry is (entry: pool offset + row, pools in sorted class order)
     strata: tuple  # ((texts, ...), ...): the texts that are entries of the same classes, in a fixed order
     digest: str  # of every entry's text, in order: two runs resample alike only on the same texts
 
@@ -1333,19 +1332,17 @@ class TextUnits:
     def of(cls, pools: tuple, texts: dict[str, list[str]] | None) -> TextUnits | None:
         if texts is None or any(len(texts.get(key) or ()) != n for key, n in pools):
             return None
-        entries = [digest for key, _ in pools for digest in texts[key]]
-        distinct = sorted(set(entries))
-        number = {digest: i for i, digest in enumerate(distinct)}
-        classes_of: dict[int, list[str]] = {}
-        for key, _ in pools:
-            for digest in texts[key]:
-                classes_of.setdefault(number[digest], []).append(key)
+        entries = [(key, digest) for key, _ in pools for digest in texts[key]]
+        number = {digest: i for i, digest in enumerate(sorted({digest for _, digest in entries}))}
+        classes_of: dict[int, list[str]] = {}  # text -> the classes it is an entry of
+        for key, digest in entries:
+            classes_of.setdefault(number[digest], []).append(key)
         strata: dict[tuple, list[int]] = {}
-        for text in range(len(distinct)):
+        for text in range(len(number)):
             strata.setdefault(tuple(classes_of[text]), []).append(text)
-        digest = hashlib.sha256(json.dumps([pools, entries]).encode()).hexdigest()[:20]
+        digest = hashlib.sha256(json.dumps([pools, [d for _, d in entries]]).encode()).hexdigest()[:20]
         ordered = tuple(tuple(strata[signature]) for signature in sorted(strata))
-        return cls(pools, tuple(number[d] for d in entries), ordered, digest)
+        return cls(tuple(number[d] for _, d in entries), ordered, digest)
 
     def summary(self) -> dict:
         return {"entries": len(self.entry_text), "texts": sum(map(len, self.strata)), "strata": len(self.strata)}

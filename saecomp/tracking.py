@@ -624,9 +624,43 @@ def reap_dead_runs(experiment_ids: list[str] | None = None) -> list[str]:
     return reaped
 
 
+class _Terminated(SystemExit):
+    """What a step's SIGTERM handler raises."""
+
+
+_SIGTERMS_HANDLED = 0
+"""SIGTERMs this process has handled: a step whose count moved never ends FINISHED, even if its exception was lost."""
+
+
 def _raise_on_sigterm(signum, frame):
     # Turn `kill` into an exception so that the run is closed as FAILED, never left FINISHED.
-    raise SystemExit(128 + signum)
+    global _SIGTERMS_HANDLED
+    _SIGTERMS_HANDLED += 1
+    raise _Terminated(128 + signum)
+
+
+def _redeliver_dropped_sigterm(previous_hook):
+    """A `sys.unraisablehook` for a step: Python drops an exception raised inside a `__del__` or a weakref callback
+    (seen: a SIGTERM landing in a WeakKeyDictionary's callback mid-pruning; the step went on and finished), so the
+    signal is sent again from a thread, to land once the callback has returned; other exceptions go to
+    ``previous_hook``."""
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, _Terminated):
+            previous_hook(unraisable)
+            return
+        print(f"[saecomp] SIGTERM landed in {unraisable.object!r}, where Python drops exceptions: sent again", file=sys.stderr, flush=True)
+
+        def again():
+            time.sleep(0.05)  # the callback has returned by then (else this hook runs again)
+            if signal.getsignal(signal.SIGTERM) is _raise_on_sigterm:  # the step is still open
+                import _thread
+
+                _thread.interrupt_main(signal.SIGTERM)  # a no-op once SIGTERM's handler is the default again
+
+        threading.Thread(target=again, name="saecomp-sigterm-again", daemon=True).start()
+
+    return hook
 
 
 _TOLD_ABOUT_DEFAULT = False
@@ -652,6 +686,9 @@ def step_run(
     """
     global _TOLD_ABOUT_DEFAULT
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous_unraisable_hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_dropped_sigterm(previous_unraisable_hook)
+    sigterms_before = _SIGTERMS_HANDLED
     reap_dead_runs()
     if os.environ.get("MLFLOW_RUN_ID") or experiment_name is None:
         run = mlflow.start_run()
@@ -663,6 +700,7 @@ def step_run(
     except BaseException:
         mlflow.end_run("FAILED")  # never left to MLflow's exit hook, which would mark it FINISHED
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_unraisable_hook
         raise
     try:
         labels = {STEP_TAG: step, KEY_TAG: key, "saecomp.code": source_digest(), **library_versions(), **(tags or {})}
@@ -689,12 +727,16 @@ def step_run(
         mlflow.end_run("FAILED")
         raise
     else:
+        if _SIGTERMS_HANDLED != sigterms_before:  # told to stop, and its exception was dropped before it was sent again
+            mlflow.end_run("FAILED")
+            raise _Terminated(128 + signal.SIGTERM)
         if watchdog is not None:
             watchdog.finish_or_exit()  # its launcher died meanwhile (a retry may compute the same): never FINISHED
         mlflow.end_run("FINISHED")
     finally:
         keep_alive.__exit__(None, None, None)
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_unraisable_hook
 
 
 def training_metrics_logger(synchronous: bool = True):

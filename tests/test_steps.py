@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -196,6 +197,40 @@ def test_step_run_marks_ctrl_c_killed():
         with step_run("probe", "key-1", {"x": 1}) as run:
             raise KeyboardInterrupt
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+
+
+class _SigtermInDel:
+    """Freed at once; its `__del__` is where the SIGTERM handler runs and where Python drops what it raises (as it did
+    once in a WeakKeyDictionary's callback in CI: that prune ran on to FINISHED)."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)  # handled in this thread before the call returns: inside `__del__`
+
+
+def test_a_sigterm_whose_exception_python_drops_still_stops_the_step():
+    from saecomp.tracking import step_run
+
+    reached_the_end = False
+    with pytest.raises(SystemExit) as stopped:
+        with step_run("probe", "key-term-dropped", {}) as run:
+            _SigtermInDel()
+            for _ in range(500):  # 5 s of work in plain code, where the signal sent again lands
+                time.sleep(0.01)
+            reached_the_end = True
+    assert stopped.value.code == 143 and not reached_the_end
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_a_sigterm_dropped_as_the_step_ends_never_finishes_its_run():
+    """Dropped in the step's last statement: no plain code is left for the signal sent again; the run still ends FAILED."""
+    from saecomp.tracking import step_run
+
+    with pytest.raises(SystemExit) as stopped:
+        with step_run("probe", "key-term-dropped-last", {}) as run:
+            _SigtermInDel()
+    assert stopped.value.code == 143
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+    time.sleep(0.2)  # the signal sent again finds SIGTERM's handler restored and does nothing (else pytest stops here)
 
 
 def test_the_oldest_finished_run_of_a_key_is_canonical():

@@ -21,9 +21,10 @@ Uncertainties: a cell carries the standard error its run logged beside the value
 ``<metric>.bootstrap_se`` (its spliced losses and scores, reconstruction and sparsity means, explained variances: a
 bootstrap over the test sequences, ``evaluate.core_bootstrap``), SCR's and TPP's ``<metric>.bootstrap_se`` (a
 bootstrap of the texts their probes were tested on, through SAEBench's scoring, ``evaluate.scr_tpp_uncertainty``;
-where the tests could not be traced, and in older runs, ``binomial_se``, a conservative parametric one), the probing
-suites' ``<metric>.binomial_se`` (binomial over the texts their probes were tested on: sparse probing's accuracies in
-closed form, ``evaluate.sparse_probing_uncertainty``; RAVEL's over its validation pairs,
+where the tests could not be traced, and in older runs, ``binomial_se``, a conservative parametric one), sparse
+probing's ``<metric>.bootstrap_se`` (a bootstrap of the texts its probes were tested on,
+``evaluate.sparse_probing_bootstrap``; untraced and older runs: ``binomial_se``, in closed form,
+``evaluate.sparse_probing_uncertainty``), RAVEL's ``<metric>.binomial_se`` (over its validation pairs,
 ``evaluate.ravel_uncertainty``), and absorption's ``<metric>.word_se`` (its means over words,
 ``evaluate.absorption_uncertainty``), and core's ``frac_alive.jackknife_se`` (a delete-one jackknife over the test
 sequences, ``evaluate.frac_alive_jackknife``). The cell's ``se_kind`` says which.
@@ -70,6 +71,8 @@ SE_KINDS_OF_SUITE = {
     ("tpp", "bootstrap_se"): "bootstrap over test texts",
     ("scr", "binomial_se"): "binomial draws per accuracy over test texts (conservative; tests not traced)",
     ("tpp", "binomial_se"): "binomial draws per accuracy over test texts (conservative; tests not traced)",
+    ("sparse_probing", "bootstrap_se"): "bootstrap over test texts",
+    ("sparse_probing", "binomial_se"): "binomial over the test texts of each class (tests not traced)",
 }
 """Where a suite's standard error of one kind is over something else than ``SE_KINDS`` says."""
 SEED_SPREAD = "spread over seeds"
@@ -512,8 +515,8 @@ LEGEND = (
     "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one standard error, where "
     "computed: a bootstrap over the test sequences for core (spliced losses and scores, reconstruction and sparsity means, "
     "explained variances, the per-latent densities' summaries but frac_alive), a delete-one jackknife over the test "
-    "sequences for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores (binomial draws "
-    "where the tests could not be traced), binomial over the test texts or pairs for sparse probing's accuracies and "
+    "sequences for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores and sparse "
+    "probing's accuracies (binomial where the tests could not be traced), binomial over the validation pairs for "
     "RAVEL's scores, over the words tested for absorption's means and its count of split latents, the spread "
     "over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
@@ -694,9 +697,9 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "<span style='background:#fde2e2'>&nbsp;—&nbsp;</span> no finished run fills the cell; "
         "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
         "± is one standard error, where computed: a bootstrap over the test sequences for core (spliced losses and scores, "
-        "reconstruction and sparsity means and explained variances) and over the test texts for SCR's and TPP's scores (binomial "
-        "draws per accuracy where the tests could not be traced), binomial "
-        "over the test texts for sparse probing's accuracies and RAVEL's scores, over the words tested for absorption's means, "
+        "reconstruction and sparsity means and explained variances) and over the test texts for SCR's and TPP's scores and "
+        "sparse probing's accuracies (binomial where the tests could not be traced), binomial "
+        "over the validation pairs for RAVEL's scores, over the words tested for absorption's means, "
         "a delete-one jackknife for frac_alive, the spread over seeds where "
         "replicates ran (hover a cell for which); "
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "

@@ -67,6 +67,9 @@ side (its probes) would depend on the SAE before it. Each dataset's model side s
 where this function (called first when it is computed) is called: SAEBench's numbers for the dataset evaluated
 alone. SCR's and TPP's SAE sides draw fixed amounts, so their datasets follow SAEBench's one generator unchanged."""
 RANDOM_STATES_FILE = "saecomp_sae_side_random_states.pt"
+MODEL_PROBE_OUTCOMES_FILE = "saecomp_model_probe_test_outcomes.pt"
+"""Per dataset of sparse probing, the texts its model probes were tested on and their answers, kept beside SAEBench's
+model side for the runs that load it (``sparse_probing_accuracies``)."""
 CLEAN_OUTCOMES_FILE = "saecomp_clean_test_outcomes.pt"
 """Per dataset run of SCR or TPP, the texts its clean accuracies were tested on and the probes' answers, kept beside
 SAEBench's model side for the runs that load it (``scr_tpp_accuracies``)."""
@@ -100,8 +103,9 @@ class SuiteResult:
     """How it was computed, as MLflow tags (e.g. where SCR's model side came from)."""
     uncertainty: dict | None = None
     """What stands behind a suite's standard errors, logged as ``uncertainty/<suite>.json``: core's bootstrap behind
-    its ``core.<metric>.bootstrap_se`` (unit, size, seed, the full-sample values and every replicate); the test-set
-    counts behind sparse probing's ``sparse_probing.<metric>.binomial_se`` (``sparse_probing_uncertainty``); SCR's
+    its ``core.<metric>.bootstrap_se`` (unit, size, seed, the full-sample values and every replicate); sparse probing's
+    bootstrap of the test texts behind its ``sparse_probing.<metric>.bootstrap_se`` (``sparse_probing_bootstrap``; the
+    closed form, ``binomial_se``, where untraced: ``sparse_probing_uncertainty``); SCR's
     and TPP's bootstrap of the test texts behind their ``<suite>.<metric>.bootstrap_se`` (``binomial_se`` where the
     probe tests could not be traced; ``scr_tpp_uncertainty``); absorption's word counts behind its
     ``absorption.<metric>.word_se`` (``absorption_uncertainty``); RAVEL's pair counts behind its
@@ -723,7 +727,7 @@ def run_sparse_probing(
         torch.enable_grad(),
         model_side_folder(shared, config, sae.cfg.hook_name, str(sae.device), workdir / "sparse_probing", needed) as side,
         per_dataset_random_state("sparse_probing", side, config.random_seed),
-        probe_test_sizes() as test_sizes,
+        sparse_probing_accuracies(side) as (test_sizes, traced_runs),
     ):
         results, per_class = run_eval_single_sae(config, sae, model, str(sae.device), str(side.folder), save_activations=side.save)
     eval_output = out.SparseProbingEvalOutput(
@@ -741,55 +745,303 @@ def run_sparse_probing(
     output = _output_of(eval_output, workdir)
     validate_output(out.SparseProbingEvalOutput, output)
     metrics = _scalar_metrics("sparse_probing", output)
-    uncertainty, tags = standard_errors("sparse_probing", "binomial_se", metrics, lambda: sparse_probing_uncertainty(per_class, test_sizes))
+
+    def errors() -> dict:
+        traced, untraced = _sparse_probing_traced(per_class, traced_runs)
+        if traced is not None:
+            return sparse_probing_bootstrap(per_class, traced, test_sizes)
+        return {**sparse_probing_uncertainty(per_class, test_sizes), "untraced": untraced}
+
+    uncertainty, tags = standard_errors("sparse_probing", "binomial_se", metrics, errors)
+    if uncertainty is not None and uncertainty.get("untraced"):  # said on the run, not only inside its JSON
+        tags["saecomp.sparse_probing.se_untraced"] = uncertainty["untraced"][:500]
+        warnings.warn(
+            f"sparse_probing: the probe tests could not be traced ({uncertainty['untraced']}); closed-form errors logged", stacklevel=2
+        )
     seconds = time.perf_counter() - started
     tags["saecomp.sparse_probing.model_side"] = side.origin
     return SuiteResult("sparse_probing", output, metrics, seconds, tags, uncertainty=uncertainty)
 
 
 @contextmanager
-def probe_test_sizes() -> Iterator[dict[str, dict[str, int]]]:
-    """Per dataset (SAEBench's ``<dataset>_results`` key) and class, how many test texts sparse probing scores that
-    class's probes on: SAEBench returns only the accuracies. Its `probe_training.prepare_probe_data` tests a class's
-    probe on the class's texts and as many drawn from the other classes, so 2 x the class's test texts, counted here
-    from the test activations its `train_probe_on_activations` gets. The same for every probe of a dataset (the
-    model's and the SAE's, all k): where it is not, or cannot be counted, the dataset's count is None (no standard
-    error; never an error in SAEBench's run). Hold ``_WRAPPING`` (entered inside ``per_dataset_random_state``)."""
+def sparse_probing_accuracies(side: ModelSide | None = None) -> Iterator[tuple[dict[str, dict | None], dict[str, dict]]]:
+    """What SAEBench's sparse probing does not return: per dataset (SAEBench's ``<dataset>_results`` key), how many
+    texts each class's probes are tested on (``sizes``, by class), and which texts those were and whether each probe
+    got each right (``runs``: ``{"texts": class -> a digest per test text, in SAEBench's row order, "by_name":
+    accuracy name -> ``_class_outcomes`` or None}``).
+
+    Sizes: `probe_training.prepare_probe_data` tests a class's probe on the class's texts and as many drawn from the
+    other classes, so 2 x the class's test texts, counted from the test activations its `train_probe_on_activations`
+    gets; the same for every probe of a dataset, else the dataset's count is None. Texts: from SAEBench's
+    `dataset_utils.get_multi_label_train_test_data`. Answers: ``_traced_trainings``, each accuracy dict found by
+    identity in SAEBench's per-class results.
+
+    A run that loads a shared model side (``side``) gets the model's probe accuracies from SAEBench's pickle and never
+    reads the texts, so the run that computes the side keeps those answers and the texts beside it
+    (MODEL_PROBE_OUTCOMES_FILE) and a loading run reads them; a file that cannot be read or written costs only the
+    traced errors. Nothing here raises into SAEBench's run. Hold ``_WRAPPING`` (entered inside
+    ``per_dataset_random_state``)."""
     from sae_bench.evals.sparse_probing import main as sparse_probing
     from sae_bench.evals.sparse_probing import probe_training
+    from sae_bench.sae_bench_utils import dataset_utils
 
     one_dataset, train_probes = sparse_probing.run_eval_single_dataset, probe_training.train_probe_on_activations
-    sizes: dict[str, dict[str, int]] = {}
-    current: list[str] = []
+    get_data = dataset_utils.get_multi_label_train_test_data
+    sizes: dict[str, dict | None] = {}
+    runs: dict[str, dict] = {}
+    current: list[dict] = []  # the dataset run in progress: its key, texts and traced trainings by id of their accuracies
+    saved: dict = {}
+    if side is not None and not side.computing and (side.folder / MODEL_PROBE_OUTCOMES_FILE).is_file():
+        try:
+            saved = torch.load(side.folder / MODEL_PROBE_OUTCOMES_FILE, weights_only=False)
+        except Exception as error:  # the traced errors only: SAEBench's run is untouched
+            warnings.warn(
+                f"{side.folder / MODEL_PROBE_OUTCOMES_FILE} could not be read ({error}); sparse probing's errors fall back", stacklevel=2
+            )
+    kept: dict[str, dict] = {}
+
+    def data(*args, **kwargs):
+        train, test = get_data(*args, **kwargs)
+        if current:
+            try:
+                current[-1]["texts"] = {key: [_text_digest(text) for text in texts] for key, texts in test.items()}
+            except Exception:  # no identities: this run's errors fall back
+                current[-1]["texts"] = None
+        return train, test
 
     def dataset(dataset_name, *args, **kwargs):
-        current.append(f"{dataset_name}_results")
+        key = f"{dataset_name}_results"
+        current.append({"key": key, "texts": None, "tests": {}})
         try:
-            return one_dataset(dataset_name, *args, **kwargs)
+            results, per_class = one_dataset(dataset_name, *args, **kwargs)
         finally:
-            current.pop()
+            state = current.pop()
+        # SAEBench keeps the very dicts its trainings returned (the model's when computed here, the SAE's always)
+        by_name = {name: state["tests"].get(id(accuracies), (None, None))[1] for name, accuracies in per_class.items()}
+        texts = state["texts"]
+        kept[key] = {"texts": texts, "by_name": {name: _plain_class_outcomes(o) for name, o in by_name.items() if name.startswith("llm_")}}
+        earlier = saved.get(key) if isinstance(saved, dict) and isinstance(saved.get(key), dict) else {}
+        if texts is None:  # loaded: what the computing run kept
+            texts = earlier.get("texts")
+        for name, outcomes in (earlier.get("by_name") or {}).items():
+            if name in by_name and by_name[name] is None:
+                by_name[name] = outcomes
+        runs[key] = {"texts": texts, "by_name": by_name}
+        return results, per_class
 
     def training(train_activations, test_activations, *args, **kwargs):
-        if current:  # never raises into SAEBench's run: a count that does not hold leaves the dataset without one
-            try:
-                counted = None if kwargs.get("perform_scr") else {str(name): 2 * len(acts) for name, acts in test_activations.items()}
-            except Exception:
-                counted = None
-            if sizes.setdefault(current[-1], counted) != counted:
-                sizes[current[-1]] = None
-        return train_probes(train_activations, test_activations, *args, **kwargs)
+        if not current:
+            return train_probes(train_activations, test_activations, *args, **kwargs)
+        try:
+            counted = None if kwargs.get("perform_scr") else {str(name): 2 * len(acts) for name, acts in test_activations.items()}
+        except Exception:
+            counted = None
+        if sizes.setdefault(current[-1]["key"], counted) != counted:
+            sizes[current[-1]["key"]] = None
+        classes: list[dict] = []
+        with _traced_trainings(classes):
+            probes, accuracies = train_probes(train_activations, test_activations, *args, **kwargs)
+        current[-1]["tests"][id(accuracies)] = (accuracies, _class_outcomes(accuracies, classes))
+        return probes, accuracies
 
     sparse_probing.run_eval_single_dataset, probe_training.train_probe_on_activations = dataset, training
+    dataset_utils.get_multi_label_train_test_data = data
     try:
-        yield sizes
+        yield sizes, runs
     finally:
         sparse_probing.run_eval_single_dataset, probe_training.train_probe_on_activations = one_dataset, train_probes
+        dataset_utils.get_multi_label_train_test_data = get_data
+    if side is not None and side.computing and side.save:  # only after a suite that finished (else nothing is published)
+        try:
+            torch.save(kept, side.folder / MODEL_PROBE_OUTCOMES_FILE)
+        except Exception as error:  # the loading runs' traced errors only
+            (side.folder / MODEL_PROBE_OUTCOMES_FILE).unlink(missing_ok=True)
+            warnings.warn(
+                f"{MODEL_PROBE_OUTCOMES_FILE} could not be written ({error}); later SAEs' sparse probing errors fall back", stacklevel=2
+            )
+
+
+@contextmanager
+def _traced_trainings(classes: list[dict]) -> Iterator[None]:
+    """Within one call of SAEBench's `train_probe_on_activations`: per class, in order, which test texts its probe was
+    tested on and whether it got each right, appended to ``classes`` as ``{"texts": [2n] int64 or None, "pools":
+    ..., "epochs": [[2n] bool or None, ...], "accuracy": float}``. Which texts: ``_tracing_prepare`` (the class's test
+    data is the last it prepares before training). A scikit-learn probe (`train_sklearn_probe`) has one test, its
+    answers the probe's own ``predict`` on the test inputs as SAEBench computes them; a GPU probe (`train_probe_gpu`)
+    is tested after every epoch and SAEBench keeps the best test accuracy, so each epoch's answers are kept
+    (``_gpu_probe_answers``). SAEBench offers no way in."""
+    from sae_bench.evals.sparse_probing import probe_training
+
+    wrapped = ("prepare_probe_data", "train_sklearn_probe", "train_probe_gpu", "test_probe_gpu")
+    originals = {name: getattr(probe_training, name) for name in wrapped}
+    prepare, train_sklearn, train_gpu, test_gpu = originals.values()
+    current: dict = {"texts": None, "pools": None}
+    testing: list[tuple] = []  # (the test inputs of the GPU probe in training, its answers per epoch)
+
+    def traced_sklearn(train_inputs, train_labels, test_inputs, test_labels, *args, **kwargs):
+        texts, pools = current["texts"], current["pools"]
+        probe, accuracy = train_sklearn(train_inputs, train_labels, test_inputs, test_labels, *args, **kwargs)
+        try:  # as SAEBench's own test: float32 numpy, the probe's predict
+            correct = probe.predict(test_inputs.to(dtype=torch.float32).cpu().numpy()) == test_labels.cpu().numpy()
+        except Exception:
+            correct = None
+        classes.append({"texts": texts, "pools": pools, "epochs": [correct], "accuracy": accuracy})
+        return probe, accuracy
+
+    def traced_gpu(train_inputs, train_labels, test_inputs, test_labels, *args, **kwargs):
+        texts, pools, answers = current["texts"], current["pools"], []
+        testing.append((test_inputs, answers))
+        try:
+            probe, accuracy = train_gpu(train_inputs, train_labels, test_inputs, test_labels, *args, **kwargs)
+        finally:
+            testing.pop()
+        classes.append({"texts": texts, "pools": pools, "epochs": answers, "accuracy": accuracy})
+        return probe, accuracy
+
+    def traced_test(inputs, labels, batch_size, probe):
+        if not testing or inputs is not testing[-1][0]:  # its test on the training texts
+            return test_gpu(inputs, labels, batch_size, probe)
+        accuracy, correct = _gpu_probe_answers(test_gpu, inputs, labels, batch_size, probe)
+        testing[-1][1].append(correct)
+        return accuracy
+
+    for name, traced in zip(wrapped, (_tracing_prepare(prepare, current), traced_sklearn, traced_gpu, traced_test), strict=True):
+        setattr(probe_training, name, traced)
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(probe_training, name, original)
+
+
+def _class_outcomes(accuracies: dict, classes: list[dict]) -> dict | None:
+    """The traced trainings (``_traced_trainings``) by class: `train_probe_on_activations` fills its dict in the order
+    it trains, so the i-th class is the i-th training; ``{"pools", "by_class": class -> [(texts, correct) per test]}``,
+    or None unless every test was traced, all read the same pools, and the best test's answers average to SAEBench's
+    accuracy."""
+    import numpy as np
+
+    if len(classes) != len(accuracies) or not classes:
+        return None
+    by_class = {}
+    for name, traced in zip(accuracies, classes, strict=True):
+        texts, epochs = traced["texts"], traced["epochs"]
+        if texts is None or not epochs or any(c is None or len(c) != len(texts) for c in epochs) or traced["pools"] != classes[0]["pools"]:
+            return None
+        if traced["accuracy"] != accuracies[name] or abs(max(float(np.mean(c)) for c in epochs) - accuracies[name]) > 1e-6:
+            return None
+        by_class[name] = [(texts, np.asarray(c, dtype=bool)) for c in epochs]
+    return {"pools": classes[0]["pools"], "by_class": by_class}
+
+
+def _plain_class_outcomes(outcomes: dict | None) -> dict | None:
+    """``_class_outcomes`` as plain lists: nothing of NumPy pickled into a folder other runs read."""
+    if outcomes is None:
+        return None
+    by_class = {
+        name: [([int(t) for t in texts], [bool(c) for c in correct]) for texts, correct in tests]
+        for name, tests in outcomes["by_class"].items()
+    }
+    return {"pools": [list(pool) for pool in outcomes["pools"]], "by_class": by_class}
+
+
+def _sparse_probing_traced(per_class: dict, runs: dict) -> tuple[dict | None, str | None]:
+    """Per dataset, its ``TextUnits`` and per accuracy name and class the tests' entries and answers
+    ([(texts int64, correct bool) per test]), for ``sparse_probing_bootstrap``; or None and why not, if any accuracy
+    that is a proportion lacks them (then the run falls back to the closed form)."""
+    import numpy as np
+
+    traced = {}
+    for dataset, metrics in per_class.items():
+        run = runs.get(dataset)
+        if run is None:
+            return None, f"{dataset}: no traced probe tests"
+        pools, tests = None, {}
+        for name, accuracies in metrics.items():
+            if not all(0.0 <= p <= 1.0 for p in accuracies.values()):
+                continue  # SAEBench's -1 placeholder: no error either way
+            outcomes = run["by_name"].get(name)
+            if outcomes is None or set(outcomes["by_class"]) != set(accuracies):
+                return None, f"{dataset}: a probe test of {name} was not traced"
+            tested_on = tuple(tuple(pool) for pool in outcomes["pools"])  # a loaded side's are lists
+            if pools is not None and tested_on != pools:
+                return None, f"{dataset}: probe tests over different texts"
+            pools = tested_on
+            tests[name] = {}
+            for label, accuracy in accuracies.items():
+                answers = [(np.asarray(t, dtype=np.int64), np.asarray(c, dtype=bool)) for t, c in outcomes["by_class"][label]]
+                if abs(max(float(np.mean(c)) for _, c in answers) - accuracy) > 1e-6:  # a loaded model side must be this run's
+                    return None, f"{dataset}: traced answers to {name} ({label}) do not give SAEBench's accuracy"
+                tests[name][label] = answers
+        units = TextUnits.of(pools, run["texts"]) if pools is not None else None
+        if units is None:
+            return None, f"{dataset}: which texts SAEBench tested was not recorded"
+        traced[dataset] = (units, tests)
+    return traced, None
+
+
+def sparse_probing_bootstrap(
+    per_class: dict[str, dict[str, dict]],
+    traced: dict,
+    test_sizes: dict,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict:
+    """Standard errors of sparse probing's accuracies by a bootstrap of the texts the probes were tested on (traced by
+    ``sparse_probing_accuracies``): per dataset, its distinct test texts resampled with replacement within the texts of
+    the same classes (``TextUnits``, as SCR's and TPP's), every probe's accuracy recomputed from its answers on the
+    resample, and SAEBench's metric (the mean over datasets of the mean over classes) recomputed per replicate. A GPU
+    probe's accuracy is its best epoch's, picked by test accuracy as SAEBench picks it, so each replicate picks again:
+    the maximum over the epochs it ran (their number, set by early stopping, is kept).
+
+    What this covers that the closed form did not: a class's probe is tested on its own texts and on texts of the
+    other classes, so the classes' tests share texts; and the resamples depend only on ``seed``, the dataset and the
+    texts, not on the SAE, so every SAE on the same texts draws the same (``sample_id``) and compare pairs them text
+    by text. Not covered: the probes' training (the spread over ``evaluation.seed`` replicates measures that)."""
+    import numpy as np
+
+    by_dataset: dict[str, dict[str, np.ndarray]] = {}  # dataset -> metric -> [replicates]
+    for index, dataset in enumerate(per_class):
+        units, tests = traced[dataset]
+        counts = _resampled_text_counts(units, replicates, [seed, 5, index])  # [replicates, entries]
+        columns: list[tuple] = []
+        spans: dict[tuple, tuple[int, int]] = {}  # (metric, class) -> its tests' columns
+        for name, by_class in tests.items():
+            for label, answers in by_class.items():
+                spans[(name, label)] = (len(columns), len(columns) + len(answers))
+                columns += answers
+        drawn = _reweighted_accuracies(counts, columns) if columns else np.zeros((replicates, 0))  # [replicates, tests]
+        by_dataset[dataset] = {
+            name: np.mean([drawn[:, slice(*spans[(name, label)])].max(axis=1) for label in by_class], axis=0)
+            for name, by_class in tests.items()
+        }
+    common = set.intersection(*(set(m) for m in by_dataset.values())) if by_dataset else set()
+    samples = {name: np.mean([by_dataset[d][name] for d in per_class], axis=0) for name in sorted(common)}
+    digests = [traced[d][0].digest for d in per_class]
+    sample_id = hashlib.sha256(json.dumps(["sparse_probing", "texts", list(per_class), digests]).encode()).hexdigest()[:20]
+    return {
+        "unit": "test text (a distinct text, resampled within the texts of its classes)",
+        "method": (
+            "bootstrap of the test texts (resampled within the texts of the same classes); each probe's accuracy recomputed "
+            "from its answers text by text (a GPU probe's best epoch picked again per replicate), the same resamples for every "
+            "SAE with the same sample_id; SAEBench's averaging over classes and datasets"
+        ),
+        "se_kind": "bootstrap_se",
+        "texts": {d: traced[d][0].summary() for d in per_class},
+        "replicates": replicates,
+        "seed": seed,
+        "sample_id": sample_id,
+        "n_test": test_sizes,
+        "se": {name: float(np.std(values, ddof=1)) for name, values in samples.items()},
+        "per_dataset_se": {d: {name: float(np.std(v, ddof=1)) for name, v in sorted(m.items())} for d, m in by_dataset.items()},
+        "samples": {name: [round(float(v), 9) for v in values] for name, values in samples.items()},
+    }
 
 
 def sparse_probing_uncertainty(per_class: dict[str, dict[str, dict[str, float]]], test_sizes: dict[str, dict[str, int]]) -> dict:
-    """Standard errors of sparse probing's accuracies over the test texts. Each probe's test accuracy p on n texts
-    has the binomial standard error sqrt(p (1 - p) / n), which is also what a bootstrap over those texts gives (in
-    closed form: SAEBench returns accuracies, not which texts each probe got right). SAEBench's metric is the mean
+    """Standard errors of sparse probing's accuracies over the test texts in closed form, where the tests could not be
+    traced (``sparse_probing_bootstrap`` otherwise). Each probe's test accuracy p on n texts has the binomial standard
+    error sqrt(p (1 - p) / n), what a bootstrap over those texts alone gives. SAEBench's metric is the mean
     over datasets of the mean over classes, so its standard error is sqrt(sum of the classes' variances) / classes
     per dataset, and the same over datasets, treating the probes' test sets as independent (a class's negatives are
     other classes' texts, so they are not quite). What it covers: which texts were drawn for the test. Not covered:
@@ -798,7 +1050,7 @@ def sparse_probing_uncertainty(per_class: dict[str, dict[str, dict[str, float]]]
     not a proportion (SAEBench's -1 placeholder) leaves its metric without one.
 
     ``per_class``: SAEBench's ``eval_result_unstructured`` (dataset -> metric -> class -> accuracy); ``test_sizes``:
-    ``probe_test_sizes``'s counts. Returns ``{"unit", "n_test", "se", "per_dataset_se"}``, ``se`` keyed by SAEBench's
+    ``sparse_probing_accuracies``'s counts. Returns ``{"unit", "n_test", "se", "per_dataset_se"}``, ``se`` keyed by SAEBench's
     metric name."""
     variances: dict[str, list[float]] = {}  # metric -> per dataset: the variance of its mean over classes
     broken: set[str] = set()
@@ -1010,23 +1262,13 @@ def _plain_outcomes(outcomes: dict | None) -> dict | None:
     return {"pools": [list(pool) for pool in outcomes["pools"]], "by_name": by_name}
 
 
-@contextmanager
-def _traced_probe_tests(tests: list[dict]) -> Iterator[None]:
-    """Within one call of SAEBench's `get_probe_test_accuracy`: for each of its probe tests (`test_probe_gpu`, in
-    order) which test texts it read and whether the probe got each right, appended to ``tests`` as ``{"texts": [2n]
-    int64 or None, "correct": [2n] bool, "accuracy": float, "pools": ...}``.
-
-    Which texts: `prepare_probe_data` picks negatives and shuffles by the global torch generator, so it is run first
-    on each pool's text indices in place of activations ([rows, 1], the same dict order and sizes, so the same draws),
-    the generator's state is put back, and then SAEBench's call runs on the activations: its draws, and everything
-    after, are unchanged. Whether right: the probe's own logits as SAEBench's test computes them (its ``forward`` is
-    recorded for the call), thresholded as it does; the mean of ``correct`` is checked against its accuracy by the
-    reader. An entry is ``pool offset + row``, pools in sorted key order (which text it is: ``scr_tpp_accuracies``).
-    SAEBench offers no way in."""
-    from sae_bench.evals.sparse_probing import probe_training
-
-    prepare, test = probe_training.prepare_probe_data, probe_training.test_probe_gpu
-    current: dict = {"texts": None, "pools": None}
+def _tracing_prepare(prepare, current: dict):
+    """SAEBench's `prepare_probe_data` (``prepare``), which also sets ``current["texts"]`` (the [2n] entries it put in
+    its output, in order: pool offset + row, pools in sorted key order; None if unknown) and ``current["pools"]``
+    (sorted (key, rows)). `prepare_probe_data` picks negatives and shuffles by the global torch generator, so it is run
+    first on each pool's row indices in place of activations ([rows, 1], the same dict order and sizes, so the same
+    draws), the generator's state is put back, and then SAEBench's call runs on the activations: its draws, and
+    everything after, are unchanged."""
 
     def traced_prepare(all_activations, class_name, perform_scr=False):
         state = torch.get_rng_state()
@@ -1053,23 +1295,49 @@ def _traced_probe_tests(tests: list[dict]) -> Iterator[None]:
             pass
         return acts, labels
 
+    return traced_prepare
+
+
+def _gpu_probe_answers(test, inputs, labels, batch_size, probe):
+    """SAEBench's `test_probe_gpu` (``test``) and whether the probe got each input right ([inputs] bool numpy, or None):
+    the probe's own logits as that test computes them (its ``forward`` is recorded for the call), thresholded as it
+    does."""
+    logits: list[torch.Tensor] = []
+
+    def forward(x, _forward=probe.forward):
+        out = _forward(x)
+        logits.append(out.detach())
+        return out
+
+    own = probe.__dict__.get("forward")  # an instance attribute, removed after: the probe SAEBench pickles is its own
+    probe.forward = forward
+    try:
+        accuracy = test(inputs, labels, batch_size, probe)
+    finally:
+        del probe.forward
+        if own is not None:
+            probe.forward = own
+    correct = ((torch.cat(logits) > 0.0).long() == labels).cpu().numpy() if logits else None  # as test_probe_gpu
+    return accuracy, correct
+
+
+@contextmanager
+def _traced_probe_tests(tests: list[dict]) -> Iterator[None]:
+    """Within one call of SAEBench's `get_probe_test_accuracy`: for each of its probe tests (`test_probe_gpu`, in
+    order) which test texts it read and whether the probe got each right, appended to ``tests`` as ``{"texts": [2n]
+    int64 or None, "correct": [2n] bool, "accuracy": float, "pools": ...}``.
+
+    Which texts: ``_tracing_prepare``. Whether right: ``_gpu_probe_answers``; the mean of ``correct`` is checked
+    against its accuracy by the reader. An entry is ``pool offset + row``, pools in sorted key order (which text it
+    is: ``scr_tpp_accuracies``). SAEBench offers no way in."""
+    from sae_bench.evals.sparse_probing import probe_training
+
+    prepare, test = probe_training.prepare_probe_data, probe_training.test_probe_gpu
+    current: dict = {"texts": None, "pools": None}
+    traced_prepare = _tracing_prepare(prepare, current)
+
     def traced_test(inputs, labels, batch_size, probe):
-        logits: list[torch.Tensor] = []
-
-        def forward(x, _forward=probe.forward):
-            out = _forward(x)
-            logits.append(out.detach())
-            return out
-
-        own = probe.__dict__.get("forward")  # an instance attribute, removed after: the probe SAEBench pickles is its own
-        probe.forward = forward
-        try:
-            accuracy = test(inputs, labels, batch_size, probe)
-        finally:
-            del probe.forward
-            if own is not None:
-                probe.forward = own
-        correct = ((torch.cat(logits) > 0.0).long() == labels).cpu().numpy() if logits else None  # as test_probe_gpu
+        accuracy, correct = _gpu_probe_answers(test, inputs, labels, batch_size, probe)
         tests.append({"texts": current["texts"], "correct": correct, "accuracy": accuracy, "pools": current["pools"]})
         return accuracy
 
@@ -1613,7 +1881,7 @@ def per_dataset_random_state(suite: str, side: ModelSide, seed: int) -> Iterator
 
     SAEBench offers no way in between a dataset's model side and its SAE side, so for the duration of the suite those
     functions are wrapped; as are SCR's and TPP's in ``padding_masked_ablations`` and ``scr_tpp_accuracies``, and
-    sparse probing's in ``probe_test_sizes``."""
+    sparse probing's in ``sparse_probing_accuracies``."""
     import importlib
     import random
 

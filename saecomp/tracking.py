@@ -827,9 +827,10 @@ def collect_runs(experiment_ids: list[str], pipeline_run: str | None = None, tag
 
 def bootstrap_replicates(client: MlflowClient, run) -> dict[str, dict]:
     """suite -> the run's ``uncertainty/<suite>.json`` (evaluate logs it beside ``<suite>.<metric>.<kind>_se``): the
-    replicates that let compare pair two variants' bootstraps. Only the suites with replicates: core's bootstrap, SCR's
-    and TPP's bootstrap of texts (older runs: their parametric one, logged as ``binomial_se``), absorption's split count
-    (sparse probing's and RAVEL's closed-form binomial errors have none);
+    replicates that let compare pair two variants' bootstraps. Only the suites with replicates: core's bootstrap, SCR's,
+    TPP's and sparse probing's bootstrap of texts (older SCR and TPP runs: their parametric one, logged as
+    ``binomial_se``), absorption's split count (sparse probing's untraced and RAVEL's closed-form binomial errors have
+    none);
     empty for runs that logged none."""
     suites = {
         name.split(".", 1)[0]

@@ -470,18 +470,45 @@ def test_sparse_probing_cells_carry_their_binomial_standard_errors_and_a_seed_sp
     records = [run("p", 1, "pretrained", 0.80, 0.01), run("a", 2, "pruned25", 0.81, 0.01), run("b", 3, "pruned50", 0.70, 0.01)]
     cells = compare.cells(records).set_index(["table", "metric", "variant"])
     top1 = cells.loc["sparse_probing"].loc["sae_top_1_test_accuracy"]
-    assert top1["se"].dropna().tolist() == [0.01, 0.01, 0.01] and set(top1["se_kind"].dropna()) == {"binomial over test texts or pairs"}
+    untraced = "binomial over the test texts of each class (tests not traced)"
+    assert top1["se"].dropna().tolist() == [0.01, 0.01, 0.01] and set(top1["se_kind"].dropna()) == {untraced}
     assert top1.loc["pruned25", "within_uncertainty"] is True and top1.loc["pruned50", "within_uncertainty"] is False
     assert top1.loc["pruned25", "paired"] is False  # no replicates: the conservative sqrt(se_a^2 + se_b^2)
     llm = cells.loc[("sparse_probing", "llm_test_accuracy", "pretrained")]
     assert pd.isna(llm["se"]) and llm["se_kind"] is None  # a number logged without its standard error claims none
     line = next(x for x in compare.markdown(compare.cells(records)).splitlines() if "| sae_top_1_test_accuracy |" in x)
     assert [c.strip() for c in line.split("|")[3:6]] == ["0.8000 ± 0.01", "0.8100 ± 0.01 ≈", "0.7000 ± 0.01"]
-    assert "± one standard error, binomial over test texts or pairs" in compare.html_report(compare.cells(records), {}, "t", [])
+    assert f"± one standard error, {untraced}" in compare.html_report(compare.cells(records), {}, "t", [])
     # two seeds of the pretrained SAE: their mean and the spread over seeds, not one run's binomial error
     replicated = compare.cells([*records, run("p2", 4, "pretrained", 0.84, 0.01, seed="1")]).set_index(["table", "metric", "variant"])
     cell = replicated.loc[("sparse_probing", "sae_top_1_test_accuracy", "pretrained")]
     assert cell["value"] == pytest.approx(0.82) and cell["se"] == pytest.approx(0.02) and cell["se_kind"] == "spread over seeds"
+
+
+def test_sparse_probing_bootstraps_over_the_same_texts_pair_and_others_do_not():
+    """Two SAEs whose sparse probing resampled the same test texts (the same ``sample_id``) differ replicate by replicate:
+    a difference far smaller than either error is a finding when the replicates move together; over other texts it is
+    not paired."""
+    import numpy as np
+
+    model, metric = "tiny-gpt2+prune_llm:x", "sae_top_1_test_accuracy"
+    shared = np.random.default_rng(0).normal(0.8, 0.03, 1000)  # which texts were drawn moves both SAEs alike
+
+    def run(run_id, start, variant, shift, sample_id):
+        values = shared + shift + np.random.default_rng(start).normal(0, 0.001, 1000)
+        metrics = {f"sparse_probing.{metric}": 0.8 + shift, f"sparse_probing.{metric}.bootstrap_se": float(values.std(ddof=1))}
+        boot = {"sparse_probing": {"sample_id": sample_id, "seed": 0, "replicates": 1000, "samples": {metric: values.tolist()}}}
+        params = {"suites": "sparse_probing", "base_model": model, "evaluation.seed": "42"}
+        tags = {"hook": "hook_resid_post", "layer": "2", "variant": variant}
+        return compare.RunRecord(run_id, "evaluate", run_id, start, params=params, metrics=metrics, tags=tags, bootstrap=boot)
+
+    cells = compare.cells([run("p", 1, "pretrained", 0.0, "texts-1"), run("a", 2, "pruned25", 0.01, "texts-1"),
+                           run("b", 3, "pruned50", 0.01, "texts-2")]).set_index(["table", "metric", "variant"])  # fmt: skip
+    top1 = cells.loc["sparse_probing"].loc[metric]
+    assert set(top1["se_kind"].dropna()) == {"bootstrap over test texts"}
+    assert top1.loc["pruned25", "paired"] is True and top1.loc["pruned25", "within_uncertainty"] is False
+    assert top1.loc["pruned25", "difference_se"] < 0.1 * top1.loc["pruned25", "se"]
+    assert top1.loc["pruned50", "paired"] is False and top1.loc["pruned50", "within_uncertainty"] is True
 
 
 def test_a_selection_by_variant_expects_that_variant_alone(store):

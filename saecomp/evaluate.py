@@ -754,6 +754,7 @@ def run_sparse_probing(
 
     uncertainty, tags = standard_errors("sparse_probing", "binomial_se", metrics, errors)
     if uncertainty is not None and uncertainty.get("untraced"):  # said on the run, not only inside its JSON
+        uncertainty["untraced"] = _side_without_answers(uncertainty["untraced"], side, MODEL_PROBE_OUTCOMES_FILE)
         tags["saecomp.sparse_probing.se_untraced"] = uncertainty["untraced"][:500]
         warnings.warn(
             f"sparse_probing: the probe tests could not be traced ({uncertainty['untraced']}); closed-form errors logged", stacklevel=2
@@ -761,6 +762,14 @@ def run_sparse_probing(
     seconds = time.perf_counter() - started
     tags["saecomp.sparse_probing.model_side"] = side.origin
     return SuiteResult("sparse_probing", output, metrics, seconds, tags, uncertainty=uncertainty)
+
+
+def _side_without_answers(reason: str, side: ModelSide, kept_file: str) -> str:
+    """Why a suite's tests were not traced, with the remedy where the cause is a loaded shared model side without the
+    answers its computing run keeps (made before saecomp kept them, or damaged): every later SAE on it would fall back."""
+    if side.computing or (side.folder / kept_file).is_file():
+        return reason
+    return f"the shared model side {side.folder} has no {kept_file} (older or damaged; delete that folder to have it recomputed): {reason}"
 
 
 @contextmanager
@@ -1150,6 +1159,7 @@ def run_scr_or_tpp(
     uncertainty, se_tags = standard_errors(suite, "binomial_se", metrics, uncertainty_of_runs)
     tags.update(se_tags)
     if uncertainty is not None and uncertainty.get("untraced"):  # said on the run, not only inside its JSON
+        uncertainty["untraced"] = _side_without_answers(uncertainty["untraced"], side, CLEAN_OUTCOMES_FILE)
         tags[f"saecomp.{suite}.se_untraced"] = uncertainty["untraced"][:500]
         warnings.warn(f"{suite}: the probe tests could not be traced ({uncertainty['untraced']}); parametric errors logged", stacklevel=2)
     seconds = time.perf_counter() - started

@@ -639,6 +639,13 @@ def _raise_on_sigterm(signum, frame):
     raise _Terminated(128 + signum)
 
 
+def _count_sigterm(signum, frame):
+    # While a step closes its run: counted (the run then never ends FINISHED), never raised into the closing, where it
+    # could leave the run RUNNING (MLflow drops the run from its stack before it writes the status) or the handlers set.
+    global _SIGTERMS_HANDLED
+    _SIGTERMS_HANDLED += 1
+
+
 def _redeliver_dropped_sigterm(previous_hook):
     """A `sys.unraisablehook` for a step: Python drops an exception raised inside a `__del__` or a weakref callback
     (seen: a SIGTERM landing in a WeakKeyDictionary's callback mid-pruning; the step went on and finished), so the
@@ -649,16 +656,20 @@ def _redeliver_dropped_sigterm(previous_hook):
         if not isinstance(unraisable.exc_value, _Terminated):
             previous_hook(unraisable)
             return
-        print(f"[saecomp] SIGTERM landed in {unraisable.object!r}, where Python drops exceptions: sent again", file=sys.stderr, flush=True)
 
         def again():
             time.sleep(0.05)  # the callback has returned by then (else this hook runs again)
-            if signal.getsignal(signal.SIGTERM) is _raise_on_sigterm:  # the step is still open
+            if signal.getsignal(signal.SIGTERM) is _raise_on_sigterm:  # the step is still open, not closing
                 import _thread
 
-                _thread.interrupt_main(signal.SIGTERM)  # a no-op once SIGTERM's handler is the default again
+                _thread.interrupt_main(signal.SIGTERM)  # lands in whatever handler is set then: counted while closing
 
         threading.Thread(target=again, name="saecomp-sigterm-again", daemon=True).start()
+        try:
+            where = repr(unraisable.object)[:200]
+        except Exception:  # any object's repr may fail; the signal is on its way again anyway
+            where = "a finaliser"
+        print(f"[saecomp] SIGTERM landed in {where}, where Python drops exceptions: sent again", file=sys.stderr, flush=True)
 
     return hook
 
@@ -689,18 +700,30 @@ def step_run(
     previous_unraisable_hook = sys.unraisablehook
     sys.unraisablehook = _redeliver_dropped_sigterm(previous_unraisable_hook)
     sigterms_before = _SIGTERMS_HANDLED
-    reap_dead_runs()
-    if os.environ.get("MLFLOW_RUN_ID") or experiment_name is None:
-        run = mlflow.start_run()
-    else:
-        run = mlflow.start_run(experiment_id=experiment_id_for(experiment_name))
+
+    def closing() -> None:  # first thing on every way out: a SIGTERM from here on is counted, never raised
+        signal.signal(signal.SIGTERM, _count_sigterm)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_unraisable_hook
+
+    try:
+        reap_dead_runs()
+        if os.environ.get("MLFLOW_RUN_ID") or experiment_name is None:
+            run = mlflow.start_run()
+        else:
+            run = mlflow.start_run(experiment_id=experiment_id_for(experiment_name))
+    except BaseException:
+        restore()
+        raise
     keep_alive = alive(run.info.run_id, watch_launcher=True)
     try:
         watchdog = keep_alive.__enter__()
     except BaseException:
+        closing()
         mlflow.end_run("FAILED")  # never left to MLflow's exit hook, which would mark it FINISHED
-        signal.signal(signal.SIGTERM, previous)
-        sys.unraisablehook = previous_unraisable_hook
+        restore()
         raise
     try:
         labels = {STEP_TAG: step, KEY_TAG: key, "saecomp.code": source_digest(), **library_versions(), **(tags or {})}
@@ -721,22 +744,28 @@ def step_run(
         mlflow.log_params({k: v for k, v in params.items() if k not in already})
         yield run
     except KeyboardInterrupt:
+        closing()
         mlflow.end_run("KILLED")
         raise
     except BaseException:
+        closing()
         mlflow.end_run("FAILED")
         raise
     else:
+        closing()
         if _SIGTERMS_HANDLED != sigterms_before:  # told to stop, and its exception was dropped before it was sent again
             mlflow.end_run("FAILED")
             raise _Terminated(128 + signal.SIGTERM)
         if watchdog is not None:
             watchdog.finish_or_exit()  # its launcher died meanwhile (a retry may compute the same): never FINISHED
         mlflow.end_run("FINISHED")
+        if _SIGTERMS_HANDLED != sigterms_before:  # told to stop while it closed: FAILED after all
+            MlflowClient().set_terminated(run.info.run_id, "FAILED")
+            raise _Terminated(128 + signal.SIGTERM)
     finally:
+        closing()
         keep_alive.__exit__(None, None, None)
-        signal.signal(signal.SIGTERM, previous)
-        sys.unraisablehook = previous_unraisable_hook
+        restore()
 
 
 def training_metrics_logger(synchronous: bool = True):

@@ -234,6 +234,7 @@ def test_saes_sharing_the_model_side_get_exactly_the_numbers_of_a_fresh_run(expe
             }
             assert fallen.uncertainty.get("se_kind", "binomial_se") == "binomial_se" and fallen.tags[f"saecomp.{suite}.se_untraced"]
             assert fallen.uncertainty.get("sample_id") != fresh.uncertainty["sample_id"]  # never paired with a traced run
+            assert ("delete that folder" in fallen.tags[f"saecomp.{suite}.se_untraced"]) == (damage == "missing")  # the remedy
         outcomes.write_bytes(kept)
         if suite != "scr":  # the numbers depend on the state handed over (SCR's draws only reorder texts)
             states = published / evaluate_lib.RANDOM_STATES_FILE

@@ -221,16 +221,28 @@ def test_a_sigterm_whose_exception_python_drops_still_stops_the_step():
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
 
 
-def test_a_sigterm_dropped_as_the_step_ends_never_finishes_its_run():
-    """Dropped in the step's last statement: no plain code is left for the signal sent again; the run still ends FAILED."""
+def test_a_sigterm_dropped_as_the_step_ends_never_finishes_its_run(monkeypatch):
+    """Dropped in the step's last statement: no plain code is left for the signal sent again, which lands while the step
+    closes its run, slowly here (a tracking server's round trip): the run still ends FAILED, never RUNNING, and the
+    step's handlers are undone."""
     from saecomp.tracking import step_run
 
+    set_terminated = mlflow.MlflowClient.set_terminated
+
+    def slowly(self, *args, **kwargs):
+        time.sleep(0.2)  # the signal sent again lands in here
+        return set_terminated(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", slowly)
+    before = signal.getsignal(signal.SIGTERM), sys.unraisablehook
     with pytest.raises(SystemExit) as stopped:
         with step_run("probe", "key-term-dropped-last", {}) as run:
             _SigtermInDel()
     assert stopped.value.code == 143
+    monkeypatch.undo()
+    time.sleep(0.2)  # the signal sent again (if still to come) finds SIGTERM's handler restored and does nothing
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
-    time.sleep(0.2)  # the signal sent again finds SIGTERM's handler restored and does nothing (else pytest stops here)
+    assert (signal.getsignal(signal.SIGTERM), sys.unraisablehook) == before
 
 
 def test_the_oldest_finished_run_of_a_key_is_canonical():

@@ -925,7 +925,8 @@ def _traced_trainings(classes: list[dict]) -> Iterator[None]:
 
 def _class_outcomes(accuracies: dict, classes: list[dict]) -> dict | None:
     """The traced trainings (``_traced_trainings``) by class: `train_probe_on_activations` fills its dict in the order
-    it trains, so the i-th class is the i-th training; ``{"pools", "by_class": class -> [(texts, correct) per test]}``,
+    it trains, so the i-th class is the i-th training; ``{"pools", "by_class": class -> (texts, [correct per test])}``
+    (a GPU probe's tests, one per epoch, all read the same texts),
     or None unless every test was traced, all read the same pools, and the best test's answers average to SAEBench's
     accuracy."""
     import numpy as np
@@ -939,7 +940,7 @@ def _class_outcomes(accuracies: dict, classes: list[dict]) -> dict | None:
             return None
         if traced["accuracy"] != accuracies[name] or abs(max(float(np.mean(c)) for c in epochs) - accuracies[name]) > 1e-6:
             return None
-        by_class[name] = [(texts, np.asarray(c, dtype=bool)) for c in epochs]
+        by_class[name] = (texts, [np.asarray(c, dtype=bool) for c in epochs])
     return {"pools": classes[0]["pools"], "by_class": by_class}
 
 
@@ -948,8 +949,8 @@ def _plain_class_outcomes(outcomes: dict | None) -> dict | None:
     if outcomes is None:
         return None
     by_class = {
-        name: [([int(t) for t in texts], [bool(c) for c in correct]) for texts, correct in tests]
-        for name, tests in outcomes["by_class"].items()
+        name: ([int(t) for t in texts], [[bool(c) for c in correct] for correct in tests])
+        for name, (texts, tests) in outcomes["by_class"].items()
     }
     return {"pools": [list(pool) for pool in outcomes["pools"]], "by_class": by_class}
 
@@ -978,7 +979,9 @@ def _sparse_probing_traced(per_class: dict, runs: dict) -> tuple[dict | None, st
             pools = tested_on
             tests[name] = {}
             for label, accuracy in accuracies.items():
-                answers = [(np.asarray(t, dtype=np.int64), np.asarray(c, dtype=bool)) for t, c in outcomes["by_class"][label]]
+                texts, epochs = outcomes["by_class"][label]
+                read = np.asarray(texts, dtype=np.int64)
+                answers = [(read, np.asarray(c, dtype=bool)) for c in epochs]
                 if abs(max(float(np.mean(c)) for _, c in answers) - accuracy) > 1e-6:  # a loaded model side must be this run's
                     return None, f"{dataset}: traced answers to {name} ({label}) do not give SAEBench's accuracy"
                 tests[name][label] = answers

@@ -442,20 +442,18 @@ def test_a_traced_sparse_probe_training_names_the_texts_each_probe_read_and_leav
     assert outcomes is not None and outcomes["pools"] == pools and list(outcomes["by_class"]) == list(traced)
     offsets = dict(zip([key for key, _ in pools], np.cumsum([0] + [n for _, n in pools]).tolist(), strict=False))
     rows = torch.cat([test[key] for key, _ in pools])  # [all test texts, d], pools in sorted order
-    for key, tests in outcomes["by_class"].items():
+    for key, (texts, tests) in outcomes["by_class"].items():
         assert len(tests) == (4 if probe == "gpu" else 1)  # every epoch's test (no early stop within 4 epochs)
-        texts, _ = tests[0]
-        assert all(np.array_equal(t, texts) for t, _ in tests)
         own = np.isin(texts, range(offsets[key], offsets[key] + sizes[key]))
         assert len(texts) == 2 * sizes[key] and set(texts[own].tolist()) == set(range(offsets[key], offsets[key] + sizes[key]))
         labels = torch.as_tensor(np.where(own, dataset_info.POSITIVE_CLASS_LABEL, dataset_info.NEGATIVE_CLASS_LABEL))
         if probe == "gpu":
             with torch.no_grad():  # the returned probe is the best epoch's: its answers are one of the traced epochs'
                 best = ((probes[key](rows[torch.as_tensor(texts)]) > 0).long() == labels).numpy()
-            assert any(np.array_equal(best, correct) for _, correct in tests)
-            assert max(float(np.mean(c)) for _, c in tests) == pytest.approx(traced[key], abs=1e-7)
+            assert any(np.array_equal(best, correct) for correct in tests)
+            assert max(float(np.mean(c)) for c in tests) == pytest.approx(traced[key], abs=1e-7)
         else:
-            assert float(np.mean(tests[0][1])) == pytest.approx(traced[key], abs=1e-12)
+            assert float(np.mean(tests[0])) == pytest.approx(traced[key], abs=1e-12)
 
 
 def test_the_bootstrap_of_texts_pairs_clean_with_ablated_and_two_saes_on_the_same_texts():
@@ -552,9 +550,7 @@ def test_sparse_probings_bootstrap_of_texts_is_the_closed_form_pairs_two_saes_an
         "llm_test_accuracy": {"a": [right["epoch_2"]["a"]], "b": [right["one"]["b"]]},
     }
     per_class = {key: {m: {c: accuracy_of(t) for c, t in by_class.items()} for m, by_class in tests_of.items()}}
-    by_name = {
-        m: {"pools": pools, "by_class": {c: [(read, t) for t in ts] for c, ts in by_class.items()}} for m, by_class in tests_of.items()
-    }
+    by_name = {m: {"pools": pools, "by_class": {c: (read, ts) for c, ts in by_class.items()}} for m, by_class in tests_of.items()}
     runs = {key: {"texts": {c: [f"review {c}.{i}" for i in range(n)] for c in classes}, "by_name": by_name}}
     traced, why = evaluate_lib._sparse_probing_traced(per_class, runs)
     assert why is None

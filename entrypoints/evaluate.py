@@ -14,22 +14,52 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
+import logging
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 import click
 
 from entrypoints.common import experiment_option, fail, load, load_source, model_dims, resolve_base, world_step
 
+LIBRARY_LOGGERS = ("datasets",)
+"""Libraries whose log records during a suite go to its log: `datasets` says, per dataset and load, that it uses the
+cached copy offline (about 45 lines per cold pipeline)."""
+_suite_log = threading.local()  # the log of the suite this thread runs, if any
+
+
+class _ToSuiteLog(logging.Handler):
+    """A library logger's one handler: a record goes to the log of the suite its thread runs, else (or if that log was
+    closed meanwhile) to the handlers the logger had before."""
+
+    def __init__(self, before: list[logging.Handler]):
+        super().__init__()
+        self.before = before
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = getattr(_suite_log, "log", None)
+        if log is not None:
+            try:
+                log.write(f"{record.levelname}:{record.name}: {record.getMessage()}\n")
+                return
+            except (ValueError, OSError):
+                pass
+        for handler in self.before:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
 
 @contextlib.contextmanager
 def library_warnings_to(log):
     """The libraries' warnings during a suite (scikit-learn's deprecations, about a thousand per cold pipeline; SAEBench's
-    decoder-norm notes) into the suite's log with SAEBench's prints; saecomp's own (a suite's errors falling back, twins
-    not computed) still reach the terminal. Warnings are process-wide: where steps run as threads of one process, a
-    warning may land in another suite's log, never in none."""
+    decoder-norm notes) and their log records (``LIBRARY_LOGGERS``) into the suite's log with SAEBench's prints;
+    saecomp's own (a suite's errors falling back, twins not computed) still reach the terminal. Warnings are
+    process-wide: where steps run as threads of one process, a warning may land in another suite's log, never in none;
+    log records go by thread."""
     import warnings
 
     shown = warnings.showwarning
@@ -44,9 +74,19 @@ def library_warnings_to(log):
             pass
         shown(message, category, filename, lineno, file, line)
 
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
+    for name in LIBRARY_LOGGERS:  # installed once per process, and left: with no suite running it passes records on
+        importlib.import_module(name)  # the library adds its own handler on import: after that, never beside ours
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _ToSuiteLog) for h in logger.handlers):
+            logger.handlers = [_ToSuiteLog(list(logger.handlers))]
+    outer = getattr(_suite_log, "log", None)
+    _suite_log.log = log
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            yield
+    finally:
+        _suite_log.log = outer
 
 
 @click.command()

@@ -1296,6 +1296,38 @@ def test_a_suites_library_warnings_go_to_its_log_and_saecomps_own_to_the_termina
     assert [str(w.message) for w in shown] == ["tpp: the probe tests could not be traced (x)"]
 
 
+def test_a_suites_library_log_records_go_to_its_log_and_elsewhere_where_they_went_before(tmp_path):
+    """`datasets`' records during a suite ("Using the latest cached version of the dataset ...", about 45 lines per
+    cold pipeline) go to the suite's log; another thread's, and any after the suite, go where they went before."""
+    import logging
+    import threading
+
+    from entrypoints.evaluate import library_warnings_to
+
+    terminal: list[str] = []
+
+    class Terminal(logging.Handler):
+        def emit(self, record):
+            terminal.append(record.getMessage())
+
+    logger = logging.getLogger("datasets")
+    log_path = tmp_path / "suite.log"
+    with log_path.open("w") as log, library_warnings_to(log):
+        (ours,) = logger.handlers  # the library's own handler now sits behind ours
+        ours.before.append(Terminal())
+        logger.warning("Using the latest cached version of the dataset since LabHC/bias_in_bios couldn't be found")
+        other = threading.Thread(target=lambda: logger.warning("another thread's record"))
+        other.start()
+        other.join()
+    logger.warning("after the suite")
+    ours.before.pop()
+    logged = log_path.read_text()
+    assert "WARNING:datasets: Using the latest cached version" in logged and "another thread" not in logged and "after" not in logged
+    assert terminal == ["another thread's record", "after the suite"]
+    with (tmp_path / "again.log").open("w") as log, library_warnings_to(log):
+        assert len(logger.handlers) == 1  # installed once
+
+
 def test_evaluate_step_runs_every_built_suite_and_a_failed_suite_fails_the_run(small_experiment, monkeypatch):
     from saecomp import evaluate as evaluate_lib
     from saecomp.tracking import find_finished_suite

@@ -828,7 +828,11 @@ def sparse_probing_accuracies(side: ModelSide | None = None) -> Iterator[tuple[d
         # SAEBench keeps the very dicts its trainings returned (the model's when computed here, the SAE's always)
         by_name = {name: state["tests"].get(id(accuracies), (None, None))[1] for name, accuracies in per_class.items()}
         texts = state["texts"]
-        kept[key] = {"texts": texts, "by_name": {name: _plain_class_outcomes(o) for name, o in by_name.items() if name.startswith("llm_")}}
+        if side is not None and side.computing and side.save:  # only what a shared side's loading runs will read
+            try:
+                kept[key] = {"texts": texts, "by_name": {n: _plain_class_outcomes(o) for n, o in by_name.items() if n.startswith("llm_")}}
+            except Exception:  # the loading runs' traced errors only
+                kept[key] = {}
         earlier = saved.get(key) if isinstance(saved, dict) and isinstance(saved.get(key), dict) else {}
         if texts is None:  # loaded: what the computing run kept
             texts = earlier.get("texts")
@@ -850,7 +854,11 @@ def sparse_probing_accuracies(side: ModelSide | None = None) -> Iterator[tuple[d
         classes: list[dict] = []
         with _traced_trainings(classes):
             probes, accuracies = train_probes(train_activations, test_activations, *args, **kwargs)
-        current[-1]["tests"][id(accuracies)] = (accuracies, _class_outcomes(accuracies, classes))
+        try:
+            outcomes = _class_outcomes(accuracies, classes)
+        except Exception:  # never into SAEBench's run: this dataset's errors fall back
+            outcomes = None
+        current[-1]["tests"][id(accuracies)] = (accuracies, outcomes)
         return probes, accuracies
 
     sparse_probing.run_eval_single_dataset, probe_training.train_probe_on_activations = dataset, training

@@ -909,6 +909,36 @@ def test_gemma2s_bos_and_a_jumprelu_hook_z_sae_share_the_model_side_exactly_and_
     assert first.uncertainty["samples"] != reused.uncertainty["samples"] == fresh.uncertainty["samples"]
 
 
+@pytest.mark.parametrize(
+    "model,architecture,hook,norm",
+    [("tiny-gemma2", "jumprelu", "blocks.1.attn.hook_z", "none"), ("tiny-gpt2", "standard", "blocks.1.hook_resid_post", "layer_norm")],
+)
+def test_sparse_probing_of_gemma2s_bos_and_of_a_layer_norm_sae_is_traced_and_shares_the_model_side_exactly(
+    experiment, small_world, offline_data, tmp_path, model, architecture, hook, norm
+):
+    """What the real experiment files bring to sparse probing: Gemma-2's BOS-first texts with a JumpReLU SAE at
+    attn.hook_z (Gemma Scope's, probed through the flat view), and GPT-2's pretrained layer-norm SAEs. Every accuracy
+    gets its error from the traced bootstrap (not the closed-form fallback), and a second SAE reading the shared model
+    side scores exactly as a fresh run of it, over the same resampled texts."""
+    loaded = load_model(model, small_world / model)
+    loaded.tl.cfg.model_name = f"{model}-probing-test"
+    config = saebench_config("sparse_probing", experiment.evaluation, loaded.tl.cfg.model_name, "float32", loaded.tl, tiny=True)
+    shared = tmp_path / "shared"
+    probe = lambda seed, folder, **shared: run_suite(  # noqa: E731
+        "sparse_probing", loaded.tl, random_sae(architecture, hook, norm, seed=seed), config, tmp_path / folder, str(seed), **shared
+    )
+    with offline_datasets(offline_data / "hf_datasets"):
+        first, reused, fresh = probe(1, "a", shared=shared), probe(2, "b", shared=shared), probe(2, "c")
+    assert reused.tags["saecomp.sparse_probing.model_side"].startswith("loaded from")
+    for part in ("eval_result_metrics", "eval_result_details", "eval_result_unstructured"):
+        assert reused.output[part] == fresh.output[part], part
+    assert reused.metrics == fresh.metrics and all(math.isfinite(v) for v in reused.metrics.values())
+    for result in (first, reused):
+        check_sparse_probing_standard_errors(result, config, offline_data)
+    assert first.uncertainty["sample_id"] == reused.uncertainty["sample_id"] == fresh.uncertainty["sample_id"]
+    assert first.uncertainty["samples"] != reused.uncertainty["samples"] == fresh.uncertainty["samples"]
+
+
 def test_an_error_in_the_twins_leaves_saebenchs_numbers_and_says_why(experiment, pruned, offline_data, tmp_path, monkeypatch):
     """The twins are ours: if computing them fails, SAEBench's numbers and the random state after the suite are those
     of a run whose twins succeeded, the run says why it has no twins, and SAEBench's functions are its own again."""

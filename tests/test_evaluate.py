@@ -104,10 +104,12 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
     assert alive["full_sample"] == pytest.approx(random["core.frac_alive"], abs=1e-7)
     assert alive["n_sequences"] == boot["n_sequences"]["sparsity_variance"]
     assert random["core.frac_alive.jackknife_se"] == alive["se"] and "core.frac_alive.bootstrap_se" not in random
-    # the per-latent densities' summaries: some of the random SAE's latents are over 10% and some under, so the share of
-    # all firing those over it make moves with the resampled densities (a count of latents over it may not: none need
-    # lie near the threshold)
-    assert 0 < random["core.freq_over_10_percent"] < 1 and random["core.normalized_freq_over_10_percent.bootstrap_se"] > 0
+    # the per-latent densities' summaries: every latent of this random SAE is dead or fires on over 10% of the tokens,
+    # in every resample too, so the share of all firing those over 10% make is 1 in each, exactly, and its error 0
+    # (SAEBench's own float32 masked sum gives it rounding noise, 1e-7: the test once took that noise for a spread)
+    assert 0 < random["core.freq_over_10_percent"] == random["core.frac_alive"] < 1
+    assert set(boot["samples"]["normalized_freq_over_10_percent"]) == {1.0}
+    assert random["core.normalized_freq_over_10_percent.bootstrap_se"] == 0
     assert len(boot["samples"]["freq_over_1_percent"]) == boot["replicates"]  # 64 latents: every replicate resamples them
     # the SAE's weights alone are not resampled
     assert "core.average_max_encoder_cosine_sim.bootstrap_se" not in random
@@ -292,7 +294,10 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
                 if name != "frac_alive":
                     assert boot["samples"][name][r] == pytest.approx(value, rel=1e-6), (name, r)
     assert all(len(boot["samples"][name]) == len(draws) for name in density_summaries(latents) if name != "frac_alive")
-    assert all(se > 0 for se in boot["se"].values())
+    # every latent that fires here fires on over 1% of a resample's few tokens: that share of all firing is 1 in every
+    # resample, exactly, and its error 0 (SAEBench's float32 masked sum, row by row, gave rounding noise); the rest move
+    assert set(boot["samples"]["normalized_freq_over_1_percent"]) == {1.0} and boot["se"]["normalized_freq_over_1_percent"] == 0
+    assert all(se > 0 for name, se in boot["se"].items() if name != "normalized_freq_over_1_percent")
     assert boot["density_replicates"] == len(draws) and "density_skipped" not in boot
     # the densities' resamples must be core's own: other draws are not silently mixed in, and (ours, beside SAEBench's
     # numbers) a mismatch is warned, never raised: the other errors stand
@@ -310,6 +315,34 @@ def test_variance_loop_sums_give_saebenchs_statistics_and_a_bootstrap_of_whole_s
     cut = core_bootstrap(SplicedLossRecorder(), short, replicates=12, seed=7)
     assert "freq_over_1_percent" not in cut["se"] and cut["se"]["mse"] == boot["se"]["mse"] and "density_skipped" in cut
     assert cut["jackknife"] == boot["jackknife"]
+
+
+def test_the_density_summaries_of_many_replicates_at_once_are_saebenchs_row_by_row():
+    """core's bootstrap scores each replicate's per-latent densities with SAEBench's formulas, many rows a pass: per
+    row, the shares over 0, 1% and 10% are exactly SAEBench's `calculate_misc_metrics`; the normalised shares (float32
+    sums in another order) agree to float32 rounding. Rows cover densities on the thresholds themselves, a row that
+    never fired (SAEBench's 0, not 0/0), and more rows than one pass takes."""
+    from sae_bench.evals.core.main import calculate_misc_metrics
+
+    from saecomp.evaluate import DENSITY_SUMMARIES, _density_summaries
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.tensor([1000.0, 1000.0, 1000.0, 737.0, 1000.0], dtype=torch.float64)
+    fired = torch.randint(0, 40, (5, 3000), generator=generator).double() * (torch.rand(5, 3000, generator=generator) < 0.5)
+    fired[1, :500] = 10  # exactly 1% of 1,000 tokens: not over (SAEBench's strict >)
+    fired[2, :300] = 100  # exactly 10%
+    fired[:, 0] = 400  # a dense latent
+    fired[4] = 0  # never fired
+    summaries = _density_summaries(fired, tokens, rows_at_once=2)
+    weights_only = {"max_encoder_cosine_sim": [0.0], "max_decoder_cosine_sim": [0.0]}
+    for row in range(5):
+        saebench = calculate_misc_metrics({"feature_density": fired[row].float() / tokens[row].float(), **weights_only})
+        for name in DENSITY_SUMMARIES:
+            exact = not name.startswith("normalized")
+            expected = pytest.approx(saebench[name], rel=0 if exact else 1e-6, abs=0 if exact else 1e-9)
+            assert summaries[name].dtype == torch.float64 and float(summaries[name][row]) == expected, (row, name)
+    assert float(summaries["normalized_freq_over_1_percent"][4]) == 0.0 and float(summaries["frac_alive"][4]) == 0.0
+    assert 0 < float(summaries["freq_over_1_percent"][1]) < float(summaries["frac_alive"][1])
 
 
 def test_frac_alives_jackknife_covers_its_true_spread_where_the_bootstrap_runs_low():

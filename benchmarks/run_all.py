@@ -113,6 +113,8 @@ def main() -> None:
                 {"step": "prune_sae", "case": case, "figure": "sweep / floor", "value": r["sweep_over_floor"], "goal": "<= 1.2",
                  "met": r["sweep_over_floor"] <= 1.2, "note": note}
             )  # fmt: skip
+            if r.get("seed_way_over_sweep") is None:  # a run with --no-baselines: the sweep and its floor only
+                continue
             rows.append(
                 {"step": "prune_sae", "case": case, "figure": "speed-up over the seed code way", "value": r["seed_way_over_sweep"],
                  "goal": ">= 4", "met": r["seed_way_over_sweep"] >= 4, "note": note}
@@ -163,11 +165,13 @@ def main() -> None:
             record = run("evaluate_core", ["--shape", shape, "--device", "cuda", "--dtype", dtype], out / f"evaluate_core_{shape}_gpu.json")
             note = "measured here"
         else:
-            recorded = sorted(RECORDED.glob(f"evaluate_core_{shape}_h[0-9]*.json"))
+            recorded = sorted(RECORDED.glob(f"evaluate_core_{shape}_h[0-9][0-9][0-9].json"))  # h100, h200: the latest code's
             record = json.loads(recorded[-1].read_text()) if recorded else None
             note = f"recorded {record['machine']['date']} on {record['machine']['gpu']} ({recorded[-1].name})" if record else ""
             if record and "ratio_median_to_saebench_core_per_sae" not in record:
                 note += "; before core's centred variance came from SAEBench's own loop (it had a pass of its own)"
+            if record and record.get("note"):  # what the recorded run measured, written beside its figures
+                note += f"; {record['note']}"
         rows.append(
             {"step": "evaluate", "case": f"core, {shape} {dtype} GPU", "figure": "time / SAEBench run_evals alone",
              "value": record["ratio_median"], "goal": "<= 1.1", "met": record["ratio_median"] <= 1.1, "note": note}

@@ -276,6 +276,7 @@ def cells(records: Iterable[RunRecord], variants: Iterable[str] | None = None) -
                                 "se_kind": SE_KINDS_OF_SUITE.get((spec.suite, se_kind), SE_KINDS.get(se_kind, se_kind)),
                                 "_replicates": boot.get("jackknife" if se_kind == "jackknife_se" else "samples", {}).get(metric),
                                 "_resamples": (boot.get("sample_id"), se_kind, boot.get("seed"), boot.get("replicates")),
+                                "_runtime": _runtime(newest) if status == "ok" else None,
                                 "status": status,
                                 "run_id": run_ids,
                                 "run_name": run_names,
@@ -299,8 +300,9 @@ def _newest_per_seed(candidates: list[RunRecord], like: RunRecord | None = None)
     if not candidates:
         return {}
 
-    def settings(run: RunRecord) -> dict[str, str]:
-        return {k: v for k, v in run.params.items() if (k.startswith("evaluation.") or k == "sae") and k != "evaluation.seed"}
+    def settings(run: RunRecord) -> dict[str, str]:  # the device and dtype too: numbers move with them (benchmarks/README.md)
+        kept = ("sae", *RUNTIME_PARAMS)
+        return {k: v for k, v in run.params.items() if (k.startswith("evaluation.") or k in kept) and k != "evaluation.seed"}
 
     reference = settings(like or candidates[-1])
     newest = {}
@@ -309,6 +311,18 @@ def _newest_per_seed(candidates: list[RunRecord], like: RunRecord | None = None)
         if all(own[k] == reference[k] for k in own.keys() & reference.keys()):
             newest[run.params.get("evaluation.seed", "42")] = run
     return dict(sorted(newest.items(), key=lambda item: (len(item[0]), item[0])))
+
+
+RUNTIME_PARAMS = ("device", "dtype")
+"""Where and in what precision a step computed (every step logs them): an evaluation's numbers move with them, in TPP
+at many ablated latents and in RAVEL by one to three of their standard errors between a CPU and a GPU
+(benchmarks/README.md, 2026-11-28), and no standard error covers that."""
+
+
+def _runtime(run: RunRecord) -> tuple[str, str] | None:
+    """The run's device and dtype, or None where it logged neither (older runs)."""
+    runtime = tuple(run.params.get(name, "") for name in RUNTIME_PARAMS)
+    return runtime if any(runtime) else None
 
 
 REFERENCE_VARIANT = "pretrained"
@@ -330,11 +344,19 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
     sqrt(se_a^2 + se_b^2)."""
     reference = {(r["table"], r["model"], r["hook"], r["metric"]): r for r in rows if r["variant"] == REFERENCE_VARIANT}
     bootstrap = {id(r): (r.pop("_replicates", None), r.pop("_resamples", None)) for r in rows}
+    runtimes = {id(r): r.pop("_runtime", None) for r in rows}
     for row in rows:
         row.update(difference_se=None, paired=None, within_uncertainty=None)
         ref = reference.get((row["table"], row["model"], row["hook"], row["metric"]))
         if row["variant"] == REFERENCE_VARIANT or ref is None or not _finite(row["se"]) or not _finite(ref["se"]):
             continue  # no standard error (or a NaN one): nothing can be said
+        runtime, ref_runtime = runtimes[id(row)], runtimes[id(ref)]
+        if runtime and ref_runtime and runtime != ref_runtime:  # the difference holds what the device moved: no error covers it
+            row["note"] = "; ".join(filter(None, [row["note"], (
+                f"evaluated on {'/'.join(runtime)}, the {REFERENCE_VARIANT} SAE on {'/'.join(ref_runtime)}: the standard errors "
+                "cover the test texts, not what the device or dtype moves, so the difference is not marked"
+            )]))  # fmt: skip
+            continue
         (replicates, resamples), (ref_replicates, ref_resamples) = bootstrap[id(row)], bootstrap[id(ref)]
         same_resamples = resamples is not None and resamples[0] is not None and resamples == ref_resamples
         jackknives = isinstance(replicates, dict) and isinstance(ref_replicates, dict)  # frac_alive's

@@ -4,6 +4,7 @@ LaTeX and HTML are well formed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -509,6 +510,48 @@ def test_sparse_probing_bootstraps_over_the_same_texts_pair_and_others_do_not():
     assert top1.loc["pruned25", "paired"] is True and top1.loc["pruned25", "within_uncertainty"] is False
     assert top1.loc["pruned25", "difference_se"] < 0.1 * top1.loc["pruned25", "se"]
     assert top1.loc["pruned50", "paired"] is False and top1.loc["pruned50", "within_uncertainty"] is True
+
+
+def test_a_difference_between_evaluations_on_other_devices_is_never_marked_and_seeds_never_mix_devices():
+    """TPP at many ablated latents and RAVEL move between a CPU and a GPU by more than their standard errors (which cover
+    the test texts only; benchmarks/README.md): a variant evaluated on another device or dtype than the pretrained SAE
+    gets no within-uncertainty mark, paired or not, and its note says why; runs of other seeds average only with runs
+    on the same device and dtype. Older runs that logged neither are compared as before."""
+    model, metric = "tiny-gpt2+prune_llm:x", "tpp_threshold_500_total_metric"
+
+    def run(run_id, start, variant, value, device="cpu", dtype="float32", seed="42"):
+        params = {"suites": "tpp", "base_model": model, "evaluation.seed": seed, "device": device, "dtype": dtype}
+        metrics = {f"tpp.{metric}": value, f"tpp.{metric}.bootstrap_se": 0.01}
+        return compare.RunRecord(run_id, "evaluate", run_id, start, params=params, metrics=metrics,
+                                 tags={"hook": "hook_resid_post", "layer": "2", "variant": variant})  # fmt: skip
+
+    def tpp_cells(records):
+        return compare.cells(records).set_index(["table", "metric", "variant"]).loc["tpp"].loc[metric]
+
+    same = tpp_cells([run("p", 1, "pretrained", 0.33), run("a", 2, "pruned25", 0.34), run("b", 3, "pruned50", 0.40)])
+    assert same.loc["pruned25", "within_uncertainty"] is True and same.loc["pruned50", "within_uncertainty"] is False
+    mixed = tpp_cells([run("p", 1, "pretrained", 0.33), run("a", 2, "pruned25", 0.34, device="cuda"),
+                       run("b", 3, "pruned50", 0.40, dtype="bfloat16")])  # fmt: skip
+    for variant, where in (("pruned25", "cuda/float32"), ("pruned50", "cpu/bfloat16")):
+        cell = mixed.loc[variant]
+        assert cell["within_uncertainty"] is None and cell["difference_se"] is None and cell["paired"] is None
+        assert f"evaluated on {where}, the pretrained SAE on cpu/float32" in cell["note"]
+    table = compare.markdown(compare.cells([run("p", 1, "pretrained", 0.33), run("a", 2, "pruned25", 0.34, device="cuda")]))
+    line = next(x for x in table.splitlines() if f"| {metric} |" in x)
+    assert [c.strip() for c in line.split("|")[3:5]] == ["0.3300 ± 0.01", "0.3400 ± 0.01"]  # no ≈ on the GPU's cell
+    # seeds: the GPU's seed-1 run is another measurement, so the CPU's two seeds alone make the mean
+    seeded = tpp_cells([run("p", 1, "pretrained", 0.30), run("p1", 2, "pretrained", 0.32, seed="1"),
+                        run("g2", 3, "pretrained", 0.90, device="cuda", seed="2")])  # fmt: skip
+    assert seeded.loc["pretrained", "value"] == 0.90 and seeded.loc["pretrained", "run_id"] == "g2"  # the newest run, alone
+    seeded = tpp_cells([run("g2", 1, "pretrained", 0.90, device="cuda", seed="2"), run("p", 2, "pretrained", 0.30),
+                        run("p1", 3, "pretrained", 0.32, seed="1")])  # fmt: skip
+    assert seeded.loc["pretrained", "value"] == pytest.approx(0.31) and seeded.loc["pretrained", "run_id"] == "p1,p"  # by seed: 1, 42
+    # older runs without the params: compared as before
+    old = [
+        dataclasses.replace(r, params={k: v for k, v in r.params.items() if k not in ("device", "dtype")})
+        for r in (run("p", 1, "pretrained", 0.33), run("a", 2, "pruned25", 0.34, device="cuda"))
+    ]
+    assert tpp_cells(old).loc["pruned25", "within_uncertainty"] is True
 
 
 def test_a_selection_by_variant_expects_that_variant_alone(store):

@@ -34,14 +34,44 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 LIBRARIES = ("torch", "transformer-lens", "sae-lens", "sae-bench", "mlflow", "transformers")
 
 
+def local_store_database(tracking_uri: str | None = None) -> Path | None:
+    """The database file of a SQLite tracking store (``sqlite:///mlflow.db`` relative to the working directory,
+    ``sqlite:////abs/mlflow.db`` absolute), or None for any other store."""
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None  # a server, another database, or SQLite in memory (sqlite://)
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
+
+
+def open_local_store(tracking_uri: str | None = None):
+    """A SQLite store's ``SqlAlchemyStore`` whose new experiments keep their artifacts beside its database, in MLflow's
+    own layout (``<database's folder>/mlruns/<experiment id>``), created with its Default experiment there if new; None
+    for any other store. MLflow's client puts them under ``./mlruns`` of whatever directory the creating process runs
+    in, so a store at another path (a test session's, one on a shared disk) would scatter its artifacts into its
+    callers' working directories (the repository's, for a step)."""
+    database = local_store_database(tracking_uri)
+    if database is None or os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").lower() in ("1", "true"):
+        return None  # workspaces take another store class: MLflow's own default then
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return SqlAlchemyStore(f"sqlite:///{database}", str(database.parent / "mlruns"))
+
+
 def experiment_id_for(name: str) -> str:
-    """The MLflow experiment named after an experiment file's ``name``: created on first use, and tagged so that
-    the UI opens it as model training."""
+    """The MLflow experiment named after an experiment file's ``name``: created on first use (its artifacts beside a
+    SQLite store's database: ``open_local_store``), and tagged so that the UI opens it as model training."""
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is None:
         try:
-            experiment_id = client.create_experiment(name, tags=EXPERIMENT_KIND)
+            local_store = open_local_store()
+            if local_store is not None:
+                from mlflow.entities import ExperimentTag
+
+                experiment_id = local_store.create_experiment(name, tags=[ExperimentTag(k, v) for k, v in EXPERIMENT_KIND.items()])
+            else:
+                experiment_id = client.create_experiment(name, tags=EXPERIMENT_KIND)
         except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent step
             experiment_id = client.get_experiment_by_name(name).experiment_id
         return experiment_id

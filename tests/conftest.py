@@ -35,7 +35,14 @@ if _THREADS == 1:
 
 import torch  # noqa: E402
 
+from saecomp.tracking import open_local_store  # noqa: E402
+
 torch.set_num_threads(_THREADS)
+# The session's store created now, its Default experiment's artifacts beside it: MLflow's client would otherwise file
+# them, and any experiment it creates, under ./mlruns of the process that first opens the store (the repository, for
+# a step), where every test session would leave its gigabytes (saecomp's own experiments go beside it too:
+# tracking.open_local_store).
+open_local_store()
 
 SMALL_EXPERIMENT = """\
 name: small

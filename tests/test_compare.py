@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from entrypoints import compare as compare_step
 from saecomp import compare
-from saecomp.tracking import collect_runs
+from saecomp.tracking import collect_runs, experiment_id_for
 
 EXPERIMENT = "compare-synthetic"
 HOOKS = (("attn.hook_z", 2), ("hook_resid_post", 2))
@@ -64,8 +64,7 @@ def store(tmp_path_factory):
     a prune_llm run and a prune_sae run per hook with their sweep tables."""
     tmp = tmp_path_factory.mktemp("compare")
     client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    experiment_id = experiment_id_for(EXPERIMENT)
     model = "tiny-gpt2+prune_llm:abc"
     _run(experiment_id, "prune_llm", "prune_llm · tiny-gpt2 wanda 50%", {}, {"model": "tiny-gpt2", "method": "wanda", "sparsity": "0.5",
          "nm": "unstructured"}, {"ce_loss_dense": 1.41, "ce_loss_pruned": 1.42, "sparsity_actual": 0.5})  # fmt: skip

@@ -17,6 +17,7 @@ from sae_lens import SAE
 from safetensors.torch import save_file
 
 from entrypoints import publish as publish_step
+from saecomp.tracking import experiment_id_for
 
 EXPERIMENT = "publish-synthetic"
 TOKEN = "hf_saecompTestToken0123456789abcdef"
@@ -37,7 +38,7 @@ def store(tmp_path_factory):
     """A prune_llm run with its checkpoint, and two prune_sae runs: hook_resid_post met its selection, hook_mlp_out did not."""
     tmp = tmp_path_factory.mktemp("publish")
     client = mlflow.MlflowClient()
-    experiment_id = client.create_experiment(EXPERIMENT)
+    experiment_id = experiment_id_for(EXPERIMENT)
     llm = client.create_run(experiment_id, tags={"saecomp.step": "prune_llm", "mlflow.runName": "prune_llm · tiny-gpt2 wanda 50%"})
     params = {"model": "tiny-gpt2", "method": "wanda", "sparsity": "0.5", "nm": "unstructured", "calibration.n_sequences": "128",
               "calibration.seq_len": "None", "calibration.seed": "0", "data.dataset": "tiny"}  # fmt: skip

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from infrastructure import freeze, without_session_step_server
 
 from entrypoints import prune_llm
-from saecomp.tracking import HEARTBEAT_TAG, HOST_TAG, KILLED_REASON_TAG, PID_TAG, STEP_TAG, reap_dead_runs, step_run
+from saecomp.tracking import HEARTBEAT_TAG, HOST_TAG, KILLED_REASON_TAG, PID_TAG, STEP_TAG, experiment_id_for, reap_dead_runs, step_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -277,7 +277,7 @@ def test_a_step_whose_launcher_died_as_it_started_closes_its_run_as_killed():
     while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
         time.sleep(0.05)
     client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name("launcher-watch") or client.get_experiment(client.create_experiment("launcher-watch"))
+    experiment = client.get_experiment(experiment_id_for("launcher-watch"))
     step = (
         "import sys, time\n"
         "from saecomp.tracking import alive\n"
@@ -319,7 +319,7 @@ def run_with_a_dead_launcher():
     launcher.kill()
     launcher.wait()
     client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name("launcher-watch") or client.get_experiment(client.create_experiment("launcher-watch"))
+    experiment = client.get_experiment(experiment_id_for("launcher-watch"))
     run = client.create_run(experiment.experiment_id)
     env = {**os.environ, LAUNCHER_ENV: f"{launcher.pid}:{started}:{_pid_space()}", "PYTHONPATH": str(ROOT)}
     return client, run, env

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import pytest
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 from conftest import ROOT
 
 from entrypoints import prune_llm
+from saecomp.tracking import experiment_id_for, local_store_database, open_local_store
 
 
 def all_runs():
@@ -132,6 +134,10 @@ def test_prune_llm_logs_what_it_did(small_experiment, tracked_world):
     # Findable in the UI: its own experiment (opened as model training), a name, a description, tags, versions.
     experiment = mlflow.MlflowClient().get_experiment(run.info.experiment_id)
     assert experiment.name == "small" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # Its artifacts beside the session's database, never under ./mlruns of the directory the step ran from (the repo).
+    store_folder = local_store_database().parent
+    assert Path(urlparse(run.info.artifact_uri).path).is_relative_to(store_folder / "mlruns" / experiment.experiment_id)
+    assert not Path(urlparse(run.info.artifact_uri).path).is_relative_to(ROOT)
     tags = run.data.tags
     assert tags["mlflow.runName"] == "prune_llm · tiny-gemma2 wanda 2:4"
     assert "Pruned the attention and MLP weights of tiny-gemma2 with wanda" in tags["mlflow.note.content"]
@@ -253,3 +259,35 @@ def test_the_oldest_finished_run_of_a_key_is_canonical():
         with step_run("probe-canonical", "same-key", {}) as run:
             ids.append(run.info.run_id)
     assert find_finished_run("probe-canonical", "same-key") == ids[0]
+
+
+def test_a_sqlite_stores_experiments_keep_their_artifacts_beside_it_whatever_the_working_directory(tmp_path, monkeypatch):
+    """MLflow's client files a new experiment's artifacts under ./mlruns of the process creating it: a store elsewhere
+    would leave them in each caller's directory. saecomp's experiments, and the Default one of a store it creates,
+    go beside the database, in MLflow's layout."""
+    store_folder, elsewhere = tmp_path / "store", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store_folder / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        assert local_store_database() == store_folder / "mlflow.db"
+        open_local_store()  # a new store: created with its Default experiment
+        client = mlflow.MlflowClient()
+        assert Path(urlparse(client.get_experiment("0").artifact_location).path) == store_folder / "mlruns" / "0"
+        experiment_id = experiment_id_for("beside")
+        experiment = client.get_experiment(experiment_id)
+        assert Path(urlparse(experiment.artifact_location).path) == store_folder / "mlruns" / experiment_id
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        assert experiment_id_for("beside") == experiment_id  # found, not created twice
+        with mlflow.start_run(experiment_id=experiment_id) as run:
+            mlflow.log_text("x", "x.txt")
+        assert (store_folder / "mlruns" / experiment_id / run.info.run_id / "artifacts" / "x.txt").is_file()
+        assert not (elsewhere / "mlruns").exists()
+        # relative URIs are the working directory's (MLflow's default store, sqlite:///mlflow.db); other stores: MLflow's way
+        assert local_store_database("sqlite:///mlflow.db") == elsewhere / "mlflow.db"
+        assert local_store_database("http://127.0.0.1:5000") is None and open_local_store("sqlite://") is None
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -315,13 +315,13 @@ def _newest_per_seed(candidates: list[RunRecord], like: RunRecord | None = None)
 
 RUNTIME_PARAMS = ("device", "dtype")
 """Where and in what precision a step computed (every step logs them): an evaluation's numbers move with them, in TPP
-at many ablated latents and in RAVEL by one to three of their standard errors between a CPU and a GPU
+at many ablated latents and in RAVEL by one to five of their standard errors between a CPU and a GPU
 (benchmarks/README.md, 2026-11-28), and no standard error covers that."""
 
 
 def _runtime(run: RunRecord) -> tuple[str, str] | None:
     """The run's device and dtype, or None where it logged neither (older runs)."""
-    runtime = tuple(run.params.get(name, "") for name in RUNTIME_PARAMS)
+    runtime = tuple(run.params.get(name, "").split(":")[0] for name in RUNTIME_PARAMS)  # cuda:0 is cuda: the kind of device
     return runtime if any(runtime) else None
 
 
@@ -370,7 +370,13 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
             row.update(difference_se=float(differences.std()), paired=True)
         else:
             row.update(difference_se=(row["se"] ** 2 + ref["se"] ** 2) ** 0.5, paired=False)
-        row["within_uncertainty"] = bool(abs(row["value"] - ref["value"]) <= row["difference_se"])
+        # SAEBench computes its numbers in float32: a difference within its rounding is no difference, even where the
+        # error is 0 (a share that is 1 in every resample, SAEBench's own sum printing 0.99999994 or 1.0000001)
+        rounding = FLOAT32_ROUNDING * max(abs(row["value"]), abs(ref["value"]))
+        row["within_uncertainty"] = bool(abs(row["value"] - ref["value"]) <= row["difference_se"] + rounding)
+
+
+FLOAT32_ROUNDING = 4 * 2.0**-23  # a few float32 ulps, relative
 
 
 def _finite(value) -> bool:

@@ -579,3 +579,19 @@ def test_a_jackknife_never_pairs_with_a_bootstrap_and_a_nan_error_claims_nothing
     pruned, trained = rows[1], rows[2]
     assert pruned["paired"] is False and pruned["difference_se"] == pytest.approx((0.02**2 + 0.03**2) ** 0.5)
     assert trained["difference_se"] is None and trained["within_uncertainty"] is None
+
+
+def test_a_difference_within_float32_rounding_is_marked_even_where_the_error_is_zero():
+    """A density share that is 1 in every resample has error 0, while SAEBench's own float32 sum prints it as
+    0.99999994 or 1.0000001: that difference is rounding, never a finding. A real difference still is one."""
+    model, metric = "tiny-gpt2+prune_llm:x", "normalized_freq_over_1_percent"
+
+    def run(run_id, start, variant, value):
+        metrics = {f"core.{metric}": value, f"core.{metric}.bootstrap_se": 0.0}
+        return compare.RunRecord(run_id, "evaluate", run_id, start, params={"suites": "core", "base_model": model},
+                                 metrics=metrics, tags={"hook": "hook_resid_post", "layer": "2", "variant": variant})  # fmt: skip
+
+    records = [run("p", 1, "pretrained", 0.99999994), run("a", 2, "pruned25", 1.0000001), run("b", 3, "pruned50", 0.9999)]
+    table = compare.cells(records).set_index(["table", "metric", "variant"]).loc["core"].loc[metric]
+    assert table.loc["pruned25", "within_uncertainty"] is True
+    assert table.loc["pruned50", "within_uncertainty"] is False

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from saecomp.config import SEEDED_SUITES
+from saecomp.config import ACCELERATOR_TAG, SEEDED_SUITES
 
 VARIANTS = ("pretrained", "pruned25", "pruned50", "trained")
 """The paper's four SAE variants, in its column order; other variants (a selected level) follow them."""
@@ -264,6 +264,15 @@ def cells(records: Iterable[RunRecord], variants: Iterable[str] | None = None) -
                             if len(asked_seeds) > 1:  # replicates ran, but only one seed's run has this number
                                 others = ", ".join(s for s in asked_seeds if s not in seeds)
                                 note = f"seed {next(iter(seeds))} only: the runs with seed {others} have no value for it"
+                        if seeds:  # other seeds' runs that measured elsewhere: not averaged in, and the note says so
+                            elsewhere = {}
+                            for r in candidates:
+                                seed = r.params.get("evaluation.seed", "42")
+                                if seed not in seeds and _runtime(r) != _runtime(candidates[-1]):
+                                    elsewhere.setdefault(_describe_runtime(_runtime(r)), set()).add(seed)
+                            note = "; ".join(filter(None, [note] + [
+                                f"seed {', '.join(sorted(s))} left out: evaluated on {where}, this cell on "
+                                f"{_describe_runtime(_runtime(candidates[-1]))}" for where, s in elsewhere.items()]))  # fmt: skip
                         rows.append(
                             {
                                 "table": spec.name,
@@ -300,29 +309,42 @@ def _newest_per_seed(candidates: list[RunRecord], like: RunRecord | None = None)
     if not candidates:
         return {}
 
-    def settings(run: RunRecord) -> dict[str, str]:  # the device and dtype too: numbers move with them (benchmarks/README.md)
-        kept = ("sae", *RUNTIME_PARAMS)
-        return {k: v for k, v in run.params.items() if (k.startswith("evaluation.") or k in kept) and k != "evaluation.seed"}
+    def settings(run: RunRecord) -> dict[str, str]:
+        return {k: v for k, v in run.params.items() if (k.startswith("evaluation.") or k == "sae") and k != "evaluation.seed"}
 
     reference = settings(like or candidates[-1])
+    reference_runtime = _runtime(like or candidates[-1])
     newest = {}
     for run in candidates:
         own = settings(run)
-        if all(own[k] == reference[k] for k in own.keys() & reference.keys()):
+        # the device, dtype and processor too, and strictly: numbers move with them (benchmarks/README.md), and a run
+        # that did not record them may have run anywhere
+        same_runtime = reference_runtime is not None and _runtime(run) == reference_runtime
+        if same_runtime and all(own[k] == reference[k] for k in own.keys() & reference.keys()):
             newest[run.params.get("evaluation.seed", "42")] = run
     return dict(sorted(newest.items(), key=lambda item: (len(item[0]), item[0])))
 
 
 RUNTIME_PARAMS = ("device", "dtype")
 """Where and in what precision a step computed (every step logs them): an evaluation's numbers move with them, in TPP
-at many ablated latents and in RAVEL by one to five of their standard errors between a CPU and a GPU
+at many ablated latents by up to 4.6 of their standard errors between a CPU and a GPU, in RAVEL by up to 1.3
 (benchmarks/README.md, 2026-11-28), and no standard error covers that."""
 
 
-def _runtime(run: RunRecord) -> tuple[str, str] | None:
-    """The run's device and dtype, or None where it logged neither (older runs)."""
-    runtime = tuple(run.params.get(name, "").split(":")[0] for name in RUNTIME_PARAMS)  # cuda:0 is cuda: the kind of device
-    return runtime if any(runtime) else None
+def _runtime(run: RunRecord) -> tuple[str, str, str] | None:
+    """The run's kind of device, dtype and processor (``saecomp.accelerator``: "" where a run from before that tag did
+    not record it), or None where it did not log its device and dtype (older runs): then nobody knows where it ran."""
+    device, dtype = (run.params.get(name, "") for name in RUNTIME_PARAMS)
+    if not device or not dtype:
+        return None
+    return device.split(":")[0], dtype, run.tags.get(ACCELERATOR_TAG, "")  # cuda:0 is cuda: the kind of device
+
+
+def _describe_runtime(runtime: tuple[str, str, str] | None) -> str:
+    if runtime is None:
+        return "an unrecorded device"
+    device, dtype, accelerator = runtime
+    return f"{device}/{dtype} ({accelerator or 'processor not recorded'})"
 
 
 REFERENCE_VARIANT = "pretrained"
@@ -351,10 +373,10 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
         if row["variant"] == REFERENCE_VARIANT or ref is None or not _finite(row["se"]) or not _finite(ref["se"]):
             continue  # no standard error (or a NaN one): nothing can be said
         runtime, ref_runtime = runtimes[id(row)], runtimes[id(ref)]
-        if runtime and ref_runtime and runtime != ref_runtime:  # the difference holds what the device moved: no error covers it
+        if runtime is None or runtime != ref_runtime:  # the difference may hold what the device moved: no error covers it
             row["note"] = "; ".join(filter(None, [row["note"], (
-                f"evaluated on {'/'.join(runtime)}, the {REFERENCE_VARIANT} SAE on {'/'.join(ref_runtime)}: the standard errors "
-                "cover the test texts, not what the device or dtype moves, so the difference is not marked"
+                f"evaluated on {_describe_runtime(runtime)}, the {REFERENCE_VARIANT} SAE on {_describe_runtime(ref_runtime)}: the "
+                "standard errors cover the test texts, not what the device, dtype or processor moves, so the difference is not marked"
             )]))  # fmt: skip
             continue
         (replicates, resamples), (ref_replicates, ref_resamples) = bootstrap[id(row)], bootstrap[id(ref)]

@@ -281,6 +281,10 @@ SUITE_FIELDS = {
               "ravel_entity_attribute_selection"),
 }  # fmt: skip
 
+ACCELERATOR_TAG = "saecomp.accelerator"
+"""The tag naming the processor behind a step's ``device`` (`tracking.accelerator_name`): an H100 and an H200, or two
+CPUs' kernels, round differently, so compare never reads a difference between two of them as a finding."""
+
 SEEDED_SUITES = tuple(suite for suite, fields in SUITE_FIELDS.items() if "seed" in fields)
 """The suites that read ``evaluation.seed`` (SAEBench's random_seed; core reads none): runs of one of them with
 different seeds are replicates of one cell."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from saecomp.config import ACCELERATOR_TAG
 from saecomp.step_server import LAUNCHER_ENV  # noqa: F401 - "SAECOMP_LAUNCHER", also tracking's
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -91,6 +92,25 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             tags[f"saecomp.version.{package}"] = "not installed"
     return tags
+
+
+def accelerator_name(device: str) -> str:
+    """The model of the processor behind ``device`` ("cuda:1" -> its GPU's name, "cpu" -> the CPU's model name)."""
+    import platform
+
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.device(device))
+        return "cuda (not available)"
+    if device.startswith("mps"):
+        return "Apple MPS " + platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown cpu"
 
 
 def _step_code() -> dict[str, tuple[str, ...]]:
@@ -757,6 +777,8 @@ def step_run(
         raise
     try:
         labels = {STEP_TAG: step, KEY_TAG: key, "saecomp.code": source_digest(), **library_versions(), **(tags or {})}
+        if "device" in params:
+            labels[ACCELERATOR_TAG] = accelerator_name(str(params["device"]))
         if run_name:
             labels["mlflow.runName"] = run_name
         if description:

@@ -21,14 +21,22 @@ from click.testing import CliRunner
 
 from entrypoints import compare as compare_step
 from saecomp import compare
+from saecomp.config import ACCELERATOR_TAG
 from saecomp.tracking import collect_runs, experiment_id_for
 
 EXPERIMENT = "compare-synthetic"
 HOOKS = (("attn.hook_z", 2), ("hook_resid_post", 2))
 
 
+CPU = {"device": "cpu", "dtype": "float32"}
+CPU_TAGS = {ACCELERATOR_TAG: "Intel(R) Xeon(R) Processor"}
+"""Where every evaluation here ran: runs that do not say where they ran are never compared (compare._runtime)."""
+
+
 def _run(experiment_id: str, step: str, name: str, tags: dict, params: dict, metrics: dict, files: dict | None = None, tmp=None) -> str:
     client = mlflow.MlflowClient()
+    if step == "evaluate":
+        params, tags = {**CPU, **params}, {**CPU_TAGS, **tags}
     run = client.create_run(experiment_id, tags={"saecomp.step": step, "mlflow.runName": name, **tags})
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
@@ -429,10 +437,10 @@ def test_runs_with_several_seeds_fill_a_cell_with_their_mean_and_its_standard_er
     model = "tiny-gpt2+prune_llm:x"
 
     def run(run_id, start, seed, scr, mse, variant="pretrained", train_size="200"):
-        params = {"suites": "core,scr", "base_model": model, "evaluation.seed": seed, "evaluation.scr_tpp_train_size": train_size}
+        params = {"suites": "core,scr", "base_model": model, "evaluation.seed": seed, "evaluation.scr_tpp_train_size": train_size, **CPU}
         return compare.RunRecord(run_id, "evaluate", f"evaluate {run_id}", start, params=params,
                                  metrics={"scr.scr_metric_threshold_2": scr, "core.mse": mse},
-                                 tags={"hook": "hook_resid_post", "layer": "2", "variant": variant})  # fmt: skip
+                                 tags={"hook": "hook_resid_post", "layer": "2", "variant": variant, **CPU_TAGS})  # fmt: skip
 
     records = [run("old1", 1, "1", 0.9, 0.5), run("new1", 2, "1", 0.10, 0.4), run("s2", 3, "2", 0.20, 0.3),
                run("other", 3.5, "3", 0.9, 0.3, train_size="100"),  # another measurement: never averaged in
@@ -463,9 +471,9 @@ def test_sparse_probing_cells_carry_their_binomial_standard_errors_and_a_seed_sp
         metrics = {"sparse_probing.sae_top_1_test_accuracy": accuracy, "sparse_probing.llm_test_accuracy": 0.9}
         if se is not None:
             metrics["sparse_probing.sae_top_1_test_accuracy.binomial_se"] = se
-        params = {"suites": "sparse_probing", "base_model": model, "evaluation.seed": seed}
+        params = {"suites": "sparse_probing", "base_model": model, "evaluation.seed": seed, **CPU}
         return compare.RunRecord(run_id, "evaluate", f"evaluate {run_id}", start, params=params, metrics=metrics,
-                                 tags={"hook": "hook_resid_post", "layer": "2", "variant": variant})  # fmt: skip
+                                 tags={"hook": "hook_resid_post", "layer": "2", "variant": variant, **CPU_TAGS})  # fmt: skip
 
     records = [run("p", 1, "pretrained", 0.80, 0.01), run("a", 2, "pruned25", 0.81, 0.01), run("b", 3, "pruned50", 0.70, 0.01)]
     cells = compare.cells(records).set_index(["table", "metric", "variant"])
@@ -498,8 +506,8 @@ def test_sparse_probing_bootstraps_over_the_same_texts_pair_and_others_do_not():
         values = shared + shift + np.random.default_rng(start).normal(0, 0.001, 1000)
         metrics = {f"sparse_probing.{metric}": 0.8 + shift, f"sparse_probing.{metric}.bootstrap_se": float(values.std(ddof=1))}
         boot = {"sparse_probing": {"sample_id": sample_id, "seed": 0, "replicates": 1000, "samples": {metric: values.tolist()}}}
-        params = {"suites": "sparse_probing", "base_model": model, "evaluation.seed": "42"}
-        tags = {"hook": "hook_resid_post", "layer": "2", "variant": variant}
+        params = {"suites": "sparse_probing", "base_model": model, "evaluation.seed": "42", **CPU}
+        tags = {"hook": "hook_resid_post", "layer": "2", "variant": variant, **CPU_TAGS}
         return compare.RunRecord(run_id, "evaluate", run_id, start, params=params, metrics=metrics, tags=tags, bootstrap=boot)
 
     cells = compare.cells([run("p", 1, "pretrained", 0.0, "texts-1"), run("a", 2, "pruned25", 0.01, "texts-1"),
@@ -515,14 +523,16 @@ def test_a_difference_between_evaluations_on_other_devices_is_never_marked_and_s
     """TPP at many ablated latents and RAVEL move between a CPU and a GPU by more than their standard errors (which cover
     the test texts only; benchmarks/README.md): a variant evaluated on another device or dtype than the pretrained SAE
     gets no within-uncertainty mark, paired or not, and its note says why; runs of other seeds average only with runs
-    on the same device and dtype. Older runs that logged neither are compared as before."""
+    on the same device, dtype and processor (an H100 is not an H200), and the cell's note names the seeds left out.
+    Older runs that logged no device or dtype may have run anywhere: never marked, never averaged with others."""
     model, metric = "tiny-gpt2+prune_llm:x", "tpp_threshold_500_total_metric"
 
-    def run(run_id, start, variant, value, device="cpu", dtype="float32", seed="42"):
+    def run(run_id, start, variant, value, device="cpu", dtype="float32", seed="42", processor=None):
         params = {"suites": "tpp", "base_model": model, "evaluation.seed": seed, "device": device, "dtype": dtype}
         metrics = {f"tpp.{metric}": value, f"tpp.{metric}.bootstrap_se": 0.01}
-        return compare.RunRecord(run_id, "evaluate", run_id, start, params=params, metrics=metrics,
-                                 tags={"hook": "hook_resid_post", "layer": "2", "variant": variant})  # fmt: skip
+        processor = processor or ("NVIDIA H200" if device.startswith("cuda") else "Intel(R) Xeon(R) Processor")
+        tags = {"hook": "hook_resid_post", "layer": "2", "variant": variant, ACCELERATOR_TAG: processor}
+        return compare.RunRecord(run_id, "evaluate", run_id, start, params=params, metrics=metrics, tags=tags)
 
     def tpp_cells(records):
         return compare.cells(records).set_index(["table", "metric", "variant"]).loc["tpp"].loc[metric]
@@ -531,10 +541,15 @@ def test_a_difference_between_evaluations_on_other_devices_is_never_marked_and_s
     assert same.loc["pruned25", "within_uncertainty"] is True and same.loc["pruned50", "within_uncertainty"] is False
     mixed = tpp_cells([run("p", 1, "pretrained", 0.33), run("a", 2, "pruned25", 0.34, device="cuda"),
                        run("b", 3, "pruned50", 0.40, dtype="bfloat16")])  # fmt: skip
-    for variant, where in (("pruned25", "cuda/float32"), ("pruned50", "cpu/bfloat16")):
+    for variant, where in (("pruned25", "cuda/float32 (NVIDIA H200)"), ("pruned50", "cpu/bfloat16 (Intel(R) Xeon(R) Processor)")):
         cell = mixed.loc[variant]
         assert cell["within_uncertainty"] is None and cell["difference_se"] is None and cell["paired"] is None
-        assert f"evaluated on {where}, the pretrained SAE on cpu/float32" in cell["note"]
+        assert f"evaluated on {where}, the pretrained SAE on cpu/float32 (Intel(R) Xeon(R) Processor)" in cell["note"]
+    # one kind of device, dtype and GPU: marked (cuda:0 is cuda); another GPU model: not
+    gpus = tpp_cells([run("p", 1, "pretrained", 0.33, device="cuda"), run("a", 2, "pruned25", 0.34, device="cuda:0"),
+                      run("b", 3, "pruned50", 0.34, device="cuda", processor="NVIDIA H100 80GB HBM3")])  # fmt: skip
+    assert gpus.loc["pruned25", "within_uncertainty"] is True
+    assert gpus.loc["pruned50", "within_uncertainty"] is None and "NVIDIA H100 80GB HBM3" in gpus.loc["pruned50", "note"]
     table = compare.markdown(compare.cells([run("p", 1, "pretrained", 0.33), run("a", 2, "pruned25", 0.34, device="cuda")]))
     line = next(x for x in table.splitlines() if f"| {metric} |" in x)
     assert [c.strip() for c in line.split("|")[3:5]] == ["0.3300 ± 0.01", "0.3400 ± 0.01"]  # no ≈ on the GPU's cell
@@ -545,12 +560,15 @@ def test_a_difference_between_evaluations_on_other_devices_is_never_marked_and_s
     seeded = tpp_cells([run("g2", 1, "pretrained", 0.90, device="cuda", seed="2"), run("p", 2, "pretrained", 0.30),
                         run("p1", 3, "pretrained", 0.32, seed="1")])  # fmt: skip
     assert seeded.loc["pretrained", "value"] == pytest.approx(0.31) and seeded.loc["pretrained", "run_id"] == "p1,p"  # by seed: 1, 42
-    # older runs without the params: compared as before
+    assert "seed 2 left out: evaluated on cuda/float32 (NVIDIA H200), this cell on cpu/float32" in seeded.loc["pretrained", "note"]
+    # older runs without the params may have run anywhere: no mark, and no mean over seeds
     old = [
         dataclasses.replace(r, params={k: v for k, v in r.params.items() if k not in ("device", "dtype")})
-        for r in (run("p", 1, "pretrained", 0.33), run("a", 2, "pruned25", 0.34, device="cuda"))
+        for r in (run("p", 1, "pretrained", 0.33), run("p1", 2, "pretrained", 0.35, seed="1"), run("a", 3, "pruned25", 0.34))
     ]
-    assert tpp_cells(old).loc["pruned25", "within_uncertainty"] is True
+    unknown = tpp_cells(old)
+    assert unknown.loc["pruned25", "within_uncertainty"] is None and "evaluated on an unrecorded device" in unknown.loc["pruned25", "note"]
+    assert unknown.loc["pretrained", "value"] == 0.35 and unknown.loc["pretrained", "run_id"] == "p1"  # the newest, alone
 
 
 def test_a_selection_by_variant_expects_that_variant_alone(store):
@@ -567,7 +585,7 @@ def test_a_selection_by_variant_expects_that_variant_alone(store):
 def test_a_jackknife_never_pairs_with_a_bootstrap_and_a_nan_error_claims_nothing():
     """An older run's frac_alive (bootstrap replicates) beside a newer run's (jackknife): not the same resamples, so
     the conservative sqrt(se_a^2 + se_b^2); a NaN standard error says nothing rather than marking a finding."""
-    base = {"table": "core", "model": "m", "hook": "h", "metric": "frac_alive", "status": "ok"}
+    base = {"table": "core", "model": "m", "hook": "h", "metric": "frac_alive", "status": "ok", "_runtime": ("cpu", "float32", "x")}
     jackknife = {"n_sequences": 20, "d_sae": 100, "dies_without": {"3": 1}}
     rows = [
         {**base, "variant": "pretrained", "value": 0.9, "se": 0.02, "_replicates": [0.9, 0.88, 0.91],
@@ -588,8 +606,8 @@ def test_a_difference_within_float32_rounding_is_marked_even_where_the_error_is_
 
     def run(run_id, start, variant, value):
         metrics = {f"core.{metric}": value, f"core.{metric}.bootstrap_se": 0.0}
-        return compare.RunRecord(run_id, "evaluate", run_id, start, params={"suites": "core", "base_model": model},
-                                 metrics=metrics, tags={"hook": "hook_resid_post", "layer": "2", "variant": variant})  # fmt: skip
+        return compare.RunRecord(run_id, "evaluate", run_id, start, params={"suites": "core", "base_model": model, **CPU},
+                                 metrics=metrics, tags={"hook": "hook_resid_post", "layer": "2", "variant": variant, **CPU_TAGS})  # fmt: skip
 
     records = [run("p", 1, "pretrained", 0.99999994), run("a", 2, "pruned25", 1.0000001), run("b", 3, "pruned50", 0.9999)]
     table = compare.cells(records).set_index(["table", "metric", "variant"]).loc["core"].loc[metric]

@@ -637,7 +637,7 @@ def _density_summaries(fired: torch.Tensor, tokens: torch.Tensor, rows_at_once: 
     """SAEBench's summaries of the per-latent densities (``frac_alive``, ``freq_over_1_percent``, ... by the formulas
     of its `calculate_misc_metrics`), one per row: fired ``[rows, d_sae]`` firing counts over ``tokens`` ``[rows]``,
     on fired's device, ``rows_at_once`` rows a pass; returned as float64 on the CPU. Not SAEBench's function row by
-    row: that loop of small CPU calls was 0.25 s of GPT-2's 1.2 s core on an H200 (1,000 replicates; benchmarks/README.md).
+    row: that loop of small CPU calls cost about 0.11 s of GPT-2's core on an H200 (1,000 replicates; benchmarks/README.md).
     The shares over a threshold are exact either way; the normalised ones are float32 sums in another order
     (tests/test_evaluate.py checks both against SAEBench's function)."""
     tokens = tokens.to(fired.device)
@@ -646,10 +646,13 @@ def _density_summaries(fired: torch.Tensor, tokens: torch.Tensor, rows_at_once: 
         rows = slice(start, start + rows_at_once)
         densities = fired[rows].float() / tokens[rows].float()[:, None]  # [rows, d_sae] float32, as SAEBench divides
         total = densities.sum(dim=1)  # [rows]
-        parts["frac_alive"].append((densities > 0).float().mean(dim=1))
+        d_sae = densities.shape[1]
+        # a share as count / d_sae: a float32 count of 0/1 is exact and one IEEE division rounds once, as SAEBench's
+        # mean does on the CPU; CUDA's mean (a sum times 1/n) is 1 ulp off it for some counts
+        parts["frac_alive"].append((densities > 0).sum(dim=1, dtype=torch.float32) / d_sae)
         for threshold, percent in ((0.01, 1), (0.1, 10)):
             over = densities > threshold
-            parts[f"freq_over_{percent}_percent"].append(over.float().mean(dim=1))
+            parts[f"freq_over_{percent}_percent"].append(over.sum(dim=1, dtype=torch.float32) / d_sae)
             share = torch.where(over, densities, 0.0).sum(dim=1) / total
             parts[f"normalized_freq_over_{percent}_percent"].append(torch.where(total > 0, share, 0.0))  # SAEBench: 0 if none fired
     return {name: torch.cat(values).double().cpu() for name, values in parts.items()}

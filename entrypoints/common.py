@@ -77,10 +77,12 @@ def load(path: str, overrides: dict[str, object], check_device: bool = True) -> 
     except ConfigError as error:
         fail(str(error))
     from saecomp.names import check_device as device_here
+    from saecomp.tracking import check_artifact_store
 
     try:
         if check_device:
             device_here(exp.device)
+        check_artifact_store(exp.name)
     except ValueError as error:
         fail(str(error))
     return exp

@@ -59,18 +59,59 @@ def open_local_store(tracking_uri: str | None = None):
     return SqlAlchemyStore(f"sqlite:///{database}", str(database.parent / "mlruns"))
 
 
+ARTIFACT_ROOT_ENV = "SAECOMP_ARTIFACT_ROOT"
+"""Where a database store without a server (``postgresql+psycopg2://...``) keeps new experiments' artifacts:
+``<root>/<experiment name>`` (an S3 URI or a folder every machine mounts)."""
+
+
+def serverless_database(tracking_uri: str | None = None) -> bool:
+    """Whether the store is a database other than SQLite reached directly, with no tracking server between (MLflow's
+    client then puts a new experiment's artifacts under ``./mlruns`` of whichever process creates it)."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(tracking_uri or mlflow.get_tracking_uri()).scheme.split("+")[0]
+    return scheme in ("postgresql", "mysql", "mssql")
+
+
+def check_artifact_store(name: str) -> None:
+    """Raise ValueError where experiment ``name`` would be created in a serverless database with its artifacts in the
+    creating process's working directory, out of every other machine's and user's reach."""
+    if not serverless_database() or os.environ.get(ARTIFACT_ROOT_ENV) or MlflowClient().get_experiment_by_name(name):
+        return
+    raise ValueError(
+        f"MLFLOW_TRACKING_URI={_without_password(mlflow.get_tracking_uri())} is a database with no tracking server: MLflow would "
+        f"keep the new experiment {name!r}'s artifacts under {Path.cwd() / 'mlruns'}, where no other machine or user finds them; "
+        f"use a tracking server (MLFLOW_TRACKING_URI=http://..., README: A shared tracking server), or say where they go: "
+        f"{ARTIFACT_ROOT_ENV}=s3://bucket/path or a shared folder"
+    )
+
+
+def _without_password(uri: str) -> str:
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    return uri.replace(f":{parsed.password}@", ":***@") if parsed.password else uri
+
+
 def experiment_id_for(name: str) -> str:
     """The MLflow experiment named after an experiment file's ``name``: created on first use (its artifacts beside a
-    SQLite store's database: ``open_local_store``), and tagged so that the UI opens it as model training."""
+    SQLite store's database: ``open_local_store``; in a serverless database, under ``SAECOMP_ARTIFACT_ROOT``:
+    ``check_artifact_store``), and tagged so that the UI opens it as model training."""
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is None:
+        check_artifact_store(name)
         try:
             local_store = open_local_store()
             if local_store is not None:
                 from mlflow.entities import ExperimentTag
 
                 experiment_id = local_store.create_experiment(name, tags=[ExperimentTag(k, v) for k, v in EXPERIMENT_KIND.items()])
+            elif serverless_database():
+                root = os.environ[ARTIFACT_ROOT_ENV].rstrip("/")
+                if "://" not in root:  # a folder: absolute, never relative to whichever directory the process runs in
+                    root = str(Path(root).resolve())
+                experiment_id = client.create_experiment(name, artifact_location=f"{root}/{name}", tags=EXPERIMENT_KIND)
             else:
                 experiment_id = client.create_experiment(name, tags=EXPERIMENT_KIND)
         except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent step

@@ -400,3 +400,47 @@ def cell_outputs(client, pipeline_run: str) -> dict:
         found[f"evaluate {row.variant}"] = client.get_run(row.runs)  # one run: every suite was computed together
     assert len(found) == 7
     return found
+
+
+def test_a_database_without_a_server_is_refused_unless_told_where_artifacts_go(small_experiment, tmp_path):
+    """MLFLOW_TRACKING_URI=postgresql+psycopg2://... (no tracking server): MLflow would put a new experiment's artifacts
+    under ./mlruns of whichever process creates it. A step refuses that in one line before any compute, creating
+    nothing; with SAECOMP_ARTIFACT_ROOT the experiment keeps them under <root>/<name>, whatever the working directory."""
+    pytest.importorskip("psycopg2")
+    from infrastructure import PG_BIN, postgres, without_session_step_server
+
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip(f"no PostgreSQL server binaries in {PG_BIN} (Debian: apt-get install postgresql; or set SAECOMP_PG_BIN)")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with postgres() as database:
+        env = {k: v for k, v in without_session_step_server(MLFLOW_TRACKING_URI=database).items() if k != "SAECOMP_ARTIFACT_ROOT"}
+        env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+        refused = subprocess.run(
+            [sys.executable, "-m", "entrypoints.prune_llm", "--experiment", str(small_experiment)],
+            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        message = refused.stderr.strip().splitlines()[-1]
+        assert message.startswith("saecomp: error: MLFLOW_TRACKING_URI=postgresql+psycopg2://") and "SAECOMP_ARTIFACT_ROOT" in message
+        assert str(elsewhere / "mlruns") in message and "tracking server" in message
+        assert not (elsewhere / "mlruns").exists()
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(database)
+        try:
+            client = mlflow.MlflowClient()
+            assert client.get_experiment_by_name("small") is None and all_runs(client) == []  # nothing made
+            shared = tmp_path / "shared-artifacts"
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("SAECOMP_ARTIFACT_ROOT", os.path.relpath(shared, elsewhere))  # relative: resolved once, there
+                patch.chdir(elsewhere)
+                from saecomp.tracking import experiment_id_for
+
+                experiment_id = experiment_id_for("small")
+                with mlflow.start_run(experiment_id=experiment_id) as run:
+                    mlflow.log_text("a result", "result.txt")
+            assert client.get_experiment(experiment_id).artifact_location == str(shared / "small")
+            assert (shared / "small" / run.info.run_id / "artifacts" / "result.txt").read_text() == "a result"
+            assert not (elsewhere / "mlruns").exists()
+        finally:
+            mlflow.set_tracking_uri(previous)

@@ -8,9 +8,12 @@ Not a speed benchmark: CI has no GPU, so this is where the suites' own code (the
 bootstraps, the shared model side written and read back, the core loop's per-sequence sums) meets CUDA tensors.
 For each model, device and suite it records the seconds, whether the suite raised, whether every number is finite,
 which kind of standard error each metric got and whether any fell back (``saecomp.<suite>.se_untraced`` or
-``se_failed``), and whether a second SAE reading the shared model side gets the first one's numbers exactly. Across
-devices it records how far each metric moved (probes trained in another order of floating-point sums do move).
-Exit status 1 where a suite failed, fell back or read a side that did not give its numbers back.
+``se_failed``, SCR's and TPP's ``padding_masked_failed``, core's ``density_skipped`` or ``jackknife_skipped``), and
+whether a second SAE really read the model side the first one shared (its ``model_side`` tag) and got the first one's
+numbers exactly. Across devices it records how far each metric moved (probes trained in another order of
+floating-point sums do move) and whether any metric got another kind of standard error.
+Exit status 1 where a suite failed, fell back, was not applicable where it should apply, read no shared side or one
+that did not give its numbers back, or changed its kind of standard error with the device.
 """
 
 from __future__ import annotations
@@ -35,6 +38,14 @@ from benchmarks.sae_memo import random_sae  # noqa: E402
 
 SUITES = ("core", "sparse_probing", "scr", "tpp", "absorption", "ravel")
 SHARED = ("sparse_probing", "scr", "tpp")  # the suites whose model side a second SAE reads (evaluate.SHARED_MODEL_SIDE)
+NOT_APPLICABLE_HERE = {
+    ("tiny", "absorption"): "SAEBench's first-letter prompts run past the tiny models' 128-token context",
+    ("tiny-gemma2", "absorption"): "SAEBench's first-letter prompts run past the tiny models' 128-token context",
+    ("tiny", "ravel"): "RAVEL intervenes on Gemma-2 and GPT-NeoX layouts only",
+}
+"""The suites that cannot apply to these experiments (README.md): anything else not applicable is a failure."""
+FELL_BACK_TAGS = (".se_untraced", ".se_failed", ".padding_masked_failed")
+SKIPPED_UNCERTAINTY = ("density_skipped", "jackknife_skipped")  # core's bootstrap record, where part of it did not run
 
 
 def run_model(experiment: str, world: Path, device: str, dtype: str, tmp: Path, library_log, suites=SUITES) -> dict:
@@ -80,7 +91,8 @@ def run_model(experiment: str, world: Path, device: str, dtype: str, tmp: Path, 
         kinds: dict[str, int] = {}
         for m in errors:
             kinds[m.rsplit(".", 1)[-1]] = kinds.get(m.rsplit(".", 1)[-1], 0) + 1
-        fell_back = {t: v for t, v in tags.items() if t.endswith((".se_untraced", ".se_failed"))}
+        fell_back = {t: v for t, v in tags.items() if t.endswith(FELL_BACK_TAGS)}
+        fell_back.update({f"uncertainty.{k}": v for k, v in (results[0].uncertainty or {}).items() if k in SKIPPED_UNCERTAINTY})
         row.update(
             seconds=time.perf_counter() - started,
             metrics=metrics,
@@ -90,7 +102,11 @@ def run_model(experiment: str, world: Path, device: str, dtype: str, tmp: Path, 
             all_finite=all(math.isfinite(v) for v in metrics.values()),
         )
         if len(results) == 2:
-            row["side_read_back_exactly"] = results[1].metrics == metrics
+            origins = [r.tags.get(f"saecomp.{suite}.model_side", "") for r in results]
+            row["side_origins"] = origins
+            # the first shared its side and the second loaded it: two computations would agree without proving anything
+            row["side_read_back"] = origins[0].startswith("computed by this run and shared") and origins[1].startswith("loaded from")
+            row["side_read_back_exactly"] = row["side_read_back"] and results[1].metrics == metrics
             row["side_read_back_differences"] = sorted(m for m in metrics if results[1].metrics.get(m) != metrics[m])
         out[suite] = row
         print(
@@ -135,8 +151,37 @@ def run_suite(suite: str, exp, world: Path, loaded, sae, device: str, dtype: str
         ]
 
 
+def problems(name: str, by_device: dict) -> list[str]:
+    """What went wrong in one experiment's runs on each device (empty: every suite that applies ran as it should)."""
+    found = []
+    for device, rows in by_device.items():
+        for suite, row in rows.items():
+            where = f"{name} {suite} on {device}"
+            if "error" in row:
+                found.append(f"{where}: failed ({row['error'][:200]})")
+            elif "not_applicable" in row and (name, suite) not in NOT_APPLICABLE_HERE:
+                found.append(f"{where}: not applicable, where it should apply ({row['not_applicable'][:200]})")
+            elif "not_applicable" not in row:
+                if row.get("fell_back"):
+                    found.append(f"{where}: fell back ({', '.join(row['fell_back'])})")
+                if row.get("all_finite") is False:
+                    found.append(f"{where}: a number is not finite")
+                if suite in SHARED and not row.get("side_read_back"):
+                    found.append(f"{where}: the second SAE did not load the shared side ({row.get('side_origins')})")
+                elif suite in SHARED and not row.get("side_read_back_exactly"):
+                    found.append(f"{where}: the shared side gave other numbers ({row.get('side_read_back_differences')})")
+    return found
+
+
+def _standard_error_kinds(metrics: dict) -> dict[str, str]:
+    """metric -> the kind of its standard error (``core.mse.bootstrap_se`` -> core.mse: bootstrap_se)."""
+    split = (m.rsplit(".", 1) for m in metrics)
+    return {pair[0]: pair[1] for pair in split if len(pair) == 2 and pair[1].endswith("_se")}
+
+
 def compare(first: dict, second: dict) -> dict:
-    """Per suite: the largest absolute difference between two devices' numbers, and where."""
+    """Per suite: the largest absolute difference between two devices' numbers, and where; and the metrics whose kind
+    of standard error differs (a fallback on one device)."""
     moved = {}
     for suite, row in first.items():
         other = second.get(suite, {})
@@ -145,13 +190,17 @@ def compare(first: dict, second: dict) -> dict:
         common = [m for m in row["metrics"] if m in other["metrics"] and not m.endswith("seconds")]
         diffs = {m: abs(row["metrics"][m] - other["metrics"][m]) for m in common}
         worst = max(diffs, key=diffs.get) if diffs else None
+        kinds = [_standard_error_kinds(r["metrics"]) for r in (row, other)]
+        other_kinds = sorted(m for m in kinds[0].keys() | kinds[1].keys() if kinds[0].get(m) != kinds[1].get(m))
         moved[suite] = {"metrics": len(common), "identical": sum(d == 0 for d in diffs.values()), "largest": worst,
-                        "largest_difference": diffs.get(worst), "differences": diffs}  # fmt: skip
+                        "largest_difference": diffs.get(worst), "differences": diffs,
+                        "other_standard_error_kinds": other_kinds}  # fmt: skip
     return moved
 
 
-def compare_with(entry: dict, device: str, reference: dict | None, name: str) -> None:
-    """Into ``entry`` (one model's record): its CPU run against ``device``'s, and the reference run's CPU against it."""
+def compare_with(entry: dict, device: str, reference: dict | None, name: str) -> list[str]:
+    """Into ``entry`` (one model's record): its CPU run against ``device``'s, and the reference run's CPU against it;
+    returned: the metrics whose kind of standard error changed between them."""
     by_device = entry["by_device"]
     pairs = []
     if "cpu" in by_device and device != "cpu" and device in by_device:
@@ -159,11 +208,16 @@ def compare_with(entry: dict, device: str, reference: dict | None, name: str) ->
     if reference and "cpu" in reference["models"].get(name, {}).get("by_device", {}) and device in by_device:
         where = f"cpu of the reference run ({reference['machine']['date']}, {reference['machine']['cpu_cores']} cores)"
         pairs.append((where, reference["models"][name]["by_device"]["cpu"], device, by_device[device]))
+    found = []
     for first_name, first, second_name, second in pairs:
         entry[f"{first_name} vs {second_name}"] = moved = compare(first, second)
         for suite, m in moved.items():
             print(f"  {name} {suite}, {first_name} vs {second_name}: {m['identical']} of {m['metrics']} metrics identical; "
                   f"largest difference {m['largest_difference']:.3g} ({m['largest']})")  # fmt: skip
+            if m["other_standard_error_kinds"]:
+                found.append(f"{name} {suite}: another kind of standard error on {first_name} than on {second_name} for "
+                             f"{', '.join(m['other_standard_error_kinds'][:5])}")  # fmt: skip
+    return found
 
 
 def main() -> None:
@@ -182,16 +236,18 @@ def main() -> None:
     reference = json.loads(args.reference.read_text()) if args.reference else None
     if args.compare_only:
         record = json.loads(args.compare_only.read_text())
+        found = []
         for name, entry in record["models"].items():
-            compare_with(entry, record["devices"][-1], reference, name)
-        write_json(args.compare_only, record)
-        return
+            found += compare_with(entry, record["devices"][-1], reference, name)
+        write_json(args.compare_only, {**record, "problems": record.get("problems", []) + found})
+        print("\n".join(found) or "the same kinds of standard error on both devices")
+        sys.exit(1 if found else 0)
     if args.worlds is None:
         parser.error("--worlds is needed to run the suites")
     datasets.logging.set_verbosity_error()  # its offline-cache notices, per dataset and load
     devices = [args.device] if args.no_cpu or args.device == "cpu" else ["cpu", args.device]
     record: dict = {"machine": machine(), "dtype": args.dtype, "devices": devices, "models": {}}
-    ok = True
+    found: list[str] = []
     with contextlib.ExitStack() as stack:
         if args.library_log:
             library_log = stack.enter_context(args.library_log.open("w"))
@@ -205,15 +261,18 @@ def main() -> None:
                     world = args.worlds / name
                     experiment = f"experiments/{name}.yaml"
                     by_device[device] = run_model(experiment, world, device, args.dtype, Path(tmp), library_log, args.suites)
-                for row in by_device[device].values():
-                    failed = "error" in row or row.get("fell_back") or row.get("all_finite") is False
-                    if failed or row.get("side_read_back_exactly") is False:
-                        ok = False
             record["models"][name] = entry = {"by_device": by_device}
-            compare_with(entry, devices[-1], reference, name)
-            write_json(args.json, {**record, "all_ok": ok})  # after every model: a run stopped by its limit keeps what it did
-    print("every suite ran, finite, traced, its shared side read back exactly" if ok else "SOMETHING FAILED, FELL BACK OR DIFFERED")
-    sys.exit(0 if ok else 1)
+            found += problems(name, by_device) + compare_with(entry, devices[-1], reference, name)
+            # after every model: a run stopped by its limit keeps what it did
+            write_json(args.json, {**record, "problems": found, "all_ok": not found})
+    skipped = sorted({f"{name} {suite} ({why})" for (name, suite), why in NOT_APPLICABLE_HERE.items() if name in args.experiments
+                      and suite in args.suites})  # fmt: skip
+    if found:
+        print("PROBLEMS:\n  " + "\n  ".join(found))
+    else:
+        print("every suite that applies ran, finite, traced, without fallbacks, its shared side loaded and read back exactly, "
+              f"the same kinds of standard error on every device; not applicable, as expected: {'; '.join(skipped) or 'none'}")  # fmt: skip
+    sys.exit(1 if found else 0)
 
 
 if __name__ == "__main__":

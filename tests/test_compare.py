@@ -606,8 +606,9 @@ def test_a_difference_within_float32_rounding_is_marked_even_where_the_error_is_
 
     def run(run_id, start, variant, value):
         metrics = {f"core.{metric}": value, f"core.{metric}.bootstrap_se": 0.0}
+        tags = {"hook": "hook_resid_post", "layer": "2", "variant": variant, **CPU_TAGS}
         return compare.RunRecord(run_id, "evaluate", run_id, start, params={"suites": "core", "base_model": model, **CPU},
-                                 metrics=metrics, tags={"hook": "hook_resid_post", "layer": "2", "variant": variant, **CPU_TAGS})  # fmt: skip
+                                 metrics=metrics, tags=tags)  # fmt: skip
 
     records = [run("p", 1, "pretrained", 0.99999994), run("a", 2, "pruned25", 1.0000001), run("b", 3, "pruned50", 0.9999)]
     table = compare.cells(records).set_index(["table", "metric", "variant"]).loc["core"].loc[metric]

@@ -345,6 +345,25 @@ def test_the_density_summaries_of_many_replicates_at_once_are_saebenchs_row_by_r
     assert 0 < float(summaries["freq_over_1_percent"][1]) < float(summaries["frac_alive"][1])
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_every_count_of_firing_latents_gives_saebenchs_float32_share_on_every_device(device):
+    """A share over a threshold is SAEBench's CPU mean, count / d_sae rounded once in float32, for every count from 0
+    to d_sae at GPT-2 small's 6,144 latents: on CUDA, `mean` and a division by a Python number multiply by 1/n and miss
+    it by 1 ulp for about a third of the counts (this runs on CUDA where a GPU is present)."""
+    import numpy as np
+
+    from saecomp.evaluate import _density_summaries
+
+    d_sae = 6144
+    counts = torch.arange(d_sae + 1)
+    fired = (torch.arange(d_sae)[None, :] < counts[:, None]).to(device, torch.float32) * 100  # row c: c latents fired
+    summaries = _density_summaries(fired, torch.full((d_sae + 1,), 1000.0, dtype=torch.float64), rows_at_once=1000)
+    expected = torch.from_numpy(counts.numpy().astype(np.float32) / np.float32(d_sae)).double()
+    for name in ("frac_alive", "freq_over_1_percent", "freq_over_10_percent"):  # 100 of 1,000 tokens: over 0 and 1%, not 10%
+        want = expected if name != "freq_over_10_percent" else torch.zeros_like(expected)
+        assert torch.equal(summaries[name], want), (name, int((summaries[name] != want).sum()))
+
+
 def test_frac_alives_jackknife_covers_its_true_spread_where_the_bootstrap_runs_low():
     """frac_alive's sampling spread, known by drawing 300 samples of 300 sequences from a fixed population: 300
     latents with per-sequence firing chances from 3e-4 to 0.1 (most of them rare, as in a wide SAE), half of them

@@ -69,8 +69,10 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def load(path: str, overrides: dict[str, object], check_device: bool = True) -> Experiment:
-    """The experiment with the given overrides (``None`` values are 'not given'), or a clean exit."""
+def load(path: str, overrides: dict[str, object], check_device: bool = True, check_store: bool | None = None) -> Experiment:
+    """The experiment with the given overrides (``None`` values are 'not given'), or a clean exit. ``check_store``
+    (default: as ``check_device``) refuses a store where the experiment's artifacts would land in this directory
+    (``check_artifact_store``); not under `mlflow run`, whose run MLflow has placed already."""
     given = {**runtime_overrides(), **{key: value for key, value in overrides.items() if value not in (None, "")}}
     try:
         exp = load_experiment(path, given)
@@ -82,7 +84,8 @@ def load(path: str, overrides: dict[str, object], check_device: bool = True) -> 
     try:
         if check_device:
             device_here(exp.device)
-        check_artifact_store(exp.name)
+        if (check_device if check_store is None else check_store) and not os.environ.get("MLFLOW_RUN_ID"):
+            check_artifact_store(exp.name)
     except ValueError as error:
         fail(str(error))
     return exp

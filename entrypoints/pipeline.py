@@ -217,7 +217,7 @@ def main(experiment: str, jobs: str, executor_name: str, address: str | None, dr
     from saecomp import executors
 
     # A plan needs no GPU, nor does a Ray driver (its GPU steps run on the cluster's GPU nodes).
-    exp = load(experiment, {}, check_device=not dry_run and executor_name != "ray")
+    exp = load(experiment, {}, check_device=not dry_run and executor_name != "ray", check_store=not dry_run)
     if jobs == "auto":
         jobs = 1 if executor_name == "ray" else executors.automatic_jobs(exp.model, exp.device)
     elif not str(jobs).isdigit() or int(jobs) < 1:

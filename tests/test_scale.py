@@ -430,6 +430,21 @@ def test_a_database_without_a_server_is_refused_unless_told_where_artifacts_go(s
         try:
             client = mlflow.MlflowClient()
             assert client.get_experiment_by_name("small") is None and all_runs(client) == []  # nothing made
+            # Under `mlflow run`, MLflow has placed the run already (in an experiment with its own location), and a
+            # dry run creates nothing: neither is refused
+            from entrypoints.common import load
+            from entrypoints.pipeline import main as pipeline_main
+
+            placed = client.create_experiment("placed-by-mlflow-run", artifact_location=str(tmp_path / "placed"))
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("MLFLOW_RUN_ID", client.create_run(placed).info.run_id)
+                assert load(str(small_experiment), {}).name == "small"
+            with pytest.raises(SystemExit):
+                load(str(small_experiment), {})
+            assert load(str(small_experiment), {}, check_store=False).name == "small"  # the pipeline's --dry-run
+            dry = CliRunner().invoke(pipeline_main, ["--experiment", str(small_experiment), "--dry-run"])
+            assert dry.exit_code == 0, dry.output
+            assert client.get_experiment_by_name("small") is None
             shared = tmp_path / "shared-artifacts"
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("SAECOMP_ARTIFACT_ROOT", os.path.relpath(shared, elsewhere))  # relative: resolved once, there

@@ -116,13 +116,13 @@ def main() -> None:
             for figure, value, goal, met in figures:
                 row = {"step": "prune_sae", "case": case, "figure": figure, "value": value, "goal": goal, "met": met, "note": note}
                 sweep_rows.append((on["date"], recorded.name, row))
-    # an older recording of the same case and figure measured older code (often on another card): shown, marked
-    # superseded, and not counted for the goal
+    # an older recording of a case measured older code (often on another card): every figure of it is shown, marked
+    # superseded, and not counted for the goal, also one the newer recording did not measure (--no-baselines)
     newest = {}
     for date, name, row in sorted(sweep_rows, key=lambda item: item[:2]):
-        newest[(row["case"], row["figure"])] = (date, name)
+        newest[row["case"]] = (date, name)
     for date, name, row in sweep_rows:
-        latest = newest[(row["case"], row["figure"])]
+        latest = newest[row["case"]]
         if (date, name) != latest:
             verdict = "met" if row["met"] else "not met"
             row.update(met=None, note=f"superseded by {latest[1]} ({latest[0]}; it was {verdict}); {row['note']}")

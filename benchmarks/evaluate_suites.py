@@ -91,7 +91,10 @@ def run_model(experiment: str, world: Path, device: str, dtype: str, tmp: Path, 
         kinds: dict[str, int] = {}
         for m in errors:
             kinds[m.rsplit(".", 1)[-1]] = kinds.get(m.rsplit(".", 1)[-1], 0) + 1
+        # either SAE's fallbacks (the second one's named as such)
         fell_back = {t: v for t, v in tags.items() if t.endswith(FELL_BACK_TAGS)}
+        if len(results) == 2:
+            fell_back.update({f"second SAE: {t}": v for t, v in results[1].tags.items() if t.endswith(FELL_BACK_TAGS)})
         fell_back.update({f"uncertainty.{k}": v for k, v in (results[0].uncertainty or {}).items() if k in SKIPPED_UNCERTAINTY})
         row.update(
             seconds=time.perf_counter() - started,
@@ -104,8 +107,8 @@ def run_model(experiment: str, world: Path, device: str, dtype: str, tmp: Path, 
         if len(results) == 2:
             origins = [r.tags.get(f"saecomp.{suite}.model_side", "") for r in results]
             row["side_origins"] = origins
-            # the first shared its side and the second loaded it: two computations would agree without proving anything
-            row["side_read_back"] = origins[0].startswith("computed by this run and shared") and origins[1].startswith("loaded from")
+            # the first shared its side and the second loaded that one: two computations would agree without proving anything
+            row["side_read_back"] = side_loaded(*origins)
             row["side_read_back_exactly"] = row["side_read_back"] and results[1].metrics == metrics
             row["side_read_back_differences"] = sorted(m for m in metrics if results[1].metrics.get(m) != metrics[m])
         out[suite] = row
@@ -116,6 +119,14 @@ def run_model(experiment: str, world: Path, device: str, dtype: str, tmp: Path, 
             + (f"; shared side read back exactly: {row['side_read_back_exactly']}" if "side_read_back_exactly" in row else "")
         )
     return out
+
+
+def side_loaded(first: str, second: str) -> bool:
+    """Whether the second SAE's ``model_side`` tag says it loaded the folder the first one's says it shared."""
+    shared, loaded = "computed by this run and shared in ", "loaded from "
+    if not first.startswith(shared) or not second.startswith(loaded):
+        return False
+    return second.removeprefix(loaded).split(" (", 1)[0] == first.removeprefix(shared)
 
 
 def run_suite(suite: str, exp, world: Path, loaded, sae, device: str, dtype: str, tmp: Path, row: dict) -> list:

@@ -327,7 +327,7 @@ def _newest_per_seed(candidates: list[RunRecord], like: RunRecord | None = None)
 
 RUNTIME_PARAMS = ("device", "dtype")
 """Where and in what precision a step computed (every step logs them): an evaluation's numbers move with them, in TPP
-at many ablated latents by up to 5.0 of their standard errors between a CPU and a GPU, in RAVEL by up to 1.3
+at many ablated latents by up to 5.0 of their standard errors between a CPU and a GPU, in RAVEL by up to 1.4
 (benchmarks/README.md, 2026-11-28), and no standard error covers that."""
 
 

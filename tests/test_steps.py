@@ -145,8 +145,9 @@ def test_prune_llm_logs_what_it_did(small_experiment, tracked_world):
     assert {f"saecomp.version.{p}" for p in ("torch", "transformer-lens", "sae-lens", "sae-bench", "mlflow")} <= set(tags)
     assert tags["saecomp.version.torch"].startswith("2.")
     # The processor behind its device, which compare matches before it calls a difference a finding
-    cpu_model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
-    assert tags["saecomp.accelerator"] == cpu_model and run.data.params["device"] == "cpu"
+    from saecomp.tracking import accelerator_name
+
+    assert tags["saecomp.accelerator"] == accelerator_name("cpu") != "" and run.data.params["device"] == "cpu"
 
 
 def test_prune_llm_runs_and_logs_in_bfloat16(small_experiment, tracked_world):

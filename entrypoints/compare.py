@@ -69,7 +69,7 @@ def key_for(records, pipeline_run: str | None, tags: dict) -> str:
 @click.option("--pipeline_run", help="Only the runs this pipeline run started or reused (default: the whole experiment).")
 @click.option("--tag", multiple=True, help="Only runs with this tag, name=value (repeatable).")
 def main(experiment: str, pipeline_run: str | None, tag: tuple[str, ...]) -> None:
-    exp = load(experiment, {}, check_device=False, )
+    exp = load(experiment, {}, check_device=False)  # reads an existing experiment, never creates one: no store check
     _, tags, records = selection(exp, pipeline_run, tag)
     run_compare(exp, records, pipeline_run, tags)
 

@@ -46,7 +46,7 @@ def flag(name: str, value: str | None) -> bool:
 @click.option("--overwrite", help="true: replace files the repository already has (default: refuse).")
 @click.option("--with_model", help="true: also push the pruned checkpoint to <repo>-pruned-model and name it in the SAEs' metadata.")
 def main(experiment, repo, sae, dry_run, public, overwrite, with_model) -> None:
-    exp = load(experiment, {}, check_device=False, )
+    exp = load(experiment, {}, check_device=False)  # reads an existing experiment, never creates one: no store check
     given = {"dry_run": dry_run, "public": public, "overwrite": overwrite, "with_model": with_model}
     dry_run, public, overwrite, with_model = (flag(name, value) for name, value in given.items())
     if not repo or not REPO_ID.match(repo):

@@ -441,6 +441,13 @@ def test_a_database_without_a_server_is_refused_unless_told_where_artifacts_go(s
                 assert load(str(small_experiment), {}).name == "small"
             with pytest.raises(SystemExit):
                 load(str(small_experiment), {})
+            from entrypoints.compare import main as compare_main
+            from entrypoints.publish import main as publish_main
+
+            # compare and publish read an existing experiment and never create one: they say it is missing, in one line
+            for step, extra in ((compare_main, []), (publish_main, ["--repo", "me/saes", "--dry_run", "true"])):
+                refused_here = CliRunner().invoke(step, ["--experiment", str(small_experiment), *extra])
+                assert refused_here.exit_code == 2 and "has no experiment 'small'" in refused_here.output, refused_here.output
             assert load(str(small_experiment), {}, check_store=False).name == "small"  # the pipeline's --dry-run
             dry = CliRunner().invoke(pipeline_main, ["--experiment", str(small_experiment), "--dry-run"])
             assert dry.exit_code == 0, dry.output

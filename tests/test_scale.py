@@ -108,6 +108,13 @@ def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tr
             assert any(key.startswith(prefix) for key in objects), f"nothing of run {run.info.run_id} in S3"
         for run in by_step["evaluate"]:
             assert math.isfinite(run.data.metrics["core.ce_loss_score"])
+        # Each step that logged a device names the processor behind it on the server too: compare's device rule reads it.
+        from saecomp.config import ACCELERATOR_TAG
+        from saecomp.tracking import accelerator_name
+
+        with_device = [run for run in new if "device" in run.data.params]
+        assert {run.data.tags.get(STEP_TAG) for run in with_device} >= {"prune_llm", "train_sae", "prune_sae", "evaluate"}
+        assert {run.data.tags.get(ACCELERATOR_TAG) for run in with_device} == {accelerator_name("cpu")}
         for run in by_step["prune_sae"]:
             assert 0 <= run.data.metrics["selected_sparsity"] < 1
         assert client.search_registered_models(), "the kept SAEs are registered on the server"
@@ -405,9 +412,10 @@ def cell_outputs(client, pipeline_run: str) -> dict:
 def test_a_database_without_a_server_is_refused_unless_told_where_artifacts_go(small_experiment, tmp_path):
     """MLFLOW_TRACKING_URI=postgresql+psycopg2://... (no tracking server): MLflow would put a new experiment's artifacts
     under ./mlruns of whichever process creates it. A step refuses that in one line before any compute, creating
-    nothing; with SAECOMP_ARTIFACT_ROOT the experiment keeps them under <root>/<name>, whatever the working directory."""
+    nothing; with SAECOMP_ARTIFACT_ROOT the experiment keeps them under <root>/<name>, whatever the working directory
+    (a shared folder or an S3 bucket)."""
     pytest.importorskip("psycopg2")
-    from infrastructure import PG_BIN, postgres, without_session_step_server
+    from infrastructure import PG_BIN, S3_CREDENTIALS, postgres, s3_objects, s3_server, without_session_step_server
 
     if not (PG_BIN / "initdb").exists():
         pytest.skip(f"no PostgreSQL server binaries in {PG_BIN} (Debian: apt-get install postgresql; or set SAECOMP_PG_BIN)")
@@ -463,6 +471,21 @@ def test_a_database_without_a_server_is_refused_unless_told_where_artifacts_go(s
                     mlflow.log_text("a result", "result.txt")
             assert client.get_experiment(experiment_id).artifact_location == str(shared / "small")
             assert (shared / "small" / run.info.run_id / "artifacts" / "result.txt").read_text() == "a result"
+            assert not (elsewhere / "mlruns").exists()
+            # An S3 root, as on a cluster: the artifacts go to the bucket under <root>/<name>, and read back from there.
+            bucket = "saecomp-serverless"
+            with s3_server(bucket) as endpoint, pytest.MonkeyPatch.context() as patch:
+                for name, value in {**S3_CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": endpoint}.items():
+                    patch.setenv(name, value)
+                patch.setenv("SAECOMP_ARTIFACT_ROOT", f"s3://{bucket}/experiments/")
+                patch.chdir(elsewhere)
+                on_s3 = experiment_id_for("small-on-s3")
+                with mlflow.start_run(experiment_id=on_s3) as run:
+                    mlflow.log_text("a result in S3", "result.txt")
+                assert client.get_experiment(on_s3).artifact_location == f"s3://{bucket}/experiments/small-on-s3"
+                assert s3_objects(endpoint, bucket) == [f"experiments/small-on-s3/{run.info.run_id}/artifacts/result.txt"]
+                read_back = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/result.txt", dst_path=str(tmp_path / "back"))
+                assert Path(read_back).read_text() == "a result in S3"
             assert not (elsewhere / "mlruns").exists()
         finally:
             mlflow.set_tracking_uri(previous)

@@ -72,20 +72,24 @@ def fail(message: str) -> None:
 def load(path: str, overrides: dict[str, object], check_device: bool = True, check_store: bool | None = None) -> Experiment:
     """The experiment with the given overrides (``None`` values are 'not given'), or a clean exit. ``check_store``
     (default: as ``check_device``) refuses a store where the experiment's artifacts would land in this directory
-    (``check_artifact_store``); not under `mlflow run`, whose run MLflow has placed already."""
+    (``check_artifact_store``); under `mlflow run`, whose run MLflow has placed already, it warns instead."""
     given = {**runtime_overrides(), **{key: value for key, value in overrides.items() if value not in (None, "")}}
     try:
         exp = load_experiment(path, given)
     except ConfigError as error:
         fail(str(error))
     from saecomp.names import check_device as device_here
-    from saecomp.tracking import check_artifact_store
+    from saecomp.tracking import check_artifact_store, placed_artifacts_warning
 
     try:
         if check_device:
             device_here(exp.device)
-        if (check_device if check_store is None else check_store) and not os.environ.get("MLFLOW_RUN_ID"):
-            check_artifact_store(exp.name)
+        if check_device if check_store is None else check_store:
+            placed_by_mlflow_run = os.environ.get("MLFLOW_RUN_ID")
+            if not placed_by_mlflow_run:
+                check_artifact_store(exp.name)
+            elif warning := placed_artifacts_warning(placed_by_mlflow_run):
+                click.echo(f"saecomp: warning: {warning}", err=True)  # too late to refuse: MLflow made the run already
     except ValueError as error:
         fail(str(error))
     return exp

@@ -86,6 +86,29 @@ def check_artifact_store(name: str) -> None:
     )
 
 
+def placed_artifacts_warning(run_id: str) -> str | None:
+    """A warning where run ``run_id`` (placed by `mlflow run`) is in an experiment of a serverless database that keeps
+    MLflow's default location, ``<working directory of whoever created it>/mlruns/<id>``: `mlflow run --experiment-name`
+    creates a missing experiment there before the step can say anything, and no other machine or user finds the
+    artifacts. ``None`` for any other store or location."""
+    if not serverless_database():
+        return None
+    client = MlflowClient()
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    location = experiment.artifact_location
+    if "://" in location and not location.startswith("file://"):
+        return None  # s3://, gs://, ...: reachable from elsewhere
+    folder = Path(location.removeprefix("file://"))
+    if folder.name != experiment.experiment_id or folder.parent.name != "mlruns":
+        return None  # a location somebody chose (a shared folder): not MLflow's default
+    return (
+        f"experiment {experiment.name!r} keeps its artifacts in {location}, a folder of the machine that created it (MLflow's "
+        f"default where MLFLOW_TRACKING_URI is a database with no tracking server, as when `mlflow run --experiment-name` "
+        f"creates the experiment): no other machine or user will find this run's artifacts. For a new experiment, start "
+        f"any saecomp step or the pipeline with {ARTIFACT_ROOT_ENV} set before `mlflow run`, or use a tracking server"
+    )
+
+
 def _without_password(uri: str) -> str:
     from urllib.parse import urlparse
 

@@ -409,7 +409,7 @@ def cell_outputs(client, pipeline_run: str) -> dict:
     return found
 
 
-def test_a_database_without_a_server_is_refused_unless_told_where_artifacts_go(small_experiment, tmp_path):
+def test_a_database_without_a_server_is_refused_unless_told_where_artifacts_go(small_experiment, tmp_path, capsys):
     """MLFLOW_TRACKING_URI=postgresql+psycopg2://... (no tracking server): MLflow would put a new experiment's artifacts
     under ./mlruns of whichever process creates it. A step refuses that in one line before any compute, creating
     nothing; with SAECOMP_ARTIFACT_ROOT the experiment keeps them under <root>/<name>, whatever the working directory
@@ -447,6 +447,17 @@ def test_a_database_without_a_server_is_refused_unless_told_where_artifacts_go(s
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("MLFLOW_RUN_ID", client.create_run(placed).info.run_id)
                 assert load(str(small_experiment), {}).name == "small"
+            assert "warning" not in capsys.readouterr().err  # a location somebody chose
+            # ... but one that `mlflow run --experiment-name` created where it ran keeps MLflow's ./mlruns: said once
+            created_here = client.create_experiment("created-by-mlflow-run")  # MLflow's client-side default
+            location = client.get_experiment(created_here).artifact_location
+            assert location.endswith(f"/mlruns/{created_here}")
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("MLFLOW_RUN_ID", client.create_run(created_here).info.run_id)
+                assert load(str(small_experiment), {}).name == "small"
+            (warning,) = capsys.readouterr().err.strip().splitlines()
+            assert warning.startswith(f"saecomp: warning: experiment 'created-by-mlflow-run' keeps its artifacts in {location}, ")
+            assert "SAECOMP_ARTIFACT_ROOT" in warning
             with pytest.raises(SystemExit):
                 load(str(small_experiment), {})
             from entrypoints.compare import main as compare_main

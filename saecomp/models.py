@@ -113,6 +113,24 @@ def recorded_processing(hf_model) -> dict[str, bool] | None:
     return dict(recorded) if recorded and any(recorded.values()) else None
 
 
+def processing_that_preserves(hf_config, processing: dict[str, bool] | None) -> dict[str, bool] | None:
+    """``processing`` less what would change this model's outputs, by TransformerLens's own rules in `from_pretrained`
+    (which `load_and_process_state_dict`, called directly, does not apply): no unembedding centring under a logit soft
+    cap (Gemma-2: tanh is not shift-invariant; an SAE whose metadata names no processing, as Gemma Scope's, would
+    otherwise be measured on another model), no LayerNorm folding or writing-weight centring for post-norm models."""
+    if not processing:
+        return processing
+    from transformer_lens.utilities.activation_functions import softcap_enabled
+    from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
+
+    kept = dict(processing)
+    if softcap_enabled(getattr(hf_config, "final_logit_softcapping", None)):
+        kept["center_unembed"] = False
+    if hf_config.architectures[0] in POST_NORM_ARCHITECTURES:
+        kept.update(fold_ln=False, center_writing_weights=False)
+    return kept
+
+
 def hf_to_tl(hf_model, tokenizer, name_or_dir: str | Path, processing: dict[str, bool] | None = None) -> HookedTransformer:
     """A TransformerLens model holding exactly the Hugging Face weights (no processing), or processed as
     ``processing`` asks (keys of :data:`NO_PROCESSING_KWARGS`): what an SAE's metadata may require.
@@ -123,6 +141,7 @@ def hf_to_tl(hf_model, tokenizer, name_or_dir: str | Path, processing: dict[str,
         processing = None
     arch = hf_model.config.architectures[0]
     dtype = next(hf_model.parameters()).dtype
+    processing = processing_that_preserves(hf_model.config, processing)
     fold_ln = bool((processing or {}).get("fold_ln", False))
     if arch == "GPT2LMHeadModel":
         # TransformerLens reads the GPT-2 config itself (Hub name through the HF cache, or a local dir).

@@ -105,3 +105,30 @@ def test_tl_weights_are_hf_weights_unprocessed(small_world):
     # No LayerNorm folding: ln1 keeps its HF weight, and W_in equals c_fc exactly.
     assert torch.equal(loaded.tl.blocks[0].ln1.w, loaded.hf.transformer.h[0].ln_1.weight)
     assert torch.equal(loaded.tl.blocks[0].mlp.W_in, loaded.hf.transformer.h[0].mlp.c_fc.weight)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "gemma2"])
+def test_a_model_processed_as_an_sae_asks_keeps_the_models_outputs(tmp_path, architecture):
+    """An SAE whose metadata names no processing (Gemma Scope's) gets TransformerLens's defaults, centred unembedding
+    included; under Gemma-2's logit soft cap that centring is not function-preserving, and TransformerLens's
+    `from_pretrained` drops it there. Loaded that way, the model must still be the model: the same log-probabilities
+    as Hugging Face's, with logits large enough that the soft cap bends them (as real Gemma-2's do)."""
+    from saecomp.saes import TL_DEFAULT_PROCESSING
+
+    hf_model = random_hf_model(architecture)
+    with torch.no_grad():  # logits of real Gemma-2's size (std about 5, near the cap of 30), rows sharing a component
+        embedding = hf_model.get_output_embeddings().weight
+        embedding.normal_(0, 0.6, generator=torch.Generator().manual_seed(1))
+        embedding.add_(0.12 * torch.randn(embedding.shape[1], generator=torch.Generator().manual_seed(2)))
+    hf_model.save_pretrained(tmp_path / "model", safe_serialization=True)
+    tokenizer_for().save_pretrained(tmp_path / "model")
+    tokens = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    expected = hf_model(input_ids=tokens).logits.log_softmax(-1)
+    if architecture == "gemma2":
+        capped = hf_model.config.final_logit_softcapping
+        assert capped and hf_model(input_ids=tokens).logits.abs().max() > capped / 3  # the cap is not linear there
+    loaded = load_model(architecture, tmp_path / "model", processing=dict(TL_DEFAULT_PROCESSING))
+    # float32 rounding of the folded weights on log-probs near -10 (without the soft-cap rule Gemma-2 is 0.56 off)
+    assert (loaded.tl(tokens).log_softmax(-1) - expected).abs().max() < 1e-3
+    if architecture == "gemma2":  # folded all the same, as asked (the rest of the processing is kept)
+        assert loaded.tl.cfg.normalization_type == "RMSPre"

@@ -428,14 +428,12 @@ def run_core_on_test_tokens(exp, world, loaded, sae, source, model_label, tmp: P
     import mlflow
     from safetensors.torch import save_file
 
-    from saecomp.data import document_plan, held_out_tokens, iter_documents, model_prepends_bos, special_token_ids
+    from saecomp.data import document_plan, held_out_tokens, iter_documents, sae_prepends_bos, special_token_ids
     from saecomp.evaluate import CoreSizes, run_core
 
     ev = exp.evaluation
     context = min(ev.context_size or sae.cfg.metadata.context_size or loaded.tl.cfg.n_ctx, loaded.tl.cfg.n_ctx)
-    prepend_bos = sae.cfg.metadata.prepend_bos
-    if prepend_bos is None:
-        prepend_bos = model_prepends_bos(loaded.architecture, loaded.tokenizer)
+    prepend_bos = sae_prepends_bos(sae.cfg.metadata.prepend_bos, loaded.architecture, loaded.tokenizer)
     plan = document_plan(exp)
     tokens = held_out_tokens(
         iter_documents(plan["test"], world), loaded.tokenizer, ev.n_sequences, context, bool(prepend_bos), "test", "evaluation.n_sequences"

@@ -240,7 +240,7 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
     import pandas as pd
     from safetensors.torch import save_file
 
-    from saecomp.data import model_prepends_bos, sae_tokens, special_token_ids
+    from saecomp.data import sae_prepends_bos, sae_tokens, special_token_ids
     from saecomp.models import TINY_MODELS, load_model
     from saecomp.prune_sae import cache_activations, evaluate_cached, sae_statistics, seed_sae_statistics, select_level, sweep
     from saecomp.saes import processing_kwargs
@@ -303,9 +303,7 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
             world = resolve_world(exp, experiment_path)
         ctx = min(pretrained_sae.cfg.metadata.context_size or model.tl.cfg.n_ctx, model.tl.cfg.n_ctx)
         # Windows start with BOS where the SAE was trained with it (its metadata), else where the model was.
-        prepend_bos = pretrained_sae.cfg.metadata.prepend_bos
-        if prepend_bos is None:
-            prepend_bos = model_prepends_bos(model.architecture, model.tokenizer)
+        prepend_bos = sae_prepends_bos(pretrained_sae.cfg.metadata.prepend_bos, model.architecture, model.tokenizer)
         special = special_token_ids(model.tokenizer)
         tokens = sae_tokens(exp, model.tokenizer, ctx, bool(prepend_bos), world, model.tl.cfg.n_ctx,
                             seed_documents=exp.calibration.n_sequences if method == "wanda-seed" else 0)  # fmt: skip

@@ -81,6 +81,7 @@ def build_spec(exp, hook: str | None, layer: int | None, like_sae):
         learning_rate=s.learning_rate,
         context_size=s.context_size,
         normalize_activations=s.normalize_activations,
+        prepend_bos=s.prepend_bos,
     )
     if like_sae is None:
         return spec
@@ -156,7 +157,7 @@ class _QuietViewFallback(logging.Filter):
 def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run, like_source, shared_forward=None) -> str:
     import mlflow
 
-    from saecomp.data import TokenStream, document_plan, held_out_tokens, iter_documents, model_prepends_bos, special_token_ids
+    from saecomp.data import TokenStream, document_plan, held_out_tokens, iter_documents, sae_prepends_bos, special_token_ids
     from saecomp.models import NO_PROCESSING_KWARGS, TINY_MODELS, load_model
     from saecomp.saes import evaluate_sae
     from saecomp.tracking import CACHE_DIR, register_sae, step_run, training_metrics_logger
@@ -197,9 +198,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
             from entrypoints.common import resolve_world
 
             world = resolve_world(exp, experiment_path)
-        prepend_bos = spec.prepend_bos
-        if prepend_bos is None:
-            prepend_bos = model_prepends_bos(loaded.architecture, loaded.tokenizer)
+        prepend_bos = sae_prepends_bos(spec.prepend_bos, loaded.architecture, loaded.tokenizer)
         special = special_token_ids(loaded.tokenizer)
         plan = document_plan(exp)
         # Streamed from the documents after the calibration and held-out pools: never held in memory, never

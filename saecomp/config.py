@@ -160,6 +160,10 @@ class SAEConfig(Section):
     """SAELens input normalisation: none, expected_average_only_in, layer_norm."""
     max_passes: int = 1
     """Passes over the training stream allowed before training stops with an error (1: no text repeats)."""
+    prepend_bos: bool | None = None
+    """Whether the trained SAEs' windows open with BOS (recorded in their metadata; `evaluate`'s core then reads
+    windows the same way). Default: as the model's own text (Gemma-2: BOS; GPT-2: none). Set it as the pretrained
+    SAEs have it, so that every variant of a hook reads the same core windows."""
     pretrained: dict[str, str | dict[str, str]] = Field(default_factory=dict)
     """hook -> pretrained SAE source: `{release: ..., sae_id: ...}`, `runs:/<id>/sae`, `models:/<name>/<v>` or a
     SAELens folder; `{layer}` in it stands for the layer (so `layers: all` works with a release). Empty: the

@@ -136,6 +136,12 @@ def model_prepends_bos(architecture: str, tokenizer) -> bool:
     return bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id
 
 
+def sae_prepends_bos(asked: bool | None, architecture: str, tokenizer) -> bool:
+    """Whether an SAE's windows open with BOS: as ``asked`` (its metadata's `prepend_bos`, or the experiment's
+    `sae.prepend_bos` for one being trained), else as the model's own text does (`model_prepends_bos`)."""
+    return bool(asked) if asked is not None else model_prepends_bos(architecture, tokenizer)
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     # Documents are joined by EOS and windows get BOS explicitly, so the tokenizer adds nothing.
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -27,7 +27,8 @@ SCRIPT = """
 import hashlib, json, math, sys
 import torch
 from saecomp.config import load_experiment
-from saecomp.data import special_token_ids
+from saecomp.data import sae_prepends_bos, special_token_ids
+from entrypoints.train_sae import build_spec
 from saecomp.models import load_model
 from saecomp.saes import check_sae_fits, evaluate_sae, load_sae, processing_kwargs
 
@@ -56,6 +57,9 @@ for hook in exp.sae.hooks:
         "digests": {name: hashlib.sha256(p.detach().float().contiguous().numpy().tobytes()).hexdigest() + str(tuple(p.shape))
                     for name, p in sae.state_dict().items()},
         "finite": all(math.isfinite(v) for v in metrics.values()),
+        "prepend_bos": sae.cfg.metadata.prepend_bos,
+        # what train_sae gives the SAE it trains at this hook, from the file alone
+        "trained_prepend_bos": sae_prepends_bos(build_spec(exp, hook, %(layer)d, None).prepend_bos, loaded.architecture, loaded.tokenizer),
         "metrics": metrics,
     }
 print("RESULT " + json.dumps(found))
@@ -100,5 +104,9 @@ def test_the_experiment_files_pretrained_saes_load_offline_at_their_real_shapes_
         assert sae["reshape_activations"] == ("hook_z" if hook == "attn.hook_z" else "none"), hook
         assert sae["digests"] == written[hook], hook  # the weights written, loaded unchanged: every value in its place
         assert sae["finite"] and sae["metrics"]["l0"] > 0, (hook, sae["metrics"])
+        # Core reads each SAE's windows as its metadata says (BOS first or not): the file's trained SAEs must say what
+        # the pretrained ones do (SAELens: BOS first for every release here, GPT-2's included), or the trained row of a
+        # hook reads other windows than the pretrained and pruned rows it is compared with.
+        assert sae["prepend_bos"] is True and sae["trained_prepend_bos"] is True, (hook, sae["prepend_bos"], sae["trained_prepend_bos"])
         if release.k is not None:  # TopK: k latents fire at every ordinary token
             assert sae["metrics"]["l0"] == pytest.approx(release.k), hook

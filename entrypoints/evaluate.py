@@ -18,6 +18,7 @@ import importlib
 import json
 import logging
 import re
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -34,11 +35,14 @@ _suite_log = threading.local()  # the log of the suite this thread runs, if any
 
 class _ToSuiteLog(logging.Handler):
     """A library logger's one handler: a record goes to the log of the suite its thread runs, else (or if that log was
-    closed meanwhile) to the handlers the logger had before."""
+    closed meanwhile) where it went before: the handlers the logger had, then its ancestors' as propagation would (the
+    logger no longer propagates, or a record in a suite's log would also reach the root logger's handler on the
+    terminal, which any library's module-level `logging.warning` call installs)."""
 
-    def __init__(self, before: list[logging.Handler]):
+    def __init__(self, logger: logging.Logger):
         super().__init__()
-        self.before = before
+        self.before, self.propagated = list(logger.handlers), logger.propagate
+        self.parent = logger.parent
 
     def emit(self, record: logging.LogRecord) -> None:
         log = getattr(_suite_log, "log", None)
@@ -51,13 +55,19 @@ class _ToSuiteLog(logging.Handler):
         for handler in self.before:
             if record.levelno >= handler.level:
                 handler.handle(record)
+        ancestor = self.parent if self.propagated else None
+        while ancestor is not None:  # as Logger.callHandlers propagates
+            for handler in ancestor.handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+            ancestor = ancestor.parent if ancestor.propagate else None
 
 
 @contextlib.contextmanager
-def library_warnings_to(log):
+def library_warnings_to(log, terminal):
     """The libraries' warnings during a suite (scikit-learn's deprecations, about a thousand per cold pipeline; SAEBench's
     decoder-norm notes) and their log records (``LIBRARY_LOGGERS``) into the suite's log with SAEBench's prints;
-    saecomp's own (a suite's errors falling back, twins not computed) still reach the terminal. Warnings are
+    saecomp's own (a suite's errors falling back, twins not computed) still reach ``terminal``. Warnings are
     process-wide: where steps run as threads of one process, a warning may land in another suite's log, never in none;
     log records go by thread."""
     import warnings
@@ -72,13 +82,13 @@ def library_warnings_to(log):
                 return
         except (ValueError, OSError):  # a log closed meanwhile (steps in threads of one process): the terminal then
             pass
-        shown(message, category, filename, lineno, file, line)
+        shown(message, category, filename, lineno, file or terminal, line)  # (sys.stderr may be the suite's log)
 
     for name in LIBRARY_LOGGERS:  # installed once per process, and left: with no suite running it passes records on
         importlib.import_module(name)  # the library adds its own handler on import: after that, never beside ours
         logger = logging.getLogger(name)
         if not any(isinstance(h, _ToSuiteLog) for h in logger.handlers):
-            logger.handlers = [_ToSuiteLog(list(logger.handlers))]
+            logger.handlers, logger.propagate = [_ToSuiteLog(logger)], False
     outer = getattr(_suite_log, "log", None)
     _suite_log.log = log
     try:
@@ -249,7 +259,8 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
     from saecomp.saes import processing_kwargs
     from saecomp.tracking import SUITE_KEY_TAG, step_run
 
-    say = lambda line: click.echo(f"[evaluate] {line}", err=True)  # noqa: E731
+    terminal = sys.stderr  # (during a suite sys.stderr is its log, and the progress lines still go here)
+    say = lambda line: click.echo(f"[evaluate] {line}", file=terminal)  # noqa: E731
     ev = exp.evaluation
     tiny = exp.model in TINY_MODELS
     hook_name = sae.cfg.metadata.hook_name
@@ -331,9 +342,15 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
                     output_log = tmp / "saebench_output" / f"{suite}.log"
                     output_log.parent.mkdir(exist_ok=True)
                     try:
-                        # SAEBench prints a line per probe and per score (thousands per pipeline): into the run's
-                        # saebench_output/<suite>.log artifact, not over the steps' progress on the terminal
-                        with output_log.open("w") as log, contextlib.redirect_stdout(log), library_warnings_to(log):
+                        # SAEBench prints a line per probe and per score (thousands per pipeline) and draws its
+                        # progress bars on stderr: into the run's saebench_output/<suite>.log artifact, not over the
+                        # steps' progress on the terminal
+                        with (
+                            output_log.open("w") as log,
+                            library_warnings_to(log, terminal),
+                            contextlib.redirect_stdout(log),
+                            contextlib.redirect_stderr(log),
+                        ):
                             result = run_one(suite)
                     except NotApplicable as reason:  # no number, not a failure
                         not_applicable[suite] = str(reason)

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -1318,7 +1319,7 @@ def test_a_suites_library_warnings_go_to_its_log_and_saecomps_own_to_the_termina
     log_path = tmp_path / "suite.log"
     with pytest.warns(UserWarning, match="could not be traced") as shown, log_path.open("w") as log:
         warnings.simplefilter("always")
-        with library_warnings_to(log):
+        with library_warnings_to(log, sys.stderr):
             warnings.warn_explicit("'penalty' was deprecated", FutureWarning, "/venv/site-packages/sklearn/linear_model/_logistic.py", 1)
             warnings.warn_explicit("tpp: the probe tests could not be traced (x)", UserWarning, ours, 1)
     logged = log_path.read_text()
@@ -1328,11 +1329,13 @@ def test_a_suites_library_warnings_go_to_its_log_and_saecomps_own_to_the_termina
 
 def test_a_suites_library_log_records_go_to_its_log_and_elsewhere_where_they_went_before(tmp_path):
     """`datasets`' records during a suite ("Using the latest cached version of the dataset ...", about 45 lines per
-    cold pipeline) go to the suite's log; another thread's, and any after the suite, go where they went before."""
+    cold pipeline) go to the suite's log, and not also to the root logger's handler (which any module-level
+    `logging.warning` call of a library installs, printing them on the terminal); another thread's, and any after the
+    suite, go where they went before, root included."""
     import logging
     import threading
 
-    from entrypoints.evaluate import library_warnings_to
+    from entrypoints.evaluate import _ToSuiteLog, library_warnings_to
 
     terminal: list[str] = []
 
@@ -1341,21 +1344,32 @@ def test_a_suites_library_log_records_go_to_its_log_and_elsewhere_where_they_wen
             terminal.append(record.getMessage())
 
     logger = logging.getLogger("datasets")
+    at_root: list[str] = []
+
+    class Root(logging.Handler):
+        def emit(self, record):
+            at_root.append(record.getMessage())
+
+    root = Root()
+    logging.getLogger().addHandler(root)
     log_path = tmp_path / "suite.log"
-    with log_path.open("w") as log, library_warnings_to(log):
-        (ours,) = logger.handlers  # the library's own handler now sits behind ours
+    with log_path.open("w") as log, library_warnings_to(log, sys.stderr):
+        # the library's own handler now sits behind ours (pytest attaches its capture to non-propagating loggers too)
+        (ours,) = [handler for handler in logger.handlers if isinstance(handler, _ToSuiteLog)]
         ours.before.append(Terminal())
-        logger.warning("Using the latest cached version of the dataset since LabHC/bias_in_bios couldn't be found")
+        logging.getLogger("datasets.load").warning("Using the latest cached version of the dataset since LabHC/bias_in_bios is offline")
         other = threading.Thread(target=lambda: logger.warning("another thread's record"))
         other.start()
         other.join()
     logger.warning("after the suite")
     ours.before.pop()
+    logging.getLogger().removeHandler(root)
     logged = log_path.read_text()
-    assert "WARNING:datasets: Using the latest cached version" in logged and "another thread" not in logged and "after" not in logged
+    assert "WARNING:datasets.load: Using the latest cached version" in logged and "another thread" not in logged and "after" not in logged
     assert terminal == ["another thread's record", "after the suite"]
-    with (tmp_path / "again.log").open("w") as log, library_warnings_to(log):
-        assert len(logger.handlers) == 1  # installed once
+    assert at_root == ["another thread's record", "after the suite"]  # propagated as before, the suite's record not
+    with (tmp_path / "again.log").open("w") as log, library_warnings_to(log, sys.stderr):
+        assert sum(isinstance(handler, _ToSuiteLog) for handler in logger.handlers) == 1  # installed once
 
 
 def test_evaluate_step_runs_every_built_suite_and_a_failed_suite_fails_the_run(small_experiment, monkeypatch):
@@ -1391,6 +1405,9 @@ def test_evaluate_step_runs_every_built_suite_and_a_failed_suite_fails_the_run(s
     printed = Path(client.download_artifacts(run.info.run_id, "saebench_output/scr.log")).read_text()
     marker = next(line for line in printed.splitlines() if line.strip())  # SAEBench's first line
     assert len(printed.splitlines()) > 10 and marker not in result.output
+    # ... and so do its progress bars (tqdm, on stderr), while saecomp's own progress lines stay on the terminal
+    assert "Collecting activations" in printed and "Collecting activations" not in result.output
+    assert "[evaluate] scr: done in" in result.output
     # sparse probing's standard errors, and the test-text counts and replicates behind them as an artifact
     assert "uncertainty/sparse_probing.json" in {a.path for a in client.list_artifacts(run.info.run_id, "uncertainty")}
     counted = json.loads(Path(client.download_artifacts(run.info.run_id, "uncertainty/sparse_probing.json")).read_text())

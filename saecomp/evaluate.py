@@ -2428,15 +2428,18 @@ def ground_truth_probe_f1(model: HookedTransformer, layer: int, config, probes_d
     """F1 of SAEBench's ground-truth first-letter probe per letter on its test tokens: SAEBench's probe (trained
     into ``probes_dir``, which the k-sparse experiment then reuses) scored as its `build_metrics_df` scores
     ``f1_probe`` (a logit above 0 is a yes). Ours only because SAEBench computes it after the costly k-sparse probes."""
-    from sae_bench.evals.absorption.common import load_or_train_probe, load_probe_data_split_or_train
+    from sae_bench.evals.absorption import common
     from sae_bench.evals.absorption.vocab import LETTERS
     from sklearn.metrics import f1_score
 
-    kwargs = {"base_template": config.prompt_template, "pos_idx": config.prompt_token_pos, "layer": layer, "probes_dir": probes_dir}
-    probe = load_or_train_probe(model, device=device, **kwargs)
-    activations, labels = load_probe_data_split_or_train(model, split="test", device="cpu", **kwargs)
+    # SAEBench's probe and its test activations in SAEBench's DEFAULT_DTYPE (bfloat16 wherever CUDA exists, float32
+    # elsewhere), as its k-sparse experiment scores them (`eval_probe_and_sae_k_sparse_raw_scores`): one dtype for both
+    kwargs = {"base_template": config.prompt_template, "pos_idx": config.prompt_token_pos, "layer": layer, "probes_dir": probes_dir,
+              "dtype": common.DEFAULT_DTYPE, "device": device}  # fmt: skip
+    probe = common.load_or_train_probe(model, **kwargs)
+    activations, labels = common.load_probe_data_split_or_train(model, split="test", **kwargs)
     with torch.no_grad():
-        scores = probe.to("cpu")(activations.float()).float()  # [tokens, 26]
+        scores = probe(activations).float().cpu()  # [tokens, 26]
     answers = torch.tensor([answer for _, answer in labels])
     return {
         letter: float(f1_score((answers == i).numpy(), (scores[:, i] > 0).numpy(), zero_division=0)) for i, letter in enumerate(LETTERS)

@@ -4,6 +4,7 @@ on the model we pass (the pruned one)."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import math
@@ -1233,6 +1234,20 @@ def test_absorption_on_a_model_that_knows_first_letters(experiment, small_world,
     assert list((tmp_path / "absorption" / "probes").rglob("probe.pth"))
     assert not [p for d in (RESULTS_DIR, PROBES_DIR) if d.exists() for p in d.rglob("*") if p.stat().st_mtime >= started]
     check_absorption_standard_errors(result, tmp_path)
+    # Where CUDA exists SAEBench's absorption works in bfloat16 (its DEFAULT_DTYPE, chosen at import): the letter gate's
+    # ground-truth probe then scores in bfloat16 too, probe and activations alike, with about the same F1 per letter
+    from sae_bench.evals.absorption import common
+
+    probes = tmp_path / "absorption" / "probes"
+    in_float32 = evaluate_lib.ground_truth_probe_f1(model, 0, config, probes, "cpu")
+    with pytest.MonkeyPatch.context() as patch:  # SAEBench's functions as they are on a CUDA machine: bound defaults too
+        patch.setattr(common, "DEFAULT_DTYPE", torch.bfloat16)
+        loaders = (common.load_or_train_probe, common.load_probe, common.load_probe_data_split_or_train, common.load_probe_data_split)
+        for function in map(inspect.unwrap, loaders):  # (beneath SAEBench's decorators)
+            cuda_defaults = tuple(torch.bfloat16 if value is torch.float32 else value for value in function.__defaults__)
+            patch.setattr(function, "__defaults__", cuda_defaults)
+        in_bfloat16 = evaluate_lib.ground_truth_probe_f1(model, 0, config, probes, "cpu")
+    assert set(in_bfloat16) == set(in_float32) and max(abs(in_bfloat16[k] - in_float32[k]) for k in in_float32) < 0.1
 
 
 def check_absorption_standard_errors(result, workdir: Path, replicates: int = 2000) -> None:

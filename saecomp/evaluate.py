@@ -181,6 +181,7 @@ def run_core(
     from sae_bench.evals.core.eval_output import CoreEvalOutput
     from sae_bench.evals.core.main import run_evals, save_single_eval_result
     from sae_bench.sae_bench_utils import get_sae_bench_version, get_sae_lens_version
+    from sae_bench.sae_bench_utils.general_utils import str_to_dtype
 
     if tokens.shape[0] < sizes.n_prompts:
         raise ValueError(
@@ -189,7 +190,8 @@ def run_core(
         )
     started = time.perf_counter()
     config = core_config(sizes, tokens.shape[1], model_name, str(next(model.parameters()).dtype).removeprefix("torch."))
-    sae = prepared_for_saebench(sae, model_name)
+    # in the model's dtype, as SAEBench's core `run_eval` casts it (`sae.to(dtype=llm_dtype)`) and the other suites here do
+    sae = prepared_for_saebench(sae, model_name).to(dtype=str_to_dtype(config.llm_dtype))
     store = token_activation_store(model, sae, tokens)
     # The per-latent densities are resampled inside the loop (their per-sequence counts, [sequences, d_sae], would not be
     # kept at the experiment files' sizes), so the variance loop's resamples are drawn before it: core_bootstrap's own.

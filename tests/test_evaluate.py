@@ -472,8 +472,9 @@ def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_wo
 
 
 def test_core_in_a_bfloat16_gemma2_with_a_layer_norm_jumprelu_sae(small_world):
-    """gemma-2-2b.yaml evaluates in bfloat16: the recorder reads SAEBench's bfloat16 activations into the float32 SAE
-    and sums in float64, so its full-sample values agree with SAEBench's bfloat16 ones only to that rounding. (At this
+    """gemma-2-2b.yaml evaluates in bfloat16: SAEBench's core gets the SAE cast to the model's bfloat16, as its own
+    `run_eval` casts it; the recorder reads the same bfloat16 latents and reconstructions and sums in float64, so its
+    full-sample values agree with SAEBench's bfloat16 sums only to that rounding. (At this
     tiny model's attention output, zero ablation moves its bfloat16 mean CE by less than bfloat16 resolves, and
     SAEBench's own ce_loss_score divides by zero: resid_post here.)"""
 
@@ -486,10 +487,11 @@ def test_core_in_a_bfloat16_gemma2_with_a_layer_norm_jumprelu_sae(small_world):
     )
     result = run_core(loaded.tl, sae, tokens, {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}, SIZES)
     assert all(math.isfinite(v) for v in result.metrics.values())
+    assert result.output["sae_cfg_dict"]["dtype"] == "bfloat16" and sae.W_enc.dtype == torch.float32  # a cast copy
     full = result.uncertainty["full_sample"]
     for name in ("mse", "cossim", "l0", "l2_norm_in", "l2_norm_out", "explained_variance_centred", "ce_loss_without_sae"):
         assert full[name] == pytest.approx(result.metrics[f"core.{name}"], rel=2e-2), name
-    # the firing counts come from the very latents SAEBench counts (the float32 SAE's): its density summaries exactly
+    # the firing counts come from the very latents SAEBench counts (the bfloat16 SAE's): its density summaries exactly
     from saecomp.evaluate import DENSITY_SUMMARIES
 
     full = {**full, "frac_alive": result.uncertainty["jackknife"]["frac_alive"]["full_sample"]}  # (frac_alive: its jackknife's)

@@ -103,8 +103,7 @@ def dependency(
 @click.option("--source", help="The SAE to prune (default: the experiment's pretrained SAE for the hook).")
 @click.option("--trained", help="The SAE trained on the pruned model (default: the train_sae run for the hook).")
 def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selection_metric, selection_rule, source, trained) -> None:
-    from saecomp.names import HOOKS, check_hook
-    from saecomp.prune_sae import METHODS
+    from saecomp.names import HOOKS, SAE_PRUNING_METHODS, check_hook
 
     levels = parse_levels(sparsities)
     sparsity = parse_float("sparsity", sparsity, 0.0, 1.0, "a number in [0, 1)")
@@ -119,8 +118,8 @@ def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selec
             "sae_pruning.selection_rule": selection_rule,
         },
     )
-    if exp.sae_pruning.method not in METHODS:
-        fail(f"method={exp.sae_pruning.method!r} is not valid; valid: {', '.join(METHODS)}")
+    if exp.sae_pruning.method not in SAE_PRUNING_METHODS:
+        fail(f"method={exp.sae_pruning.method!r} is not valid; valid: {', '.join(SAE_PRUNING_METHODS)}")
     if not exp.sae_pruning.sparsities:
         fail("sae_pruning.sparsities is empty; valid: a list of numbers in [0, 1)")
     metric = exp.sae_pruning.selection_metric

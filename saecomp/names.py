@@ -138,6 +138,7 @@ def hf_model_dims(model: str) -> ModelDims:
 # --- LLM pruning ---------------------------------------------------------------------------------------
 
 LLM_PRUNING_METHODS = ("wanda", "magnitude", "wanda-seed")
+SAE_PRUNING_METHODS = (*LLM_PRUNING_METHODS, "latents")
 
 # --- hooks ---------------------------------------------------------------------------------------------
 

@@ -29,10 +29,11 @@ from sae_lens import SAE
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from saecomp.names import SAE_PRUNING_METHODS
 from saecomp.prune_llm import group_mask, magnitude_mask, seed_mask, wanda_mask
 from saecomp.saes import check_sae_fits, ordinary_positions
 
-METHODS = ("wanda", "magnitude", "wanda-seed", "latents")
+METHODS = SAE_PRUNING_METHODS  # (in names.py: an entry point checks its input without importing SAELens)
 
 
 @dataclass

@@ -309,3 +309,25 @@ def test_a_source_at_a_hook_the_model_lacks_is_rejected_before_any_run(small_exp
     assert result.exit_code == 2
     assert "saecomp: error: source SAE is at blocks.7.hook_resid_post, not blocks.1.hook_resid_post" in result.output
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == before
+
+
+def test_a_bad_level_or_method_is_refused_before_the_model_libraries_load(small_experiment):
+    """The checks that need no SAE (levels, method, hook) come before SAELens, TransformerLens and torch are imported:
+    a typo costs a fraction of a second, not the 5-20 s of their imports (met by a new user under `mlflow run`)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = (
+        "import sys\nfrom click.testing import CliRunner\nfrom entrypoints.prune_sae import main\n"
+        f"for args in (['--sparsity', '1.5'], ['--method', 'random'], ['--hook', 'hook_q']):\n"
+        f"    result = CliRunner().invoke(main, ['--experiment', {str(small_experiment)!r}, *args])\n"
+        "    print(result.exit_code, result.output.strip().splitlines()[-1])\n"
+        "print(sorted(name for name in ('sae_lens', 'transformer_lens', 'torch') if name in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    *refusals, imported = out.stdout.strip().splitlines()
+    assert [line.split(" ", 1)[0] for line in refusals] == ["2", "2", "2"], refusals
+    assert all("saecomp: error:" in line for line in refusals) and imported == "[]", out.stdout

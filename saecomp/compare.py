@@ -392,6 +392,13 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
             row.update(difference_se=float(differences.std()), paired=True)
         else:
             row.update(difference_se=(row["se"] ** 2 + ref["se"] ** 2) ** 0.5, paired=False)
+            if resamples and ref_resamples and None not in (resamples[0], ref_resamples[0]) and resamples[0] != ref_resamples[0]:
+                # one table's variants should read the same text (a trained SAE whose windows open with BOS where the
+                # pretrained one's do not reads other core windows): say so, not only pair less
+                row["note"] = "; ".join(filter(None, [row["note"], (
+                    f"read other test texts than the {REFERENCE_VARIANT} SAE (sample_id {resamples[0]} against "
+                    f"{ref_resamples[0]}): the difference is partly the texts', and its error unpaired"
+                )]))  # fmt: skip
         # SAEBench computes its numbers in float32: a difference within its rounding is no difference, even where the
         # error is 0 (a share that is 1 in every resample, SAEBench's own sum printing 0.99999994 or 1.0000001)
         rounding = FLOAT32_ROUNDING * max(abs(row["value"]), abs(ref["value"]))

@@ -517,6 +517,9 @@ def test_sparse_probing_bootstraps_over_the_same_texts_pair_and_others_do_not():
     assert top1.loc["pruned25", "paired"] is True and top1.loc["pruned25", "within_uncertainty"] is False
     assert top1.loc["pruned25", "difference_se"] < 0.1 * top1.loc["pruned25", "se"]
     assert top1.loc["pruned50", "paired"] is False and top1.loc["pruned50", "within_uncertainty"] is True
+    # ... and the cell says why: its SAE read other texts (as a trained SAE with another BOS setting reads other windows)
+    assert "read other test texts than the pretrained SAE (sample_id texts-2 against texts-1)" in top1.loc["pruned50", "note"]
+    assert "other test texts" not in (top1.loc["pruned25", "note"] or "")
 
 
 def test_a_difference_between_evaluations_on_other_devices_is_never_marked_and_seeds_never_mix_devices():

@@ -392,7 +392,8 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
             row.update(difference_se=float(differences.std()), paired=True)
         else:
             row.update(difference_se=(row["se"] ** 2 + ref["se"] ** 2) ** 0.5, paired=False)
-            if resamples and ref_resamples and None not in (resamples[0], ref_resamples[0]) and resamples[0] != ref_resamples[0]:
+            same_kind = resamples and ref_resamples and resamples[1] == ref_resamples[1]  # (a traced and a parametric id differ anyway)
+            if same_kind and None not in (resamples[0], ref_resamples[0]) and resamples[0] != ref_resamples[0]:
                 # one table's variants should read the same text (a trained SAE whose windows open with BOS where the
                 # pretrained one's do not reads other core windows): say so, not only pair less
                 row["note"] = "; ".join(filter(None, [row["note"], (

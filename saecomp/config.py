@@ -163,7 +163,8 @@ class SAEConfig(Section):
     prepend_bos: bool | None = None
     """Whether the trained SAEs' windows open with BOS (recorded in their metadata; `evaluate`'s core then reads
     windows the same way). Default: as the model's own text (Gemma-2: BOS; GPT-2: none). Set it as the pretrained
-    SAEs have it, so that every variant of a hook reads the same core windows."""
+    SAEs have it, so that every variant of a hook reads the same core windows. `train_sae -P like=...` takes the copied
+    SAE's own setting instead."""
     pretrained: dict[str, str | dict[str, str]] = Field(default_factory=dict)
     """hook -> pretrained SAE source: `{release: ..., sae_id: ...}`, `runs:/<id>/sae`, `models:/<name>/<v>` or a
     SAELens folder; `{layer}` in it stands for the layer (so `layers: all` works with a release). Empty: the

@@ -86,6 +86,12 @@ def check_artifact_store(name: str) -> None:
     )
 
 
+def _terminal():
+    """The process's own stderr, for what a watch thread or a signal hook says: during an SAEBench suite `sys.stderr`
+    is the suite's log (`entrypoints/evaluate.py`), which a process ending with `os._exit` never uploads."""
+    return sys.__stderr__ or sys.stderr
+
+
 def placed_artifacts_warning(run_id: str) -> str | None:
     """A warning where run ``run_id`` (placed by `mlflow run`) is in an experiment of a serverless database that keeps
     MLflow's default location, ``<working directory of whoever created it>/mlruns/<id>``: `mlflow run --experiment-name`
@@ -94,18 +100,27 @@ def placed_artifacts_warning(run_id: str) -> str | None:
     if not serverless_database():
         return None
     client = MlflowClient()
-    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    try:
+        experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    except Exception as error:  # noqa: BLE001 - a warning must not stop the step; the store's error will show where it matters
+        return f"could not check where run {run_id}'s artifacts go ({type(error).__name__}: {str(error)[:200]})"
     location = experiment.artifact_location
     if "://" in location and not location.startswith("file://"):
         return None  # s3://, gs://, ...: reachable from elsewhere
     folder = Path(location.removeprefix("file://"))
     if folder.name != experiment.experiment_id or folder.parent.name != "mlruns":
         return None  # a location somebody chose (a shared folder): not MLflow's default
+    fix = (
+        f"pass `--experiment-name <the experiment file's name>` after creating that experiment with {ARTIFACT_ROOT_ENV} set "
+        f"(any saecomp step or the pipeline, started directly), or use a tracking server"
+        if experiment.experiment_id == "0"  # Default: created with the database, where the first client stood
+        else f"for a new experiment, start any saecomp step or the pipeline with {ARTIFACT_ROOT_ENV} set before `mlflow run`, "
+        f"or use a tracking server"
+    )
     return (
         f"experiment {experiment.name!r} keeps its artifacts in {location}, a folder of the machine that created it (MLflow's "
         f"default where MLFLOW_TRACKING_URI is a database with no tracking server, as when `mlflow run --experiment-name` "
-        f"creates the experiment): no other machine or user will find this run's artifacts. For a new experiment, start "
-        f"any saecomp step or the pipeline with {ARTIFACT_ROOT_ENV} set before `mlflow run`, or use a tracking server"
+        f"creates the experiment): no other machine or user will find this run's artifacts. To share them, {fix}"
     )
 
 
@@ -540,7 +555,7 @@ class _LauncherWatch:
     def close_run_and_exit(self):
         self._closing.acquire()  # never released: this process ends here
         reason = f"{LAUNCHER_GONE} {self.pid} on {socket.gethostname()}) is gone"
-        print(f"[saecomp] run {self.run_id}: {reason}; closing it as KILLED", file=sys.stderr, flush=True)
+        print(f"[saecomp] run {self.run_id}: {reason}; closing it as KILLED", file=_terminal(), flush=True)
         for pid, start in self.between:
             if start is not None and _process_start(pid) == start:
                 with contextlib.suppress(OSError):
@@ -554,7 +569,7 @@ class _LauncherWatch:
                     break
                 except Exception as error:  # noqa: BLE001 - reported, then tried again
                     print(f"[saecomp] run {self.run_id}: could not close it as KILLED ({error!r}); try {attempt + 1} of 10",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                          file=_terminal(), flush=True)  # fmt: skip
                     time.sleep(1)
             else:
                 return
@@ -569,7 +584,7 @@ class _LauncherWatch:
                     if client.get_run(self.run_id).info.status != "KILLED":
                         client.set_terminated(self.run_id, "KILLED")
                         print(f"[saecomp] run {self.run_id}: closed as KILLED again (its launcher's chain wrote over it)",
-                              file=sys.stderr, flush=True)  # fmt: skip
+                              file=_terminal(), flush=True)  # fmt: skip
         finally:
             os._exit(137)  # nothing this process writes from now on is part of a finished run
 
@@ -783,7 +798,7 @@ def _redeliver_dropped_sigterm(previous_hook):
             where = repr(unraisable.object)[:200]
         except Exception:  # any object's repr may fail; the signal is on its way again anyway
             where = "a finaliser"
-        print(f"[saecomp] SIGTERM landed in {where}, where Python drops exceptions: sent again", file=sys.stderr, flush=True)
+        print(f"[saecomp] SIGTERM landed in {where}, where Python drops exceptions: sent again", file=_terminal(), flush=True)
 
     return hook
 

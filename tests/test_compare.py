@@ -520,6 +520,13 @@ def test_sparse_probing_bootstraps_over_the_same_texts_pair_and_others_do_not():
     # ... and the cell says why: its SAE read other texts (as a trained SAE with another BOS setting reads other windows)
     assert "read other test texts than the pretrained SAE (sample_id texts-2 against texts-1)" in top1.loc["pruned50", "note"]
     assert "other test texts" not in (top1.loc["pruned25", "note"] or "")
+    # a traced bootstrap and a parametric fallback never share a sample_id, whatever texts they read: no such note
+    runtime = ("cpu", "float32", CPU_TAGS[ACCELERATOR_TAG])
+    kinds = {"pretrained": ("texts", "bootstrap_se", 42, 1000), "pruned25": ("draws", "binomial_se", 42, 1000)}
+    rows = [{"table": "scr", "model": model, "hook": "h", "metric": "m", "variant": variant, "value": 0.5, "se": 0.1, "note": "",
+             "_replicates": None, "_resamples": resamples, "_runtime": runtime} for variant, resamples in kinds.items()]  # fmt: skip
+    compare._mark_within_uncertainty(rows)
+    assert rows[1]["paired"] is False and "other test texts" not in rows[1]["note"]
 
 
 def test_a_difference_between_evaluations_on_other_devices_is_never_marked_and_seeds_never_mix_devices():

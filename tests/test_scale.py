@@ -458,6 +458,11 @@ def test_a_database_without_a_server_is_refused_unless_told_where_artifacts_go(s
             (warning,) = capsys.readouterr().err.strip().splitlines()
             assert warning.startswith(f"saecomp: warning: experiment 'created-by-mlflow-run' keeps its artifacts in {location}, ")
             assert "SAECOMP_ARTIFACT_ROOT" in warning
+            with pytest.MonkeyPatch.context() as patch:  # plain `mlflow run .` places the run in Default: the advice fits it
+                patch.setenv("MLFLOW_RUN_ID", client.create_run("0").info.run_id)
+                assert load(str(small_experiment), {}).name == "small"
+            (warning,) = capsys.readouterr().err.strip().splitlines()
+            assert "experiment 'Default' keeps its artifacts in" in warning and "pass `--experiment-name" in warning
             with pytest.raises(SystemExit):
                 load(str(small_experiment), {})
             from entrypoints.compare import main as compare_main

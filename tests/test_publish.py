@@ -249,3 +249,57 @@ def test_bad_input_is_refused_before_any_run(store, experiment_file):
         assert result.exit_code == 2 and message in result.output, (args, result.output)
     after = newest_publish_run()
     assert (before.info.run_id if before else None) == (after.info.run_id if after else None)
+
+
+def real_files_sae(kind: str) -> SAE:
+    """Small SAEs of the kinds the real experiment files publish: GPT-2's v5 TopK with layer-norm inputs (here at
+    hook_z, reshaping heads, as a TopK SAE trained there would), GPT-2's kk standard SAE at hook_z, and Gemma Scope's
+    JumpReLU (thresholds, no b_dec subtraction at the input), with a BOS-first metadata."""
+    from sae_lens import JumpReLUSAEConfig, StandardSAEConfig, TopKSAEConfig
+
+    hook_z = {"hook_name": "blocks.1.attn.hook_z", "model_name": "gpt2+prune_llm:abc", "prepend_bos": True, "context_size": 128}
+    configs = {
+        "topk-layer-norm-hook-z": TopKSAEConfig(d_in=16, d_sae=64, k=4, normalize_activations="layer_norm", reshape_activations="hook_z"),
+        "standard-hook-z": StandardSAEConfig(d_in=16, d_sae=64, reshape_activations="hook_z"),
+        "jumprelu-gemma-scope": JumpReLUSAEConfig(d_in=16, d_sae=64, apply_b_dec_to_input=False),
+    }
+    metadata = hook_z if kind != "jumprelu-gemma-scope" else {**hook_z, "hook_name": "blocks.1.hook_resid_post"}
+    sae = SAE.from_dict({**configs[kind].to_dict(), "metadata": metadata})
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, parameter in sae.named_parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.01 if name == "threshold" else 0.3))
+        sae.W_dec[: sae.cfg.d_sae // 4] = 0  # pruned latents
+    return sae
+
+
+@pytest.mark.parametrize("kind", ["topk-layer-norm-hook-z", "standard-hook-z", "jumprelu-gemma-scope"])
+def test_the_real_files_sae_kinds_come_back_from_the_hub_as_they_were(tmp_path, kind):
+    """What `publish` stages for the real files' SAEs (layer-norm inputs, hook_z's head reshaping, JumpReLU thresholds,
+    BOS-first windows) is what `SAE.from_pretrained` gives back from the Hub: the same class, configuration and outputs."""
+    from huggingface_hub import HfApi
+
+    from saecomp.publish import PublishedSAE, stage
+
+    sae = real_files_sae(kind)
+    sae.save_model(str(tmp_path / "sae"))
+    sae_id = f"{sae.cfg.metadata.hook_name}/wanda-0.25"
+    pruned_model = {"base_model": "gpt2", "method": "wanda", "sparsity": 0.5, "rebuild_command": "mlflow run . -e prune_llm ..."}
+    stage([PublishedSAE(tmp_path / "sae", sae_id, pruned_model, {"git_commit": "0" * 40})], "someone/kinds", tmp_path / "staged", "gpt2")
+    with HubServer(token=TOKEN) as hub, pointed_at(hub, tmp_path / "hf_cache", token=TOKEN):
+        api = HfApi()
+        api.create_repo("someone/kinds", private=True)
+        api.upload_folder(repo_id="someone/kinds", folder_path=str(tmp_path / "staged"))
+        loaded = SAE.from_pretrained("someone/kinds", sae_id)
+    assert type(loaded) is type(sae)
+    for field in ("normalize_activations", "reshape_activations", "apply_b_dec_to_input", "d_in", "d_sae"):
+        assert getattr(loaded.cfg, field) == getattr(sae.cfg, field), field
+    assert getattr(loaded.cfg, "k", None) == getattr(sae.cfg, "k", None)
+    assert (loaded.cfg.metadata.hook_name, loaded.cfg.metadata.prepend_bos, loaded.cfg.metadata.context_size) == (
+        sae.cfg.metadata.hook_name, True, 128)  # fmt: skip
+    assert loaded.cfg.metadata.model_name == "gpt2"  # the base model's Hub id, not the run-local name
+    assert set(loaded.state_dict()) == set(sae.state_dict())
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in sae.state_dict().items())
+    shape = (3, 5, 4, 4) if sae.cfg.reshape_activations == "hook_z" else (3, 5, 16)  # [batch, pos, heads, d_head]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(loaded(x), sae(x))

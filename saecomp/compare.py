@@ -451,12 +451,41 @@ def paper_numbers() -> pd.DataFrame:
     return both.assign(table=both["paper_table"].map(PAPER_TABLES))
 
 
+NOT_LIKE_FOR_LIKE = "not like-for-like with ours"
+PAPER_CLEAN_CE_AGREEMENT = 0.01
+"""Nats. The paper prints three decimals, and the columns of one output that read one model and the same tokens agree on
+the clean cross-entropy to 0.001 (3.124 against 3.125 is its rounding); a column further off read something else."""
+
+
+def paper_columns_on_another_model(paper: pd.DataFrame | None = None) -> dict[tuple[str, str, str], str]:
+    """(paper table, output, variant) -> why its numbers are not like-for-like with ours: the paper's columns whose own
+    clean cross-entropy (``ce_loss_without_sae``: the model alone, no SAE, the same for every variant of one output when
+    they read the same model and tokens) is off its other columns'. In Table 1 and Table 7 the MLP's pretrained column
+    reads 5.056 against 3.125, so the paper measured it on another model or other tokens (found by checking the
+    transcription; the paper does not say)."""
+    paper = paper_numbers() if paper is None else paper
+    clean = paper[paper["metric"] == "ce_loss_without_sae"]
+    off = {}
+    for (table, output), column in clean.groupby(["paper_table", "output"]):
+        typical = float(column["value"].median())
+        for row in column.itertuples():
+            if abs(row.value - typical) > PAPER_CLEAN_CE_AGREEMENT:
+                off[(table, output, row.variant)] = (
+                    f"the paper's own clean cross-entropy in this column is {row.value:g} against {typical:g} in its other "
+                    "columns: it measured this column on another model or other tokens, so its numbers here are "
+                    f"{NOT_LIKE_FOR_LIKE}"
+                )
+    return off
+
+
 def _paper_cells(rows: list[dict]) -> list[dict]:
     """``<table>_vs_paper``: for Gemma-2-2B, each of our cells at layer 12 that the paper also prints (Table 1 and the
     appendix's tables) beside the paper's published number and the difference, per variant. The paper's numbers come
     from its code (its WANDA and SAEBench deviations, which our ``wanda-seed`` reproduces); they print beside every
     Gemma-2-2B model we pruned, ``wanda`` and ``wanda-seed`` alike."""
-    paper = {(r.table, r.output, r.metric, r.variant): r for r in paper_numbers().itertuples()}
+    numbers = paper_numbers()
+    paper = {(r.table, r.output, r.metric, r.variant): r for r in numbers.itertuples()}
+    elsewhere = paper_columns_on_another_model(numbers)
     printed = {(table, output, metric) for table, output, metric, _ in paper}
     outputs = {f"blocks.{PAPER_LAYER}.{hook}": label for hook, label in HOOK_LABELS.items()}
     out = []
@@ -471,6 +500,8 @@ def _paper_cells(rows: list[dict]) -> list[dict]:
         for column, value in values.items():
             source = row if column == "ours" else {"run_id": "", "run_name": "", "candidates": 0}
             note = f"the paper's {published.paper_table} (saecomp/paper/{published.source})" if column == "paper" and published else ""
+            if column != "ours" and published is not None and (published.paper_table, published.output, published.variant) in elsewhere:
+                note = "; ".join(filter(None, [note, elsewhere[(published.paper_table, published.output, published.variant)]]))
             out.append(
                 {
                     **row,
@@ -604,7 +635,11 @@ def markdown(all_cells: pd.DataFrame) -> str:
         header, rows, _ = display_grid(group)
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
-        parts.append(f"### {title_of(table)}\n\non `{model}`\n\n" + "\n".join(lines))
+        # a paper column that read another model is said under the table, not only in the CSV's and the HTML's notes
+        elsewhere = sorted({(hook, variant.split(": ")[0], note.split("; ")[-1]) for hook, variant, note
+                            in zip(group["hook"], group["variant"], group["note"], strict=True) if NOT_LIKE_FOR_LIKE in note})  # fmt: skip
+        lines += ["", *(f"Not like-for-like: the paper's {variant} column at {hook}: {why}." for hook, variant, why in elsewhere)]
+        parts.append(f"### {title_of(table)}\n\non `{model}`\n\n" + "\n".join(lines).rstrip())
     return "\n\n".join(parts) + f"\n\n{LEGEND}\n"
 
 

@@ -386,6 +386,17 @@ def test_gemma_table1_prints_beside_the_papers_published_numbers():
     assert beside.loc[("blocks.12.hook_mlp_out", "mse", "trained: paper"), "value"] == 0.352  # the paper's number still shows
     header = next(line for line in compare.markdown(cells).splitlines() if line.startswith("| hook | metric | pretrained: ours"))
     assert "pretrained: paper | pretrained: ours - paper | pruned25: ours" in header
+    # the paper's MLP pretrained column read another model (its own clean CE 5.056 against 3.125): said, not hidden
+    assert set(compare.paper_columns_on_another_model()) == {("Table 1", "MLP", "pretrained"), ("Table 7", "MLP", "pretrained")}
+    for column in ("pretrained: paper", "pretrained: ours - paper"):
+        assert "5.056 against 3.125" in beside.loc[("blocks.12.hook_mlp_out", "mse", column), "note"]
+    assert "like-for-like" not in beside.loc[("blocks.12.hook_mlp_out", "mse", "trained: paper"), "note"]
+    assert "like-for-like" not in beside.loc[("blocks.12.hook_mlp_out", "mse", "pretrained: ours"), "note"]
+    assert "Not like-for-like: the paper's pretrained column at blocks.12.hook_mlp_out" in compare.markdown(cells)
+    shifted = compare.paper_numbers()
+    clean_attention = (shifted["output"] == "Attention") & (shifted["metric"] == "ce_loss_without_sae")
+    shifted.loc[clean_attention & (shifted["variant"] == "trained"), "value"] += 0.02
+    assert ("Table 1", "Attention", "trained") in compare.paper_columns_on_another_model(shifted)  # not just a fixed list
     tiny = compare.cells([compare.RunRecord("t", "evaluate", "e", 1, params={"suites": "core", "base_model": "tiny-gpt2"},
                                             metrics={"core.mse": 0.1}, tags={"hook": "hook_mlp_out", "layer": "12"})])  # fmt: skip
     assert "table1_vs_paper" not in set(tiny["table"])

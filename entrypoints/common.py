@@ -69,19 +69,24 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def load(path: str, overrides: dict[str, object], check_device: bool = True, check_store: bool | None = None) -> Experiment:
+def load(
+    path: str, overrides: dict[str, object], check_device: bool = True, check_store: bool | None = None, writes: bool = True
+) -> Experiment:
     """The experiment with the given overrides (``None`` values are 'not given'), or a clean exit. ``check_store``
     (default: as ``check_device``) refuses a store where the experiment's artifacts would land in this directory
-    (``check_artifact_store``); under `mlflow run`, whose run MLflow has placed already, it warns instead."""
+    (``check_artifact_store``); under `mlflow run`, whose run MLflow has placed already, it warns instead. A tracking
+    server that refuses this client, or (``writes``: the step makes runs) its runs in the experiment, is refused in one
+    line (``check_tracking_access``)."""
     given = {**runtime_overrides(), **{key: value for key, value in overrides.items() if value not in (None, "")}}
     try:
         exp = load_experiment(path, given)
     except ConfigError as error:
         fail(str(error))
     from saecomp.names import check_device as device_here
-    from saecomp.tracking import check_artifact_store, placed_artifacts_warning
+    from saecomp.tracking import check_artifact_store, check_tracking_access, placed_artifacts_warning
 
     try:
+        check_tracking_access(exp.name, write=writes)
         if check_device:
             device_here(exp.device)
         if check_device if check_store is None else check_store:

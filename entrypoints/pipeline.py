@@ -67,7 +67,7 @@ def finished_suites(experiment: str, runtime: dict, suites: list[str], seeds: li
     from saecomp.tracking import find_finished_suite
 
     asked = suites if seed == seeds[0] else [s for s in suites if s in SEEDED_SUITES]
-    seed_exp = load(experiment, {**runtime, "evaluation.suites": asked, "evaluation.seed": seed}, check_device=False)
+    seed_exp = load(experiment, {**runtime, "evaluation.suites": asked, "evaluation.seed": seed}, check_device=False, writes=False)
     return seed_exp, {s: find_finished_suite(s, k) for s, k in evaluate.suite_keys(seed_exp, experiment, source, model_label).items()}
 
 
@@ -217,7 +217,7 @@ def main(experiment: str, jobs: str, executor_name: str, address: str | None, dr
     from saecomp import executors
 
     # A plan needs no GPU, nor does a Ray driver (its GPU steps run on the cluster's GPU nodes).
-    exp = load(experiment, {}, check_device=not dry_run and executor_name != "ray", check_store=not dry_run)
+    exp = load(experiment, {}, check_device=not dry_run and executor_name != "ray", check_store=not dry_run, writes=not dry_run)
     if jobs == "auto":
         jobs = 1 if executor_name == "ray" else executors.automatic_jobs(exp.model, exp.device)
     elif not str(jobs).isdigit() or int(jobs) < 1:

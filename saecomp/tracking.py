@@ -86,6 +86,47 @@ def check_artifact_store(name: str) -> None:
     )
 
 
+_ACCESS_CHECKED: set[tuple] = set()
+
+
+def check_tracking_access(name: str, write: bool = True) -> None:
+    """Raise ValueError, in one line, where a tracking server refuses this client: no or wrong credentials (HTTP 401,
+    from MLflow's basic-auth app) or no permission to read experiment ``name`` or, with ``write``, to add runs to it
+    (403; a run needs EDIT on its experiment, which setting the experiment's kind tag needs too: it is set to what it
+    is, or to what ``experiment_id_for`` would set). Without this a step dies on its first store call in MLflow's
+    traceback. Servers only (``http(s)://``); once per process, server, experiment and user."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    checked = (uri, name, user, write)
+    if checked in _ACCESS_CHECKED:
+        return
+    client, doing = MlflowClient(), "read"
+    try:
+        found = client.get_experiment_by_name(name)
+        if write and found is not None:
+            doing = "add runs to"
+            (kind, default), = EXPERIMENT_KIND.items()
+            client.set_experiment_tag(found.experiment_id, kind, found.tags.get(kind, default))
+    except mlflow.exceptions.MlflowException as error:
+        server = _without_password(uri)
+        if error.error_code == "UNAUTHENTICATED":
+            who = f"the credentials of MLFLOW_TRACKING_USERNAME={user!r}" if user else "this client (no MLFLOW_TRACKING_USERNAME set)"
+            raise ValueError(
+                f"the tracking server {server} refused {who} (401: not authenticated); set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD to an account on it (README: A shared tracking server)"
+            ) from None
+        if error.error_code == "PERMISSION_DENIED":
+            raise ValueError(
+                f"the tracking server {server} does not let {user or 'this client'} {doing} experiment {name!r} (403: permission "
+                f"denied); ask its owner or the server's admin for {'EDIT' if write else 'READ'} permission on it, or name "
+                "another experiment (`name:` in the experiment file)"
+            ) from None
+        raise
+    _ACCESS_CHECKED.add(checked)
+
+
 def _terminal():
     """The process's own stderr, for what a watch thread or a signal hook says: during an SAEBench suite `sys.stderr`
     is the suite's log (`entrypoints/evaluate.py`), which a process ending with `os._exit` never uploads."""
@@ -153,7 +194,10 @@ def experiment_id_for(name: str) -> str:
             else:
                 experiment_id = client.create_experiment(name, tags=EXPERIMENT_KIND)
         except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent step
-            experiment_id = client.get_experiment_by_name(name).experiment_id
+            found = client.get_experiment_by_name(name)
+            if found is None:  # not a race: the store refused (a server's permissions, a deleted experiment's name)
+                raise
+            experiment_id = found.experiment_id
         return experiment_id
     if found.tags.get("mlflow.experimentKind") != EXPERIMENT_KIND["mlflow.experimentKind"]:
         client.set_experiment_tag(found.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND["mlflow.experimentKind"])

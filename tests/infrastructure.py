@@ -159,6 +159,44 @@ def mlflow_server(backend_uri: str, s3_endpoint: str, bucket: str, log: Path):
             process.wait()
 
 
+@contextlib.contextmanager
+def mlflow_auth_server(folder: Path, admin_password: str):
+    """`mlflow server --app-name basic-auth` (MLflow's authentication) over a SQLite store in ``folder``, proxying
+    artifacts it keeps there, as the README sets it up: a secret key for its CSRF protection, the first admin's password
+    from MLFLOW_AUTH_ADMIN_PASSWORD, credential checks cached for a minute (each is a PBKDF2 hash). Yields its URL;
+    the admin is ``admin``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{folder / 'basic_auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\nauth_cache_ttl_seconds = 60\n"
+    )
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password)
+    env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = "saecomp-test"
+    with open(folder / "server.log", "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health", process, seconds=180)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def store_readable(seconds: float = 0.25, tracking_uri: str | None = None) -> bool:
     """Whether the test store can be read now. SQLite (in MLflow's default rollback-journal mode) makes readers wait
     while a writer commits, so a step frozen with SIGSTOP mid-commit would block every read of the store until

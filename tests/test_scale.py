@@ -505,3 +505,76 @@ def test_a_database_without_a_server_is_refused_unless_told_where_artifacts_go(s
             assert not (elsewhere / "mlruns").exists()
         finally:
             mlflow.set_tracking_uri(previous)
+
+
+def test_a_tracking_server_with_authentication_refuses_in_one_line_and_serves_its_users(small_experiment, tmp_path, capsys):
+    """MLflow's authentication (`mlflow server --app-name basic-auth`, set up as the README says) on loopback. Without
+    credentials, with a wrong password, or as a user who may only read the experiment (its admin made it), a step stops
+    in one line before any compute (not in MLflow's traceback) and no run is made; a dry run, which writes nothing,
+    is let through with read access. With their own credentials in an experiment of their own, the same user's step
+    runs to the end through the server, its artifacts uploaded by the server's proxy."""
+    import json
+    import urllib.request
+
+    from infrastructure import mlflow_auth_server, without_session_step_server
+
+    from entrypoints.common import load
+    from entrypoints.pipeline import main as pipeline_main
+
+    def as_admin(path: str, body: dict) -> dict:
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json", "Authorization": admin})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"{}")
+
+    import base64
+
+    admin = "Basic " + base64.b64encode(b"admin:admin-password-1234").decode()
+    with mlflow_auth_server(tmp_path / "server", "admin-password-1234") as url:
+        as_admin("users/create", {"username": "bob", "password": "bobs-password-1234"})
+        as_admin("experiments/create", {"name": "small"})  # the admin's: bob may read it, not add runs to it
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(url)
+        try:
+            bob = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "bobs-password-1234"}
+            denied = "does not let bob add runs to experiment 'small' (403: permission denied); ask its owner or the server's admin"
+            cases = [
+                ({}, "refused this client (no MLFLOW_TRACKING_USERNAME set) (401: not authenticated)"),
+                ({**bob, "MLFLOW_TRACKING_PASSWORD": "wrong"}, "refused the credentials of MLFLOW_TRACKING_USERNAME='bob' (401"),
+                (bob, denied),
+            ]
+            for credentials, expected in cases:
+                with pytest.MonkeyPatch.context() as patch:
+                    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+                        patch.delenv(name, raising=False)
+                    for name, value in credentials.items():
+                        patch.setenv(name, value)
+                    with pytest.raises(SystemExit) as stopped:
+                        load(str(small_experiment), {})
+                    assert stopped.value.code == 2
+                    (line,) = capsys.readouterr().err.strip().splitlines()
+                    assert line.startswith(f"saecomp: error: the tracking server {url} ") and expected in line, line
+                    assert "bobs-password" not in line and "wrong" not in line  # a password is never echoed
+                    if credentials == bob:  # read access: a dry run goes on
+                        dry = CliRunner().invoke(pipeline_main, ["--experiment", str(small_experiment), "--dry-run"])
+                        assert dry.exit_code == 0, dry.output
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+                patch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-password-1234")
+                client = mlflow.MlflowClient()
+                assert all_runs(client) == []  # nothing was made, nothing is left RUNNING
+                # bob in an experiment of his own (created by his step): a real step, start to end, through the server
+                own = tmp_path / "bobs.yaml"
+                own.write_text(small_experiment.read_text().replace("name: small", "name: bobs-experiment", 1))
+                env = without_session_step_server(MLFLOW_TRACKING_URI=url, **bob)
+                env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+                command = [sys.executable, "-m", "entrypoints.build_world", "--experiment", str(own)]
+                built = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                assert built.returncode == 0, built.stderr[-3000:]
+                (run,) = all_runs(client)
+                assert run.info.status == "FINISHED" and run.data.tags[STEP_TAG] == "build_world"
+                assert client.get_experiment(run.info.experiment_id).name == "bobs-experiment"
+                assert "world.json" in {a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "world")}
+                assert (tmp_path / "server" / "artifacts").is_dir()  # uploaded through the server's proxy, kept where it keeps them
+        finally:
+            mlflow.set_tracking_uri(previous)

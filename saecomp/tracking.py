@@ -87,14 +87,40 @@ def check_artifact_store(name: str) -> None:
 
 
 _ACCESS_CHECKED: set[tuple] = set()
+SERVER_REACH_SECONDS = 20.0
+"""How long a step tries to open a connection to its tracking server before saying it is unreachable (a server that
+restarts comes back within it); MLflow's own client would retry for minutes and then raise its traceback."""
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why no TCP connection to the server of ``uri`` opens within ``SERVER_REACH_SECONDS``, or None when one does
+    (or when a proxy stands between, whose reach a direct connection does not test)."""
+    import urllib.request
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.hostname is None or (urllib.request.getproxies().get(parsed.scheme) and not urllib.request.proxy_bypass(parsed.hostname)):
+        return None
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    deadline, why = time.monotonic() + SERVER_REACH_SECONDS, None
+    while True:
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=max(1.0, min(5.0, SERVER_REACH_SECONDS))):
+                return None
+        except OSError as error:
+            why = f"{type(error).__name__}: {error}"
+        if time.monotonic() >= deadline:
+            return why
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
 def check_tracking_access(name: str, write: bool = True) -> None:
     """Raise ValueError, in one line, where a tracking server refuses this client: no or wrong credentials (HTTP 401,
     from MLflow's basic-auth app) or no permission to read experiment ``name`` or, with ``write``, to add runs to it
     (403; a run needs EDIT on its experiment, which setting the experiment's kind tag needs too: it is set to what it
-    is, or to what ``experiment_id_for`` would set). Without this a step dies on its first store call in MLflow's
-    traceback. Servers only (``http(s)://``); once per process, server, experiment and user."""
+    is, or to what ``experiment_id_for`` would set); or a server that does not answer at all (``_unreachable``).
+    Without this a step dies on its first store call in MLflow's traceback, after minutes of retries for a server that
+    is not there. Servers only (``http(s)://``); once per process, server, experiment and user."""
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
@@ -102,6 +128,11 @@ def check_tracking_access(name: str, write: bool = True) -> None:
     checked = (uri, name, user, write)
     if checked in _ACCESS_CHECKED:
         return
+    if why := _unreachable(uri):
+        raise ValueError(
+            f"the tracking server {_without_password(uri)} is not reachable ({why}, for {SERVER_REACH_SECONDS:g} s); is it "
+            "running, and is MLFLOW_TRACKING_URI right?"
+        )
     client, doing = MlflowClient(), "read"
     try:
         found = client.get_experiment_by_name(name)

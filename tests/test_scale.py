@@ -578,3 +578,26 @@ def test_a_tracking_server_with_authentication_refuses_in_one_line_and_serves_it
                 assert (tmp_path / "server" / "artifacts").is_dir()  # uploaded through the server's proxy, kept where it keeps them
         finally:
             mlflow.set_tracking_uri(previous)
+
+
+def test_a_tracking_server_that_does_not_answer_is_said_in_one_line(small_experiment, monkeypatch, capsys):
+    """MLFLOW_TRACKING_URI naming a server that is not there (a typo, a server down): one line before any compute, after
+    trying to connect for SERVER_REACH_SECONDS, not MLflow's traceback after minutes of retries."""
+    from infrastructure import free_port
+
+    from entrypoints.common import load
+    from saecomp import tracking
+
+    monkeypatch.setattr(tracking, "SERVER_REACH_SECONDS", 0.5)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(url)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            load(str(small_experiment), {})
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"saecomp: error: the tracking server {url} is not reachable (ConnectionRefusedError")
+    assert "is MLFLOW_TRACKING_URI right?" in line

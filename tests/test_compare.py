@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -72,7 +73,10 @@ def store(tmp_path_factory):
     a prune_llm run and a prune_sae run per hook with their sweep tables."""
     tmp = tmp_path_factory.mktemp("compare")
     client = mlflow.MlflowClient()
-    experiment_id = experiment_id_for(EXPERIMENT)
+    # one experiment per build: each xdist worker that runs tests of this module builds this fixture in the session's
+    # one store, and two builds in one experiment would fill every cell twice
+    name = f"{EXPERIMENT}-{uuid.uuid4().hex[:8]}"
+    experiment_id = experiment_id_for(name)
     model = "tiny-gpt2+prune_llm:abc"
     _run(experiment_id, "prune_llm", "prune_llm · tiny-gpt2 wanda 50%", {}, {"model": "tiny-gpt2", "method": "wanda", "sparsity": "0.5",
          "nm": "unstructured"}, {"ce_loss_dense": 1.41, "ce_loss_pruned": 1.42, "sparsity_actual": 0.5})  # fmt: skip
@@ -141,7 +145,7 @@ def store(tmp_path_factory):
     sweep = pd.DataFrame({"sparsity": [0.5], "mse": [0.1]})
     _run(experiment_id, "prune_sae", "prune_sae · other", {"hook": "hook_resid_post", "layer": "10"},
          {"model": "tiny-gpt2", "pruned_model_run": "def"}, {}, {"sweep.csv": sweep}, tmp)  # fmt: skip
-    return {"experiment_id": experiment_id, "runs": runs, "newer": newer, "model": model, "other": other}
+    return {"experiment": name, "experiment_id": experiment_id, "runs": runs, "newer": newer, "model": model, "other": other}
 
 
 def test_every_cell_is_the_metric_of_the_run_it_names(store):
@@ -291,7 +295,7 @@ def test_every_latex_row_has_the_cells_its_column_specification_declares(store):
 
 def test_compare_step_logs_the_report_and_the_html_renders(store, small_experiment, tmp_path):
     config = yaml.safe_load(small_experiment.read_text())
-    config["name"] = EXPERIMENT
+    config["name"] = store["experiment"]
     experiment = tmp_path / "synthetic.yaml"
     experiment.write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(compare_step.main, ["--experiment", str(experiment)], catch_exceptions=False)
@@ -325,7 +329,7 @@ def test_compare_step_logs_the_report_and_the_html_renders(store, small_experime
 
 def test_bad_selection_is_refused_before_any_run(store, small_experiment, tmp_path):
     config = yaml.safe_load(small_experiment.read_text())
-    config["name"] = EXPERIMENT
+    config["name"] = store["experiment"]
     experiment = tmp_path / "synthetic.yaml"
     experiment.write_text(yaml.safe_dump(config))
     before = len(mlflow.MlflowClient().search_runs([store["experiment_id"]], "tags.`saecomp.step` = 'compare'"))
@@ -397,6 +401,9 @@ def test_gemma_table1_prints_beside_the_papers_published_numbers():
     clean_attention = (shifted["output"] == "Attention") & (shifted["metric"] == "ce_loss_without_sae")
     shifted.loc[clean_attention & (shifted["variant"] == "trained"), "value"] += 0.02
     assert ("Table 1", "Attention", "trained") in compare.paper_columns_on_another_model(shifted)  # not just a fixed list
+    shifted.loc[clean_attention & (shifted["variant"] == "pruned50"), "value"] += 0.02  # two against two: no majority
+    split = compare.paper_columns_on_another_model(shifted)
+    assert all("disagree" in split[("Table 1", "Attention", variant)] for variant in compare.VARIANTS)
     tiny = compare.cells([compare.RunRecord("t", "evaluate", "e", 1, params={"suites": "core", "base_model": "tiny-gpt2"},
                                             metrics={"core.mse": 0.1}, tags={"hook": "hook_mlp_out", "layer": "12"})])  # fmt: skip
     assert "table1_vs_paper" not in set(tiny["table"])

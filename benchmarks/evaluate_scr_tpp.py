@@ -43,7 +43,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (the pipeline's steps run with 1 each at --jobs auto on 2 cores)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads={args.threads}: give 1 or more")
         torch.set_num_threads(args.threads)
     with_it, without_it = f"with_{args.toggle}", f"without_{args.toggle}"
     turned_off = _without_twins if args.toggle == "twins" else _without_standard_errors
@@ -98,6 +100,8 @@ def main() -> None:
                         outputs[kind] = {part: result.output[part] for part in ("eval_result_metrics", "eval_result_details")}
                         if kind == with_it:
                             metrics = result.metrics
+                        else:  # what the toggle took away: the twins, or every standard error
+                            errors_without = sorted(m for m in result.metrics if m.endswith("_se"))
                 identical = outputs[with_it] == outputs[without_it]
                 twins = {m: metrics[f"{m}{evaluate.PADDING_MASKED}"] for m in metrics if f"{m}{evaluate.PADDING_MASKED}" in metrics}
                 moved = sum(twins[m] != metrics[m] for m in twins)
@@ -105,14 +109,15 @@ def main() -> None:
                 ratio = statistics.median(times[with_it]) / statistics.median(times[without_it])
                 errors = sorted(m for m in metrics if m.endswith("_se"))
                 rows[suite] = {**times, "ratio_median": ratio, "saebench_numbers_identical": identical, "standard_errors": len(errors),
+                               "standard_errors_without": len(errors_without),
                                "twins": len(twins), "twins_differing_from_saebench": moved, "all_finite": finite,
                                "largest_twin_difference": max((abs(twins[m] - metrics[m]) for m in twins), default=None),
                                "metrics": {m: metrics[m] for m in twins}, "twin_metrics": twins}  # fmt: skip
                 print(
                     f"{suite}: {with_it.replace('_', ' ')} median {statistics.median(times[with_it]):.2f} s, without "
                     f"{statistics.median(times[without_it]):.2f} s, ratio {ratio:.3f}x; SAEBench's numbers identical: "
-                    f"{identical}; {moved} of {len(twins)} twins differ from SAEBench's; {len(errors)} standard errors; "
-                    f"all finite: {finite}"
+                    f"{identical}; {moved} of {len(twins)} twins differ from SAEBench's; {len(errors)} standard errors "
+                    f"({len(errors_without)} without); all finite: {finite}"
                 )
     write_json(args.json, {"machine": machine(), "experiment": args.experiment, "device": args.device, "dtype": args.dtype,
                            "toggle": args.toggle, "torch_threads": torch.get_num_threads(), "hook": hook, "d_sae": width,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -21,7 +22,22 @@ def _remember(ctx: click.Context, param: click.Parameter, value):
 
 
 def experiment_option(command):
-    """``--experiment`` and the overrides every step takes: ``--device`` and ``--dtype``."""
+    """``--experiment`` and the overrides every step takes: ``--device`` and ``--dtype``. A tracking store that
+    refuses the step wherever it is first met (``saecomp.tracking.StoreRefused``) is said in one line (``fail``)."""
+
+    step = command
+
+    @functools.wraps(step)
+    def refused_in_one_line(*args, **kwargs):
+        try:
+            return step(*args, **kwargs)
+        except ValueError as error:
+            tracking = sys.modules.get("saecomp.tracking")  # not imported: not what it raises
+            if tracking is not None and isinstance(error, tracking.StoreRefused):
+                fail(str(error))
+            raise
+
+    command = refused_in_one_line
     command = click.option("--dtype", expose_value=False, callback=_remember, help="float32, bfloat16 or float16 (default: the file's).")(
         command
     )

@@ -468,12 +468,21 @@ def paper_columns_on_another_model(paper: pd.DataFrame | None = None) -> dict[tu
     off = {}
     for (table, output), column in clean.groupby(["paper_table", "output"]):
         typical = float(column["value"].median())
-        for row in column.itertuples():
-            if abs(row.value - typical) > PAPER_CLEAN_CE_AGREEMENT:
+        agreeing = (column["value"] - typical).abs() <= PAPER_CLEAN_CE_AGREEMENT
+        if agreeing.all():
+            continue
+        if agreeing.sum() * 2 > len(column):  # most columns agree: the others read something else
+            for row in column[~agreeing].itertuples():
                 off[(table, output, row.variant)] = (
                     f"the paper's own clean cross-entropy in this column is {row.value:g} against {typical:g} in its other "
-                    "columns: it measured this column on another model or other tokens, so its numbers here are "
-                    f"{NOT_LIKE_FOR_LIKE}"
+                    f"columns: it measured this column on another model or other tokens, so its numbers here are {NOT_LIKE_FOR_LIKE}"
+                )
+        else:  # no majority: which column is the odd one is not known, so every one is said
+            values = ", ".join(f"{row.variant} {row.value:g}" for row in column.itertuples())
+            for row in column.itertuples():
+                off[(table, output, row.variant)] = (
+                    f"the paper's columns disagree on their own clean cross-entropy ({values}): they did not all read one "
+                    f"model and the same tokens, so its numbers here may be {NOT_LIKE_FOR_LIKE}"
                 )
     return off
 

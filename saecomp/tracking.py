@@ -86,6 +86,11 @@ def check_artifact_store(name: str) -> None:
     )
 
 
+class StoreRefused(ValueError):
+    """The tracking store refused this client (a server's authentication or permissions, or no server at all), said
+    in one line: each entry point prints it so (``entrypoints.common.experiment_option``), wherever it is raised."""
+
+
 _ACCESS_CHECKED: set[tuple] = set()
 SERVER_REACH_SECONDS = 20.0
 """How long a step tries to open a connection to its tracking server before saying it is unreachable (a server that
@@ -115,21 +120,24 @@ def _unreachable(uri: str) -> str | None:
 
 
 def check_tracking_access(name: str, write: bool = True) -> None:
-    """Raise ValueError, in one line, where a tracking server refuses this client: no or wrong credentials (HTTP 401,
+    """Raise StoreRefused, in one line, where a tracking server refuses this client: no or wrong credentials (HTTP 401,
     from MLflow's basic-auth app) or no permission to read experiment ``name`` or, with ``write``, to add runs to it
     (403; a run needs EDIT on its experiment, which setting the experiment's kind tag needs too: it is set to what it
     is, or to what ``experiment_id_for`` would set); or a server that does not answer at all (``_unreachable``).
     Without this a step dies on its first store call in MLflow's traceback, after minutes of retries for a server that
-    is not there. Servers only (``http(s)://``); once per process, server, experiment and user."""
+    is not there. Servers only (``http(s)://``); once per process, server, experiment and credentials. Creating an
+    experiment that does not exist yet is not probed (a probe would create it); ``experiment_id_for`` says in one line
+    when the server refuses that."""
     uri = mlflow.get_tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
-    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
-    checked = (uri, name, user, write)
+    user, password, token = (os.environ.get(f"MLFLOW_TRACKING_{v}") for v in ("USERNAME", "PASSWORD", "TOKEN"))
+    secrets = hashlib.sha256(json.dumps([password, token]).encode()).hexdigest()  # new credentials are checked again
+    checked = (uri, name, user, secrets, write)
     if checked in _ACCESS_CHECKED:
         return
     if why := _unreachable(uri):
-        raise ValueError(
+        raise StoreRefused(
             f"the tracking server {_without_password(uri)} is not reachable ({why}, for {SERVER_REACH_SECONDS:g} s); is it "
             "running, and is MLFLOW_TRACKING_URI right?"
         )
@@ -143,16 +151,23 @@ def check_tracking_access(name: str, write: bool = True) -> None:
     except mlflow.exceptions.MlflowException as error:
         server = _without_password(uri)
         if error.error_code == "UNAUTHENTICATED":
-            who = f"the credentials of MLFLOW_TRACKING_USERNAME={user!r}" if user else "this client (no MLFLOW_TRACKING_USERNAME set)"
-            raise ValueError(
+            if user and password:
+                who = f"the credentials of MLFLOW_TRACKING_USERNAME={user!r}"
+            elif token:
+                who = "the token of MLFLOW_TRACKING_TOKEN"
+            else:  # MLflow sends a user name only with a password
+                who = f"this client (MLFLOW_TRACKING_{'PASSWORD' if user else 'USERNAME'} not set)"
+            raise StoreRefused(
                 f"the tracking server {server} refused {who} (401: not authenticated); set MLFLOW_TRACKING_USERNAME and "
                 "MLFLOW_TRACKING_PASSWORD to an account on it (README: A shared tracking server)"
             ) from None
         if error.error_code == "PERMISSION_DENIED":
-            raise ValueError(
-                f"the tracking server {server} does not let {user or 'this client'} {doing} experiment {name!r} (403: permission "
-                f"denied); ask its owner or the server's admin for {'EDIT' if write else 'READ'} permission on it, or name "
-                "another experiment (`name:` in the experiment file)"
+            # under `mlflow run` the step's own run is where MLflow put it; the upstream steps it starts go to `name`
+            where = " (where the steps this one starts make their runs)" if doing != "read" and os.environ.get("MLFLOW_RUN_ID") else ""
+            raise StoreRefused(
+                f"the tracking server {server} does not let {user or 'this client'} {doing} experiment {name!r}{where} (403: "
+                f"permission denied); ask its owner or the server's admin for {'EDIT' if write else 'READ'} permission on it, or "
+                "name another experiment (`name:` in the experiment file)"
             ) from None
         raise
     _ACCESS_CHECKED.add(checked)
@@ -224,9 +239,15 @@ def experiment_id_for(name: str) -> str:
                 experiment_id = client.create_experiment(name, artifact_location=f"{root}/{name}", tags=EXPERIMENT_KIND)
             else:
                 experiment_id = client.create_experiment(name, tags=EXPERIMENT_KIND)
-        except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent step
+        except mlflow.exceptions.MlflowException as error:  # created meanwhile by a concurrent step
             found = client.get_experiment_by_name(name)
-            if found is None:  # not a race: the store refused (a server's permissions, a deleted experiment's name)
+            if found is None and error.error_code == "PERMISSION_DENIED":  # a server's workspace permissions
+                user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "this client"
+                raise StoreRefused(
+                    f"the tracking server {_without_password(mlflow.get_tracking_uri())} does not let {user} create experiment "
+                    f"{name!r} (403: permission denied); ask its admin to create it or to let you create experiments"
+                ) from None
+            if found is None:  # not a race: the store refused for another reason, said by MLflow
                 raise
             experiment_id = found.experiment_id
         return experiment_id

@@ -539,7 +539,8 @@ def test_a_tracking_server_with_authentication_refuses_in_one_line_and_serves_it
             bob = {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "bobs-password-1234"}
             denied = "does not let bob add runs to experiment 'small' (403: permission denied); ask its owner or the server's admin"
             cases = [
-                ({}, "refused this client (no MLFLOW_TRACKING_USERNAME set) (401: not authenticated)"),
+                ({}, "refused this client (MLFLOW_TRACKING_USERNAME not set) (401: not authenticated)"),
+                ({"MLFLOW_TRACKING_USERNAME": "bob"}, "refused this client (MLFLOW_TRACKING_PASSWORD not set) (401"),
                 ({**bob, "MLFLOW_TRACKING_PASSWORD": "wrong"}, "refused the credentials of MLFLOW_TRACKING_USERNAME='bob' (401"),
                 (bob, denied),
             ]
@@ -555,9 +556,14 @@ def test_a_tracking_server_with_authentication_refuses_in_one_line_and_serves_it
                     (line,) = capsys.readouterr().err.strip().splitlines()
                     assert line.startswith(f"saecomp: error: the tracking server {url} ") and expected in line, line
                     assert "bobs-password" not in line and "wrong" not in line  # a password is never echoed
-                    if credentials == bob:  # read access: a dry run goes on
+                    if credentials == bob:  # read access: a dry run goes on; a real step says the same line as load
                         dry = CliRunner().invoke(pipeline_main, ["--experiment", str(small_experiment), "--dry-run"])
                         assert dry.exit_code == 0, dry.output
+                        env = without_session_step_server(MLFLOW_TRACKING_URI=url, **bob)
+                        env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+                        command = [sys.executable, "-m", "entrypoints.prune_llm", "--experiment", str(small_experiment)]
+                        step = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        assert step.returncode == 2 and step.stderr.strip().splitlines()[-1] == line, step.stderr[-2000:]
             with pytest.MonkeyPatch.context() as patch:
                 patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
                 patch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-password-1234")
@@ -601,3 +607,24 @@ def test_a_tracking_server_that_does_not_answer_is_said_in_one_line(small_experi
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"saecomp: error: the tracking server {url} is not reachable (ConnectionRefusedError")
     assert "is MLFLOW_TRACKING_URI right?" in line
+
+
+def test_a_store_refusal_met_inside_a_step_is_said_in_one_line():
+    """Where the store refuses a step after its input was read (a server that lets a user read but not create the
+    experiment: `experiment_id_for`), every entry point says it in one line with exit 2, as `load` does; other
+    errors keep their traceback."""
+    import click
+
+    from entrypoints.common import experiment_option
+    from saecomp.tracking import StoreRefused
+
+    @click.command()
+    @experiment_option
+    @click.option("--what")
+    def step(experiment, what):
+        raise StoreRefused("the server does not let bob create experiment 'e'") if what == "refused" else ValueError("a bug")
+
+    refused = CliRunner().invoke(step, ["--what", "refused"])
+    assert refused.exit_code == 2 and refused.output.strip() == "saecomp: error: the server does not let bob create experiment 'e'"
+    other = CliRunner().invoke(step, ["--what", "other"])
+    assert other.exit_code == 1 and isinstance(other.exception, ValueError) and not isinstance(other.exception, StoreRefused)

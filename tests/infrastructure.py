@@ -143,13 +143,18 @@ def mlflow_server(backend_uri: str, s3_endpoint: str, bucket: str, log: Path):
             env=env,
             start_new_session=True,
         )
+    with _serving(process, port) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(process: subprocess.Popen, port: int):
+    """A server process (its own session) on ``port``: its URL once /health answers; its process group stopped after."""
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{url}/health", process, seconds=180)
         yield url
     finally:
-        import signal
-
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -183,18 +188,8 @@ def mlflow_auth_server(folder: Path, admin_password: str):
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/health", process, seconds=180)
+    with _serving(process, port) as url:
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def store_readable(seconds: float = 0.25, tracking_uri: str | None = None) -> bool:

@@ -99,10 +99,12 @@ def load(
     except ConfigError as error:
         fail(str(error))
     from saecomp.names import check_device as device_here
-    from saecomp.tracking import check_artifact_store, check_tracking_access, placed_artifacts_warning
+    from saecomp.tracking import check_artifact_store, check_tracking_access, mark_launched, placed_artifacts_warning
 
     try:
         check_tracking_access(exp.name, write=writes)
+        if writes and os.environ.get("MLFLOW_RUN_ID"):  # the run MLflow made for this step: whose it is, until the step opens it
+            mark_launched(os.environ["MLFLOW_RUN_ID"])
         if check_device:
             device_here(exp.device)
         if check_device if check_store is None else check_store:

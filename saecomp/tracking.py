@@ -459,6 +459,9 @@ def launch_local(
         _LIVE_STEPS.add(submitted)
     client = MlflowClient()
     try:
+        command = getattr(submitted, "command_proc", None)  # (bash or the step itself: it lives as long as the step)
+        if command is not None:
+            mark_launched(run_id, command.pid)  # the step marks it again as it starts (entrypoints.common.load)
         if STOPPING.is_set():  # the pipeline stopped while this step was starting: it is not among those it cancelled
             submitted.cancel()
         if parent is not None:  # nested from its start, so that a failed or killed step is found under its pipeline too
@@ -474,8 +477,11 @@ def launch_local(
         # (a step that failed before its run was open, one killed outright). A run the step closed stays as it is.
         from mlflow.entities import RunStatus
 
-        if not RunStatus.is_terminated(RunStatus.from_string(client.get_run(run_id).info.status)):
+        left = client.get_run(run_id)
+        if not RunStatus.is_terminated(RunStatus.from_string(left.info.status)):
             client.set_terminated(run_id, "FINISHED" if submitted.get_status() == "FINISHED" else "FAILED")
+        if STEP_TAG not in left.data.tags:  # its step never opened it (a bad input, killed while it waited): a name for the UI
+            client.set_tag(run_id, "mlflow.runName", f"{entry_point} · ended before its run opened")
     if not succeeded:
         raise mlflow.exceptions.ExecutionException(f"Run (ID '{run_id}') failed")
     return run_id
@@ -802,6 +808,9 @@ def why_dead(run, now: float | None = None, host: str | None = None) -> str | No
     start time)."""
     now, host = now or time.time(), host or socket.gethostname()
     tags = run.data.tags
+    opened = STEP_TAG in tags
+    if not opened:  # a run made for a step whose process has not opened it yet: who was started for it (``mark_launched``)
+        tags = _launched(tags)
     here = tags.get(HOST_TAG) == host and tags.get(PID_NAMESPACE_TAG, _pid_namespace()) == _pid_namespace()
     if here and tags.get(PID_TAG, "").isdigit():
         if not _process_alive(int(tags[PID_TAG])):
@@ -810,10 +819,42 @@ def why_dead(run, now: float | None = None, host: str | None = None) -> str | No
         if recorded not in (None, "unknown") and now_start is not None and recorded != now_start:
             return f"process {tags[PID_TAG]} on {host} is gone (its pid belongs to a newer process)"
         return None  # its process is alive here, whatever its heartbeat says
+    if not opened:  # no heartbeat before the step opens its run, and it may wait hours on its upstream steps first
+        return None
     last_seen = float(tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
     if now - last_seen > STALE_AFTER_SECONDS:
         return f"no heartbeat from {tags.get(HOST_TAG, 'an unknown host')} for {now - last_seen:.0f} s"
     return None
+
+
+LAUNCHED_TAG = "saecomp.launched"
+"""On a run MLflow made for a step (`mlflow run`, `launch_local`): the host, pid namespace, pid and start of the process
+started for it, as JSON. A step opens its run (``step_run``: its step tag, heartbeat and own pid) only once its upstream
+steps are done, which may take hours; killed before that (a SIGTERM to the process group, as `timeout` and Slurm send,
+or SIGKILL), its run would be left RUNNING with nothing saying whose it was. ``reap_dead_runs`` marks it KILLED when
+that process is gone; only its own machine can tell (there is no heartbeat yet)."""
+MLFLOW_ENTRY_POINT_TAG = "mlflow.project.entryPoint"
+_MARKED: set[tuple[str, int]] = set()
+
+
+def mark_launched(run_id: str, pid: int | None = None) -> None:
+    """Tag ``run_id`` with the process started for it (``pid``, default this one), once per run and process."""
+    pid = pid or os.getpid()
+    if (run_id, pid) in _MARKED:
+        return
+    who = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_NAMESPACE_TAG: _pid_namespace(),
+           PID_START_TAG: _process_start(pid) or "unknown"}  # fmt: skip
+    MlflowClient().set_tag(run_id, LAUNCHED_TAG, json.dumps(who))
+    _MARKED.add((run_id, pid))
+
+
+def _launched(tags: dict[str, str]) -> dict[str, str]:
+    """``mark_launched``'s record as run tags (host, pid, namespace, start), or {} where there is none."""
+    try:
+        who = json.loads(tags.get(LAUNCHED_TAG) or "{}")
+    except ValueError:
+        return {}
+    return {k: str(v) for k, v in who.items()} if isinstance(who, dict) else {}
 
 
 def reap_dead_runs(experiment_ids: list[str] | None = None) -> list[str]:
@@ -825,14 +866,20 @@ def reap_dead_runs(experiment_ids: list[str] | None = None) -> list[str]:
     mine = {os.environ.get("MLFLOW_RUN_ID"), *(r.info.run_id for r in [mlflow.active_run()] if r)}
     reaped = []
     for run in client.search_runs(ids, filter_string="attributes.status = 'RUNNING'", max_results=1000):
-        if run.info.run_id in mine or STEP_TAG not in run.data.tags:
+        tags = run.data.tags
+        if run.info.run_id in mine or (STEP_TAG not in tags and LAUNCHED_TAG not in tags):
             continue
         reason = why_dead(run)
         if reason is None:
             continue
+        step = tags.get(STEP_TAG)
+        if step is None:  # killed while it waited on its upstream steps (or still importing): name it for the UI
+            step = tags.get(MLFLOW_ENTRY_POINT_TAG, "a step")
+            reason = f"{reason} before the step opened its run"
+            client.set_tag(run.info.run_id, "mlflow.runName", f"{step} · killed before its run opened")
         client.set_tag(run.info.run_id, KILLED_REASON_TAG, f"{reason} (found by pid {os.getpid()} on {socket.gethostname()})")
         client.set_terminated(run.info.run_id, "KILLED")
-        print(f"[saecomp] marked run {run.info.run_id} ({run.data.tags.get(STEP_TAG)}) KILLED: {reason}", file=sys.stderr, flush=True)
+        print(f"[saecomp] marked run {run.info.run_id} ({step}) KILLED: {reason}", file=sys.stderr, flush=True)
         reaped.append(run.info.run_id)
     # A step whose launcher died closed its run as KILLED and exited (137); FAILED on such a run was written after that
     # by what was left of the launcher's chain, later than the step's grace (`LAUNCHER_CHAIN_GRACE_S`): the run was

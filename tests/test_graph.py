@@ -52,6 +52,8 @@ def test_executor_choices_fail_cleanly_before_any_run(small_experiment):
         ("--jobs", "two"): "--jobs 'two' is not valid",
         ("--executor", "ray", "--address", "127.0.0.1:1"): "--address 127.0.0.1:1: nothing answers there",
         ("--executor", "ray", "--address", "no-port"): "--address 'no-port' is not valid",
+        # without --executor ray an address was ignored: the whole experiment ran here, not on the cluster named
+        ("--address", "head:6379"): "--address head:6379 is for --executor ray; valid: add --executor ray, or leave --address out",
     }
     for args, message in cases.items():
         result = CliRunner().invoke(pipeline.main, ["--experiment", str(small_experiment), *args])
@@ -205,7 +207,7 @@ def test_a_launch_hands_its_thread_count_to_its_step_alone(monkeypatch):
         def get_run(self, run_id):
             from types import SimpleNamespace
 
-            return SimpleNamespace(info=SimpleNamespace(status="FINISHED"), data=SimpleNamespace(tags={}))
+            return SimpleNamespace(info=SimpleNamespace(status="FINISHED"), data=SimpleNamespace(tags={tracking.STEP_TAG: "evaluate"}))
 
     monkeypatch.setattr(tracking, "_start_project_run", start)
     monkeypatch.setattr(tracking, "MlflowClient", Client)

@@ -110,6 +110,7 @@ def test_a_reused_pid_is_not_taken_for_the_live_run():
     from saecomp.tracking import PID_NAMESPACE_TAG, PID_START_TAG, _pid_namespace, _process_start, why_dead
 
     tags = {
+        STEP_TAG: "prune_llm",
         HOST_TAG: socket.gethostname(),
         PID_TAG: str(os.getpid()),
         PID_NAMESPACE_TAG: _pid_namespace(),
@@ -234,6 +235,85 @@ def test_pipeline_sigkilled_during_train_sae_then_prune_sae_resumes(small_experi
     client = mlflow.MlflowClient()
     running = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.status = 'RUNNING'")
     assert not running, [(r.data.tags.get(STEP_TAG), r.info.run_id) for r in running]
+
+
+def test_a_step_killed_while_it_waits_on_its_upstream_is_marked_killed_on_the_next_start(small_experiment, tracked_world, tmp_path):
+    """`timeout`, Slurm and `kill -TERM -<pgid>` signal the whole process group. A step caught waiting on its upstream
+    step has not opened its run yet (no step tag, no heartbeat): SIGTERM ended it there and its run stayed RUNNING,
+    unnamed, for good (a new user's trial: `timeout 40 python -m entrypoints.evaluate`). Now the run says which process
+    was started for it (`saecomp.launched`), and the next start marks it KILLED once that process is gone."""
+    import yaml
+
+    from saecomp.tracking import LAUNCHED_TAG
+
+    config = yaml.safe_load(small_experiment.read_text())
+    config["world"]["corpus"] = {**config["world"]["corpus"], "seed": 11}  # a world not built yet: prune_llm waits on it
+    path = tmp_path / "waiting.yaml"
+    path.write_text(yaml.safe_dump(config))
+    client = mlflow.MlflowClient()
+    everything = lambda: client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)  # noqa: E731
+    before = {r.info.run_id for r in everything()}
+    # train_sae run by hand launches prune_llm (a run MLflow makes), which launches build_world and waits on it
+    process = subprocess.Popen(
+        [sys.executable, "-m", "entrypoints.train_sae", "--experiment", str(path), "--hook", "hook_resid_post"],
+        cwd=ROOT, env=without_session_step_server(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    waiting = building = None
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and process.poll() is None and building is None:
+            new = [r for r in everything() if r.info.run_id not in before]
+            worlds = [r for r in new if r.data.tags.get(STEP_TAG) == "build_world" and HEARTBEAT_TAG in r.data.tags]
+            waiting = next((r for r in new if r.data.tags.get("mlflow.project.entryPoint") == "prune_llm"), None)
+            if worlds and worlds[0].info.status == "RUNNING" and waiting is not None:
+                building = worlds[0]
+                freeze(int(building.data.tags[PID_TAG]))  # it cannot finish before the signal lands
+                os.killpg(process.pid, signal.SIGTERM)  # what `timeout` sends: to the whole group
+                os.kill(int(building.data.tags[PID_TAG]), signal.SIGCONT)
+            time.sleep(0.05)
+    finally:
+        if process.poll() is None and building is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    assert building is not None, "the world build was never caught computing"
+    assert closed(building.info.run_id).info.status in ("FAILED", "KILLED")  # its own step closed it
+    orphan = client.get_run(waiting.info.run_id)
+    assert orphan.info.status == "RUNNING" and STEP_TAG not in orphan.data.tags  # what the signal leaves behind
+    assert LAUNCHED_TAG in orphan.data.tags
+    deadline = time.time() + 30
+    while waiting.info.run_id not in reap_dead_runs() and time.time() < deadline:  # its process may take a moment to go
+        time.sleep(0.2)
+    orphan = client.get_run(waiting.info.run_id)
+    assert orphan.info.status == "KILLED"
+    assert "before the step opened its run" in orphan.data.tags[KILLED_REASON_TAG], orphan.data.tags
+    assert orphan.data.tags["mlflow.runName"] == "prune_llm · killed before its run opened"
+    assert not [r for r in everything() if r.info.run_id not in before and r.info.status == "RUNNING"]
+
+
+def test_a_run_made_for_a_step_is_reaped_only_when_its_process_is_gone_here():
+    """The launched record alone (no heartbeat yet): dead here -> KILLED; alive here, or on another machine (which
+    cannot be checked, and may wait hours on its upstream steps) -> left RUNNING."""
+    from saecomp.tracking import LAUNCHED_TAG, mark_launched
+
+    client = mlflow.MlflowClient()
+    experiment = experiment_id_for("reaper-launched")
+    gone = subprocess.Popen(["sleep", "60"])
+    dead_run, live_run, elsewhere = (client.create_run(experiment).info.run_id for _ in range(3))
+    mark_launched(dead_run, gone.pid)
+    mark_launched(live_run, os.getpid())
+    client.set_tag(elsewhere, LAUNCHED_TAG, '{"saecomp.host": "gpu-node-9", "saecomp.pid": "1", "saecomp.pid_namespace": "1"}')
+    gone.kill()
+    gone.wait()
+    reaped = reap_dead_runs([experiment])
+    assert reaped == [dead_run]
+    assert client.get_run(dead_run).info.status == "KILLED"
+    assert (
+        f"process {gone.pid} on {socket.gethostname()} is gone before the step opened its run"
+        in client.get_run(dead_run).data.tags[KILLED_REASON_TAG]
+    )
+    assert {client.get_run(r).info.status for r in (live_run, elsewhere)} == {"RUNNING"}
+    for run in (live_run, elsewhere):
+        client.set_terminated(run, "FINISHED")
 
 
 def test_the_launcher_watch_arms_only_for_a_real_ancestor():

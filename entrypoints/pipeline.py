@@ -216,6 +216,8 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
 def main(experiment: str, jobs: str, executor_name: str, address: str | None, dry_run: bool) -> None:
     from saecomp import executors
 
+    if address and executor_name != "ray":  # else the whole experiment would run here, not on the cluster named
+        fail(f"--address {address} is for --executor ray; valid: add --executor ray, or leave --address out")
     # A plan needs no GPU, nor does a Ray driver (its GPU steps run on the cluster's GPU nodes).
     exp = load(experiment, {}, check_device=not dry_run and executor_name != "ray", check_store=not dry_run, writes=not dry_run)
     if jobs == "auto":
@@ -225,7 +227,7 @@ def main(experiment: str, jobs: str, executor_name: str, address: str | None, dr
     jobs = int(jobs)
     runtime = runtime_overrides()  # worker threads have no click context: hand the overrides on explicitly
     dims = model_dims(exp)
-    check_layers(exp, dims.n_layers)
+    check_layers(exp, dims)
     from saecomp.names import check_hook
 
     layers = exp.sae_layers(dims.n_layers)

@@ -32,15 +32,19 @@ def key_for(exp, experiment_path: str) -> str:
     return step_key("prune_llm", step_inputs(exp, experiment_path))
 
 
-def check_layers(exp, n_layers: int) -> None:
+def check_layers(exp, dims) -> None:
+    """The blocks to prune and the calibration and held-out sequences fit the model (``dims``: its `ModelDims`)."""
     for layer in exp.llm_pruning.layers or []:
-        if not 0 <= layer < n_layers:
-            fail(f"layer={layer} is outside {exp.model}; valid: 0..{n_layers - 1}")
+        if not 0 <= layer < dims.n_layers:
+            fail(f"layer={layer} is outside {exp.model}; valid: 0..{dims.n_layers - 1}")
+    for name, value in (("calibration.seq_len", exp.calibration.seq_len), ("held_out.seq_len", exp.held_out.seq_len)):
+        if value is not None and value > dims.n_ctx:
+            fail(f"{name}={value} is longer than {exp.model}'s context; valid: 2..{dims.n_ctx}, or null for the whole context")
 
 
 @click.command()
 @experiment_option
-@click.option("--model", help="Base model: gpt2, google/gemma-2-2b, tiny-gpt2, tiny-gemma2.")
+@click.option("--model", help="Base model: gpt2, google/gemma-2-2b, tiny-gpt2, tiny-gemma2, or a folder holding a Hugging Face checkpoint.")
 @click.option("--method", help="wanda, magnitude, or wanda-seed (the paper's code).")
 @click.option("--sparsity", help="Fraction of weights pruned per comparison group, in [0, 1).")
 @click.option("--nm", help="N:M pattern such as 2:4; overrides sparsity.")
@@ -67,7 +71,7 @@ def main(experiment, model, method, sparsity, nm, layers, calibration_sequences,
         },
     )
     dims = model_dims(exp)
-    check_layers(exp, dims.n_layers)
+    check_layers(exp, dims)
     from saecomp.prune_llm import check_nm_fits
 
     try:

@@ -49,7 +49,9 @@ def main(experiment, repo, sae, dry_run, public, overwrite, with_model) -> None:
     exp = load(experiment, {}, check_device=False)  # reads an existing experiment, never creates one: no store check
     given = {"dry_run": dry_run, "public": public, "overwrite": overwrite, "with_model": with_model}
     dry_run, public, overwrite, with_model = (flag(name, value) for name, value in given.items())
-    if not repo or not REPO_ID.match(repo):
+    if not repo:
+        fail("repo is required; valid: --repo <user or org>/<name> (-P repo=... under mlflow run), e.g. me/tiny-gpt2-pruned-saes")
+    if not REPO_ID.match(repo):
         fail(f"repo={repo!r} is not valid; valid: <user or org>/<name>, e.g. me/tiny-gpt2-pruned-saes")
     if not dry_run:
         from huggingface_hub import constants, get_token

@@ -553,7 +553,13 @@ def load_experiment(path: str | Path, overrides: dict[str, object] | None = None
             if not isinstance(node, dict):
                 raise ConfigError(f"cannot override {dotted}: {key} is not a mapping")
         node[leaf] = value
-    return validate(parse_experiment(data))
+    exp = validate(parse_experiment(data))
+    if "name" not in data:  # else its runs would land in the default experiment's MLflow experiment, `tiny`, mixed with its own
+        raise ConfigError(
+            f"experiment={str(path)!r} names no experiment; valid: a `name:` line, the MLflow experiment its runs go to "
+            "(e.g. name: my-study)"
+        )
+    return exp
 
 
 def model_choices() -> str:

@@ -40,7 +40,10 @@ def check_device(device: str) -> None:
 
         count = torch.cuda.device_count()
         if count == 0:
-            raise ValueError(f"device={device!r} is not available: torch {torch.__version__} sees no CUDA device here; valid: cpu")
+            raise ValueError(
+                f"device={device!r} is not available: torch {torch.__version__} sees no CUDA device here; "
+                "valid: cpu (--device cpu, or -P device=cpu under mlflow run)"
+            )
         if index and int(index) >= count:
             raise ValueError(
                 f"device={device!r} is not available: this machine has {count} CUDA device(s); valid: cuda:0..cuda:{count - 1}"
@@ -49,7 +52,9 @@ def check_device(device: str) -> None:
         import torch
 
         if not torch.backends.mps.is_available():
-            raise ValueError(f"device={device!r} is not available on this machine; valid: cpu")
+            raise ValueError(
+                f"device={device!r} is not available on this machine; valid: cpu (--device cpu, or -P device=cpu under mlflow run)"
+            )
 
 
 @dataclass(frozen=True)

@@ -239,6 +239,7 @@ def test_bad_input_is_refused_before_any_run(store, experiment_file):
     assert offline.exit_code == 2 and "HF_HUB_OFFLINE=1 forbids the Hub; valid: unset HF_HUB_OFFLINE" in offline.output
     for args, message in (
         (["--repo", "no-slash"], "repo='no-slash' is not valid; valid: <user or org>/<name>"),
+        ([], "repo is required; valid: --repo <user or org>/<name> (-P repo=... under mlflow run)"),
         (["--repo", "a/b", "--dry_run", "maybe"], "dry_run='maybe' is not valid; valid: true or false"),
         (["--repo", "a/b", "--dry_run", "true", "--sae", "runs:/abc/sae"], "valid: runs:/<prune_sae run id>/saes/pruned-<level>"),
         (["--repo", "a/b", "--dry_run", "true", "--sae", f"runs:/{store['prune_llm']}/saes/pruned-0.25"], "not a finished prune_sae run"),

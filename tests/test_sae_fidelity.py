@@ -140,7 +140,7 @@ def one_split_experiment(folder, documents=50):
 
     path = folder / "one-split.yaml"
     path.write_text(
-        f"model: gpt2\ndata: {{dataset: {folder}, split: train, heldout_split: train, test_split: train}}\n"
+        f"name: one-split\nmodel: gpt2\ndata: {{dataset: {folder}, split: train, heldout_split: train, test_split: train}}\n"
         f"calibration: {{documents: {documents}, n_sequences: 8}}\nheld_out: {{documents: {documents}, n_sequences: 4}}\n"
     )
     return load_experiment(path)

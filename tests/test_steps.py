@@ -33,6 +33,7 @@ BAD_INPUTS = [
     (["--nm", "two"], "nm='two' is not an N:M pattern"),
     (["--nm", "2:3"], "nm=2:3 is not valid for this model: W_Q/W_K/W_V/W_in have 32 inputs, not a multiple of 3"),
     (["--layers", "7"], "layer=7 is outside tiny-gpt2; valid: 0..1"),
+    (["--seq_len", "100000"], "calibration.seq_len=100000 is longer than tiny-gpt2's context; valid: 2..64, or null for the whole context"),
     (["--calibration_sequences", "0"], "calibration.n_sequences=0 must be at least 1"),
     (["--device", "cuda:99"], "device='cuda:99' is not available"),
     (["--device", "tpu"], "device='tpu' is not valid; valid: cpu, cuda, cuda:<index>, mps"),
@@ -55,7 +56,11 @@ def test_bad_experiment_files(tmp_path):
         tmp_path / "broken.yaml": "is not valid YAML",
         tmp_path / "unknown.yaml": "unknown key llm_pruning.sparsty; valid keys: method, sparsity, nm, layers",
         tmp_path / "hub-world.yaml": "world settings apply only to tiny models",
+        tmp_path / "nameless.yaml": "names no experiment; valid: a `name:` line, the MLflow experiment its runs go to",
+        tmp_path / "empty.yaml": "names no experiment",
     }
+    (tmp_path / "nameless.yaml").write_text("model: tiny-gpt2\nllm_pruning: {sparsity: 0.3}\n")
+    (tmp_path / "empty.yaml").write_text("# every line commented out\n")
     (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
     (tmp_path / "unknown.yaml").write_text("llm_pruning:\n  sparsty: 0.5\n")
     (tmp_path / "hub-world.yaml").write_text("model: gpt2\ndata: {dataset: Skylion007/openwebtext}\nworld: {vocab_size: 10}\n")

@@ -207,10 +207,12 @@ def resolve_base(exp: Experiment, experiment_path: str, base: str, name: str = "
 
 def load_source(name: str, source):
     """(parsed source, SAE), or a clean exit naming the value if it is no loadable SAE."""
-    from saecomp.saes import SAESource, load_sae
+    from saecomp.names import SAESource
 
     try:
-        parsed = SAESource.parse(source)
+        parsed = SAESource.parse(source)  # before SAELens is imported (seconds): a malformed or missing source fails at once
+        from saecomp.saes import load_sae
+
         return parsed, load_sae(parsed)
     except SystemExit:
         raise

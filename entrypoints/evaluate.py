@@ -129,7 +129,6 @@ def library_warnings_to(log, terminal):
     "Default: computed afresh.",
 )
 def main(experiment, sae, base, suites, hook, layer, variant, inapplicable, seed, shared_activations) -> None:
-    check_sae_bench()
     from saecomp.names import HOOKS, check_hook, check_suites
 
     suite_list = [s.strip() for s in str(suites).split(",") if s.strip()] if suites else None
@@ -152,6 +151,14 @@ def main(experiment, sae, base, suites, hook, layer, variant, inapplicable, seed
     if base not in ("pruned", "dense"):  # a run id: checked now, before anything is computed
         resolved = resolve_base(exp, experiment, base, name="model")
     reference = sae or exp.pretrained_source(hook, layer)
+    if reference is not None:
+        from saecomp.names import SAESource
+
+        try:
+            SAESource.parse(reference)
+        except ValueError as error:
+            fail(f"sae={reference!r} is not a loadable SAE ({error})")
+    check_sae_bench()  # after the checks above, which need neither torch nor transformers (seconds to import)
     refuse_ravel = suite_list and "ravel" in suite_list and inapplicable == "refuse"  # asked for explicitly
     if reference is not None:
         source, sae_object = check_sae(load_source("sae", reference), dims, exp.model)

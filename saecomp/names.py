@@ -278,6 +278,11 @@ class SAESource:
         if ":" in text and not text.startswith("/"):
             release, sae_id = text.split(":", 1)
             return cls(release=release, sae_id=sae_id)
+        if text.startswith(("/", ".", "~")) or "/" in text:  # a path: say that it is missing, not that its form is wrong
+            raise ValueError(
+                f"SAE source {text!r} is no folder here; valid: a SAELens folder (cfg.json, sae_weights.safetensors), "
+                "release:sae_id, runs:/<run_id>/sae or models:/<name>/<version>"
+            )
         raise ValueError(
             f"SAE source {text!r} is not valid; valid: release:sae_id, runs:/<run_id>/sae, models:/<name>/<version>, or a SAELens folder"
         )

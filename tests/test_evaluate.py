@@ -575,6 +575,7 @@ def test_ravel_from_the_experiment_is_tagged_not_applicable_on_gpt2(small_experi
         (["--model", "0123456789abcdef0123456789abcdef"], "model='0123456789abcdef0123456789abcdef' is not valid"),
         (["--sae", "WIDE"], "the SAE's d_in=48 does not fit blocks.1.hook_resid_post of tiny-gpt2, whose width is 32"),
         (["--sae", "FAR"], "the SAE's hook blocks.9.hook_resid_post does not fit tiny-gpt2"),
+        (["--sae", "/nonexistent/sae"], "sae='/nonexistent/sae' is not a loadable SAE (SAE source '/nonexistent/sae' is no folder here"),
     ],
 )
 def test_bad_input_is_rejected_before_any_run(small_experiment, tmp_path, args, message):

@@ -221,6 +221,8 @@ def test_sae_sources_parse():
     assert SAESource.parse("gemma-scope-2b-pt-res-canonical:layer_12/width_16k/canonical").sae_id == "layer_12/width_16k/canonical"
     with pytest.raises(ValueError, match="is not valid"):
         SAESource.parse("no-such-thing")
+    with pytest.raises(ValueError, match="'/nonexistent/sae' is no folder here; valid: a SAELens folder"):
+        SAESource.parse("/nonexistent/sae")  # missing, not malformed
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-gemma2"])

@@ -104,7 +104,7 @@ def load(
     try:
         check_tracking_access(exp.name, write=writes)
         if writes and os.environ.get("MLFLOW_RUN_ID"):  # the run MLflow made for this step: whose it is, until the step opens it
-            mark_launched(os.environ["MLFLOW_RUN_ID"])
+            mark_launched(os.environ["MLFLOW_RUN_ID"], beat=True)
         if check_device:
             device_here(exp.device)
         if check_device if check_store is None else check_store:

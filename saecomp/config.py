@@ -402,6 +402,7 @@ def json_schema() -> dict:
     schema = Experiment.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "saecomp experiment"
+    schema["required"] = ["name"]  # a file must name its MLflow experiment (load_experiment refuses one that does not)
     return schema
 
 

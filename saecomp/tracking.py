@@ -481,7 +481,8 @@ def launch_local(
         if not RunStatus.is_terminated(RunStatus.from_string(left.info.status)):
             client.set_terminated(run_id, "FINISHED" if submitted.get_status() == "FINISHED" else "FAILED")
         if STEP_TAG not in left.data.tags:  # its step never opened it (a bad input, killed while it waited): a name for the UI
-            client.set_tag(run_id, "mlflow.runName", f"{entry_point} · ended before its run opened")
+            with contextlib.suppress(Exception):  # a name only: never in place of the error on its way
+                client.set_tag(run_id, "mlflow.runName", f"{entry_point} · ended before its run opened")
     if not succeeded:
         raise mlflow.exceptions.ExecutionException(f"Run (ID '{run_id}') failed")
     return run_id
@@ -596,6 +597,9 @@ def alive(run_id: str, watch_launcher: bool = False):
     MlflowClient().set_tag(run_id, PROCESS_TAG, f"forked by the step server (pid {server})" if server else "own interpreter")
     if "torch" in sys.modules:  # CPU results depend on it (the order of float sums), and a local pool shares the cores out
         MlflowClient().set_tag(run_id, THREADS_TAG, str(sys.modules["torch"].get_num_threads()))
+    waiting = _WAITING.pop(run_id, None)
+    if waiting is not None:  # the step opens its run: its own heartbeat takes over
+        waiting.stop()
     heartbeat = Heartbeat(run_id)
     watchdog = _LauncherWatch.of(run_id, _MY_LAUNCHER) if watch_launcher else None
     try:
@@ -755,6 +759,17 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _process_exists(pid: int) -> bool:
+    """Whether ``pid`` names a process, a zombie included."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -809,17 +824,24 @@ def why_dead(run, now: float | None = None, host: str | None = None) -> str | No
     now, host = now or time.time(), host or socket.gethostname()
     tags = run.data.tags
     opened = STEP_TAG in tags
-    if not opened:  # a run made for a step whose process has not opened it yet: who was started for it (``mark_launched``)
-        tags = _launched(tags)
-    here = tags.get(HOST_TAG) == host and tags.get(PID_NAMESPACE_TAG, _pid_namespace()) == _pid_namespace()
+    if opened:
+        here = tags.get(HOST_TAG) == host and tags.get(PID_NAMESPACE_TAG, _pid_namespace()) == _pid_namespace()
+    else:  # a run made for a step whose process has not opened it yet: who was started for it (``mark_launched``)
+        launched = _launched(tags)
+        # this boot of this machine, not its name (two machines may share one, and the initial pid namespace with it)
+        here = bool(launched.get(PID_SPACE_KEY)) and launched.get(PID_SPACE_KEY) == _pid_space()
+        tags = {**tags, **launched}  # its heartbeat (while it waits, ``mark_launched``) from the run, who from the record
     if here and tags.get(PID_TAG, "").isdigit():
-        if not _process_alive(int(tags[PID_TAG])):
-            return f"process {tags[PID_TAG]} on {host} is gone"
-        recorded, now_start = tags.get(PID_START_TAG), _process_start(int(tags[PID_TAG]))
+        pid = int(tags[PID_TAG])
+        # An unopened run's process that has exited but is not yet waited for (a zombie: a bad input's exit) is its live
+        # launcher's to close, FAILED: not a kill.
+        if not (_process_alive(pid) or (not opened and _process_exists(pid))):
+            return f"process {pid} on {host} is gone"
+        recorded, now_start = tags.get(PID_START_TAG), _process_start(pid)
         if recorded not in (None, "unknown") and now_start is not None and recorded != now_start:
-            return f"process {tags[PID_TAG]} on {host} is gone (its pid belongs to a newer process)"
+            return f"process {pid} on {host} is gone (its pid belongs to a newer process)"
         return None  # its process is alive here, whatever its heartbeat says
-    if not opened:  # no heartbeat before the step opens its run, and it may wait hours on its upstream steps first
+    if not opened and HEARTBEAT_TAG not in tags:  # another machine's, not yet beating: it may be starting; cannot tell
         return None
     last_seen = float(tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
     if now - last_seen > STALE_AFTER_SECONDS:
@@ -828,23 +850,37 @@ def why_dead(run, now: float | None = None, host: str | None = None) -> str | No
 
 
 LAUNCHED_TAG = "saecomp.launched"
-"""On a run MLflow made for a step (`mlflow run`, `launch_local`): the host, pid namespace, pid and start of the process
-started for it, as JSON. A step opens its run (``step_run``: its step tag, heartbeat and own pid) only once its upstream
-steps are done, which may take hours; killed before that (a SIGTERM to the process group, as `timeout` and Slurm send,
-or SIGKILL), its run would be left RUNNING with nothing saying whose it was. ``reap_dead_runs`` marks it KILLED when
-that process is gone; only its own machine can tell (there is no heartbeat yet)."""
+"""On a run MLflow made for a step (`mlflow run`, `launch_local`): the host, pid namespace, pid space (this boot of this
+machine and that namespace), pid and start of the process started for it, as JSON. A step opens its run
+(``step_run``: its step tag, heartbeat and own pid) only once its upstream steps are done, which may take hours; killed
+before that (a SIGTERM to the process group, as `timeout` and Slurm send, or SIGKILL), its run would be left RUNNING
+with nothing saying whose it was. ``reap_dead_runs`` marks it KILLED when that process is gone (its own machine checks
+the process; another, the heartbeat the step keeps while it waits)."""
 MLFLOW_ENTRY_POINT_TAG = "mlflow.project.entryPoint"
 _MARKED: set[tuple[str, int]] = set()
 
 
-def mark_launched(run_id: str, pid: int | None = None) -> None:
-    """Tag ``run_id`` with the process started for it (``pid``, default this one), once per run and process."""
+PID_SPACE_KEY = "saecomp.pid_space"
+_WAITING: dict[str, Heartbeat] = {}
+
+
+def mark_launched(run_id: str, pid: int | None = None, beat: bool = False) -> None:
+    """Tag ``run_id`` with the process started for it (``pid``, default this one), once per run and process; with
+    ``beat``, keep its heartbeat until the step opens the run (``alive`` stops it), so that another machine can tell a
+    step that waits on its upstream steps from one that died waiting (a Slurm job requeued on another node). Never
+    raises: this is bookkeeping, and the step tags its run itself once it opens it."""
     pid = pid or os.getpid()
     if (run_id, pid) in _MARKED:
         return
     who = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_NAMESPACE_TAG: _pid_namespace(),
-           PID_START_TAG: _process_start(pid) or "unknown"}  # fmt: skip
-    MlflowClient().set_tag(run_id, LAUNCHED_TAG, json.dumps(who))
+           PID_SPACE_KEY: _pid_space(), PID_START_TAG: _process_start(pid) or "unknown"}  # fmt: skip
+    try:
+        MlflowClient().set_tag(run_id, LAUNCHED_TAG, json.dumps(who))
+        if beat and run_id not in _WAITING:
+            _WAITING[run_id] = Heartbeat(run_id)
+    except Exception as error:  # noqa: BLE001 - a store hiccup must not stop a healthy step
+        print(f"[saecomp] could not tag run {run_id} with its process ({type(error).__name__}); going on", file=sys.stderr, flush=True)
+        return
     _MARKED.add((run_id, pid))
 
 

@@ -291,28 +291,44 @@ def test_a_step_killed_while_it_waits_on_its_upstream_is_marked_killed_on_the_ne
 
 
 def test_a_run_made_for_a_step_is_reaped_only_when_its_process_is_gone_here():
-    """The launched record alone (no heartbeat yet): dead here -> KILLED; alive here, or on another machine (which
-    cannot be checked, and may wait hours on its upstream steps) -> left RUNNING."""
-    from saecomp.tracking import LAUNCHED_TAG, mark_launched
+    """The launched record of a step that has not opened its run: its process dead on this machine (this boot, not
+    this host name) -> KILLED; alive here, exited but not yet collected by its live launcher (a bad input's exit, which
+    the launcher closes FAILED), on another machine that cannot be checked (it may wait hours on its upstream steps) or
+    on one whose waiting heartbeat is fresh -> left RUNNING; another machine's whose heartbeat went silent -> KILLED."""
+    import json
+
+    from saecomp.tracking import LAUNCHED_TAG, PID_SPACE_KEY, mark_launched
 
     client = mlflow.MlflowClient()
     experiment = experiment_id_for("reaper-launched")
-    gone = subprocess.Popen(["sleep", "60"])
-    dead_run, live_run, elsewhere = (client.create_run(experiment).info.run_id for _ in range(3))
+    gone, exited = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["true"])
+    dead_run, live_run, zombie_run, elsewhere, namesake, beating, silent = (client.create_run(experiment).info.run_id for _ in range(7))
     mark_launched(dead_run, gone.pid)
     mark_launched(live_run, os.getpid())
-    client.set_tag(elsewhere, LAUNCHED_TAG, '{"saecomp.host": "gpu-node-9", "saecomp.pid": "1", "saecomp.pid_namespace": "1"}')
+    mark_launched(zombie_run, exited.pid)
+    other = {HOST_TAG: "gpu-node-9", PID_TAG: "1", "saecomp.pid_namespace": "1", PID_SPACE_KEY: "another-boot/1"}
+    client.set_tag(elsewhere, LAUNCHED_TAG, json.dumps(other))
+    # the same host name and pid, another machine (a container image's `localhost`): its pid cannot be checked from here
+    client.set_tag(namesake, LAUNCHED_TAG, json.dumps({**other, HOST_TAG: socket.gethostname(), PID_TAG: str(gone.pid)}))
+    for run, beat in ((beating, time.time()), (silent, time.time() - 3600)):
+        client.set_tag(run, LAUNCHED_TAG, json.dumps(other))
+        client.set_tag(run, HEARTBEAT_TAG, f"{beat:.0f}")
     gone.kill()
     gone.wait()
+    while Path(f"/proc/{exited.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not yet waited for
+        time.sleep(0.01)
     reaped = reap_dead_runs([experiment])
-    assert reaped == [dead_run]
+    exited.wait()
+    assert sorted(reaped) == sorted([dead_run, silent])
+    assert "no heartbeat from gpu-node-9" in client.get_run(silent).data.tags[KILLED_REASON_TAG]
     assert client.get_run(dead_run).info.status == "KILLED"
     assert (
         f"process {gone.pid} on {socket.gethostname()} is gone before the step opened its run"
         in client.get_run(dead_run).data.tags[KILLED_REASON_TAG]
     )
-    assert {client.get_run(r).info.status for r in (live_run, elsewhere)} == {"RUNNING"}
-    for run in (live_run, elsewhere):
+    left = (live_run, zombie_run, elsewhere, namesake, beating)
+    assert {client.get_run(r).info.status for r in left} == {"RUNNING"}
+    for run in left:
         client.set_terminated(run, "FINISHED")
 
 

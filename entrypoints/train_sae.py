@@ -160,7 +160,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
     from saecomp.data import TokenStream, document_plan, held_out_tokens, iter_documents, sae_prepends_bos, special_token_ids
     from saecomp.models import NO_PROCESSING_KWARGS, TINY_MODELS, load_model
     from saecomp.saes import evaluate_sae
-    from saecomp.tracking import CACHE_DIR, register_sae, step_run, training_metrics_logger
+    from saecomp.tracking import CACHE_DIR, register_sae, run_is_open, step_run, training_metrics_logger
     from saecomp.train_sae import SharedForward, latest_checkpoint, store_tokens, train_sae
 
     logging.getLogger("sae_lens").addFilter(_QuietViewFallback())
@@ -249,6 +249,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
                 prepend_bos=prepend_bos,
                 special_ids=sorted(special),
                 shared_forward=shared,
+                still_wanted=lambda: run_is_open(run.info.run_id),  # closed under it (its launcher died): no checkpoint
             )
             train_seconds = time.perf_counter() - started
             if shared is not None:

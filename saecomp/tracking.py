@@ -529,6 +529,14 @@ def _start_project_run(entry_point: str, parameters: dict[str, str], experiment_
     return submitted
 
 
+def run_is_open(run_id: str) -> bool:
+    """Whether ``run_id`` is still RUNNING (True when the store cannot say: a store hiccup stops nothing)."""
+    try:
+        return MlflowClient().get_run(run_id).info.status == "RUNNING"
+    except Exception:  # noqa: BLE001
+        return True
+
+
 def local_artifacts(run_id: str, artifact_path: str) -> Path:
     """A local copy of a run's artifact folder, downloaded once into the cache (atomically)."""
     target = CACHE_DIR / run_id / artifact_path

@@ -155,11 +155,16 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name), default=None)
 
 
-def save_checkpoint_marked(save_checkpoint: Callable[..., None]) -> Callable[..., None]:
+def save_checkpoint_marked(save_checkpoint: Callable[..., None], still_wanted: Callable[[], bool] | None = None) -> Callable[..., None]:
     """SAELens's runner-side checkpoint save (the last part of a checkpoint it writes), followed by our completion
-    marker, so that `latest_checkpoint` never picks a folder whose writing was cut short."""
+    marker, so that `latest_checkpoint` never picks a folder whose writing was cut short. With ``still_wanted``, a
+    checkpoint is left unfinished (so never resumed from) once it says no: a step whose run was closed under it (its
+    launcher died) trains on for a few seconds, and a checkpoint it finished then would outlive the rerun that redid
+    the training and deleted the folder, and a later run would resume from it."""
 
     def save(checkpoint_path: Path | None) -> None:
+        if still_wanted is not None and not still_wanted():
+            return
         save_checkpoint(checkpoint_path=checkpoint_path)
         if checkpoint_path is not None:
             (Path(checkpoint_path) / CHECKPOINT_COMPLETE).write_text("")
@@ -284,13 +289,14 @@ def train_sae(
     prepend_bos: bool = False,
     special_ids: list[int] | None = None,
     shared_forward: SharedForward | None = None,
+    still_wanted: Callable[[], bool] | None = None,
 ):
     """Train one SAE with SAELens on activations of ``model`` over ``token_dataset`` (rows with an ``input_ids``
     list of ``context_size`` tokens: a `datasets.Dataset`, or a streamed `saecomp.data.TokenStream`). Resumes
     from the newest checkpoint in ``checkpoint_dir`` if one exists. With ``shared_forward``, the model's forward
     passes are shared with the other hooks' trainings of the layer (`SharedForward`; the same SAE either way). Saves
     the inference SAE to ``output_dir`` (SAELens format) and returns (that SAE as `SAE.load_from_disk` gives it, the
-    number of samples it resumed from or None)."""
+    number of samples it resumed from or None). ``still_wanted``: see `save_checkpoint_marked`."""
     cfg = runner_config(spec, model, model_name, model_kwargs, checkpoint_dir, dataset_name, prepend_bos, special_ids)
     logging.getLogger("sae_lens").addFilter(_QuietOverrides())
     torch.manual_seed(spec.seed)
@@ -307,7 +313,7 @@ def train_sae(
         sae=runner.sae,
         data_provider=runner.activations_store,
         evaluator=runner.evaluator,
-        save_checkpoint_fn=save_checkpoint_marked(save_runner_state),
+        save_checkpoint_fn=save_checkpoint_marked(save_runner_state, still_wanted),
         cfg=cfg.to_sae_trainer_config(),
         on_metrics=on_metrics,
         log_every=log_every,

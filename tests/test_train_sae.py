@@ -361,3 +361,28 @@ def test_a_layers_hooks_sharing_one_forward_train_bit_identical_saes(small_world
     # Activations that cannot fit the disk are not shared (and nothing is written).
     refused, why_not = SharedForward.open(tmp_path / "other", loaded.tl, "tiny-gemma2 dense", 1, hooks, 10**15)
     assert refused is None and "GB free" in why_not
+
+
+def test_a_checkpoint_saved_after_the_run_was_closed_is_never_resumed_from(tmp_path):
+    """A step whose run was closed under it (its launcher died) trains on for a few seconds: a checkpoint it saves then
+    must stay unfinished, or it outlives the rerun that deleted the folder and a later run resumes from it (seen in CI)."""
+    from saecomp.train_sae import save_checkpoint_marked
+
+    saved = []
+
+    def runner_save(checkpoint_path):  # SAELens's runner-side part: the last file of a checkpoint
+        saved.append(checkpoint_path)
+        (checkpoint_path / "activations_store_state.safetensors").write_text("")
+
+    open_run = {"open": True}
+    save = save_checkpoint_marked(runner_save, still_wanted=lambda: open_run["open"])
+    root = tmp_path / "ckpts" / "abc"
+    first, later = root / "512", root / "1024"
+    first.mkdir(parents=True)
+    later.mkdir()
+    save(first)
+    open_run["open"] = False  # the run is closed as KILLED
+    save(later)
+    assert saved == [first]
+    assert (first / CHECKPOINT_COMPLETE).exists() and not (later / CHECKPOINT_COMPLETE).exists()
+    assert latest_checkpoint(tmp_path / "ckpts") == first

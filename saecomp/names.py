@@ -220,16 +220,23 @@ def check_spec(spec: SAETrainingSpec, dims, n_context_tokens: int | None = None)
     check_hook(dims, spec.hook, spec.layer)
     d_in = hook_d_in(dims, spec.hook)
     d_sae = resolved_d_sae(spec, d_in)
-    if d_sae < 1:
-        raise ValueError(f"d_sae={d_sae} must be at least 1")
+    if spec.d_sae is not None and spec.d_sae < 1:
+        raise ValueError(f"d_sae={spec.d_sae} is not valid; valid: a whole number of at least 1")
+    if d_sae < 1:  # d_sae not given: it is expansion_factor * d_in
+        raise ValueError(
+            f"expansion_factor={spec.expansion_factor} is not valid; "
+            f"valid: a whole number of at least 1 (d_sae = expansion_factor × d_in {d_in})"
+        )
     if spec.architecture in ("topk", "batchtopk") and not 0 < spec.k <= d_sae:
         raise ValueError(f"k={spec.k} is not valid for d_sae={d_sae}; valid: 1..{d_sae}")
     if spec.normalize_activations not in NORMALIZATIONS:
         raise ValueError(f"normalize_activations={spec.normalize_activations!r} is not valid; valid: {', '.join(NORMALIZATIONS)}")
     if spec.context_size < 2 or spec.context_size > dims.n_ctx:
         raise ValueError(f"context_size={spec.context_size} is not valid; valid: 2..{dims.n_ctx} (the model's context)")
-    if spec.batch_size_tokens < 1 or spec.learning_rate <= 0:
-        raise ValueError(f"batch_size_tokens={spec.batch_size_tokens} and learning_rate={spec.learning_rate} must be positive")
+    if spec.batch_size_tokens < 1:
+        raise ValueError(f"batch_size_tokens={spec.batch_size_tokens} is not valid; valid: a whole number of at least 1")
+    if not spec.learning_rate > 0:  # also NaN
+        raise ValueError(f"learning_rate={spec.learning_rate} is not valid; valid: a positive number, e.g. 4e-4")
     if spec.training_tokens < spec.batch_size_tokens:
         raise ValueError(f"training_tokens={spec.training_tokens} is fewer than one batch (batch_size_tokens={spec.batch_size_tokens})")
     if n_context_tokens is not None and n_context_tokens < spec.context_size:

@@ -144,6 +144,11 @@ BAD = [
     (["--hook", "hook_resid_pre"], "hook='hook_resid_pre' is not valid"),
     (["--context_size", "4096"], "context_size=4096 is not valid; valid: 2..64"),
     (["--base", "0123456789abcdef"], "base='0123456789abcdef' is not valid"),
+    # each names the field given, not its neighbours (d_sae=0 once fell through to expansion_factor * d_in)
+    (["--expansion_factor", "0"], "expansion_factor=0 is not valid; valid: a whole number of at least 1 (d_sae = expansion_factor × d_in"),
+    (["--d_sae", "0"], "d_sae=0 is not valid; valid: a whole number of at least 1"),
+    (["--learning_rate", "-1"], "learning_rate=-1.0 is not valid; valid: a positive number"),
+    (["--batch_size_tokens", "0"], "batch_size_tokens=0 is not valid; valid: a whole number of at least 1"),
 ]
 
 

@@ -31,6 +31,13 @@ def experiment_option(command):
     def refused_in_one_line(*args, **kwargs):
         try:
             return step(*args, **kwargs)
+        except KeyboardInterrupt:
+            # Ctrl-C reaches every process of the terminal's group: the step that started this one says it once.
+            from saecomp.tracking import launched_by_saecomp
+
+            if not launched_by_saecomp():
+                click.echo("\nAborted. Finished steps are kept; the same command resumes from them.", err=True)
+            sys.exit(1)  # as click's own Abort
         except ValueError as error:
             tracking = sys.modules.get("saecomp.tracking")  # not imported: not what it raises
             if tracking is not None and isinstance(error, tracking.StoreRefused):

@@ -374,6 +374,12 @@ _MY_LAUNCHER = os.environ.pop(LAUNCHER_ENV, None)
 _LAUNCH_LOCK = threading.Lock()  # the variable is set only around the start of one step
 
 
+def launched_by_saecomp() -> bool:
+    """Whether this step was started by another saecomp process (a pipeline, a step that ran its upstream), which
+    waits on it and speaks for it."""
+    return _MY_LAUNCHER is not None
+
+
 def note_reused(parent: str | None, run_ids: list[str]) -> None:
     """List reused runs on the parent's ``saecomp.reused_runs`` tag (a reused run keeps its own parent)."""
     if parent is None:

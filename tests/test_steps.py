@@ -50,6 +50,27 @@ def test_bad_input_fails_before_any_run_or_compute(small_experiment, args, messa
     assert len(all_runs()) == before, "a run was opened for bad input"
 
 
+def test_ctrl_c_is_said_once_by_the_process_the_user_started(monkeypatch):
+    """Ctrl-C reaches every process of the terminal's group: a step started by another saecomp process (its launcher,
+    interrupted too) exits quietly, so the user reads one line, not one "Aborted!" per process."""
+    import click
+
+    from entrypoints.common import experiment_option
+    from saecomp import tracking
+
+    @click.command()
+    @experiment_option
+    def interrupted(experiment):
+        raise KeyboardInterrupt
+
+    said = CliRunner().invoke(interrupted, [])
+    assert said.exit_code == 1
+    assert said.output.strip() == "Aborted. Finished steps are kept; the same command resumes from them."
+    monkeypatch.setattr(tracking, "_MY_LAUNCHER", f"{os.getppid()}:0:here")  # started by a pipeline
+    quiet = CliRunner().invoke(interrupted, [])
+    assert quiet.exit_code == 1 and quiet.output == ""
+
+
 def test_bad_experiment_files(tmp_path):
     cases = {
         tmp_path / "missing.yaml": "cannot be read",

@@ -21,9 +21,10 @@ def _remember(ctx: click.Context, param: click.Parameter, value):
         ctx.meta[f"saecomp.{param.name}"] = value
 
 
-def experiment_option(command):
-    """``--experiment`` and the overrides every step takes: ``--device`` and ``--dtype``. A tracking store that
-    refuses the step wherever it is first met (``saecomp.tracking.StoreRefused``) is said in one line (``fail``)."""
+def experiment_option(command, runtime: bool = True):
+    """``--experiment`` and the overrides every computing step takes: ``--device`` and ``--dtype`` (``runtime``; a step
+    that only reads the store has no use for them). A tracking store that refuses the step wherever it is first met
+    (``saecomp.tracking.StoreRefused``) is said in one line (``fail``)."""
 
     step = command
 
@@ -45,6 +46,13 @@ def experiment_option(command):
             raise
 
     command = refused_in_one_line
+    if not runtime:
+        return click.option(
+            "--experiment",
+            default=DEFAULT_EXPERIMENT,
+            show_default=True,
+            help="Experiment file (experiments/*.yaml) whose MLflow experiment is read.",
+        )(command)
     command = click.option("--dtype", expose_value=False, callback=_remember, help="float32, bfloat16 or float16 (default: the file's).")(
         command
     )
@@ -57,6 +65,11 @@ def experiment_option(command):
         show_default=True,
         help="Experiment file (experiments/*.yaml); the options below override single fields of it.",
     )(command)
+
+
+def store_reading_option(command):
+    """``--experiment`` alone, for the steps that only read the tracking store (compare, publish)."""
+    return experiment_option(command, runtime=False)
 
 
 def runtime_overrides() -> dict[str, str]:
@@ -93,19 +106,29 @@ def fail(message: str) -> None:
 
 
 def load(
-    path: str, overrides: dict[str, object], check_device: bool = True, check_store: bool | None = None, writes: bool = True
+    path: str,
+    overrides: dict[str, object],
+    check_device: bool = True,
+    check_store: bool | None = None,
+    writes: bool = True,
+    reads_the_hub: bool = True,
 ) -> Experiment:
     """The experiment with the given overrides (``None`` values are 'not given'), or a clean exit. ``check_store``
     (default: as ``check_device``) refuses a store where the experiment's artifacts would land in this directory
     (``check_artifact_store``); under `mlflow run`, whose run MLflow has placed already, it warns instead. A tracking
     server that refuses this client, or (``writes``: the step makes runs) its runs in the experiment, is refused in one
-    line (``check_tracking_access``)."""
+    line (``check_tracking_access``). A step that ``reads_the_hub`` for a Hub model on a machine that cannot reach the
+    Hub reads the Hugging Face cache only, and says so (``read_the_cache_when_the_hub_is_unreachable``)."""
     given = {**runtime_overrides(), **{key: value for key, value in overrides.items() if value not in (None, "")}}
     try:
         exp = load_experiment(path, given)
     except ConfigError as error:
         fail(str(error))
     from saecomp.names import check_device as device_here
+    from saecomp.names import read_the_cache_when_the_hub_is_unreachable
+
+    if reads_the_hub and exp.model not in TINY_MODELS and (hub_cache_only := read_the_cache_when_the_hub_is_unreachable()):
+        click.echo(f"saecomp: warning: {hub_cache_only}", err=True)
     from saecomp.tracking import check_artifact_store, check_tracking_access, mark_launched, placed_artifacts_warning
 
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, load
+from entrypoints.common import fail, load, store_reading_option
 
 
 def selection(exp, pipeline_run: str | None, tag: tuple[str, ...]):
@@ -65,11 +65,11 @@ def key_for(records, pipeline_run: str | None, tags: dict) -> str:
 
 
 @click.command()
-@experiment_option
+@store_reading_option
 @click.option("--pipeline_run", help="Only the runs this pipeline run started or reused (default: the whole experiment).")
 @click.option("--tag", multiple=True, help="Only runs with this tag, name=value (repeatable).")
 def main(experiment: str, pipeline_run: str | None, tag: tuple[str, ...]) -> None:
-    exp = load(experiment, {}, check_device=False)  # reads an existing experiment, never creates one: no store check
+    exp = load(experiment, {}, check_device=False, reads_the_hub=False)  # reads an existing experiment, never creates one: no store check
     _, tags, records = selection(exp, pipeline_run, tag)
     run_compare(exp, records, pipeline_run, tags)
 

@@ -509,7 +509,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
         mlflow.log_dict(used, PIPELINE_RUNS_ARTIFACT)  # exactly what compare reads for this pipeline (tags get cut)
         compared = collect_runs([experiment_id_for(exp.name)], parent)
         compare_key = compare_step.key_for(compared, parent, {})
-        compare_run = run_step("compare", {"experiment": experiment, "pipeline_run": parent, **runtime}, compare_key, exp.name, parent)
+        compare_run = run_step("compare", {"experiment": experiment, "pipeline_run": parent}, compare_key, exp.name, parent)
         mlflow.log_artifacts(str(local_artifacts(compare_run, "report")), "compare")
         columns = ["hook", "variant", "selected", "selection_met", "mse", "explained_variance", "cossim", "l0", "ce_loss_with_sae",
                    "ce_loss_without_sae"]  # fmt: skip

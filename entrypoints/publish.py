@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, load
+from entrypoints.common import fail, load, store_reading_option
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 CORE = ("core.ce_loss_score", "core.kl_div_score", "core.explained_variance", "core.mse", "core.cossim", "core.l0")
@@ -37,7 +37,7 @@ def flag(name: str, value: str | None) -> bool:
 
 
 @click.command()
-@experiment_option
+@store_reading_option
 @click.option("--repo", help="The Hub repository, <user or org>/<name>.")
 @click.option("--sae", help="Comma-separated SAEs: runs:/<prune_sae run>/saes/pruned-<level> or models:/<name>/<version> "
               "(default: each cell's selected level).")
@@ -46,7 +46,7 @@ def flag(name: str, value: str | None) -> bool:
 @click.option("--overwrite", help="true: replace files the repository already has (default: refuse).")
 @click.option("--with_model", help="true: also push the pruned checkpoint to <repo>-pruned-model and name it in the SAEs' metadata.")
 def main(experiment, repo, sae, dry_run, public, overwrite, with_model) -> None:
-    exp = load(experiment, {}, check_device=False)  # reads an existing experiment, never creates one: no store check
+    exp = load(experiment, {}, check_device=False, reads_the_hub=False)  # reads an existing experiment, never creates one: no store check
     given = {"dry_run": dry_run, "public": public, "overwrite": overwrite, "with_model": with_model}
     dry_run, public, overwrite, with_model = (flag(name, value) for name, value in given.items())
     if not repo:
@@ -58,6 +58,10 @@ def main(experiment, repo, sae, dry_run, public, overwrite, with_model) -> None:
 
         if constants.HF_HUB_OFFLINE:  # the client would refuse every request, after the run had opened
             fail("HF_HUB_OFFLINE=1 forbids the Hub; valid: unset HF_HUB_OFFLINE to publish, or dry_run=true")
+        from saecomp.names import hub_unreachable
+
+        if why := hub_unreachable():
+            fail(f"the Hub at {why}; valid: publish from a machine that reaches it, or dry_run=true")
         if get_token() is None:
             fail("no Hugging Face token; valid: set HF_TOKEN or run `huggingface-cli login` (or dry_run=true)")
     chosen = choose(exp, sae)

@@ -57,6 +57,44 @@ def check_device(device: str) -> None:
             )
 
 
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub (``HF_ENDPOINT``) cannot be reached from here, or None when it can or nobody can tell
+    (offline mode asked for already, or a proxy in the way: a direct connection says nothing then)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return None
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout_s).close()
+    except OSError as error:  # no name service, no route, refused, timed out
+        return f"{endpoint} cannot be reached from here ({type(error).__name__}: {error})"
+    return None
+
+
+def read_the_cache_when_the_hub_is_unreachable() -> str | None:
+    """Offline mode (``HF_HUB_OFFLINE=1``) for this process and the steps it starts when the Hub cannot be reached:
+    huggingface_hub would otherwise retry every file five times (about 26 s each) before reading its cache. Returns
+    the line to say, or None when nothing changed."""
+    import os
+    import sys
+
+    why = hub_unreachable()
+    if why is None:
+        return None
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the libraries read it at import, and the steps started from here inherit it
+    for module, attribute in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        if module in sys.modules:  # imported already (a warm step server's preload): set what they read at import
+            setattr(sys.modules[module], attribute, True)
+    return f"the Hugging Face Hub at {why}; reading the Hugging Face cache only, as with HF_HUB_OFFLINE=1 (set it to skip this check)"
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """The shape of a model, read from its config alone (no weights): enough to validate a request."""

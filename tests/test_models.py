@@ -30,6 +30,33 @@ def place_in_hf_cache(cache: Path, repo_id: str, hf_model, tokenizer) -> Path:
     return snapshot
 
 
+def test_a_step_reads_the_cache_at_once_when_the_hub_cannot_be_reached(tmp_path):
+    """Without HF_HUB_OFFLINE, huggingface_hub retries a file the cache lacks five times (about 26 s) when the Hub
+    cannot be reached, then fails: a step checks once, says so, and reads the cache only, as do the steps it starts.
+    Here the Hub's name resolves nowhere (``.invalid`` never does, RFC 2606: what a node without name service meets)."""
+    from transformers import GPT2Config
+
+    endpoint = "https://saecomp-test-hub.invalid"
+    cache = tmp_path / "hub"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") and "PROXY" not in k.upper()}
+    env.update(HF_HUB_CACHE=str(cache), HF_ENDPOINT=endpoint, PYTHONPATH=str(ROOT))
+    plan = [sys.executable, "-m", "entrypoints.pipeline", "--experiment", "experiments/gpt2-small.yaml", "--dry-run", "--device", "cpu"]
+    unreachable = f"saecomp: warning: the Hugging Face Hub at {endpoint} cannot be reached from here (gaierror"
+
+    missing = subprocess.run(plan, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and unreachable in missing.stderr, missing.stderr[-3000:]
+    assert "saecomp: error: model='gpt2': its config.json could not be read" in missing.stderr
+    assert "Retry" not in missing.stderr, missing.stderr[-3000:]  # not one request was tried
+
+    repo = cache / "models--gpt2"
+    GPT2Config().save_pretrained(repo / "snapshots" / SNAPSHOT)  # GPT-2 small's shape: the file's layers fit
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    cached = subprocess.run(plan, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert cached.returncode == 0 and unreachable in cached.stderr, cached.stderr[-3000:]
+    assert "blocks.8.hook_resid_post: prune_sae" in cached.stdout  # the plan, from the cached config.json
+
+
 @pytest.mark.parametrize("repo_id,architecture", [("gpt2", "gpt2"), ("google/gemma-2-2b", "gemma2")])
 def test_hub_names_load_offline_from_the_hf_cache(tmp_path, repo_id, architecture):
     hf_model = random_hf_model(architecture)

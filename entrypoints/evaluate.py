@@ -116,7 +116,6 @@ def library_warnings_to(log, terminal):
 )
 @click.option(
     "--seed",
-    type=int,
     help="SAEBench's random seed for every suite but core (default: the experiment's evaluation.seed, 42). Where runs "
     "with several seeds fill one cell, compare shows their mean and its standard error over the seeds.",
 )

@@ -486,6 +486,8 @@ def validate(exp: Experiment) -> Experiment:
     for name in sizes:
         if getattr(ev, name) < 1:
             raise ConfigError(f"evaluation.{name}={getattr(ev, name)} must be at least 1")
+    if not 0 <= ev.seed <= 2**32 - ev.replicates:  # SAEBench seeds numpy and pandas with it (and seed + 1, ... for replicates)
+        raise ConfigError(f"evaluation.seed={ev.seed} is not valid; valid: a whole number in 0..{2**32 - ev.replicates}")
     needed = ev.batch_size_prompts * max(ev.n_reconstruction_batches, ev.n_sparsity_variance_batches)
     if ev.n_sequences < needed:
         raise ConfigError(

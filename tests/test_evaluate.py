@@ -576,6 +576,8 @@ def test_ravel_from_the_experiment_is_tagged_not_applicable_on_gpt2(small_experi
         (["--sae", "WIDE"], "the SAE's d_in=48 does not fit blocks.1.hook_resid_post of tiny-gpt2, whose width is 32"),
         (["--sae", "FAR"], "the SAE's hook blocks.9.hook_resid_post does not fit tiny-gpt2"),
         (["--sae", "/nonexistent/sae"], "sae='/nonexistent/sae' is not a loadable SAE (SAE source '/nonexistent/sae' is no folder here"),
+        (["--seed", "abc"], "evaluation.seed='abc' is not an integer"),  # one line, as every other field (not click's usage block)
+        (["--seed", "-3"], "evaluation.seed=-3 is not valid; valid: a whole number in 0..4294967295"),  # numpy/pandas would crash mid-suite
     ],
 )
 def test_bad_input_is_rejected_before_any_run(small_experiment, tmp_path, args, message):

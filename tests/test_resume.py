@@ -475,6 +475,51 @@ def test_a_step_whose_launcher_died_keeps_its_run_killed_against_a_late_failed()
     assert client.get_run(run.info.run_id).info.status == "KILLED"
 
 
+def reaping_in_one_pass(experiment: str) -> None:
+    """One start's reaping in the store MLflow's tracking URI names (this session's SQLite here; test_scale runs it
+    against a tracking server with PostgreSQL, whose filters it must read the same): a step run whose process is gone
+    here, another host's silent one and a run made for a step killed before it opened it are marked KILLED, as is a
+    launcher chain's late FAILED over a step's own KILLED; a colleague's beating run, a live one made for a step and a
+    plain failure stay as they are."""
+    from saecomp.tracking import LAUNCHER_GONE, MLFLOW_ENTRY_POINT_TAG, PID_NAMESPACE_TAG, _pid_namespace, mark_launched
+
+    client = mlflow.MlflowClient()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # exited and collected: its pid names no process here
+    now = f"{time.time():.0f}"
+    here = {STEP_TAG: "prune_llm", HOST_TAG: socket.gethostname(), PID_TAG: str(ended.pid), PID_NAMESPACE_TAG: _pid_namespace()}
+    gone = client.create_run(experiment, tags={**here, HEARTBEAT_TAG: now}).info.run_id
+    colleague = client.create_run(experiment, tags={STEP_TAG: "train_sae", HOST_TAG: "gpu-node-7", PID_TAG: "1", HEARTBEAT_TAG: now})
+    silent = client.create_run(
+        experiment, tags={STEP_TAG: "train_sae", HOST_TAG: "gpu-node-8", PID_TAG: "1", HEARTBEAT_TAG: f"{time.time() - 3600:.0f}"}
+    ).info.run_id
+    unopened = client.create_run(experiment, tags={MLFLOW_ENTRY_POINT_TAG: "evaluate"}).info.run_id
+    mark_launched(unopened, pid=ended.pid)
+    waiting = client.create_run(experiment, tags={MLFLOW_ENTRY_POINT_TAG: "evaluate"}).info.run_id
+    mark_launched(waiting, pid=os.getpid())  # this process: alive
+
+    def failed(tags: dict) -> str:
+        run = client.create_run(experiment, tags=tags)
+        client.set_terminated(run.info.run_id, "FAILED", end_time=1_700_000_000_000)
+        return run.info.run_id
+
+    overwritten = failed({STEP_TAG: "train_sae", KILLED_REASON_TAG: f"{LAUNCHER_GONE} 4242 on node-3) is gone"})
+    plain = failed({STEP_TAG: "prune_sae"})
+    assert sorted(reap_dead_runs([experiment])) == sorted([gone, silent, unopened, overwritten])
+    status = lambda run_id: client.get_run(run_id).info.status  # noqa: E731
+    assert [status(r) for r in (gone, silent, unopened, overwritten)] == ["KILLED"] * 4
+    assert f"process {ended.pid} on {socket.gethostname()} is gone" in client.get_run(gone).data.tags[KILLED_REASON_TAG]
+    assert client.get_run(unopened).data.tags["mlflow.runName"] == "evaluate · killed before its run opened"
+    assert client.get_run(overwritten).info.end_time == 1_700_000_000_000
+    assert [status(r) for r in (colleague.info.run_id, waiting, plain)] == ["RUNNING", "RUNNING", "FAILED"]
+    for run_id in (colleague.info.run_id, waiting):
+        client.set_terminated(run_id, "FINISHED")  # as their own ends would
+
+
+def test_the_next_start_reaps_the_dead_and_leaves_the_live_in_one_pass():
+    reaping_in_one_pass(experiment_id_for("one-pass"))
+
+
 def test_only_a_run_its_step_closed_for_a_dead_launcher_is_killed_again():
     """The next start undoes a late FAILED only where the step itself closed its run because its launcher died. A run
     the reaper found silent keeps a FAILED its process wrote after all (it was alive, and its end is the truth), as do

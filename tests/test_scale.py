@@ -155,6 +155,19 @@ def test_pipeline_on_a_tracking_server_with_postgres_and_s3(small_experiment, tr
                 cursor.execute("select count(*) from metrics")
                 assert cursor.fetchone()[0] >= sum(len(r.data.metrics) for r in runs)
 
+        # A start's reaping reads the server's store as it reads SQLite (its filters, a LIKE on a tag among them, in
+        # PostgreSQL): the dead marked KILLED, the live left alone.
+        from test_resume import reaping_in_one_pass
+
+        from saecomp.tracking import experiment_id_for
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(url)
+        try:
+            reaping_in_one_pass(experiment_id_for("reaping"))
+        finally:
+            mlflow.set_tracking_uri(previous)
+
         ray_steps_on_the_server(small_experiment, tmp_path, url, env, by_step, s3, bucket)
 
 

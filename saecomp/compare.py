@@ -2,7 +2,7 @@
 
 Input: ``RunRecord``s (``tracking.collect_runs`` reads them from the store) and, for the figures, the prune_sae runs'
 sweep tables. Every number in a table is one cell of ``cells()``: a (table, model, hook, metric, variant) with its
-value, its status (``ok``, ``missing`` or ``not applicable``) and the run it comes from. A cell no run fills stays
+value, its status (``ok``, ``missing``, ``not applicable`` or ``not a number``) and the run it comes from. A cell no run fills stays
 missing; nothing is filled in. Where several finished runs fill one cell, the newest wins and the cell says how many
 there were.
 
@@ -193,8 +193,9 @@ def model_of(record: RunRecord) -> str:
 
 def _variant_order(variants: Iterable[str]) -> list[str]:
     variants = set(variants)
-    if all(": " in v for v in variants):  # <table>_vs_paper: "<variant>: ours | paper | ours - paper"
-        bases = _variant_order({v.split(": ")[0] for v in variants})
+    beside_paper = [v.rpartition(": ") for v in variants]  # <table>_vs_paper: "<variant>: ours | paper | ours - paper"
+    if variants and all(sep and column in PAPER_COLUMNS for _, sep, column in beside_paper):  # (a variant may hold ": " too)
+        bases = _variant_order({base for base, _, _ in beside_paper})
         return [f"{b}: {c}" for b in bases for c in PAPER_COLUMNS if f"{b}: {c}" in variants]
     rest = sorted(variants - set(VARIANTS), key=lambda v: (not v.startswith("pruned"), v))
     return [v for v in VARIANTS if v in variants] + rest
@@ -249,16 +250,29 @@ def cells(records: Iterable[RunRecord], variants: Iterable[str] | None = None) -
                         not_applicable = newest.tags.get(f"saecomp.{spec.suite}.not_applicable") if newest else None
                         status = "ok" if value is not None else "not applicable" if not_applicable else "missing"
                         run_ids, run_names, note = (newest.run_id, newest.name, "") if newest and status != "missing" else ("", "", "")
+                        if status == "ok" and not _finite(value):  # the run's own result, but no number to compare
+                            status, se, note = NOT_A_NUMBER, None, f"the run logged {value} for it"
                         if status == "ok" and metric in FROM_WEIGHTS:
                             note = "from the SAE's weights alone: no sampling error"
                         seeds = _newest_per_seed(candidates) if spec.suite in SEEDED_SUITES else {}
-                        if len(seeds) > 1:  # several seeds fill the cell: their mean, and its standard error over seeds
-                            values = pd.Series([r.metrics[name] for r in seeds.values()], dtype=float)
+                        unusable = [seed for seed, r in seeds.items() if not _finite(r.metrics[name])]
+                        usable = {seed: r for seed, r in seeds.items() if seed not in unusable}
+                        if len(seeds) > 1 and len(usable) > 1:  # several seeds fill the cell: their mean, and its error over seeds
+                            values = pd.Series([r.metrics[name] for r in usable.values()], dtype=float)
                             value, se, boot = float(values.mean()), float(values.std() / len(values) ** 0.5), {}
-                            se_kind = SEED_SPREAD
-                            run_ids = ",".join(r.run_id for r in seeds.values())
-                            run_names = " | ".join(r.name for r in seeds.values())
-                            note = f"mean over {len(seeds)} seeds ({', '.join(seeds)}) ± its standard error over seeds"
+                            se_kind, status = SEED_SPREAD, "ok"
+                            run_ids = ",".join(r.run_id for r in usable.values())
+                            run_names = " | ".join(r.name for r in usable.values())
+                            note = f"mean over {len(usable)} seeds ({', '.join(usable)}) ± its standard error over seeds"
+                            if unusable:  # pandas would skip them silently and divide by the wrong count
+                                note += f"; seed {', '.join(unusable)} left out: its run logged no number (NaN)"
+                        elif len(seeds) > 1 and len(usable) == 1:
+                            (seed, only), = usable.items()
+                            value, status, run_ids, run_names = only.metrics[name], "ok", only.run_id, only.name
+                            se_kind = next((kind for kind in SE_KINDS if f"{name}.{kind}" in only.metrics), None)
+                            se = only.metrics[f"{name}.{se_kind}"] if se_kind else None
+                            boot = only.bootstrap.get(spec.suite, {}) if se is not None else {}
+                            note = f"seed {seed} only: the runs with seed {', '.join(unusable)} logged no number (NaN)"
                         elif len(seeds) == 1 and spec.suite in SEEDED_SUITES:
                             asked_seeds = _newest_per_seed(asked_here, like=candidates[-1])
                             if len(asked_seeds) > 1:  # replicates ran, but only one seed's run has this number
@@ -299,6 +313,10 @@ def cells(records: Iterable[RunRecord], variants: Iterable[str] | None = None) -
     columns = ["table", "model", "hook", "metric", "variant", "value", "se", "se_kind", "difference_se", "paired", "within_uncertainty",
                "status", "run_id", "run_name", "candidates", "note"]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
+
+
+NOT_A_NUMBER = "not a number"
+"""A cell's status where its run logged NaN (or an infinity): the run's result, shown as such, never compared."""
 
 
 def _newest_per_seed(candidates: list[RunRecord], like: RunRecord | None = None) -> dict[str, RunRecord]:
@@ -372,6 +390,8 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
         ref = reference.get((row["table"], row["model"], row["hook"], row["metric"]))
         if row["variant"] == REFERENCE_VARIANT or ref is None or not _finite(row["se"]) or not _finite(ref["se"]):
             continue  # no standard error (or a NaN one): nothing can be said
+        if row["status"] != "ok" or ref["status"] != "ok":
+            continue  # a value that is no number (NaN) is no finding either way
         runtime, ref_runtime = runtimes[id(row)], runtimes[id(ref)]
         if runtime is None or runtime != ref_runtime:  # the difference may hold what the device moved: no error covers it
             row["note"] = "; ".join(filter(None, [row["note"], (
@@ -506,26 +526,33 @@ def _paper_cells(rows: list[dict]) -> list[dict]:
         theirs = None if published is None else published.value
         ours = row["value"] if row["status"] == "ok" else None
         values = {"ours": ours, "paper": theirs, "ours - paper": None if ours is None or theirs is None else ours - theirs}
+        cited = f"the paper's {published.paper_table} (saecomp/paper/{published.source})" if published else ""
         for column, value in values.items():
-            source = row if column == "ours" else {"run_id": "", "run_name": "", "candidates": 0}
-            note = f"the paper's {published.paper_table} (saecomp/paper/{published.source})" if column == "paper" and published else ""
+            # ours and the difference come from our run (traced to it, with its notes and standard error); the paper's
+            # number from its table
+            source = {"run_id": "", "run_name": "", "candidates": 0} if column == "paper" else row
+            note = {"ours": row["note"], "paper": cited, "ours - paper": f"ours minus {cited}" if value is not None else ""}[column]
             if column != "ours" and published is not None and (published.paper_table, published.output, published.variant) in elsewhere:
                 note = "; ".join(filter(None, [note, elsewhere[(published.paper_table, published.output, published.variant)]]))
+            se = row["se"] if column != "paper" and value is not None else None  # the paper prints no error: ours is the difference's
+            within = None
+            if column == "ours - paper" and value is not None and _finite(se):
+                within = bool(abs(value) <= se + FLOAT32_ROUNDING * max(abs(ours), abs(theirs)))  # no finding, as ≈ says
             out.append(
                 {
                     **row,
                     "table": f"{row['table']}_vs_paper",
                     "variant": f"{row['variant']}: {column}",
                     "value": value,
-                    "se": row["se"] if column == "ours" else None,
-                    "se_kind": row["se_kind"] if column == "ours" else None,
-                    "difference_se": None,
+                    "se": se,
+                    "se_kind": row["se_kind"] if se is not None else None,
+                    "difference_se": se if column == "ours - paper" else None,
                     "paired": None,
-                    "within_uncertainty": None,
+                    "within_uncertainty": within,
                     "status": "ok" if value is not None else row["status"] if column == "ours" else "missing",
-                    "run_id": source["run_id"],
-                    "run_name": source["run_name"],
-                    "candidates": source["candidates"],
+                    "run_id": source["run_id"] if column == "ours" or value is not None else "",
+                    "run_name": source["run_name"] if column == "ours" or value is not None else "",
+                    "candidates": source["candidates"] if column == "ours" or value is not None else 0,
                     "note": note,
                 }
             )
@@ -535,14 +562,36 @@ def _paper_cells(rows: list[dict]) -> list[dict]:
 LLM_PRUNING_METRICS = ("ce_loss_dense", "ce_loss_pruned", "sparsity_actual")
 
 
+PRUNED_MODEL_SETTINGS = ("llm_pruning.layers", "dtype", "data.", "calibration.", "held_out.")
+"""What else makes one row of the LLM pruning table another (beside the base model, method and amount): the layers
+pruned, the dtype, and every text and size setting of the calibration and the held-out CE (a name ending in "." is a
+prefix); runs that differ in any are rows of their own, never one cell's candidates. ``calibration.batch_size`` changes
+speed and memory only."""
+SPEED_ONLY = ("calibration.batch_size",)
+
+
+def _pruned_model_settings(params: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted((name, value) for name, value in params.items() if name not in SPEED_ONLY and any(
+        name == setting or (setting.endswith(".") and name.startswith(setting)) for setting in PRUNED_MODEL_SETTINGS)))  # fmt: skip
+
+
 def _llm_pruning_cells(runs: list[RunRecord]) -> list[dict]:
-    """The LLM pruning table: per pruned model (base model, method, amount), dense against pruned held-out CE."""
+    """The LLM pruning table: per pruned model (base model, method, exact amount and ``PRUNED_MODEL_SETTINGS``), dense
+    against pruned held-out CE. A row is labelled by method and amount, and by the settings that tell it from another
+    row with that label."""
     rows, groups = [], {}
     for run in sorted(runs, key=lambda r: r.start_time):
         p = run.params
-        amount = p.get("nm") if p.get("nm") not in (None, "", "unstructured", "None") else f"{float(p.get('sparsity', 'nan')):.0%}"
-        groups.setdefault((p.get("model", "?"), p.get("method", "?"), amount), []).append(run)
-    for (model, method, amount), group in sorted(groups.items()):
+        structured = p.get("nm") not in (None, "", "unstructured", "None")
+        amount = p.get("nm") if structured else f"{float(p.get('sparsity', 'nan')) * 100:g}%"  # 33.3% and 33.4% stay apart
+        groups.setdefault((p.get("model", "?"), p.get("method", "?"), amount, _pruned_model_settings(p)), []).append(run)
+    labels = {}
+    for model, method, amount, settings in groups:
+        labels.setdefault((model, method, amount), []).append(dict(settings))
+    for (model, method, amount, settings), group in sorted(groups.items()):
+        alike, own = labels[(model, method, amount)], dict(settings)
+        differing = sorted({name for other in alike for name in other.keys() | own.keys() if other.get(name) != own.get(name)})
+        label = f"{method} {amount}" + "".join(f", {name}={own.get(name, '(not logged)')}" for name in differing)
         newest = group[-1]
         for metric in LLM_PRUNING_METRICS:
             value = newest.metrics.get(metric)
@@ -550,7 +599,7 @@ def _llm_pruning_cells(runs: list[RunRecord]) -> list[dict]:
                 {
                     "table": "llm_pruning",
                     "model": model,
-                    "hook": f"{method} {amount}",
+                    "hook": label,
                     "metric": metric,
                     "variant": "value",
                     "value": value,
@@ -571,7 +620,7 @@ def _llm_pruning_cells(runs: list[RunRecord]) -> list[dict]:
 def wide(table_cells: pd.DataFrame) -> pd.DataFrame:
     """One table's cells as the paper prints it: rows (hook, metric; for ``llm_pruning`` the pruning, metric), per
     variant its value, ``<variant>_se`` (the standard error, NaN where none) and ``<variant>_status`` (ok, missing,
-    not applicable: the value is NaN for both of the last two, and this says which). Numbers stay numbers, so pandas
+    not applicable, not a number: the value is NaN for the last three, and this says which). Numbers stay numbers, so pandas
     reads the values back as floats."""
     variants = _variant_order(table_cells["variant"].unique())
     order = {key: i for i, key in enumerate(dict.fromkeys(zip(table_cells["hook"], table_cells["metric"], strict=True)))}
@@ -606,11 +655,12 @@ def _display(cell: pd.Series) -> str:
         if cell.get("within_uncertainty") is True:
             text += " ≈"
         return text
-    return "n/a" if cell["status"] == "not applicable" else "—"
+    return {"not applicable": "n/a", NOT_A_NUMBER: "NaN"}.get(cell["status"], "—")
 
 
 LEGEND = (
-    "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); ± one standard error, where "
+    "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); NaN the run logged no number "
+    "(not a number or infinite); ± one standard error, where "
     "computed: a bootstrap over the test sequences for core (spliced losses and scores, reconstruction and sparsity means, "
     "explained variances, the per-latent densities' summaries but frac_alive), a delete-one jackknife over the test "
     "sequences for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores and sparse "
@@ -619,7 +669,8 @@ LEGEND = (
     "over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
     "over the same resampled test sequences or texts where both runs logged their replicates; cells.csv: difference_se, "
-    "paired): not a finding."
+    "paired): not a finding; in a table beside the paper's, ≈ on ours - paper: the difference is within our standard "
+    "error (the paper prints none)."
 )
 
 
@@ -652,8 +703,13 @@ def markdown(all_cells: pd.DataFrame) -> str:
     return "\n\n".join(parts) + f"\n\n{LEGEND}\n"
 
 
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "^": r"\^{}", "~": r"\textasciitilde{}",
+                  "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$"}  # fmt: skip
+
+
 def _latex_escape(text: str) -> str:
-    escaped = re.sub(r"([_%&#$])", r"\\\1", str(text)).replace("—", "--")
+    """``text`` as LaTeX prints it: a model path or a variant tag may hold any of LaTeX's special characters."""
+    escaped = "".join(LATEX_SPECIALS.get(char, char) for char in str(text)).replace("—", "--")
     return escaped.replace("±", r"$\pm$").replace("≈", r"$\approx$")
 
 
@@ -821,7 +877,7 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
                 if cell is None:
                     cells_html.append(f"<td class='key'>{html.escape(text)}</td>")
                     continue
-                css = {"ok": "", "missing": "missing", "not applicable": "na"}[cell["status"]]
+                css = {"ok": "", "missing": "missing", "not applicable": "na", NOT_A_NUMBER: "na"}[cell["status"]]
                 css = "within" if cell.get("within_uncertainty") is True else css
                 tip = f"run {cell['run_id']} · {cell['run_name']}" if cell["run_id"] else "no finished run"
                 if cell["candidates"] > 1 and "," not in cell["run_id"]:

@@ -542,7 +542,8 @@ def test_sparse_probing_bootstraps_over_the_same_texts_pair_and_others_do_not():
     runtime = ("cpu", "float32", CPU_TAGS[ACCELERATOR_TAG])
     kinds = {"pretrained": ("texts", "bootstrap_se", 42, 1000), "pruned25": ("draws", "binomial_se", 42, 1000)}
     rows = [{"table": "scr", "model": model, "hook": "h", "metric": "m", "variant": variant, "value": 0.5, "se": 0.1, "note": "",
-             "_replicates": None, "_resamples": resamples, "_runtime": runtime} for variant, resamples in kinds.items()]  # fmt: skip
+             "status": "ok", "_replicates": None, "_resamples": resamples, "_runtime": runtime}
+            for variant, resamples in kinds.items()]  # fmt: skip
     compare._mark_within_uncertainty(rows)
     assert rows[1]["paired"] is False and "other test texts" not in rows[1]["note"]
 
@@ -642,3 +643,88 @@ def test_a_difference_within_float32_rounding_is_marked_even_where_the_error_is_
     table = compare.cells(records).set_index(["table", "metric", "variant"]).loc["core"].loc[metric]
     assert table.loc["pruned25", "within_uncertainty"] is True
     assert table.loc["pruned50", "within_uncertainty"] is False
+
+
+def test_a_seed_whose_run_logged_nan_is_left_out_of_the_mean_and_said_so():
+    """pandas' mean skips NaN silently and the standard error would divide by the wrong count: a seed whose run logged
+    no number is left out of both, by name; a cell whose only value is NaN shows NaN, is no finding either way, and
+    never fills the difference beside the paper."""
+    model = "tiny-gpt2+prune_llm:x"
+
+    def run(run_id, start, seed, scr, variant="pretrained", mse=0.3):
+        params = {"suites": "core,scr", "base_model": model, "evaluation.seed": seed, **CPU}
+        metrics = {"scr.scr_metric_threshold_10": scr, "core.mse": mse, "core.mse.bootstrap_se": 0.01}
+        return compare.RunRecord(run_id, "evaluate", run_id, start, params=params, metrics=metrics,
+                                 tags={"hook": "hook_resid_post", "layer": "2", "variant": variant, **CPU_TAGS})  # fmt: skip
+
+    nan = float("nan")
+    records = [run("s1", 1, "1", 0.1), run("s2", 2, "2", 0.3), run("s3", 3, "3", nan),
+               run("t1", 4, "1", 0.2, "trained"), run("t2", 5, "2", nan, "trained", mse=nan)]  # fmt: skip
+    cells = compare.cells(records).set_index(["table", "metric", "variant"])
+    mean = cells.loc[("scr", "scr_metric_threshold_10", "pretrained")]
+    assert mean["value"] == pytest.approx(0.2) and mean["se"] == pytest.approx(0.1)  # std(0.1, 0.3) / sqrt(2), not / sqrt(3)
+    assert mean["run_id"] == "s1,s2" and "mean over 2 seeds (1, 2)" in mean["note"] and "seed 3 left out" in mean["note"]
+    one = cells.loc[("scr", "scr_metric_threshold_10", "trained")]
+    assert (one["value"], one["run_id"], one["status"]) == (0.2, "t1", "ok") and "seed 1 only" in one["note"]
+    unmeasured = cells.loc[("table1", "mse", "trained")]  # its newest run logged NaN
+    assert unmeasured["status"] == compare.NOT_A_NUMBER and unmeasured["run_id"] == "t2" and unmeasured["within_uncertainty"] is None
+    table1 = compare.markdown(compare.cells(records)).split("### ")[1]
+    row = next(line for line in table1.splitlines() if line.startswith("| blocks.2.hook_resid_post | mse |"))
+    assert row.endswith("| NaN |"), row  # trained, the last column: shown as the run's NaN, not as missing
+
+
+def test_beside_the_paper_our_cells_keep_their_run_notes_and_error_and_the_difference_is_marked():
+    """The `_vs_paper` tables: our column keeps its run, notes and standard error; the difference is traced to our run,
+    carries our standard error (the paper prints none) and is marked ≈ where it is within it."""
+    gemma = "google/gemma-2-2b+prune_llm:x"
+
+    def run(run_id, variant, mse, se, start):
+        return compare.RunRecord(run_id, "evaluate", run_id, start, params={"suites": "core", "base_model": gemma, **CPU},
+                                 metrics={"core.mse": mse, "core.mse.bootstrap_se": se},
+                                 tags={"hook": "hook_mlp_out", "layer": "12", "variant": variant, **CPU_TAGS})  # fmt: skip
+
+    paper = compare.paper_numbers().set_index(["table", "output", "metric", "variant"])["value"]
+    near, far = paper[("table1", "MLP", "mse", "trained")], paper[("table1", "MLP", "mse", "pruned25")]
+    records = [run("p", "pretrained", 0.5, 0.01, 1), run("t", "trained", near + 0.001, 0.01, 2), run("a", "pruned25", far + 0.2, 0.01, 3)]
+    beside = compare.cells(records)
+    beside = beside[beside["table"] == "table1_vs_paper"].set_index(["metric", "variant"])
+    ours, difference = beside.loc[("mse", "trained: ours")], beside.loc[("mse", "trained: ours - paper")]
+    assert ours["run_id"] == "t" and ours["se"] == 0.01 and ours["se_kind"]
+    assert difference["run_id"] == "t" and difference["se"] == 0.01 and difference["within_uncertainty"] is True
+    assert "ours minus the paper's Table 1" in difference["note"]
+    assert beside.loc[("mse", "pruned25: ours - paper"), "within_uncertainty"] is False  # 0.2 off: a finding
+    assert beside.loc[("mse", "trained: paper"), "run_id"] == "" and pd.isna(beside.loc[("mse", "trained: paper"), "se"])
+    assert "≈" in compare._display(difference)
+
+
+def test_llm_pruning_rows_never_merge_different_pruned_models():
+    """Two sparsities that round to one percent, or one setting apart (the layers pruned, the calibration size),
+    are rows of their own, each labelled by what tells it from the others; a rerun of one pruned model is its
+    row's newer candidate."""
+
+    def pruned(run_id, start, sparsity, layers="None", n_sequences="128", ce=3.0):
+        params = {"model": "gpt2", "method": "wanda", "sparsity": sparsity, "nm": "unstructured", "llm_pruning.layers": layers,
+                  "calibration.n_sequences": n_sequences, "calibration.batch_size": str(start), **CPU}  # batch size: speed only
+        return compare.RunRecord(run_id, "prune_llm", run_id, start, params=params,
+                                 metrics={"ce_loss_dense": 2.9, "ce_loss_pruned": ce, "sparsity_actual": float(sparsity)})  # fmt: skip
+
+    records = [pruned("a", 1, "0.333"), pruned("b", 2, "0.334"), pruned("c", 3, "0.5"), pruned("d", 4, "0.5", layers="[0, 1]"),
+               pruned("e", 5, "0.5", n_sequences="16"), pruned("f", 6, "0.5", ce=3.2)]  # fmt: skip
+    table = compare.cells(records)
+    table = table[(table["table"] == "llm_pruning") & (table["metric"] == "ce_loss_pruned")].set_index("hook")
+    assert table.loc["wanda 33.3%", "run_id"] == "a" and table.loc["wanda 33.4%", "run_id"] == "b"
+    plain = "wanda 50%, calibration.n_sequences=128, llm_pruning.layers=None"
+    assert (table.loc[plain, "run_id"], table.loc[plain, "value"], table.loc[plain, "candidates"]) == ("f", 3.2, 2)
+    assert table.loc["wanda 50%, calibration.n_sequences=128, llm_pruning.layers=[0, 1]", "run_id"] == "d"
+    assert table.loc["wanda 50%, calibration.n_sequences=16, llm_pruning.layers=None", "run_id"] == "e"
+    assert len(table) == 5
+
+
+def test_odd_variant_names_and_latex_specials_are_kept_as_they_are():
+    """A variant tag may hold ': ' (what `--tag variant=...` passes on) and a model path LaTeX's special characters:
+    the variant keeps its column (it once recursed forever), and the LaTeX escapes every special."""
+    assert compare._variant_order(["pruned: 30%"]) == ["pruned: 30%"]
+    assert compare._variant_order([]) == []
+    assert compare._variant_order(["pretrained: ours", "pretrained: paper"]) == ["pretrained: ours", "pretrained: paper"]
+    escaped = compare._latex_escape(r"C:\models\x_{1}^2 ~50% & #1 $")
+    assert escaped == r"C:\textbackslash{}models\textbackslash{}x\_\{1\}\^{}2 \textasciitilde{}50\% \& \#1 \$"

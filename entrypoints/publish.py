@@ -138,7 +138,7 @@ def gather(exp, experiment: str, chosen, companion: str | None):
     """The SAEs to stage (saecomp.publish.PublishedSAE), their provenance and evaluation read from the store."""
     import mlflow
 
-    from saecomp.publish import PublishedSAE, rebuild_command, sae_id_for
+    from saecomp.publish import PublishedSAE, pruned_layers, rebuild_command, sae_id_for
     from saecomp.tracking import STEP_TAG, local_artifacts
 
     client = mlflow.MlflowClient()
@@ -164,8 +164,9 @@ def gather(exp, experiment: str, chosen, companion: str | None):
             "calibration": f"{llm.get('calibration.n_sequences')} sequences of {seq_len} tokens from "
             f"{llm.get('calibration.dataset') if llm.get('calibration.dataset') not in (None, 'None') else llm.get('data.dataset')}, "
             f"seed {llm.get('calibration.seed')}",
-            "rebuild_command": rebuild_command(llm.get("experiment", experiment), llm),
+            "rebuild_command": rebuild_command(experiment, llm),  # prune_llm logs the file's settings, not its path
             "prune_llm_run": prune_llm,
+            "layers": pruned_layers(llm),
         }
         if companion:
             pruned_model["repo"] = companion
@@ -185,7 +186,7 @@ def gather(exp, experiment: str, chosen, companion: str | None):
             "prune_llm_run": prune_llm,
             "code": run.data.tags.get("saecomp.code", "?"),
             "git_commit": run.data.tags.get("mlflow.source.git.commit", "?"),
-            "experiment_file": llm.get("experiment", experiment),
+            "experiment_file": experiment,
             "named_explicitly": named,
         }
         method = run.data.params.get("method") or run.data.tags.get("method", "pruned")

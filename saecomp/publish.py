@@ -47,9 +47,18 @@ def sae_id_for(hook_name: str, method: str, sparsity: float) -> str:
     return f"{hook_name}/{method}-{sparsity:g}"
 
 
+def pruned_layers(prune_params: dict) -> list[int] | None:
+    """The blocks the prune_llm run pruned (its ``llm_pruning.layers`` param, logged as a Python list), or None: all."""
+    logged = prune_params.get("llm_pruning.layers")
+    if logged in (None, "", "None", "[]"):
+        return None
+    return [int(layer) for layer in str(logged).strip("[]").split(",")]
+
+
 def rebuild_command(experiment: str, prune_params: dict) -> str:
-    """The saecomp command that rebuilds the pruned model from the prune_llm run's own params: its experiment file
-    (calibration data and seed), base model, method, sparsity or N:M, calibration sizes, layers and dtype."""
+    """The saecomp command that rebuilds the pruned model: ``experiment`` (the experiment file, which names the
+    calibration text and seed) and the prune_llm run's own params: base model, method, sparsity or N:M, calibration
+    sizes, layers and dtype."""
     parts = [f"mlflow run . -e prune_llm -P experiment={experiment}", f"-P model={prune_params.get('model')}"]
     parts.append(f"-P method={prune_params.get('method')}")
     nm = prune_params.get("nm")
@@ -61,8 +70,8 @@ def rebuild_command(experiment: str, prune_params: dict) -> str:
         parts.append(f"-P calibration_sequences={prune_params['calibration.n_sequences']}")
     if prune_params.get("calibration.seq_len") not in (None, "None"):
         parts.append(f"-P seq_len={prune_params['calibration.seq_len']}")
-    if prune_params.get("llm_pruning.layers") not in (None, "None"):
-        parts.append(f"-P layers={prune_params['llm_pruning.layers']}")
+    if layers := pruned_layers(prune_params):
+        parts.append(f"-P layers={','.join(map(str, layers))}")  # prune_llm's --layers: comma-separated, no spaces
     if prune_params.get("dtype") not in (None, "None"):
         parts.append(f"-P dtype={prune_params['dtype']}")
     return " ".join(parts)
@@ -168,8 +177,11 @@ def model_card(saes: list[PublishedSAE], repo_id: str, base_model: str, extra: s
     for sae in saes:
         hook = sae.sae_id.split("/")[0]
         method, level = sae.sae_id.split("/")[1].rsplit("-", 1)
-        met = sae.selection.get("met")
-        met_text = "n/a" if met is None else "yes" if met else "no (published because named explicitly)"
+        met, selected = sae.selection.get("met"), sae.selection.get("selected")
+        if selected is not None and float(level) != float(selected):  # the sweep's selection was another level
+            met_text = f"not the selected level ({float(selected):g}; published because named explicitly)"
+        else:
+            met_text = "n/a" if met is None else "yes" if met else "no (published because named explicitly)"
         pm = sae.pruned_model
         amount = pm.get("nm") if pm.get("nm") not in (None, "", "unstructured", "None") else f"{pm.get('sparsity')}"
         lines.append(f"| `{sae.sae_id}` | `{hook}` | {method} at sparsity {level} | {met_text} | {pm.get('method')} {amount} |")
@@ -179,7 +191,8 @@ def model_card(saes: list[PublishedSAE], repo_id: str, base_model: str, extra: s
         structured = pm.get("nm") not in (None, "", "unstructured", "None")
         amount = f"N:M {pm.get('nm')}" if structured else f"sparsity {pm.get('sparsity')}"
         lines += [
-            f"The base model `{base_model}` pruned with **{pm.get('method')}** ({amount}) on its attention and MLP weights, "
+            f"The base model `{base_model}` pruned with **{pm.get('method')}** ({amount}) on the attention and MLP weights of "
+            f"{'blocks ' + ', '.join(map(str, pm['layers'])) + ' only' if pm.get('layers') else 'every block'}, "
             f"calibrated on {pm.get('calibration')}. Rebuild it with saecomp:",
             "",
             "```bash",

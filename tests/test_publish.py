@@ -304,3 +304,26 @@ def test_the_real_files_sae_kinds_come_back_from_the_hub_as_they_were(tmp_path, 
     shape = (3, 5, 4, 4) if sae.cfg.reshape_activations == "hook_z" else (3, 5, 16)  # [batch, pos, heads, d_head]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(6))
     assert torch.equal(loaded(x), sae(x))
+
+
+def test_the_card_says_which_level_was_selected_and_rebuilds_a_model_pruned_on_some_layers():
+    """A level named explicitly that is not the sweep's selection is never called "selection met"; a model pruned on
+    some blocks only is rebuilt with prune_llm's own `--layers` syntax (MLflow logged the list as `[0, 1]`, which
+    the shell splits and prune_llm refuses) and the card says which blocks."""
+    from saecomp.publish import PublishedSAE, model_card, rebuild_command
+
+    logged = {"model": "gpt2", "method": "wanda", "sparsity": "0.5", "nm": "unstructured", "llm_pruning.layers": "[0, 1]",
+              "calibration.n_sequences": "128", "calibration.seq_len": "None", "dtype": "float32"}  # fmt: skip
+    command = rebuild_command("experiments/gpt2-small.yaml", logged)
+    assert "-P layers=0,1 " in command and "[" not in command
+    assert "-P layers" not in rebuild_command("experiments/gpt2-small.yaml", {**logged, "llm_pruning.layers": "None"})
+    pruned_model = {"base_model": "gpt2", "method": "wanda", "sparsity": "0.5", "nm": "unstructured", "calibration": "128 sequences",
+                    "rebuild_command": command, "layers": [0, 1]}  # fmt: skip
+    selection = {"selected": 0.25, "met": True}
+    saes = [PublishedSAE(None, f"blocks.1.hook_resid_post/wanda-{level}", pruned_model, {"git_commit": "0" * 40}, selection)
+            for level in ("0.25", "0.5")]  # fmt: skip
+    card = model_card(saes, "someone/saes", "gpt2")
+    rows = {line.split("|")[1].strip(): line for line in card.splitlines() if line.startswith("| `blocks.1")}
+    assert "| yes |" in rows["`blocks.1.hook_resid_post/wanda-0.25`"]
+    assert "not the selected level (0.25; published because named explicitly)" in rows["`blocks.1.hook_resid_post/wanda-0.5`"]
+    assert "on the attention and MLP weights of blocks 0, 1 only" in card

@@ -286,7 +286,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
     from entrypoints import evaluate, prune_sae
     from entrypoints.common import pruning_label
     from saecomp.config import SEEDED_SUITES
-    from saecomp.names import TINY_MODELS, SAESource
+    from saecomp.names import TINY_MODELS, SAESource, pruned_variant
     from saecomp.tracking import (
         STEP_TAG,
         STOPPING,
@@ -382,7 +382,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             variants = {"pretrained": pretrained, "pruned25": f"runs:/{run_id}/saes/pruned-0.25",
                         "pruned50": f"runs:/{run_id}/saes/pruned-0.5", "trained": trained}  # fmt: skip
             if selected not in (0.25, 0.5):
-                variants[f"pruned{round(selected * 100)}"] = f"runs:/{run_id}/saes/pruned-{selected:g}"
+                variants[pruned_variant(selected)] = f"runs:/{run_id}/saes/pruned-{selected:g}"
             eval_exp = load(experiment, {**runtime, "evaluation.suites": suites}, check_device=False)  # checked once, above
             # The variants' evaluate runs share the model-side work of SCR, TPP and sparse probing, as SAEBench's run_eval
             # shares it across its SAE list (same numbers; evaluate --shared_activations). Only on this machine; deleted

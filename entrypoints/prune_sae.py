@@ -241,6 +241,7 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
 
     from saecomp.data import sae_prepends_bos, sae_tokens, special_token_ids
     from saecomp.models import TINY_MODELS, load_model
+    from saecomp.names import pruned_variant
     from saecomp.prune_sae import cache_activations, evaluate_cached, sae_statistics, seed_sae_statistics, select_level, sweep
     from saecomp.saes import processing_kwargs
     from saecomp.tracking import register_sae, step_run
@@ -312,11 +313,13 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
         )
 
         started = time.perf_counter()
-        if method == "wanda-seed":
+        batch = exp.calibration.batch_size  # sequences per forward pass: memory (Gemma-2's 256k-vocabulary logits), not numbers
+        if method == "wanda-seed":  # the paper's code's own batches of 8 whole documents, padded per batch
             stats = seed_sae_statistics(model.tl, pretrained_sae, name, tokens.seed_documents)
         else:
             stats = sae_statistics(
-                pretrained_sae, cache_activations(model.tl, name, tokens.calibration, special_ids=special).ordinary_activations()
+                pretrained_sae,
+                cache_activations(model.tl, name, tokens.calibration, batch_size=batch, special_ids=special).ordinary_activations(),
             )
         statistics_seconds = time.perf_counter() - started
 
@@ -324,11 +327,11 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
 
         def cache_for(sae_model, role: str):
             if (id(sae_model), role) not in caches:
-                caches[(id(sae_model), role)] = cache_activations(sae_model.tl, name, getattr(tokens, role), special_ids=special)
+                caches[(id(sae_model), role)] = cache_activations(sae_model.tl, name, getattr(tokens, role), batch, special_ids=special)
             return caches[(id(sae_model), role)]
 
         def measure(sae, role: str):
-            return evaluate_cached(model_for(sae).tl, sae, cache_for(model_for(sae), role))
+            return evaluate_cached(model_for(sae).tl, sae, cache_for(model_for(sae), role), batch)
 
         pretrained_val = measure(pretrained_sae, "validation")
         trained_val = measure(trained_sae, "validation")
@@ -339,7 +342,7 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
             mlflow.log_metrics({f"sweep.{k}": v for k, v in metrics.items()}, step=round(level * 1000))
             say(f"sparsity {level:g}: {metric} {metrics[metric]:.4f} (trained {trained_val[metric]:.4f})")
 
-        result = sweep(model.tl, pretrained_sae, stats, cache_for(model, "validation"), levels, method, progress)
+        result = sweep(model.tl, pretrained_sae, stats, cache_for(model, "validation"), levels, method, progress, batch)
         selected, met = select_level(result.metrics, trained_val, exp.sae_pruning.tolerance, metric, rule)
         say(
             f"selected sparsity {selected:g} ({rule})" + ("" if met else f" (even 0.25 misses the tolerance {exp.sae_pruning.tolerance:g})")
@@ -348,7 +351,7 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
         kept = sorted(set(FIXED_LEVELS) | {selected} | ({sparsity} if sparsity is not None else set()))
         table = {"pretrained": measure(pretrained_sae, "test")}
         for level in kept:
-            table[f"pruned{round(level * 100):d}"] = measure(result.saes[level], "test")
+            table[pruned_variant(level)] = measure(result.saes[level], "test")
         table["trained"] = measure(trained_sae, "test")
         mlflow.log_metrics(
             {

@@ -258,7 +258,7 @@ def run_train_sae(exp, experiment_path, spec, checkpoint, model_label, prune_run
             if resumed is not None:
                 say(f"resumed from the checkpoint at {resumed} samples")
                 mlflow.set_tag("saecomp.resumed_from_samples", str(resumed))
-            final = evaluate_sae(loaded.tl, sae, heldout, special_ids=special)
+            final = evaluate_sae(loaded.tl, sae, heldout, exp.calibration.batch_size, special_ids=special)  # batch: memory only
             final["train_seconds"] = train_seconds
             final["training_text_tokens_consumed"] = stream.tokens
             final["training_stream_passes"] = stream.passes

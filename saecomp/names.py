@@ -281,6 +281,14 @@ def check_spec(spec: SAETrainingSpec, dims, n_context_tokens: int | None = None)
         raise ValueError(f"the training text holds {n_context_tokens} tokens, fewer than one context of {spec.context_size}")
 
 
+def pruned_variant(level: float) -> str:
+    """A pruned SAE's variant name in tables, tags and metrics: ``pruned25`` for 0.25 (the paper's Pruned25), and, for
+    a level that is no whole percent, its digits (``pruned99_4`` for 0.994), never a rounded name that another kept
+    level already has (0.251 is not Pruned25)."""
+    percent = round(level * 100, 6)
+    return f"pruned{percent:g}".replace(".", "_")
+
+
 # --- evaluation suites ---------------------------------------------------------------------------------
 
 SUITES = ("core", "absorption", "scr", "tpp", "sparse_probing", "ravel")

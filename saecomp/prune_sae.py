@@ -20,6 +20,7 @@ SAE all describe that form. BOS, EOS and padding never enter statistics or metri
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,12 +179,17 @@ def prune_latents(sae: SAE, stats: SAEStatistics, sparsity: float) -> SAE:
             sliced[name] = value[:, keep]  # [d_in, d_sae']
         elif name == "W_dec":
             sliced[name] = value[keep]  # [d_sae', d_in]
-        elif value.ndim == 1 and value.shape[0] == sae.cfg.d_sae:
-            sliced[name] = value[keep]  # b_enc, threshold: per latent
+        elif name in PER_LATENT_PARAMETERS:
+            sliced[name] = value[keep]  # [d_sae'] (by name: b_dec is [d_in], which may equal d_sae)
         else:
             sliced[name] = value
     smaller.load_state_dict({k: v.clone() for k, v in sliced.items()})
     return smaller.to(sae.device)
+
+
+PER_LATENT_PARAMETERS = ("b_enc", "threshold", "log_threshold", "b_gate", "b_mag", "r_mag")
+"""SAELens's 1-D parameters with one entry per latent (standard, TopK, JumpReLU and gated SAEs); the others (b_dec)
+have one per input dimension."""
 
 
 PRUNERS: dict[str, Callable[[SAE, SAEStatistics, float], SAE]] = {
@@ -329,14 +335,16 @@ def sweep(
     levels: list[float],
     method: str = "wanda",
     progress: Callable[[float, dict], None] = lambda level, metrics: None,
+    batch_size: int = 8,
 ) -> SweepResult:
-    """Prune ``sae`` to every level and measure each on the cached validation activations."""
+    """Prune ``sae`` to every level and measure each on the cached validation activations, ``batch_size`` sequences
+    at a time (the experiment's ``calibration.batch_size``: memory only)."""
     started = time.perf_counter()
     result = SweepResult(sorted(set(levels)), {}, {}, 0.0)
     for level in tqdm(result.levels, desc="sweep", leave=False, disable=None):
         pruned = prune_sae(sae, stats, level, method)
         result.saes[level] = pruned
-        result.metrics[level] = evaluate_cached(model, pruned, cache)
+        result.metrics[level] = evaluate_cached(model, pruned, cache, batch_size)
         progress(level, result.metrics[level])
     result.seconds = time.perf_counter() - started
     return result
@@ -373,7 +381,10 @@ def select_level(
     if not candidates:
         raise ValueError(f"the sweep has no level at or above {floor}")
     if rule == "argmin":
-        return min(candidates, key=lambda level: (metrics[level]["ce_loss_with_sae"], -level)), True
+        finite = [level for level in candidates if math.isfinite(metrics[level]["ce_loss_with_sae"])]  # NaN compares as nothing
+        if not finite:
+            raise ValueError(f"every level's spliced cross-entropy is NaN or infinite ({', '.join(f'{c:g}' for c in candidates)})")
+        return min(finite, key=lambda level: (metrics[level]["ce_loss_with_sae"], -level)), True
     if rule != "tolerance":
         raise ValueError(f"selection_rule={rule!r} is not valid; valid: tolerance, argmin")
     selected = None

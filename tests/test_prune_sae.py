@@ -125,17 +125,18 @@ def test_topk_with_decoder_norm_rescaling_never_divides_by_zero():
     assert torch.allclose(prune_sae(sae, sae_statistics(sae, x), 0.0, "wanda")(x), before, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["standard", "jumprelu"])
-def test_latents_makes_a_smaller_sae_that_reconstructs_like_the_masked_original(kind, tmp_path):
-    sae = random_sae(kind)
+@pytest.mark.parametrize("kind,d_sae", [("standard", 128), ("jumprelu", 128), ("jumprelu", 32)])  # 32: as wide as its input
+def test_latents_makes_a_smaller_sae_that_reconstructs_like_the_masked_original(kind, d_sae, tmp_path):
+    """Latents dropped by name: b_dec ([d_in]) stays whole even where d_in == d_sae (it was cut as a per-latent vector)."""
+    sae = random_sae(kind, d_sae=d_sae)
     x = activations()
     stats = sae_statistics(sae, x)
     smaller = prune_sae(sae, stats, 0.75, "latents")
-    assert smaller.cfg.d_sae == 128 - int(128 * 0.75)
+    assert smaller.cfg.d_sae == d_sae - int(d_sae * 0.75) and torch.equal(smaller.b_dec, sae.b_dec)
     smaller.save_model(str(tmp_path / "small"))
     loaded = SAE.load_from_disk(str(tmp_path / "small"))
-    masked = random_sae(kind)
-    dropped = torch.ones(128, dtype=torch.bool)
+    masked = random_sae(kind, d_sae=d_sae)
+    dropped = torch.ones(d_sae, dtype=torch.bool)
     dropped[kept_latents(sae, stats, 0.75)] = False
     with torch.no_grad():
         masked.W_dec[dropped] = 0
@@ -179,6 +180,21 @@ def test_argmin_rule_is_the_seed_codes():
                0.75: {"ce_loss_with_sae": 2.0}, 0.9: {"ce_loss_with_sae": 2.3}}  # fmt: skip
     # Lowest spliced CE at or above 0.25; a tie goes to the higher level (the seed scans high to low with <).
     assert select_level(metrics, {}, 0.0, "mse", rule="argmin") == (0.75, True)
+    # A NaN compares as nothing: first in line, it would have been kept as the minimum
+    metrics[0.25]["ce_loss_with_sae"] = float("nan")
+    assert select_level(metrics, {}, 0.0, "mse", rule="argmin") == (0.75, True)
+    nan_everywhere = {level: {"ce_loss_with_sae": float("nan")} for level in (0.25, 0.5)}
+    with pytest.raises(ValueError, match="every level's spliced cross-entropy is NaN"):
+        select_level(nan_everywhere, {}, 0.0, "mse", rule="argmin")
+
+
+def test_a_kept_level_has_a_variant_name_of_its_own():
+    """Test-table rows, metrics and pipeline variants are named by level: two kept levels never share a name (0.251
+    was 'pruned25', as the paper's Pruned25 is)."""
+    from saecomp.names import pruned_variant
+
+    assert [pruned_variant(level) for level in (0.25, 0.5, 0.57, 0.99)] == ["pruned25", "pruned50", "pruned57", "pruned99"]
+    assert pruned_variant(0.251) == "pruned25_1" and pruned_variant(0.994) == "pruned99_4" and pruned_variant(0.1 + 0.2) == "pruned30"
 
 
 @pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-gemma2"])

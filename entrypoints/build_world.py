@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, flat_params, load, world_needed, world_step
+from entrypoints.common import StepCommand, experiment_option, flat_params, load, world_needed, world_step
 
 
-@click.command()
+@click.command(cls=StepCommand)
 @experiment_option
 @click.option("--model", help="The tiny model to build the world for: tiny-gpt2 or tiny-gemma2 (default: the file's).")
 def main(experiment: str, model: str | None) -> None:

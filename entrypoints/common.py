@@ -15,6 +15,17 @@ from saecomp.names import TINY_MODELS
 DEFAULT_EXPERIMENT = "experiments/tiny.yaml"
 
 
+class StepCommand(click.Command):
+    """A saecomp entry point. A command-line mistake that click itself finds (an unknown option, a value outside a
+    choice) is one ``saecomp: error:`` line like every other bad input, not click's three-line usage block."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as error:
+            fail(f"{error.format_message()} (`{ctx.command_path} --help` lists the options)")
+
+
 def _remember(ctx: click.Context, param: click.Parameter, value):
     # Runtime overrides every step shares travel in the click context, so that `load` applies them.
     if value not in (None, ""):

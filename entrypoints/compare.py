@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import fail, load, store_reading_option
+from entrypoints.common import StepCommand, fail, load, store_reading_option
 
 
 def selection(exp, pipeline_run: str | None, tag: tuple[str, ...]):
@@ -66,7 +66,7 @@ def key_for(records, pipeline_run: str | None, tags: dict) -> str:
     return step_key("compare", {"runs": sorted(r.run_id for r in records), **selection})
 
 
-@click.command()
+@click.command(cls=StepCommand)
 @store_reading_option
 @click.option("--pipeline_run", help="Only the runs this pipeline run started or reused (default: the whole experiment).")
 @click.option("--tag", multiple=True, help="Only runs with this tag, name=value (repeatable).")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, load, load_source, model_dims, resolve_base, world_step
+from entrypoints.common import StepCommand, experiment_option, fail, load, load_source, model_dims, resolve_base, world_step
 
 LIBRARY_LOGGERS = ("datasets",)
 """Libraries whose log records during a suite go to its log: `datasets` says, per dataset and load, that it uses the
@@ -99,7 +99,7 @@ def library_warnings_to(log, terminal):
         _suite_log.log = outer
 
 
-@click.command()
+@click.command(cls=StepCommand)
 @experiment_option
 @click.option("--sae", help="The SAE: release:sae_id, runs:/<id>/<path>, models:/<name>/<version>, or a SAELens folder.")
 @click.option("--model", "base", help="pruned (the experiment's prune_llm run; default), dense, or a prune_llm run id.")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, load, model_dims, model_source, resolve_base, runtime_overrides
+from entrypoints.common import StepCommand, experiment_option, fail, load, model_dims, model_source, resolve_base, runtime_overrides
 from entrypoints.prune_llm import check_layers
 
 
@@ -189,7 +189,7 @@ def dry_run_plan(exp, experiment: str, layers: list[int], suites: list[str], dim
     return lines
 
 
-@click.command()
+@click.command(cls=StepCommand)
 @experiment_option
 @click.option(
     "--jobs",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, flat_params, load, model_dims, model_source, world_step
+from entrypoints.common import StepCommand, experiment_option, fail, flat_params, load, model_dims, model_source, world_step
 
 
 def step_inputs(exp, experiment_path: str) -> dict:
@@ -42,7 +42,7 @@ def check_layers(exp, dims) -> None:
             fail(f"{name}={value} is longer than {exp.model}'s context; valid: 2..{dims.n_ctx}, or null for the whole context")
 
 
-@click.command()
+@click.command(cls=StepCommand)
 @experiment_option
 @click.option("--model", help="Base model: gpt2, google/gemma-2-2b, tiny-gpt2, tiny-gemma2, or a folder holding a Hugging Face checkpoint.")
 @click.option("--method", help="wanda, magnitude, or wanda-seed (the paper's code).")

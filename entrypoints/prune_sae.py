@@ -16,7 +16,17 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, load, load_source, model_dims, resolve_base, runtime_overrides, world_step
+from entrypoints.common import (
+    StepCommand,
+    experiment_option,
+    fail,
+    load,
+    load_source,
+    model_dims,
+    resolve_base,
+    runtime_overrides,
+    world_step,
+)
 
 FIXED_LEVELS = (0.25, 0.5)  # the levels the paper tabulates (Pruned25, Pruned50): always kept
 
@@ -90,7 +100,7 @@ def dependency(
     return f"runs:/{run_id}/sae"
 
 
-@click.command()
+@click.command(cls=StepCommand)
 @experiment_option
 @click.option("--hook", help="attn.hook_z, hook_mlp_out or hook_resid_post (default: the experiment's first).")
 @click.option("--layer", help="Layer (default: the experiment's first).")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import fail, load, store_reading_option
+from entrypoints.common import StepCommand, fail, load, store_reading_option
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 CORE = ("core.ce_loss_score", "core.kl_div_score", "core.explained_variance", "core.mse", "core.cossim", "core.l0")
@@ -36,7 +36,7 @@ def flag(name: str, value: str | None) -> bool:
     fail(f"{name}={value!r} is not valid; valid: true or false")
 
 
-@click.command()
+@click.command(cls=StepCommand)
 @store_reading_option
 @click.option("--repo", help="The Hub repository, <user or org>/<name>.")
 @click.option("--sae", help="Comma-separated SAEs: runs:/<prune_sae run>/saes/pruned-<level> or models:/<name>/<version> "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from entrypoints.common import experiment_option, fail, flat_params, load, load_source, model_dims, resolve_base, world_step
+from entrypoints.common import StepCommand, experiment_option, fail, flat_params, load, load_source, model_dims, resolve_base, world_step
 
 OPTIONS = {
     "hook": "Hook: attn.hook_z, hook_mlp_out, hook_resid_post (default: the experiment's first).",
@@ -90,7 +90,7 @@ def build_spec(exp, hook: str | None, layer: int | None, like_sae):
     return spec_like(spec, like_sae)
 
 
-@click.command()
+@click.command(cls=StepCommand)
 @with_options
 @click.option(
     "--shared_forward",

@@ -57,13 +57,12 @@ def selection(exp, pipeline_run: str | None, tag: tuple[str, ...]):
 
 
 def key_for(records, pipeline_run: str | None, tags: dict) -> str:
-    """compare's key: the runs it reads, the selection that chose them (a ``variant`` tag leaves the other variants'
-    columns out; a pipeline run names the report's scope) and compare.py's code: a store with a new run makes a new
-    report, and a pipeline rerun that reuses every run reuses its report."""
+    """compare's key: the runs it reads, the tags that chose them (a ``variant`` tag leaves the other variants'
+    columns out of the tables) and compare.py's code: a store with a new run makes a new report, and a pipeline rerun
+    that reuses every run reuses its report (so not the pipeline run's id, new with every rerun: its runs say it)."""
     from saecomp.tracking import step_key
 
-    selection = {"pipeline_run": pipeline_run or "", "tags": dict(sorted(tags.items()))}
-    return step_key("compare", {"runs": sorted(r.run_id for r in records), **selection})
+    return step_key("compare", {"runs": sorted(r.run_id for r in records), "tags": dict(sorted(tags.items()))})
 
 
 @click.command(cls=StepCommand)

@@ -236,7 +236,7 @@ def suite_keys(exp, experiment_path: str, source, model_label: str) -> dict[str,
 
     ev = exp.evaluation.model_dump()
     inputs = {
-        "sae": source.describe(),
+        "sae": source.identity(),  # a folder's files, an alias's version: not its name alone
         "model": model_label,
         **exp.runtime(),
         **{section: exp.to_dict()[section] for section in ("data", "calibration", "held_out")},
@@ -306,9 +306,14 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
             world = resolve_world(exp, experiment_path)
         # The SAE is spliced into the model loaded the way its metadata asks (GUIDE §3).
         loaded = load_model(exp.model, checkpoint, exp.dtype, processing_kwargs(sae), exp.device)
-        if shared is not None:  # the model side is shared only between SAEs that load the model the same way
-            processing = json.dumps(processing_kwargs(sae), sort_keys=True)
-            shared = shared / f"processing-{hashlib.sha256(processing.encode()).hexdigest()[:12]}"
+        if shared is not None:  # the model side is shared only between SAEs on the same model, loaded the same way
+            # The model by what it is: its label ("tiny-gpt2" names the dense model of any world), the world it lives in,
+            # the checkpoint folder's files as they are now (names, sizes, times: a model retrained in place is another)
+            files = sorted(Path(checkpoint).rglob("*")) if checkpoint and Path(checkpoint).is_dir() else []
+            model = {"label": model_label, "world": world_step(exp, experiment_path)[0] if tiny else None,
+                     "checkpoint": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]}  # fmt: skip
+            processing = json.dumps({"model": model, "processing": processing_kwargs(sae)}, sort_keys=True)
+            shared = shared / f"model-{hashlib.sha256(processing.encode()).hexdigest()[:12]}"
         # SAEBench keys its caches by model name: each model variant gets its own (we also give it fresh folders).
         loaded.tl.cfg.model_name = model_label
         sae = sae.to(exp.device)

@@ -158,6 +158,9 @@ def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selec
         spec = build_spec(exp, hook, layer, None)
         d_sae = resolved_d_sae(spec, hook_d_in(model_dims(exp), hook))
         k = spec.k if spec.architecture in ("topk", "batchtopk") else None
+    # Keyed by the sweep asked for: what is dropped follows from it and the source SAE (in the key too), and the
+    # pipeline, which knows no SAE yet, looks the step up by that key (a key of the dropped sweep never matched it).
+    asked = exp.model_copy(deep=True)  # drop_unreachable_levels edits exp in place
     exp = drop_unreachable_levels(exp, d_sae, k, sparsity, levels is not None)
     checkpoint, model_label, prune_run = resolve_base(exp, experiment, "pruned")
     if "source" not in given:
@@ -169,7 +172,7 @@ def main(experiment, hook, layer, sparsity, method, sparsities, tolerance, selec
         if sae.cfg.metadata.hook_name != f"blocks.{layer}.{hook}":
             fail(f"{name} SAE is at {sae.cfg.metadata.hook_name}, not blocks.{layer}.{hook}; pass -P hook=... -P layer=...")
     run_prune_sae(exp, experiment, hook, layer, sparsity, metric, checkpoint, model_label, prune_run,
-                  (pretrained_source, pretrained), (trained_source, trained_sae))  # fmt: skip
+                  (pretrained_source, pretrained), (trained_source, trained_sae), keyed_by=asked)  # fmt: skip
 
 
 def drop_unreachable_levels(exp, d_sae: int, k: int | None, sparsity, sweep_given: bool):
@@ -208,9 +211,10 @@ def key_for(exp, experiment_path, hook, layer, sparsity, metric, prune_run, pret
         "sparsity": sparsity,
         "metric": metric,
         "rule": exp.sae_pruning.selection_rule,
+        "fixed_levels": list(FIXED_LEVELS),  # always swept and kept: this file is in no digest
         "prune_run": prune_run,
-        "pretrained": pretrained_source.describe(),
-        "trained": trained_source.describe(),
+        "pretrained": pretrained_source.identity(),
+        "trained": trained_source.identity(),
         **{s: exp.to_dict()[s] for s in ("data", "calibration", "held_out", "sae_pruning")},
     }
     if exp.model in TINY_MODELS:
@@ -244,7 +248,11 @@ def sweep_figure(result, pretrained_val: dict, trained_val: dict, selected: floa
     plt.close(fig)
 
 
-def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoint, model_label, prune_run, pretrained, trained) -> str:
+def run_prune_sae(
+    exp, experiment_path, hook, layer, sparsity, metric, checkpoint, model_label, prune_run, pretrained, trained, keyed_by=None
+) -> str:
+    """The sweep of ``exp`` (its reachable levels), under the key of ``keyed_by`` (default ``exp``): the experiment
+    before unreachable levels were dropped."""
     import mlflow
     import pandas as pd
     from safetensors.torch import save_file
@@ -260,7 +268,7 @@ def run_prune_sae(exp, experiment_path, hook, layer, sparsity, metric, checkpoin
     method = exp.sae_pruning.method
     rule = exp.sae_pruning.selection_rule
     levels = sorted(set(exp.sae_pruning.sparsities) | set(FIXED_LEVELS) | ({sparsity} if sparsity is not None else set()))
-    key = key_for(exp, experiment_path, hook, layer, sparsity, metric, prune_run, pretrained_source, trained_source)
+    key = key_for(keyed_by or exp, experiment_path, hook, layer, sparsity, metric, prune_run, pretrained_source, trained_source)
     params = {
         **exp.runtime(),
         "sparsity": sparsity if sparsity is not None else "none",

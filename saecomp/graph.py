@@ -34,7 +34,7 @@ STEPS: dict[str, Step] = {
         Step(
             "prune_llm",
             ("build_world",),
-            ("models.py", "data.py", "prune_llm.py"),
+            ("models.py", "data.py", "saes.py", "prune_llm.py"),  # saes.py: the model processing wanda-seed prunes under
             "model, llm_pruning.*, calibration.*, held_out.*, device, dtype",
             gpu=True,
             memory_gb=4,
@@ -72,7 +72,7 @@ STEPS: dict[str, Step] = {
             "compare",
             ("prune_llm", "prune_sae", "evaluate"),
             ("compare.py", "paper"),
-            "the ids of the finished runs it reads (the selection only decides which runs those are)",
+            "the ids of the finished runs it reads and the tags that chose them",
             gpu=False,
             memory_gb=2,
             per_cell=False,

@@ -11,6 +11,7 @@ new model name, a clearer error) leaves every finished run valid.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -342,3 +343,47 @@ class SAESource:
 
     def describe(self) -> str:
         return f"{self.release}:{self.sae_id}" if self.release else (self.uri or self.path or "")
+
+    def identity(self) -> str:
+        """What the SAE is, for step keys: ``describe()`` where that names fixed contents (a run's artifact, a
+        registered version, a release), and beside it what a name alone does not pin: a folder's file digest (an SAE
+        trained again into the same folder is another SAE) and the version an alias or ``latest`` points to now."""
+        if self.path:
+            return f"{self.describe()}#{_folder_digest(str(Path(self.path).expanduser().resolve()))}"
+        if self.uri and self.uri.startswith("models:/"):
+            name, alias_sep, alias = self.uri.removeprefix("models:/").partition("@")
+            if not alias_sep:
+                name, _, version = name.rpartition("/")
+                if version.isdigit():
+                    return self.describe()
+            import mlflow
+
+            client = mlflow.MlflowClient()
+            if alias_sep:
+                resolved = client.get_model_version_by_alias(name, alias).version
+            elif version == "latest":
+                resolved = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+            else:  # a stage
+                resolved = client.get_latest_versions(name, [version])[0].version
+            return f"{self.describe()}#version {resolved}"
+        return self.describe()
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_digest_at(folder: str, stamp: tuple) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode())
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _folder_digest(folder: str) -> str:
+    """The digest of a folder's files, computed once per state of the folder (names, sizes, modification times)."""
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*")) if p.is_file())
+    return _folder_digest_at(folder, stamp)

@@ -299,12 +299,18 @@ def _step_code() -> dict[str, tuple[str, ...]]:
 STEP_CODE = _step_code()
 
 
+PACKAGE_DATA = ("*.csv",)
+"""Data files of the package that a step reads as it reads its code (``paper/*.csv``: the paper's published numbers,
+which compare prints beside ours): in the digests as code is."""
+
+
 def source_digest(*subpackages: str) -> str:
-    """Hash of the source files of `saecomp` (or of the named modules/subpackages): code is an input too."""
+    """Hash of the source files of `saecomp` (or of the named modules/subpackages) and their data files: code is an
+    input too."""
     digest = hashlib.sha256()
     roots = [PACKAGE_DIR / s for s in subpackages] if subpackages else [PACKAGE_DIR]
     for root in roots:
-        files = [root] if root.is_file() else sorted(root.rglob("*.py"))
+        files = [root] if root.is_file() else sorted(p for pattern in ("*.py", *PACKAGE_DATA) for p in root.rglob(pattern))
         for path in files:
             digest.update(str(path.relative_to(PACKAGE_DIR)).encode())
             digest.update(path.read_bytes())

@@ -32,6 +32,48 @@ def test_an_edit_invalidates_its_step_and_only_what_depends_on_it(tmp_path, monk
     assert changed == {"prune_sae"}  # evaluate reruns too, through the new prune_sae run id in its key
     assert graph.downstream("prune_sae") == ["prune_sae", "evaluate", "compare", "publish"]
     assert graph.downstream("build_world") == list(graph.STEPS)
+    # Data files a step reads are its code too: a corrected number of the paper's makes a new report (the digest once
+    # hashed *.py alone, and paper/ holds only CSVs)
+    before = after
+    with open(copy / "paper" / "gemma-2-2b_table1.csv", "a") as table:
+        table.write("\n")
+    after = {name: tracking.step_key(name, {"x": 1}) for name in graph.STEPS}
+    assert {name for name in graph.STEPS if before[name] != after[name]} == {"compare"}
+    # saes.py decides the processing wanda-seed prunes under: prune_llm's code too
+    before = after
+    with open(copy / "saes.py", "a") as source:
+        source.write("\n# an edit\n")
+    after = {name: tracking.step_key(name, {"x": 1}) for name in graph.STEPS}
+    assert {"prune_llm", "train_sae", "prune_sae", "evaluate"} <= {name for name in graph.STEPS if before[name] != after[name]}
+
+
+def test_an_sae_is_keyed_by_what_it_is_not_by_its_name(tmp_path):
+    """A folder's key holds its files' digest (an SAE trained again into the same folder is another SAE), and an
+    alias or `latest` the version it points to now; a run's artifact and a numbered version are fixed by their name."""
+    import mlflow
+
+    from saecomp.names import SAESource
+
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    (folder / "cfg.json").write_text("{}")
+    (folder / "sae_weights.safetensors").write_bytes(b"first")
+    first = SAESource.parse(str(folder)).identity()
+    (folder / "sae_weights.safetensors").write_bytes(b"again")
+    assert SAESource.parse(str(folder)).identity() != first and first.startswith(str(folder.resolve()))
+    assert SAESource.parse("runs:/0123/saes/pruned-0.25").identity() == "runs:/0123/saes/pruned-0.25"
+
+    client = mlflow.MlflowClient()
+    name = f"keyed-{os.getpid()}"
+    client.create_registered_model(name)
+    for _ in range(2):
+        client.create_model_version(name, source=str(folder))
+    client.set_registered_model_alias(name, "best", "1")
+    assert SAESource.parse(f"models:/{name}/1").identity() == f"models:/{name}/1"
+    assert SAESource.parse(f"models:/{name}@best").identity() == f"models:/{name}@best#version 1"
+    assert SAESource.parse(f"models:/{name}/latest").identity() == f"models:/{name}/latest#version 2"
+    client.set_registered_model_alias(name, "best", "2")  # the alias moved: another SAE, another key
+    assert SAESource.parse(f"models:/{name}@best").identity() == f"models:/{name}@best#version 2"
 
 
 def test_readme_shows_the_declared_graph():

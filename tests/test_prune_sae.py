@@ -267,11 +267,27 @@ def test_prune_sae_step_as_typed(small_experiment):
 
 
 def test_latents_drops_levels_of_the_default_sweep_it_cannot_reach(small_experiment, tmp_path):
-    exp_text = small_experiment.read_text().replace("sparsities: [0.25, 0.5, 0.9]", "sparsities: [0.25, 0.5, 0.99]")
+    """Dropped with a message, and keyed by the sweep asked for, as the pipeline (which knows no SAE yet) looks the step
+    up: keyed by the sweep left, the pipeline's `latents` run ended "finished with another key"."""
+    from saecomp.config import load_experiment
+    from saecomp.names import SAESource
+
+    exp_text = small_experiment.read_text().replace("sparsities: [0.25, 0.5, 0.9]", "sparsities: [0.25, 0.5, 0.99]\n  method: latents")
+    assert "method: latents" in exp_text
     (tmp_path / "latents.yaml").write_text(exp_text)
-    result = CliRunner().invoke(prune_sae_step.main, ["--experiment", str(tmp_path / "latents.yaml"), "--method", "latents"])
+    result = CliRunner().invoke(prune_sae_step.main, ["--experiment", str(tmp_path / "latents.yaml")])
     assert result.exit_code == 0, result.output
     assert "cannot reach 0.99 (fewer latents than k): dropped" in result.output
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`saecomp.step` = 'prune_sae'")
+    run = max(runs, key=lambda r: r.info.start_time)
+    exp = load_experiment(tmp_path / "latents.yaml")
+    p = run.data.params
+    pipelines_key = prune_sae_step.key_for(
+        exp, str(tmp_path / "latents.yaml"), p["hook"], int(p["layer"]), None, exp.sae_pruning.selection_metric,
+        p["pruned_model_run"], SAESource.parse(p["source"]), SAESource.parse(p["trained"]),
+    )  # fmt: skip
+    assert run.data.tags["saecomp.key"] == pipelines_key
 
 
 BAD = [

@@ -535,6 +535,8 @@ def _paper_cells(rows: list[dict]) -> list[dict]:
             if column != "ours" and published is not None and (published.paper_table, published.output, published.variant) in elsewhere:
                 note = "; ".join(filter(None, [note, elsewhere[(published.paper_table, published.output, published.variant)]]))
             se = row["se"] if column != "paper" and value is not None else None  # the paper prints no error: ours is the difference's
+            ours_nan = column == "ours - paper" and row["status"] == NOT_A_NUMBER  # our run's NaN, not a gap
+            traced = column == "ours" or value is not None or ours_nan
             within = None
             if column == "ours - paper" and value is not None and _finite(se):
                 within = bool(abs(value) <= se + FLOAT32_ROUNDING * max(abs(ours), abs(theirs)))  # no finding, as ≈ says
@@ -549,10 +551,10 @@ def _paper_cells(rows: list[dict]) -> list[dict]:
                     "difference_se": se if column == "ours - paper" else None,
                     "paired": None,
                     "within_uncertainty": within,
-                    "status": "ok" if value is not None else row["status"] if column == "ours" else "missing",
-                    "run_id": source["run_id"] if column == "ours" or value is not None else "",
-                    "run_name": source["run_name"] if column == "ours" or value is not None else "",
-                    "candidates": source["candidates"] if column == "ours" or value is not None else 0,
+                    "status": "ok" if value is not None else row["status"] if ours_nan or column == "ours" else "missing",
+                    "run_id": source["run_id"] if traced else "",
+                    "run_name": source["run_name"] if traced else "",
+                    "candidates": source["candidates"] if traced else 0,
                     "note": note,
                 }
             )
@@ -607,7 +609,7 @@ def _llm_pruning_cells(runs: list[RunRecord]) -> list[dict]:
                     "difference_se": None,
                     "paired": None,
                     "within_uncertainty": None,
-                    "status": "ok" if value is not None else "missing",
+                    "status": "missing" if value is None else "ok" if _finite(value) else NOT_A_NUMBER,
                     "run_id": newest.run_id,
                     "run_name": newest.name,
                     "candidates": len(group),

@@ -70,10 +70,15 @@ def hub_unreachable(timeout_s: float = 3.0) -> str | None:
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
         return None
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
     try:
-        socket.create_connection((url.hostname or "", port), timeout=timeout_s).close()
+        url = urlparse(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError:  # a malformed endpoint: huggingface_hub will say what is wrong with it
+        return None
+    if not url.hostname:  # no scheme (hf-mirror.com): nothing to connect to that says anything
+        return None
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
     except OSError as error:  # no name service, no route, refused, timed out
         return f"{endpoint} cannot be reached from here ({type(error).__name__}: {error})"
     return None
@@ -286,8 +291,8 @@ def pruned_variant(level: float) -> str:
     """A pruned SAE's variant name in tables, tags and metrics: ``pruned25`` for 0.25 (the paper's Pruned25), and, for
     a level that is no whole percent, its digits (``pruned99_4`` for 0.994), never a rounded name that another kept
     level already has (0.251 is not Pruned25)."""
-    percent = round(level * 100, 6)
-    return f"pruned{percent:g}".replace(".", "_")
+    percent = f"{round(level * 100, 6):.6f}".rstrip("0").rstrip(".")  # fixed point: every digit a level has, no exponent
+    return f"pruned{percent}".replace(".", "_")
 
 
 # --- evaluation suites ---------------------------------------------------------------------------------
@@ -359,14 +364,26 @@ class SAESource:
             import mlflow
 
             client = mlflow.MlflowClient()
-            if alias_sep:
-                resolved = client.get_model_version_by_alias(name, alias).version
-            elif version == "latest":
-                resolved = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-            else:  # a stage
-                resolved = client.get_latest_versions(name, [version])[0].version
+            try:
+                if alias_sep:
+                    resolved = client.get_model_version_by_alias(name, alias).version
+                elif version == "latest":
+                    resolved = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+                else:  # a stage
+                    resolved = client.get_latest_versions(name, [version])[0].version
+            except Exception as error:  # noqa: BLE001 - no such model, alias or stage: the step says so when it loads it
+                return f"{self.describe()}#unresolved ({type(error).__name__})"
             return f"{self.describe()}#version {resolved}"
         return self.describe()
+
+
+SAE_FOLDER_FILES = ("*.json", "*.safetensors")
+"""What SAELens reads of an SAE folder (cfg.json, sae_weights.safetensors; the sparsity beside them): its key's digest,
+not a training's checkpoints/ or logs beside them."""
+
+
+def _sae_files(folder: str) -> list[Path]:
+    return sorted(p for pattern in SAE_FOLDER_FILES for p in Path(folder).glob(pattern) if p.is_file())
 
 
 @functools.lru_cache(maxsize=64)
@@ -374,16 +391,15 @@ def _folder_digest_at(folder: str, stamp: tuple) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            digest.update(str(path.relative_to(folder)).encode())
-            with open(path, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(chunk)
+    for path in _sae_files(folder):
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
 def _folder_digest(folder: str) -> str:
-    """The digest of a folder's files, computed once per state of the folder (names, sizes, modification times)."""
-    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(folder).rglob("*")) if p.is_file())
+    """The digest of an SAE folder's files, computed once per state of them (names, sizes, modification times)."""
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _sae_files(folder))
     return _folder_digest_at(folder, stamp)

@@ -708,10 +708,11 @@ def test_llm_pruning_rows_never_merge_different_pruned_models():
         return compare.RunRecord(run_id, "prune_llm", run_id, start, params=params,
                                  metrics={"ce_loss_dense": 2.9, "ce_loss_pruned": ce, "sparsity_actual": float(sparsity)})  # fmt: skip
 
-    records = [pruned("a", 1, "0.333"), pruned("b", 2, "0.334"), pruned("c", 3, "0.5"), pruned("d", 4, "0.5", layers="[0, 1]"),
-               pruned("e", 5, "0.5", n_sequences="16"), pruned("f", 6, "0.5", ce=3.2)]  # fmt: skip
+    records = [pruned("a", 1, "0.333"), pruned("b", 2, "0.334", ce=float("nan")), pruned("c", 3, "0.5"),
+               pruned("d", 4, "0.5", layers="[0, 1]"), pruned("e", 5, "0.5", n_sequences="16"), pruned("f", 6, "0.5", ce=3.2)]  # fmt: skip
     table = compare.cells(records)
     table = table[(table["table"] == "llm_pruning") & (table["metric"] == "ce_loss_pruned")].set_index("hook")
+    assert table.loc["wanda 33.4%", "status"] == compare.NOT_A_NUMBER and table.loc["wanda 33.3%", "status"] == "ok"  # a float16 NaN
     assert table.loc["wanda 33.3%", "run_id"] == "a" and table.loc["wanda 33.4%", "run_id"] == "b"
     plain = "wanda 50%, calibration.n_sequences=128, llm_pruning.layers=None"
     assert (table.loc[plain, "run_id"], table.loc[plain, "value"], table.loc[plain, "candidates"]) == ("f", 3.2, 2)

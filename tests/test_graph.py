@@ -59,8 +59,12 @@ def test_an_sae_is_keyed_by_what_it_is_not_by_its_name(tmp_path):
     (folder / "cfg.json").write_text("{}")
     (folder / "sae_weights.safetensors").write_bytes(b"first")
     first = SAESource.parse(str(folder)).identity()
+    (folder / "checkpoints").mkdir()  # what SAELens does not read of the folder: not what the SAE is
+    (folder / "checkpoints" / "step-100.safetensors").write_bytes(b"a training's checkpoint")
+    (folder / "train.log").write_text("a log")
+    assert SAESource.parse(str(folder)).identity() == first
     (folder / "sae_weights.safetensors").write_bytes(b"again")
-    assert SAESource.parse(str(folder)).identity() != first and first.startswith(str(folder.resolve()))
+    assert SAESource.parse(str(folder)).identity() != first and first.startswith(str(folder))
     assert SAESource.parse("runs:/0123/saes/pruned-0.25").identity() == "runs:/0123/saes/pruned-0.25"
 
     client = mlflow.MlflowClient()
@@ -74,6 +78,9 @@ def test_an_sae_is_keyed_by_what_it_is_not_by_its_name(tmp_path):
     assert SAESource.parse(f"models:/{name}/latest").identity() == f"models:/{name}/latest#version 2"
     client.set_registered_model_alias(name, "best", "2")  # the alias moved: another SAE, another key
     assert SAESource.parse(f"models:/{name}@best").identity() == f"models:/{name}@best#version 2"
+    # nothing to resolve: a key still (the step, loading it, says what is wrong), never a traceback in the pipeline
+    assert SAESource.parse(f"models:/{name}@nosuch").identity().startswith(f"models:/{name}@nosuch#unresolved (")
+    assert SAESource.parse("models:/no-such-model/latest").identity().startswith("models:/no-such-model/latest#unresolved (")
 
 
 def test_readme_shows_the_declared_graph():

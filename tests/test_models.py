@@ -159,3 +159,28 @@ def test_a_model_processed_as_an_sae_asks_keeps_the_models_outputs(tmp_path, arc
     assert (loaded.tl(tokens).log_softmax(-1) - expected).abs().max() < 1e-3
     if architecture == "gemma2":  # folded all the same, as asked (the rest of the processing is kept)
         assert loaded.tl.cfg.normalization_type == "RMSPre"
+
+
+def test_the_hub_check_says_only_what_it_can_tell(monkeypatch):
+    """Refused, or unresolvable: said. Offline asked for, behind a proxy, or an endpoint it cannot read (no scheme,
+    a bad port): nothing said, huggingface_hub's own error stands, never a traceback of ours."""
+    import socket
+
+    from saecomp.names import hub_unreachable
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *proxies):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        assert "cannot be reached from here (ConnectionRefusedError" in hub_unreachable()
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+        assert hub_unreachable() is None
+        monkeypatch.delenv("HTTPS_PROXY")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        assert hub_unreachable() is None
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+    for endpoint in ("hf-mirror.com", "https://host:abc", "http://[::1"):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        assert hub_unreachable() is None, endpoint

@@ -195,6 +195,8 @@ def test_a_kept_level_has_a_variant_name_of_its_own():
 
     assert [pruned_variant(level) for level in (0.25, 0.5, 0.57, 0.99)] == ["pruned25", "pruned50", "pruned57", "pruned99"]
     assert pruned_variant(0.251) == "pruned25_1" and pruned_variant(0.994) == "pruned99_4" and pruned_variant(0.1 + 0.2) == "pruned30"
+    assert pruned_variant(0.25000001) == "pruned25_000001" and pruned_variant(1e-7) == "pruned0_00001"  # digits, no exponent
+    assert pruned_variant(0.1234561) != pruned_variant(0.1234564)
 
 
 @pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-gemma2"])

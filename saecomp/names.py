@@ -58,30 +58,38 @@ def check_device(device: str) -> None:
             )
 
 
+def unreachable_now(url: str, timeout_s: float) -> str | None:
+    """Why no TCP connection to the host of ``url`` opens within ``timeout_s``, or None when one does or nobody can
+    tell: a proxy stands between (a direct connection says nothing of its reach), or the URL names no host or port
+    that can be read. One try; ``tracking`` retries it for a tracking server that may be restarting."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlparse
+
+    try:
+        parsed = urlparse(url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:  # a malformed URL: the client that reads it will say what is wrong with it
+        return None
+    if parsed.hostname is None or (urllib.request.getproxies().get(parsed.scheme) and not urllib.request.proxy_bypass(parsed.hostname)):
+        return None
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as error:  # no name service, no route, refused, timed out
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def hub_unreachable(timeout_s: float = 3.0) -> str | None:
     """Why the Hugging Face Hub (``HF_ENDPOINT``) cannot be reached from here, or None when it can or nobody can tell
-    (offline mode asked for already, or a proxy in the way: a direct connection says nothing then)."""
+    (offline mode asked for already; see ``unreachable_now``)."""
     import os
-    import socket
-    from urllib.parse import urlparse
 
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or os.environ.get("TRANSFORMERS_OFFLINE"):
         return None
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
-        return None
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        url = urlparse(endpoint)
-        port = url.port or (443 if url.scheme == "https" else 80)
-    except ValueError:  # a malformed endpoint: huggingface_hub will say what is wrong with it
-        return None
-    if not url.hostname:  # no scheme (hf-mirror.com): nothing to connect to that says anything
-        return None
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
-    except OSError as error:  # no name service, no route, refused, timed out
-        return f"{endpoint} cannot be reached from here ({type(error).__name__}: {error})"
-    return None
+    why = unreachable_now(endpoint, timeout_s)
+    return None if why is None else f"{endpoint} cannot be reached from here ({why})"
 
 
 def read_the_cache_when_the_hub_is_unreachable() -> str | None:

@@ -100,21 +100,12 @@ restarts comes back within it); MLflow's own client would retry for minutes and 
 def _unreachable(uri: str) -> str | None:
     """Why no TCP connection to the server of ``uri`` opens within ``SERVER_REACH_SECONDS``, or None when one does
     (or when a proxy stands between, whose reach a direct connection does not test)."""
-    import urllib.request
-    from urllib.parse import urlparse
+    from saecomp.names import unreachable_now
 
-    parsed = urlparse(uri)
-    if parsed.hostname is None or (urllib.request.getproxies().get(parsed.scheme) and not urllib.request.proxy_bypass(parsed.hostname)):
-        return None
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    deadline, why = time.monotonic() + SERVER_REACH_SECONDS, None
+    deadline = time.monotonic() + SERVER_REACH_SECONDS
     while True:
-        try:
-            with socket.create_connection((parsed.hostname, port), timeout=max(1.0, min(5.0, SERVER_REACH_SECONDS))):
-                return None
-        except OSError as error:
-            why = f"{type(error).__name__}: {error}"
-        if time.monotonic() >= deadline:
+        why = unreachable_now(uri, timeout_s=max(1.0, min(5.0, SERVER_REACH_SECONDS)))
+        if why is None or time.monotonic() >= deadline:
             return why
         time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 

@@ -162,22 +162,26 @@ def test_a_model_processed_as_an_sae_asks_keeps_the_models_outputs(tmp_path, arc
 
 
 def test_the_hub_check_says_only_what_it_can_tell(monkeypatch):
-    """Refused, or unresolvable: said. Offline asked for, behind a proxy, or an endpoint it cannot read (no scheme,
-    a bad port): nothing said, huggingface_hub's own error stands, never a traceback of ours."""
+    """Refused, or unresolvable: said. Offline asked for, behind a proxy (for the endpoint's scheme, unless NO_PROXY
+    names its host), or an endpoint it cannot read (no scheme, a bad port): nothing said, huggingface_hub's own error
+    stands, never a traceback of ours. The same one-try check as a tracking server's (`names.unreachable_now`)."""
     import socket
 
     from saecomp.names import hub_unreachable
 
-    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy")
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *proxies):
         monkeypatch.delenv(name, raising=False)
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
         assert "cannot be reached from here (ConnectionRefusedError" in hub_unreachable()
-        monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+        monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")  # the endpoint's scheme goes through a proxy
         assert hub_unreachable() is None
-        monkeypatch.delenv("HTTPS_PROXY")
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # ... except for this host: checked again
+        assert "cannot be reached from here" in hub_unreachable()
+        monkeypatch.delenv("HTTP_PROXY")
+        monkeypatch.delenv("NO_PROXY")
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         assert hub_unreachable() is None
         monkeypatch.delenv("HF_HUB_OFFLINE")

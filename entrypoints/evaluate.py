@@ -452,25 +452,31 @@ def run_ravel_on(exp, loaded, sae, tokenizer_source: str, source, model_label, f
 
 
 def run_core_on_test_tokens(exp, world, loaded, sae, source, model_label, tmp: Path, say):
-    """SAEBench core on the test pool's windows (BOS first where the SAE saw it); the tokens are an artifact."""
+    """SAEBench core on the test pool's windows (BOS first where the SAE saw it), its bootstrap resampling the documents
+    they were cut from; the tokens and each window's document are an artifact."""
     import mlflow
     from safetensors.torch import save_file
 
-    from saecomp.data import document_plan, held_out_tokens, iter_documents, sae_prepends_bos, special_token_ids
+    from saecomp.data import document_plan, held_out_windows, iter_documents, sae_prepends_bos, special_token_ids
     from saecomp.evaluate import CoreSizes, run_core
 
     ev = exp.evaluation
     context = min(ev.context_size or sae.cfg.metadata.context_size or loaded.tl.cfg.n_ctx, loaded.tl.cfg.n_ctx)
     prepend_bos = sae_prepends_bos(sae.cfg.metadata.prepend_bos, loaded.architecture, loaded.tokenizer)
     plan = document_plan(exp)
-    tokens = held_out_tokens(
+    tokens, documents = held_out_windows(
         iter_documents(plan["test"], world), loaded.tokenizer, ev.n_sequences, context, bool(prepend_bos), "test", "evaluation.n_sequences"
     )
-    say(f"core: {sae.cfg.metadata.hook_name} of {model_label}, {tokens.numel()} test tokens from {plan['test'].describe()}")
-    save_file({"test_tokens": tokens.contiguous()}, tmp / "tokens.safetensors")
+    say(
+        f"core: {sae.cfg.metadata.hook_name} of {model_label}, {tokens.numel()} test tokens from {plan['test'].describe()} "
+        f"({len(documents.unique())} documents)"
+    )
+    # test_documents [n]: the index in the test pool of the document each window holds most of
+    save_file({"test_tokens": tokens.contiguous(), "test_documents": documents.contiguous()}, tmp / "tokens.safetensors")
     mlflow.log_artifact(str(tmp / "tokens.safetensors"))
     sizes = CoreSizes(ev.batch_size_prompts, ev.n_reconstruction_batches, ev.n_sparsity_variance_batches)
-    return run_core(loaded.tl, sae, tokens, special_token_ids(loaded.tokenizer), sizes, model_name=model_label, sae_name=source.describe())
+    special = special_token_ids(loaded.tokenizer)
+    return run_core(loaded.tl, sae, tokens, special, sizes, model_name=model_label, sae_name=source.describe(), documents=documents)
 
 
 @contextlib.contextmanager

@@ -19,18 +19,19 @@ Tables (SAEBench metric names; each per model, rows hook x metric, columns the S
 
 Uncertainties: a cell carries the standard error its run logged beside the value (``SE_KINDS``): core's
 ``<metric>.bootstrap_se`` (its spliced losses and scores, reconstruction and sparsity means, explained variances: a
-bootstrap over the test sequences, ``evaluate.core_bootstrap``), SCR's and TPP's ``<metric>.bootstrap_se`` (a
-bootstrap of the texts their probes were tested on, through SAEBench's scoring, ``evaluate.scr_tpp_uncertainty``;
-where the tests could not be traced, and in older runs, ``binomial_se``, a conservative parametric one), sparse
-probing's ``<metric>.bootstrap_se`` (a bootstrap of the texts its probes were tested on,
-``evaluate.sparse_probing_bootstrap``; untraced and older runs: ``binomial_se``, in closed form,
+bootstrap over the test documents, every window cut from a drawn text, ``evaluate.core_bootstrap``), SCR's and TPP's
+``<metric>.bootstrap_se`` (a bootstrap of the texts their probes were tested on, through SAEBench's scoring,
+``evaluate.scr_tpp_uncertainty``; where the tests could not be traced, and in older runs, ``binomial_se``, a
+conservative parametric one), sparse probing's ``<metric>.bootstrap_se`` (a bootstrap of the texts its probes were
+tested on, ``evaluate.sparse_probing_bootstrap``; untraced and older runs: ``binomial_se``, in closed form,
 ``evaluate.sparse_probing_uncertainty``), RAVEL's ``<metric>.binomial_se`` (over its validation pairs,
 ``evaluate.ravel_uncertainty``), and absorption's ``<metric>.word_se`` (its means over words,
 ``evaluate.absorption_uncertainty``), and core's ``frac_alive.jackknife_se`` (a delete-one jackknife over the test
-sequences, ``evaluate.frac_alive_jackknife``). The cell's ``se_kind`` says which.
+documents, ``evaluate.frac_alive_jackknife``; older runs resampled core's windows one by one, ``CORE_BY_WINDOW``).
+The cell's ``se_kind`` says which.
 A variant whose value differs from the pretrained SAE's in its row by no more than the standard error of that
 difference is marked ``≈``: not a finding. That standard error is paired where both runs logged their replicates over
-the same resamples of the same test sequences or texts (the differences replicate by replicate; for SCR's and TPP's
+the same resamples of the same test documents or texts (the differences replicate by replicate; for SCR's and TPP's
 parametric draws over the same draws of the clean accuracies, which every SAE on one model shares; for frac_alive's
 jackknife deletion by deletion), else sqrt(se_a^2 + se_b^2).
 Where runs with different ``evaluation.seed`` fill one cell of a suite that reads the seed (``SEEDED_SUITES``), the
@@ -60,8 +61,8 @@ VARIANTS = ("pretrained", "pruned25", "pruned50", "trained")
 """The paper's four SAE variants, in its column order; other variants (a selected level) follow them."""
 
 SE_KINDS = {
-    "bootstrap_se": "bootstrap over test sequences",
-    "jackknife_se": "delete-one jackknife over test sequences (conservative)",
+    "bootstrap_se": "bootstrap over test documents",
+    "jackknife_se": "delete-one jackknife over test documents (conservative)",
     "binomial_se": "binomial over test texts or pairs",
     "word_se": "over the words tested",
 }
@@ -75,6 +76,19 @@ SE_KINDS_OF_SUITE = {
     ("sparse_probing", "binomial_se"): "binomial over the test texts of each class (tests not traced)",
 }
 """Where a suite's standard error of one kind is over something else than ``SE_KINDS`` says."""
+CORE_BY_WINDOW = {
+    "bootstrap_se": "bootstrap over test windows (an older run: windows of one text drawn apart, so too small)",
+    "jackknife_se": "delete-one jackknife over test windows (an older run: windows of one text deleted apart)",
+}
+"""Core's errors in runs from before it resampled documents (their ``uncertainty/core.json`` says ``unit: sequence``)."""
+
+
+def _se_kind(suite: str, se_kind: str | None, boot: dict) -> str | None:
+    """What a cell's standard error is over, in words (``SE_KINDS``)."""
+    if suite == "core" and se_kind in CORE_BY_WINDOW and boot.get("unit") == "sequence":
+        return CORE_BY_WINDOW[se_kind]
+    return SE_KINDS_OF_SUITE.get((suite, se_kind), SE_KINDS.get(se_kind, se_kind))
+
 SEED_SPREAD = "spread over seeds"
 FROM_WEIGHTS = {"average_max_encoder_cosine_sim", "average_max_decoder_cosine_sim"}
 """Core's numbers computed from the SAE's weights alone: no test text enters them, so no sampling error."""
@@ -296,7 +310,7 @@ def cells(records: Iterable[RunRecord], variants: Iterable[str] | None = None) -
                                 "variant": variant,
                                 "value": value,
                                 "se": se,
-                                "se_kind": SE_KINDS_OF_SUITE.get((spec.suite, se_kind), SE_KINDS.get(se_kind, se_kind)),
+                                "se_kind": _se_kind(spec.suite, se_kind, boot),
                                 "_replicates": boot.get("jackknife" if se_kind == "jackknife_se" else "samples", {}).get(metric),
                                 "_resamples": (boot.get("sample_id"), se_kind, boot.get("seed"), boot.get("replicates")),
                                 "_runtime": _runtime(newest) if status == "ok" else None,
@@ -373,7 +387,7 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
     ``difference_se``, the standard error of the difference, and ``within_uncertainty``, whether the difference is
     no larger than it (None where either cell has no standard error: nothing can be said).
 
-    Where both runs logged their bootstrap replicates over the same resamples of the same test sequences
+    Where both runs logged their bootstrap replicates over the same resamples of the same test documents
     (``paired``), the standard error is that of the replicate-wise differences: both variants read the same texts,
     so most of each one's sampling error (which texts are hard) cancels in the difference. SCR's and TPP's bootstrap
     resamples the test texts the same way for every SAE on one model (``evaluate.scr_tpp_uncertainty``), so it pairs
@@ -402,8 +416,8 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
         (replicates, resamples), (ref_replicates, ref_resamples) = bootstrap[id(row)], bootstrap[id(ref)]
         same_resamples = resamples is not None and resamples[0] is not None and resamples == ref_resamples
         jackknives = isinstance(replicates, dict) and isinstance(ref_replicates, dict)  # frac_alive's
-        n = replicates.get("n_sequences", 0) if jackknives else 0
-        jackknives = jackknives and n > 1 and n == ref_replicates.get("n_sequences")
+        n = _jackknife_units(replicates) if jackknives else 0
+        jackknives = jackknives and n > 1 and n == _jackknife_units(ref_replicates) and replicates.get("unit") == ref_replicates.get("unit")
         lists = isinstance(replicates, list) and isinstance(ref_replicates, list) and len(replicates) == len(ref_replicates)
         differences = (pd.Series(replicates, dtype=float) - pd.Series(ref_replicates, dtype=float)).dropna() if lists else None
         if same_resamples and jackknives:
@@ -433,12 +447,17 @@ def _finite(value) -> bool:
     return value is not None and pd.notna(value) and abs(float(value)) != float("inf")
 
 
+def _jackknife_units(record: dict) -> int:
+    """How many units (documents; sequences in runs before documents) a frac_alive jackknife deleted in turn."""
+    return int(record.get("n_units", record.get("n_sequences", 0)))
+
+
 def _jackknife_difference_se(a: dict, b: dict) -> float:
-    """The delete-one jackknife's standard error of the difference between two SAEs' frac_alive on the same sequences
-    (`evaluate.frac_alive_jackknife`): deleting sequence i moves each by its own latents alive through i alone."""
+    """The delete-one jackknife's standard error of the difference between two SAEs' frac_alive on the same units
+    (`evaluate.frac_alive_jackknife`): deleting unit i moves each by its own latents alive through i alone."""
     import numpy as np
 
-    n = a["n_sequences"]
+    n = _jackknife_units(a)
     moved = np.zeros(n)  # [n]: a's frac_alive without sequence i minus b's, less their full-sample difference
     for record, sign in ((a, -1.0), (b, 1.0)):
         for sequence, count in record["dies_without"].items():
@@ -663,14 +682,14 @@ def _display(cell: pd.Series) -> str:
 LEGEND = (
     "— missing (no finished run fills the cell); n/a not applicable (the run's tag says why); NaN the run logged no number "
     "(not a number or infinite); ± one standard error, where "
-    "computed: a bootstrap over the test sequences for core (spliced losses and scores, reconstruction and sparsity means, "
+    "computed: a bootstrap over the test documents for core (spliced losses and scores, reconstruction and sparsity means, "
     "explained variances, the per-latent densities' summaries but frac_alive), a delete-one jackknife over the test "
     "sequences for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores and sparse "
     "probing's accuracies (binomial where the tests could not be traced), binomial over the validation pairs for "
     "RAVEL's scores, over the words tested for absorption's means and its count of split latents, the spread "
     "over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
-    "over the same resampled test sequences or texts where both runs logged their replicates; cells.csv: difference_se, "
+    "over the same resampled test documents or texts where both runs logged their replicates; cells.csv: difference_se, "
     "paired): not a finding; in a table beside the paper's, ≈ on ours - paper: the difference is within our standard "
     "error (the paper prints none)."
 )
@@ -856,7 +875,7 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "<p>Every value comes from one finished MLflow run: hover a cell for its run, or see the sources below. "
         "<span style='background:#fde2e2'>&nbsp;—&nbsp;</span> no finished run fills the cell; "
         "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
-        "± is one standard error, where computed: a bootstrap over the test sequences for core (spliced losses and scores, "
+        "± is one standard error, where computed: a bootstrap over the test documents for core (spliced losses and scores, "
         "reconstruction and sparsity means and explained variances) and over the test texts for SCR's and TPP's scores and "
         "sparse probing's accuracies (binomial where the tests could not be traced), binomial "
         "over the validation pairs for RAVEL's scores, over the words tested for absorption's means, "
@@ -864,7 +883,7 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "replicates ran (hover a cell for which); "
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "
         "pretrained SAE's in its row by no more than the standard error of the difference (paired over the same resampled "
-        "test sequences or texts where both runs logged their replicates): not a finding. RAVEL's entities kept carry none; "
+        "test documents or texts where both runs logged their replicates): not a finding. RAVEL's entities kept carry none; "
         "core's numbers "
         "from the SAE's weights alone have no sampling error.</p>",
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in provenance) + "</ul>",

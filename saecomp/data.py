@@ -192,28 +192,59 @@ def seed_calibration(documents: Sequence[str], tokenizer, n_ctx: int) -> torch.T
 def iter_windows(documents: Iterator[str] | Sequence[str], tokenizer, seq_len: int, prepend_bos: bool) -> Iterator[list[int]]:
     """The documents as one EOS-separated stream cut into consecutive windows of ``seq_len`` tokens, each
     starting with BOS when ``prepend_bos`` (then ``seq_len - 1`` tokens of text follow it)."""
+    for window, _ in iter_windows_with_documents(documents, tokenizer, seq_len, prepend_bos):
+        yield window
+
+
+def iter_windows_with_documents(
+    documents: Iterator[str] | Sequence[str], tokenizer, seq_len: int, prepend_bos: bool
+) -> Iterator[tuple[list[int], int]]:
+    """`iter_windows`'s windows, each with the index (in ``documents``) of the document that holds most of its text
+    tokens (a document's EOS counts as its own; a tie goes to the earlier one): the unit a bootstrap resamples, since
+    the windows cut from one text are not independent (`evaluate.core_bootstrap`). The indices never decrease."""
     eos = tokenizer.eos_token_id
     body = seq_len - 1 if prepend_bos else seq_len
     if body < 1:
         raise ValueError(f"seq_len={seq_len} leaves no room for text")
     stream: list[int] = []
-    for document in documents:
-        stream.extend(_encode(tokenizer, document))
+    owners: list[list[int]] = []  # [document, tokens of it in the stream], in stream order
+    for index, document in enumerate(documents):
+        ids = _encode(tokenizer, document)
+        stream.extend(ids)
         stream.append(eos)
+        owners.append([index, len(ids) + 1])
         while len(stream) >= body:
             chunk, stream = stream[:body], stream[body:]
-            yield ([tokenizer.bos_token_id] + chunk) if prepend_bos else chunk
+            held, left = {}, body  # document -> its tokens in this chunk
+            while left:
+                take = min(left, owners[0][1])
+                held[owners[0][0]] = take
+                owners[0][1] -= take
+                left -= take
+                if owners[0][1] == 0:
+                    owners.pop(0)
+            majority = max(held, key=lambda d: (held[d], -d))
+            yield (([tokenizer.bos_token_id] + chunk) if prepend_bos else chunk), majority
 
 
 def held_out_tokens(
     documents, tokenizer, n_sequences: int, seq_len: int, prepend_bos: bool, where: str = "held-out", asked_by: str = "held_out.n_sequences"
 ) -> torch.Tensor:
     """``[n_sequences, seq_len]`` deterministic held-out windows (see `iter_windows`)."""
-    windows = []
-    for window in iter_windows(documents, tokenizer, seq_len, prepend_bos):
+    return held_out_windows(documents, tokenizer, n_sequences, seq_len, prepend_bos, where, asked_by)[0]
+
+
+def held_out_windows(
+    documents, tokenizer, n_sequences: int, seq_len: int, prepend_bos: bool, where: str = "held-out", asked_by: str = "held_out.n_sequences"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`held_out_tokens`'s windows ``[n_sequences, seq_len]`` and the document each comes from ``[n_sequences]``
+    (`iter_windows_with_documents`)."""
+    windows, sources = [], []
+    for window, document in iter_windows_with_documents(documents, tokenizer, seq_len, prepend_bos):
         windows.append(window)
+        sources.append(document)
         if len(windows) == n_sequences:
-            return torch.tensor(windows, dtype=torch.long)
+            return torch.tensor(windows, dtype=torch.long), torch.tensor(sources, dtype=torch.long)
     raise ValueError(
         f"the {where} documents hold {len(windows)} windows of {seq_len} tokens, fewer than {n_sequences}; "
         f"use more held_out.documents or fewer {asked_by}"

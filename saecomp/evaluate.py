@@ -174,10 +174,12 @@ def run_core(
     sizes: CoreSizes = CoreSizes(),
     model_name: str = "model",
     sae_name: str = "sae",
+    documents: torch.Tensor | None = None,
 ) -> SuiteResult:
     """SAEBench's core metrics (`sae_bench.evals.core.main.run_evals`) on ``model`` over ``tokens``, special
     tokens excluded from reconstruction as the paper's settings do. Returns its validated JSON and headline
-    metrics, with the centred explained variance beside SAEBench's."""
+    metrics, with the centred explained variance beside SAEBench's. ``documents`` ``[n]``: the text each window was
+    cut from (`data.held_out_windows`, never decreasing), the unit the bootstrap resamples; None: each window its own."""
     from sae_bench.evals.core.eval_output import CoreEvalOutput
     from sae_bench.evals.core.main import run_evals, save_single_eval_result
     from sae_bench.sae_bench_utils import get_sae_bench_version, get_sae_lens_version
@@ -188,6 +190,11 @@ def run_core(
             f"core needs {sizes.n_prompts} prompts ({sizes.batch_size_prompts} a batch), but the tokens hold {tokens.shape[0]}; "
             "use fewer batches or more held-out sequences"
         )
+    if documents is not None and (documents.shape != tokens.shape[:1] or bool((documents.diff() < 0).any())):
+        raise ValueError(
+            f"documents must name the text of each of the {tokens.shape[0]} windows, in order (never decreasing); "
+            f"got shape {tuple(documents.shape)}"
+        )
     started = time.perf_counter()
     config = core_config(sizes, tokens.shape[1], model_name, str(next(model.parameters()).dtype).removeprefix("torch."))
     # in the model's dtype, as SAEBench's core `run_eval` casts it (`sae.to(dtype=llm_dtype)`) and the other suites here do
@@ -195,12 +202,14 @@ def run_core(
     store = token_activation_store(model, sae, tokens)
     # The per-latent densities are resampled inside the loop (their per-sequence counts, [sequences, d_sae], would not be
     # kept at the experiment files' sizes), so the variance loop's resamples are drawn before it: core_bootstrap's own.
-    loops = [sizes.batch_size_prompts * n for n in (sizes.n_reconstruction_batches, sizes.n_sparsity_variance_batches) if n]
-    density_draws = None
+    batches = (sizes.n_reconstruction_batches, sizes.n_sparsity_variance_batches)
+    loops = [loop_units(documents, sizes.batch_size_prompts * n) for n in batches if n]
+    density_draws = variance_units = None
     if sizes.n_sparsity_variance_batches:
         # float32: small whole numbers, exact; half the memory of float64 on the model's device (128 MB at 32,000 sequences)
         density_draws = resampled_sequences(loops, BOOTSTRAP_REPLICATES, BOOTSTRAP_SEED)[-1][: density_replicates(sae.cfg.d_sae)].float()
-    with SplicedLossRecorder.recording() as spliced, VarianceLoopSums.recording(density_draws) as variance:
+        variance_units = None if documents is None else loops[-1]
+    with SplicedLossRecorder.recording() as spliced, VarianceLoopSums.recording(density_draws, variance_units) as variance:
         scalar, features = run_evals(sae=sae, activation_store=store, model=model, eval_config=config, ignore_tokens=set(special_ids))
     from sae_bench.evals.core.main import calculate_misc_metrics
 
@@ -214,12 +223,15 @@ def run_core(
     metrics = {f"core.{name}": float(value) for group in output["eval_result_metrics"].values() for name, value in group.items()}
 
     def bootstrap() -> dict:
-        found = core_bootstrap(spliced, variance)
+        found = core_bootstrap(spliced, variance, documents=documents)
         metrics["core.explained_variance_centred"] = found["full_sample"]["explained_variance_centred"]
         # which sequences were resampled: runs with the same sample id, seed and size drew the same resamples, so their
         # replicates pair (compare: the standard error of a difference between two variants)
         # (the sizes too: the spliced losses and the variance loop read different numbers of those sequences)
+        # (and the documents: resampled by document, other resamples than by window)
         read = json.dumps([sorted(special_ids), dataclasses.asdict(sizes)]).encode()
+        if documents is not None:
+            read += loop_units(documents, sizes.n_prompts).numpy().tobytes()
         found["sample_id"] = hashlib.sha256(tokens[: sizes.n_prompts].cpu().numpy().tobytes() + read).hexdigest()[:20]
         return found
 
@@ -248,15 +260,32 @@ def density_replicates(d_sae: int, replicates: int = BOOTSTRAP_REPLICATES) -> in
     return min(replicates, max(100, DENSITY_BOOTSTRAP_BYTES // (8 * d_sae)))
 
 
-def resampled_sequences(loops: list[int], replicates: int, seed: int) -> list[torch.Tensor]:
-    """For each of core's loops over ``n`` test sequences (in this order: the spliced losses', the variance loop's),
+def loop_units(documents: torch.Tensor | None, n: int) -> int | torch.Tensor:
+    """What core's bootstrap resamples in a loop over the first ``n`` test windows: the windows themselves (``n``)
+    where ``documents`` is None, else the texts they were cut from, numbered 0, 1, ... in order (``[n]``), since
+    windows of one text are not independent: where texts ran over 1 to 6 windows, a bootstrap of windows found 0.51x
+    the true spread of a mean, one of documents 0.97x (tests/test_evaluate.py)."""
+    if documents is None:
+        return n
+    if len(documents) < n:
+        raise ValueError(f"{len(documents)} windows have a document, but core's loop reads {n}")
+    return torch.unique(documents[:n].cpu(), return_inverse=True)[1]
+
+
+def resampled_sequences(loops: list[int | torch.Tensor], replicates: int, seed: int) -> list[torch.Tensor]:
+    """For each of core's loops over its test sequences (in this order: the spliced losses', the variance loop's),
     how often each sequence is drawn in each bootstrap replicate: ``[replicates, n]`` float64, one generator drawing
-    the loops in turn."""
+    the loops in turn. A loop given as ``n`` resamples its ``n`` sequences; given as units ``[n]`` (`loop_units`: each
+    sequence's document, numbered from 0) it resamples the units, and a sequence is drawn as often as its unit is (a
+    cluster bootstrap; units ``arange(n)`` draw what ``n`` draws)."""
     generator = torch.Generator().manual_seed(seed)
     draws = []
-    for n in loops:
-        picks = torch.randint(n, (replicates, n), generator=generator)  # [replicates, n]
-        draws.append(torch.zeros(replicates, n, dtype=torch.float64).scatter_add_(1, picks, torch.ones(replicates, n, dtype=torch.float64)))
+    for loop in loops:
+        units = torch.arange(loop) if isinstance(loop, int) else loop  # [n]: each sequence's unit
+        k = int(units.max()) + 1 if len(units) else 0
+        picks = torch.randint(k, (replicates, k), generator=generator)  # [replicates, k]
+        drawn = torch.zeros(replicates, k, dtype=torch.float64).scatter_add_(1, picks, torch.ones(replicates, k, dtype=torch.float64))
+        draws.append(drawn[:, units])  # [replicates, n]
     return draws
 
 
@@ -313,10 +342,13 @@ class VarianceLoopSums:
     density_draws: torch.Tensor | None = None
     """``[replicates, n]``: how often each of the loop's sequences is drawn in each replicate (`resampled_sequences`), set
     before the loop, for the per-latent densities' bootstrap; None: the densities are not resampled."""
+    units: torch.Tensor | None = None
+    """``[n]``: the unit (document) of each of the loop's sequences, numbered from 0 in order (`loop_units`), which
+    frac_alive's jackknife deletes; None: each sequence is its own."""
     fired: torch.Tensor | None = None  # [d_sae] float64: each latent's count of tokens where it is above 0 (SAEBench's)
     fired_resampled: torch.Tensor | None = None  # [replicates, d_sae] float64: the same counts in each resample
-    sequences_fired: torch.Tensor | None = None  # [d_sae] int64: in how many sequences each latent is above 0 somewhere
-    last_fired_in: torch.Tensor | None = None  # [d_sae] int64: the last such sequence (its index in the loop); -1: none
+    units_fired: torch.Tensor | None = None  # [d_sae] int64: in how many units each latent is above 0 somewhere
+    last_fired_in: torch.Tensor | None = None  # [d_sae] int64: the last such unit (its number in the loop); -1: none
     sequences_counted: int = 0
     pending: list[torch.Tensor] = field(default_factory=list)  # [batch, d_sae] float32 per batch, not yet resampled
     sequences_seen: int = 0
@@ -341,17 +373,18 @@ class VarianceLoopSums:
 
     @classmethod
     @contextmanager
-    def recording(cls, density_draws: torch.Tensor | None = None) -> Iterator[VarianceLoopSums]:
+    def recording(cls, density_draws: torch.Tensor | None = None, units: torch.Tensor | None = None) -> Iterator[VarianceLoopSums]:
         """Collects the sums inside SAEBench core's own sparsity-and-variance loop, from the very ``x`` it encodes, the
         latents it decodes and the ``x_hat`` it gets back, masked as it masks them: no second pass of the model (a
         separate pass for the centred variance cost GPT-2 small's core 1.19x SAEBench's alone), and O(sequences x d)
         memory where keeping the activations would not fit at the experiment files' 32,000 sequences. With
-        ``density_draws`` (``[replicates, n]``), each latent's firing count in each of those resamples too."""
+        ``density_draws`` (``[replicates, n]``), each latent's firing count in each of those resamples too; ``units``: see
+        the field."""
         import sae_bench.evals.core.main as core
 
         from saecomp.saes import ordinary_positions
 
-        recorder, original = cls(density_draws=density_draws), core.get_sparsity_and_variance_metrics
+        recorder, original = cls(density_draws=density_draws, units=units), core.get_sparsity_and_variance_metrics
 
         def recorded(sae, model, activation_store, *args, ignore_tokens=frozenset(), **kwargs):
             batch_tokens, inputs = [], []
@@ -434,7 +467,7 @@ class VarianceLoopSums:
             start += length
         counts = per_sequence.sum(0, dtype=torch.float64)  # [d_sae]
         self.fired = counts if self.fired is None else self.fired + counts
-        self.count_sequences_fired(per_sequence > 0)
+        self.count_units_fired(per_sequence > 0)
         if self.density_draws is None:
             return
         if self.sequences_seen + rows > self.density_draws.shape[1]:
@@ -449,20 +482,30 @@ class VarianceLoopSums:
         if sum(len(part) for part in self.pending) >= DENSITY_FLUSH_SEQUENCES:
             self.flush_firing()
 
-    def count_sequences_fired(self, fired: torch.Tensor) -> None:
+    def count_units_fired(self, fired: torch.Tensor) -> None:
         """``fired`` [rows, d_sae]: whether each latent is above 0 somewhere in each of the batch's sequences. Keeps, per
-        latent, how many sequences it fired in and the last of them: what frac_alive's jackknife needs
-        (`frac_alive_jackknife`), in O(d_sae) memory."""
+        latent, how many units (``units``: documents; else sequences) it fired in and the last of them: what
+        frac_alive's jackknife needs (`frac_alive_jackknife`), in O(d_sae) memory. A unit's sequences are consecutive,
+        and one may straddle two batches."""
         rows = fired.shape[0]
         if rows == 0:  # (never an error inside SAEBench's loop)
             return
-        order = torch.arange(self.sequences_counted, self.sequences_counted + rows, device=fired.device)[:, None]  # [rows, 1]
-        last = torch.where(fired, order, -1).amax(0)  # [d_sae]
-        here = fired.sum(0)  # [d_sae] int64
-        if self.sequences_fired is None:
-            self.sequences_fired, self.last_fired_in = here, last
+        first, stop = self.sequences_counted, self.sequences_counted + rows
+        if self.units is None:
+            present, by_unit = torch.arange(first, stop, device=fired.device), fired  # [rows], [rows, d_sae]
+        elif stop > len(self.units):
+            return  # more sequences than units: counted short, so the jackknife is skipped and says so (core_bootstrap)
         else:
-            self.sequences_fired += here
+            present, inverse = torch.unique_consecutive(self.units[first:stop].to(fired.device), return_inverse=True)  # [u], [rows]
+            by_unit = torch.zeros(len(present), fired.shape[1], dtype=torch.int32, device=fired.device)  # [u, d_sae]
+            by_unit = by_unit.index_add_(0, inverse, fired.int()) > 0
+        last = torch.where(by_unit, present[:, None], -1).amax(0)  # [d_sae]
+        here = by_unit.sum(0)  # [d_sae] int64
+        if self.units_fired is None:
+            self.units_fired, self.last_fired_in = here, last
+        else:
+            # the batch's first unit, where it began in the batch before, was counted there for the latents it fired in
+            self.units_fired += here - (by_unit[0] & (self.last_fired_in == present[0])).long()
             self.last_fired_in = torch.maximum(self.last_fired_in, last)
         self.sequences_counted += rows
 
@@ -507,25 +550,33 @@ already divided by their batch's count, as SAEBench divides them)."""
 
 
 def core_bootstrap(
-    spliced: SplicedLossRecorder, variance: VarianceLoopSums, replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED
+    spliced: SplicedLossRecorder,
+    variance: VarianceLoopSums,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    seed: int = BOOTSTRAP_SEED,
+    documents: torch.Tensor | None = None,
 ) -> dict:
-    """Standard errors of core's metrics by a bootstrap over the test sequences (sequences, not tokens, are
-    resampled, since the tokens of one text are not independent): the spliced-loss metrics, recomputed from SAEBench's
-    per-token losses; its sparsity-and-variance loop's token means and its ``explained_variance``; and our centred
+    """Standard errors of core's metrics by a bootstrap over the test documents (``documents`` ``[n]``: the text each
+    window was cut from; every window of a drawn text counts, since the windows and tokens of one text are not
+    independent: `loop_units`), or over the windows where ``documents`` is None: the spliced-loss metrics, recomputed
+    from SAEBench's per-token losses; its sparsity-and-variance loop's token means and its ``explained_variance``; and our centred
     explained variance. On the full sample each equals SAEBench's number in a float32 model (tests/test_evaluate.py);
     in a bfloat16 one SAEBench sums in bfloat16 and these sums, in float64, are the more exact. The per-latent
     densities' summaries (``freq_over_1_percent`` and the others of SAEBench's `calculate_misc_metrics`, which scores
     each replicate) where the loop recorded the densities in each resample (``density_draws``): these are shares of
-    latents over a threshold, so their bootstrap is rougher than a mean's. ``frac_alive`` has a jackknife instead
-    (``jackknife``, `frac_alive_jackknife`): its bootstrap runs low. Not covered: the SAE's weights alone
+    latents over a threshold, so their bootstrap is rougher than a mean's. ``frac_alive`` has a jackknife over the same
+    units instead (``jackknife``, `frac_alive_jackknife`): its bootstrap runs low. Not covered: the SAE's weights alone
     (``average_max_*_cosine_sim``: no sampling error) and the per-latent details.
 
     SAEBench's per-batch statistics (``explained_variance``, ``relative_reconstruction_bias``) are resampled within
     SAEBench's own batches: a drawn sequence counts in the batch it was read in, each token weighing 1 / that batch's
     token count as there, so every batch weighs by the share of its tokens drawn (1 each on the full sample)."""
     samples, full, n_sequences, density = {}, {}, {}, {}
-    loops = [int(sum(len(part) for part in spliced.sums[next(iter(spliced.sums))]))] if spliced.sums else []
-    loops += [sum(len(part) for part in variance.sums)] if variance.x_sum else []
+    lengths = [int(sum(len(part) for part in spliced.sums[next(iter(spliced.sums))]))] if spliced.sums else []
+    lengths += [sum(len(part) for part in variance.sums)] if variance.x_sum else []
+    loops = [loop_units(documents, n) for n in lengths]
+    names = (["spliced_losses"] if spliced.sums else []) + (["sparsity_variance"] if variance.x_sum else [])
+    n_units = {name: loop if isinstance(loop, int) else int(loop.max()) + 1 for name, loop in zip(names, loops, strict=True)}
     draws = iter(resampled_sequences(loops, replicates, seed))
 
     def multiplicities(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -583,15 +634,21 @@ def core_bootstrap(
         # frac_alive by the jackknife, not the bootstrap (whose resamples never revive a dead latent: it runs low)
         for out in (full, samples):
             out.pop("frac_alive", None)
-        if variance.sequences_fired is not None and variance.sequences_counted == n and n > 1:
-            density["jackknife"] = {"frac_alive": frac_alive_jackknife(variance.sequences_fired, variance.last_fired_in, n)}
-        elif variance.sequences_fired is not None:
+        same_units = (variance.units is None) == (documents is None) and (
+            documents is None or torch.equal(variance.units.cpu(), loops[-1]))  # fmt: skip
+        units = n_units["sparsity_variance"]
+        if variance.units_fired is not None and variance.sequences_counted == n and units > 1 and same_units:
+            unit = "sequence" if documents is None else "document"
+            density["jackknife"] = {"frac_alive": frac_alive_jackknife(variance.units_fired, variance.last_fired_in, units, unit)}
+        elif variance.units_fired is not None:
             density["jackknife_skipped"] = (
-                f"frac_alive's jackknife needs every one of the loop's sequences, two or more: it counted "
-                f"{variance.sequences_counted} of {n}"
+                f"frac_alive's jackknife needs every one of the loop's sequences, from two or more units, and the units "
+                f"the bootstrap resamples: it counted {variance.sequences_counted} of {n} sequences from {units} units"
+                + ("" if same_units else ", by other units")
             )
     return {
-        "unit": "sequence",
+        "unit": "sequence" if documents is None else "document (every test window cut from a drawn text)",
+        "n_units": n_units,
         "replicates": replicates,
         "seed": seed,
         "n_sequences": n_sequences,
@@ -602,10 +659,10 @@ def core_bootstrap(
     }
 
 
-def frac_alive_jackknife(sequences_fired: torch.Tensor, last_fired_in: torch.Tensor, n: int) -> dict:
-    """frac_alive's standard error by the delete-one jackknife over the ``n`` test sequences. Deleting sequence i kills
-    exactly the latents that fired in it alone, ``dies_without[i]`` of them, so frac_alive without it is (alive -
-    dies_without[i]) / d_sae, and the jackknife's variance is (n - 1) / n * sum_i (dies_without[i] - mean)^2 / d_sae^2.
+def frac_alive_jackknife(units_fired: torch.Tensor, last_fired_in: torch.Tensor, n: int, unit: str = "sequence") -> dict:
+    """frac_alive's standard error by the delete-one jackknife over the ``n`` test units (documents, or sequences).
+    Deleting unit i kills exactly the latents that fired in it alone, ``dies_without[i]`` of them, so frac_alive without
+    it is (alive - dies_without[i]) / d_sae, and the jackknife's variance is (n - 1) / n * sum_i (dies_without[i] - mean)^2 / d_sae^2.
 
     Why not the bootstrap: a resample never revives a latent the sample saw dead, and keeps a rare one alive in most
     draws, so its replicates lie at or below frac_alive and its error runs low (0.69x the true spread in the
@@ -617,18 +674,19 @@ def frac_alive_jackknife(sequences_fired: torch.Tensor, last_fired_in: torch.Ten
     only, sum_j lambda_j e^-lambda_j, at least the true variance of the alive count, sum_j e^-lambda_j (1 -
     e^-lambda_j), latent by latent.
 
-    Returns the error, the full-sample value and ``dies_without`` (sparse: sequence -> count), through which two SAEs
-    read on the same sequences pair (compare)."""
-    d_sae = len(sequences_fired)
-    only = last_fired_in[sequences_fired == 1].cpu()
+    Returns the error, the full-sample value and ``dies_without`` (sparse: unit -> count), through which two SAEs
+    read on the same units pair (compare)."""
+    d_sae = len(units_fired)
+    only = last_fired_in[units_fired == 1].cpu()
     dies_without = torch.bincount(only, minlength=n).double()  # [n]
     variance = (n - 1) / n * float(((dies_without - dies_without.mean()) ** 2).sum())  # n > 1 (core_bootstrap)
-    alive = int((sequences_fired > 0).sum())
+    alive = int((units_fired > 0).sum())
     return {
-        "method": "delete-one jackknife over test sequences",
+        "method": f"delete-one jackknife over test {unit}s",
         "full_sample": alive / d_sae,
         "se": variance**0.5 / d_sae,
-        "n_sequences": n,
+        "unit": unit,
+        "n_units": n,
         "d_sae": d_sae,
         "alive": alive,
         "dies_without": {str(i): int(count) for i, count in enumerate(dies_without.tolist()) if count},

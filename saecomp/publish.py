@@ -217,7 +217,7 @@ def model_card(saes: list[PublishedSAE], repo_id: str, base_model: str, extra: s
         lines += ["| sae_id | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
         lines += [f"| `{sae.sae_id}` | " + " | ".join(shown(sae, m) for m in metrics) + " |" for sae in saes]
         if any(k.endswith(".bootstrap_se") for sae in saes for k in sae.evaluation):
-            lines += ["", "± is one standard error, a bootstrap over the test sequences (SAEBench core's metrics)."]
+            lines += ["", "± is one standard error, a bootstrap over the test documents (SAEBench core's metrics)."]
     else:
         lines.append("No finished evaluation of these SAEs in the store.")
     lines += [

@@ -53,7 +53,7 @@ def _run(experiment_id: str, step: str, name: str, tags: dict, params: dict, met
 
 
 FRAC_ALIVE_ONLY_IN = {"pretrained": {0: 2, 3: 1, 7: 1}, "pruned25": {0: 2, 3: 1, 7: 1, 9: 1}, "trained": {1: 1, 2: 1, 5: 3}}
-"""At hook_resid_post, each variant's latents alive through one of its 20 test sequences alone (of 100 latents):
+"""At hook_resid_post, each variant's latents alive through one of its 20 test documents alone (of 100 latents):
 pruned25 shares the pretrained SAE's but one."""
 
 
@@ -116,9 +116,11 @@ def store(tmp_path_factory):
             runs[(hook, variant)] = _run(experiment_id, "evaluate", f"evaluate · {hook} · {variant}", tags, params, metrics)
             if hook == "hook_resid_post":
                 value = metrics["core.ce_loss_score"]
-                boot = {"sample_id": "same-texts", "seed": 0, "replicates": 50, "samples": {"ce_loss_score": [value + d for d in pattern]}}
+                samples = {"ce_loss_score": [value + d for d in pattern]}
+                boot = {"unit": "document", "sample_id": "same-texts", "seed": 0, "replicates": 50, "samples": samples}
                 only_in = {str(i): c for i, c in FRAC_ALIVE_ONLY_IN[variant].items()}
-                jackknife = {"se": metrics["core.frac_alive.jackknife_se"], "n_sequences": 20, "d_sae": 100, "dies_without": only_in}
+                se = metrics["core.frac_alive.jackknife_se"]
+                jackknife = {"se": se, "unit": "document", "n_units": 20, "d_sae": 100, "dies_without": only_in}
                 boot["jackknife"] = {"frac_alive": jackknife}
                 (tmp / variant).mkdir()
                 (tmp / variant / "core.json").write_text(json.dumps(boot))
@@ -251,7 +253,7 @@ def test_differences_smaller_than_their_uncertainty_are_marked(store):
     row = cells[(cells["table"] == "table1") & (cells["hook"] == "blocks.2.attn.hook_z") & (cells["metric"] == "ce_loss_score")]
     by_variant = row.set_index("variant")
     assert by_variant["se"].tolist() == [0.01] * 4  # the se of the run the value comes from
-    assert set(by_variant["se_kind"]) == {"bootstrap over test sequences"}
+    assert set(by_variant["se_kind"]) == {"bootstrap over test documents"}
     # 0.51 against 0.50 with 0.01 each: |0.01| < sqrt(2) * 0.01; 0.52 and 0.53 are not within it
     assert by_variant.loc["pruned25", "within_uncertainty"] is True
     assert by_variant.loc["pruned50", "within_uncertainty"] is False and by_variant.loc["trained", "within_uncertainty"] is False
@@ -626,6 +628,29 @@ def test_a_jackknife_never_pairs_with_a_bootstrap_and_a_nan_error_claims_nothing
     pruned, trained = rows[1], rows[2]
     assert pruned["paired"] is False and pruned["difference_se"] == pytest.approx((0.02**2 + 0.03**2) ** 0.5)
     assert trained["difference_se"] is None and trained["within_uncertainty"] is None
+
+
+def test_core_errors_of_runs_that_resampled_windows_say_so_and_never_pair_with_documents():
+    """Runs from before core resampled documents resampled its windows one by one (``unit: sequence``): their cells
+    say so, and their frac_alive jackknife, over windows, never pairs with one over documents, though both deleted 20
+    units: the sqrt(se_a^2 + se_b^2) instead. Two jackknives over documents pair."""
+    assert compare._se_kind("core", "bootstrap_se", {"unit": "sequence"}) == compare.CORE_BY_WINDOW["bootstrap_se"]
+    assert compare._se_kind("core", "jackknife_se", {"unit": "sequence"}) == compare.CORE_BY_WINDOW["jackknife_se"]
+    assert compare._se_kind("core", "bootstrap_se", {"unit": "document (every window)"}) == "bootstrap over test documents"
+    assert compare._se_kind("scr", "bootstrap_se", {"unit": "sequence"}) == "bootstrap over test texts"
+    base = {"table": "core", "model": "m", "hook": "h", "metric": "frac_alive", "status": "ok", "_runtime": ("cpu", "float32", "x")}
+    by_document = {"unit": "document", "n_units": 20, "d_sae": 100, "dies_without": {"3": 1}}
+    by_window = {"n_sequences": 20, "d_sae": 100, "dies_without": {"3": 1}}  # an older run's record
+    resamples = ("t", "jackknife_se", 0, 0)
+    for theirs, paired in ((by_window, False), (by_document, True)):
+        rows = [
+            {**base, "variant": "pretrained", "value": 0.9, "se": 0.02, "_replicates": by_document, "_resamples": resamples},
+            {**base, "variant": "pruned25", "value": 0.8, "se": 0.03, "_replicates": theirs, "_resamples": resamples},
+        ]
+        compare._mark_within_uncertainty(rows)
+        assert rows[1]["paired"] is paired
+        if not paired:
+            assert rows[1]["difference_se"] == pytest.approx((0.02**2 + 0.03**2) ** 0.5)
 
 
 def test_a_difference_within_float32_rounding_is_marked_even_where_the_error_is_zero():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import statistics
@@ -14,7 +15,7 @@ from click.testing import CliRunner
 from sae_lens import SAE, StandardSAEConfig
 
 from entrypoints import evaluate as evaluate_step
-from saecomp.data import DocumentPool, held_out_tokens, iter_documents, special_token_mask
+from saecomp.data import DocumentPool, held_out_tokens, held_out_windows, iter_documents, special_token_mask
 from saecomp.evaluate import CoreSizes, SplicedLossRecorder, run_core
 from saecomp.models import load_model
 from saecomp.prune_llm import PruneSpec, prune_model
@@ -102,7 +103,7 @@ def test_a_perfect_sae_scores_one_and_a_random_one_far_lower(pruned_and_dense):
     # frac_alive: its jackknife over the variance loop's sequences (a bootstrap runs low there), at SAEBench's value
     alive = boot["jackknife"]["frac_alive"]
     assert alive["full_sample"] == pytest.approx(random["core.frac_alive"], abs=1e-7)
-    assert alive["n_sequences"] == boot["n_sequences"]["sparsity_variance"]
+    assert alive["n_units"] == boot["n_sequences"]["sparsity_variance"] and alive["unit"] == "sequence"
     assert random["core.frac_alive.jackknife_se"] == alive["se"] and "core.frac_alive.bootstrap_se" not in random
     # the per-latent densities' summaries: every latent of this random SAE is dead or fires on over 10% of the tokens,
     # in every resample too, so the share of all firing those over 10% make is 1 in each, exactly, and its error 0
@@ -377,15 +378,15 @@ def test_frac_alives_jackknife_covers_its_true_spread_where_the_bootstrap_runs_l
     samples, n, d_sae, resamples = 300, 300, 300, 200
     chance = 10 ** (torch.rand(d_sae, generator=generator) * 2.5 - 3.5)  # [d_sae]: per sequence
     half = torch.arange(d_sae) % 2
-    VarianceLoopSums().count_sequences_fired(torch.zeros(0, d_sae, dtype=torch.bool))  # an empty batch: nothing, no error
+    VarianceLoopSums().count_units_fired(torch.zeros(0, d_sae, dtype=torch.bool))  # an empty batch: nothing, no error
     values, jackknife, bootstrap = [], [], []
     for _ in range(samples):
         topic = (torch.rand(n, 1, generator=generator) < 0.5).long()  # [n, 1]
         fired = torch.rand(n, d_sae, generator=generator) < chance * torch.where(half == topic, 1.8, 0.2)  # [n, d_sae]
         loop = VarianceLoopSums()
         for start in range(0, n, 16):  # SAEBench's batches of 16 sequences
-            loop.count_sequences_fired(fired[start : start + 16])
-        found = frac_alive_jackknife(loop.sequences_fired, loop.last_fired_in, n)
+            loop.count_units_fired(fired[start : start + 16])
+        found = frac_alive_jackknife(loop.units_fired, loop.last_fired_in, n)
         assert found["full_sample"] == float(fired.any(0).double().mean())
         values.append(found["full_sample"])
         jackknife.append(found["se"])
@@ -394,6 +395,134 @@ def test_frac_alives_jackknife_covers_its_true_spread_where_the_bootstrap_runs_l
     true_spread = float(torch.tensor(values).std())
     assert 1.0 <= statistics.mean(jackknife) / true_spread <= 1.5
     assert statistics.mean(bootstrap) / true_spread < 0.85
+
+
+def test_windows_name_the_document_that_holds_most_of_them():
+    """Each window of the EOS-joined stream names the document holding most of its text tokens (a document's EOS is
+    its own; a tie goes to the earlier), recounted token by token; the windows are `iter_windows`'s. A window opening
+    with the end of one text and going on into the next belongs to the next: naming the document it starts in would
+    put it with the wrong text."""
+    from conftest import tokenizer_for
+
+    from saecomp.data import iter_windows, iter_windows_with_documents
+
+    tokenizer = tokenizer_for()
+    words = "the quick brown fox jumps over the lazy dog".split()
+    texts = [" ".join(words[: 1 + i % 9] * (1 + (7 * i) % 5)) for i in range(40)]  # lengths from 1 word to 45
+    for seq_len, bos in ((16, False), (16, True), (5, True), (64, False)):
+        owner = []  # the document of every token of the stream
+        for index, text in enumerate(texts):
+            owner += [index] * (len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1)
+        body = seq_len - bos
+        expected = []
+        for start in range(0, len(owner) - body + 1, body):
+            held = collections.Counter(owner[start : start + body])
+            expected.append(min(held, key=lambda d: (-held[d], d)))
+        found = list(iter_windows_with_documents(texts, tokenizer, seq_len, bos))
+        assert [w for w, _ in found] == list(iter_windows(texts, tokenizer, seq_len, bos))
+        assert [d for _, d in found] == expected, seq_len
+        assert all(len(w) == seq_len for w, _ in found)
+        starts_elsewhere = [i for i in range(len(expected)) if owner[i * body] != expected[i]]
+        assert starts_elsewhere  # windows whose first text token is another document's
+
+
+def test_core_bootstrap_resamples_whole_documents():
+    """A document of two identical windows is one unit: resampling documents draws, replicate by replicate, what
+    resampling the distinct windows of a sample without the copies draws (the same statistics, the same errors), and
+    frac_alive's jackknife deletes a document at a time. Resampling the copied windows one by one shrinks the errors
+    (and its jackknife, where every latent fires in two windows, sees no latent die: error 0)."""
+    from saecomp.evaluate import VarianceLoopSums, core_bootstrap, loop_units, resampled_sequences
+
+    generator = torch.Generator().manual_seed(1)
+    sequences = []  # (ordinary [pos], x [tokens, d], x_hat, latents [tokens, d_sae], ce [pos], kl [pos])
+    firing = torch.tensor([0.02, 0.05, 0.1, 0.3, 0.6, 0.9])
+    for _ in range(12):
+        ordinary = torch.rand(6, generator=generator) > 0.3
+        ordinary[0] = True
+        n = int(ordinary.sum())
+        x = torch.randn(n, 4, generator=generator, dtype=torch.float64) + 0.5
+        latents = torch.rand(n, 6, generator=generator, dtype=torch.float64) * (torch.rand(n, 6, generator=generator) < firing)
+        x_hat = x + 0.3 * torch.randn(n, 4, generator=generator, dtype=torch.float64)
+        ce, kl = torch.rand(2, 6, generator=generator, dtype=torch.float64)
+        sequences.append((ordinary, x, x_hat, latents, ce, kl))
+
+    def bootstrap(rows, per_batch, documents):
+        """core_bootstrap over ``rows`` (indices into ``sequences``) read ``per_batch`` sequences a batch."""
+        units = None if documents is None else loop_units(documents, len(rows))
+        draws = resampled_sequences([len(rows) if units is None else units] * 2, 400, 7)[1][:10]
+        spliced, variance = SplicedLossRecorder(), VarianceLoopSums(density_draws=draws, units=units)
+        for start in range(0, len(rows), per_batch):
+            batch = [sequences[i] for i in rows[start : start + per_batch]]
+            ordinary = torch.stack([s[0] for s in batch])
+            tokens = torch.where(ordinary, 5, 0)  # token 0 special where not ordinary
+            losses = {"ce_loss_with_sae": torch.stack([s[4] for s in batch]), "kl_div_with_sae": torch.stack([s[5] for s in batch])}
+            spliced.add(tokens, losses, {0})
+            variance.add(*(torch.cat([s[i] for s in batch]) for i in (1, 2, 3)), ordinary)
+        return core_bootstrap(spliced, variance, replicates=400, seed=7, documents=documents)
+
+    distinct = bootstrap(list(range(12)), 4, None)
+    copies = [i for i in range(12) for _ in (0, 1)]  # each window twice in a row, a batch holding a batch's copies
+    by_document = bootstrap(copies, 8, torch.tensor(copies))
+    by_window = bootstrap(copies, 8, None)
+    assert by_document["unit"].startswith("document") and by_document["n_units"] == {"spliced_losses": 12, "sparsity_variance": 12}
+    assert distinct["unit"] == "sequence" and by_window["n_units"] == {"spliced_losses": 24, "sparsity_variance": 24}
+    assert set(by_document["samples"]) == set(distinct["samples"]) and "freq_over_1_percent" in distinct["samples"]
+    for name, values in distinct["samples"].items():
+        scale = 0.5 if name == "mse" else 1.0  # SAEBench's mse divides a token's error by its batch's count, here doubled
+        assert by_document["samples"][name] == pytest.approx([scale * v for v in values], rel=1e-12, abs=1e-15), name
+        assert by_document["full_sample"][name] == pytest.approx(scale * distinct["full_sample"][name], rel=1e-12), name
+    assert by_window["se"]["mse"] < 0.85 * by_document["se"]["mse"]
+    jackknife, alone = by_document["jackknife"]["frac_alive"], distinct["jackknife"]["frac_alive"]
+    assert jackknife["se"] == pytest.approx(alone["se"], rel=1e-12) and jackknife["dies_without"] == alone["dies_without"] != {}
+    assert jackknife["n_units"] == 12 and by_window["jackknife"]["frac_alive"]["se"] == 0
+
+
+def test_core_bootstraps_error_covers_its_true_spread_where_texts_run_over_several_windows():
+    """A mean over test windows whose texts run over 1 to 6 windows each, every text with its own level that its
+    windows share (as a hard text is hard throughout): its spread, known from 300 samples, is what resampling the
+    documents finds; resampling the windows one by one runs far below it (seen: 0.97x and 0.51x)."""
+    from saecomp.evaluate import loop_units, resampled_sequences
+
+    generator = torch.Generator().manual_seed(0)
+    values, by_document, by_window = [], [], []
+    for _ in range(300):
+        lengths = torch.randint(1, 7, (64,), generator=generator)  # windows per text
+        documents = torch.repeat_interleave(torch.arange(64), lengths)[:128]  # core reads the first 128 windows
+        n = len(documents)
+        level = torch.randn(64, generator=generator, dtype=torch.float64)[documents]  # [n]: each window's text's
+        per_window = level + 0.5 * torch.randn(n, generator=generator, dtype=torch.float64)
+        tokens = torch.full((n,), 60.0, dtype=torch.float64)
+        values.append(float((per_window * tokens).sum() / tokens.sum()))
+        for loop, errors in ((loop_units(documents, n), by_document), (n, by_window)):
+            weights = resampled_sequences([loop], 200, int(torch.randint(10**6, (1,), generator=generator)))[0]  # [200, n]
+            errors.append(float(((weights @ (per_window * tokens)) / (weights @ tokens)).std()))
+    true_spread = float(torch.tensor(values).std())
+    assert 0.85 <= statistics.mean(by_document) / true_spread <= 1.15
+    assert statistics.mean(by_window) / true_spread < 0.7
+
+
+def test_frac_alives_jackknife_deletes_documents_that_straddle_batches():
+    """Counted batch by batch, with documents of 1 to 7 windows that run across SAEBench's batches of 16: each
+    latent's count of documents it fired in, and the jackknife, are those recounted from the whole firing table."""
+    from saecomp.evaluate import VarianceLoopSums, frac_alive_jackknife, loop_units
+
+    generator = torch.Generator().manual_seed(2)
+    lengths = torch.randint(1, 8, (40,), generator=generator)
+    documents = torch.repeat_interleave(torch.arange(40) * 3, lengths)  # numbered with gaps, as a pool's indices are
+    n, d_sae = len(documents), 200
+    fired = torch.rand(n, d_sae, generator=generator) < 10 ** (torch.rand(d_sae, generator=generator) * 2.5 - 3)
+    units = loop_units(documents, n)
+    loop = VarianceLoopSums(units=units)
+    for start in range(0, n, 16):
+        loop.count_units_fired(fired[start : start + 16])
+    by_document = torch.stack([fired[units == u].any(0) for u in range(40)])  # [documents, d_sae]
+    assert torch.equal(loop.units_fired, by_document.sum(0))
+    assert torch.equal(loop.last_fired_in, torch.where(by_document.any(0), 39 - by_document.flip(0).int().argmax(0), -1))
+    found = frac_alive_jackknife(loop.units_fired, loop.last_fired_in, 40, "document")
+    alive_without = [float(torch.cat([by_document[:u], by_document[u + 1 :]]).any(0).double().mean()) for u in range(40)]
+    without = torch.tensor(alive_without, dtype=torch.float64)
+    assert found["se"] == pytest.approx(float((39 / 40 * ((without - without.mean()) ** 2).sum()).sqrt()), rel=1e-9)
+    assert found["se"] > 0 and found["full_sample"] == float(fired.any(0).double().mean())
 
 
 def density_summaries(latents: torch.Tensor) -> dict[str, float]:
@@ -450,24 +579,33 @@ def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_wo
     cfg, tokenizer = loaded.tl.cfg, loaded.tokenizer
     width = cfg.n_heads * cfg.d_head
     sae = random_layer_norm_jumprelu_sae(width, "blocks.1.attn.hook_z", reshape_activations="hook_z")
-    tokens = held_out_tokens(
+    tokens, documents = held_out_windows(
         iter_documents(DocumentPool("tiny", "test", "text", 0, None), small_world), tokenizer, SIZES.n_prompts, 64, prepend_bos=True
     )
     assert (tokens[:, 0] == tokenizer.bos_token_id).all()
-    result = run_core(loaded.tl, sae, tokens, {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}, SIZES)
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    with pytest.raises(ValueError, match="never decreasing"):  # refused before any compute
+        run_core(loaded.tl, sae, tokens, special, SIZES, documents=documents.flip(0))
+    result = run_core(loaded.tl, sae, tokens, special, SIZES, documents=documents)
     boot = result.uncertainty
+    # resampled by document: the tiny world's texts hold several windows of 64 tokens each
+    assert boot["unit"].startswith("document") and boot["jackknife"]["frac_alive"]["unit"] == "document"
+    assert boot["n_units"]["sparsity_variance"] == len(documents[: boot["n_sequences"]["sparsity_variance"]].unique())
+    assert boot["n_units"]["sparsity_variance"] <= boot["n_sequences"]["sparsity_variance"] / 2
     for name, value in boot["full_sample"].items():
         # SAEBench averages in float32, the bootstrap in float64; a score is a ratio of differences of those means
         # (here far from 1: the random SAE wrecks the model), which amplifies that rounding
         tolerance = 2e-4 if name.endswith("_score") else 1e-5
         assert value == pytest.approx(result.metrics[f"core.{name}"], rel=tolerance, abs=1e-6), name
     assert all(math.isfinite(se) for se in boot["se"].values())
-    # (a count of latents over a threshold may not move in any resample: none need lie near it)
-    assert all(se > 0 for name, se in boot["se"].items() if "alive" not in name and not name.startswith("freq_over")), boot["se"]
+    # (a count of latents over a threshold may not move in any resample: none need lie near it; nor the share of all
+    # firing they make, where every live latent is over it in every resample: then it is 1 throughout)
+    assert all(se > 0 for name, se in boot["se"].items() if "alive" not in name and "freq_over" not in name), boot["se"]
+    for name in ("normalized_freq_over_1_percent", "normalized_freq_over_10_percent"):
+        assert boot["se"][name] > 0 or set(boot["samples"][name]) == {boot["full_sample"][name]}, name
     # read from SAEBench's loop, which flattens hook_z's heads before the SAE (whose layer norm then sees one row per
     # token): the same number as the SAE applied to the model's own [tokens, heads, d_head] activations
     read = tokens[: SIZES.batch_size_prompts * SIZES.n_sparsity_variance_batches]
-    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
     assert result.metrics["core.explained_variance_centred"] == pytest.approx(centred_reference(loaded.tl, sae, read, special), rel=1e-5)
 
 
@@ -547,6 +685,14 @@ def test_evaluate_step_as_typed(small_experiment):
     logged = {name: value for name, value in m.items() if name.endswith(".bootstrap_se")}
     assert {f"core.{name}.bootstrap_se": se for name, se in boot["se"].items()} == logged
     assert m["core.ce_loss_with_sae.bootstrap_se"] > 0
+    # resampled by test document, each window's document an artifact beside its tokens
+    from safetensors.torch import load_file
+
+    windows = load_file(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="tokens.safetensors"))
+    assert windows["test_documents"].shape == windows["test_tokens"].shape[:1]
+    assert boot["unit"].startswith("document") and boot["jackknife"]["frac_alive"]["unit"] == "document"
+    first = windows["test_documents"][: boot["n_sequences"]["sparsity_variance"]]
+    assert boot["n_units"]["sparsity_variance"] == len(first.unique()) < boot["n_sequences"]["sparsity_variance"]
 
 
 def test_ravel_from_the_experiment_is_tagged_not_applicable_on_gpt2(small_experiment):

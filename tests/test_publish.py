@@ -132,7 +132,7 @@ def test_dry_run_writes_the_folder_saelens_loads_and_uploads_nothing(store, expe
     evaluation = card.split("## Evaluation")[1].split("\n## ")[0]
     row = next(line for line in evaluation.splitlines() if line.startswith("| `blocks.1.hook_resid_post/wanda-0.25` |"))
     assert [c.strip() for c in row.split("|")[2:4]] == ["0.6000", "0.2000 ± 0.003"]  # ce_loss_score, mse: no stale ± from the older run
-    assert "± is one standard error, a bootstrap over the test sequences" in card
+    assert "± is one standard error, a bootstrap over the test documents" in card
 
 
 def test_a_registered_version_publishes_its_run_folder(store, experiment_file, tmp_path):

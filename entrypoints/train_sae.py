@@ -127,6 +127,9 @@ def main(experiment, hook, layer, base, like, shared_forward, **fields) -> None:
 
 
 def key_for(exp, experiment_path: str, spec, model_label: str, like_source) -> str:
+    import dataclasses
+
+    from saecomp.data import document_plan
     from saecomp.names import TINY_MODELS, hook_d_in, resolved_d_sae
     from saecomp.tracking import step_key
 
@@ -138,8 +141,11 @@ def key_for(exp, experiment_path: str, spec, model_label: str, like_source) -> s
         "d_sae": resolved_d_sae(spec, d_in),
         "model": model_label,
         **exp.runtime(),
-        # The pools decide where the training stream starts and what it is evaluated on.
-        **{section: exp.to_dict()[section] for section in ("data", "calibration", "held_out")},
+        # What the SAE reads: its training stream and the validation windows it is scored on. The calibration and test
+        # pools count only as far as they move those (WANDA's own calibration fields reach a pruned model through its
+        # prune_llm run, in the model's label): a dense SAE is not retrained for another calibration seed.
+        "pools": {role: dataclasses.asdict(pool) for role, pool in document_plan(exp).items() if role in ("sae_train", "validation")},
+        "held_out_sequences": exp.held_out.n_sequences,
         "max_passes": exp.sae.max_passes,
         "like": like_source.describe() if like_source else None,
     }

@@ -44,7 +44,8 @@ STEPS: dict[str, Step] = {
             "train_sae",
             ("build_world", "prune_llm"),
             ("models.py", "data.py", "saes.py", "train_sae.py"),
-            "sae.* for its hook and layer, the base model (dense, or the prune_llm run), data.*, device, dtype",
+            "sae.* for its hook and layer, the base model (dense, or the prune_llm run), its training and validation "
+            "pools (data.*; calibration.* and held_out.documents only as they move them), held_out.n_sequences, device, dtype",
             gpu=True,
             memory_gb=4,
             per_cell=True,

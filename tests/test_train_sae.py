@@ -118,6 +118,12 @@ def test_key_tells_dense_and_pruned_bases_and_settings_apart(small_experiment):
     assert dense != key_for(exp, str(small_experiment), spec, "tiny-gpt2+prune_llm:x", None)
     other = build_spec(load(str(small_experiment), {"sae.training_tokens": 40000}), "hook_resid_post", 1, None)
     assert dense != key_for(exp, str(small_experiment), other, "tiny-gpt2", None)
+    # WANDA's calibration windows do not reach a dense SAE; the pools do, where they move its training or validation text
+    for field, value, same in (("calibration.seed", 7, True), ("calibration.n_sequences", 12, True), ("calibration.batch_size", 2, True),
+                               ("calibration.documents", 900, False), ("held_out.documents", 500, False),
+                               ("held_out.n_sequences", 6, False), ("data.heldout_split", "train", False)):  # fmt: skip
+        changed = load(str(small_experiment), {"sae.training_tokens": 30000, field: value})
+        assert (key_for(changed, str(small_experiment), spec, "tiny-gpt2", None) == dense) is same, field
 
 
 def test_like_copies_a_pretrained_configuration(trained_runs, small_experiment):

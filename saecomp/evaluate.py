@@ -343,8 +343,8 @@ class VarianceLoopSums:
     """``[replicates, n]``: how often each of the loop's sequences is drawn in each replicate (`resampled_sequences`), set
     before the loop, for the per-latent densities' bootstrap; None: the densities are not resampled."""
     units: torch.Tensor | None = None
-    """``[n]``: the unit (document) of each of the loop's sequences, numbered from 0 in order (`loop_units`), which
-    frac_alive's jackknife deletes; None: each sequence is its own."""
+    """``[n]``: the unit (document) of each of the loop's sequences, numbered 0, 1, ... in order with no gaps
+    (`loop_units`), which frac_alive's jackknife deletes; None: each sequence is its own."""
     fired: torch.Tensor | None = None  # [d_sae] float64: each latent's count of tokens where it is above 0 (SAEBench's)
     fired_resampled: torch.Tensor | None = None  # [replicates, d_sae] float64: the same counts in each resample
     units_fired: torch.Tensor | None = None  # [d_sae] int64: in how many units each latent is above 0 somewhere
@@ -496,9 +496,14 @@ class VarianceLoopSums:
         elif stop > len(self.units):
             return  # more sequences than units: counted short, so the jackknife is skipped and says so (core_bootstrap)
         else:
-            present, inverse = torch.unique_consecutive(self.units[first:stop].to(fired.device), return_inverse=True)  # [u], [rows]
-            by_unit = torch.zeros(len(present), fired.shape[1], dtype=torch.int32, device=fired.device)  # [u, d_sae]
-            by_unit = by_unit.index_add_(0, inverse, fired.int()) > 0
+            if self.units.device != fired.device:  # once: beside the latents, no copy (and no wait on a GPU) per batch
+                self.units = self.units.to(fired.device)
+            units = self.units[first:stop]  # [rows]: numbered consecutively (loop_units), so each is the one before or next
+            # row r of by_unit: the batch's r-th unit (rows past its last unit stay empty); no unique(), whose size a
+            # GPU would have to report back
+            present = units[0] + torch.arange(rows, device=fired.device)  # [rows]
+            by_unit = torch.zeros(rows, fired.shape[1], dtype=torch.int32, device=fired.device)  # [rows, d_sae]
+            by_unit = by_unit.index_add_(0, units - units[0], fired.int()) > 0
         last = torch.where(by_unit, present[:, None], -1).amax(0)  # [d_sae]
         here = by_unit.sum(0)  # [d_sae] int64
         if self.units_fired is None:

@@ -438,6 +438,8 @@ def validate(exp: Experiment) -> Experiment:
         raise ConfigError(f"method={pruning.method!r} is not valid; valid: {', '.join(LLM_PRUNING_METHODS)}")
     if not 0.0 <= pruning.sparsity < 1.0:
         raise ConfigError(f"sparsity={pruning.sparsity} is not valid; valid: a number in [0, 1)")
+    if pruning.layers is not None and not pruning.layers:
+        raise ConfigError("llm_pruning.layers=[] prunes no block; valid: the blocks to prune, or null (the default) for every block")
     nm = parse_nm(pruning.nm)
     if nm and pruning.method == "wanda-seed":
         raise ConfigError("nm is not valid with method=wanda-seed (the paper's code is unstructured)")

@@ -53,6 +53,7 @@ ERRORS = [
     ({"held_out.n_sequences": 64.0}, "held_out.n_sequences=64.0 is not an integer"),
     ({"held_out.n_sequences": "1.0"}, "held_out.n_sequences='1.0' is not an integer"),
     ({"llm_pruning.layers": [True, 1]}, "llm_pruning.layers=[True, 1] is not an integer"),
+    ({"llm_pruning.layers": []}, "llm_pruning.layers=[] prunes no block; valid: the blocks to prune, or null (the default)"),
     ({"sae_pruning.sparsities": [False]}, "sae_pruning.sparsities=[False] is not a number"),
     (
         {"evaluation.suites": ["core", "autointerp"]},

@@ -133,7 +133,7 @@ def run_suite(suite: str, exp, world: Path, loaded, sae, device: str, dtype: str
     """``suite``'s results as the evaluate step computes them (entrypoints/evaluate.py): one, or for a suite sharing
     its model side, the first SAE's (computing the side) and a second's (reading it)."""
     from saecomp import evaluate
-    from saecomp.data import document_plan, held_out_tokens, iter_documents, model_prepends_bos, special_token_ids
+    from saecomp.data import document_plan, held_out_windows, iter_documents, model_prepends_bos, special_token_ids
     from saecomp.saebench_data import offline_datasets, write_ravel_files
 
     ev = exp.evaluation
@@ -141,9 +141,10 @@ def run_suite(suite: str, exp, world: Path, loaded, sae, device: str, dtype: str
         context = min(ev.context_size or loaded.tl.cfg.n_ctx, loaded.tl.cfg.n_ctx)
         bos = model_prepends_bos(loaded.architecture, loaded.tokenizer)
         plan = document_plan(exp)
-        tokens = held_out_tokens(iter_documents(plan["test"], world), loaded.tokenizer, ev.n_sequences, context, bos, "test")
+        tokens, documents = held_out_windows(iter_documents(plan["test"], world), loaded.tokenizer, ev.n_sequences, context, bos, "test")
         sizes = evaluate.CoreSizes(ev.batch_size_prompts, ev.n_reconstruction_batches, ev.n_sparsity_variance_batches)
-        return [evaluate.run_core(loaded.tl, sae, tokens, special_token_ids(loaded.tokenizer), sizes, loaded.tl.cfg.model_name)]
+        special = special_token_ids(loaded.tokenizer)
+        return [evaluate.run_core(loaded.tl, sae, tokens, special, sizes, loaded.tl.cfg.model_name, documents=documents)]
     if suite == "ravel":
         counts = write_ravel_files(exp.world_config().corpus, tmp / "ravel")
         config = evaluate.ravel_config(ev, str(world / exp.model), dtype, tmp / "ravel", tiny=True)

@@ -154,6 +154,10 @@ def gather(exp, experiment: str, chosen, companion: str | None):
         llm = client.get_run(prune_llm).data.params if prune_llm else {}
         hook_name = f"blocks.{run.data.tags['layer']}.{run.data.tags['hook']}"
         selection = json.loads(local_artifacts(run_id, "selection.json").read_text())
+        try:
+            layers = pruned_layers(llm)
+        except ValueError as error:
+            fail(f"sae=runs:/{run_id}/{path}: {error}; valid: an SAE pruned on a model that some block was pruned in")
         seq_len = llm.get("calibration.seq_len")
         seq_len = "the model's context of" if seq_len in (None, "None") else seq_len
         pruned_model = {
@@ -166,7 +170,7 @@ def gather(exp, experiment: str, chosen, companion: str | None):
             f"seed {llm.get('calibration.seed')}",
             "rebuild_command": rebuild_command(experiment, llm),  # prune_llm logs the file's settings, not its path
             "prune_llm_run": prune_llm,
-            "layers": pruned_layers(llm),
+            "layers": layers,
         }
         if companion:
             pruned_model["repo"] = companion

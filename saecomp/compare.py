@@ -312,7 +312,8 @@ def cells(records: Iterable[RunRecord], variants: Iterable[str] | None = None) -
                                 "se": se,
                                 "se_kind": _se_kind(spec.suite, se_kind, boot),
                                 "_replicates": boot.get("jackknife" if se_kind == "jackknife_se" else "samples", {}).get(metric),
-                                "_resamples": (boot.get("sample_id"), se_kind, boot.get("seed"), boot.get("replicates")),
+                                "_resamples": (boot.get("sample_id"), se_kind, boot.get("seed"), boot.get("replicates"),
+                                               boot.get("unit")),
                                 "_runtime": _runtime(newest) if status == "ok" else None,
                                 "status": status,
                                 "run_id": run_ids,
@@ -394,7 +395,7 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
     text by text too; their older parametric draws shared only the clean accuracies (the ablated ones independent,
     still conservative). A replicate that
     lacks the metric in either run (None: SCR's direction tied) is left out. frac_alive's jackknife pairs deletion by
-    deletion where both runs read the same sequences (`_jackknife_difference_se`). Otherwise it is the conservative
+    deletion where both runs deleted the same documents (`_jackknife_difference_se`). Otherwise it is the conservative
     sqrt(se_a^2 + se_b^2)."""
     reference = {(r["table"], r["model"], r["hook"], r["metric"]): r for r in rows if r["variant"] == REFERENCE_VARIANT}
     bootstrap = {id(r): (r.pop("_replicates", None), r.pop("_resamples", None)) for r in rows}
@@ -427,7 +428,13 @@ def _mark_within_uncertainty(rows: list[dict]) -> None:
         else:
             row.update(difference_se=(row["se"] ** 2 + ref["se"] ** 2) ** 0.5, paired=False)
             same_kind = resamples and ref_resamples and resamples[1] == ref_resamples[1]  # (a traced and a parametric id differ anyway)
-            if same_kind and None not in (resamples[0], ref_resamples[0]) and resamples[0] != ref_resamples[0]:
+            other_units = same_kind and resamples[4:] != ref_resamples[4:]
+            if other_units:  # the same texts, perhaps: but an older run resampled core's windows, a newer its documents
+                row["note"] = "; ".join(filter(None, [row["note"], (
+                    f"resampled other units than the {REFERENCE_VARIANT} SAE's run ({resamples[4]} against "
+                    f"{ref_resamples[4]}; one is older): its error unpaired"
+                )]))  # fmt: skip
+            elif same_kind and None not in (resamples[0], ref_resamples[0]) and resamples[0] != ref_resamples[0]:
                 # one table's variants should read the same text (a trained SAE whose windows open with BOS where the
                 # pretrained one's do not reads other core windows): say so, not only pair less
                 row["note"] = "; ".join(filter(None, [row["note"], (
@@ -684,7 +691,7 @@ LEGEND = (
     "(not a number or infinite); ± one standard error, where "
     "computed: a bootstrap over the test documents for core (spliced losses and scores, reconstruction and sparsity means, "
     "explained variances, the per-latent densities' summaries but frac_alive), a delete-one jackknife over the test "
-    "sequences for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores and sparse "
+    "documents for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores and sparse "
     "probing's accuracies (binomial where the tests could not be traced), binomial over the validation pairs for "
     "RAVEL's scores, over the words tested for absorption's means and its count of split latents, the spread "
     "over seeds where replicates ran (cells.csv: se_kind); "

@@ -225,28 +225,34 @@ def run_core(
     def bootstrap() -> dict:
         found = core_bootstrap(spliced, variance, documents=documents)
         metrics["core.explained_variance_centred"] = found["full_sample"]["explained_variance_centred"]
-        # which sequences were resampled: runs with the same sample id, seed and size drew the same resamples, so their
-        # replicates pair (compare: the standard error of a difference between two variants)
-        # (the sizes too: the spliced losses and the variance loop read different numbers of those sequences)
-        # (and the documents: resampled by document, other resamples than by window)
-        read = json.dumps([sorted(special_ids), dataclasses.asdict(sizes)]).encode()
-        if documents is not None:
-            read += loop_units(documents, sizes.n_prompts).numpy().tobytes()
-        found["sample_id"] = hashlib.sha256(tokens[: sizes.n_prompts].cpu().numpy().tobytes() + read).hexdigest()[:20]
+        found["sample_id"] = core_sample_id(tokens, special_ids, sizes, documents)
         return found
 
     # ours beside SAEBench's numbers (the errors and the centred explained variance, from the same sums): a failure
     # there leaves SAEBench's numbers logged and says why
     uncertainty, tags = standard_errors("core", "bootstrap_se", metrics, bootstrap)
+    if uncertainty and uncertainty.get("se_skipped"):
+        tags["saecomp.core.se_skipped"] = uncertainty["se_skipped"]
     for name, jackknife in (uncertainty or {}).get("jackknife", {}).items():
         if f"core.{name}" in metrics:
             metrics[f"core.{name}.jackknife_se"] = jackknife["se"]
     return SuiteResult("core", output, metrics, time.perf_counter() - started, tags=tags, uncertainty=uncertainty)
 
 
+def core_sample_id(tokens: torch.Tensor, special_ids: set[int], sizes: CoreSizes, documents: torch.Tensor | None) -> str:
+    """What core's bootstrap resampled: runs with the same sample id, seed and size drew the same resamples, so their
+    replicates pair (compare: the standard error of a difference between two variants). The tokens read, the sizes
+    (the spliced losses and the variance loop read different numbers of them) and the units: the same windows
+    resampled by document are other resamples than by window."""
+    read = json.dumps([sorted(special_ids), dataclasses.asdict(sizes)]).encode()
+    if documents is not None:
+        read += loop_units(documents, sizes.n_prompts).numpy().tobytes()
+    return hashlib.sha256(tokens[: sizes.n_prompts].cpu().numpy().tobytes() + read).hexdigest()[:20]
+
+
 BOOTSTRAP_REPLICATES = 1000
 BOOTSTRAP_SEED = 0
-"""Every variant's bootstrap draws the same resamples of the same sequences (same count, same seed)."""
+"""Every variant's bootstrap draws the same resamples of the same units (same windows, documents and seed)."""
 DENSITY_BOOTSTRAP_BYTES = 1 << 30
 """Memory for the per-latent densities' replicates (``[replicates, d_sae]`` float64 firing counts): 1,000 replicates up
 to d_sae 134,217; wider SAEs resample the densities with fewer of the same draws (`density_replicates`). At its peak,
@@ -263,8 +269,8 @@ def density_replicates(d_sae: int, replicates: int = BOOTSTRAP_REPLICATES) -> in
 def loop_units(documents: torch.Tensor | None, n: int) -> int | torch.Tensor:
     """What core's bootstrap resamples in a loop over the first ``n`` test windows: the windows themselves (``n``)
     where ``documents`` is None, else the texts they were cut from, numbered 0, 1, ... in order (``[n]``), since
-    windows of one text are not independent: where texts ran over 1 to 6 windows, a bootstrap of windows found 0.51x
-    the true spread of a mean, one of documents 0.97x (tests/test_evaluate.py)."""
+    windows of one text are not independent: in a simulation where each text's 1 to 6 windows share a level of their
+    own (tests/test_evaluate.py), a bootstrap of windows found 0.51x the true spread of a mean, one of documents 0.97x."""
     if documents is None:
         return n
     if len(documents) < n:
@@ -486,7 +492,7 @@ class VarianceLoopSums:
         """``fired`` [rows, d_sae]: whether each latent is above 0 somewhere in each of the batch's sequences. Keeps, per
         latent, how many units (``units``: documents; else sequences) it fired in and the last of them: what
         frac_alive's jackknife needs (`frac_alive_jackknife`), in O(d_sae) memory. A unit's sequences are consecutive,
-        and one may straddle two batches."""
+        and may run across any number of batches."""
         rows = fired.shape[0]
         if rows == 0:  # (never an error inside SAEBench's loop)
             return
@@ -651,6 +657,16 @@ def core_bootstrap(
                 f"the bootstrap resamples: it counted {variance.sequences_counted} of {n} sequences from {units} units"
                 + ("" if same_units else ", by other units")
             )
+    unit = "sequence" if documents is None else "document"
+    few = {loop: k for loop, k in n_units.items() if k < MIN_BOOTSTRAP_UNITS}
+    if few:  # the full-sample values stand (the centred explained variance among them); no errors claimed
+        samples = {}
+        density.pop("jackknife", None)
+        density["se_skipped"] = density["jackknife_skipped"] = (
+            f"core's loops read too few test {unit}s to resample: "
+            + ", ".join(f"{loop} {k}" for loop, k in few.items())
+            + f" (fewer than {MIN_BOOTSTRAP_UNITS}); read more evaluation.n_sequences or more, shorter texts"
+        )
     return {
         "unit": "sequence" if documents is None else "document (every test window cut from a drawn text)",
         "n_units": n_units,
@@ -662,6 +678,12 @@ def core_bootstrap(
         "samples": {name: v.tolist() for name, v in samples.items()},
         **density,
     }
+
+
+MIN_BOOTSTRAP_UNITS = 5
+"""Below this many test documents (or windows) in one of core's loops, no bootstrap: one text makes every replicate the
+full sample (an error of exactly 0), and a few take few distinct values (3 with two texts, 35 with four) and run low
+by sqrt((k - 1) / k)."""
 
 
 def frac_alive_jackknife(units_fired: torch.Tensor, last_fired_in: torch.Tensor, n: int, unit: str = "sequence") -> dict:

@@ -48,9 +48,12 @@ def sae_id_for(hook_name: str, method: str, sparsity: float) -> str:
 
 
 def pruned_layers(prune_params: dict) -> list[int] | None:
-    """The blocks the prune_llm run pruned (its ``llm_pruning.layers`` param, logged as a Python list), or None: all."""
+    """The blocks the prune_llm run pruned (its ``llm_pruning.layers`` param, logged as a Python list), or None: all.
+    A run that logged ``[]`` pruned no block (refused since): its model is the dense one, which no pruning rebuilds."""
     logged = prune_params.get("llm_pruning.layers")
-    if logged in (None, "", "None", "[]"):
+    if logged == "[]":
+        raise ValueError("its prune_llm run pruned no block (llm_pruning.layers=[], refused since): the model is the dense one")
+    if logged in (None, "", "None"):
         return None
     return [int(layer) for layer in str(logged).strip("[]").split(",")]
 
@@ -217,7 +220,8 @@ def model_card(saes: list[PublishedSAE], repo_id: str, base_model: str, extra: s
         lines += ["| sae_id | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
         lines += [f"| `{sae.sae_id}` | " + " | ".join(shown(sae, m) for m in metrics) + " |" for sae in saes]
         if any(k.endswith(".bootstrap_se") for sae in saes for k in sae.evaluation):
-            lines += ["", "± is one standard error, a bootstrap over the test documents (SAEBench core's metrics)."]
+            lines += ["", "± is one standard error, a bootstrap over core's test text (SAEBench core's metrics; what it resampled, "
+                      "documents or, in older runs, windows, is in the evaluate run's `uncertainty/core.json`)."]
     else:
         lines.append("No finished evaluation of these SAEs in the store.")
     lines += [

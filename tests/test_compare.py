@@ -651,6 +651,17 @@ def test_core_errors_of_runs_that_resampled_windows_say_so_and_never_pair_with_d
         assert rows[1]["paired"] is paired
         if not paired:
             assert rows[1]["difference_se"] == pytest.approx((0.02**2 + 0.03**2) ** 0.5)
+    # bootstrap replicates of an older run (windows) and a newer one (documents) on the same texts: unpaired, and the
+    # note says the units differ, not that the texts do
+    base = {**base, "metric": "ce_loss_score", "note": None}
+    rows = [
+        {**base, "variant": "pretrained", "value": 0.9, "se": 0.02, "_replicates": [0.9, 0.88, 0.91],
+         "_resamples": ("new-id", "bootstrap_se", 0, 3, "document (every test window cut from a drawn text)")},
+        {**base, "variant": "pruned25", "value": 0.8, "se": 0.03, "_replicates": [0.8, 0.78, 0.81],
+         "_resamples": ("old-id", "bootstrap_se", 0, 3, "sequence")},
+    ]  # fmt: skip
+    compare._mark_within_uncertainty(rows)
+    assert rows[1]["paired"] is False and "resampled other units" in rows[1]["note"] and "other test texts" not in rows[1]["note"]
 
 
 def test_a_difference_within_float32_rounding_is_marked_even_where_the_error_is_zero():

@@ -472,6 +472,10 @@ def test_core_bootstrap_resamples_whole_documents():
         assert by_document["samples"][name] == pytest.approx([scale * v for v in values], rel=1e-12, abs=1e-15), name
         assert by_document["full_sample"][name] == pytest.approx(scale * distinct["full_sample"][name], rel=1e-12), name
     assert by_window["se"]["mse"] < 0.85 * by_document["se"]["mse"]
+    # four documents are too few to resample (MIN_BOOTSTRAP_UNITS): the full sample stands, no error is claimed
+    few = bootstrap(copies[:8], 8, torch.tensor(copies[:8]))
+    assert few["se"] == {} == few["samples"] and "jackknife" not in few and "too few test documents" in few["se_skipped"]
+    assert few["full_sample"]["l1"] == pytest.approx(bootstrap(list(range(4)), 4, None)["full_sample"]["l1"], rel=1e-12)
     jackknife, alone = by_document["jackknife"]["frac_alive"], distinct["jackknife"]["frac_alive"]
     assert jackknife["se"] == pytest.approx(alone["se"], rel=1e-12) and jackknife["dies_without"] == alone["dies_without"] != {}
     assert jackknife["n_units"] == 12 and by_window["jackknife"]["frac_alive"]["se"] == 0
@@ -501,6 +505,26 @@ def test_core_bootstraps_error_covers_its_true_spread_where_texts_run_over_sever
     assert statistics.mean(by_window) / true_spread < 0.7
 
 
+def test_core_sample_ids_tell_document_from_window_resampling():
+    """compare pairs two runs' replicates only where their sample ids agree: the same windows resampled by document
+    and by window (or by other documents) are other resamples, so their ids differ; the same reading has one id."""
+    from saecomp.evaluate import core_sample_id
+
+    tokens = torch.arange(64 * 8).reshape(64, 8)
+    documents = torch.arange(64) // 4
+    ids = {
+        "windows": core_sample_id(tokens, {0}, SIZES, None),
+        "documents": core_sample_id(tokens, {0}, SIZES, documents),
+        "other documents": core_sample_id(tokens, {0}, SIZES, torch.arange(64) // 2),
+        "other tokens": core_sample_id(tokens + 1, {0}, SIZES, documents),
+        "other specials": core_sample_id(tokens, {0, 1}, SIZES, documents),
+    }
+    assert len(set(ids.values())) == len(ids)
+    assert core_sample_id(tokens.clone(), {0}, SIZES, documents.clone()) == ids["documents"]
+    # past what core reads (SIZES.n_prompts windows), nothing counts
+    assert core_sample_id(torch.cat([tokens[:8], tokens[8:] + 1]), {0}, SIZES, documents) == ids["documents"]
+
+
 def test_frac_alives_jackknife_deletes_documents_that_straddle_batches():
     """Counted batch by batch, with documents of 1 to 7 windows that run across SAEBench's batches of 16: each
     latent's count of documents it fired in, and the jackknife, are those recounted from the whole firing table."""
@@ -508,6 +532,7 @@ def test_frac_alives_jackknife_deletes_documents_that_straddle_batches():
 
     generator = torch.Generator().manual_seed(2)
     lengths = torch.randint(1, 8, (40,), generator=generator)
+    lengths[5] = 40  # a document over more than two whole batches
     documents = torch.repeat_interleave(torch.arange(40) * 3, lengths)  # numbered with gaps, as a pool's indices are
     n, d_sae = len(documents), 200
     fired = torch.rand(n, d_sae, generator=generator) < 10 ** (torch.rand(d_sae, generator=generator) * 2.5 - 3)
@@ -588,10 +613,15 @@ def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_wo
         run_core(loaded.tl, sae, tokens, special, SIZES, documents=documents.flip(0))
     result = run_core(loaded.tl, sae, tokens, special, SIZES, documents=documents)
     boot = result.uncertainty
-    # resampled by document: the tiny world's texts hold several windows of 64 tokens each
-    assert boot["unit"].startswith("document") and boot["jackknife"]["frac_alive"]["unit"] == "document"
-    assert boot["n_units"]["sparsity_variance"] == len(documents[: boot["n_sequences"]["sparsity_variance"]].unique())
-    assert boot["n_units"]["sparsity_variance"] <= boot["n_sequences"]["sparsity_variance"] / 2
+    # resampled by document: this world's test texts hold several windows of 64 tokens each, so the 8 windows read
+    # come from too few texts to resample (MIN_BOOTSTRAP_UNITS): no error is claimed, and the tag says why
+    assert boot["unit"].startswith("document") and boot["n_units"]["sparsity_variance"] == len(documents.unique()) < 5
+    assert boot["se"] == {} and "jackknife" not in boot and not [m for m in result.metrics if m.endswith("_se")]
+    assert "too few test documents" in result.tags["saecomp.core.se_skipped"] == boot["se_skipped"]
+    # the same windows resampled one by one (as if each its own text): the errors, on this hook_z SAE
+    by_window = run_core(loaded.tl, sae, tokens, special, SIZES)
+    assert by_window.metrics == {**result.metrics, **{m: v for m, v in by_window.metrics.items() if m.endswith("_se")}}
+    boot = by_window.uncertainty
     for name, value in boot["full_sample"].items():
         # SAEBench averages in float32, the bootstrap in float64; a score is a ratio of differences of those means
         # (here far from 1: the random SAE wrecks the model), which amplifies that rounding

@@ -132,7 +132,7 @@ def test_dry_run_writes_the_folder_saelens_loads_and_uploads_nothing(store, expe
     evaluation = card.split("## Evaluation")[1].split("\n## ")[0]
     row = next(line for line in evaluation.splitlines() if line.startswith("| `blocks.1.hook_resid_post/wanda-0.25` |"))
     assert [c.strip() for c in row.split("|")[2:4]] == ["0.6000", "0.2000 ± 0.003"]  # ce_loss_score, mse: no stale ± from the older run
-    assert "± is one standard error, a bootstrap over the test documents" in card
+    assert "± is one standard error, a bootstrap over core's test text" in card
 
 
 def test_a_registered_version_publishes_its_run_folder(store, experiment_file, tmp_path):
@@ -317,6 +317,9 @@ def test_the_card_says_which_level_was_selected_and_rebuilds_a_model_pruned_on_s
     command = rebuild_command("experiments/gpt2-small.yaml", logged)
     assert "-P layers=0,1 " in command and "[" not in command
     assert "-P layers" not in rebuild_command("experiments/gpt2-small.yaml", {**logged, "llm_pruning.layers": "None"})
+    # a run from before `layers: []` was refused pruned no block: never published as a pruned model of "every block"
+    with pytest.raises(ValueError, match="pruned no block"):
+        rebuild_command("experiments/gpt2-small.yaml", {**logged, "llm_pruning.layers": "[]"})
     pruned_model = {"base_model": "gpt2", "method": "wanda", "sparsity": "0.5", "nm": "unstructured", "calibration": "128 sequences",
                     "rebuild_command": command, "layers": [0, 1]}  # fmt: skip
     selection = {"selected": 0.25, "met": True}

@@ -16,8 +16,10 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # imported where used: the pipeline plans and keys its steps (document_plan) without model libraries
+    import torch
 
 ROLES = ("calibration", "validation", "test", "sae_train")
 
@@ -121,6 +123,8 @@ def special_token_ids(tokenizer) -> set[int]:
 
 def special_token_mask(tokens: torch.Tensor, special_ids: set[int]) -> torch.Tensor:
     """True at ordinary tokens, False at BOS/EOS/padding; same shape as ``tokens``."""
+    import torch
+
     mask = torch.ones_like(tokens, dtype=torch.bool)
     for token in special_ids:
         mask &= tokens != token
@@ -160,6 +164,8 @@ def sample_calibration(
 
     Returns ``[n_sequences, seq_len]`` token ids.
     """
+    import torch
+
     if prepend_bos:
         body = sample_calibration(documents, tokenizer, n_sequences, seq_len - 1, seed, max_tries)
         return torch.cat([torch.full((n_sequences, 1), tokenizer.bos_token_id, dtype=torch.long), body], dim=1)
@@ -185,6 +191,8 @@ def seed_calibration(documents: Sequence[str], tokenizer, n_ctx: int) -> torch.T
     """What the paper's code calibrates on in effect: its first document, whole, after BOS, cut at the model's
     context (TransformerLens ``to_tokens``; sae-compression gpt2-small/prune.py lines 119-132: every later
     document re-selects the zeros the first one chose). ``[1, <= n_ctx]``"""
+    import torch
+
     ids = [tokenizer.bos_token_id] + _encode(tokenizer, documents[0])
     return torch.tensor([ids[:n_ctx]], dtype=torch.long)
 
@@ -239,6 +247,8 @@ def held_out_windows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`held_out_tokens`'s windows ``[n_sequences, seq_len]`` and the document each comes from ``[n_sequences]``
     (`iter_windows_with_documents`)."""
+    import torch
+
     windows, sources = [], []
     for window, document in iter_windows_with_documents(documents, tokenizer, seq_len, prepend_bos):
         windows.append(window)
@@ -277,6 +287,8 @@ def sae_tokens(
 ) -> SAETokens:
     """Calibration windows (random windows of the calibration pool), validation and test windows (their pools,
     in order), and for wanda-seed the first ``seed_documents`` whole documents of the calibration pool."""
+    import torch
+
     plan = document_plan(exp)
     pool = load_documents(plan["calibration"], world_dir)
     calibration = sample_calibration(pool, tokenizer, exp.calibration.n_sequences, seq_len, exp.calibration.seed, prepend_bos=prepend_bos)
@@ -331,12 +343,14 @@ class TokenStream:
         return self.passes_completed + int(self._latest_open)
 
 
-@torch.no_grad()
 def cross_entropy(model, tokens: torch.Tensor, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy (nats) of a TransformerLens model over ``tokens [n, seq]``."""
+    import torch
+
     total, count = 0.0, 0
-    for batch in tokens.split(batch_size):
-        loss = model(batch, return_type="loss", loss_per_token=True)  # [batch, seq-1]
-        total += loss.double().sum().item()
-        count += loss.numel()
+    with torch.no_grad():
+        for batch in tokens.split(batch_size):
+            loss = model(batch, return_type="loss", loss_per_token=True)  # [batch, seq-1]
+            total += loss.double().sum().item()
+            count += loss.numel()
     return total / count

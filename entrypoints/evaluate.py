@@ -106,7 +106,7 @@ def library_warnings_to(log, terminal):
 @click.option("--suites", help="Comma-separated SAEBench suites: core, absorption, scr, tpp, sparse_probing, ravel.")
 @click.option("--hook", help="With no --sae: the hook of the experiment's pretrained SAE (default: the experiment's first).")
 @click.option("--layer", help="With no --sae: its layer (default: the experiment's first).")
-@click.option("--variant", help="What the SAE is, for the tables: pretrained, pruned25, pruned50, trained, ... (a tag).")
+@click.option("--variant", help="What the SAE is, for the tables: pretrained, pruned25, pruned50, trained, ... (a tag; in the key).")
 @click.option(
     "--inapplicable",
     type=click.Choice(["refuse", "tag"]),
@@ -227,19 +227,27 @@ def check_sizes(exp, sae) -> None:
             fail(f"evaluation.{name}={getattr(ev, name)} asks for {largest} latents, but the SAE has {width}; valid: at most {width}")
 
 
-def suite_keys(exp, experiment_path: str, source, model_label: str) -> dict[str, str]:
-    """Each suite's own key: the SAE, the model, the data and only that suite's sizes (config.SUITE_FIELDS), so
-    that adding a suite or changing one suite's sizes recomputes that suite alone."""
+def suite_keys(exp, experiment_path: str, source, model_label: str, variant: str) -> dict[str, str]:
+    """Each suite's own key: the SAE, the variant it is evaluated as, the model, the data and only that suite's sizes
+    (config.SUITE_FIELDS), so that adding a suite or changing one suite's sizes recomputes that suite alone."""
+    import dataclasses
+
     from saecomp.config import SUITE_FIELDS
+    from saecomp.data import document_plan
     from saecomp.names import TINY_MODELS
     from saecomp.tracking import step_key
 
     ev = exp.evaluation.model_dump()
     inputs = {
         "sae": source.identity(),  # a folder's files, an alias's version: not its name alone
+        # the column compare puts it in (its `variant` tag): one SAE evaluated as two variants is two runs, never one
+        # run under the first name
+        "variant": variant,
         "model": model_label,
         **exp.runtime(),
-        **{section: exp.to_dict()[section] for section in ("data", "calibration", "held_out")},
+        # the text core reads (the test pool moves with the pools before it; WANDA's own calibration fields reach a
+        # pruned model through its prune_llm run, in the model's label)
+        "test_pool": dataclasses.asdict(document_plan(exp)["test"]),
     }
     if exp.model in TINY_MODELS:
         inputs["world"] = world_step(exp, experiment_path)[0]
@@ -249,11 +257,11 @@ def suite_keys(exp, experiment_path: str, source, model_label: str) -> dict[str,
     }
 
 
-def key_for(exp, experiment_path: str, source, model_label: str) -> str:
+def key_for(exp, experiment_path: str, source, model_label: str, variant: str) -> str:
     """The run's key: its suites' keys."""
     from saecomp.tracking import step_key
 
-    return step_key("evaluate", suite_keys(exp, experiment_path, source, model_label))
+    return step_key("evaluate", suite_keys(exp, experiment_path, source, model_label, variant))
 
 
 def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, prune_run, variant, shared: Path | None = None) -> str:
@@ -284,8 +292,8 @@ def run_evaluate(exp, experiment_path, source, sae, checkpoint, model_label, pru
         "variant": variant,
         **{name: ",".join(map(str, v)) if isinstance(v, list) else v for name, v in sizes.items()},
     }
-    keys = suite_keys(exp, experiment_path, source, model_label)
-    key = key_for(exp, experiment_path, source, model_label)
+    keys = suite_keys(exp, experiment_path, source, model_label, variant)
+    key = key_for(exp, experiment_path, source, model_label, variant)
     from entrypoints.common import pruning_label
 
     on = pruning_label(exp) if prune_run else f"{exp.model} dense"

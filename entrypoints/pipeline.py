@@ -58,17 +58,31 @@ def evaluation_seeds(exp, suites: list[str]) -> list[int]:
     return seeds if any(s in SEEDED_SUITES for s in suites) else seeds[:1]
 
 
-def finished_suites(experiment: str, runtime: dict, suites: list[str], seeds: list[int], seed: int, source, model_label: str):
+def finished_suites(experiment: str, runtime: dict, suites: list[str], seeds: list[int], seed: int, source, model_label: str,
+                    variant: str):
     """(the experiment as evaluated under ``seed``, suite -> its finished evaluate run or None) for one variant's SAE
-    (``source``) on ``model_label``: the first seed asks every suite, the others only those that read a seed. What the
-    pipeline reuses, and what its dry run reports."""
+    (``source``, evaluated as ``variant``) on ``model_label``: the first seed asks every suite, the others only those
+    that read a seed. What the pipeline reuses, and what its dry run reports."""
     from entrypoints import evaluate
     from saecomp.config import SEEDED_SUITES
     from saecomp.tracking import find_finished_suite
 
     asked = suites if seed == seeds[0] else [s for s in suites if s in SEEDED_SUITES]
     seed_exp = load(experiment, {**runtime, "evaluation.suites": asked, "evaluation.seed": seed}, check_device=False, writes=False)
-    return seed_exp, {s: find_finished_suite(s, k) for s, k in evaluate.suite_keys(seed_exp, experiment, source, model_label).items()}
+    keys = evaluate.suite_keys(seed_exp, experiment, source, model_label, variant)
+    return seed_exp, {s: find_finished_suite(s, k) for s, k in keys.items()}
+
+
+def cell_variants(pretrained: str, sweep: str, selected: float, trained: str) -> dict[str, str]:
+    """The SAEs a cell evaluates, by the variant name compare shows them under: the paper's four, and the sweep's
+    selected level where it is neither 0.25 nor 0.5."""
+    from saecomp.names import pruned_variant
+
+    variants = {"pretrained": pretrained, "pruned25": f"runs:/{sweep}/saes/pruned-0.25",
+                "pruned50": f"runs:/{sweep}/saes/pruned-0.5", "trained": trained}  # fmt: skip
+    if selected not in (0.25, 0.5):
+        variants[pruned_variant(selected)] = f"runs:/{sweep}/saes/pruned-{selected:g}"
+    return variants
 
 
 def evaluations_status(exp, experiment: str, suites: list[str], pretrained: str, trained: str, sweep: str, model_label: str) -> str:
@@ -79,16 +93,14 @@ def evaluations_status(exp, experiment: str, suites: list[str], pretrained: str,
     from saecomp.saes import SAESource
 
     selected = mlflow.MlflowClient().get_run(sweep).data.metrics["selected_sparsity"]
-    variants = [pretrained, f"runs:/{sweep}/saes/pruned-0.25", f"runs:/{sweep}/saes/pruned-0.5", trained]
-    if selected not in (0.25, 0.5):
-        variants.append(f"runs:/{sweep}/saes/pruned-{selected:g}")
+    variants = cell_variants(pretrained, sweep, selected, trained)
     runtime = runtime_overrides()
     seeds = evaluation_seeds(exp, suites)
     found = [
         run_id
-        for ref in variants
+        for variant, ref in variants.items()
         for seed in seeds
-        for run_id in finished_suites(experiment, runtime, suites, seeds, seed, SAESource.parse(ref), model_label)[1].values()
+        for run_id in finished_suites(experiment, runtime, suites, seeds, seed, SAESource.parse(ref), model_label, variant)[1].values()
     ]
     missing = sum(run_id is None for run_id in found)
     if not missing:
@@ -286,7 +298,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
     from entrypoints import evaluate, prune_sae
     from entrypoints.common import pruning_label
     from saecomp.config import SEEDED_SUITES
-    from saecomp.names import TINY_MODELS, SAESource, pruned_variant
+    from saecomp.names import TINY_MODELS, SAESource
     from saecomp.tracking import (
         STEP_TAG,
         STOPPING,
@@ -379,10 +391,7 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
             if not suites:
                 return out
             # The paper's four variants (and the selected level), evaluated on the pruned model.
-            variants = {"pretrained": pretrained, "pruned25": f"runs:/{run_id}/saes/pruned-0.25",
-                        "pruned50": f"runs:/{run_id}/saes/pruned-0.5", "trained": trained}  # fmt: skip
-            if selected not in (0.25, 0.5):
-                variants[pruned_variant(selected)] = f"runs:/{run_id}/saes/pruned-{selected:g}"
+            variants = cell_variants(pretrained, run_id, selected, trained)
             eval_exp = load(experiment, {**runtime, "evaluation.suites": suites}, check_device=False)  # checked once, above
             # The variants' evaluate runs share the model-side work of SCR, TPP and sparse probing, as SAEBench's run_eval
             # shares it across its SAE list (same numbers; evaluate --shared_activations). Only on this machine; deleted
@@ -397,11 +406,11 @@ def _run_pipeline(exp, experiment: str, layers: list[int], suites: list[str], ex
                 variant, ref, seed = item
                 source = SAESource.parse(ref)
                 # Each suite is reused alone: only the suites without a finished result run (in one evaluate run).
-                _, found = finished_suites(experiment, runtime, suites, seeds, seed, source, model_label)
+                _, found = finished_suites(experiment, runtime, suites, seeds, seed, source, model_label, variant)
                 missing = [s for s, run_id in found.items() if run_id is None]
                 if missing:
                     missing_exp = load(experiment, {**runtime, "evaluation.suites": missing, "evaluation.seed": seed}, check_device=False)
-                    key = evaluate.key_for(missing_exp, experiment, source, model_label)
+                    key = evaluate.key_for(missing_exp, experiment, source, model_label, variant)
                     parameters = {
                         "experiment": experiment,
                         "sae": source.describe(),

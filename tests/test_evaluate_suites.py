@@ -1292,21 +1292,27 @@ def test_each_suite_is_keyed_by_its_own_sizes(experiment, small_experiment):
 
     source = SAESource.parse("runs:/0123456789abcdef0123456789abcdef/saes/pruned-0.25")
     suites = {"evaluation.suites": ["core", "absorption", "scr", "tpp", "sparse_probing"]}
-    base = evaluate_step.suite_keys(load_experiment(small_experiment, suites), str(small_experiment), source, "m")
-    changed = evaluate_step.suite_keys(
-        load_experiment(small_experiment, {**suites, "evaluation.scr_tpp_train_size": 128}), str(small_experiment), source, "m"
-    )
+
+    def keys(overrides: dict | None = None, model: str = "m", variant: str = "pruned25") -> dict[str, str]:
+        return evaluate_step.suite_keys(load_experiment(small_experiment, {**suites, **(overrides or {})}), str(small_experiment),
+                                        source, model, variant)  # fmt: skip
+
+    base = keys()
+    changed = keys({"evaluation.scr_tpp_train_size": 128})
     # the labelled data's rows follow the largest sizes, and SAEBench samples from all of them
     assert {s for s in base if base[s] != changed[s]} == {"scr", "tpp", "sparse_probing"}
-    changed = evaluate_step.suite_keys(
-        load_experiment(small_experiment, {**suites, "evaluation.absorption_max_k": 5}), str(small_experiment), source, "m"
-    )
+    changed = keys({"evaluation.absorption_max_k": 5})
     assert {s for s in base if base[s] != changed[s]} == {"absorption"}
-    other_model = evaluate_step.suite_keys(load_experiment(small_experiment, suites), str(small_experiment), source, "m2")
+    other_model = keys(model="m2")
     assert all(base[s] != other_model[s] for s in base)
-    reseeded = load_experiment(small_experiment, {**suites, "evaluation.seed": 7})
-    changed = evaluate_step.suite_keys(reseeded, str(small_experiment), source, "m")
+    changed = keys({"evaluation.seed": 7})
     assert {s for s in base if base[s] != changed[s]} == {"absorption", "scr", "tpp", "sparse_probing"}  # core draws nothing
+    # the variant is the column compare shows a run in: the same SAE as another variant is another run
+    assert all(base[s] != keys(variant="selected")[s] for s in base)
+    # WANDA's calibration does not reach an evaluation but through the model (its prune_llm run, in the label); the
+    # test pool core reads does
+    assert keys({"calibration.seed": 7, "calibration.n_sequences": 12}) == base
+    assert all(base[s] != keys({"held_out.documents": 500})[s] for s in base)
 
 
 def test_the_evaluation_seed_is_saebenchs_random_seed(experiment, pruned):

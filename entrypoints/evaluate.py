@@ -245,14 +245,14 @@ def suite_keys(exp, experiment_path: str, source, model_label: str, variant: str
         "variant": variant,
         "model": model_label,
         **exp.runtime(),
-        # the text core reads (the test pool moves with the pools before it; WANDA's own calibration fields reach a
-        # pruned model through its prune_llm run, in the model's label)
-        "test_pool": dataclasses.asdict(document_plan(exp)["test"]),
     }
     if exp.model in TINY_MODELS:
         inputs["world"] = world_step(exp, experiment_path)[0]
+    # the text core reads, the test pool (it moves with the pools before it; WANDA's own calibration fields reach a
+    # pruned model through its prune_llm run, in the model's label); the other suites read their labelled data
+    read = {"core": {"test_pool": dataclasses.asdict(document_plan(exp)["test"])}}
     return {
-        suite: step_key("evaluate", {**inputs, "suite": suite, **{f: ev[f] for f in SUITE_FIELDS[suite]}})
+        suite: step_key("evaluate", {**inputs, "suite": suite, **read.get(suite, {}), **{f: ev[f] for f in SUITE_FIELDS[suite]}})
         for suite in exp.evaluation.suites
     }
 

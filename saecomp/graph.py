@@ -64,7 +64,7 @@ STEPS: dict[str, Step] = {
             ("prune_llm", "prune_sae"),
             ("models.py", "data.py", "saes.py", "evaluate.py", "saebench_data.py"),
             "per suite: that suite's evaluation.* fields (config.SUITE_FIELDS), the SAE (its run or file digest) and the "
-            "variant it is evaluated as, the model (its prune_llm run), the test pool, the world (tiny models), device, dtype",
+            "variant it is evaluated as, the model (its prune_llm run), the test pool (core), the world (tiny models), device, dtype",
             gpu=True,
             memory_gb=4,
             per_cell=True,

@@ -465,10 +465,10 @@ def _jackknife_difference_se(a: dict, b: dict) -> float:
     import numpy as np
 
     n = _jackknife_units(a)
-    moved = np.zeros(n)  # [n]: a's frac_alive without sequence i minus b's, less their full-sample difference
+    moved = np.zeros(n)  # [n]: a's frac_alive without unit i minus b's, less their full-sample difference
     for record, sign in ((a, -1.0), (b, 1.0)):
-        for sequence, count in record["dies_without"].items():
-            moved[int(sequence)] += sign * count / record["d_sae"]
+        for unit, count in record["dies_without"].items():
+            moved[int(unit)] += sign * count / record["d_sae"]
     return float(((n - 1) / n * ((moved - moved.mean()) ** 2).sum()) ** 0.5)
 
 

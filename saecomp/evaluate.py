@@ -583,6 +583,7 @@ def core_bootstrap(
     SAEBench's own batches: a drawn sequence counts in the batch it was read in, each token weighing 1 / that batch's
     token count as there, so every batch weighs by the share of its tokens drawn (1 each on the full sample)."""
     samples, full, n_sequences, density = {}, {}, {}, {}
+    unit = "sequence" if documents is None else "document"
     lengths = [int(sum(len(part) for part in spliced.sums[next(iter(spliced.sums))]))] if spliced.sums else []
     lengths += [sum(len(part) for part in variance.sums)] if variance.x_sum else []
     loops = [loop_units(documents, n) for n in lengths]
@@ -649,7 +650,6 @@ def core_bootstrap(
             documents is None or torch.equal(variance.units.cpu(), loops[-1]))  # fmt: skip
         units = n_units["sparsity_variance"]
         if variance.units_fired is not None and variance.sequences_counted == n and units > 1 and same_units:
-            unit = "sequence" if documents is None else "document"
             density["jackknife"] = {"frac_alive": frac_alive_jackknife(variance.units_fired, variance.last_fired_in, units, unit)}
         elif variance.units_fired is not None:
             density["jackknife_skipped"] = (
@@ -657,7 +657,6 @@ def core_bootstrap(
                 f"the bootstrap resamples: it counted {variance.sequences_counted} of {n} sequences from {units} units"
                 + ("" if same_units else ", by other units")
             )
-    unit = "sequence" if documents is None else "document"
     few = {loop: k for loop, k in n_units.items() if k < MIN_BOOTSTRAP_UNITS}
     if few:  # the full-sample values stand (the centred explained variance among them); no errors claimed
         samples = {}

@@ -304,11 +304,6 @@ def train_sae(
     # What `runner.run()` does, with our trainer in place of SAETrainer.
     runner._set_sae_metadata()
     save_runner_state = runner.save_checkpoint
-    # SAELens's interruption handler (`run_trainer_with_interruption_handling`) saves only the runner's part (activation
-    # store, runner config) into `<checkpoint_path>/<samples seen>`: never resumable without the trainer's state, and,
-    # when no step ran since the last checkpoint, that checkpoint's own folder, whose activation store it would rewrite
-    # after the completion marker. So that save does nothing; a killed run resumes from its last complete checkpoint.
-    runner.save_checkpoint = lambda checkpoint_path: None
     trainer = StreamingTrainer(
         sae=runner.sae,
         data_provider=runner.activations_store,
@@ -324,8 +319,15 @@ def train_sae(
         runner.sae.load_weights_from_checkpoint(resume)
         runner.activations_store.load_from_checkpoint(resume)
         trainer.samples_at_start = trainer.n_training_samples
+    # `trainer.fit()`, not the runner's `run_trainer_with_interruption_handling`, whose two additions are both wrong
+    # here. On an interrupt it saves only the runner's part (activation store, runner config) into
+    # `<checkpoint_path>/<samples seen>`: never resumable without the trainer's state, and, when no step ran since the
+    # last checkpoint, into that checkpoint's own folder, after its completion marker. A killed run resumes from its last
+    # complete checkpoint instead. And it installs SAELens's SIGINT/SIGTERM handlers for good (never restored), which
+    # turn Ctrl-C and `kill` into an `Exception` (`InterruptedException`) that any `except Exception` swallows, in place
+    # of the step's own (KeyboardInterrupt; a counted SIGTERM that never lets the run end FINISHED).
     with shared_forward.serving(runner.activations_store) if shared_forward else nullcontext():
-        trained = runner.run_trainer_with_interruption_handling(trainer)
+        trained = trainer.fit()
     trained.save_inference_model(str(output_dir))
     return SAE.load_from_disk(str(output_dir)), (int(resume.name) if resume is not None else None)
 

@@ -397,3 +397,51 @@ def test_a_checkpoint_saved_after_the_run_was_closed_is_never_resumed_from(tmp_p
     assert saved == [first]
     assert (first / CHECKPOINT_COMPLETE).exists() and not (later / CHECKPOINT_COMPLETE).exists()
     assert latest_checkpoint(tmp_path / "ckpts") == first
+
+
+class _Stopped(BaseException):
+    """What the test's own SIGTERM handler raises (a step's is `tracking._Terminated`, also no `Exception`)."""
+
+
+def test_a_training_leaves_the_steps_signal_handlers_in_place_and_a_sigterm_reaches_them(small_world, tmp_path):
+    """SAELens's runner installs its own SIGINT/SIGTERM handlers for good, which raise an `Exception` any `except
+    Exception` swallows, in place of the step's (Ctrl-C's KeyboardInterrupt, `kill`'s counted exit): `train_sae` must
+    leave the handlers it found in place during the fit and after it, so a SIGTERM mid-training reaches the step's."""
+    import os
+    import signal
+
+    from datasets import Dataset
+
+    from saecomp.data import DocumentPool, held_out_tokens, iter_documents
+    from saecomp.models import NO_PROCESSING_KWARGS
+    from saecomp.train_sae import train_sae
+
+    loaded = load_model("tiny-gpt2", small_world / "tiny-gpt2")
+    tokens = held_out_tokens(iter_documents(DocumentPool("tiny", "train", "text", 0, None), small_world), loaded.tokenizer, 100, 32, False)
+    rows = Dataset.from_dict({"input_ids": tokens.tolist()})
+    spec = SAETrainingSpec(
+        "hook_resid_post", 1, training_tokens=2048, batch_size_tokens=256, context_size=32, expansion_factor=2, n_checkpoints=0
+    )
+    steps = []
+
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    def on_metrics(step, metrics):
+        steps.append(step)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    # uninterrupted: the handlers it found are the ones it leaves
+    train_sae(spec, loaded.tl, rows, "tiny-gpt2", NO_PROCESSING_KWARGS, tmp_path / "a" / "ckpt", tmp_path / "a" / "sae", log_every=1)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(_Stopped):  # SAELens's handler would raise its InterruptedException (an Exception) instead
+            train_sae(spec, loaded.tl, rows, "tiny-gpt2", NO_PROCESSING_KWARGS, tmp_path / "b" / "ckpt", tmp_path / "b" / "sae",
+                      on_metrics=on_metrics, log_every=1)  # fmt: skip
+        assert signal.getsignal(signal.SIGTERM) is stop and signal.getsignal(signal.SIGINT) == before[0]
+        assert len(steps) == 2 and not (tmp_path / "b" / "sae").exists()  # stopped at the step it was told to stop at
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -951,11 +951,48 @@ _SIGTERMS_HANDLED = 0
 """SIGTERMs this process has handled: a step whose count moved never ends FINISHED, even if its exception was lost."""
 
 
+SIGTERM_RESEND_SECONDS = 10.0
+"""A step still in its body this long after a SIGTERM was handled is sent it again (``_insist``), and again."""
+
+
+class _OpenStep:
+    """The step whose body runs now (``step_run``; None while it closes), and whether it is being sent SIGTERM again."""
+
+    def __init__(self) -> None:
+        self.insisting = False
+
+
+_OPEN_STEP: _OpenStep | None = None
+
+
 def _raise_on_sigterm(signum, frame):
     # Turn `kill` into an exception so that the run is closed as FAILED, never left FINISHED.
     global _SIGTERMS_HANDLED
     _SIGTERMS_HANDLED += 1
+    _insist(_OPEN_STEP)
     raise _Terminated(128 + signum)
+
+
+def _insist(step: _OpenStep | None) -> None:
+    """Send SIGTERM again every SIGTERM_RESEND_SECONDS while ``step`` stays in its body: code that catches
+    BaseException (or a bare `except:`) swallows the exit the first one raised and would otherwise run on to the step's
+    end. A step that obeyed is closing by then (its handler is no longer ``_raise_on_sigterm``): nothing is sent."""
+    if step is None or step.insisting:
+        return
+    step.insisting = True
+
+    def again() -> None:
+        import _thread
+
+        while True:
+            time.sleep(SIGTERM_RESEND_SECONDS)
+            if _OPEN_STEP is not step or signal.getsignal(signal.SIGTERM) is not _raise_on_sigterm:
+                return
+            print(f"[saecomp] the step is still running {SIGTERM_RESEND_SECONDS:g} s after a SIGTERM (its exit was swallowed): sent again",
+                  file=_terminal(), flush=True)  # fmt: skip
+            _thread.interrupt_main(signal.SIGTERM)
+
+    threading.Thread(target=again, name="saecomp-sigterm-insist", daemon=True).start()
 
 
 def _count_sigterm(signum, frame):
@@ -1014,18 +1051,23 @@ def step_run(
     it FINISHED. Params that `mlflow run` already logged from ``-P`` are not logged again (MLflow
     refuses a second value, and the first is what the user typed).
     """
-    global _TOLD_ABOUT_DEFAULT
+    global _TOLD_ABOUT_DEFAULT, _OPEN_STEP
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     previous_unraisable_hook = sys.unraisablehook
     sys.unraisablehook = _redeliver_dropped_sigterm(previous_unraisable_hook)
     sigterms_before = _SIGTERMS_HANDLED
+    outer_step, _OPEN_STEP = _OPEN_STEP, _OpenStep()
 
     def closing() -> None:  # first thing on every way out: a SIGTERM from here on is counted, never raised
+        global _OPEN_STEP
         signal.signal(signal.SIGTERM, _count_sigterm)
+        _OPEN_STEP = None
 
     def restore() -> None:
+        global _OPEN_STEP
         signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_unraisable_hook
+        _OPEN_STEP = outer_step
 
     try:
         reap_dead_runs()

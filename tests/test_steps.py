@@ -281,6 +281,37 @@ def test_a_sigterm_dropped_as_the_step_ends_never_finishes_its_run(monkeypatch):
     assert (signal.getsignal(signal.SIGTERM), sys.unraisablehook) == before
 
 
+def test_a_sigterm_a_library_swallows_is_sent_again_until_the_step_stops(monkeypatch, capfd):
+    """Code that catches BaseException (or a bare `except:`) swallows the exit a SIGTERM raised, and the step would run
+    on to its end: the signal is sent again while the step stays in its body, so it stops within a resend period,
+    FAILED. A step that obeyed the first one is closed by then and gets nothing more."""
+    from saecomp import tracking
+    from saecomp.tracking import step_run
+
+    monkeypatch.setattr(tracking, "SIGTERM_RESEND_SECONDS", 0.3)
+    swallowed = 0
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as stopped:
+        with step_run("probe", "key-term-swallowed", {}) as run:
+            try:
+                signal.raise_signal(signal.SIGTERM)
+            except BaseException:  # noqa: BLE001 - a library's broad handler: what the test is about
+                swallowed += 1
+            for _ in range(3000):  # 30 s of work in plain code, where a resend lands
+                time.sleep(0.01)
+    assert stopped.value.code == 143 and swallowed == 1
+    assert time.monotonic() - started < 10
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+    assert "sent again" in capfd.readouterr().err
+
+    # obeyed at once: closed before the period is over, and nothing is sent into what runs next
+    with pytest.raises(SystemExit):
+        with step_run("probe", "key-term-obeyed", {}):
+            signal.raise_signal(signal.SIGTERM)
+    time.sleep(0.6)
+    assert capfd.readouterr().err.count("sent again") == 0
+
+
 def test_the_oldest_finished_run_of_a_key_is_canonical():
     from saecomp.tracking import find_finished_run, step_run
 

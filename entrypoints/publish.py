@@ -64,12 +64,13 @@ def main(experiment, repo, sae, dry_run, public, overwrite, with_model) -> None:
             fail(f"the Hub at {why}; valid: publish from a machine that reaches it, or dry_run=true")
         if get_token() is None:
             fail("no Hugging Face token; valid: set HF_TOKEN or run `huggingface-cli login` (or dry_run=true)")
-    chosen = choose(exp, sae)
+    chosen = choose(exp, sae, experiment)
     run_publish(exp, experiment, repo, chosen, dry_run, public, overwrite, with_model)
 
 
-def choose(exp, named: str | None) -> list[tuple[str, str, bool]]:
-    """[(prune_sae run id, level, named explicitly)]: the named SAEs, or each cell's selected level where it was met."""
+def choose(exp, named: str | None, experiment_path: str) -> list[tuple[str, str, bool]]:
+    """[(prune_sae run id, level, named explicitly)]: the named SAEs, or, by default, the selected level of each of the
+    file's cells where it was met, on the pruned model the file declares (``default_sweeps``)."""
     import mlflow
 
     from saecomp.tracking import STEP_TAG, local_artifacts
@@ -95,10 +96,8 @@ def choose(exp, named: str | None) -> list[tuple[str, str, bool]]:
         fail(f"the tracking store {mlflow.get_tracking_uri()} has no experiment {exp.name!r}; valid: run `mlflow run .` first")
     runs = client.search_runs([experiment.experiment_id], f"attributes.status = 'FINISHED' and tags.`{STEP_TAG}` = 'prune_sae'")
     newest = {}
-    for run in sorted(runs, key=lambda r: r.info.start_time):
+    for run in sorted(default_sweeps(exp, experiment_path, runs), key=lambda r: r.info.start_time):
         newest[(run.data.tags.get("layer"), run.data.tags.get("hook"))] = run
-    if not newest:
-        fail(f"experiment {exp.name!r} has no finished prune_sae run; valid: run `mlflow run .` (or -e prune_sae) first")
     chosen = []
     for (layer, hook), run in sorted(newest.items(), key=lambda item: (int(item[0][0] or -1), item[0][1])):
         selection = json.loads((local_artifacts(run.info.run_id, "selection.json")).read_text())
@@ -115,6 +114,40 @@ def choose(exp, named: str | None) -> list[tuple[str, str, bool]]:
     if not chosen:
         fail("no cell met its selection; valid: name the SAEs to publish with sae=runs:/<prune_sae run>/saes/pruned-<level>")
     return chosen
+
+
+def pruned_model_of(run) -> str | None:
+    """The prune_llm run id a prune_sae (or evaluate) run's SAE was made on."""
+    return run.data.params.get("pruned_model_run") or run.data.tags.get("pruned_model_run")
+
+
+def default_sweeps(exp, experiment_path: str, runs: list) -> list:
+    """The finished prune_sae ``runs`` the default choice reads: those of the file's hooks and layers on the pruned model
+    the file declares (the finished prune_llm run of its key, as the pipeline finds it). One card describes one pruned
+    model, so sweeps on others (the file's pruning changed since, or `--device` given to the pipeline, which is in the
+    key) are left out; where the file's own model has none and the store's sweeps are all of one other model, those are
+    taken, and said; with several other models the choice is the user's."""
+    from entrypoints import prune_llm
+    from saecomp.tracking import find_finished_run
+
+    layers = None if exp.sae.layers == "all" else {str(layer) for layer in exp.sae.layers}
+    runs = [r for r in runs if r.data.tags.get("hook") in exp.sae.hooks and (layers is None or r.data.tags.get("layer") in layers)]
+    if not runs:
+        fail(f"experiment {exp.name!r} has no finished prune_sae run of the file's hooks and layers; valid: run `mlflow run .` "
+             "(or -e prune_sae) first")  # fmt: skip
+    declared = find_finished_run("prune_llm", prune_llm.key_for(exp, experiment_path))
+    mine = [r for r in runs if pruned_model_of(r) == declared] if declared else []
+    if mine:
+        return mine
+    others = sorted({str(pruned_model_of(r)) for r in runs})
+    declared_text = f"prune_llm run {declared}" if declared else "no finished prune_llm run has its settings"
+    if len(others) == 1:
+        click.echo(f"[publish] the pruned model {experiment_path} declares has no sweep ({declared_text}); taking the store's "
+                   f"sweeps, all on one pruned model (prune_llm run {others[0]})", err=True)  # fmt: skip
+        return runs
+    fail(f"the pruned model {experiment_path} declares has no finished prune_sae run ({declared_text}), and the store's are on "
+         f"{len(others)} other pruned models (prune_llm runs {', '.join(others)}); valid: run `mlflow run .` with this file, or name "
+         "the SAEs with sae=runs:/<prune_sae run>/saes/pruned-<level> (one pruned model per repo)")  # fmt: skip
 
 
 def registered_run(client, item: str) -> str:
@@ -150,7 +183,7 @@ def gather(exp, experiment: str, chosen, companion: str | None):
             folder = local_artifacts(run_id, path)
         except Exception:
             fail(f"sae=runs:/{run_id}/{path}: the run has no such SAE; valid: a level it logged under saes/")
-        prune_llm = run.data.params.get("pruned_model_run") or run.data.tags.get("pruned_model_run")
+        prune_llm = pruned_model_of(run)
         llm = client.get_run(prune_llm).data.params if prune_llm else {}
         hook_name = f"blocks.{run.data.tags['layer']}.{run.data.tags['hook']}"
         selection = json.loads(local_artifacts(run_id, "selection.json").read_text())

@@ -33,13 +33,24 @@ def small_sae(hook_name: str, seed: int) -> SAE:
     return sae
 
 
+def pruned_model_key(experiment_file: Path) -> str:
+    """The key of the prune_llm run the file declares, as the pipeline (and publish's default choice) finds it."""
+    from entrypoints import prune_llm
+    from entrypoints.common import load
+
+    return prune_llm.key_for(load(str(experiment_file), {}, check_device=False, reads_the_hub=False), str(experiment_file))
+
+
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """A prune_llm run with its checkpoint, and two prune_sae runs: hook_resid_post met its selection, hook_mlp_out did not."""
+def store(tmp_path_factory, small_experiment):
+    """A prune_llm run with its checkpoint (the pruned model the small experiment declares), and two prune_sae runs:
+    hook_resid_post met its selection, hook_mlp_out did not."""
     tmp = tmp_path_factory.mktemp("publish")
     client = mlflow.MlflowClient()
     experiment_id = experiment_id_for(EXPERIMENT)
-    llm = client.create_run(experiment_id, tags={"saecomp.step": "prune_llm", "mlflow.runName": "prune_llm · tiny-gpt2 wanda 50%"})
+    key = pruned_model_key(small_experiment)
+    tags = {"saecomp.step": "prune_llm", "saecomp.key": key, "mlflow.runName": "prune_llm · tiny-gpt2 wanda 50%"}
+    llm = client.create_run(experiment_id, tags=tags)
     params = {"model": "tiny-gpt2", "method": "wanda", "sparsity": "0.5", "nm": "unstructured", "calibration.n_sequences": "128",
               "calibration.seq_len": "None", "calibration.seed": "0", "data.dataset": "tiny"}  # fmt: skip
     for key, value in params.items():
@@ -250,6 +261,55 @@ def test_bad_input_is_refused_before_any_run(store, experiment_file):
         assert result.exit_code == 2 and message in result.output, (args, result.output)
     after = newest_publish_run()
     assert (before.info.run_id if before else None) == (after.info.run_id if after else None)
+
+
+def test_the_default_choice_takes_the_pruned_model_the_file_declares(store, experiment_file, tmp_path):
+    """One card describes one pruned model. With sweeps of several pruned models in the store (the file's pruning changed
+    since, say), the default takes the cells of the model the file declares, even where another model's sweep of the same
+    cell is newer; where the file's model has none, it names the models there are and how to choose."""
+    client = mlflow.MlflowClient()
+    experiment_id = store["experiment_id"]
+    added = []
+    try:
+        other = client.create_run(experiment_id, tags={"saecomp.step": "prune_llm", "saecomp.key": "another pruning"})
+        client.set_terminated(other.info.run_id, "FINISHED")
+        newer = client.create_run(experiment_id, tags={"saecomp.step": "prune_sae", "hook": "hook_resid_post", "layer": "1",
+                                                       "pruned_model_run": other.info.run_id})  # fmt: skip
+        added += [other.info.run_id, newer.info.run_id]
+        client.log_param(newer.info.run_id, "pruned_model_run", other.info.run_id)
+        small_sae("blocks.1.hook_resid_post", 99).save_model(str(tmp_path / "newer" / "pruned-0.25"))
+        client.log_artifacts(newer.info.run_id, str(tmp_path / "newer"), "saes")
+        (tmp_path / "selection.json").write_text(json.dumps({"selected": 0.25, "met": True, "metric": "mse", "tolerance": 0.25}))
+        client.log_artifact(newer.info.run_id, str(tmp_path / "selection.json"))
+        client.set_terminated(newer.info.run_id, "FINISHED")
+
+        result = publish(experiment_file, "--repo", "someone/declared", "--dry_run", "true")
+        assert result.exit_code == 0, result.output
+        run = newest_publish_run()
+        assert run.data.params["saes"] == f"runs:/{store['saes']['hook_resid_post'][0]}/saes/pruned-0.25"
+        folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="publish", dst_path=str(tmp_path)))
+        assert json.loads((folder / "saecomp.json").read_text())["prune_llm_run"] == store["prune_llm"]
+
+        config = yaml.safe_load(experiment_file.read_text())
+        config["llm_pruning"] = {**config.get("llm_pruning", {}), "sparsity": 0.3}  # a pruned model no run has made
+        changed = tmp_path / "changed.yaml"
+        changed.write_text(yaml.safe_dump(config))
+        refused = publish(changed, "--repo", "someone/declared", "--dry_run", "true")
+        assert refused.exit_code == 2, refused.output
+        assert "has no finished prune_sae run (no finished prune_llm run has its settings)" in refused.output
+        assert f"2 other pruned models (prune_llm runs {', '.join(sorted([store['prune_llm'], other.info.run_id]))})" in refused.output
+        assert "name the SAEs with sae=runs:/<prune_sae run>/saes/pruned-<level>" in refused.output
+        assert newest_publish_run().info.run_id == run.info.run_id  # refused before any run
+
+        client.delete_run(newer.info.run_id)  # the store's sweeps are all on one model again, not the file's: taken, and said
+        taken = publish(changed, "--repo", "someone/declared", "--dry_run", "true")
+        assert taken.exit_code == 0, taken.output
+        assert f"taking the store's sweeps, all on one pruned model (prune_llm run {store['prune_llm']})" in taken.output
+        assert newest_publish_run().data.params["saes"] == run.data.params["saes"]
+    finally:
+        for run_id in added:
+            if client.get_run(run_id).info.lifecycle_stage != "deleted":
+                client.delete_run(run_id)
 
 
 def real_files_sae(kind: str) -> SAE:

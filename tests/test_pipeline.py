@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from entrypoints import pipeline
@@ -161,10 +162,22 @@ def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment
     assert re.search(r"prune_sae .*: reuses finished run \w+", plan.output), plan.output
     counts = re.search(r"evaluate core, scr .*: (\d+) of (\d+) suite results will run", plan.output)
     assert counts and int(counts[1]) >= 4 and int(counts[2]) == 3 * int(counts[1]), plan.output
-    result = CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    # The new seed's runs as Ray tasks on the one-node Ray the pipeline starts itself (`--executor ray`, no address), as
+    # a user with Ray installed and no cluster gets it; the store is this session's SQLite, which one node may share.
+    pytest.importorskip("ray")
+    from infrastructure import without_session_step_server
+
+    from saecomp.tracking import RAY_NODE_TAG
+
+    on_ray = subprocess.run(
+        [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray"],
+        cwd=ROOT, env=without_session_step_server(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert on_ray.returncode == 0, on_ray.stderr[-4000:]
+    assert "executor: ray, 1 node(s)" in on_ray.stderr, on_ray.stderr[-4000:]
     new = [r for r in step_runs("evaluate") if r.info.run_id not in before]
     assert len(new) == 4 and {(r.data.params["suites"], r.data.params["evaluation.seed"]) for r in new} == {("scr", "43")}
+    assert all(r.data.tags.get(RAY_NODE_TAG) and r.info.status == "FINISHED" for r in new), [r.data.tags for r in new]
     run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
     report = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare")
     exact = {"float_precision": "round_trip"}

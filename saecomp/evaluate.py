@@ -1122,9 +1122,9 @@ def sparse_probing_bootstrap(
     import numpy as np
 
     by_dataset: dict[str, dict[str, np.ndarray]] = {}  # dataset -> metric -> [replicates]
-    for index, dataset in enumerate(per_class):
-        units, tests = traced[dataset]
-        counts = _resampled_text_counts(units, replicates, [seed, 5, index])  # [replicates, entries]
+    drawn_counts, joint = resampled_runs([traced[d][0] for d in per_class], replicates, [seed, 5])
+    for dataset, counts in zip(per_class, drawn_counts, strict=True):  # counts: [replicates, entries]
+        _, tests = traced[dataset]
         columns: list[tuple] = []
         spans: dict[tuple, tuple[int, int]] = {}  # (metric, class) -> its tests' columns
         for name, by_class in tests.items():
@@ -1139,14 +1139,18 @@ def sparse_probing_bootstrap(
     common = set.intersection(*(set(m) for m in by_dataset.values())) if by_dataset else set()
     samples = {name: np.mean([by_dataset[d][name] for d in per_class], axis=0) for name in sorted(common)}
     digests = [traced[d][0].digest for d in per_class]
-    sample_id = hashlib.sha256(json.dumps(["sparse_probing", "texts", list(per_class), digests]).encode()).hexdigest()[:20]
+    names = list(per_class)
+    drawn_on = ["sparse_probing", "texts", names, digests] + (["jointly", joint] if joint else [])  # draws changed with joint
+    sample_id = hashlib.sha256(json.dumps(drawn_on).encode()).hexdigest()[:20]
     return {
         "unit": "test text (a distinct text, resampled within the texts of its classes)",
         "method": (
-            "bootstrap of the test texts (resampled within the texts of the same classes); each probe's accuracy recomputed "
-            "from its answers text by text (a GPU probe's best epoch picked again per replicate), the same resamples for every "
-            "SAE with the same sample_id; SAEBench's averaging over classes and datasets"
+            "bootstrap of the test texts (resampled within the texts of the same classes; datasets that test on the same texts "
+            "resampled together, each text drawn once for all); each probe's accuracy recomputed from its answers text by text "
+            "(a GPU probe's best epoch picked again per replicate), the same resamples for every SAE with the same sample_id; "
+            "SAEBench's averaging over classes and datasets"
         ),
+        "resampled_together": [[names[i] for i in group] for group in joint],
         "se_kind": "bootstrap_se",
         "texts": {d: traced[d][0].summary() for d in per_class},
         "replicates": replicates,
@@ -1587,9 +1591,10 @@ def scr_tpp_uncertainty(
     twins_ablated = [flat(masked[0]) if masked is not None else [] for masked in masked_runs or [None] * len(runs)]
     traced, untraced = _traced_outcomes(runs, masked_runs)
     redrawn = []
+    joint: list[list[int]] = []
     if traced is not None:  # the texts themselves resampled: every accuracy of a run, and every SAE on the model, alike
-        for index, (parts, (units, outcomes)) in enumerate(zip(zip(cleans, ablated, twins_ablated, strict=True), traced, strict=True)):
-            counts = _resampled_text_counts(units, replicates, [seed, 3, index])  # [replicates, entries]
+        drawn_counts, joint = resampled_runs([units for units, _ in traced], replicates, [seed, 3])  # [replicates, entries] each
+        for parts, (_, outcomes), counts in zip(zip(cleans, ablated, twins_ablated, strict=True), traced, drawn_counts, strict=True):
             tests = [outcomes[(i, place)] for i, part in enumerate(parts) for place, _ in part]
             drawn = _reweighted_accuracies(counts, tests).tolist() if tests else [[] for _ in range(replicates)]
             redrawn.append(([len(part) for part in parts], [[place for place, _ in part] for part in parts], drawn))
@@ -1624,7 +1629,7 @@ def scr_tpp_uncertainty(
         unit, kind = "test text (binomial, per accuracy)", "binomial_se"
     drawn_on = [suite, keys, [run["clean"] for run in runs], [run["n_test"] for run in runs], drawn_from]
     if traced is not None:  # never the same sample_id as a parametric draw: compare pairs only like with like
-        drawn_on += ["texts", [units.digest for units, _ in traced]]
+        drawn_on += ["texts", [units.digest for units, _ in traced]] + (["jointly", joint] if joint else [])
     sample_id = hashlib.sha256(json.dumps(drawn_on, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     samples: dict[str, list[float | None]] = {}  # metric (twins: <metric>_padding_masked) -> its value per replicate
@@ -1655,6 +1660,7 @@ def scr_tpp_uncertainty(
         "se_kind": kind,
         **({"untraced": untraced} if untraced else {}),
         **({"texts": [units.summary() for units, _ in traced]} if traced is not None else {}),
+        **({"resampled_together": [[keys[i] for i in group] for group in joint]} if joint else {}),
         "replicates": replicates,
         "seed": seed,
         "sample_id": sample_id,
@@ -1717,6 +1723,7 @@ class TextUnits:
     entry_text: tuple  # [entries] the text each entry is (entry: pool offset + row, pools in sorted class order)
     strata: tuple  # ((texts, ...), ...): the texts that are entries of the same classes, in a fixed order
     digest: str  # of every entry's text, in order: two runs resample alike only on the same texts
+    texts: tuple = ()  # [texts] each numbered text's content digest: what tells another run's same text (``resampled_runs``)
 
     @classmethod
     def of(cls, pools: tuple, texts: dict[str, list[str]] | None) -> TextUnits | None:
@@ -1732,7 +1739,7 @@ class TextUnits:
             strata.setdefault(tuple(classes_of[text]), []).append(text)
         digest = hashlib.sha256(json.dumps([pools, [d for _, d in entries]]).encode()).hexdigest()[:20]
         ordered = tuple(tuple(strata[signature]) for signature in sorted(strata))
-        return cls(tuple(number[d] for _, d in entries), ordered, digest)
+        return cls(tuple(number[d] for _, d in entries), ordered, digest, tuple(sorted(number)))
 
     def summary(self) -> dict:
         return {"entries": len(self.entry_text), "texts": sum(map(len, self.strata)), "strata": len(self.strata)}
@@ -1750,6 +1757,52 @@ def _resampled_text_counts(units: TextUnits, replicates: int, seed: list[int]):
         n = len(texts)
         per_text[:, list(texts)] = generator.multinomial(n, np.full(n, 1.0 / n), size=replicates)
     return per_text[:, list(units.entry_text)]
+
+
+def resampled_runs(units: list[TextUnits], replicates: int, seed: list[int]) -> tuple[list, list[list[int]]]:
+    """(per dataset run, its [replicates, entries] draw counts; the groups of runs drawn together). A run that shares no
+    text with another is resampled alone, exactly as ``_resampled_text_counts`` with ``[*seed, index]``. Runs that test on
+    some of the same texts (views of one repository: SAEBench's two Amazon sparse-probing tasks read the same reviews)
+    are resampled together: each text drawn once for all of them, within the texts that are entries of the same
+    classes in every run of the group (so each run's classes keep their sizes, as alone), where drawing them apart
+    would treat one review's two tests as independent and make the error of their mean too small."""
+    import numpy as np
+
+    parent = list(range(len(units)))  # union-find over the runs: joined where they share a text
+
+    def root(index: int) -> int:
+        while parent[index] != index:
+            index = parent[index]
+        return index
+
+    first_run: dict[str, int] = {}  # text -> the first run that tests on it
+    for index, run in enumerate(units):
+        for text in run.texts:
+            parent[root(index)] = root(first_run.setdefault(text, index))
+    by_root: dict[int, list[int]] = {}
+    for index in range(len(units)):
+        by_root.setdefault(root(index), []).append(index)
+    groups = sorted(by_root.values())
+    counts: list = [None] * len(units)
+    for group in groups:
+        if len(group) == 1:
+            counts[group[0]] = _resampled_text_counts(units[group[0]], replicates, [*seed, group[0]])
+            continue
+        union = sorted(set().union(*(units[g].texts for g in group)))
+        number = {text: i for i, text in enumerate(union)}
+        stratum_of = [{number[units[g].texts[t]]: s for s, stratum in enumerate(units[g].strata) for t in stratum} for g in group]
+        strata: dict[tuple, list[int]] = {}
+        for text in range(len(union)):
+            strata.setdefault(tuple(of.get(text, -1) for of in stratum_of), []).append(text)
+        digest = hashlib.sha256(json.dumps([units[g].digest for g in group]).encode()).hexdigest()[:15]
+        generator = np.random.default_rng([*seed, len(units) + group[0], int(digest, 16)])
+        per_text = np.zeros((replicates, len(union)), dtype=np.int32)
+        for signature in sorted(strata):
+            texts = strata[signature]
+            per_text[:, texts] = generator.multinomial(len(texts), np.full(len(texts), 1.0 / len(texts)), size=replicates)
+        for g in group:
+            counts[g] = per_text[:, [number[units[g].texts[t]] for t in units[g].entry_text]]
+    return counts, [group for group in groups if len(group) > 1]
 
 
 def _reweighted_accuracies(counts, tests: list[tuple]):

@@ -595,6 +595,64 @@ def test_sparse_probings_bootstrap_of_texts_is_the_closed_form_pairs_two_saes_an
     )
 
 
+def test_datasets_that_test_on_the_same_texts_are_resampled_together():
+    """SAEBench's two Amazon sparse-probing tasks are views of one repository: the same review is a test text of both.
+    Drawn apart, one review's two tests would count as independent and the error of their mean would be too small
+    (by up to 1/sqrt 2). Datasets sharing texts are resampled together: each text drawn once for all, every dataset's
+    classes keeping their sizes (here crossed: category a/b against sentiment pos/neg); a dataset sharing nothing
+    draws exactly what it drew alone before."""
+    import numpy as np
+
+    n = 80
+    reviews = [f"review {i}" for i in range(n)]
+    category = {"a": reviews[:40], "b": reviews[40:]}
+    sentiment = {"pos": reviews[:20] + reviews[40:60], "neg": reviews[20:40] + reviews[60:]}
+    bios = {"c": [f"bio {i}" for i in range(30)], "d": [f"bio {i}" for i in range(30, 60)]}
+    rng = np.random.default_rng(11)
+
+    def dataset(classes: dict, right_of: dict | None = None):
+        pools = tuple((c, len(texts)) for c, texts in classes.items())
+        read = np.arange(sum(len(texts) for texts in classes.values()))
+        right = right_of or {c: rng.random(len(read)) < 0.8 for c in classes}
+        by_name = {"sae_top_1_test_accuracy": {"pools": pools, "by_class": {c: (read, [right[c]]) for c in classes}}}
+        accuracies = {"sae_top_1_test_accuracy": {c: float(np.mean(right[c])) for c in classes}}
+        return {"texts": classes, "by_name": by_name}, accuracies, right
+
+    # the same texts and answers twice: drawn together, the two datasets move as one, and so does their mean
+    one, accuracies, right = dataset(category)
+    two, _, _ = dataset(category, right)
+    per_class = {"first_results": accuracies, "second_results": accuracies}
+    traced, why = evaluate_lib._sparse_probing_traced(per_class, {"first_results": one, "second_results": two})
+    assert why is None
+    result = evaluate_lib.sparse_probing_bootstrap(per_class, traced, {}, replicates=2000)
+    metric = "sae_top_1_test_accuracy"
+    assert result["resampled_together"] == [["first_results", "second_results"]]
+    assert result["per_dataset_se"]["first_results"] == result["per_dataset_se"]["second_results"]
+    assert result["se"][metric] == pytest.approx(result["per_dataset_se"]["first_results"][metric], rel=1e-12)
+    # the old draw (each dataset apart) gave the mean about 1/sqrt 2 of that
+    apart = [evaluate_lib._resampled_text_counts(traced[d][0], 2000, [evaluate_lib.BOOTSTRAP_SEED, 5, i]) for i, d in enumerate(per_class)]
+    tests = [(np.arange(2 * 40), right[c]) for c in category]
+    apart_mean = np.mean([evaluate_lib._reweighted_accuracies(c, tests).mean(axis=1) for c in apart], axis=0)
+    assert float(apart_mean.std(ddof=1)) < 0.8 * result["se"][metric]
+
+    # crossed classes over partly shared texts, and a dataset sharing nothing
+    runs = {"category": dataset(category)[0], "sentiment": dataset(sentiment)[0], "bios": dataset(bios)[0]}
+    units = [evaluate_lib.TextUnits.of(run["by_name"][metric]["pools"], run["texts"]) for run in runs.values()]
+    counts, joint = evaluate_lib.resampled_runs(units, 500, [7, 5])
+    assert joint == [[0, 1]]
+    drawn = [{} for _ in units]  # per run: text -> its count per replicate
+    for index, (run, entries) in enumerate(zip(runs.values(), counts, strict=True)):
+        names = [text for texts in run["texts"].values() for text in texts]
+        for column, text in enumerate(names):
+            drawn[index][text] = entries[:, column]
+        for label, texts in run["texts"].items():  # every class keeps its size in every replicate
+            assert (sum(drawn[index][text] for text in texts) == len(texts)).all(), label
+    assert all((drawn[0][text] == drawn[1][text]).all() for text in reviews)  # each review drawn once for both
+    assert any((drawn[0][text] != 1).any() for text in reviews)
+    alone = evaluate_lib._resampled_text_counts(units[2], 500, [7, 5, 2])
+    assert np.array_equal(counts[2], alone)  # as before this change
+
+
 def test_a_text_that_is_an_entry_of_several_classes_is_resampled_once():
     """SCR's classes regroup the same bios ("male / female" and "female_data_only" are the four quadrants that
     "professor / nurse" and "nurse_data_only" hold again), so the bootstrap resamples distinct texts, not class

@@ -26,6 +26,13 @@ def step_inputs(exp, experiment_path: str) -> dict:
     return inputs
 
 
+def logged_settings(exp) -> dict[str, str]:
+    """The model and the pruning settings as a prune_llm run logs them (params): what a run is recognised by where its key
+    cannot be recomputed (the key holds the code too)."""
+    sections = {k: v for k, v in exp.to_dict().items() if k in ("data", "calibration", "llm_pruning", "held_out")}
+    return {"model": exp.model, **flat_params(sections)}
+
+
 def key_for(exp, experiment_path: str) -> str:
     from saecomp.tracking import step_key
 
@@ -105,11 +112,10 @@ def run_prune_llm(exp, experiment_path: str, checkpoint: Path | None, world: Pat
     key = key_for(exp, experiment_path)
     params = {
         **exp.runtime(),
-        "model": exp.model,
         "method": spec.method,
         "sparsity": spec.effective_sparsity,
         "nm": exp.llm_pruning.nm or "unstructured",
-        **flat_params({k: v for k, v in exp.to_dict().items() if k in ("data", "calibration", "llm_pruning", "held_out")}),
+        **logged_settings(exp),
     }
     say = lambda line: click.echo(f"[prune_llm] {line}", err=True)  # noqa: E731
     from entrypoints.common import pruning_label

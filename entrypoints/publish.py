@@ -123,10 +123,14 @@ def pruned_model_of(run) -> str | None:
 
 def default_sweeps(exp, experiment_path: str, runs: list) -> list:
     """The finished prune_sae ``runs`` the default choice reads: those of the file's hooks and layers on the pruned model
-    the file declares (the finished prune_llm run of its key, as the pipeline finds it). One card describes one pruned
-    model, so sweeps on others (the file's pruning changed since, or `--device` given to the pipeline, which is in the
-    key) are left out; where the file's own model has none and the store's sweeps are all of one other model, those are
-    taken, and said; with several other models the choice is the user's."""
+    the file declares. One card describes one pruned model, so sweeps on others (the file's pruning changed since) are
+    left out. The declared model is the finished prune_llm run of the file's key, as the pipeline finds it; the key
+    also holds the code and the device and dtype, so where that run made no sweep, a model whose logged settings are
+    the file's (``prune_llm.logged_settings``: made by other code, or on another device or dtype) is taken and said,
+    preferring the file's device and dtype; then, if all the sweeps are on one model, that one, said. Several others:
+    the choice is the user's."""
+    import mlflow
+
     from entrypoints import prune_llm
     from saecomp.tracking import find_finished_run
 
@@ -135,18 +139,33 @@ def default_sweeps(exp, experiment_path: str, runs: list) -> list:
     if not runs:
         fail(f"experiment {exp.name!r} has no finished prune_sae run of the file's hooks and layers; valid: run `mlflow run .` "
              "(or -e prune_sae) first")  # fmt: skip
+    models = sorted({str(pruned_model_of(r)) for r in runs})
     declared = find_finished_run("prune_llm", prune_llm.key_for(exp, experiment_path))
-    mine = [r for r in runs if pruned_model_of(r) == declared] if declared else []
-    if mine:
-        return mine
-    others = sorted({str(pruned_model_of(r)) for r in runs})
-    declared_text = f"prune_llm run {declared}" if declared else "no finished prune_llm run has its settings"
-    if len(others) == 1:
-        click.echo(f"[publish] the pruned model {experiment_path} declares has no sweep ({declared_text}); taking the store's "
-                   f"sweeps, all on one pruned model (prune_llm run {others[0]})", err=True)  # fmt: skip
+    if declared in models:
+        return [r for r in runs if pruned_model_of(r) == declared]
+    client = mlflow.MlflowClient()
+
+    def logged(run_id: str) -> dict:
+        try:
+            return client.get_run(run_id).data.params
+        except mlflow.exceptions.MlflowException:  # a deleted run, or none ("None": a sweep of the dense model)
+            return {}
+
+    settings = prune_llm.logged_settings(exp)
+    alike = [m for m in models if all(logged(m).get(k) == v for k, v in settings.items())]
+    same_runtime = [m for m in alike if all(logged(m).get(k) == str(v) for k, v in exp.runtime().items())]
+    taken = same_runtime if len(same_runtime) == 1 else alike if len(alike) == 1 else []
+    if taken:
+        click.echo(f"[publish] taking the sweeps on prune_llm run {taken[0]}: it has the pruning settings {experiment_path} "
+                   "declares, made by other code or on another device or dtype (the file's key finds no run with sweeps)",
+                   err=True)  # fmt: skip
+        return [r for r in runs if str(pruned_model_of(r)) == taken[0]]
+    if len(models) == 1:
+        click.echo(f"[publish] no pruned model with the settings {experiment_path} declares has sweeps; taking the store's "
+                   f"sweeps, all on one pruned model (prune_llm run {models[0]})", err=True)  # fmt: skip
         return runs
-    fail(f"the pruned model {experiment_path} declares has no finished prune_sae run ({declared_text}), and the store's are on "
-         f"{len(others)} other pruned models (prune_llm runs {', '.join(others)}); valid: run `mlflow run .` with this file, or name "
+    fail(f"no pruned model with the settings {experiment_path} declares has a finished prune_sae run, and the store's are on "
+         f"{len(models)} other pruned models (prune_llm runs {', '.join(models)}); valid: run `mlflow run .` with this file, or name "
          "the SAEs with sae=runs:/<prune_sae run>/saes/pruned-<level> (one pruned model per repo)")  # fmt: skip
 
 

@@ -1723,7 +1723,7 @@ class TextUnits:
     entry_text: tuple  # [entries] the text each entry is (entry: pool offset + row, pools in sorted class order)
     strata: tuple  # ((texts, ...), ...): the texts that are entries of the same classes, in a fixed order
     digest: str  # of every entry's text, in order: two runs resample alike only on the same texts
-    texts: tuple = ()  # [texts] each numbered text's content digest: what tells another run's same text (``resampled_runs``)
+    texts: tuple  # [texts] each numbered text's content digest: what tells another run's same text (``resampled_runs``)
 
     @classmethod
     def of(cls, pools: tuple, texts: dict[str, list[str]] | None) -> TextUnits | None:

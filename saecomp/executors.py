@@ -297,7 +297,9 @@ class RayCluster:
             _check_reachable(address)
         if not ray.is_initialized():
             kwargs = {"num_cpus": num_cpus} if address in (None, "local") else {}
-            ray.init(address=None if address in (None, "local") else address, include_dashboard=False, log_to_driver=True, **kwargs)
+            # "local", not None: None joins a cluster already running on this machine (`ray start`'s, another pipeline's),
+            # which is not what no address means here
+            ray.init(address="local" if address in (None, "local") else address, include_dashboard=False, log_to_driver=True, **kwargs)
         self.retries = retries
         self.concurrency = 64  # the cells wait on Ray, which runs as many as the cluster's resources allow
         self._remote = ray.remote(_step_on_worker)

@@ -981,16 +981,18 @@ def _insist(step: _OpenStep | None) -> None:
         return
     step.insisting = True
 
-    def again() -> None:
-        import _thread
+    main = threading.main_thread().ident
 
+    def again() -> None:
         while True:
             time.sleep(SIGTERM_RESEND_SECONDS)
             if _OPEN_STEP is not step or signal.getsignal(signal.SIGTERM) is not _raise_on_sigterm:
                 return
             print(f"[saecomp] the step is still running {SIGTERM_RESEND_SECONDS:g} s after a SIGTERM (its exit was swallowed): sent again",
                   file=_terminal(), flush=True)  # fmt: skip
-            _thread.interrupt_main(signal.SIGTERM)
+            # a real signal to the main thread, not `_thread.interrupt_main`: that only flags the handler, which then waits
+            # for the main thread's blocking call (a lock, a join, a sleep) to return by itself; a signal interrupts it
+            signal.pthread_kill(main, signal.SIGTERM)
 
     threading.Thread(target=again, name="saecomp-sigterm-insist", daemon=True).start()
 
@@ -1127,6 +1129,10 @@ def step_run(
             raise _Terminated(128 + signal.SIGTERM)
     finally:
         closing()
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run.info.run_id:  # a SIGTERM raised as `else:` began: never FINISHED
+            with contextlib.suppress(Exception):  # (left open, MLflow's exit hook would mark it FINISHED)
+                mlflow.end_run("FAILED")
         keep_alive.__exit__(None, None, None)
         restore()
 

@@ -635,11 +635,15 @@ def test_datasets_that_test_on_the_same_texts_are_resampled_together():
     apart_mean = np.mean([evaluate_lib._reweighted_accuracies(c, tests).mean(axis=1) for c in apart], axis=0)
     assert float(apart_mean.std(ddof=1)) < 0.8 * result["se"][metric]
 
-    # crossed classes over partly shared texts, and a dataset sharing nothing
-    runs = {"category": dataset(category)[0], "sentiment": dataset(sentiment)[0], "bios": dataset(bios)[0]}
+    # crossed classes over partly shared texts (sentiment lacks ten reviews of each category and has ten of its own),
+    # joined through a third dataset too (two of its texts are sentiment's own), and a dataset sharing nothing
+    extra = [f"review {i}" for i in range(n, n + 20)]
+    sentiment = {"pos": reviews[:15] + reviews[40:55] + extra[:10], "neg": reviews[20:35] + reviews[60:75] + extra[10:]}
+    chain = {"x": extra[:2] + [f"other {i}" for i in range(18)], "y": [f"other {i}" for i in range(18, 38)]}
+    runs = {"category": dataset(category)[0], "sentiment": dataset(sentiment)[0], "bios": dataset(bios)[0], "chain": dataset(chain)[0]}
     units = [evaluate_lib.TextUnits.of(run["by_name"][metric]["pools"], run["texts"]) for run in runs.values()]
     counts, joint = evaluate_lib.resampled_runs(units, 500, [7, 5])
-    assert joint == [[0, 1]]
+    assert joint == [[0, 1, 3]]
     drawn = [{} for _ in units]  # per run: text -> its count per replicate
     for index, (run, entries) in enumerate(zip(runs.values(), counts, strict=True)):
         names = [text for texts in run["texts"].values() for text in texts]
@@ -647,7 +651,9 @@ def test_datasets_that_test_on_the_same_texts_are_resampled_together():
             drawn[index][text] = entries[:, column]
         for label, texts in run["texts"].items():  # every class keeps its size in every replicate
             assert (sum(drawn[index][text] for text in texts) == len(texts)).all(), label
-    assert all((drawn[0][text] == drawn[1][text]).all() for text in reviews)  # each review drawn once for both
+    shared = set(drawn[0]) & set(drawn[1])
+    assert len(shared) == 60 and all((drawn[0][text] == drawn[1][text]).all() for text in shared)  # drawn once for both
+    assert all((drawn[1][text] == drawn[3][text]).all() for text in extra[:2])
     assert any((drawn[0][text] != 1).any() for text in reviews)
     alone = evaluate_lib._resampled_text_counts(units[2], 500, [7, 5, 2])
     assert np.array_equal(counts[2], alone)  # as before this change

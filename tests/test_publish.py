@@ -42,13 +42,25 @@ def pruned_model_key(experiment_file: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, small_experiment):
-    """A prune_llm run with its checkpoint (the pruned model the small experiment declares), and two prune_sae runs:
+def module_experiment(small_experiment, tmp_path_factory) -> Path:
+    """The small experiment under this module's name, with a calibration seed of its own: the pruned model it declares
+    (its prune_llm key) is this module's synthetic run alone, never a real run another test of the session made."""
+    config = yaml.safe_load(small_experiment.read_text())
+    config["name"] = EXPERIMENT
+    config["calibration"] = {**config.get("calibration", {}), "seed": 4242}
+    path = tmp_path_factory.mktemp("publish-file") / "publish.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, module_experiment):
+    """A prune_llm run with its checkpoint (the pruned model the module's experiment declares), and two prune_sae runs:
     hook_resid_post met its selection, hook_mlp_out did not."""
     tmp = tmp_path_factory.mktemp("publish")
     client = mlflow.MlflowClient()
     experiment_id = experiment_id_for(EXPERIMENT)
-    key = pruned_model_key(small_experiment)
+    key = pruned_model_key(module_experiment)
     tags = {"saecomp.step": "prune_llm", "saecomp.key": key, "mlflow.runName": "prune_llm · tiny-gpt2 wanda 50%"}
     llm = client.create_run(experiment_id, tags=tags)
     params = {"model": "tiny-gpt2", "method": "wanda", "sparsity": "0.5", "nm": "unstructured", "calibration.n_sequences": "128",
@@ -96,12 +108,8 @@ def store(tmp_path_factory, small_experiment):
 
 
 @pytest.fixture
-def experiment_file(small_experiment, tmp_path):
-    config = yaml.safe_load(small_experiment.read_text())
-    config["name"] = EXPERIMENT
-    path = tmp_path / "publish.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+def experiment_file(module_experiment):
+    return module_experiment
 
 
 def publish(experiment_file, *args):
@@ -266,23 +274,40 @@ def test_bad_input_is_refused_before_any_run(store, experiment_file):
 def test_the_default_choice_takes_the_pruned_model_the_file_declares(store, experiment_file, tmp_path):
     """One card describes one pruned model. With sweeps of several pruned models in the store (the file's pruning changed
     since, say), the default takes the cells of the model the file declares, even where another model's sweep of the same
-    cell is newer; where the file's model has none, it names the models there are and how to choose."""
+    cell is newer. The file's key holds the code too: where it finds no model with sweeps, a model whose logged settings
+    are the file's is taken (made by other code), and said; with several others and none alike, it names them and how
+    to choose; with one, it takes that one, and says so."""
+    from entrypoints import prune_llm
+    from entrypoints.common import load
+
     client = mlflow.MlflowClient()
     experiment_id = store["experiment_id"]
     added = []
-    try:
-        other = client.create_run(experiment_id, tags={"saecomp.step": "prune_llm", "saecomp.key": "another pruning"})
-        client.set_terminated(other.info.run_id, "FINISHED")
-        newer = client.create_run(experiment_id, tags={"saecomp.step": "prune_sae", "hook": "hook_resid_post", "layer": "1",
-                                                       "pruned_model_run": other.info.run_id})  # fmt: skip
-        added += [other.info.run_id, newer.info.run_id]
-        client.log_param(newer.info.run_id, "pruned_model_run", other.info.run_id)
-        small_sae("blocks.1.hook_resid_post", 99).save_model(str(tmp_path / "newer" / "pruned-0.25"))
-        client.log_artifacts(newer.info.run_id, str(tmp_path / "newer"), "saes")
-        (tmp_path / "selection.json").write_text(json.dumps({"selected": 0.25, "met": True, "metric": "mse", "tolerance": 0.25}))
-        client.log_artifact(newer.info.run_id, str(tmp_path / "selection.json"))
-        client.set_terminated(newer.info.run_id, "FINISHED")
 
+    def pruned_model(key: str, params: dict) -> str:
+        run = client.create_run(experiment_id, tags={"saecomp.step": "prune_llm", "saecomp.key": key})
+        for name, value in params.items():
+            client.log_param(run.info.run_id, name, value)
+        client.set_terminated(run.info.run_id, "FINISHED")
+        added.append(run.info.run_id)
+        return run.info.run_id
+
+    def sweep_on(model: str, seed: int) -> str:  # a newer sweep of the store's hook_resid_post cell, on ``model``
+        run = client.create_run(experiment_id, tags={"saecomp.step": "prune_sae", "hook": "hook_resid_post", "layer": "1",
+                                                     "pruned_model_run": model})  # fmt: skip
+        added.append(run.info.run_id)
+        client.log_param(run.info.run_id, "pruned_model_run", model)
+        small_sae("blocks.1.hook_resid_post", seed).save_model(str(tmp_path / str(seed) / "pruned-0.25"))
+        client.log_artifacts(run.info.run_id, str(tmp_path / str(seed)), "saes")
+        (tmp_path / "selection.json").write_text(json.dumps({"selected": 0.25, "met": True, "metric": "mse", "tolerance": 0.25}))
+        client.log_artifact(run.info.run_id, str(tmp_path / "selection.json"))
+        client.set_terminated(run.info.run_id, "FINISHED")
+        time.sleep(0.01)  # distinct start times
+        return run.info.run_id
+
+    try:
+        other = pruned_model("another pruning", {"model": "tiny-gpt2"})
+        newer = sweep_on(other, 99)
         result = publish(experiment_file, "--repo", "someone/declared", "--dry_run", "true")
         assert result.exit_code == 0, result.output
         run = newest_publish_run()
@@ -296,12 +321,22 @@ def test_the_default_choice_takes_the_pruned_model_the_file_declares(store, expe
         changed.write_text(yaml.safe_dump(config))
         refused = publish(changed, "--repo", "someone/declared", "--dry_run", "true")
         assert refused.exit_code == 2, refused.output
-        assert "has no finished prune_sae run (no finished prune_llm run has its settings)" in refused.output
-        assert f"2 other pruned models (prune_llm runs {', '.join(sorted([store['prune_llm'], other.info.run_id]))})" in refused.output
+        assert f"no pruned model with the settings {changed} declares has a finished prune_sae run" in refused.output
+        assert f"2 other pruned models (prune_llm runs {', '.join(sorted([store['prune_llm'], other]))})" in refused.output
         assert "name the SAEs with sae=runs:/<prune_sae run>/saes/pruned-<level>" in refused.output
         assert newest_publish_run().info.run_id == run.info.run_id  # refused before any run
 
-        client.delete_run(newer.info.run_id)  # the store's sweeps are all on one model again, not the file's: taken, and said
+        # that model, made by other code (another key): recognised by the settings it logged
+        settings = prune_llm.logged_settings(load(str(changed), {}, check_device=False, reads_the_hub=False))
+        recoded = pruned_model("the same settings, older code", settings)
+        by_settings = sweep_on(recoded, 7)
+        taken = publish(changed, "--repo", "someone/declared", "--dry_run", "true")
+        assert taken.exit_code == 0, taken.output
+        assert f"taking the sweeps on prune_llm run {recoded}: it has the pruning settings {changed} declares" in taken.output
+        assert newest_publish_run().data.params["saes"] == f"runs:/{by_settings}/saes/pruned-0.25"
+
+        for run_id in (newer, by_settings):  # the store's sweeps are all on one model again, not the file's: taken, and said
+            client.delete_run(run_id)
         taken = publish(changed, "--repo", "someone/declared", "--dry_run", "true")
         assert taken.exit_code == 0, taken.output
         assert f"taking the store's sweeps, all on one pruned model (prune_llm run {store['prune_llm']})" in taken.output

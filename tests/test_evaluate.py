@@ -633,6 +633,18 @@ def test_core_bootstrap_on_gemma2_with_a_layer_norm_jumprelu_hook_z_sae(small_wo
     assert all(se > 0 for name, se in boot["se"].items() if "alive" not in name and "freq_over" not in name), boot["se"]
     for name in ("normalized_freq_over_1_percent", "normalized_freq_over_10_percent"):
         assert boot["se"][name] > 0 or set(boot["samples"][name]) == {boot["full_sample"][name]}, name
+    # the document path end to end on Gemma-2: each window its own document draws exactly the per-window resamples
+    # (every error and the jackknife), and windows grouped into six documents per loop get errors of their own
+    as_documents = run_core(loaded.tl, sae, tokens, special, SIZES, documents=torch.arange(len(tokens)))
+    assert as_documents.metrics == by_window.metrics and as_documents.uncertainty["n_units"]["sparsity_variance"] == len(tokens)
+    assert as_documents.uncertainty["se"] == by_window.uncertainty["se"]
+    grouped = torch.tensor([0, 0, 1, 2, 3, 4, 5, 5] * (len(tokens) // 8))
+    grouped += torch.arange(len(tokens)) // 8 * 6  # a reading of more than 8 windows keeps its documents distinct
+    in_documents = run_core(loaded.tl, sae, tokens, special, SIZES, documents=grouped)
+    assert in_documents.uncertainty["n_units"]["sparsity_variance"] == 6 and in_documents.uncertainty["se"]
+    assert {m: v for m, v in in_documents.metrics.items() if not m.endswith("_se")} == result.metrics
+    assert in_documents.uncertainty["se"] != by_window.uncertainty["se"]
+    assert all(math.isfinite(se) for se in in_documents.uncertainty["se"].values())
     # read from SAEBench's loop, which flattens hook_z's heads before the SAE (whose layer norm then sees one row per
     # token): the same number as the SAE applied to the model's own [tokens, heads, d_head] activations
     read = tokens[: SIZES.batch_size_prompts * SIZES.n_sparsity_variance_batches]

@@ -24,7 +24,8 @@ bootstrap over the test documents, every window cut from a drawn text, ``evaluat
 ``evaluate.scr_tpp_uncertainty``; where the tests could not be traced, and in older runs, ``binomial_se``, a
 conservative parametric one), sparse probing's ``<metric>.bootstrap_se`` (a bootstrap of the texts its probes were
 tested on, ``evaluate.sparse_probing_bootstrap``; untraced and older runs: ``binomial_se``, in closed form,
-``evaluate.sparse_probing_uncertainty``), RAVEL's ``<metric>.binomial_se`` (over its validation pairs,
+``evaluate.sparse_probing_uncertainty``), RAVEL's ``<metric>.cluster_se`` (two-way cluster-robust over the entities its
+validation pairs share, ``evaluate.ravel_standard_errors``; untraced and older runs: ``binomial_se`` over the pairs,
 ``evaluate.ravel_uncertainty``), and absorption's ``<metric>.word_se`` (its means over words,
 ``evaluate.absorption_uncertainty``), and core's ``frac_alive.jackknife_se`` (a delete-one jackknife over the test
 documents, ``evaluate.frac_alive_jackknife``; older runs resampled core's windows one by one, ``CORE_BY_WINDOW``).
@@ -63,6 +64,7 @@ VARIANTS = ("pretrained", "pruned25", "pruned50", "trained")
 SE_KINDS = {
     "bootstrap_se": "bootstrap over test documents",
     "jackknife_se": "delete-one jackknife over test documents (conservative)",
+    "cluster_se": "two-way cluster-robust over the entities of RAVEL's pairs",
     "binomial_se": "binomial over test texts or pairs",
     "word_se": "over the words tested",
 }
@@ -74,6 +76,7 @@ SE_KINDS_OF_SUITE = {
     ("tpp", "binomial_se"): "binomial draws per accuracy over test texts (conservative; tests not traced)",
     ("sparse_probing", "bootstrap_se"): "bootstrap over test texts",
     ("sparse_probing", "binomial_se"): "binomial over the test texts of each class (tests not traced)",
+    ("ravel", "binomial_se"): "binomial over validation pairs (too small: pairs share entities; pairs not traced, or an older run)",
 }
 """Where a suite's standard error of one kind is over something else than ``SE_KINDS`` says."""
 CORE_BY_WINDOW = {
@@ -692,8 +695,9 @@ LEGEND = (
     "computed: a bootstrap over the test documents for core (spliced losses and scores, reconstruction and sparsity means, "
     "explained variances, the per-latent densities' summaries but frac_alive), a delete-one jackknife over the test "
     "documents for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores and sparse "
-    "probing's accuracies (binomial where the tests could not be traced), binomial over the validation pairs for "
-    "RAVEL's scores, over the words tested for absorption's means and its count of split latents, the spread "
+    "probing's accuracies (binomial where the tests could not be traced), two-way cluster-robust over the entities of "
+    "the validation pairs for RAVEL's scores (binomial over the pairs where untraced), over the words tested for "
+    "absorption's means and its count of split latents, the spread "
     "over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
     "over the same resampled test documents or texts where both runs logged their replicates; cells.csv: difference_se, "
@@ -884,8 +888,8 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
         "± is one standard error, where computed: a bootstrap over the test documents for core (spliced losses and scores, "
         "reconstruction and sparsity means and explained variances) and over the test texts for SCR's and TPP's scores and "
-        "sparse probing's accuracies (binomial where the tests could not be traced), binomial "
-        "over the validation pairs for RAVEL's scores, over the words tested for absorption's means, "
+        "sparse probing's accuracies (binomial where the tests could not be traced), two-way cluster-robust "
+        "over the entities of the validation pairs for RAVEL's scores, over the words tested for absorption's means, "
         "a delete-one jackknife for frac_alive, the spread over seeds where "
         "replicates ran (hover a cell for which); "
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "

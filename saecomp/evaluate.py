@@ -108,8 +108,8 @@ class SuiteResult:
     closed form, ``binomial_se``, where untraced: ``sparse_probing_uncertainty``); SCR's
     and TPP's bootstrap of the test texts behind their ``<suite>.<metric>.bootstrap_se`` (``binomial_se`` where the
     probe tests could not be traced; ``scr_tpp_uncertainty``); absorption's word counts behind its
-    ``absorption.<metric>.word_se`` (``absorption_uncertainty``); RAVEL's pair counts behind its
-    ``ravel.<metric>.binomial_se`` (``ravel_uncertainty``)."""
+    ``absorption.<metric>.word_se`` (``absorption_uncertainty``); RAVEL's traced pairs behind its
+    ``ravel.<metric>.cluster_se`` (``ravel_standard_errors``; ``binomial_se`` over the pair counts where untraced)."""
     corrected: dict | None = None
     """Our corrected values beside SAEBench's, per dataset, logged as ``corrected/<suite>.json`` (SCR and TPP: with
     the padded positions masked in the ablation, ``padding_masked_ablations``)."""
@@ -2839,7 +2839,9 @@ def run_ravel(hf_model, sae: SAE, config, workdir: Path, sae_name: str, model_la
     metrics.update(ravel_per_attribute(per_class, config))
     metrics.update(ravel_fact_counts(config))
     metrics["ravel.residual_patch_cause"] = ceiling
-    uncertainty, tags = standard_errors("ravel", "binomial_se", metrics, lambda: ravel_uncertainty(pair_counts, per_class, config))
+    uncertainty, tags = standard_errors("ravel", "binomial_se", metrics, lambda: ravel_standard_errors(pair_counts, per_class, config))
+    if uncertainty is not None and "untraced" in uncertainty:
+        tags["saecomp.ravel.se_untraced"] = uncertainty["untraced"]
     # ours, shares too: the model's known facts over all prompts, the whole-residual swap's hits over its pairs
     for name, n in (("fact_accuracy", metrics["ravel.n_prompts"]), ("residual_patch_cause", ceiling_pairs)):
         if n > 0 and 0.0 <= metrics[f"ravel.{name}"] <= 1.0:
@@ -2852,36 +2854,156 @@ def run_ravel(hf_model, sae: SAE, config, workdir: Path, sae_name: str, model_la
 @contextmanager
 def ravel_pair_counts() -> Iterator[list[dict]]:
     """Per intervention run of SAEBench's RAVEL (one per entity class and cause attribute, in its order): how many
-    validation pairs its cause and its isolation scores are means over, with the two scores. SAEBench returns only
-    the means; its `intervention.generate_batched_interventions` counts a pair towards isolation where the base's and
-    the source's first predicted tokens agree and towards cause otherwise, which is counted here the same way from the
-    validation batches it receives (a list: reading it draws nothing)."""
+    validation pairs its cause and its isolation scores are means over, with the two scores, and each pair traced
+    (``pairs``: (cause or not, base entity, source entity, the intervention's outcome), or None where it could not be).
+    SAEBench returns only the means; its `intervention.generate_batched_interventions` counts a pair towards isolation
+    where the base's and the source's first predicted tokens agree and towards cause otherwise, which is counted here
+    the same way from the validation batches it receives (a list: reading it draws nothing). Which entity each prompt
+    is comes from the prompts `main.create_dataloaders` is given (their token ids, which the batches hold left-padded),
+    and each pair's outcome from SAEBench's own `evaluate_completion`, in the order it scores the batches."""
     from sae_bench.evals.ravel import intervention
+    from sae_bench.evals.ravel import main as ravel_main
 
-    generate = intervention.generate_batched_interventions
+    generate, create, judge = intervention.generate_batched_interventions, ravel_main.create_dataloaders, intervention.evaluate_completion
     calls: list[dict] = []
+    entity_of: dict[tuple, str] = {}  # a prompt's token ids -> its entity
+    outcomes: list[bool] = []
+
+    def remembered(*args, **kwargs):  # (cause base, cause source, iso base, iso source prompts, ...)
+        try:
+            for prompts in args[:4]:
+                entity_of.update({tuple(prompt.input_ids): prompt.entity_label for prompt in prompts})
+        except Exception:  # untraced: the scores fall back to the binomial errors
+            entity_of.clear()
+        return create(*args, **kwargs)
+
+    def judged(*args, **kwargs):
+        outcome = judge(*args, **kwargs)
+        outcomes.append(bool(outcome))
+        return outcome
+
+    def ids(encoding, row: int) -> tuple:
+        return tuple(encoding["input_ids"][row][encoding["attention_mask"][row].bool()].tolist())
 
     def counted(model, mdbm, tokenizer, val_loader, *args, **kwargs):
         n_isolation = n_cause = 0
+        pairs: list | None = []
         try:  # never raises into SAEBench's run: uncounted, the scores get no standard error (0 pairs)
             for batch in val_loader:  # (base, source encodings, positions, base_pred_B, source_pred_B, texts, labels)
-                for base_pred, source_pred in zip(batch[4], batch[5], strict=True):
-                    if base_pred == source_pred:
-                        n_isolation += 1
-                    else:
-                        n_cause += 1
+                for row, (base_pred, source_pred) in enumerate(zip(batch[4], batch[5], strict=True)):
+                    cause = bool(base_pred != source_pred)
+                    n_cause, n_isolation = n_cause + cause, n_isolation + (not cause)
+                    if pairs is not None:
+                        base, source = entity_of.get(ids(batch[0], row)), entity_of.get(ids(batch[1], row))
+                        pairs = None if base is None or source is None else [*pairs, (cause, base, source)]
         except Exception:
             n_isolation = n_cause = 0
-        isolation, cause = generate(model, mdbm, tokenizer, val_loader, *args, **kwargs)
-        calls.append({"n_isolation": n_isolation, "n_cause": n_cause, "isolation_score": isolation, "cause_score": cause})
+            pairs = None
+        outcomes.clear()
+        intervention.evaluate_completion = judged
+        try:
+            isolation, cause = generate(model, mdbm, tokenizer, val_loader, *args, **kwargs)
+        finally:
+            intervention.evaluate_completion = judge
+        if pairs is not None and len(outcomes) == len(pairs):
+            pairs = [(*pair, outcome) for pair, outcome in zip(pairs, outcomes, strict=True)]
+        else:
+            pairs = None
+        calls.append({"n_isolation": n_isolation, "n_cause": n_cause, "isolation_score": isolation, "cause_score": cause, "pairs": pairs})
         return isolation, cause
 
     with _WRAPPING:
         intervention.generate_batched_interventions = counted
+        ravel_main.create_dataloaders = remembered
         try:
             yield calls
         finally:
             intervention.generate_batched_interventions = generate
+            ravel_main.create_dataloaders = create
+            intervention.evaluate_completion = judge
+
+
+def ravel_standard_errors(calls: list[dict], per_class: dict, config) -> dict:
+    """RAVEL's standard errors, over its entities where every validation pair was traced (``ravel_pair_counts``), else
+    the binomial errors over the pairs (``ravel_uncertainty``), with why.
+
+    A pair is two entities (a base and a source city) and an entity is in many pairs (as base and as source, for every
+    cause attribute of its class): an entity the model or RAVEL's mask handles badly fails many pairs together, so the
+    pairs are not independent and the binomial error over them is too small. The error here is the two-way
+    cluster-robust one (Cameron, Gelbach and Miller's, with one set of entities in both roles) of SAEBench's scores
+    linearised in the pairs' outcomes: with a_p a pair's share of a score's deviation (its outcome minus the score,
+    over the pairs the score is a mean of, times the weight SAEBench's averaging gives that score),
+    V = sum over entities e of (sum of a_p over the pairs holding e)^2 - sum over entity pairs d of (sum of a_p over
+    the pairs of d)^2: every two pairs that share an entity covary, counted once. Where no two pairs share an entity it
+    is exactly the binomial variance; it is floored at the second sum (pairs of the same two entities alone), as a
+    two-way estimate can fall below it in small samples. There are no replicates, so compare's differences of two
+    SAEs' RAVEL scores are unpaired (conservative: both SAEs are scored on the same pairs). Not covered: the training
+    of RAVEL's mask (on the training pairs, which share entities with the validation pairs)."""
+    binomial = ravel_uncertainty(calls, per_class, config)
+    order = [(entity, attribute) for entity, attributes in config.entity_attribute_selection.items() for attribute in attributes]
+    why = None
+    if len(calls) != len(order):
+        why = f"{len(calls)} intervention runs for {len(order)} attributes"
+    elif any(call.get("pairs") is None for call in calls):
+        why = "a validation pair's entities or outcome could not be traced"
+    else:
+        for (entity, attribute), call in zip(order, calls, strict=True):
+            scored = per_class.get(f"{entity}_results", {}).get(f"{entity}_{attribute}", {})
+            for score, kind in (("cause_score", True), ("isolation_score", False)):
+                outcomes = [outcome for cause, _, _, outcome in call["pairs"] if cause == kind]
+                if not outcomes or sum(outcomes) / len(outcomes) != call[score] or scored.get(score) != call[score]:
+                    why = why or f"{entity}.{attribute}: traced outcomes do not give SAEBench's {score}"
+    if why is not None:
+        return {**binomial, "se_kind": "binomial_se", "untraced": why}
+
+    # per score: its linearisation, pair index -> a_p (pairs numbered over all calls)
+    pairs = [(entity, base, source) for (entity, _), call in zip(order, calls, strict=True) for _, base, source, _ in call["pairs"]]
+    shares: dict[str, dict[int, float]] = {}
+    first = 0
+    classes = config.entity_attribute_selection
+    for (entity, attribute), call in zip(order, calls, strict=True):
+        for score, kind in (("cause_score", True), ("isolation_score", False)):
+            chosen = [(first + i, outcome) for i, (cause, _, _, outcome) in enumerate(call["pairs"]) if cause == kind]
+            own = {p: (float(outcome) - call[score]) / len(chosen) for p, outcome in chosen}
+            for name, weight in ((f"{entity}.{attribute}.{RAVEL_SCORES[score]}", 1.0),
+                                 (f"{entity}.{attribute}.disentanglement_score", 0.5),
+                                 (RAVEL_SCORES[score], 1.0 / (len(classes) * len(classes[entity]))),
+                                 ("disentanglement_score", 0.5 / (len(classes) * len(classes[entity])))):  # fmt: skip
+                into = shares.setdefault(name, {})
+                for p, a in own.items():
+                    into[p] = into.get(p, 0.0) + weight * a
+        first += len(call["pairs"])
+    se, floored = {}, []
+    for name, by_pair in shares.items():
+        per_entity: dict[tuple, float] = {}  # (class, entity) -> sum of a_p over the pairs holding it
+        per_dyad: dict[tuple, float] = {}  # (class, the pair's entities) -> sum of a_p over the pairs of those entities
+        for p, a in by_pair.items():
+            entity, base, source = pairs[p]
+            for member in {base, source}:
+                per_entity[(entity, member)] = per_entity.get((entity, member), 0.0) + a
+            dyad = (entity, *sorted({base, source}))
+            per_dyad[dyad] = per_dyad.get(dyad, 0.0) + a
+        within_dyads = sum(v * v for v in per_dyad.values())
+        twice = sum(v * v for dyad, v in per_dyad.items() if len(dyad) == 3)  # two entities: in both their sums
+        two_way = sum(v * v for v in per_entity.values()) - twice
+        if two_way < within_dyads:
+            floored.append(name)
+        se[name] = math.sqrt(max(two_way, within_dyads))
+    entities = {entity: len({m for e, b, s in pairs if e == entity for m in (b, s)}) for entity in classes}
+    return {
+        "unit": "entity (two-way cluster-robust: pairs sharing a base or a source entity covary)",
+        "method": (
+            "two-way cluster-robust variance over the entities (Cameron, Gelbach and Miller) of SAEBench's scores linearised in "
+            "the validation pairs' outcomes, floored at the variance within pairs of the same two entities; binomial where no "
+            "entity is shared"
+        ),
+        "se_kind": "cluster_se",
+        "entities": entities,
+        "pairs": binomial.get("pairs", {}),
+        "se": dict(sorted(se.items())),
+        "floored": sorted(floored),
+        "binomial_se": binomial.get("se", {}),
+    }
 
 
 def ravel_uncertainty(calls: list[dict], per_class: dict, config) -> dict:

@@ -132,10 +132,22 @@ def test_ravel_keeps_the_known_entities_and_gives_finite_validated_scores(fact_w
     for name in ("disentanglement_score", "cause_score", "isolation_score"):
         per_attribute = [metrics[f"ravel.city.{a}.{name}"] for a in RAVEL_ATTRIBUTE_TEMPLATES]
         assert metrics[f"ravel.{name}"] == pytest.approx(sum(per_attribute) / len(per_attribute))
-    # binomial standard errors over the validation pairs each score is a mean over: a score times its count of
+    # every validation pair traced (its two entities and SAEBench's own verdict on it), which gives back SAEBench's every
+    # score exactly (else the errors fall back to the binomial ones, with the reason): the errors are two-way
+    # cluster-robust over the entities the pairs share
+    boot = result.uncertainty
+    assert boot["se_kind"] == "cluster_se" and "untraced" not in boot, boot.get("untraced")
+    assert 2 <= boot["entities"]["city"] <= metrics["ravel.n_entities_kept"]
+    assert "saecomp.ravel.se_untraced" not in result.tags
+    for name in ("disentanglement_score", "cause_score", "isolation_score"):
+        for metric in [f"ravel.{name}", *(f"ravel.city.{a}.{name}" for a in RAVEL_ATTRIBUTE_TEMPLATES)]:
+            assert math.isfinite(metrics[f"{metric}.cluster_se"]) and f"{metric}.binomial_se" not in metrics, metric
+            # never below the variance within pairs of the same two entities (which the binomial one is, but for repeats)
+            assert metrics[f"{metric}.cluster_se"] >= 0.5 * boot["binomial_se"][metric.removeprefix("ravel.")], metric
+    # beside them, the binomial errors over the validation pairs each score is a mean over: a score times its count of
     # pairs is a whole number of successful interventions (a wrong count would not be), and the errors combine as
     # SAEBench averages the scores
-    pairs = result.uncertainty["pairs"]
+    pairs, binomial = boot["pairs"], boot["binomial_se"]
     assert set(pairs) == {f"city.{a}" for a in RAVEL_ATTRIBUTE_TEMPLATES}
     for attribute in RAVEL_ATTRIBUTE_TEMPLATES:
         counts = pairs[f"city.{attribute}"]
@@ -143,12 +155,12 @@ def test_ravel_keeps_the_known_entities_and_gives_finite_validated_scores(fact_w
         for score, n in (("cause_score", counts["cause"]), ("isolation_score", counts["isolation"])):
             value = metrics[f"ravel.city.{attribute}.{score}"]
             assert value * n == pytest.approx(round(value * n), abs=1e-6), (attribute, score, value, n)
-            assert metrics[f"ravel.city.{attribute}.{score}.binomial_se"] == pytest.approx(math.sqrt(value * (1 - value) / n))
-        both = [metrics[f"ravel.city.{attribute}.{s}.binomial_se"] for s in ("cause_score", "isolation_score")]
-        assert metrics[f"ravel.city.{attribute}.disentanglement_score.binomial_se"] == pytest.approx(math.hypot(*both) / 2)
+            assert binomial[f"city.{attribute}.{score}"] == pytest.approx(math.sqrt(value * (1 - value) / n))
+        both = [binomial[f"city.{attribute}.{s}"] for s in ("cause_score", "isolation_score")]
+        assert binomial[f"city.{attribute}.disentanglement_score"] == pytest.approx(math.hypot(*both) / 2)
     for name in ("disentanglement_score", "cause_score", "isolation_score"):
-        per_attribute = [metrics[f"ravel.city.{a}.{name}.binomial_se"] for a in RAVEL_ATTRIBUTE_TEMPLATES]
-        assert metrics[f"ravel.{name}.binomial_se"] == pytest.approx(math.hypot(*per_attribute) / len(per_attribute))
+        per_attribute = [binomial[f"city.{a}.{name}"] for a in RAVEL_ATTRIBUTE_TEMPLATES]
+        assert binomial[name] == pytest.approx(math.hypot(*per_attribute) / len(per_attribute))
     # ours: the facts known over all prompts, the whole-residual swap's hits over its pairs (64 per attribute at most)
     accuracy = metrics["ravel.fact_accuracy"]
     assert metrics["ravel.fact_accuracy.binomial_se"] == pytest.approx(math.sqrt(accuracy * (1 - accuracy) / 360))
@@ -301,6 +313,71 @@ def test_ravel_standard_errors_over_several_entity_classes_are_the_spread_of_sae
     # attribute a quarter, not a half, and its error would be far smaller
     flat = torch.cat([torch.stack(s["cause_score"]) for s in per_entity.values()]).mean(0)
     assert float(flat.std()) < 0.8 * errors["cause_score"]
+
+
+def traced_ravel_run(design: dict, outcome_of, attributes=("Country", "Continent")) -> tuple[list, dict]:
+    """Synthetic traced calls of RAVEL's one `city` class (``ravel_pair_counts``' records): per cause attribute, the
+    pairs of ``design`` (kind -> [(base, source)], or a function of the attribute giving them) with
+    ``outcome_of(attribute, cause, base, source)``, and SAEBench's per-attribute scores from them."""
+    calls, per_class = [], {"city_results": {}}
+    for attribute in attributes:
+        drawn = design(attribute) if callable(design) else design  # per attribute, or the same pairs for all
+        pairs = [(cause, base, source, bool(outcome_of(attribute, cause, base, source)))
+                 for cause in (True, False) for base, source in drawn[cause]]  # fmt: skip
+        scores = {}
+        for score, kind in (("cause_score", True), ("isolation_score", False)):
+            outcomes = [o for c, _, _, o in pairs if c == kind]
+            scores[score] = sum(outcomes) / len(outcomes)
+        calls.append({**scores, "n_cause": len(drawn[True]), "n_isolation": len(drawn[False]), "pairs": pairs})
+        per_class["city_results"][f"city_{attribute}"] = {**scores, "disentangle_score": sum(scores.values()) / 2}
+    return calls, per_class
+
+
+def test_ravel_errors_count_the_entities_pairs_share():
+    """RAVEL's validation pairs share entities (a city is the base of some pairs and the source of others, for every
+    attribute): an entity the mask handles badly fails many pairs together. The error is the two-way cluster-robust one
+    over the entities: where no two pairs share an entity it is exactly the binomial error; where outcomes follow the
+    entities it matches the spread over redrawn worlds (entity effects and outcomes), which the binomial error falls
+    far below. Untraced or inconsistent records fall back to the binomial error, with why."""
+    import numpy as np
+    from sae_bench.evals.ravel.eval_config import RAVELEvalConfig
+
+    from saecomp.evaluate import ravel_standard_errors, ravel_uncertainty
+
+    config = RAVELEvalConfig(entity_attribute_selection={"city": ["Country", "Continent"]})
+    rng = np.random.default_rng(3)
+    # no entity shared: each pair its own two cities
+    fresh = lambda attribute: {kind: [(f"{attribute}{kind}b{i}", f"{attribute}{kind}s{i}") for i in range(60)] for kind in (True, False)}  # noqa: E731
+    calls, per_class = traced_ravel_run(fresh, lambda *pair: rng.random() < 0.6)
+    errors = ravel_standard_errors(calls, per_class, config)
+    assert errors["se_kind"] == "cluster_se" and errors["entities"] == {"city": 480}
+    binomial = ravel_uncertainty(calls, per_class, config)["se"]
+    assert errors["se"].keys() == binomial.keys()
+    assert all(errors["se"][name] == pytest.approx(binomial[name], rel=1e-12) for name in binomial)
+
+    # 30 cities in 150 pairs of each kind: outcomes driven by the cities (the same for both attributes), redrawn
+    cities = [f"city {i}" for i in range(30)]
+    design = {kind: [tuple(rng.choice(cities, 2, replace=False)) for _ in range(150)] for kind in (True, False)}
+    for strength in (1.2, 0.0):  # (seen: 0.074 against a spread of 0.078, binomial 0.029; with no entity effect 0.031 against 0.029)
+        scores, estimated, closed = [], [], []
+        for _ in range(300):
+            effect = dict(zip(cities, rng.normal(0.0, strength, len(cities)), strict=True))
+            calls, per_class = traced_ravel_run(design, lambda a, c, b, s, e=effect: rng.random() < 1 / (1 + math.exp(-(e[b] + e[s]))))
+            result = ravel_standard_errors(calls, per_class, config)
+            scores.append(calls[0]["cause_score"] / 2 + calls[1]["cause_score"] / 2)  # SAEBench's headline cause score
+            estimated.append(result["se"]["cause_score"] ** 2)
+            closed.append(result["binomial_se"]["cause_score"] ** 2)
+        spread = float(np.std(scores, ddof=1))
+        assert math.sqrt(np.mean(estimated)) == pytest.approx(spread, rel=0.2), strength  # and not conservative without effects
+        if strength:
+            assert math.sqrt(np.mean(closed)) < 0.6 * spread
+
+    # what cannot be traced, or does not give SAEBench's scores, falls back
+    untraced = [{**call, "pairs": None} for call in calls]
+    assert "could not be traced" in ravel_standard_errors(untraced, per_class, config)["untraced"]
+    off = {"city_results": {**per_class["city_results"], "city_Country": {**per_class["city_results"]["city_Country"], "cause_score": 0.0}}}
+    fallback = ravel_standard_errors(calls, off, config)
+    assert fallback["se_kind"] == "binomial_se" and "do not give SAEBench's cause_score" in fallback["untraced"]
 
 
 def test_ravel_online_reads_the_model_and_the_pinned_prompts_from_the_hub(fact_world, tmp_path):

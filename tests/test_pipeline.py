@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from entrypoints import pipeline
@@ -132,6 +133,41 @@ def test_adding_a_suite_runs_that_suite_alone(small_experiment, tmp_path):
     assert "scr.scr_metric_threshold_2 " in result.output and "scr.scr_metric_threshold_20" in result.output  # the file's k list
 
 
+def test_a_local_ray_started_by_the_pipeline_runs_the_steps_it_is_missing(small_experiment, tmp_path):
+    """`--executor ray` with no address (and no RAY_ADDRESS): the pipeline starts a one-node Ray of its own, as a user
+    with Ray installed and no cluster gets it, never joining one already running on the machine (another test's), and
+    runs the steps it is missing as Ray tasks on the session's SQLite store (one node may share it): here core under
+    another test-set size, four evaluations, each run naming its Ray node; everything upstream is reused."""
+    pytest.importorskip("ray")  # a test extra
+    import yaml
+    from infrastructure import without_session_step_server
+
+    from saecomp.tracking import RAY_NODE_TAG
+
+    config = yaml.safe_load(small_experiment.read_text())
+    config["sae"]["hooks"] = ["hook_resid_post"]  # the other tests' cell, reused if they ran
+    path = tmp_path / "local_ray.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
+    before = {r.info.run_id for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    config["evaluation"]["n_sequences"] = 40  # core's key holds its test pool: four evaluations to run
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in without_session_step_server().items() if k != "RAY_ADDRESS"}
+    on_ray = subprocess.run(
+        [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert on_ray.returncode == 0, on_ray.stderr[-4000:]
+    assert "executor: ray, 1 node(s)" in on_ray.stderr, on_ray.stderr[-4000:]
+    new = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if r.info.run_id not in before]
+    by_step = {}
+    for run in new:
+        by_step.setdefault(run.data.tags.get("saecomp.step"), []).append(run)
+    assert {step: len(runs) for step, runs in by_step.items()} == {"pipeline": 1, "evaluate": 4, "compare": 1}, by_step.keys()
+    assert all(r.info.status == "FINISHED" and r.data.tags.get(RAY_NODE_TAG) for r in by_step["evaluate"])
+    assert {r.data.params["evaluation.n_sequences"] for r in by_step["evaluate"]} == {"40"}
+
+
 def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment, tmp_path):
     """evaluation.replicates: 2 adds, per variant, one evaluate run of the suites that read a seed (SCR here, not
     core) under the next seed, reusing everything else; compare's SCR cells become the mean over the two seeds with
@@ -161,28 +197,10 @@ def test_replicates_evaluate_the_seeded_suites_under_more_seeds(small_experiment
     assert re.search(r"prune_sae .*: reuses finished run \w+", plan.output), plan.output
     counts = re.search(r"evaluate core, scr .*: (\d+) of (\d+) suite results will run", plan.output)
     assert counts and int(counts[1]) >= 4 and int(counts[2]) == 3 * int(counts[1]), plan.output
-    # The new seed's runs as Ray tasks on the one-node Ray the pipeline starts itself (`--executor ray`, no address), as
-    # a user with Ray installed and no cluster gets it; the store is this session's SQLite, which one node may share.
-    from infrastructure import without_session_step_server
-
-    from saecomp.tracking import RAY_NODE_TAG
-
-    try:
-        import ray  # noqa: F401 - a test extra; without it the rest of this test runs in-process
-    except ImportError:
-        ray = None
-    if ray is not None:
-        on_ray = subprocess.run(
-            [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray"],
-            cwd=ROOT, env=without_session_step_server(), capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        assert on_ray.returncode == 0, on_ray.stderr[-4000:]
-        assert "executor: ray, 1 node(s)" in on_ray.stderr, on_ray.stderr[-4000:]
-    else:
-        assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
+    result = CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
     new = [r for r in step_runs("evaluate") if r.info.run_id not in before]
     assert len(new) == 4 and {(r.data.params["suites"], r.data.params["evaluation.seed"]) for r in new} == {("scr", "43")}
-    assert all(r.info.status == "FINISHED" and (ray is None or r.data.tags.get(RAY_NODE_TAG)) for r in new), [r.data.tags for r in new]
     run = sorted(step_runs("pipeline"), key=lambda r: r.info.start_time)[-1]
     report = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="compare")
     exact = {"float_precision": "round_trip"}

@@ -24,7 +24,7 @@ bootstrap over the test documents, every window cut from a drawn text, ``evaluat
 ``evaluate.scr_tpp_uncertainty``; where the tests could not be traced, and in older runs, ``binomial_se``, a
 conservative parametric one), sparse probing's ``<metric>.bootstrap_se`` (a bootstrap of the texts its probes were
 tested on, ``evaluate.sparse_probing_bootstrap``; untraced and older runs: ``binomial_se``, in closed form,
-``evaluate.sparse_probing_uncertainty``), RAVEL's ``<metric>.cluster_se`` (two-way cluster-robust over the entities its
+``evaluate.sparse_probing_uncertainty``), RAVEL's ``<metric>.cluster_se`` (dyadic-robust over the entities its
 validation pairs share, ``evaluate.ravel_standard_errors``; untraced and older runs: ``binomial_se`` over the pairs,
 ``evaluate.ravel_uncertainty``), and absorption's ``<metric>.word_se`` (its means over words,
 ``evaluate.absorption_uncertainty``), and core's ``frac_alive.jackknife_se`` (a delete-one jackknife over the test
@@ -64,7 +64,7 @@ VARIANTS = ("pretrained", "pruned25", "pruned50", "trained")
 SE_KINDS = {
     "bootstrap_se": "bootstrap over test documents",
     "jackknife_se": "delete-one jackknife over test documents (conservative)",
-    "cluster_se": "two-way cluster-robust over the entities of RAVEL's pairs",
+    "cluster_se": "dyadic-robust over the entities RAVEL's validation pairs share",
     "binomial_se": "binomial over test texts or pairs",
     "word_se": "over the words tested",
 }
@@ -76,7 +76,6 @@ SE_KINDS_OF_SUITE = {
     ("tpp", "binomial_se"): "binomial draws per accuracy over test texts (conservative; tests not traced)",
     ("sparse_probing", "bootstrap_se"): "bootstrap over test texts",
     ("sparse_probing", "binomial_se"): "binomial over the test texts of each class (tests not traced)",
-    ("ravel", "binomial_se"): "binomial over validation pairs (too small: pairs share entities; pairs not traced, or an older run)",
 }
 """Where a suite's standard error of one kind is over something else than ``SE_KINDS`` says."""
 CORE_BY_WINDOW = {
@@ -86,10 +85,16 @@ CORE_BY_WINDOW = {
 """Core's errors in runs from before it resampled documents (their ``uncertainty/core.json`` says ``unit: sequence``)."""
 
 
-def _se_kind(suite: str, se_kind: str | None, boot: dict) -> str | None:
+RAVEL_OWN_SHARES = ("fact_accuracy", "residual_patch_cause")
+"""RAVEL metrics of ours that are shares of independent draws (prompts, swapped pairs): binomial is their right error."""
+
+
+def _se_kind(suite: str, se_kind: str | None, boot: dict, metric: str = "") -> str | None:
     """What a cell's standard error is over, in words (``SE_KINDS``)."""
     if suite == "core" and se_kind in CORE_BY_WINDOW and boot.get("unit") == "sequence":
         return CORE_BY_WINDOW[se_kind]
+    if suite == "ravel" and se_kind == "binomial_se" and metric not in RAVEL_OWN_SHARES:  # SAEBench's scores, untraced
+        return "binomial over validation pairs (too small: the pairs share entities; pairs not traced, or an older run)"
     return SE_KINDS_OF_SUITE.get((suite, se_kind), SE_KINDS.get(se_kind, se_kind))
 
 SEED_SPREAD = "spread over seeds"
@@ -313,7 +318,7 @@ def cells(records: Iterable[RunRecord], variants: Iterable[str] | None = None) -
                                 "variant": variant,
                                 "value": value,
                                 "se": se,
-                                "se_kind": _se_kind(spec.suite, se_kind, boot),
+                                "se_kind": _se_kind(spec.suite, se_kind, boot, metric),
                                 "_replicates": boot.get("jackknife" if se_kind == "jackknife_se" else "samples", {}).get(metric),
                                 "_resamples": (boot.get("sample_id"), se_kind, boot.get("seed"), boot.get("replicates"),
                                                boot.get("unit")),
@@ -695,8 +700,8 @@ LEGEND = (
     "computed: a bootstrap over the test documents for core (spliced losses and scores, reconstruction and sparsity means, "
     "explained variances, the per-latent densities' summaries but frac_alive), a delete-one jackknife over the test "
     "documents for frac_alive (conservative), a bootstrap over the test texts for SCR's and TPP's scores and sparse "
-    "probing's accuracies (binomial where the tests could not be traced), two-way cluster-robust over the entities of "
-    "the validation pairs for RAVEL's scores (binomial over the pairs where untraced), over the words tested for "
+    "probing's accuracies (binomial where the tests could not be traced), dyadic-robust over the entities the "
+    "validation pairs share for RAVEL's scores (binomial over the pairs where untraced), over the words tested for "
     "absorption's means and its count of split latents, the spread "
     "over seeds where replicates ran (cells.csv: se_kind); "
     "≈ differs from the pretrained SAE's value in its row by no more than the standard error of the difference (paired "
@@ -888,8 +893,8 @@ def html_report(all_cells: pd.DataFrame, pngs: dict[str, bytes], title: str, pro
         "<span style='background:#eee'>&nbsp;n/a&nbsp;</span> not applicable (the run's tag says why). "
         "± is one standard error, where computed: a bootstrap over the test documents for core (spliced losses and scores, "
         "reconstruction and sparsity means and explained variances) and over the test texts for SCR's and TPP's scores and "
-        "sparse probing's accuracies (binomial where the tests could not be traced), two-way cluster-robust "
-        "over the entities of the validation pairs for RAVEL's scores, over the words tested for absorption's means, "
+        "sparse probing's accuracies (binomial where the tests could not be traced), dyadic-robust "
+        "over the entities the validation pairs share for RAVEL's scores, over the words tested for absorption's means, "
         "a delete-one jackknife for frac_alive, the spread over seeds where "
         "replicates ran (hover a cell for which); "
         "<span class='within'>&nbsp;≈&nbsp;</span> marks a value that differs from the "

@@ -2894,7 +2894,10 @@ def ravel_pair_counts() -> Iterator[list[dict]]:
                     cause = bool(base_pred != source_pred)
                     n_cause, n_isolation = n_cause + cause, n_isolation + (not cause)
                     if pairs is not None:
-                        base, source = entity_of.get(ids(batch[0], row)), entity_of.get(ids(batch[1], row))
+                        try:  # untraced, the counts still give the binomial errors
+                            base, source = entity_of.get(ids(batch[0], row)), entity_of.get(ids(batch[1], row))
+                        except Exception:
+                            base = source = None
                         pairs = None if base is None or source is None else [*pairs, (cause, base, source)]
         except Exception:
             n_isolation = n_cause = 0
@@ -2929,16 +2932,18 @@ def ravel_standard_errors(calls: list[dict], per_class: dict, config) -> dict:
 
     A pair is two entities (a base and a source city) and an entity is in many pairs (as base and as source, for every
     cause attribute of its class): an entity the model or RAVEL's mask handles badly fails many pairs together, so the
-    pairs are not independent and the binomial error over them is too small. The error here is the two-way
-    cluster-robust one (Cameron, Gelbach and Miller's, with one set of entities in both roles) of SAEBench's scores
-    linearised in the pairs' outcomes: with a_p a pair's share of a score's deviation (its outcome minus the score,
-    over the pairs the score is a mean of, times the weight SAEBench's averaging gives that score),
-    V = sum over entities e of (sum of a_p over the pairs holding e)^2 - sum over entity pairs d of (sum of a_p over
-    the pairs of d)^2: every two pairs that share an entity covary, counted once. Where no two pairs share an entity it
-    is exactly the binomial variance; it is floored at the second sum (pairs of the same two entities alone), as a
-    two-way estimate can fall below it in small samples. There are no replicates, so compare's differences of two
-    SAEs' RAVEL scores are unpaired (conservative: both SAEs are scored on the same pairs). Not covered: the training
-    of RAVEL's mask (on the training pairs, which share entities with the validation pairs)."""
+    pairs are not independent and the binomial error over them is too small. The error here is the dyadic-robust one
+    (Fafchamps and Gubert; Aronow, Samii and Assenova: a two-way cluster-robust variance with one set of entities in
+    both roles) of SAEBench's scores linearised in the pairs' outcomes. With a_p a pair's share of a score's deviation
+    (its outcome minus the score, over the pairs the score is a mean of, times the weight SAEBench's averaging gives
+    that score), V = sum over entities e of (sum of a_p over the pairs holding e)^2 - sum over entity pairs d (two
+    distinct entities, in either order) of (sum of a_p over the pairs of d)^2: every two pairs that share an entity
+    covary, counted once. Where no two pairs share an entity it is exactly the binomial variance; it is floored at the
+    sum over entity pairs alone (pairs of the same two entities), which a two-way estimate can fall below in small
+    samples. No small-sample factor G/(G - 1) (G entities): SAEBench keeps up to 500 per class. There are no
+    replicates, so compare's differences of two SAEs' RAVEL scores are unpaired (conservative: both SAEs are scored on
+    the same pairs). Not covered: the training of RAVEL's mask (on the training pairs, which share entities with the
+    validation pairs)."""
     binomial = ravel_uncertainty(calls, per_class, config)
     order = [(entity, attribute) for entity, attributes in config.entity_attribute_selection.items() for attribute in attributes]
     why = None
@@ -2991,11 +2996,11 @@ def ravel_standard_errors(calls: list[dict], per_class: dict, config) -> dict:
         se[name] = math.sqrt(max(two_way, within_dyads))
     entities = {entity: len({m for e, b, s in pairs if e == entity for m in (b, s)}) for entity in classes}
     return {
-        "unit": "entity (two-way cluster-robust: pairs sharing a base or a source entity covary)",
+        "unit": "entity (dyadic-robust: pairs sharing an entity, as base or as source, covary)",
         "method": (
-            "two-way cluster-robust variance over the entities (Cameron, Gelbach and Miller) of SAEBench's scores linearised in "
-            "the validation pairs' outcomes, floored at the variance within pairs of the same two entities; binomial where no "
-            "entity is shared"
+            "dyadic-robust variance over the entities (every two pairs sharing an entity covary) of SAEBench's scores linearised "
+            "in the validation pairs' outcomes, floored at the variance within pairs of the same two entities; binomial where "
+            "no entity is shared"
         ),
         "se_kind": "cluster_se",
         "entities": entities,

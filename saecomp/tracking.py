@@ -1227,8 +1227,8 @@ def bootstrap_replicates(client: MlflowClient, run) -> dict[str, dict]:
     """suite -> the run's ``uncertainty/<suite>.json`` (evaluate logs it beside ``<suite>.<metric>.<kind>_se``): the
     replicates that let compare pair two variants' bootstraps. Only the suites with replicates: core's bootstrap, SCR's,
     TPP's and sparse probing's bootstrap of texts (older SCR and TPP runs: their parametric one, logged as
-    ``binomial_se``), absorption's split count (sparse probing's untraced and RAVEL's closed-form binomial errors have
-    none);
+    ``binomial_se``), absorption's split count (sparse probing's untraced errors, RAVEL's dyadic-robust ``cluster_se``
+    and its binomial fallback have none);
     empty for runs that logged none."""
     suites = {
         name.split(".", 1)[0]

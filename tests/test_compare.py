@@ -765,3 +765,15 @@ def test_odd_variant_names_and_latex_specials_are_kept_as_they_are():
     assert compare._variant_order(["pretrained: ours", "pretrained: paper"]) == ["pretrained: ours", "pretrained: paper"]
     escaped = compare._latex_escape(r"C:\models\x_{1}^2 ~50% & #1 $")
     assert escaped == r"C:\textbackslash{}models\textbackslash{}x\_\{1\}\^{}2 \textasciitilde{}50\% \& \#1 \$"
+
+
+def test_ravel_cells_say_what_their_errors_are_over():
+    """RAVEL's scores carry dyadic-robust errors over the entities their pairs share; where the pairs could not be traced
+    (and in older runs) binomial ones, which are too small and say so; our own shares of independent draws (fact
+    accuracy over prompts, the whole-residual swap over its pairs) are rightly binomial."""
+    from saecomp.compare import _se_kind
+
+    assert _se_kind("ravel", "cluster_se", {}, "disentanglement_score").startswith("dyadic-robust over the entities")
+    assert "too small" in _se_kind("ravel", "binomial_se", {}, "disentanglement_score")
+    for ours in ("fact_accuracy", "residual_patch_cause"):
+        assert _se_kind("ravel", "binomial_se", {}, ours) == "binomial over test texts or pairs"

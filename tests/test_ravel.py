@@ -380,6 +380,50 @@ def test_ravel_errors_count_the_entities_pairs_share():
     assert fallback["se_kind"] == "binomial_se" and "do not give SAEBench's cause_score" in fallback["untraced"]
 
 
+def test_ravel_errors_are_the_sum_over_every_two_pairs_that_share_an_entity():
+    """Exactly, on a small design with reversed and repeated pairs: the variance is the sum of a_p a_q over every two
+    validation pairs (a pair with itself included) that share an entity in either role, a_p a pair's share of the
+    score's deviation; where that falls below the sum over pairs of the same two entities ((a, b) and (b, a) alike),
+    the latter. Checked for one attribute's cause score and for the headline one, whose pairs from both attributes
+    share entities, over random outcomes, some of which the floor decides."""
+    import numpy as np
+    from sae_bench.evals.ravel.eval_config import RAVELEvalConfig
+
+    from saecomp.evaluate import ravel_standard_errors
+
+    config = RAVELEvalConfig(entity_attribute_selection={"city": ["Country", "Continent"]})
+    design = {True: [("A", "B"), ("B", "A"), ("A", "B"), ("C", "D"), ("A", "C")],
+              False: [("B", "C"), ("C", "B"), ("D", "A"), ("A", "D"), ("E", "A")]}  # fmt: skip
+    rng = np.random.default_rng(0)
+    floored = 0
+    for _ in range(60):
+        outcome = {(a, c, b, s, i): rng.random() < 0.5 for a in ("Country", "Continent") for c in (True, False)
+                   for i, (b, s) in enumerate(design[c])}  # fmt: skip
+        counter = {}
+
+        def drawn(attribute, cause, base, source, outcome=outcome, counter=counter):  # the i-th pair of its kind
+            i = counter[(attribute, cause)] = counter.get((attribute, cause), -1) + 1
+            return outcome[(attribute, cause, base, source, i)]
+
+        calls, per_class = traced_ravel_run(design, drawn)
+        if any(not 0 < call[s] < 1 for call in calls for s in ("cause_score", "isolation_score")):
+            continue  # no deviation to speak of
+        result = ravel_standard_errors(calls, per_class, config)
+        for name, attributes in (("city.Country.cause_score", [0]), ("cause_score", [0, 1])):
+            shares = []  # (entities, a_p)
+            for index in attributes:
+                call = calls[index]
+                caused = [(b, s, o) for cause, b, s, o in call["pairs"] if cause]
+                shares += [({b, s}, (o - call["cause_score"]) / len(caused) / len(attributes)) for b, s, o in caused]
+            shared = sum(a * c for x, a in shares for y, c in shares if x & y)
+            within = sum(a * c for x, a in shares for y, c in shares if x == y)
+            assert result["se"][name] ** 2 == pytest.approx(max(shared, within), rel=1e-9, abs=1e-15), name
+            if abs(shared - within) > 1e-12:  # (equal up to rounding: either side)
+                assert (name in result["floored"]) == (shared < within), name
+                floored += shared < within
+    assert floored > 0  # the floor decided some
+
+
 def test_ravel_online_reads_the_model_and_the_pinned_prompts_from_the_hub(fact_world, tmp_path):
     """The evaluate step's RAVEL as gemma-2-2b.yaml runs it online, end to end in its own process against a local Hub
     with the real clients: the model `google/gemma-2-2b` (here the fact world's tiny Gemma-2, which knows its cities)

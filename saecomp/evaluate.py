@@ -2328,9 +2328,41 @@ def run_absorption(model: HookedTransformer, sae: SAE, config, workdir: Path, sa
     # padding (Gemma's tokenizer pads left; GPT-2's pads right, and the offset would land on padding).
     padding_side, model.tokenizer.padding_side = model.tokenizer.padding_side, "left"
     try:
-        return _absorption(model, sae, config, folders, sae_name, started)
+        with alphabetic_tokens_in_one_order():
+            return _absorption(model, sae, config, folders, sae_name, started)
     finally:
         model.tokenizer.padding_side = padding_side
+
+
+ALPHABETIC_TOKEN_READERS = ("sae_bench.evals.absorption.common", "sae_bench.evals.absorption.feature_absorption")
+"""The modules of SAEBench's absorption that list the alphabetic tokens (`get_alpha_tokens`, imported by name)."""
+
+
+@contextmanager
+def alphabetic_tokens_in_one_order() -> Iterator[None]:
+    """SAEBench's absorption with the tokenizer's alphabetic tokens sorted, for the duration.
+
+    SAEBench lists them in ``tokenizer.vocab``'s order, which a fast tokenizer builds from a Rust hash map: another
+    order in every process. Its seeded shuffles of that list (the probes' train and test words, the in-context
+    examples) then drew other words in every run, so one key gave other absorption numbers each time."""
+    import importlib
+
+    wrapped = []
+    with _WRAPPING:
+        try:
+            for module_name in ALPHABETIC_TOKEN_READERS:
+                module = importlib.import_module(module_name)
+                original = module.get_alpha_tokens
+
+                def in_one_order(*args, _original=original, **kwargs) -> list[str]:
+                    return sorted(_original(*args, **kwargs))
+
+                module.get_alpha_tokens = in_one_order
+                wrapped.append((module, original))
+            yield
+        finally:
+            for module, original in reversed(wrapped):
+                module.get_alpha_tokens = original
 
 
 def absorption_prompt_tokens(model: HookedTransformer, config, n: int = 256) -> int:
@@ -2341,7 +2373,7 @@ def absorption_prompt_tokens(model: HookedTransformer, config, n: int = 256) -> 
     from sae_bench.evals.absorption.prompting import create_icl_prompt, first_letter_formatter
     from sae_bench.evals.absorption.vocab import get_alpha_tokens
 
-    vocab = sorted(get_alpha_tokens(model.tokenizer))  # the tokenizer's dict order differs between processes
+    vocab = sorted(get_alpha_tokens(model.tokenizer))  # as SAEBench gets them (alphabetic_tokens_in_one_order)
     state = random.getstate()
     random.seed(config.random_seed)
     try:

@@ -807,6 +807,44 @@ def k_sparse_probe_scores(n_per_letter: int = 20, max_k: int = 5, seed: int = 0)
     return pd.DataFrame(scores), pd.DataFrame(metadata)
 
 
+def test_saebenchs_absorption_gets_the_alphabetic_tokens_in_one_order_whatever_the_tokenizers_dict_order(small_world):
+    """A fast tokenizer's ``vocab`` dict comes from a Rust hash map, in another order in every process, and SAEBench's
+    absorption shuffles the alphabetic tokens in that order: with one seed, other probe words in every run. Under
+    `alphabetic_tokens_in_one_order` both of SAEBench's readers list them in one order whatever the dict's, and
+    the seeded split SAEBench draws from them is one split; outside it, SAEBench's own functions again."""
+    import random
+
+    from sae_bench.evals.absorption import common, feature_absorption
+    from sae_bench.evals.absorption.probing import create_dataset_probe_training
+    from sae_bench.evals.absorption.prompting import first_letter_formatter
+    from transformers import AutoTokenizer
+
+    from saecomp.evaluate import alphabetic_tokens_in_one_order
+
+    tokenizer = AutoTokenizer.from_pretrained(small_world / "tiny-gpt2")
+
+    class Reordered:  # the same tokenizer as another process lists it
+        vocab = dict(reversed(list(tokenizer.vocab.items())))
+        convert_tokens_to_string = staticmethod(tokenizer.convert_tokens_to_string)
+
+    originals = (common.get_alpha_tokens, feature_absorption.get_alpha_tokens)
+    assert common.get_alpha_tokens(tokenizer) != common.get_alpha_tokens(Reordered())  # SAEBench's own: the dict's order
+    assert sorted(common.get_alpha_tokens(tokenizer)) == sorted(common.get_alpha_tokens(Reordered()))
+
+    def probe_words(vocab: list[str]) -> list[str]:
+        random.seed(42)
+        train, _ = create_dataset_probe_training(vocab, first_letter_formatter(), num_prompts_per_token=1, base_template="{word}:")
+        return [prompt.word for prompt, _ in train]
+
+    with alphabetic_tokens_in_one_order():
+        for module in (common, feature_absorption):
+            assert module.get_alpha_tokens(tokenizer) == module.get_alpha_tokens(Reordered()) == sorted(originals[0](tokenizer))
+        split = probe_words(common.get_alpha_tokens(tokenizer))
+        assert split == probe_words(feature_absorption.get_alpha_tokens(Reordered()))
+    assert (common.get_alpha_tokens, feature_absorption.get_alpha_tokens) == originals
+    assert probe_words(originals[0](tokenizer)) != probe_words(originals[0](Reordered()))
+
+
 def test_split_latent_counts_under_resampled_test_words_are_saebenchs_own():
     """Absorption's count of split latents per letter, recomputed under weights on the k-sparse probes' test words, is
     what SAEBench's own `build_metrics_df` and `add_feature_splits_to_metrics_df` give on the resampled words; its

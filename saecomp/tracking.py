@@ -1032,6 +1032,34 @@ def _redeliver_dropped_sigterm(previous_hook):
     return hook
 
 
+END_RUN_TRIES = 10
+"""How often a step writes its run's final status while the store refuses it, a second apart (``_end_run``)."""
+
+
+def _end_run(status: str) -> None:
+    """``mlflow.end_run(status)``, the status written again while the store refuses it (SQLite's lock under load, a
+    server's hiccup). MLflow takes the run off its stack before it writes the status: one refusal left the run of a
+    step that had stopped RUNNING, with nothing in this process left to close it."""
+    active = mlflow.active_run()
+    try:
+        mlflow.end_run(status)
+        return
+    except Exception as error:  # noqa: BLE001 - written again below, then raised
+        if active is None:
+            raise
+        refusal = error
+    for attempt in range(1, END_RUN_TRIES):
+        print(f"[saecomp] run {active.info.run_id}: could not close it as {status} ({refusal!r}); try {attempt + 1} of {END_RUN_TRIES}",
+              file=_terminal(), flush=True)  # fmt: skip
+        time.sleep(1)
+        try:
+            MlflowClient().set_terminated(active.info.run_id, status)
+            return
+        except Exception as error:  # noqa: BLE001 - tried again
+            refusal = error
+    raise refusal
+
+
 _TOLD_ABOUT_DEFAULT = False
 
 
@@ -1073,19 +1101,26 @@ def step_run(
 
     try:
         reap_dead_runs()
-        if os.environ.get("MLFLOW_RUN_ID") or experiment_name is None:
-            run = mlflow.start_run()
-        else:
-            run = mlflow.start_run(experiment_id=experiment_id_for(experiment_name))
+        experiment_id = None if os.environ.get("MLFLOW_RUN_ID") or experiment_name is None else experiment_id_for(experiment_name)
+        # Counted, not raised, while MLflow creates the run: raised between its creation and its return, a SIGTERM
+        # left a run RUNNING that this process never knew, with nothing to say whose it was.
+        signal.signal(signal.SIGTERM, _count_sigterm)
+        run = mlflow.start_run(experiment_id=experiment_id)
     except BaseException:
         restore()
         raise
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    if _SIGTERMS_HANDLED != sigterms_before:  # told to stop while the run was being created
+        closing()
+        _end_run("FAILED")
+        restore()
+        raise _Terminated(128 + signal.SIGTERM)
     keep_alive = alive(run.info.run_id, watch_launcher=True)
     try:
         watchdog = keep_alive.__enter__()
     except BaseException:
         closing()
-        mlflow.end_run("FAILED")  # never left to MLflow's exit hook, which would mark it FINISHED
+        _end_run("FAILED")  # never left to MLflow's exit hook, which would mark it FINISHED
         restore()
         raise
     try:
@@ -1110,20 +1145,20 @@ def step_run(
         yield run
     except KeyboardInterrupt:
         closing()
-        mlflow.end_run("KILLED")
+        _end_run("KILLED")
         raise
     except BaseException:
         closing()
-        mlflow.end_run("FAILED")
+        _end_run("FAILED")
         raise
     else:
         closing()
         if _SIGTERMS_HANDLED != sigterms_before:  # told to stop, and its exception was dropped before it was sent again
-            mlflow.end_run("FAILED")
+            _end_run("FAILED")
             raise _Terminated(128 + signal.SIGTERM)
         if watchdog is not None:
             watchdog.finish_or_exit()  # its launcher died meanwhile (a retry may compute the same): never FINISHED
-        mlflow.end_run("FINISHED")
+        _end_run("FINISHED")
         if _SIGTERMS_HANDLED != sigterms_before:  # told to stop while it closed: FAILED after all
             MlflowClient().set_terminated(run.info.run_id, "FAILED")
             raise _Terminated(128 + signal.SIGTERM)

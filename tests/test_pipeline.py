@@ -133,11 +133,12 @@ def test_adding_a_suite_runs_that_suite_alone(small_experiment, tmp_path):
     assert "scr.scr_metric_threshold_2 " in result.output and "scr.scr_metric_threshold_20" in result.output  # the file's k list
 
 
-def test_a_local_ray_started_by_the_pipeline_runs_the_steps_it_is_missing(small_experiment, tmp_path):
+def test_a_local_ray_started_by_the_pipeline_runs_the_steps_it_is_missing(small_experiment, tracked_world, tmp_path):
     """`--executor ray` with no address (and no RAY_ADDRESS): the pipeline starts a one-node Ray of its own, as a user
     with Ray installed and no cluster gets it, never joining one already running on the machine (another test's), and
-    runs the steps it is missing as Ray tasks on the session's SQLite store (one node may share it): here core under
-    another test-set size, four evaluations, each run naming its Ray node; everything upstream is reused."""
+    runs the steps it is missing as Ray tasks on the session's SQLite store (one node may share it), each run naming
+    its Ray node: here the other tests' cell under a test-set size of its own, so four core evaluations no other test
+    runs, and whichever of the cell's trainings and sweep no test before it on this worker ran; the world is reused."""
     pytest.importorskip("ray")  # a test extra
     import yaml
     from infrastructure import without_session_step_server
@@ -145,13 +146,11 @@ def test_a_local_ray_started_by_the_pipeline_runs_the_steps_it_is_missing(small_
     from saecomp.tracking import RAY_NODE_TAG
 
     config = yaml.safe_load(small_experiment.read_text())
-    config["sae"]["hooks"] = ["hook_resid_post"]  # the other tests' cell, reused if they ran
+    config["sae"]["hooks"] = ["hook_resid_post"]  # the other tests' cell, reused where they ran
+    config["evaluation"]["n_sequences"] = 40  # core's key holds its test pool: four evaluations of this test's own
     path = tmp_path / "local_ray.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert CliRunner().invoke(pipeline.main, ["--experiment", str(path)], catch_exceptions=False).exit_code == 0
     before = {r.info.run_id for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
-    config["evaluation"]["n_sequences"] = 40  # core's key holds its test pool: four evaluations to run
-    path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in without_session_step_server().items() if k != "RAY_ADDRESS"}
     on_ray = subprocess.run(
         [sys.executable, "-m", "entrypoints.pipeline", "--experiment", str(path), "--executor", "ray"],
@@ -163,8 +162,11 @@ def test_a_local_ray_started_by_the_pipeline_runs_the_steps_it_is_missing(small_
     by_step = {}
     for run in new:
         by_step.setdefault(run.data.tags.get("saecomp.step"), []).append(run)
-    assert {step: len(runs) for step, runs in by_step.items()} == {"pipeline": 1, "evaluate": 4, "compare": 1}, by_step.keys()
-    assert all(r.info.status == "FINISHED" and r.data.tags.get(RAY_NODE_TAG) for r in by_step["evaluate"])
+    counts = {step: len(runs) for step, runs in by_step.items()}
+    assert counts["pipeline"] == counts["compare"] == 1 and counts["evaluate"] == 4, counts
+    assert set(counts) <= {"pipeline", "prune_llm", "train_sae", "prune_sae", "evaluate", "compare"}, counts  # the world reused
+    steps = [r for r in new if r.data.tags.get("saecomp.step") != "pipeline"]
+    assert all(r.info.status == "FINISHED" and r.data.tags.get(RAY_NODE_TAG) for r in steps), counts
     assert {r.data.params["evaluation.n_sequences"] for r in by_step["evaluate"]} == {"40"}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -320,10 +321,10 @@ def test_a_sigterm_landing_as_the_step_begins_to_close_never_leaves_its_run_open
     from saecomp.tracking import step_run
 
     install = signal.signal
-    landed = []
+    landed, ran = [], []
 
-    def lands_first(signum, handler):  # the first switch to counting: where the signal lands
-        if handler is tracking._count_sigterm and not landed:
+    def lands_first(signum, handler):  # the first switch to counting after the body: where the signal lands
+        if handler is tracking._count_sigterm and ran and not landed:
             landed.append(True)
             raise tracking._Terminated(128 + signal.SIGTERM)
         return install(signum, handler)
@@ -331,10 +332,64 @@ def test_a_sigterm_landing_as_the_step_begins_to_close_never_leaves_its_run_open
     monkeypatch.setattr(signal, "signal", lands_first)
     with pytest.raises(SystemExit):
         with step_run("probe", "key-term-closing", {}) as run:
-            pass
+            ran.append(True)
     monkeypatch.undo()
     assert landed and mlflow.active_run() is None
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_a_sigterm_landing_while_mlflow_creates_the_run_closes_that_run(monkeypatch):
+    """A SIGTERM between the run's creation in the store and `mlflow.start_run`'s return: raised there, the run stayed
+    RUNNING, unknown to the step and with no tag to say whose it was. It is counted until the run is open, then the
+    step closes it FAILED and exits as a SIGTERM makes it."""
+    from saecomp.tracking import step_run
+
+    start_run = mlflow.start_run
+    created = []
+
+    def signalled_inside(*args, **kwargs):
+        run = start_run(*args, **kwargs)
+        created.append(run.info.run_id)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode: still inside start_run
+        return run
+
+    monkeypatch.setattr(mlflow, "start_run", signalled_inside)
+    body = []
+    with pytest.raises(SystemExit) as exit_:
+        with step_run("probe", "key-term-creating", {}):
+            body.append(True)
+    monkeypatch.undo()
+    assert exit_.value.code == 128 + signal.SIGTERM and not body and mlflow.active_run() is None
+    assert mlflow.MlflowClient().get_run(created[0]).info.status == "FAILED"
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_store_refusing_the_final_status_still_gets_it(monkeypatch, fails):
+    """MLflow takes the run off its stack before it writes the status, so a store that refused that one write (SQLite
+    locked by another process, a server's hiccup) left the run of a step that had ended RUNNING. The status is written
+    again: FINISHED after a clean body, FAILED after an exception."""
+    from mlflow.exceptions import MlflowException
+
+    from saecomp.tracking import step_run
+
+    set_terminated = mlflow.MlflowClient.set_terminated
+    refused = []
+
+    def refuses_once(self, run_id, status=None, end_time=None):
+        if not refused:
+            refused.append(status)
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return set_terminated(self, run_id, status, end_time)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", refuses_once)
+    with contextlib.suppress(RuntimeError):
+        with step_run("probe", f"key-refused-{fails}", {}) as run:
+            if fails:
+                raise RuntimeError("the step's own failure")
+    monkeypatch.undo()
+    expected = "FAILED" if fails else "FINISHED"
+    assert refused == [expected] and mlflow.active_run() is None
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == expected
 
 
 def test_the_oldest_finished_run_of_a_key_is_canonical():

@@ -274,12 +274,14 @@ def test_a_killed_training_continues_from_its_last_checkpoint(small_experiment, 
     env = without_session_step_server(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")  # killed by pid
     checkpoints = session_dir / "checkpoints" / "train_sae"
     # The session's checkpoint folder is shared with other tests' steps (a step of a killed pipeline can leave its own
-    # behind): this test watches only the checkpoints its own training writes.
-    before = set(checkpoints.glob("*/*/[0-9]*"))
+    # behind, and one still closing can write another): this test watches only the checkpoints its own training writes,
+    # under a key folder (<key>/<SAELens run>/<samples>) that was not there before.
+    before, keys_before = set(checkpoints.glob("*/*/[0-9]*")), set(checkpoints.glob("*"))
     runs_before = {r.info.run_id for r in runs_of("train_sae")}
 
     def complete_checkpoints():
-        return {p.parent for p in checkpoints.glob(f"*/*/[0-9]*/{CHECKPOINT_COMPLETE}")} - before
+        marked = checkpoints.glob(f"*/*/[0-9]*/{CHECKPOINT_COMPLETE}")
+        return {p.parent for p in marked if p.parents[2] not in keys_before} - before
 
     log = session_dir / f"killed-training-{model}.log"
     with open(log, "w") as stderr:  # a file, not a pipe: a full pipe would stall the child
@@ -292,7 +294,7 @@ def test_a_killed_training_continues_from_its_last_checkpoint(small_experiment, 
     process.wait(timeout=120)
     assert process.returncode != 0
     (killed,) = [r for r in runs_of("train_sae") if r.info.run_id not in runs_before]
-    assert killed.info.status == "FAILED"
+    assert killed.info.status == "FAILED", (process.returncode, log.read_text()[-3000:])
     saved = sorted(complete_checkpoints(), key=lambda p: int(p.name))
     assert saved and int(saved[-1].name) < 400000
     for folder in saved:  # nothing (SAELens's interruption save included) wrote into a checkpoint after its marker

@@ -1033,7 +1033,7 @@ def _redeliver_dropped_sigterm(previous_hook):
 
 
 END_RUN_TRIES = 10
-"""How often a step writes its run's final status while the store refuses it, a second apart (``_end_run``)."""
+"""How often, in all, a step writes its run's final status while the store refuses it, a second apart."""
 
 
 def _end_run(status: str) -> None:
@@ -1043,21 +1043,26 @@ def _end_run(status: str) -> None:
     active = mlflow.active_run()
     try:
         mlflow.end_run(status)
-        return
-    except Exception as error:  # noqa: BLE001 - written again below, then raised
+    except Exception as error:  # noqa: BLE001 - written again, then raised
         if active is None:
             raise
-        refusal = error
-    for attempt in range(1, END_RUN_TRIES):
-        print(f"[saecomp] run {active.info.run_id}: could not close it as {status} ({refusal!r}); try {attempt + 1} of {END_RUN_TRIES}",
-              file=_terminal(), flush=True)  # fmt: skip
-        time.sleep(1)
+        _write_status(active.info.run_id, status, refused=error, tries=END_RUN_TRIES - 1)
+
+
+def _write_status(run_id: str, status: str, refused: Exception | None = None, tries: int = END_RUN_TRIES) -> None:
+    """Close ``run_id`` with ``status``, trying ``tries`` times a second apart while the store refuses (``refused``:
+    a refusal already met), then raising the last refusal."""
+    for _ in range(tries):
+        if refused is not None:
+            print(f"[saecomp] run {run_id}: could not close it as {status} ({refused!r}); trying again",
+                  file=_terminal(), flush=True)  # fmt: skip
+            time.sleep(1)
         try:
-            MlflowClient().set_terminated(active.info.run_id, status)
+            MlflowClient().set_terminated(run_id, status)
             return
         except Exception as error:  # noqa: BLE001 - tried again
-            refusal = error
-    raise refusal
+            refused = error
+    raise refused
 
 
 _TOLD_ABOUT_DEFAULT = False
@@ -1109,19 +1114,19 @@ def step_run(
     except BaseException:
         restore()
         raise
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    if _SIGTERMS_HANDLED != sigterms_before:  # told to stop while the run was being created
-        closing()
-        _end_run("FAILED")
-        restore()
-        raise _Terminated(128 + signal.SIGTERM)
-    keep_alive = alive(run.info.run_id, watch_launcher=True)
+    keep_alive = alive(run.info.run_id, watch_launcher=True)  # (nothing runs until it is entered)
     try:
+        # signal.signal runs a pending handler before it switches: a SIGTERM counted until here is in the count below
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        if _SIGTERMS_HANDLED != sigterms_before:  # told to stop while the run was being created
+            raise _Terminated(128 + signal.SIGTERM)
         watchdog = keep_alive.__enter__()
     except BaseException:
         closing()
-        _end_run("FAILED")  # never left to MLflow's exit hook, which would mark it FINISHED
-        restore()
+        try:
+            _end_run("FAILED")  # never left to MLflow's exit hook, which would mark it FINISHED
+        finally:
+            restore()
         raise
     try:
         labels = {STEP_TAG: step, KEY_TAG: key, "saecomp.code": source_digest(), **library_versions(), **(tags or {})}
@@ -1160,14 +1165,14 @@ def step_run(
             watchdog.finish_or_exit()  # its launcher died meanwhile (a retry may compute the same): never FINISHED
         _end_run("FINISHED")
         if _SIGTERMS_HANDLED != sigterms_before:  # told to stop while it closed: FAILED after all
-            MlflowClient().set_terminated(run.info.run_id, "FAILED")
+            _write_status(run.info.run_id, "FAILED")
             raise _Terminated(128 + signal.SIGTERM)
     finally:
         closing()
         active = mlflow.active_run()
         if active is not None and active.info.run_id == run.info.run_id:  # a SIGTERM raised as `else:` began: never FINISHED
             with contextlib.suppress(Exception):  # (left open, MLflow's exit hook would mark it FINISHED)
-                mlflow.end_run("FAILED")
+                _end_run("FAILED")
         keep_alive.__exit__(None, None, None)
         restore()
 

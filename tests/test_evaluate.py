@@ -845,6 +845,41 @@ def test_saebenchs_absorption_gets_the_alphabetic_tokens_in_one_order_whatever_t
     assert probe_words(originals[0](tokenizer)) != probe_words(originals[0](Reordered()))
 
 
+def test_absorption_runs_with_saebenchs_alphabetic_tokens_in_one_order(monkeypatch):
+    """`run_absorption` runs SAEBench's absorption under `alphabetic_tokens_in_one_order`, and that covers every
+    module of SAEBench's absorption that reads the alphabetic tokens (a new reader in a later SAEBench shows here)."""
+    import importlib
+    import pkgutil
+    from types import SimpleNamespace
+
+    from sae_bench.evals import absorption
+    from sae_bench.evals.absorption import common, vocab
+
+    import saecomp.evaluate as evaluate_lib
+
+    readers = set()
+    for info in pkgutil.iter_modules(absorption.__path__, f"{absorption.__name__}."):
+        module = importlib.import_module(info.name)
+        if getattr(module, "get_alpha_tokens", None) is vocab.get_alpha_tokens and module is not vocab:
+            readers.add(info.name)
+    assert readers == set(evaluate_lib.ALPHABETIC_TOKEN_READERS)
+
+    seen = []
+
+    def records(*args):
+        seen.append(common.get_alpha_tokens is not vocab.get_alpha_tokens)
+        raise evaluate_lib.NotApplicable("recorded")
+
+    monkeypatch.setattr(evaluate_lib, "absorption_prompt_tokens", lambda model, config: 0)
+    monkeypatch.setattr(evaluate_lib, "prepared_for_saebench", lambda sae, name: sae)
+    monkeypatch.setattr(evaluate_lib, "_absorption", records)
+    model = SimpleNamespace(cfg=SimpleNamespace(n_ctx=128), tokenizer=SimpleNamespace(padding_side="right"))
+    sae = SimpleNamespace(cfg=SimpleNamespace(metadata=SimpleNamespace(hook_name="blocks.0.hook_resid_post")))
+    with pytest.raises(evaluate_lib.NotApplicable):
+        evaluate_lib.run_absorption(model, sae, SimpleNamespace(model_name="m"), Path("unused"))
+    assert seen == [True] and common.get_alpha_tokens is vocab.get_alpha_tokens
+
+
 def test_split_latent_counts_under_resampled_test_words_are_saebenchs_own():
     """Absorption's count of split latents per letter, recomputed under weights on the k-sparse probes' test words, is
     what SAEBench's own `build_metrics_df` and `add_feature_splits_to_metrics_df` give on the resampled words; its
